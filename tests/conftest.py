@@ -47,6 +47,15 @@ def wait_for(pred: Callable[[], object], timeout: float = DEADLINE, what: str = 
         delay = min(delay * 2, 0.05)
 
 
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a TCP connection to host:port succeeds (then closed at once)."""
+    try:
+        with socket.create_connection((host, port), timeout=DEADLINE):
+            return True
+    except OSError:
+        return False
+
+
 def pid_gone(pid: int) -> bool:
     """True when ``pid`` no longer exists or is a zombie."""
     try:
@@ -89,7 +98,7 @@ class Pyinetd:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pyinetd", "-c", str(self.path), *args],
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
             cwd=tmp,
@@ -153,6 +162,8 @@ class Pyinetd:
                 self.proc.kill()
                 self.proc.wait(DEADLINE)
         self._reader.join(DEADLINE)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
         return self.proc.returncode
 
 

@@ -155,17 +155,23 @@ class StderrPipe:
 
 
 class UDPReply:
-    """Relays each write of a per-datagram UDP child (a SOCK_SEQPACKET record) to the client."""
+    """Collects a per-datagram UDP child's stdout and sends it to the client as one datagram.
+
+    Output beyond the largest UDP payload (65507 bytes) goes out in datagrams of that size.
+    """
+
+    MAX = 65507
 
     def __init__(
-        self, fd: socket.socket, listener: socket.socket, peer: object, sel: selectors.BaseSelector
+        self, sock: socket.socket, listener: socket.socket, peer: object, sel: selectors.BaseSelector
     ) -> None:
-        self.sock = fd
+        self.sock = sock
         self._listener = listener
         self._peer = peer
         self._sel = sel
-        fd.setblocking(False)
-        sel.register(fd, selectors.EVENT_READ, self)
+        self._buf = bytearray()
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ, self)
 
     def __call__(self, mask: int) -> None:
         try:
@@ -174,12 +180,17 @@ class UDPReply:
             return
         except OSError:
             data = b""
+        self._buf += data
+        while len(self._buf) >= self.MAX or (not data and self._buf):
+            self._send(bytes(self._buf[: self.MAX]))
+            del self._buf[: self.MAX]
         if not data:
             self._sel.unregister(self.sock)
             self.sock.close()
-            return
+
+    def _send(self, payload: bytes) -> None:
         with contextlib.suppress(OSError):
-            self._listener.sendto(data[:65507], self._peer)
+            self._listener.sendto(payload, self._peer)
 
 
 class Server:
@@ -575,23 +586,20 @@ class Server:
     def _spawn_for_datagram(
         self, lst: Listener, data: bytes, addr: object, ip: str, port: int
     ) -> None:
-        """nowait UDP: stdin is a pipe holding the datagram then EOF; each write() the child
-        makes on stdout (a SOCK_SEQPACKET socket) goes back to the sender as one datagram."""
-        r, w = os.pipe()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        """nowait UDP: the child's stdin and stdout are one end of a stream socketpair. It
+        reads the datagram then EOF; what it writes until it closes stdout goes back to the
+        sender as one datagram (so a shell script's several echos make one reply)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            os.write(w, data)  # a datagram (<= 65507 bytes) fits an empty pipe (64 KiB)
-            os.close(w)
-            w = -1
+            ours.sendall(data)  # <= 65507 bytes: fits an empty unix socket buffer at once
+            ours.shutdown(socket.SHUT_WR)
             lip, lport = lst.local_ip, lst.local_port
             if not lip:
                 lip, lport = peer_of(lst.sock.family, lst.sock.getsockname())
             env = self._ip_env("UDP", ip, port, lip, lport)
-            pid = self._start_child(lst.state, r, theirs.fileno(), None, env, peer_text(ip, port))
+            fd = theirs.fileno()
+            pid = self._start_child(lst.state, fd, fd, None, env, peer_text(ip, port))
         finally:
-            if w >= 0:
-                close_quietly(w)
-            os.close(r)
             theirs.close()
         if pid:
             UDPReply(ours, lst.sock, addr, self.sel)
