@@ -36,7 +36,9 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
         return port
 
 
-def wait_for(pred: Callable[[], object], timeout: float = DEADLINE, what: str = "condition") -> None:
+def wait_for(
+    pred: Callable[[], object], timeout: float = DEADLINE, what: str = "condition"
+) -> None:
     """Poll ``pred`` until true, failing the test after ``timeout`` seconds."""
     end = time.monotonic() + timeout
     delay = 0.001
@@ -85,8 +87,13 @@ class Pyinetd:
     """A running pyinetd process with its stderr captured line by line."""
 
     def __init__(
-        self, config: dict[str, object] | str, tmp: Path, args: tuple[str, ...] = (),
-        name: str = "inetd.yaml", env: dict[str, str] | None = None, wait_ready: bool = True,
+        self,
+        config: dict[str, object] | str,
+        tmp: Path,
+        args: tuple[str, ...] = (),
+        name: str = "inetd.yaml",
+        env: dict[str, str] | None = None,
+        wait_ready: bool = True,
     ) -> None:
         self.path = tmp / name
         if isinstance(config, str):
@@ -196,8 +203,13 @@ def script(tmp: Path, name: str, body: str) -> str:
     return str(path)
 
 
-def tcp_talk(port: int, data: bytes = b"", host: str = "127.0.0.1", shut: bool = True,
-             timeout: float = DEADLINE) -> bytes:
+def tcp_talk(
+    port: int,
+    data: bytes = b"",
+    host: str = "127.0.0.1",
+    shut: bool = True,
+    timeout: float = DEADLINE,
+) -> bytes:
     """Connect, send ``data``, half-close, read until EOF."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:

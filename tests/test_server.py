@@ -44,10 +44,14 @@ def udp_talk(port: int, data: bytes, host: str = "127.0.0.1", count: int = 1) ->
 # ---------------------------------------------------------------- built-ins (RFC 862-868)
 def test_builtin_echo_tcp_and_udp(inetd: Start) -> None:
     port = free_port()
-    inetd({"services": {
-        "e": {"listen": f"127.0.0.1:{port}"},
-        "u": {"listen": f"127.0.0.1:{port}", "protocol": "udp", "builtin": "echo"},
-    }})
+    inetd(
+        {
+            "services": {
+                "e": {"listen": f"127.0.0.1:{port}"},
+                "u": {"listen": f"127.0.0.1:{port}", "protocol": "udp", "builtin": "echo"},
+            }
+        }
+    )
     payload = os.urandom(300_000)
     assert tcp_talk(port, payload) == payload
     assert udp_talk(port, b"ping") == [b"ping"]
@@ -56,7 +60,9 @@ def test_builtin_echo_tcp_and_udp(inetd: Start) -> None:
 def test_builtin_discard_chargen_daytime_time(inetd: Start) -> None:
     ports = [free_port() for _ in range(4)]
     names = ["discard", "chargen", "daytime", "time"]
-    inetd({"services": {n: {"listen": f"127.0.0.1:{p}", "builtin": n} for n, p in zip(names, ports)}})
+    inetd(
+        {"services": {n: {"listen": f"127.0.0.1:{p}", "builtin": n} for n, p in zip(names, ports)}}
+    )
     assert tcp_talk(ports[0], b"x" * 100_000) == b""
     with socket.create_connection(("127.0.0.1", ports[1]), timeout=DEADLINE) as s:
         got = b""
@@ -74,10 +80,14 @@ def test_builtin_discard_chargen_daytime_time(inetd: Start) -> None:
 
 def test_builtin_udp_time_and_daytime(inetd: Start) -> None:
     p1, p2 = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
-    inetd({"services": {
-        "t": {"listen": f"127.0.0.1:{p1}", "protocol": "udp", "builtin": "time"},
-        "d": {"listen": f"127.0.0.1:{p2}", "protocol": "udp", "builtin": "daytime"},
-    }})
+    inetd(
+        {
+            "services": {
+                "t": {"listen": f"127.0.0.1:{p1}", "protocol": "udp", "builtin": "time"},
+                "d": {"listen": f"127.0.0.1:{p2}", "protocol": "udp", "builtin": "daytime"},
+            }
+        }
+    )
     (raw,) = udp_talk(p1, b"")
     assert abs(struct.unpack("!I", raw)[0] - RFC868_OFFSET - time.time()) < 5
     (day,) = udp_talk(p2, b"?")
@@ -89,8 +99,12 @@ def test_builtin_time_with_rdate(inetd: Start) -> None:
     port = free_port()
     inetd({"services": {"t": {"listen": f"127.0.0.1:{port}", "builtin": "time"}}})
     # -p: print, do not set; -o: port; without -n rdate speaks RFC 868 over TCP.
-    out = subprocess.run(["rdate", "-p", "-o", str(port), "127.0.0.1"],
-                         capture_output=True, text=True, timeout=DEADLINE)
+    out = subprocess.run(
+        ["rdate", "-p", "-o", str(port), "127.0.0.1"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
     assert out.returncode == 0, out.stderr
     assert str(time.gmtime().tm_year) in out.stdout
 
@@ -101,18 +115,29 @@ def test_services_script_end_to_end_with_nc(inetd: Start) -> None:
         pytest.skip("nc not installed")
     repo = Path(__file__).resolve().parent.parent
     port = free_port()
-    inetd({"services": {"upper": {"listen": f"127.0.0.1:{port}",
-                                  "exec": str(repo / "services/upper.py")}}})
-    out = subprocess.run(["nc", "-N", "127.0.0.1", str(port)], input=b"hello\nworld\n",
-                         capture_output=True, timeout=DEADLINE)
+    inetd(
+        {
+            "services": {
+                "upper": {"listen": f"127.0.0.1:{port}", "exec": str(repo / "services/upper.py")}
+            }
+        }
+    )
+    out = subprocess.run(
+        ["nc", "-N", "127.0.0.1", str(port)],
+        input=b"hello\nworld\n",
+        capture_output=True,
+        timeout=DEADLINE,
+    )
     assert out.stdout == b"HELLO\nWORLD\n"
 
 
 def test_environment_the_service_sees(inetd: Start, tmp_path: Path) -> None:
     port = free_port()
     env_sh = script(tmp_path, "env.sh", "#!/bin/sh\nenv\n")
-    inetd({"services": {"envsvc": {"listen": f"127.0.0.1:{port}", "exec": env_sh}}},
-          env={"PYINETD_TEST_MARK": "inherited"})
+    inetd(
+        {"services": {"envsvc": {"listen": f"127.0.0.1:{port}", "exec": env_sh}}},
+        env={"PYINETD_TEST_MARK": "inherited"},
+    )
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
         cport = s.getsockname()[1]
         s.shutdown(socket.SHUT_WR)
@@ -130,12 +155,19 @@ def test_environment_the_service_sees(inetd: Start, tmp_path: Path) -> None:
 
 def test_service_gets_exactly_fds_0_1_2_and_default_signals(inetd: Start, tmp_path: Path) -> None:
     port, other = free_port(), free_port()
-    probe = script(tmp_path, "probe.sh",
-                   "#!/bin/sh\nls /proc/self/fd\ngrep -E '^Sig(Blk|Ign):' /proc/self/status\n")
-    inetd({"services": {
-        "probe": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/sh", probe]},
-        "other": {"listen": f"127.0.0.1:{other}"},
-    }})
+    probe = script(
+        tmp_path,
+        "probe.sh",
+        "#!/bin/sh\nls /proc/self/fd\ngrep -E '^Sig(Blk|Ign):' /proc/self/status\n",
+    )
+    inetd(
+        {
+            "services": {
+                "probe": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/sh", probe]},
+                "other": {"listen": f"127.0.0.1:{other}"},
+            }
+        }
+    )
     with socket.create_connection(("127.0.0.1", other)):  # another client's socket is open
         out = tcp_talk(port).decode().split()
     # ls itself opens one fd for the directory; the shell runs ls with 0, 1, 2 only.
@@ -168,8 +200,11 @@ def test_stderr_socket_opt_in(inetd: Start, tmp_path: Path) -> None:
 
 def test_udp_nowait_child_per_datagram(inetd: Start, tmp_path: Path) -> None:
     port = free_port(socket.SOCK_DGRAM)
-    rev = script(tmp_path, "rev.sh",
-                 "#!/bin/sh\nread line\necho \"$PROTO $UDPREMOTEIP $line\" | rev\necho second\n")
+    rev = script(
+        tmp_path,
+        "rev.sh",
+        '#!/bin/sh\nread line\necho "$PROTO $UDPREMOTEIP $line" | rev\necho second\n',
+    )
     inetd({"services": {"rev": {"listen": f"127.0.0.1:{port}", "protocol": "udp", "exec": rev}}})
     # Everything the child writes comes back as one datagram.
     assert udp_talk(port, b"abc\n") == [b"cba 1.0.0.721 PDU\nsecond\n"]
@@ -177,15 +212,29 @@ def test_udp_nowait_child_per_datagram(inetd: Start, tmp_path: Path) -> None:
 
 def test_udp_wait_gets_the_bound_socket(inetd: Start, tmp_path: Path) -> None:
     port = free_port(socket.SOCK_DGRAM)
-    server = script(tmp_path, "udpwait.py", f"""#!{os.sys.executable}
+    server = script(
+        tmp_path,
+        "udpwait.py",
+        f"""#!{os.sys.executable}
 import os, socket
 s = socket.socket(fileno=0)
 for _ in range(2):
     data, peer = s.recvfrom(100)
     s.sendto(data.upper() + str(os.getpid()).encode(), peer)
-""")
-    p = inetd({"services": {"w": {"listen": f"127.0.0.1:{port}", "protocol": "udp",
-                                  "wait": True, "exec": server}}})
+""",
+    )
+    p = inetd(
+        {
+            "services": {
+                "w": {
+                    "listen": f"127.0.0.1:{port}",
+                    "protocol": "udp",
+                    "wait": True,
+                    "exec": server,
+                }
+            }
+        }
+    )
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
         c.settimeout(DEADLINE)
         replies = []
@@ -205,21 +254,25 @@ for _ in range(2):
 
 def test_tcp_wait_child_accepts_itself(inetd: Start, tmp_path: Path) -> None:
     port = free_port()
-    server = script(tmp_path, "tcpwait.py", f"""#!{os.sys.executable}
+    server = script(
+        tmp_path,
+        "tcpwait.py",
+        f"""#!{os.sys.executable}
 import os, socket
 ls = socket.socket(fileno=0)
 for _ in range(2):
     c, _ = ls.accept()
     c.sendall(b"pid %d\\n" % os.getpid())
     c.close()
-""")
+""",
+    )
     inetd({"services": {"w": {"listen": f"127.0.0.1:{port}", "wait": True, "exec": server}}})
     assert tcp_talk(port) == tcp_talk(port)
 
 
 def test_unix_stream_service(inetd: Start, tmp_path: Path) -> None:
     path = tmp_path / "svc.sock"
-    env_sh = script(tmp_path, "env.sh", "#!/bin/sh\necho \"$PROTO $IPCREMOTEEUID\"\ncat\n")
+    env_sh = script(tmp_path, "env.sh", '#!/bin/sh\necho "$PROTO $IPCREMOTEEUID"\ncat\n')
     p = inetd({"services": {"u": {"listen": str(path), "protocol": "unix", "exec": env_sh}}})
     with socket.socket(socket.AF_UNIX) as s:
         s.settimeout(DEADLINE)
@@ -237,11 +290,15 @@ def test_unix_stream_service(inetd: Start, tmp_path: Path) -> None:
 @needs_v6
 def test_ipv6_and_dual_stack(inetd: Start, tmp_path: Path) -> None:
     v6, dual = free_port(host="::1"), free_port()
-    env_sh = script(tmp_path, "addr.sh", "#!/bin/sh\necho \"$REMOTE_ADDR $TCPLOCALIP\"\n")
-    inetd({"services": {
-        "v6": {"listen": f"[::1]:{v6}", "exec": env_sh},
-        "dual": {"listen": dual, "exec": env_sh},
-    }})
+    env_sh = script(tmp_path, "addr.sh", '#!/bin/sh\necho "$REMOTE_ADDR $TCPLOCALIP"\n')
+    inetd(
+        {
+            "services": {
+                "v6": {"listen": f"[::1]:{v6}", "exec": env_sh},
+                "dual": {"listen": dual, "exec": env_sh},
+            }
+        }
+    )
     assert tcp_talk(v6, host="::1") == b"::1 ::1\n"
     assert tcp_talk(dual, host="::1") == b"::1 ::1\n"
     # A v4 client on the dual-stack socket is reported as 127.0.0.1, not ::ffff:127.0.0.1.
@@ -252,8 +309,12 @@ def test_ipv6_and_dual_stack(inetd: Start, tmp_path: Path) -> None:
 def test_socat_client_and_udp_v6(inetd: Start) -> None:
     port = free_port()
     inetd({"services": {"e": {"listen": f"127.0.0.1:{port}"}}})
-    out = subprocess.run(["socat", "-", f"TCP:127.0.0.1:{port}"], input=b"via socat\n",
-                         capture_output=True, timeout=DEADLINE)
+    out = subprocess.run(
+        ["socat", "-", f"TCP:127.0.0.1:{port}"],
+        input=b"via socat\n",
+        capture_output=True,
+        timeout=DEADLINE,
+    )
     assert out.stdout == b"via socat\n"
 
 
@@ -263,8 +324,14 @@ def test_missing_executable_at_runtime_closes_client_and_keeps_serving(
 ) -> None:
     port, echo = free_port(), free_port()
     prog = script(tmp_path, "gone.sh", "#!/bin/sh\necho hi\n")
-    p = inetd({"services": {"gone": {"listen": f"127.0.0.1:{port}", "exec": prog},
-                            "echo": {"listen": f"127.0.0.1:{echo}"}}})
+    p = inetd(
+        {
+            "services": {
+                "gone": {"listen": f"127.0.0.1:{port}", "exec": prog},
+                "echo": {"listen": f"127.0.0.1:{echo}"},
+            }
+        }
+    )
     os.unlink(prog)
     assert tcp_talk(port) == b""
     p.wait_log(r"gone: cannot start .*gone.sh: No such file or directory; closing 127\.0\.0\.1:")
@@ -280,17 +347,26 @@ def test_port_in_use_is_exit_1_with_a_clear_error(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         cfg = tmp_path / "inetd.yaml"
         cfg.write_text(f"services:\n  e: {{listen: '127.0.0.1:{port}'}}\n")
-        out = subprocess.run([os.sys.executable, "-m", "pyinetd", "-c", str(cfg)],
-                             capture_output=True, text=True, timeout=DEADLINE)
+        out = subprocess.run(
+            [os.sys.executable, "-m", "pyinetd", "-c", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
     assert out.returncode == 1
-    assert out.stderr == (f"{cfg}: services.e.listen: 127.0.0.1:{port} (tcp): "
-                          "Address already in use\n")
+    assert out.stderr == (
+        f"{cfg}: services.e.listen: 127.0.0.1:{port} (tcp): Address already in use\n"
+    )
 
 
 def test_no_zombies_after_500_connections(inetd: Start) -> None:
     port = free_port()
-    p = inetd({"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}},
-              "--log-level", "warning", wait_ready=False)
+    p = inetd(
+        {"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}},
+        "--log-level",
+        "warning",
+        wait_ready=False,
+    )
     wait_for(lambda: port_open(port), what="pyinetd listening")
     socks = []
     for i in range(500):
@@ -309,9 +385,7 @@ def test_no_zombies_after_500_connections(inetd: Start) -> None:
     assert [st for _, st in children_of(p.pid) if st == "Z"] == []
 
 
-def test_sigterm_stops_listening_exits_0_and_leaves_children(
-    inetd: Start, tmp_path: Path
-) -> None:
+def test_sigterm_stops_listening_exits_0_and_leaves_children(inetd: Start, tmp_path: Path) -> None:
     port = free_port()
     p = inetd({"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}})
     s = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
