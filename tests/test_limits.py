@@ -169,7 +169,7 @@ def test_counts_survive_a_rate_pause(inetd: Start) -> None:
     p = inetd({"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat",
                                     "max_connections": 2, "on_limit": "reject",
                                     "busy_message": "busy",
-                                    "rate": "4/s", "burst": 2, "rate_pause": 0.5}}})
+                                    "rate": "30/min", "burst": 2, "rate_pause": 2}}})
     a = hold(port)  # token 1, instance 1
     (first,) = started(p, "cat", 1)
     assert tcp_talk(port, b"b") == b"b"  # token 2

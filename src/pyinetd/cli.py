@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pyinetd import __version__
 from pyinetd.config import ConfigError, load
@@ -52,7 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Documentation: README.md in the source tree.",
     )
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="run",
+        choices=["run", "status", "reload", "stop", "convert"],
+        help="run (default): serve; status/reload/stop: talk to the running instance "
+        "through its control socket; convert FILE: translate inetd.conf or xinetd.conf",
+    )
+    parser.add_argument("file", nargs="?", help="for convert: the inetd.conf or xinetd.conf")
     parser.add_argument("-c", "--config", default="inetd.yaml", help="configuration file")
+    parser.add_argument("--pid-file", help="write the pid here while running")
+    parser.add_argument("--control", help="control socket path (default: from the config)")
+    parser.add_argument("--json", action="store_true", help="status: print JSON")
+    parser.add_argument(
+        "--format", default="yaml", choices=["yaml", "toml"], help="convert: output format"
+    )
     parser.add_argument("--check", action="store_true", help="validate the configuration, exit")
     parser.add_argument(
         "--log-level",
@@ -69,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pyinetd` command."""
     args = build_parser().parse_args(argv)
+    if args.command == "convert":
+        return _convert(args)
+    if args.command in ("status", "reload", "stop"):
+        return _control(args)
     try:
         config = load(args.config)
     except ConfigError as exc:
@@ -88,4 +109,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ListenError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
-    return server.run()
+    return server.run(pid_file=args.pid_file)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from pyinetd.convert import convert_file, dump
+
+    if not args.file:
+        print("pyinetd convert: give the file to convert, e.g. /etc/inetd.conf", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        conv = convert_file(Path(args.file))
+    except OSError as exc:
+        print(f"{args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    sys.stdout.write(dump(conv, args.format))
+    for w in conv.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _control(args: argparse.Namespace) -> int:
+    from pyinetd import control, status
+
+    path = args.control
+    if path is None:
+        try:
+            path = load(args.config).control_socket
+        except ConfigError:
+            path = None  # a broken file still names the instance running it
+        path = path or control.default_control_path(args.config)
+    try:
+        answer = control.request(path, args.command)
+    except (OSError, ValueError) as exc:
+        print(f"pyinetd {args.command}: cannot reach pyinetd at {path}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    if args.command == "status":
+        snap = answer.get("status", {})
+        print(json.dumps(snap, indent=2) if args.json else status.render_table(snap))
+        return EXIT_OK
+    for err in answer.get("errors", []):
+        print(err, file=sys.stderr)
+    if not answer.get("ok"):
+        if args.command == "reload":
+            print("pyinetd reload: failed, the running configuration is unchanged", file=sys.stderr)
+        return EXIT_CONFIG if args.command == "reload" else EXIT_RUNTIME
+    print(f"pyinetd {args.command}: ok")
+    return EXIT_OK

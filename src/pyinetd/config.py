@@ -9,6 +9,7 @@ anything is reported (``ConfigError.errors``), e.g.::
 from __future__ import annotations
 
 import difflib
+import glob
 import grp
 import ipaddress
 import os
@@ -113,6 +114,13 @@ class Config:
     path: Path
     services: tuple[Service, ...]
     max_children: int | None = None
+    include: tuple[str, ...] = ()
+    control_socket: str | None = None
+    pid_file: str | None = None
+    shutdown: str = "leave"
+    drain_timeout: float = 30.0
+    reload_kills_removed: bool = False
+    metrics: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -425,7 +433,6 @@ SERVICE_KEYS: dict[str, Parser] = {
     "banner": _parse_banner_file,
     "banner_text": _parse_banner_text,
 }
-TOP_KEYS = ("defaults", "services", "max_children")
 
 
 def _unknown(key: str, known: list[str]) -> str:
@@ -460,8 +467,43 @@ def load(path: str | Path) -> Config:
     return build(doc, path)
 
 
+def _parse_path(value: Any, base: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise _KeyError(f"{value!r}: expected a file path")
+    path = Path(value) if os.path.isabs(value) else base / value
+    if not path.parent.is_dir():
+        raise _KeyError(f"{value!r}: folder {str(path.parent)!r} does not exist")
+    return str(path)
+
+
+def _parse_endpoint(value: Any, base: Path) -> str:
+    addr = parse_listen_item(value, "tcp", base)
+    return str(addr)
+
+
+def _parse_includes(value: Any, _base: Path) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, str) and i for i in items):
+        raise _KeyError(f"{value!r}: expected a glob pattern or a list of them")
+    return tuple(items)
+
+
+# Top-level keys (besides `defaults` and `services`), with their parser.
+TOP_PARSERS: dict[str, Parser] = {
+    "include": _parse_includes,
+    "max_children": _parse_count,
+    "control_socket": _parse_path,
+    "pid_file": _parse_path,
+    "shutdown": _parse_choice("leave", "drain"),
+    "drain_timeout": _wrap(parse_duration),
+    "reload_kills_removed": _parse_bool,
+    "metrics": _parse_endpoint,
+}
+TOP_KEYS = ("defaults", "services", *TOP_PARSERS)
+
+
 def build(doc: Any, path: Path) -> Config:
-    """Validate parsed data from ``path`` into a Config."""
+    """Validate parsed data from ``path`` (and the files it includes) into a Config."""
     label = str(path)
     base = path.parent.resolve()
     errors: list[str] = []
@@ -469,39 +511,90 @@ def build(doc: Any, path: Path) -> Config:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError([f"{label}: expected a mapping with a 'services' key at the top"])
-    for key in doc:
-        if key not in TOP_KEYS:
-            errors.append(f"{label}: {key}: {_unknown(str(key), list(TOP_KEYS))}")
-
-    max_children = None
-    if "max_children" in doc:
+    top: dict[str, Any] = {}
+    for key, value in doc.items():
+        key = str(key)
+        if key in ("defaults", "services"):
+            continue
+        parser = TOP_PARSERS.get(key)
+        if parser is None:
+            errors.append(f"{label}: {key}: {_unknown(key, list(TOP_KEYS))}")
+            continue
         try:
-            max_children = _parse_count(doc["max_children"], base)
+            top[key] = parser(value, base)
         except _KeyError as exc:
-            errors.append(f"{label}: max_children: {exc}")
+            errors.append(f"{label}: {key}: {exc}")
+
     defaults_raw = doc.get("defaults") or {}
     if not isinstance(defaults_raw, dict):
         errors.append(f"{label}: defaults: expected a mapping of service keys")
         defaults_raw = {}
     defaults = _check_keys(defaults_raw, f"{label}: defaults", errors, base, allow_listen=False)
 
+    # (name, body, file label, folder) of every service, from this file and its includes.
+    sources: list[tuple[str, Any, str, Path]] = []
     services_raw = doc.get("services")
-    if services_raw is None:
-        services_raw = {}
+    if services_raw is None and not top.get("include"):
         errors.append(f"{label}: services: missing (nothing to serve)")
-    elif not isinstance(services_raw, dict):
+    elif services_raw is not None and not isinstance(services_raw, dict):
         errors.append(f"{label}: services: expected a mapping of service name to settings")
-        services_raw = {}
+    elif services_raw:
+        sources += [(str(n), b, label, base) for n, b in services_raw.items()]
+    for pattern in top.get("include", ()):
+        sources += _read_includes(pattern, base, label, errors)
 
     services: list[Service] = []
-    for name, body in services_raw.items():
-        svc = _build_service(str(name), body, defaults, label, base, errors)
+    defined: dict[str, str] = {}
+    for name, body, where, folder in sources:
+        if name in defined:
+            errors.append(
+                f"{where}: services.{name}: already defined in {defined[name]}"
+                if where != defined[name]
+                else f"{where}: services.{name}: defined twice"
+            )
+            continue
+        defined[name] = where
+        svc = _build_service(name, body, defaults, where, folder, errors)
         if svc is not None:
             services.append(svc)
     _check_duplicates(services, label, errors)
     if errors:
         raise ConfigError(errors)
-    return Config(path=path, services=tuple(services), max_children=max_children, raw=doc)
+    return Config(path=path, services=tuple(services), raw=doc, **top)
+
+
+def _read_includes(
+    pattern: str, base: Path, label: str, errors: list[str]
+) -> list[tuple[str, Any, str, Path]]:
+    """Services from the files matching one `include:` pattern, in sorted order."""
+    full = pattern if os.path.isabs(pattern) else str(base / pattern)
+    out: list[tuple[str, Any, str, Path]] = []
+    for name in sorted(glob.glob(full)):
+        inc = Path(name)
+        if inc.is_dir():
+            continue
+        try:
+            doc = load_document(inc)
+        except ConfigError as exc:
+            errors.extend(exc.errors)
+            continue
+        where = str(inc)
+        if doc is None:
+            continue
+        if not isinstance(doc, dict) or set(doc) - {"services"}:
+            extra = sorted(set(doc) - {"services"}) if isinstance(doc, dict) else []
+            errors.append(
+                f"{where}: {extra[0]}: only 'services' may be given in an included file"
+                if extra
+                else f"{where}: expected a mapping with a 'services' key"
+            )
+            continue
+        body = doc.get("services") or {}
+        if not isinstance(body, dict):
+            errors.append(f"{where}: services: expected a mapping of service name to settings")
+            continue
+        out += [(str(n), b, where, inc.parent.resolve()) for n, b in body.items()]
+    return out
 
 
 def _check_keys(

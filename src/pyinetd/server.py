@@ -12,6 +12,7 @@ import contextlib
 import errno
 import functools
 import heapq
+import json
 import logging
 import os
 import selectors
@@ -21,11 +22,18 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from pyinetd import builtins
+from pyinetd import builtins, control, status, systemd
 from pyinetd.admission import LogLimiter, TokenBucket, source_key
-from pyinetd.config import Config, ConfigError, Service, load
-from pyinetd.listeners import ListenError, ListenKey, bind_service, close_listener
+from pyinetd.config import Config, ConfigError, Service, load, parse_listen_item
+from pyinetd.listeners import (
+    ListenError,
+    ListenKey,
+    bind_listener,
+    bind_service,
+    close_listener,
+)
 from pyinetd.log import LOG, event
 from pyinetd.spawn import Spawner
 
@@ -254,11 +262,47 @@ class Server:
         self._emfile_logged = False
         self._full = False  # at the global max_children: exec listeners are paused
         self._refusals = LogLimiter(60.0)
+        self._exit = False  # leave the loop (after _stopping: draining is over)
+        self._drain_timer: Timer | None = None
+        self.pid = os.getpid()
+        self.started = time.monotonic()
+        self._activated: dict[ListenKey, socket.socket] = {}
+        self._control: control.RequestServer | None = None
+        self._metrics: control.RequestServer | None = None
+        self._pid_file: str | None = None
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
-        """Bind every enabled service's listeners; ListenError (nothing left bound) on failure."""
+        """Bind every enabled service's listeners; ListenError (nothing left bound) on failure.
+
+        Sockets handed over by systemd socket activation are adopted instead of bound.
+        """
+        for sock, name in systemd.listen_fds():
+            key = systemd.key_of(sock)
+            if key is None:
+                sock.close()
+                continue
+            self._activated[key] = sock
         self._apply(self.config, self._bind_new(self.config, {}))
+        for key, sock in self._activated.items():
+            event(logging.WARNING, f"socket activation: no service listens on {key.protocol} "
+                  f"{key.address}; closing it", event="activation_unused")
+            sock.close()
+        self._activated.clear()
+
+    def _adopt(self, key: ListenKey) -> socket.socket | None:
+        """An activated socket for ``key``: exact address, or any-address for PORT alone."""
+        sock = self._activated.pop(key, None)
+        if sock is None and not key.address.host and not key.address.path:
+            for host in ("0.0.0.0", "::"):
+                alt = ListenKey(key.protocol, type(key.address)(host=host, port=key.address.port))
+                sock = self._activated.pop(alt, None)
+                if sock is not None:
+                    break
+        if sock is not None:
+            event(logging.INFO, f"socket activation: adopted {key.protocol} {key.address}",
+                  event="activation")
+        return sock
 
     def _bind_new(
         self, config: Config, keep: dict[ListenKey, Listener]
@@ -267,7 +311,11 @@ class Server:
         fresh: dict[ListenKey, socket.socket] = {}
         try:
             for svc in config.enabled_services:
-                for key, sock in bind_service(svc, skip=keep):
+                for addr in svc.listen:
+                    key = ListenKey(svc.protocol, addr)
+                    if key not in keep and (sock := self._adopt(key)) is not None:
+                        fresh[key] = sock
+                for key, sock in bind_service(svc, skip={**keep, **fresh}):
                     fresh[key] = sock
         except Exception:
             for sock in fresh.values():
@@ -285,6 +333,11 @@ class Server:
                 wanted[ListenKey(svc.protocol, addr)] = svc
         for state in self.states.values():
             state.listeners.clear()
+        enabled = {svc.name for svc in config.enabled_services}
+        if config.reload_kills_removed:
+            for child in list(self.children.values()):
+                if child.state.service.name not in enabled:
+                    _kill_group(child.pid, signal.SIGTERM)
         for svc in config.services:
             state = self.states.get(svc.name)
             if state is None:
@@ -400,13 +453,17 @@ class Server:
         return max(0.0, self._timers[0].when - time.monotonic())
 
     # ------------------------------------------------------------ the loop
-    def run(self) -> int:
+    def run(self, pid_file: str | None = None) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code."""
         self._install_signals()
         self.reap_children()  # children left from before exec (e.g. by a wrapper script)
+        self._start_control()
+        if pid_file:
+            self._write_pid_file(pid_file)
         event(logging.INFO, f"listening: {self._describe()}", event="ready")
+        systemd.notify("READY=1", f"STATUS={self._status_line()}")
         try:
-            while not self._stopping:
+            while not self._exit:
                 timeout = self._run_timers()
                 for key, mask in self.sel.select(timeout):
                     try:
@@ -414,11 +471,124 @@ class Server:
                     except Exception:
                         # A bug in one handler must not take every service down with it.
                         LOG.exception("internal error handling an event; serving on")
-                    if self._stopping:
+                    if self._exit:
                         break
         finally:
             self._shutdown()
         return 0
+
+    # ------------------------------------------------------------ operations
+    def _start_control(self) -> None:
+        path = self.config.control_socket or control.default_control_path(self.config.path)
+        try:
+            sock = control.bind_control(path)
+        except OSError as exc:
+            event(logging.WARNING, f"control socket {path}: {exc.strerror or exc}; "
+                  "`pyinetd status/reload/stop` will not reach this instance",
+                  event="control_error")
+        else:
+            self._control = control.RequestServer(
+                sock, self.sel, self._on_control, b"\n", self.call_later
+            )
+        if self.config.metrics:
+            addr = parse_listen_item(self.config.metrics, "tcp", Path("."))
+            try:
+                msock = bind_listener("tcp", addr)
+            except OSError as exc:
+                event(logging.WARNING, f"metrics {addr}: {exc.strerror or exc}",
+                      event="metrics_error")
+            else:
+                self._metrics = control.RequestServer(
+                    msock, self.sel, self._on_metrics, b"\r\n\r\n", self.call_later
+                )
+
+    def _on_control(self, request: bytes) -> bytes:
+        words = request.decode("utf-8", "replace").split()
+        cmd = words[0] if words else ""
+        answer: dict[str, object]
+        if cmd == "status":
+            answer = {"ok": True, "status": status.snapshot(self)}
+        elif cmd == "reload":
+            errors = self.reload()
+            answer = {"ok": not errors, "errors": errors}
+        elif cmd == "stop":
+            self._begin_stop("control socket")
+            answer = {"ok": True}
+        else:
+            answer = {"ok": False, "errors": [f"unknown command {cmd!r}"]}
+        return json.dumps(answer).encode() + b"\n"
+
+    def _on_metrics(self, request: bytes) -> bytes:
+        line = request.split(b"\r\n", 1)[0].split()
+        if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] in (b"/metrics", b"/"):
+            body = status.render_prometheus(status.snapshot(self)).encode()
+            return control.http_response("200 OK", body, "text/plain; version=0.0.4")
+        return control.http_response("404 Not Found", b"not found\n", "text/plain")
+
+    def _write_pid_file(self, path: str) -> None:
+        tmp = f"{path}.{self.pid}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{self.pid}\n")
+        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+        self._pid_file = path
+
+    def _status_line(self) -> str:
+        refused = sum(sum(st.refused.values()) for st in self.states.values())
+        accepted = sum(st.accepted for st in self.states.values())
+        return (f"{len(self.config.enabled_services)} services, {len(self.children)} children, "
+                f"{accepted} accepted, {refused} refused")
+
+    def dump_status(self) -> None:
+        """SIGUSR1: write the status table to the log (like xinetd's dump)."""
+        snap = status.snapshot(self)
+        for line in status.render_table(snap).splitlines():
+            event(logging.INFO, f"status: {line}", event="status")
+
+    def _begin_stop(self, why: str) -> None:
+        """Stop listening; then leave at once, or drain the children first."""
+        if self._stopping:
+            event(logging.INFO, f"{why} again: stopping now", event="stop_now")
+            self._exit = True
+            return
+        self._stopping = True
+        systemd.notify("STOPPING=1")
+        for lst in list(self.listeners.values()):
+            self._pause(lst)
+            if lst.resume_timer:
+                lst.resume_timer.cancelled = True
+            if lst.waiting_on:
+                lst.sock.close()  # the wait-mode child still holds it
+            else:
+                close_listener(lst.sock)
+        self.listeners.clear()
+        running = len(self.children) + len(self.sessions)
+        if self.config.shutdown != "drain" or not running:
+            event(logging.INFO, f"{why}: stopping", event="stopping")
+            self._exit = True
+            return
+        event(logging.INFO, f"{why}: draining {running} connections "
+              f"(up to {self.config.drain_timeout:g}s)", event="draining", running=running)
+        self._drain_timer = self.call_later(self.config.drain_timeout, self._drain_expired)
+
+    def _drain_expired(self) -> None:
+        event(logging.WARNING, f"drain timeout: sending SIGTERM to {len(self.children)} children",
+              event="drain_timeout")
+        for sess in list(self.sessions):
+            sess.close()
+        for pid in list(self.children):
+            _kill_group(pid, signal.SIGTERM)
+        self._drain_timer = self.call_later(KILL_GRACE, self._drain_kill)
+
+    def _drain_kill(self) -> None:
+        for pid in list(self.children):
+            _kill_group(pid, signal.SIGKILL)
+        self._exit = True
+
+    def _check_drained(self) -> None:
+        if self._stopping and not self.children and not self.sessions:
+            if self._drain_timer is not None:
+                self._drain_timer.cancelled = True
+            self._exit = True
 
     def _describe(self) -> str:
         return ", ".join(
@@ -435,18 +605,19 @@ class Server:
         # SIGCHLD coalesces, and a full wake-up buffer drops bytes: reap on every wake-up.
         self.reap_children()
         if signal.SIGTERM in signums or signal.SIGINT in signums:
-            which = "SIGTERM" if signal.SIGTERM in signums else "SIGINT"
-            event(logging.INFO, f"{which}: stopping", event="stopping")
-            self._stopping = True
+            self._begin_stop("SIGTERM" if signal.SIGTERM in signums else "SIGINT")
             return
-        if signal.SIGHUP in signums:
+        if signal.SIGHUP in signums and not self._stopping:
             self.reload()
+        if signal.SIGUSR1 in signums:
+            self.dump_status()
 
     def reload(self) -> list[str]:
         """Re-read the configuration file; on any error keep everything as it is.
 
         Returns the errors (empty on success).
         """
+        systemd.reloading()
         try:
             new = load(self.config.path)
             fresh = self._bind_new(new, self.listeners)
@@ -457,6 +628,7 @@ class Server:
         else:
             self._apply(new, fresh)
             event(logging.INFO, f"reloaded: {self._describe()}", event="reloaded")
+            systemd.notify("READY=1", f"STATUS={self._status_line()}")
             return []
         event(
             logging.ERROR,
@@ -464,18 +636,20 @@ class Server:
             event="reload_failed",
             errors=errors,
         )
+        systemd.notify("READY=1", f"STATUS=reload failed: {errors[0] if errors else ''}")
         return errors
 
     def _shutdown(self) -> None:
-        for lst in list(self.listeners.values()):
-            self._pause(lst)
-            if not lst.waiting_on:
-                close_listener(lst.sock)
-            else:
-                lst.sock.close()  # the wait-mode child still holds it
-        self.listeners.clear()
+        if not self._stopping:
+            self._begin_stop("exit")
+        for server in (self._control, self._metrics):
+            if server is not None:
+                server.close()
         for sess in list(self.sessions):
             sess.close()
+        if self._pid_file:
+            with contextlib.suppress(OSError):
+                os.unlink(self._pid_file)
         signal.set_wakeup_fd(-1)
         if self.children:
             event(
@@ -522,6 +696,9 @@ class Server:
             status=code,
             duration=round(duration, 6),
         )
+        if self._stopping:
+            self._check_drained()
+            return
         if child.listener is not None:
             lst = child.listener
             lst.waiting_on = 0
@@ -731,6 +908,9 @@ class Server:
         if timer is not None:
             timer.cancelled = True
         state.drop_source(src)
+        if self._stopping:
+            self._check_drained()
+            return
         for lst in state.listeners:
             if not lst.registered:
                 self._refresh(lst)

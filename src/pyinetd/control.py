@@ -1,0 +1,176 @@
+"""Small request/response servers inside the loop (control socket, metrics) and the client.
+
+The control socket is a unix stream socket, mode 0600. A client sends one line (`status`,
+`reload`, `stop`) and reads one JSON object back; the connection then closes. The metrics
+endpoint answers `GET /metrics` in the Prometheus text format over HTTP/1.0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import selectors
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REQUEST_MAX = 8192
+CLIENT_DEADLINE = 5.0  # seconds a control or metrics client may take to send its request
+
+
+def default_control_path(config_path: str | Path) -> str:
+    """Where the control socket of the instance running ``config_path`` lives by default.
+
+    One name per configuration file (several instances may run), in $XDG_RUNTIME_DIR, else
+    /run/pyinetd for root, else /tmp/pyinetd-UID.
+    """
+    digest = hashlib.sha256(str(Path(config_path).resolve()).encode()).hexdigest()[:12]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        folder = Path(runtime)
+    elif os.geteuid() == 0:
+        folder = Path("/run/pyinetd")
+    else:
+        folder = Path(f"/tmp/pyinetd-{os.geteuid()}")
+    return str(folder / f"pyinetd-{digest}.sock")
+
+
+def bind_control(path: str) -> socket.socket:
+    """Bind the control socket with mode 0600 (no moment where others could connect)."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+Handler = Callable[[bytes], bytes]
+
+
+class RequestServer:
+    """Accepts connections on ``sock``; each sends one request, gets one response, closes."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        selector: selectors.BaseSelector,
+        handle: Handler,
+        terminator: bytes,
+        call_later: Callable[[float, Callable[[], None]], Any],
+    ) -> None:
+        self.sock = sock
+        self._sel = selector
+        self._handle = handle
+        self._term = terminator
+        self._call_later = call_later
+        selector.register(sock, selectors.EVENT_READ, self._on_accept)
+
+    def _on_accept(self, mask: int) -> None:
+        for _ in range(16):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            conn.setblocking(False)
+            _Exchange(conn, self._sel, self._handle, self._term, self._call_later)
+
+    def close(self) -> None:
+        """Stop accepting and close the socket (and remove a unix socket's file)."""
+        self._sel.unregister(self.sock)
+        path = self.sock.getsockname() if self.sock.family == socket.AF_UNIX else ""
+        self.sock.close()
+        if isinstance(path, str) and path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+class _Exchange:
+    """One client: read the request (bounded, with a deadline), write the response."""
+
+    def __init__(
+        self,
+        conn: socket.socket,
+        sel: selectors.BaseSelector,
+        handle: Handler,
+        term: bytes,
+        call_later: Callable[[float, Callable[[], None]], Any],
+    ) -> None:
+        self.conn = conn
+        self._sel = sel
+        self._handle = handle
+        self._term = term
+        self._in = b""
+        self._out = b""
+        self._done = False
+        sel.register(conn, selectors.EVENT_READ, self)
+        self._timer = call_later(CLIENT_DEADLINE, self.close)
+
+    def __call__(self, mask: int) -> None:
+        try:
+            if self._out:
+                self._write()
+                return
+            data = self.conn.recv(4096)
+            if data:
+                self._in += data
+            if self._term in self._in or not data or len(self._in) > REQUEST_MAX:
+                self._out = self._handle(self._in[:REQUEST_MAX])
+                self._sel.modify(self.conn, selectors.EVENT_WRITE, self)
+                self._write()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+
+    def _write(self) -> None:
+        sent = self.conn.send(self._out)
+        self._out = self._out[sent:]
+        if not self._out:
+            self.close()
+
+    def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._timer.cancelled = True
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(self.conn)
+        self.conn.close()
+
+
+def request(path: str, command: str, timeout: float = 30.0) -> dict[str, Any]:
+    """Send one command to a running pyinetd's control socket; return its JSON answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(command.encode() + b"\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    answer = json.loads(b"".join(chunks) or b"{}")
+    if not isinstance(answer, dict):
+        raise ValueError("unexpected answer from pyinetd")
+    return answer
+
+
+def http_response(status: str, body: bytes, content_type: str) -> bytes:
+    """A complete HTTP/1.0 response."""
+    head = (
+        f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body

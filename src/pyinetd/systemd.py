@@ -1,0 +1,86 @@
+"""systemd integration without libsystemd: sd_notify(3) and socket activation (sd_listen_fds)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+
+from pyinetd.config import ListenAddress
+from pyinetd.listeners import ListenKey
+
+SD_LISTEN_FDS_START = 3
+
+
+def notify(*fields: str) -> bool:
+    """Send a notification to $NOTIFY_SOCKET (e.g. "READY=1"); a no-op without it."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall("\n".join(fields).encode())
+    except OSError:
+        return False
+    return True
+
+
+def reloading() -> None:
+    """RELOADING=1 with the MONOTONIC_USEC systemd 253+ wants for Type=notify-reload."""
+    notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+
+
+def listen_fds() -> list[tuple[socket.socket, str]]:
+    """Sockets passed by socket activation ($LISTEN_FDS for our pid), with their names.
+
+    The variables are removed from the environment so services never see them, and the
+    fds are made close-on-exec so they cannot leak into services.
+    """
+    try:
+        pid = int(os.environ.get("LISTEN_PID", ""))
+        count = int(os.environ.get("LISTEN_FDS", ""))
+    except ValueError:
+        return []
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    if pid != os.getpid() or count <= 0:
+        return []
+    out = []
+    for i in range(count):
+        fd = SD_LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        out.append((sock, names[i] if i < len(names) else ""))
+    return out
+
+
+def key_of(sock: socket.socket) -> ListenKey | None:
+    """The ListenKey an activated socket serves, read from the socket itself."""
+    try:
+        name = sock.getsockname()
+    except OSError:
+        return None
+    if sock.family == socket.AF_UNIX:
+        if not isinstance(name, str) or not name:
+            return None
+        path = "@" + name[1:] if name.startswith("\0") else name
+        return ListenKey("unix", ListenAddress(host="", port=0, path=path))
+    proto = "udp" if sock.type == socket.SOCK_DGRAM else "tcp"
+    host, port = str(name[0]), int(name[1])
+    if host in ("::", "0.0.0.0"):
+        v6only = 1
+        if sock.family == socket.AF_INET6:
+            with contextlib.suppress(OSError):
+                v6only = sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+        if sock.family == socket.AF_INET6 and not v6only:
+            return ListenKey(proto, ListenAddress(host="", port=port))  # PORT alone
+        return ListenKey(proto, ListenAddress(host=host, port=port))
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return ListenKey(proto, ListenAddress(host=host, port=port))
