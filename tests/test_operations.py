@@ -1,0 +1,334 @@
+"""Operations: reload, include, control socket, stop modes, systemd integration, status."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import DEADLINE, Pyinetd, free_port, pid_gone, port_open, tcp_talk, wait_for
+
+Start = Callable[..., Pyinetd]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pyinetd", *args], capture_output=True,
+                          text=True, timeout=DEADLINE)
+
+
+def rewrite(p: Pyinetd, config: dict[str, object]) -> None:
+    p.path.write_text(yaml.safe_dump(config))
+
+
+class Hammer:
+    """A client loop in a thread: connect, echo, close, as fast as it can; counts failures."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.ok = 0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                got = tcp_talk(self.port, b"ping %d" % self.ok)
+                if got != b"ping %d" % self.ok:
+                    self.failures.append(f"mismatch {got!r}")
+                self.ok += 1
+            except OSError as exc:
+                self.failures.append(repr(exc))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(DEADLINE)
+
+
+def test_reload_under_load_drops_nothing(inetd: Start) -> None:
+    port, other = free_port(), free_port()
+    cfg: dict[str, object] = {"services": {"cat": {"listen": f"127.0.0.1:{port}",
+                                                   "exec": "/bin/cat"}}}
+    p = inetd(cfg, "--log-level", "warning", wait_ready=False)
+    wait_for(lambda: port_open(port), what="listening")
+    hammer = Hammer(port)
+    for i in range(20):
+        # Alternate a second service in and out, so each reload really changes something.
+        services = dict(cfg["services"])  # type: ignore[call-overload]
+        if i % 2 == 0:
+            services["extra"] = {"listen": f"127.0.0.1:{other}"}
+        rewrite(p, {"services": services})
+        start = hammer.ok
+        p.signal(signal.SIGHUP)
+        wait_for(lambda start=start: hammer.ok >= start + 100, what="100 connections")
+    hammer.stop()
+    assert hammer.failures == []
+    assert hammer.ok >= 2000
+    assert "reload failed" not in p.log()
+
+
+def test_bad_reload_keeps_the_old_config_serving(inetd: Start) -> None:
+    port = free_port()
+    p = inetd({"services": {"e": {"listen": f"127.0.0.1:{port}"}}})
+    p.path.write_text("services:\n  e: {listen: '127.0.0.1:70000'}\n")
+    p.signal(signal.SIGHUP)
+    p.wait_log(r"reload failed, keeping the running configuration: .*inetd\.yaml: "
+               r"services\.e\.listen: '127\.0\.0\.1:70000': port must be 1-65535")
+    assert tcp_talk(port, b"still") == b"still"
+    # The same through `pyinetd reload`: errors printed, non-zero exit.
+    out = cli("reload", "-c", str(p.path))
+    assert out.returncode == 2
+    assert "port must be 1-65535" in out.stderr and "unchanged" in out.stderr
+
+
+def test_reload_with_a_port_taken_keeps_everything(inetd: Start) -> None:
+    port = free_port()
+    p = inetd({"services": {"e": {"listen": f"127.0.0.1:{port}"}}})
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        rewrite(p, {"services": {"e": {"listen": f"127.0.0.1:{port}"},
+                                 "new": {"listen": f"127.0.0.1:{taken}"}}})
+        p.signal(signal.SIGHUP)
+        p.wait_log(r"reload failed.*Address already in use")
+    assert tcp_talk(port, b"ok") == b"ok"
+
+
+def test_reload_adds_removes_and_changes_services(inetd: Start, tmp_path: Path) -> None:
+    a, b = free_port(), free_port()
+    p = inetd({"services": {"a": {"listen": f"127.0.0.1:{a}"}}})
+    held = socket.create_connection(("127.0.0.1", a), timeout=DEADLINE)
+    rewrite(p, {"services": {"b": {"listen": f"127.0.0.1:{b}", "builtin": "daytime"}}})
+    p.signal(signal.SIGHUP)
+    p.wait_log(r"reloaded: b ")
+    assert tcp_talk(b).endswith(b"\r\n")
+    assert not port_open(a)
+    held.sendall(b"old session lives")  # a removed service's connection is not killed
+    assert held.recv(100) == b"old session lives"
+    held.close()
+    # Change: same address, new program; applies to new connections.
+    rewrite(p, {"services": {"b": {"listen": f"127.0.0.1:{b}", "builtin": "echo"}}})
+    p.signal(signal.SIGHUP)
+    p.wait_log(r"reloaded: b ", count=2)
+    assert tcp_talk(b, b"echo now") == b"echo now"
+
+
+def test_reload_kills_removed_when_asked(inetd: Start) -> None:
+    a = free_port()
+    p = inetd({"reload_kills_removed": True,
+               "services": {"a": {"listen": f"127.0.0.1:{a}", "exec": "/bin/cat"}}})
+    held = socket.create_connection(("127.0.0.1", a), timeout=DEADLINE)
+    (line,) = p.wait_log(r"a: \S+ -> pid \d+")
+    pid = int(line.rsplit(" ", 1)[1])
+    rewrite(p, {"reload_kills_removed": True, "services": {"b": {"listen": free_port()}}})
+    p.signal(signal.SIGHUP)
+    p.wait_log(rf"a: pid {pid} ended \(signal SIGTERM\)")
+    held.close()
+
+
+def test_include_merges_drop_ins_and_names_both_files_on_a_clash(
+    inetd: Start, tmp_path: Path
+) -> None:
+    a, b = free_port(), free_port()
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "b.yaml").write_text(
+        yaml.safe_dump({"services": {"b": {"listen": f"127.0.0.1:{b}"}}}))
+    p = inetd({"include": "conf.d/*.yaml", "services": {"a": {"listen": f"127.0.0.1:{a}"}}})
+    assert tcp_talk(b, b"from drop-in") == b"from drop-in"
+    (tmp_path / "conf.d" / "c.yaml").write_text(
+        yaml.safe_dump({"services": {"a": {"listen": f"127.0.0.1:{free_port()}"}}}))
+    out = cli("-c", str(p.path), "--check")
+    assert out.returncode == 2
+    assert out.stderr == (f"{tmp_path}/conf.d/c.yaml: services.a: already defined in "
+                          f"{p.path}\n")
+
+
+def test_control_status_json_and_table(inetd: Start) -> None:
+    port = free_port()
+    p = inetd({"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat",
+                                    "deny": ["127.0.0.2"]}}})
+    held = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    p.wait_log(r"cat: \S+ -> pid")
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        s.connect(("127.0.0.1", port))
+        assert s.recv(10) == b""
+    p.wait_log(r"refused 127\.0\.0\.2")
+    out = cli("status", "-c", str(p.path), "--json")
+    assert out.returncode == 0, out.stderr
+    snap = json.loads(out.stdout)
+    (svc,) = snap["services"]
+    assert svc["state"] == "listening" and svc["running"] == 1
+    assert svc["accepted"] == 1 and svc["refused"] == {"deny": 1}
+    assert svc["children"][0]["peer"].startswith("127.0.0.1:")
+    table = cli("status", "-c", str(p.path)).stdout
+    assert re.search(r"^cat\s+tcp/127\.0\.0\.1:\d+\s+listening\s+1\s+1\s+deny=1\s+0$", table,
+                     re.M), table
+    held.close()
+
+
+def test_control_stop(inetd: Start) -> None:
+    p = inetd({"services": {"e": {"listen": f"127.0.0.1:{free_port()}"}}})
+    out = cli("stop", "-c", str(p.path))
+    assert out.returncode == 0 and out.stdout == "pyinetd stop: ok\n"
+    assert p.proc.wait(DEADLINE) == 0
+
+
+def test_control_socket_is_private(inetd: Start, tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    inetd({"control_socket": str(sock), "services": {"e": {"listen": free_port()}}})
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"
+
+
+def test_drain_waits_for_children_then_exits_0(inetd: Start) -> None:
+    port = free_port()
+    p = inetd({"shutdown": "drain", "drain_timeout": 30,
+               "services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}})
+    held = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    p.wait_log(r"cat: \S+ -> pid")
+    p.signal(signal.SIGTERM)
+    p.wait_log(r"SIGTERM: draining 1 connections")
+    assert not port_open(port)  # no new connections while draining
+    assert p.proc.poll() is None
+    held.sendall(b"served while draining")
+    assert held.recv(100) == b"served while draining"
+    held.close()
+    assert p.proc.wait(DEADLINE) == 0
+
+
+def test_drain_timeout_terminates_children(inetd: Start) -> None:
+    port = free_port()
+    p = inetd({"shutdown": "drain", "drain_timeout": 0.3,
+               "services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}})
+    held = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    (line,) = p.wait_log(r"cat: \S+ -> pid \d+")
+    pid = int(line.rsplit(" ", 1)[1])
+    p.signal(signal.SIGTERM)
+    assert p.proc.wait(DEADLINE) == 0
+    p.wait_log(r"drain timeout: sending SIGTERM to 1 children")
+    wait_for(lambda: pid_gone(pid), what="the child to be terminated")
+    held.close()
+
+
+def test_second_sigterm_during_drain_stops_at_once(inetd: Start) -> None:
+    port = free_port()
+    p = inetd({"shutdown": "drain", "drain_timeout": 600,
+               "services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}})
+    held = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    p.wait_log(r"cat: \S+ -> pid")
+    p.signal(signal.SIGTERM)
+    p.wait_log("draining")
+    p.signal(signal.SIGTERM)
+    assert p.proc.wait(DEADLINE) == 0
+    p.wait_log("SIGTERM again: stopping now")
+    held.close()
+
+
+def test_sigusr1_dumps_status_to_the_log(inetd: Start) -> None:
+    port = free_port()
+    p = inetd({"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}})
+    held = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    (line,) = p.wait_log(r"cat: \S+ -> pid \d+")
+    pid = line.rsplit(" ", 1)[1]
+    p.signal(signal.SIGUSR1)
+    p.wait_log(r"status: cat\s+tcp/127\.0\.0\.1:\d+\s+listening\s+1\s+1\s+0\s+0")
+    p.wait_log(rf"status:   cat: pid {pid} 127\.0\.0\.1:\d+ age")
+    held.close()
+
+
+def test_metrics_scraped_over_http_reflect_traffic(inetd: Start) -> None:
+    port, mport = free_port(), free_port()
+    p = inetd({"metrics": f"127.0.0.1:{mport}",
+               "services": {"e": {"listen": f"127.0.0.1:{port}", "deny": ["127.0.0.2"]}}})
+    for _ in range(3):
+        assert tcp_talk(port, b"x") == b"x"
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        s.connect(("127.0.0.1", port))
+        assert s.recv(10) == b""
+    p.wait_log("refused")
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=DEADLINE) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['pyinetd_connections_accepted_total{service="e"}'] == 3
+    assert samples['pyinetd_connections_refused_total{service="e",reason="deny"}'] == 1
+    if shutil.which("curl"):
+        out = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{mport}/metrics"],
+                             capture_output=True, text=True, timeout=DEADLINE)
+        assert "# TYPE pyinetd_connections_accepted_total counter" in out.stdout
+
+
+def test_pid_file_written_and_removed(inetd: Start, tmp_path: Path) -> None:
+    pidf = tmp_path / "pyinetd.pid"
+    p = inetd({"services": {"e": {"listen": free_port()}}}, "--pid-file", str(pidf))
+    assert pidf.read_text() == f"{p.pid}\n"
+    assert p.stop() == 0
+    assert not pidf.exists()
+
+
+def test_sd_notify_messages_on_a_real_datagram_socket(inetd: Start, tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(str(path))
+        ns.settimeout(DEADLINE)
+        p = inetd({"services": {"e": {"listen": f"127.0.0.1:{free_port()}"}}},
+                  env={"NOTIFY_SOCKET": str(path)})
+        first = ns.recv(4096).decode().split("\n")
+        assert first[0] == "READY=1" and first[1].startswith("STATUS=1 services")
+        p.signal(signal.SIGHUP)
+        reloading = ns.recv(4096).decode().split("\n")
+        assert reloading[0] == "RELOADING=1" and reloading[1].startswith("MONOTONIC_USEC=")
+        assert ns.recv(4096).decode().startswith("READY=1")
+        p.signal(signal.SIGTERM)
+        assert ns.recv(4096) == b"STOPPING=1"
+        assert p.proc.wait(DEADLINE) == 0
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate not installed (Debian package systemd)")
+def test_socket_activation_with_systemd_socket_activate(tmp_path: Path) -> None:
+    port, other = free_port(), free_port()
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(yaml.safe_dump({"services": {
+        "act": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/sh", "-c",
+                                                       "echo \"$LISTEN_FDS|\"; cat"]},
+        "own": {"listen": f"127.0.0.1:{other}"},
+    }}))
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", sys.executable, "-m", "pyinetd",
+         "-c", str(cfg)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        # The socket exists before pyinetd runs: the first connection starts it.
+        wait_for(lambda: port_open(port), what="systemd-socket-activate listening")
+        assert tcp_talk(port, b"hello") == b"|\nhello"  # LISTEN_FDS not passed to services
+        wait_for(lambda: port_open(other), what="pyinetd's own listener")
+        assert tcp_talk(other, b"own") == b"own"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(DEADLINE)
+        assert proc.stderr is not None
+        log = proc.stderr.read().decode()
+        proc.stderr.close()
+    assert "socket activation: adopted tcp 127.0.0.1:" in log
