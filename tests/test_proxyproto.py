@@ -285,9 +285,9 @@ tlv_lists = st.lists(
 @st.composite
 def headers(draw: st.DrawFn) -> Case:
     version = draw(st.sampled_from([1, 2]))
-    v = draw(st.sampled_from([4, 6]))
-    src = draw(st.ip_addresses(v=v))
-    dst = draw(st.ip_addresses(v=v))
+    addresses = draw(st.sampled_from([st.ip_addresses(v=4), st.ip_addresses(v=6)]))
+    src, dst = draw(addresses), draw(addresses)
+    v = src.version
     sport, dport = draw(ports), draw(ports)
     family = f"TCP{v}"
     if version == 1:
