@@ -453,6 +453,19 @@ def test_idle_timeout_ends_a_silent_connection(services: Services) -> None:
         assert time.monotonic() - run.started >= 0.3
 
 
+def test_service_socket_may_be_given_as_a_bare_fd(services: Services) -> None:
+    _, (ours,) = services.start(["cat"], "socketpair")
+    assert isinstance(ours, socket.socket)
+    c, s = tcp_pair()
+    run = start_relay(s, (ours.detach(),), None)
+    with c:
+        c.sendall(b"fd" * 1000)
+        c.shutdown(socket.SHUT_WR)
+        c.settimeout(10)
+        assert recv_all(c) == b"fd" * 1000
+    assert run.join() == (2000, 2000)
+
+
 def test_a_lone_pipe_fd_is_refused() -> None:
     r, w = os.pipe()
     c, s = tcp_pair()
