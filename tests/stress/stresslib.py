@@ -6,9 +6,11 @@ test's connection count directly (the report run uses 20000).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import selectors
+import signal
 import socket
 import subprocess
 import sys
@@ -19,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
 from conftest import DEADLINE, Pyinetd
 
 SCALE = float(os.environ.get("STRESS_SCALE", "1"))
@@ -76,10 +77,8 @@ def group_alive(pgid: int) -> bool:
 
 def kill_group(pgid: int) -> None:
     """SIGKILL a process group if it still exists (test clean-up)."""
-    try:
-        os.killpg(pgid, 9)
-    except (ProcessLookupError, PermissionError):
-        pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- clients
@@ -178,12 +177,7 @@ def run_load(
         while True:
             now = time.monotonic()
             stopping = stop is not None and stop.is_set()
-            while (
-                launched < total
-                and len(inflight) < concurrency
-                and not stopping
-                and now < end
-            ):
+            while launched < total and len(inflight) < concurrency and not stopping and now < end:
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 s.setblocking(False)
                 err = s.connect_ex(("127.0.0.1", port))
