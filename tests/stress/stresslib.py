@@ -10,13 +10,16 @@ import contextlib
 import errno
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +82,17 @@ def kill_group(pgid: int) -> None:
     """SIGKILL a process group if it still exists (test clean-up)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def public_dir() -> Iterator[Path]:
+    """A fresh folder every user may enter and read (pytest's tmp folders are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="pyinetd-stress-"))
+    try:
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- clients
@@ -290,4 +304,8 @@ class WrappedPyinetd(Pyinetd):
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.wait_log(r"listening: ")
+        try:
+            self.wait_log(r"listening: ")
+        except BaseException:
+            self.stop()
+            raise

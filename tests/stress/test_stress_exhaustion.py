@@ -9,14 +9,12 @@ import resource
 import select
 import shutil
 import socket
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from conftest import DEADLINE, Pyinetd, children_of, free_port, tcp_talk, wait_for
-from stresslib import WrappedPyinetd, fd_count
+from stresslib import WrappedPyinetd, fd_count, public_dir
 
 Start = Callable[..., Pyinetd]
 
@@ -156,15 +154,6 @@ def test_fd_exhaustion_with_exec_children_keeps_clients_waiting_and_logs_once(
 
 
 # ---------------------------------------------------------------- processes
-@pytest.fixture
-def public_dir() -> Iterator[Path]:
-    """A folder other users can read (pytest's tmp folders are private to their owner)."""
-    path = Path(tempfile.mkdtemp(prefix="pyinetd-stress-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def hold(port: int) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
 
@@ -221,7 +210,7 @@ def nobody_processes() -> int:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run pyinetd as nobody")
-def test_parent_nproc_limit_spawn_failures_logged_parent_serves_on(public_dir: Path) -> None:
+def test_parent_nproc_limit_spawn_failures_logged_parent_serves_on() -> None:
     """The parent itself at its RLIMIT_NPROC: posix_spawn fails with EAGAIN in the parent."""
     port, echo = free_port(), free_port()
     config = {"services": {
@@ -234,7 +223,15 @@ def test_parent_nproc_limit_spawn_failures_logged_parent_serves_on(public_dir: P
     limit = nobody_processes() + 3
     prefix = [f"--nproc={limit}:{limit}", "setpriv", "--reuid=nobody", "--regid=nogroup",
               "--clear-groups", "--"]  # fmt: skip
-    p = WrappedPyinetd(config, public_dir, ["prlimit", *prefix])
+    with public_dir() as folder:
+        p = WrappedPyinetd(config, folder, ["prlimit", *prefix])
+        try:
+            parent_at_its_nproc_limit(p, port, echo)
+        finally:
+            p.stop()
+
+
+def parent_at_its_nproc_limit(p: Pyinetd, port: int, echo: int) -> None:
     held: list[socket.socket] = []
     try:
         for _ in range(2):
@@ -253,4 +250,3 @@ def test_parent_nproc_limit_spawn_failures_logged_parent_serves_on(public_dir: P
         assert p.proc.poll() is None
     finally:
         close_all(held)
-        p.stop()
