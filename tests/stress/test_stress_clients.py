@@ -77,6 +77,7 @@ def test_connections_reset_mid_transfer_leave_nothing_behind(inetd: Start) -> No
     wait_for(lambda: not children_of(p.pid), what="every cat reaped")
     wait_for(lambda: fd_count(p.pid) == base_fds, what="parent back to its idle fds")
     assert tcp_talk(echo, b"after") == b"after" and tcp_talk(cat, b"after") == b"after"
+    print(f"\n{n} resets to echo + {n} to cat: parent back to {base_fds} fds, no children")
     assert "internal error" not in p.log()
 
 

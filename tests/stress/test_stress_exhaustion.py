@@ -95,6 +95,8 @@ def test_fd_exhaustion_logged_once_per_episode_and_recovers(inetd: Start) -> Non
         try:
             assert dropped == 0 and len(served) > NOFILE // 2
             assert fd_count(p.pid) == NOFILE
+            print(f"\nepisode {episode}: {len(served)} sessions at RLIMIT_NOFILE {NOFILE}, "
+                  f"{len(waiting)} waiting in the backlog")  # fmt: skip
             hold_exhausted(p, 1.5)  # three EMFILE_PAUSE retries, all failing
             assert count(p, ACCEPT_EMFILE) == episode
             close_all(served)

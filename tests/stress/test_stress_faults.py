@@ -76,6 +76,8 @@ def test_faulty_services_never_stop_the_parent(inetd: Start) -> None:
                 p.wait_log(rf"{name}: pid \d+ ended \(signal SIGTERM\)", count=hung * r)
     finally:
         res = load.finish()
+    print(f"\nfaults: {rounds} rounds x ({quick} exit + {quick} SIGSEGV + {hung} never-read "
+          f"+ {hung} never-exit); echo alongside: {res.summary()}")  # fmt: skip
     assert res.ok > 0 and not res.failed, res.summary()
     wait_for(lambda: not children_of(p.pid), what="every child reaped")
     assert p.proc.poll() is None
