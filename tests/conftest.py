@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -180,8 +181,11 @@ def inetd(tmp_path: Path) -> Iterator[Callable[..., Pyinetd]]:
     started: list[Pyinetd] = []
 
     def start(config: dict[str, object] | str, *args: str, **kw: object) -> Pyinetd:
-        p = Pyinetd(config, tmp_path, tuple(args), **kw)  # type: ignore[arg-type]
-        started.append(p)
+        wait_ready = bool(kw.pop("wait_ready", True))
+        p = Pyinetd(config, tmp_path, tuple(args), wait_ready=False, **kw)  # type: ignore[arg-type]
+        started.append(p)  # recorded before waiting: a failed start is still cleaned up
+        if wait_ready:
+            p.wait_log(r"listening: ")
         return p
 
     yield start
@@ -189,10 +193,8 @@ def inetd(tmp_path: Path) -> Iterator[Callable[..., Pyinetd]]:
         kids = [pid for pid, _ in children_of(p.pid)]
         p.stop()
         for kid in kids:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(kid, signal.SIGKILL)  # services run in their own process group
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 def script(tmp: Path, name: str, body: str) -> str:

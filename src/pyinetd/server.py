@@ -277,7 +277,7 @@ class Server:
 
         Sockets handed over by systemd socket activation are adopted instead of bound.
         """
-        for sock, name in systemd.listen_fds():
+        for sock, _name in systemd.listen_fds():
             key = systemd.key_of(sock)
             if key is None:
                 sock.close()
@@ -285,8 +285,12 @@ class Server:
             self._activated[key] = sock
         self._apply(self.config, self._bind_new(self.config, {}))
         for key, sock in self._activated.items():
-            event(logging.WARNING, f"socket activation: no service listens on {key.protocol} "
-                  f"{key.address}; closing it", event="activation_unused")
+            event(
+                logging.WARNING,
+                f"socket activation: no service listens on {key.protocol} "
+                f"{key.address}; closing it",
+                event="activation_unused",
+            )
             sock.close()
         self._activated.clear()
 
@@ -300,8 +304,11 @@ class Server:
                 if sock is not None:
                     break
         if sock is not None:
-            event(logging.INFO, f"socket activation: adopted {key.protocol} {key.address}",
-                  event="activation")
+            event(
+                logging.INFO,
+                f"socket activation: adopted {key.protocol} {key.address}",
+                event="activation",
+            )
         return sock
 
     def _bind_new(
@@ -381,9 +388,13 @@ class Server:
         if lst.paused_until and time.monotonic() < lst.paused_until:
             return False
         svc = lst.state.service
-        if svc.max_connections and svc.on_limit == "queue" and not svc.wait:
-            if lst.state.running >= svc.max_connections:
-                return False  # clients wait in the backlog, like tcpserver -c
+        if (
+            svc.max_connections
+            and svc.on_limit == "queue"
+            and not svc.wait
+            and lst.state.running >= svc.max_connections
+        ):
+            return False  # clients wait in the backlog, like tcpserver -c
         return not (self._full and not svc.is_builtin and svc.on_limit == "queue")
 
     def _refresh(self, lst: Listener) -> None:
@@ -417,8 +428,12 @@ class Server:
         lst.resume_timer = None
         self._refresh(lst)
         if lst.registered:
-            event(logging.INFO, f"{lst.state.service.name}: {lst.key.address}: accepting again",
-                  event="resume", service=lst.state.service.name)
+            event(
+                logging.INFO,
+                f"{lst.state.service.name}: {lst.key.address}: accepting again",
+                event="resume",
+                service=lst.state.service.name,
+            )
 
     def _at_max_children(self) -> bool:
         limit = self.config.max_children
@@ -483,9 +498,12 @@ class Server:
         try:
             sock = control.bind_control(path)
         except OSError as exc:
-            event(logging.WARNING, f"control socket {path}: {exc.strerror or exc}; "
-                  "`pyinetd status/reload/stop` will not reach this instance",
-                  event="control_error")
+            event(
+                logging.WARNING,
+                f"control socket {path}: {exc.strerror or exc}; "
+                "`pyinetd status/reload/stop` will not reach this instance",
+                event="control_error",
+            )
         else:
             self._control = control.RequestServer(
                 sock, self.sel, self._on_control, b"\n", self.call_later
@@ -495,8 +513,9 @@ class Server:
             try:
                 msock = bind_listener("tcp", addr)
             except OSError as exc:
-                event(logging.WARNING, f"metrics {addr}: {exc.strerror or exc}",
-                      event="metrics_error")
+                event(
+                    logging.WARNING, f"metrics {addr}: {exc.strerror or exc}", event="metrics_error"
+                )
             else:
                 self._metrics = control.RequestServer(
                     msock, self.sel, self._on_metrics, b"\r\n\r\n", self.call_later
@@ -535,8 +554,10 @@ class Server:
     def _status_line(self) -> str:
         refused = sum(sum(st.refused.values()) for st in self.states.values())
         accepted = sum(st.accepted for st in self.states.values())
-        return (f"{len(self.config.enabled_services)} services, {len(self.children)} children, "
-                f"{accepted} accepted, {refused} refused")
+        return (
+            f"{len(self.config.enabled_services)} services, {len(self.children)} children, "
+            f"{accepted} accepted, {refused} refused"
+        )
 
     def dump_status(self) -> None:
         """SIGUSR1: write the status table to the log (like xinetd's dump)."""
@@ -566,13 +587,20 @@ class Server:
             event(logging.INFO, f"{why}: stopping", event="stopping")
             self._exit = True
             return
-        event(logging.INFO, f"{why}: draining {running} connections "
-              f"(up to {self.config.drain_timeout:g}s)", event="draining", running=running)
+        event(
+            logging.INFO,
+            f"{why}: draining {running} connections (up to {self.config.drain_timeout:g}s)",
+            event="draining",
+            running=running,
+        )
         self._drain_timer = self.call_later(self.config.drain_timeout, self._drain_expired)
 
     def _drain_expired(self) -> None:
-        event(logging.WARNING, f"drain timeout: sending SIGTERM to {len(self.children)} children",
-              event="drain_timeout")
+        event(
+            logging.WARNING,
+            f"drain timeout: sending SIGTERM to {len(self.children)} children",
+            event="drain_timeout",
+        )
         for sess in list(self.sessions):
             sess.close()
         for pid in list(self.children):
@@ -720,14 +748,25 @@ class Server:
         name = child.state.service.name
         if not child.killed:
             child.killed = True
-            event(logging.WARNING, f"{name}: pid {pid} timed out after "
-                  f"{child.state.service.timeout}s; sending SIGTERM", event="timeout",
-                  service=name, pid=pid, peer=child.peer)
+            event(
+                logging.WARNING,
+                f"{name}: pid {pid} timed out after "
+                f"{child.state.service.timeout}s; sending SIGTERM",
+                event="timeout",
+                service=name,
+                pid=pid,
+                peer=child.peer,
+            )
             _kill_group(pid, signal.SIGTERM)
             child.timer = self.call_later(KILL_GRACE, lambda: self._on_timeout(pid))
         else:
-            event(logging.WARNING, f"{name}: pid {pid} still running {KILL_GRACE}s after "
-                  "SIGTERM; sending SIGKILL", event="timeout_kill", service=name, pid=pid)
+            event(
+                logging.WARNING,
+                f"{name}: pid {pid} still running {KILL_GRACE}s after SIGTERM; sending SIGKILL",
+                event="timeout_kill",
+                service=name,
+                pid=pid,
+            )
             _kill_group(pid, signal.SIGKILL)
             child.timer = None
 
@@ -809,8 +848,7 @@ class Server:
                 self._emfile_logged = True
             self._pause_for(lst, EMFILE_PAUSE)
         elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-            event(logging.WARNING, f"{lst.state.service.name}: accept: {exc}",
-                  event="accept_error")
+            event(logging.WARNING, f"{lst.state.service.name}: accept: {exc}", event="accept_error")
 
     def _connection_env(
         self, lst: Listener, conn: socket.socket, ip: str, port: int
@@ -956,8 +994,7 @@ class Server:
                 pipe(selectors.EVENT_READ)  # nothing to read: EOF closes it
             event(
                 logging.ERROR,
-                f"{svc.name}: cannot start {svc.argv[0]}: {exc.strerror or exc}; "
-                f"closing {peer}",
+                f"{svc.name}: cannot start {svc.argv[0]}: {exc.strerror or exc}; closing {peer}",
                 event="spawn_error",
                 service=svc.name,
                 peer=peer,
