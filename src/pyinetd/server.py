@@ -270,6 +270,8 @@ class Server:
         self._control: control.RequestServer | None = None
         self._metrics: control.RequestServer | None = None
         self._pid_file: str | None = None
+        self._spare_pipe: tuple[int, int] | None = None  # a stderr pipe made before accept()
+        self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
@@ -675,6 +677,10 @@ class Server:
                 server.close()
         for sess in list(self.sessions):
             sess.close()
+        if self._spare_pipe is not None:
+            for fd in self._spare_pipe:
+                os.close(fd)
+            self._spare_pipe = None
         if self._pid_file:
             with contextlib.suppress(OSError):
                 os.unlink(self._pid_file)
@@ -708,7 +714,12 @@ class Server:
             LOG.debug("reaped unknown pid %d", pid)  # gunicorn #3566: not an error
             return
         if child.timer is not None:
-            child.timer.cancelled = True
+            if _group_alive(pid):
+                # The service left processes behind in its group (a grandchild still holding
+                # the connection): the timeout still applies to them.
+                self._orphan_groups.add(pid)
+            else:
+                child.timer.cancelled = True
         state = child.state
         state.drop_source(child.source)
         code = os.waitstatus_to_exitcode(status)
@@ -744,6 +755,13 @@ class Server:
     def _on_timeout(self, pid: int) -> None:
         child = self.children.get(pid)
         if child is None:
+            if pid in self._orphan_groups:
+                self._orphan_groups.discard(pid)
+                if _group_alive(pid):
+                    event(logging.WARNING, f"timeout: process group {pid} outlived its "
+                          "service; sending SIGTERM, then SIGKILL", event="timeout_group")
+                    _kill_group(pid, signal.SIGTERM)
+                    self.call_later(KILL_GRACE, lambda: _kill_orphan(pid, self.children))
             return
         name = child.state.service.name
         if not child.killed:
@@ -818,17 +836,27 @@ class Server:
         if lst.state.service.wait:
             self._start_wait_child(lst)
             return
+        svc = lst.state.service
         for _ in range(ACCEPT_BATCH):
+            if svc.stderr == "log" and not svc.is_builtin and self._spare_pipe is None:
+                # The stderr pipe first: out of fds, the client stays in the backlog
+                # instead of being accepted and dropped.
+                try:
+                    self._spare_pipe = os.pipe()
+                except OSError as exc:
+                    self._accept_failed(lst, exc)
+                    return
             try:
                 conn, addr = lst.sock.accept()
             except BlockingIOError:
+                if self._emfile_logged:
+                    # The episode ends when the backlog has drained, not at the first slot.
+                    event(logging.WARNING, "accepting again: file descriptors available")
+                    self._emfile_logged = False
                 return
             except OSError as exc:
                 self._accept_failed(lst, exc)
                 return
-            if self._emfile_logged:
-                event(logging.WARNING, "accepting again: file descriptors available")
-                self._emfile_logged = False
             self._serve_stream(lst, conn, addr)
             if not lst.registered:
                 return
@@ -957,7 +985,10 @@ class Server:
         """The fd for the child's stderr, and the pipe reader when it goes to the log."""
         mode = svc.stderr
         if mode == "log":
-            r, w = os.pipe()
+            if self._spare_pipe is not None:
+                (r, w), self._spare_pipe = self._spare_pipe, None
+            else:
+                r, w = os.pipe()
             return w, StderrPipe(r, svc.name, self.sel)
         if mode == "socket" and conn is not None:
             return os.dup(conn.fileno()), None
@@ -982,7 +1013,7 @@ class Server:
             err_fd, pipe = self._stderr_fd(svc, conn)
         except OSError as exc:
             state.failed_spawns += 1
-            event(logging.ERROR, f"{svc.name}: stderr {svc.stderr}: {exc}", event="spawn_error")
+            self._spawn_error(svc, peer, f"stderr {svc.stderr}: {exc.strerror or exc}")
             return 0
         try:
             pid = self.spawner.spawn(svc, stdin, stdout, err_fd, env)
@@ -1022,6 +1053,21 @@ class Server:
             pid=pid,
         )
         return pid
+
+    def _spawn_error(self, svc: Service, peer: str, what: str) -> None:
+        """Log a failed start; the same failure repeating is logged once a minute."""
+        show, suppressed = self._refusals.should_log(f"{svc.name} spawn {what}", time.monotonic())
+        if show:
+            more = f" ({suppressed} more since last logged)" if suppressed else ""
+            event(
+                logging.ERROR,
+                f"{svc.name}: {what}; closing {peer}{more}",
+                event="spawn_error",
+                service=svc.name,
+                peer=peer,
+                error=what,
+                suppressed=suppressed,
+            )
 
     def _start_wait_child(self, lst: Listener) -> None:
         """inetd wait mode: the child gets the listening socket itself; we stop watching it."""
@@ -1109,6 +1155,22 @@ class Server:
 
     def __repr__(self) -> str:
         return f"<Server {len(self.listeners)} listeners, {len(self.children)} children>"
+
+
+def _group_alive(pgid: int) -> bool:
+    """True when process group ``pgid`` still has members."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _kill_orphan(pgid: int, children: dict[int, Child]) -> None:
+    # A pid in use is never handed out as a new pgid, but once the group is empty the
+    # number may lead a new child's group: leave that one alone.
+    if pgid not in children:
+        _kill_group(pgid, signal.SIGKILL)
 
 
 def _kill_group(pid: int, sig: int) -> None:

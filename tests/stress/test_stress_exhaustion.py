@@ -110,11 +110,6 @@ def test_fd_exhaustion_logged_once_per_episode_and_recovers(inetd: Start) -> Non
     assert count(p, EMFILE_LINE) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server._on_accept resets _emfile_logged on every successful accept, so each slot "
-    "freed under sustained overload logs the condition again (2 lines per freed slot)",
-)
 def test_fd_exhaustion_slots_freeing_one_by_one_stay_one_episode(inetd: Start) -> None:
     port = free_port()
     p = inetd({"services": {"echo": {"listen": f"127.0.0.1:{port}", "builtin": "echo"}}})
@@ -129,11 +124,6 @@ def test_fd_exhaustion_slots_freeing_one_by_one_stay_one_episode(inetd: Start) -
         close_all(served + waiting)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server._stderr_fd: os.pipe() for stderr: log fails with EMFILE after accept(); "
-    "the connection is dropped and an error is logged per connection instead of pausing accepts",
-)
 def test_fd_exhaustion_with_exec_children_keeps_clients_waiting_and_logs_once(
     inetd: Start,
 ) -> None:

@@ -112,11 +112,6 @@ def test_child_that_forks_and_exits_is_reaped_at_once(inetd: Start) -> None:
             kill_group(pgid)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server._child_exited cancels the timeout when the group leader is reaped, so a "
-    "grandchild left in the service's process group holds the connection forever",
-)
 def test_timeout_kills_the_process_group_a_reaped_child_left_behind(inetd: Start) -> None:
     p, port, _ = grandchild_service(inetd)
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:

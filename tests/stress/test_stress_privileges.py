@@ -33,11 +33,6 @@ def test_service_as_nobody_cannot_read_a_root_only_file(inetd: Start) -> None:
 
 
 @root_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="not implemented yet: refuse a config file writable by other users when root "
-    "(like sshd StrictModes)",
-)
 @pytest.mark.parametrize("mode", [0o646, 0o664], ids=["other-writable", "group-writable"])
 def test_root_refuses_a_config_file_writable_by_others(
     inetd: Start, tmp_path: Path, mode: int
