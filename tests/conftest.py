@@ -59,6 +59,21 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def tcp_listening(port: int) -> bool:
+    """True when some socket on this host listens on TCP ``port`` (from /proc/net/tcp*)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
+
+
 def pid_gone(pid: int) -> bool:
     """True when ``pid`` no longer exists or is a zombie."""
     try:

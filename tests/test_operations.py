@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEADLINE, Pyinetd, free_port, pid_gone, port_open, tcp_talk, wait_for
+from conftest import (
+    DEADLINE,
+    Pyinetd,
+    free_port,
+    pid_gone,
+    port_open,
+    tcp_listening,
+    tcp_talk,
+    wait_for,
+)
 
 Start = Callable[..., Pyinetd]
 
@@ -228,7 +237,7 @@ def test_drain_waits_for_children_then_exits_0(inetd: Start) -> None:
     p.wait_log(r"cat: \S+ -> pid")
     p.signal(signal.SIGTERM)
     p.wait_log(r"SIGTERM: draining 1 connections")
-    assert not port_open(port)  # no new connections while draining
+    assert not tcp_listening(port)  # no new connections while draining
     assert p.proc.poll() is None
     held.sendall(b"served while draining")
     assert held.recv(100) == b"served while draining"
