@@ -227,18 +227,29 @@ def tcp_talk(
     shut: bool = True,
     timeout: float = DEADLINE,
 ) -> bytes:
-    """Connect, send ``data``, half-close, read until EOF."""
+    """Connect, send ``data`` (from a thread, while reading), half-close, read until EOF."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect((host, port))
-        if data:
-            s.sendall(data)
-        if shut:
-            s.shutdown(socket.SHUT_WR)
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                if data:
+                    s.sendall(data)
+                if shut:
+                    s.shutdown(socket.SHUT_WR)
+            except OSError as exc:
+                errors.append(exc)
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
         chunks = []
         while True:
             chunk = s.recv(65536)
             if not chunk:
-                return b"".join(chunks)
+                break
             chunks.append(chunk)
+        sender.join(timeout)
+        return b"".join(chunks)

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
+from pyinetd.tlsconf import TLSSettings, make_context
 
 PROTOCOLS = ("tcp", "udp", "unix")
 BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
@@ -37,8 +38,9 @@ class ConfigError(Exception):
 
     def __init__(self, errors: list[str]) -> None:
         # One error, one line: a control character in a name or value must not split it.
-        errors = [e.encode("unicode_escape").decode("ascii") if not e.isprintable() else e
-                  for e in errors]
+        errors = [
+            e.encode("unicode_escape").decode("ascii") if not e.isprintable() else e for e in errors
+        ]
         super().__init__("\n".join(errors))
         self.errors = errors
 
@@ -100,6 +102,12 @@ class Service:
     nice: int | None = None
     rlimits: tuple[tuple[int, int], ...] = ()
     banner: bytes = b""
+    # protocols in front of the service
+    tls: TLSSettings | None = None
+    proxy_protocol: str | None = None  # v1 | v2 | any
+    proxy_from: AccessList | None = None
+    proxy_timeout: float = 5.0
+    redirect: tuple[str, int] | None = None
     source: str = ""  # file the service was defined in
 
     @property
@@ -108,7 +116,12 @@ class Service:
 
     @property
     def is_builtin(self) -> bool:
-        return not self.exec
+        return not self.exec and self.redirect is None
+
+    @property
+    def needs_relay(self) -> bool:
+        """TLS or redirect: a relay process stands between the client and the service."""
+        return self.tls is not None or self.redirect is not None
 
 
 @dataclass(frozen=True)
@@ -412,6 +425,52 @@ def _parse_banner_text(value: Any, _base: Path) -> bytes:
     return value.encode()
 
 
+_TLS_KEYS = ("cert", "key", "client_ca", "min_version", "handshake_timeout")
+
+
+def _parse_tls(value: Any, base: Path) -> TLSSettings:
+    if not isinstance(value, dict):
+        raise _KeyError(f"{value!r}: expected a mapping with cert and key")
+    for k in value:
+        if k not in _TLS_KEYS:
+            raise _KeyError(f"{k}: {_unknown(str(k), list(_TLS_KEYS))}")
+    for k in ("cert", "key"):
+        if not isinstance(value.get(k), str):
+            raise _KeyError(f"{k}: missing (a PEM file path)")
+
+    def path(k: str) -> Path:
+        v = str(value[k])
+        return Path(v) if os.path.isabs(v) else base / v
+
+    try:
+        settings = TLSSettings(
+            cert=path("cert"),
+            key=path("key"),
+            client_ca=path("client_ca") if value.get("client_ca") else None,
+            min_version=str(value.get("min_version", "1.2")),
+            handshake_timeout=parse_duration(value.get("handshake_timeout", 10)),
+        )
+        make_context(settings)  # load the files now: a bad one is a config error
+    except (ValueError, OSError) as exc:
+        raise _KeyError(str(exc)) from None
+    return settings
+
+
+def _parse_redirect(value: Any, base: Path) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise _KeyError(f"{value!r}: expected HOST:PORT")
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise _KeyError(f"{value!r}: expected HOST:PORT with a port 1-65535")
+    return (host, int(port))
+
+
+def _parse_proxy_from(value: Any, base: Path) -> AccessList:
+    items = _parse_addr_list(value, base)
+    return AccessList.parse(items, [])
+
+
 # Keys a service (or `defaults:`) may carry, with their parser. `listen` is parsed separately
 # because it depends on `protocol`.
 SERVICE_KEYS: dict[str, Parser] = {
@@ -444,6 +503,11 @@ SERVICE_KEYS: dict[str, Parser] = {
     "rlimits": _parse_rlimits,
     "banner": _parse_banner_file,
     "banner_text": _parse_banner_text,
+    "tls": _parse_tls,
+    "proxy_protocol": _parse_choice("v1", "v2", "any"),
+    "proxy_from": _parse_proxy_from,
+    "proxy_timeout": _wrap(parse_duration),
+    "redirect": _parse_redirect,
 }
 
 
@@ -678,11 +742,24 @@ def _build_service(
                 errors.append(f"{where}.listen: {exc}")
     if "exec" in body and "builtin" in body:
         errors.append(f"{where}.exec: give either exec or builtin, not both")
+    if "redirect" in body and ("exec" in body or "builtin" in body):
+        errors.append(f"{where}.redirect: give one of exec, builtin or redirect")
+    if protocol != "tcp":
+        for key in ("tls", "proxy_protocol", "redirect"):
+            if key in body:
+                errors.append(f"{where}.{key}: only for protocol tcp")
+    if "tls" in values and "exec" not in values and "redirect" not in body:
+        errors.append(f"{where}.tls: needs exec or redirect (built-ins run inside pyinetd)")
+    if values.get("wait") and ("tls" in values or "redirect" in body or "proxy_protocol" in values):
+        errors.append(f"{where}.wait: not with tls, redirect or proxy_protocol")
     if len(errors) > n_before:
         return None
     values.pop("listen", None)
     if "exec" in body:
         values.pop("builtin", None)
+    elif "redirect" in body:
+        values.pop("builtin", None)
+        values.pop("exec", None)
     elif "builtin" in body or "exec" not in values:
         values.pop("exec", None)
         values.setdefault("builtin", "echo")

@@ -18,13 +18,14 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyinetd import builtins, control, status, systemd
+from pyinetd import builtins, control, proxyproto, status, systemd
 from pyinetd.admission import LogLimiter, TokenBucket, source_key
 from pyinetd.config import Config, ConfigError, Service, load, parse_listen_item
 from pyinetd.listeners import (
@@ -35,7 +36,8 @@ from pyinetd.listeners import (
     close_listener,
 )
 from pyinetd.log import LOG, event
-from pyinetd.spawn import Spawner
+from pyinetd.spawn import Spawner, spawn_relay
+from pyinetd.tlsconf import make_context
 
 ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
 EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
@@ -91,6 +93,7 @@ class ServiceState:
     sources: dict[str, int] = field(default_factory=dict)
     bucket: TokenBucket | None = None
     listeners: list[Listener] = field(default_factory=list)
+    tls_context: ssl.SSLContext | None = None
 
     def set_service(self, service: Service) -> None:
         """Apply a (re)loaded definition; counts stay, the rate bucket follows the settings."""
@@ -100,6 +103,8 @@ class ServiceState:
             self.bucket = None
         elif self.bucket is None or old.rate != service.rate:
             self.bucket = TokenBucket(*service.rate)
+        # Certificates and keys are read again on every (re)load.
+        self.tls_context = make_context(service.tls) if service.tls else None
 
     def add_source(self, key: str) -> None:
         self.running += 1
@@ -244,6 +249,76 @@ class UDPReply:
             self._listener.sendto(payload, self._peer)
 
 
+class PendingProxy:
+    """A connection whose PROXY protocol header has not fully arrived yet.
+
+    Only header bytes are consumed from the socket (peeked first, then read up to the
+    header's end), so whatever the client sent after the header reaches the service intact.
+    """
+
+    def __init__(self, server: Server, lst: Listener, conn: socket.socket, ip: str, port: int):
+        self.server, self.lst, self.conn, self.ip, self.port = server, lst, conn, ip, port
+        self._buf = b""
+        self._accept = lst.state.service.proxy_protocol or "any"
+        server.sel.register(conn, selectors.EVENT_READ, self)
+        self._timer = server.call_later(
+            lst.state.service.proxy_timeout, lambda: self._fail("no PROXY header in time")
+        )
+
+    def __call__(self, mask: int) -> None:
+        try:
+            peek = self.conn.recv(proxyproto.MAX_HEADER, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(str(exc))
+            return
+        if not peek:
+            self._fail("connection closed before the PROXY header")
+            return
+        data = self._buf + peek
+        end = _proxy_header_end(data)
+        try:
+            take = len(peek) if end is None else end - len(self._buf)
+            if len(self._buf) + take > proxyproto.MAX_HEADER:
+                raise proxyproto.ProxyError("PROXY header too long")
+            self._buf += self.conn.recv(take)
+            header = proxyproto.parse(self._buf, self._accept)
+            if header is None and end is not None:
+                raise proxyproto.ProxyError("truncated PROXY header")
+        except proxyproto.ProxyError as exc:
+            self._fail(str(exc))
+            return
+        except OSError as exc:
+            self._fail(str(exc))
+            return
+        if header is not None:
+            self._detach()
+            self.server._proxy_done(self, header)
+
+    def _detach(self) -> None:
+        self._timer.cancelled = True
+        with contextlib.suppress(KeyError, ValueError):
+            self.server.sel.unregister(self.conn)
+
+    def _fail(self, why: str) -> None:
+        self._detach()
+        self.server._proxy_failed(self, why)
+
+    def close(self) -> None:
+        self._detach()
+        self.conn.close()
+
+
+def _proxy_header_end(data: bytes) -> int | None:
+    """Where a PROXY header in ``data`` ends, once that can be known."""
+    sig = proxyproto.V2_SIGNATURE
+    if data[: len(sig)] == sig[: len(data)]:  # v2, or not yet known to be anything else
+        return 16 + int.from_bytes(data[14:16], "big") if len(data) >= 16 else None
+    crlf = data.find(b"\r\n")
+    return crlf + 2 if crlf >= 0 else None
+
+
 class Server:
     """One pyinetd instance: listeners, children, the loop."""
 
@@ -270,6 +345,7 @@ class Server:
         self._control: control.RequestServer | None = None
         self._metrics: control.RequestServer | None = None
         self._pid_file: str | None = None
+        self.pending: set[PendingProxy] = set()  # connections whose PROXY header is due
         self._spare_pipe: tuple[int, int] | None = None  # a stderr pipe made before accept()
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
 
@@ -677,6 +753,8 @@ class Server:
                 server.close()
         for sess in list(self.sessions):
             sess.close()
+        for pend in list(self.pending):
+            pend.close()
         if self._spare_pipe is not None:
             for fd in self._spare_pipe:
                 os.close(fd)
@@ -758,8 +836,12 @@ class Server:
             if pid in self._orphan_groups:
                 self._orphan_groups.discard(pid)
                 if _group_alive(pid):
-                    event(logging.WARNING, f"timeout: process group {pid} outlived its "
-                          "service; sending SIGTERM, then SIGKILL", event="timeout_group")
+                    event(
+                        logging.WARNING,
+                        f"timeout: process group {pid} outlived its "
+                        "service; sending SIGTERM, then SIGKILL",
+                        event="timeout_group",
+                    )
                     _kill_group(pid, signal.SIGTERM)
                     self.call_later(KILL_GRACE, lambda: _kill_orphan(pid, self.children))
             return
@@ -790,7 +872,13 @@ class Server:
 
     # ------------------------------------------------------------ admission
     def _refuse(
-        self, state: ServiceState, conn: socket.socket | None, ip: str, port: int, reason: str
+        self,
+        state: ServiceState,
+        conn: socket.socket | None,
+        ip: str,
+        port: int,
+        reason: str,
+        detail: str = "",
     ) -> None:
         """Count, log (throttled per address) and answer a refused connection, then close it."""
         svc = state.service
@@ -799,9 +887,10 @@ class Server:
         show, suppressed = self._refusals.should_log(f"{svc.name} {reason} {src}", time.monotonic())
         if show:
             more = f" ({suppressed} more since last logged)" if suppressed else ""
+            why = f" ({detail})" if detail else ""
             event(
                 logging.WARNING,
-                f"{svc.name}: refused {peer_text(ip, port)}: {reason}{more}",
+                f"{svc.name}: refused {peer_text(ip, port)}: {reason}{why}{more}",
                 event="refused",
                 service=svc.name,
                 peer=peer_text(ip, port),
@@ -915,9 +1004,45 @@ class Server:
         }
 
     def _serve_stream(self, lst: Listener, conn: socket.socket, addr: object) -> None:
+        svc = lst.state.service
+        ip, port = peer_of(conn.family, addr)
+        if svc.proxy_protocol:
+            if svc.proxy_from is not None and not svc.proxy_from.permits(ip):
+                self._refuse(lst.state, conn, ip, port, "proxy_from")
+                return
+            conn.setblocking(False)
+            self.pending.add(PendingProxy(self, lst, conn, ip, port))
+            return
+        self._serve_admitted(lst, conn, ip, port, None)
+
+    def _proxy_failed(self, pend: PendingProxy, why: str) -> None:
+        self.pending.discard(pend)
+        self._refuse(pend.lst.state, pend.conn, pend.ip, pend.port, "proxy", detail=why)
+
+    def _proxy_done(self, pend: PendingProxy, header: proxyproto.ProxyHeader) -> None:
+        """The PROXY header is read: the balancer's client replaces the socket's peer."""
+        self.pending.discard(pend)
+        if self.listeners.get(pend.lst.key) is not pend.lst:
+            pend.conn.close()  # removed by a reload meanwhile
+            return
+        pend.conn.setblocking(True)
+        ip, port, local = pend.ip, pend.port, None
+        if header.src_addr is not None and header.src_port is not None:
+            ip, port = format_ip(header.src_addr), header.src_port
+            if header.dst_addr is not None and header.dst_port is not None:
+                local = (format_ip(header.dst_addr), header.dst_port)
+        self._serve_admitted(pend.lst, pend.conn, ip, port, local)
+
+    def _serve_admitted(
+        self,
+        lst: Listener,
+        conn: socket.socket,
+        ip: str,
+        port: int,
+        local: tuple[str, int] | None,
+    ) -> None:
         state = lst.state
         svc = state.service
-        ip, port = peer_of(conn.family, addr)
         reason, src = self._admit(state, ip)
         if reason is not None:
             self._refuse(state, conn, ip, port, reason)
@@ -933,7 +1058,10 @@ class Server:
             self._start_session(state, conn, svc.builtin, src)
             return
         try:
-            env = self._connection_env(lst, conn, ip, port)
+            if local is not None:
+                env = self._ip_env("TCP", ip, port, *local)
+            else:
+                env = self._connection_env(lst, conn, ip, port)
             self._start_child(
                 state, conn.fileno(), conn.fileno(), conn, env, peer_text(ip, port), src=src
             )
@@ -1016,7 +1144,11 @@ class Server:
             self._spawn_error(svc, peer, f"stderr {svc.stderr}: {exc.strerror or exc}")
             return 0
         try:
-            pid = self.spawner.spawn(svc, stdin, stdout, err_fd, env)
+            if svc.needs_relay:
+                full_env = {**self.spawner.base_environ(svc), **env}
+                pid = spawn_relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
+            else:
+                pid = self.spawner.spawn(svc, stdin, stdout, err_fd, env)
         except OSError as exc:
             state.failed_spawns += 1
             if pipe is not None:

@@ -20,6 +20,8 @@ import os
 import pwd
 import resource
 import signal
+import socket
+import ssl
 import sys
 from collections.abc import Mapping
 
@@ -149,6 +151,98 @@ class Spawner:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         return pid
+
+
+def spawn_relay(
+    service: Service,
+    conn: int,
+    stderr: int,
+    env: Environ,
+    ctx: ssl.SSLContext | None,
+    peer: str,
+) -> int:
+    """Fork a relay process for a TLS or redirect service; returns its pid.
+
+    The relay does the TLS handshake (with its deadline) and then starts the service on a
+    pair of pipes, or connects to the redirect target, and relays bytes until both sides are
+    done. It runs in its own process group with the service, so a timeout's killpg reaches
+    both; the parent's loop never blocks on a handshake or a connect.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    old_mask = signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                code = _relay_child(service, conn, stderr, env, ctx, peer)
+            except BaseException as exc:
+                with contextlib.suppress(OSError):
+                    os.write(2, f"relay for {peer}: {exc!r}\n".encode(errors="replace"))
+            finally:
+                os._exit(code)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    return pid
+
+
+def _relay_child(
+    service: Service, conn: int, stderr: int, env: Environ, ctx: ssl.SSLContext | None, peer: str
+) -> int:  # pragma: no cover - runs in the forked relay process
+    from pyinetd import relay, tlsconf  # only relay processes need them
+
+    signal.set_wakeup_fd(-1)
+    os.setpgid(0, 0)
+    os.dup2(stderr, 2)
+    # Everything else the parent had open (listeners, other clients, its loop) is closed
+    # here: a relay must not keep a closed port or another client's connection alive.
+    keep = {0, 1, 2, conn}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    sock = socket.socket(fileno=conn)
+    sock.setblocking(True)
+    client: socket.socket = sock
+    if ctx is not None and service.tls is not None:
+        try:
+            client = tlsconf.handshake(ctx, sock, service.tls.handshake_timeout)
+        except (OSError, ValueError) as exc:
+            os.write(2, f"TLS handshake with {peer} failed: {exc}\n".encode(errors="replace"))
+            return 1
+        env = {**env, **{k.encode(): v.encode() for k, v in tlsconf.tls_environ(client).items()}}
+    if service.redirect is not None:
+        host, port = service.redirect
+        try:
+            target = socket.create_connection((host, port), timeout=10)
+        except OSError as exc:
+            os.write(2, f"redirect {peer} -> {host}:{port}: {exc}\n".encode(errors="replace"))
+            client.close()
+            return 1
+        relay.relay(client, target, idle_timeout=service.timeout)
+        return 0
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    argv = service.argv
+    pid = os.posix_spawn(
+        argv[0],
+        argv,
+        env,
+        file_actions=[(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1)],
+        setsigmask=(),
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+    )
+    os.close(in_r)
+    os.close(out_w)
+    relay.relay(client, in_w, out_r)
+    _, status = os.waitpid(pid, 0)
+    return max(0, os.waitstatus_to_exitcode(status)) if os.WIFEXITED(status) else 1
 
 
 def _child_exec(

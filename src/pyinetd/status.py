@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pyinetd.server import Server
 
-REASONS = ("deny", "limit", "max_children", "per_source", "rate")
+REASONS = ("deny", "limit", "max_children", "per_source", "rate", "proxy", "proxy_from")
 
 
 def snapshot(server: Server) -> dict[str, Any]:
