@@ -19,7 +19,7 @@ import shlex
 import shutil
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -783,3 +783,92 @@ def _check_duplicates(services: list[Service], label: str, errors: list[str]) ->
                     break
             seen[(kind, addr.port, addr.host or addr.path)] = (svc.name, addr)
 
+
+# ---------------------------------------------------------------- back to the input vocabulary
+
+
+def _number(value: float) -> int | float:
+    """30.0 -> 30 (as people write it); other floats exactly as they are."""
+    return int(value) if float(value).is_integer() and abs(value) < 2**53 else value
+
+
+def _banner_out(_name: str, value: bytes) -> dict[str, Any]:
+    try:
+        return {"banner_text": value.decode("utf-8")}
+    except UnicodeDecodeError:
+        # banner_text is encoded as UTF-8 on the way in; other bytes have no text form.
+        raise ValueError("banner: the file is not UTF-8 text and cannot be shown inline") from None
+
+
+def _rate_out(_name: str, value: tuple[float, int]) -> dict[str, Any]:
+    per_second, burst = value
+    out: dict[str, Any] = {"rate": _number(per_second)}
+    if burst != max(1, int(per_second)):  # parse_rate's default burst
+        out["burst"] = burst
+    return out
+
+
+def _access_out(_name: str, value: AccessList) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if value.allow:
+        out["allow"] = [str(n) for n in value.allow]
+    if value.deny:
+        out["deny"] = [str(n) for n in value.deny]
+    return out
+
+
+_RLIMIT_NAMES = {number: name for name, number in RLIMITS.items()}
+
+# Service fields whose input form differs from the stored one; the others are written as they are.
+_SERVICE_OUT: dict[str, Callable[[str, Any], dict[str, Any]]] = {
+    "listen": lambda k, v: {k: str(v[0]) if len(v) == 1 else [str(a) for a in v]},
+    "exec": lambda k, v: {k: list(v)},
+    "rate": _rate_out,
+    "rate_pause": lambda k, v: {k: _number(v)},
+    "timeout": lambda k, v: {k: _number(v)},
+    "access": _access_out,
+    "user": lambda k, v: {k: v[0]},
+    "env": lambda k, v: {k: dict(v)},
+    "umask": lambda k, v: {k: f"{v:03o}"},
+    "rlimits": lambda k, v: {
+        k: {_RLIMIT_NAMES[res]: "unlimited" if n == resource.RLIM_INFINITY else n for res, n in v}
+    },
+    "banner": _banner_out,
+}
+
+
+def _plain(name: str, value: Any) -> Any:
+    """A stored value that is its own input form (text, number, true/false, a list of them)."""
+    if isinstance(value, str | int | float | bool):
+        return _number(value) if isinstance(value, float) else value
+    if isinstance(value, tuple) and all(isinstance(v, str | int | float | bool) for v in value):
+        return list(value)
+    raise TypeError(f"to_dict: no input form for {name}={value!r}; add it to _SERVICE_OUT")
+
+
+def _service_to_dict(svc: Service) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(Service):
+        if f.name in ("name", "source"):
+            continue
+        value = getattr(svc, f.name)
+        if value == f.default:
+            continue
+        convert = _SERVICE_OUT.get(f.name)
+        out.update(convert(f.name, value) if convert else {f.name: _plain(f.name, value)})
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved configuration in the input vocabulary: defaults applied to each service,
+    paths absolute, includes merged, keys at their default left out. It loads to an equal Config
+    (apart from ``path`` and each service's ``source``)."""
+    out: dict[str, Any] = {}
+    for f in fields(Config):
+        if f.name in ("path", "services", "raw", "include"):  # includes are merged below
+            continue
+        value = getattr(cfg, f.name)
+        if value != f.default:
+            out[f.name] = _plain(f.name, value)
+    out["services"] = {svc.name: _service_to_dict(svc) for svc in cfg.services}
+    return out
