@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -56,6 +57,21 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
             return True
     except OSError:
         return False
+
+
+def tcp_listening(port: int) -> bool:
+    """True when some socket on this host listens on TCP ``port`` (from /proc/net/tcp*)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
 
 
 def pid_gone(pid: int) -> bool:
@@ -180,8 +196,11 @@ def inetd(tmp_path: Path) -> Iterator[Callable[..., Pyinetd]]:
     started: list[Pyinetd] = []
 
     def start(config: dict[str, object] | str, *args: str, **kw: object) -> Pyinetd:
-        p = Pyinetd(config, tmp_path, tuple(args), **kw)  # type: ignore[arg-type]
-        started.append(p)
+        wait_ready = bool(kw.pop("wait_ready", True))
+        p = Pyinetd(config, tmp_path, tuple(args), wait_ready=False, **kw)  # type: ignore[arg-type]
+        started.append(p)  # recorded before waiting: a failed start is still cleaned up
+        if wait_ready:
+            p.wait_log(r"listening: ")
         return p
 
     yield start
@@ -189,10 +208,8 @@ def inetd(tmp_path: Path) -> Iterator[Callable[..., Pyinetd]]:
         kids = [pid for pid, _ in children_of(p.pid)]
         p.stop()
         for kid in kids:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(kid, signal.SIGKILL)  # services run in their own process group
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 def script(tmp: Path, name: str, body: str) -> str:

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import DEADLINE, Pyinetd, free_port, pid_gone, script, tcp_talk
 
-from conftest import DEADLINE, Pyinetd, free_port, pid_gone, script, tcp_talk, wait_for
 from pyinetd.listeners import has_ipv6
 
 Start = Callable[..., Pyinetd]
@@ -61,8 +61,13 @@ def started(p: Pyinetd, service: str, n: int) -> list[int]:
 
 def test_max_connections_queue_holds_the_next_client_in_the_backlog(inetd: Start) -> None:
     port = free_port()
-    p = inetd({"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat",
-                                    "max_connections": 2}}})
+    p = inetd(
+        {
+            "services": {
+                "cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat", "max_connections": 2}
+            }
+        }
+    )
     a, b = hold(port), hold(port)
     started(p, "cat", 2)
     c = hold(port)  # connects (kernel backlog) but no child starts for it
@@ -82,9 +87,19 @@ def test_max_connections_reject_sends_busy_message_and_admits_after_a_slot_frees
     inetd: Start,
 ) -> None:
     port = free_port()
-    p = inetd({"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat",
-                                    "max_connections": 1, "on_limit": "reject",
-                                    "busy_message": "busy, try later"}}})
+    p = inetd(
+        {
+            "services": {
+                "cat": {
+                    "listen": f"127.0.0.1:{port}",
+                    "exec": "/bin/cat",
+                    "max_connections": 1,
+                    "on_limit": "reject",
+                    "busy_message": "busy, try later",
+                }
+            }
+        }
+    )
     a = hold(port)
     (pid,) = started(p, "cat", 1)
     assert reply(port) == b"busy, try later\r\n"
@@ -96,10 +111,15 @@ def test_max_connections_reject_sends_busy_message_and_admits_after_a_slot_frees
 
 def test_global_max_children(inetd: Start) -> None:
     p1, p2 = free_port(), free_port()
-    p = inetd({"max_children": 1, "services": {
-        "a": {"listen": f"127.0.0.1:{p1}", "exec": "/bin/cat"},
-        "b": {"listen": f"127.0.0.1:{p2}", "exec": "/bin/cat"},
-    }})
+    p = inetd(
+        {
+            "max_children": 1,
+            "services": {
+                "a": {"listen": f"127.0.0.1:{p1}", "exec": "/bin/cat"},
+                "b": {"listen": f"127.0.0.1:{p2}", "exec": "/bin/cat"},
+            },
+        }
+    )
     a = hold(p1)
     started(p, "a", 1)
     b = hold(p2)
@@ -115,8 +135,18 @@ def test_global_max_children(inetd: Start) -> None:
 
 def test_per_source_refuses_only_that_address(inetd: Start) -> None:
     port = free_port()
-    p = inetd({"services": {"cat": {"listen": f"0.0.0.0:{port}", "exec": "/bin/cat",
-                                    "per_source": 2, "busy_message": "too many"}}})
+    p = inetd(
+        {
+            "services": {
+                "cat": {
+                    "listen": f"0.0.0.0:{port}",
+                    "exec": "/bin/cat",
+                    "per_source": 2,
+                    "busy_message": "too many",
+                }
+            }
+        }
+    )
     held = [hold(port, src="127.0.0.2"), hold(port, src="127.0.0.2")]
     first, _ = started(p, "cat", 2)
     assert reply(port, src="127.0.0.2") == b"too many\r\n"
@@ -135,8 +165,19 @@ def test_crashed_and_timed_out_children_free_their_slots(inetd: Start, tmp_path:
     """systemd's MaxConnectionsPerSource kept counting failed connections; we must not."""
     port = free_port()
     crash = script(tmp_path, "crash.sh", "#!/bin/sh\nread x\nkill -SEGV $$\n")
-    p = inetd({"services": {"c": {"listen": f"127.0.0.1:{port}", "exec": crash,
-                                  "per_source": 1, "max_connections": 1, "on_limit": "reject"}}})
+    p = inetd(
+        {
+            "services": {
+                "c": {
+                    "listen": f"127.0.0.1:{port}",
+                    "exec": crash,
+                    "per_source": 1,
+                    "max_connections": 1,
+                    "on_limit": "reject",
+                }
+            }
+        }
+    )
     for i in range(1, 6):
         assert refused(port, b"go\n") == b""
         # The slot is free once the child is reaped; then the next one is admitted.
@@ -146,8 +187,13 @@ def test_crashed_and_timed_out_children_free_their_slots(inetd: Start, tmp_path:
 
 def test_rate_pauses_then_resumes_by_itself_and_never_closes_the_port(inetd: Start) -> None:
     port = free_port()
-    p = inetd({"services": {"e": {"listen": f"127.0.0.1:{port}", "rate": "5/s", "burst": 3,
-                                  "rate_pause": 1}}})
+    p = inetd(
+        {
+            "services": {
+                "e": {"listen": f"127.0.0.1:{port}", "rate": "5/s", "burst": 3, "rate_pause": 1}
+            }
+        }
+    )
     for i in range(3):
         assert tcp_talk(port, b"%d" % i) == b"%d" % i
     assert refused(port) == b""  # over the rate: closed
@@ -166,12 +212,24 @@ def test_rate_pauses_then_resumes_by_itself_and_never_closes_the_port(inetd: Sta
 def test_counts_survive_a_rate_pause(inetd: Start) -> None:
     """xinetd reset its instance count on resume; instances must keep holding."""
     port = free_port()
-    p = inetd({"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat",
-                                    "max_connections": 2, "on_limit": "reject",
-                                    "busy_message": "busy",
-                                    "rate": "30/min", "burst": 2, "rate_pause": 2}}})
+    p = inetd(
+        {
+            "services": {
+                "cat": {
+                    "listen": f"127.0.0.1:{port}",
+                    "exec": "/bin/cat",
+                    "max_connections": 2,
+                    "on_limit": "reject",
+                    "busy_message": "busy",
+                    "rate": "30/min",
+                    "burst": 2,
+                    "rate_pause": 2,
+                }
+            }
+        }
+    )
     a = hold(port)  # token 1, instance 1
-    (first,) = started(p, "cat", 1)
+    started(p, "cat", 1)
     assert tcp_talk(port, b"b") == b"b"  # token 2
     p.wait_log(r"cat: pid \d+ ended")
     assert refused(port) == b""  # no token left: the listener pauses
@@ -187,8 +245,18 @@ def test_counts_survive_a_rate_pause(inetd: Start) -> None:
 
 def test_allow_deny_most_specific_wins_v4(inetd: Start) -> None:
     port = free_port()
-    p = inetd({"services": {"e": {"listen": f"0.0.0.0:{port}", "allow": ["127.0.0.0/8"],
-                                  "deny": ["127.0.0.2"], "deny_message": "go away"}}})
+    p = inetd(
+        {
+            "services": {
+                "e": {
+                    "listen": f"0.0.0.0:{port}",
+                    "allow": ["127.0.0.0/8"],
+                    "deny": ["127.0.0.2"],
+                    "deny_message": "go away",
+                }
+            }
+        }
+    )
     assert tcp_talk(port, b"ok") == b"ok"
     assert reply(port, src="127.0.0.2") == b"go away\r\n"
     p.wait_log(r"e: refused 127\.0\.0\.2:\d+: deny")
@@ -216,12 +284,18 @@ def test_denied_address_is_logged_once_per_minute(inetd: Start) -> None:
 
 def test_timeout_terms_then_kills_a_hung_service(inetd: Start, tmp_path: Path) -> None:
     port = free_port()
-    stubborn = script(tmp_path, "stubborn.sh", "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 1; done\n")
+    stubborn = script(
+        tmp_path, "stubborn.sh", "#!/bin/sh\ntrap '' TERM\nwhile :; do sleep 1; done\n"
+    )
     polite = free_port()
-    p = inetd({"services": {
-        "hang": {"listen": f"127.0.0.1:{port}", "exec": stubborn, "timeout": "0.5s"},
-        "cat": {"listen": f"127.0.0.1:{polite}", "exec": "/bin/cat", "timeout": 0.3},
-    }})
+    p = inetd(
+        {
+            "services": {
+                "hang": {"listen": f"127.0.0.1:{port}", "exec": stubborn, "timeout": "0.5s"},
+                "cat": {"listen": f"127.0.0.1:{polite}", "exec": "/bin/cat", "timeout": 0.3},
+            }
+        }
+    )
     s = hold(polite)
     (cat_pid,) = started(p, "cat", 1)
     p.wait_log(rf"cat: pid {cat_pid} ended \(signal SIGTERM\)")
@@ -238,26 +312,45 @@ def test_timeout_terms_then_kills_a_hung_service(inetd: Start, tmp_path: Path) -
 def test_banner_arrives_before_service_output(inetd: Start, tmp_path: Path) -> None:
     port, port2 = free_port(), free_port()
     (tmp_path / "banner.txt").write_text("Authorized use only\n")
-    inetd({"services": {
-        "a": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat", "banner": "banner.txt"},
-        "b": {"listen": f"127.0.0.1:{port2}", "builtin": "echo", "banner_text": "hi\n"},
-    }})
+    inetd(
+        {
+            "services": {
+                "a": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat", "banner": "banner.txt"},
+                "b": {"listen": f"127.0.0.1:{port2}", "builtin": "echo", "banner_text": "hi\n"},
+            }
+        }
+    )
     assert tcp_talk(port, b"data") == b"Authorized use only\ndata"
     assert tcp_talk(port2, b"x") == b"hi\nx"
 
 
 def test_env_env_clear_cwd_umask_nice(inetd: Start, tmp_path: Path) -> None:
     port, port2 = free_port(), free_port()
-    show = script(tmp_path, "show.sh",
-                  "#!/bin/sh\necho \"$GREETING|$HOME|$PYINETD_SERVICE|$REMOTE_ADDR\"\npwd\numask\n"
-                  "cut -d' ' -f19 /proc/self/stat\nenv | wc -l\n")
+    show = script(
+        tmp_path,
+        "show.sh",
+        '#!/bin/sh\necho "$GREETING|$HOME|$PYINETD_SERVICE|$REMOTE_ADDR"\npwd\numask\n'
+        "cut -d' ' -f19 /proc/self/stat\nenv | wc -l\n",
+    )
     work = tmp_path / "work"
     work.mkdir()
-    inetd({"services": {
-        "a": {"listen": f"127.0.0.1:{port}", "exec": show, "env": {"GREETING": "hello"},
-              "env_clear": True, "cwd": "work", "umask": "027", "nice": 7},
-        "b": {"listen": f"127.0.0.1:{port2}", "exec": show},
-    }}, env={"HOME": "/somewhere"})
+    inetd(
+        {
+            "services": {
+                "a": {
+                    "listen": f"127.0.0.1:{port}",
+                    "exec": show,
+                    "env": {"GREETING": "hello"},
+                    "env_clear": True,
+                    "cwd": "work",
+                    "umask": "027",
+                    "nice": 7,
+                },
+                "b": {"listen": f"127.0.0.1:{port2}", "exec": show},
+            }
+        },
+        env={"HOME": "/somewhere"},
+    )
     first, cwd, umask, nice, count = tcp_talk(port).decode().split("\n")[:5]
     assert first == "hello||a|127.0.0.1"  # env_clear: HOME is gone, connection vars stay
     assert cwd == str(work) and umask == "0027" and nice == "7"
@@ -268,18 +361,31 @@ def test_env_env_clear_cwd_umask_nice(inetd: Start, tmp_path: Path) -> None:
 def test_rlimits_visible_inside_the_service(inetd: Start, tmp_path: Path) -> None:
     port = free_port()
     show = script(tmp_path, "limits.sh", "#!/bin/sh\nulimit -n\nulimit -c\n")
-    inetd({"services": {"l": {"listen": f"127.0.0.1:{port}", "exec": show,
-                              "rlimits": {"nofile": 64, "core": 0}}}})
+    inetd(
+        {
+            "services": {
+                "l": {
+                    "listen": f"127.0.0.1:{port}",
+                    "exec": show,
+                    "rlimits": {"nofile": 64, "core": 0},
+                }
+            }
+        }
+    )
     assert tcp_talk(port).split() == [b"64", b"0"]
 
 
 def test_stderr_to_file_and_null(inetd: Start, tmp_path: Path) -> None:
     port, port2 = free_port(), free_port()
     noisy = script(tmp_path, "noisy.sh", "#!/bin/sh\necho out\necho err >&2\n")
-    p = inetd({"services": {
-        "f": {"listen": f"127.0.0.1:{port}", "exec": noisy, "stderr": "errors.log"},
-        "n": {"listen": f"127.0.0.1:{port2}", "exec": noisy, "stderr": "null"},
-    }})
+    p = inetd(
+        {
+            "services": {
+                "f": {"listen": f"127.0.0.1:{port}", "exec": noisy, "stderr": "errors.log"},
+                "n": {"listen": f"127.0.0.1:{port2}", "exec": noisy, "stderr": "null"},
+            }
+        }
+    )
     assert tcp_talk(port) == b"out\n" and tcp_talk(port2) == b"out\n"
     p.wait_log(r"n: pid \d+ ended")
     p.wait_log(r"f: pid \d+ ended")
@@ -291,13 +397,24 @@ def test_stderr_to_file_and_null(inetd: Start, tmp_path: Path) -> None:
 def test_user_nobody_really_runs_as_nobody(inetd: Start, tmp_path: Path) -> None:
     port = free_port()
     # Inline, not a script file: pytest's tmp folders are private to root.
-    show = ["/bin/sh", "-c", "id -u; id -g; cat /etc/shadow >/dev/null 2>&1 "
-            "&& echo can-read-shadow || echo denied"]
-    inetd({"services": {"n": {"listen": f"127.0.0.1:{port}", "exec": show, "user": "nobody",
-                              "cwd": "/"}}})
+    show = [
+        "/bin/sh",
+        "-c",
+        "id -u; id -g; cat /etc/shadow >/dev/null 2>&1 && echo can-read-shadow || echo denied",
+    ]
+    inetd(
+        {
+            "services": {
+                "n": {"listen": f"127.0.0.1:{port}", "exec": show, "user": "nobody", "cwd": "/"}
+            }
+        }
+    )
     nobody = pwd.getpwnam("nobody")
-    assert tcp_talk(port).split() == [str(nobody.pw_uid).encode(), str(nobody.pw_gid).encode(),
-                                      b"denied"]
+    assert tcp_talk(port).split() == [
+        str(nobody.pw_uid).encode(),
+        str(nobody.pw_gid).encode(),
+        b"denied",
+    ]
 
 
 def test_user_switch_refused_at_load_time_when_not_root(tmp_path: Path) -> None:

@@ -17,15 +17,24 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import DEADLINE, Pyinetd, free_port, pid_gone, port_open, tcp_talk, wait_for
+from conftest import (
+    DEADLINE,
+    Pyinetd,
+    free_port,
+    pid_gone,
+    port_open,
+    tcp_listening,
+    tcp_talk,
+    wait_for,
+)
 
 Start = Callable[..., Pyinetd]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pyinetd", *args], capture_output=True,
-                          text=True, timeout=DEADLINE)
+    return subprocess.run(
+        [sys.executable, "-m", "pyinetd", *args], capture_output=True, text=True, timeout=DEADLINE
+    )
 
 
 def rewrite(p: Pyinetd, config: dict[str, object]) -> None:
@@ -60,8 +69,9 @@ class Hammer:
 
 def test_reload_under_load_drops_nothing(inetd: Start) -> None:
     port, other = free_port(), free_port()
-    cfg: dict[str, object] = {"services": {"cat": {"listen": f"127.0.0.1:{port}",
-                                                   "exec": "/bin/cat"}}}
+    cfg: dict[str, object] = {
+        "services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}
+    }
     p = inetd(cfg, "--log-level", "warning", wait_ready=False)
     wait_for(lambda: port_open(port), what="listening")
     hammer = Hammer(port)
@@ -85,8 +95,10 @@ def test_bad_reload_keeps_the_old_config_serving(inetd: Start) -> None:
     p = inetd({"services": {"e": {"listen": f"127.0.0.1:{port}"}}})
     p.path.write_text("services:\n  e: {listen: '127.0.0.1:70000'}\n")
     p.signal(signal.SIGHUP)
-    p.wait_log(r"reload failed, keeping the running configuration: .*inetd\.yaml: "
-               r"services\.e\.listen: '127\.0\.0\.1:70000': port must be 1-65535")
+    p.wait_log(
+        r"reload failed, keeping the running configuration: .*inetd\.yaml: "
+        r"services\.e\.listen: '127\.0\.0\.1:70000': port must be 1-65535"
+    )
     assert tcp_talk(port, b"still") == b"still"
     # The same through `pyinetd reload`: errors printed, non-zero exit.
     out = cli("reload", "-c", str(p.path))
@@ -101,8 +113,15 @@ def test_reload_with_a_port_taken_keeps_everything(inetd: Start) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        rewrite(p, {"services": {"e": {"listen": f"127.0.0.1:{port}"},
-                                 "new": {"listen": f"127.0.0.1:{taken}"}}})
+        rewrite(
+            p,
+            {
+                "services": {
+                    "e": {"listen": f"127.0.0.1:{port}"},
+                    "new": {"listen": f"127.0.0.1:{taken}"},
+                }
+            },
+        )
         p.signal(signal.SIGHUP)
         p.wait_log(r"reload failed.*Address already in use")
     assert tcp_talk(port, b"ok") == b"ok"
@@ -129,8 +148,12 @@ def test_reload_adds_removes_and_changes_services(inetd: Start, tmp_path: Path) 
 
 def test_reload_kills_removed_when_asked(inetd: Start) -> None:
     a = free_port()
-    p = inetd({"reload_kills_removed": True,
-               "services": {"a": {"listen": f"127.0.0.1:{a}", "exec": "/bin/cat"}}})
+    p = inetd(
+        {
+            "reload_kills_removed": True,
+            "services": {"a": {"listen": f"127.0.0.1:{a}", "exec": "/bin/cat"}},
+        }
+    )
     held = socket.create_connection(("127.0.0.1", a), timeout=DEADLINE)
     (line,) = p.wait_log(r"a: \S+ -> pid \d+")
     pid = int(line.rsplit(" ", 1)[1])
@@ -146,21 +169,27 @@ def test_include_merges_drop_ins_and_names_both_files_on_a_clash(
     a, b = free_port(), free_port()
     (tmp_path / "conf.d").mkdir()
     (tmp_path / "conf.d" / "b.yaml").write_text(
-        yaml.safe_dump({"services": {"b": {"listen": f"127.0.0.1:{b}"}}}))
+        yaml.safe_dump({"services": {"b": {"listen": f"127.0.0.1:{b}"}}})
+    )
     p = inetd({"include": "conf.d/*.yaml", "services": {"a": {"listen": f"127.0.0.1:{a}"}}})
     assert tcp_talk(b, b"from drop-in") == b"from drop-in"
     (tmp_path / "conf.d" / "c.yaml").write_text(
-        yaml.safe_dump({"services": {"a": {"listen": f"127.0.0.1:{free_port()}"}}}))
+        yaml.safe_dump({"services": {"a": {"listen": f"127.0.0.1:{free_port()}"}}})
+    )
     out = cli("-c", str(p.path), "--check")
     assert out.returncode == 2
-    assert out.stderr == (f"{tmp_path}/conf.d/c.yaml: services.a: already defined in "
-                          f"{p.path}\n")
+    assert out.stderr == (f"{tmp_path}/conf.d/c.yaml: services.a: already defined in {p.path}\n")
 
 
 def test_control_status_json_and_table(inetd: Start) -> None:
     port = free_port()
-    p = inetd({"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat",
-                                    "deny": ["127.0.0.2"]}}})
+    p = inetd(
+        {
+            "services": {
+                "cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat", "deny": ["127.0.0.2"]}
+            }
+        }
+    )
     held = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
     p.wait_log(r"cat: \S+ -> pid")
     with socket.socket() as s:
@@ -176,8 +205,9 @@ def test_control_status_json_and_table(inetd: Start) -> None:
     assert svc["accepted"] == 1 and svc["refused"] == {"deny": 1}
     assert svc["children"][0]["peer"].startswith("127.0.0.1:")
     table = cli("status", "-c", str(p.path)).stdout
-    assert re.search(r"^cat\s+tcp/127\.0\.0\.1:\d+\s+listening\s+1\s+1\s+deny=1\s+0$", table,
-                     re.M), table
+    assert re.search(
+        r"^cat\s+tcp/127\.0\.0\.1:\d+\s+listening\s+1\s+1\s+deny=1\s+0$", table, re.M
+    ), table
     held.close()
 
 
@@ -196,13 +226,18 @@ def test_control_socket_is_private(inetd: Start, tmp_path: Path) -> None:
 
 def test_drain_waits_for_children_then_exits_0(inetd: Start) -> None:
     port = free_port()
-    p = inetd({"shutdown": "drain", "drain_timeout": 30,
-               "services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}})
+    p = inetd(
+        {
+            "shutdown": "drain",
+            "drain_timeout": 30,
+            "services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}},
+        }
+    )
     held = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
     p.wait_log(r"cat: \S+ -> pid")
     p.signal(signal.SIGTERM)
     p.wait_log(r"SIGTERM: draining 1 connections")
-    assert not port_open(port)  # no new connections while draining
+    assert not tcp_listening(port)  # no new connections while draining
     assert p.proc.poll() is None
     held.sendall(b"served while draining")
     assert held.recv(100) == b"served while draining"
@@ -212,8 +247,13 @@ def test_drain_waits_for_children_then_exits_0(inetd: Start) -> None:
 
 def test_drain_timeout_terminates_children(inetd: Start) -> None:
     port = free_port()
-    p = inetd({"shutdown": "drain", "drain_timeout": 0.3,
-               "services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}})
+    p = inetd(
+        {
+            "shutdown": "drain",
+            "drain_timeout": 0.3,
+            "services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}},
+        }
+    )
     held = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
     (line,) = p.wait_log(r"cat: \S+ -> pid \d+")
     pid = int(line.rsplit(" ", 1)[1])
@@ -226,8 +266,13 @@ def test_drain_timeout_terminates_children(inetd: Start) -> None:
 
 def test_second_sigterm_during_drain_stops_at_once(inetd: Start) -> None:
     port = free_port()
-    p = inetd({"shutdown": "drain", "drain_timeout": 600,
-               "services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}})
+    p = inetd(
+        {
+            "shutdown": "drain",
+            "drain_timeout": 600,
+            "services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}},
+        }
+    )
     held = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
     p.wait_log(r"cat: \S+ -> pid")
     p.signal(signal.SIGTERM)
@@ -252,8 +297,12 @@ def test_sigusr1_dumps_status_to_the_log(inetd: Start) -> None:
 
 def test_metrics_scraped_over_http_reflect_traffic(inetd: Start) -> None:
     port, mport = free_port(), free_port()
-    p = inetd({"metrics": f"127.0.0.1:{mport}",
-               "services": {"e": {"listen": f"127.0.0.1:{port}", "deny": ["127.0.0.2"]}}})
+    p = inetd(
+        {
+            "metrics": f"127.0.0.1:{mport}",
+            "services": {"e": {"listen": f"127.0.0.1:{port}", "deny": ["127.0.0.2"]}},
+        }
+    )
     for _ in range(3):
         assert tcp_talk(port, b"x") == b"x"
     with socket.socket() as s:
@@ -272,8 +321,12 @@ def test_metrics_scraped_over_http_reflect_traffic(inetd: Start) -> None:
     assert samples['pyinetd_connections_accepted_total{service="e"}'] == 3
     assert samples['pyinetd_connections_refused_total{service="e",reason="deny"}'] == 1
     if shutil.which("curl"):
-        out = subprocess.run(["curl", "-sf", f"http://127.0.0.1:{mport}/metrics"],
-                             capture_output=True, text=True, timeout=DEADLINE)
+        out = subprocess.run(
+            ["curl", "-sf", f"http://127.0.0.1:{mport}/metrics"],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
         assert "# TYPE pyinetd_connections_accepted_total counter" in out.stdout
 
 
@@ -290,8 +343,10 @@ def test_sd_notify_messages_on_a_real_datagram_socket(inetd: Start, tmp_path: Pa
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
         ns.bind(str(path))
         ns.settimeout(DEADLINE)
-        p = inetd({"services": {"e": {"listen": f"127.0.0.1:{free_port()}"}}},
-                  env={"NOTIFY_SOCKET": str(path)})
+        p = inetd(
+            {"services": {"e": {"listen": f"127.0.0.1:{free_port()}"}}},
+            env={"NOTIFY_SOCKET": str(path)},
+        )
         first = ns.recv(4096).decode().split("\n")
         assert first[0] == "READY=1" and first[1].startswith("STATUS=1 services")
         p.signal(signal.SIGHUP)
@@ -303,20 +358,40 @@ def test_sd_notify_messages_on_a_real_datagram_socket(inetd: Start, tmp_path: Pa
         assert p.proc.wait(DEADLINE) == 0
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
-                    reason="systemd-socket-activate not installed (Debian package systemd)")
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None,
+    reason="systemd-socket-activate not installed (Debian package systemd)",
+)
 def test_socket_activation_with_systemd_socket_activate(tmp_path: Path) -> None:
     port, other = free_port(), free_port()
     cfg = tmp_path / "inetd.yaml"
-    cfg.write_text(yaml.safe_dump({"services": {
-        "act": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/sh", "-c",
-                                                       "echo \"$LISTEN_FDS|\"; cat"]},
-        "own": {"listen": f"127.0.0.1:{other}"},
-    }}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "services": {
+                    "act": {
+                        "listen": f"127.0.0.1:{port}",
+                        "exec": ["/bin/sh", "-c", 'echo "$LISTEN_FDS|"; cat'],
+                    },
+                    "own": {"listen": f"127.0.0.1:{other}"},
+                }
+            }
+        )
+    )
     proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", sys.executable, "-m", "pyinetd",
-         "-c", str(cfg)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            "systemd-socket-activate",
+            "-l",
+            f"127.0.0.1:{port}",
+            sys.executable,
+            "-m",
+            "pyinetd",
+            "-c",
+            str(cfg),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         start_new_session=True,
     )
     try:

@@ -130,7 +130,7 @@ def test_validate_nested_keys_and_list_items() -> None:
         "inetd.yaml: services.t.rlimits: nofile: 'lots': expected a whole size such as 100, "
         "'64k', '512M', '1G' or 'unlimited'",
         "inetd.yaml: services.t.rlimits: fsz: unknown key (did you mean 'fsize'?)",
-        "inetd.yaml: services.t.tls: min_version: '1.1': expected one of '1.2', '1.3'",
+        "inetd.yaml: services.t.tls: min_version: '1.1': expected '1.2' or '1.3'",
         "inetd.yaml: services.t.tls: key: missing",
     ]
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from conftest import (
     DEADLINE,
     Pyinetd,
@@ -25,6 +24,7 @@ from conftest import (
     tcp_talk,
     wait_for,
 )
+
 from pyinetd.builtins import CHARGEN_BLOCK, RFC868_OFFSET
 from pyinetd.listeners import has_ipv6
 
@@ -61,7 +61,12 @@ def test_builtin_discard_chargen_daytime_time(inetd: Start) -> None:
     ports = [free_port() for _ in range(4)]
     names = ["discard", "chargen", "daytime", "time"]
     inetd(
-        {"services": {n: {"listen": f"127.0.0.1:{p}", "builtin": n} for n, p in zip(names, ports)}}
+        {
+            "services": {
+                n: {"listen": f"127.0.0.1:{p}", "builtin": n}
+                for n, p in zip(names, ports, strict=True)
+            }
+        }
     )
     assert tcp_talk(ports[0], b"x" * 100_000) == b""
     with socket.create_connection(("127.0.0.1", ports[1]), timeout=DEADLINE) as s:

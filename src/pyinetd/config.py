@@ -17,6 +17,7 @@ import pwd
 import resource
 import shlex
 import shutil
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -36,6 +37,9 @@ class ConfigError(Exception):
     """One or more configuration errors, each a full 'file: key: message' line."""
 
     def __init__(self, errors: list[str]) -> None:
+        # One error, one line: a control character in a name or value must not split it.
+        errors = [e.encode("unicode_escape").decode("ascii") if not e.isprintable() else e
+                  for e in errors]
         super().__init__("\n".join(errors))
         self.errors = errors
 
@@ -287,7 +291,7 @@ def _parse_addr_list(value: Any, _base: Path) -> tuple[str, ...]:
 def _parse_user(value: Any, _base: Path) -> tuple[str, int, int]:
     try:
         pw = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
-    except (KeyError, OverflowError):
+    except (KeyError, OverflowError, ValueError):
         raise _KeyError(f"{value!r}: no such user") from None
     if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
         raise _KeyError(
@@ -303,7 +307,7 @@ def _parse_group(value: Any, _base: Path) -> int:
             if isinstance(value, int)
             else grp.getgrnam(str(value)).gr_gid
         )
-    except (KeyError, OverflowError):
+    except (KeyError, OverflowError, ValueError):
         raise _KeyError(f"{value!r}: no such group") from None
     if os.geteuid() != 0 and gid not in (os.getegid(), *os.getgroups()):
         raise _KeyError(f"{value!r}: pyinetd is not root and cannot switch to that group")
@@ -387,9 +391,17 @@ def _parse_banner_file(value: Any, base: Path) -> bytes:
         raise _KeyError(f"{value!r}: expected a file path")
     path = Path(value) if os.path.isabs(value) else base / value
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise _KeyError(f"{value}: {exc.strerror}") from None
+        # Non-blocking and a regular file only: a FIFO or /dev/zero must not hang --check.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            data = os.read(fd, 65537) if regular else b""
+        finally:
+            os.close(fd)
+    except (OSError, ValueError) as exc:
+        raise _KeyError(f"{value}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not regular:
+        raise _KeyError(f"{value}: not a regular file")
     if len(data) > 65536:
         raise _KeyError(f"{value}: larger than 64 KiB")
     return data
@@ -469,6 +481,7 @@ def load_document(path: Path) -> Any:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{path}: {exc.strerror or exc}"]) from None
+    _check_strict_modes(path)
     try:
         if path.suffix == ".toml":
             return tomllib.loads(data.decode("utf-8"))
@@ -477,10 +490,24 @@ def load_document(path: Path) -> Any:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError([f"{path}: not valid YAML: {where}{exc.problem}"]) from None
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
         kind = "TOML" if path.suffix == ".toml" else "YAML"
         detail = " ".join(str(exc).split())
         raise ConfigError([f"{path}: not valid {kind}: {detail}"]) from None
+
+
+def _check_strict_modes(path: Path) -> None:
+    """As root, refuse a file others may write (sshd's StrictModes): it would run as root."""
+    if os.geteuid() != 0:
+        return
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & 0o022:
+        raise ConfigError(
+            [f"{path}: writable by other users; refusing to run as root (chmod go-w {path})"]
+        )
 
 
 def load(path: str | Path) -> Config:

@@ -270,6 +270,8 @@ class Server:
         self._control: control.RequestServer | None = None
         self._metrics: control.RequestServer | None = None
         self._pid_file: str | None = None
+        self._spare_pipe: tuple[int, int] | None = None  # a stderr pipe made before accept()
+        self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
@@ -277,7 +279,7 @@ class Server:
 
         Sockets handed over by systemd socket activation are adopted instead of bound.
         """
-        for sock, name in systemd.listen_fds():
+        for sock, _name in systemd.listen_fds():
             key = systemd.key_of(sock)
             if key is None:
                 sock.close()
@@ -285,8 +287,12 @@ class Server:
             self._activated[key] = sock
         self._apply(self.config, self._bind_new(self.config, {}))
         for key, sock in self._activated.items():
-            event(logging.WARNING, f"socket activation: no service listens on {key.protocol} "
-                  f"{key.address}; closing it", event="activation_unused")
+            event(
+                logging.WARNING,
+                f"socket activation: no service listens on {key.protocol} "
+                f"{key.address}; closing it",
+                event="activation_unused",
+            )
             sock.close()
         self._activated.clear()
 
@@ -300,8 +306,11 @@ class Server:
                 if sock is not None:
                     break
         if sock is not None:
-            event(logging.INFO, f"socket activation: adopted {key.protocol} {key.address}",
-                  event="activation")
+            event(
+                logging.INFO,
+                f"socket activation: adopted {key.protocol} {key.address}",
+                event="activation",
+            )
         return sock
 
     def _bind_new(
@@ -381,9 +390,13 @@ class Server:
         if lst.paused_until and time.monotonic() < lst.paused_until:
             return False
         svc = lst.state.service
-        if svc.max_connections and svc.on_limit == "queue" and not svc.wait:
-            if lst.state.running >= svc.max_connections:
-                return False  # clients wait in the backlog, like tcpserver -c
+        if (
+            svc.max_connections
+            and svc.on_limit == "queue"
+            and not svc.wait
+            and lst.state.running >= svc.max_connections
+        ):
+            return False  # clients wait in the backlog, like tcpserver -c
         return not (self._full and not svc.is_builtin and svc.on_limit == "queue")
 
     def _refresh(self, lst: Listener) -> None:
@@ -417,8 +430,12 @@ class Server:
         lst.resume_timer = None
         self._refresh(lst)
         if lst.registered:
-            event(logging.INFO, f"{lst.state.service.name}: {lst.key.address}: accepting again",
-                  event="resume", service=lst.state.service.name)
+            event(
+                logging.INFO,
+                f"{lst.state.service.name}: {lst.key.address}: accepting again",
+                event="resume",
+                service=lst.state.service.name,
+            )
 
     def _at_max_children(self) -> bool:
         limit = self.config.max_children
@@ -483,9 +500,12 @@ class Server:
         try:
             sock = control.bind_control(path)
         except OSError as exc:
-            event(logging.WARNING, f"control socket {path}: {exc.strerror or exc}; "
-                  "`pyinetd status/reload/stop` will not reach this instance",
-                  event="control_error")
+            event(
+                logging.WARNING,
+                f"control socket {path}: {exc.strerror or exc}; "
+                "`pyinetd status/reload/stop` will not reach this instance",
+                event="control_error",
+            )
         else:
             self._control = control.RequestServer(
                 sock, self.sel, self._on_control, b"\n", self.call_later
@@ -495,8 +515,9 @@ class Server:
             try:
                 msock = bind_listener("tcp", addr)
             except OSError as exc:
-                event(logging.WARNING, f"metrics {addr}: {exc.strerror or exc}",
-                      event="metrics_error")
+                event(
+                    logging.WARNING, f"metrics {addr}: {exc.strerror or exc}", event="metrics_error"
+                )
             else:
                 self._metrics = control.RequestServer(
                     msock, self.sel, self._on_metrics, b"\r\n\r\n", self.call_later
@@ -535,8 +556,10 @@ class Server:
     def _status_line(self) -> str:
         refused = sum(sum(st.refused.values()) for st in self.states.values())
         accepted = sum(st.accepted for st in self.states.values())
-        return (f"{len(self.config.enabled_services)} services, {len(self.children)} children, "
-                f"{accepted} accepted, {refused} refused")
+        return (
+            f"{len(self.config.enabled_services)} services, {len(self.children)} children, "
+            f"{accepted} accepted, {refused} refused"
+        )
 
     def dump_status(self) -> None:
         """SIGUSR1: write the status table to the log (like xinetd's dump)."""
@@ -566,13 +589,20 @@ class Server:
             event(logging.INFO, f"{why}: stopping", event="stopping")
             self._exit = True
             return
-        event(logging.INFO, f"{why}: draining {running} connections "
-              f"(up to {self.config.drain_timeout:g}s)", event="draining", running=running)
+        event(
+            logging.INFO,
+            f"{why}: draining {running} connections (up to {self.config.drain_timeout:g}s)",
+            event="draining",
+            running=running,
+        )
         self._drain_timer = self.call_later(self.config.drain_timeout, self._drain_expired)
 
     def _drain_expired(self) -> None:
-        event(logging.WARNING, f"drain timeout: sending SIGTERM to {len(self.children)} children",
-              event="drain_timeout")
+        event(
+            logging.WARNING,
+            f"drain timeout: sending SIGTERM to {len(self.children)} children",
+            event="drain_timeout",
+        )
         for sess in list(self.sessions):
             sess.close()
         for pid in list(self.children):
@@ -647,6 +677,10 @@ class Server:
                 server.close()
         for sess in list(self.sessions):
             sess.close()
+        if self._spare_pipe is not None:
+            for fd in self._spare_pipe:
+                os.close(fd)
+            self._spare_pipe = None
         if self._pid_file:
             with contextlib.suppress(OSError):
                 os.unlink(self._pid_file)
@@ -680,7 +714,12 @@ class Server:
             LOG.debug("reaped unknown pid %d", pid)  # gunicorn #3566: not an error
             return
         if child.timer is not None:
-            child.timer.cancelled = True
+            if _group_alive(pid):
+                # The service left processes behind in its group (a grandchild still holding
+                # the connection): the timeout still applies to them.
+                self._orphan_groups.add(pid)
+            else:
+                child.timer.cancelled = True
         state = child.state
         state.drop_source(child.source)
         code = os.waitstatus_to_exitcode(status)
@@ -716,18 +755,36 @@ class Server:
     def _on_timeout(self, pid: int) -> None:
         child = self.children.get(pid)
         if child is None:
+            if pid in self._orphan_groups:
+                self._orphan_groups.discard(pid)
+                if _group_alive(pid):
+                    event(logging.WARNING, f"timeout: process group {pid} outlived its "
+                          "service; sending SIGTERM, then SIGKILL", event="timeout_group")
+                    _kill_group(pid, signal.SIGTERM)
+                    self.call_later(KILL_GRACE, lambda: _kill_orphan(pid, self.children))
             return
         name = child.state.service.name
         if not child.killed:
             child.killed = True
-            event(logging.WARNING, f"{name}: pid {pid} timed out after "
-                  f"{child.state.service.timeout}s; sending SIGTERM", event="timeout",
-                  service=name, pid=pid, peer=child.peer)
+            event(
+                logging.WARNING,
+                f"{name}: pid {pid} timed out after "
+                f"{child.state.service.timeout}s; sending SIGTERM",
+                event="timeout",
+                service=name,
+                pid=pid,
+                peer=child.peer,
+            )
             _kill_group(pid, signal.SIGTERM)
             child.timer = self.call_later(KILL_GRACE, lambda: self._on_timeout(pid))
         else:
-            event(logging.WARNING, f"{name}: pid {pid} still running {KILL_GRACE}s after "
-                  "SIGTERM; sending SIGKILL", event="timeout_kill", service=name, pid=pid)
+            event(
+                logging.WARNING,
+                f"{name}: pid {pid} still running {KILL_GRACE}s after SIGTERM; sending SIGKILL",
+                event="timeout_kill",
+                service=name,
+                pid=pid,
+            )
             _kill_group(pid, signal.SIGKILL)
             child.timer = None
 
@@ -779,17 +836,27 @@ class Server:
         if lst.state.service.wait:
             self._start_wait_child(lst)
             return
+        svc = lst.state.service
         for _ in range(ACCEPT_BATCH):
+            if svc.stderr == "log" and not svc.is_builtin and self._spare_pipe is None:
+                # The stderr pipe first: out of fds, the client stays in the backlog
+                # instead of being accepted and dropped.
+                try:
+                    self._spare_pipe = os.pipe()
+                except OSError as exc:
+                    self._accept_failed(lst, exc)
+                    return
             try:
                 conn, addr = lst.sock.accept()
             except BlockingIOError:
+                if self._emfile_logged:
+                    # The episode ends when the backlog has drained, not at the first slot.
+                    event(logging.WARNING, "accepting again: file descriptors available")
+                    self._emfile_logged = False
                 return
             except OSError as exc:
                 self._accept_failed(lst, exc)
                 return
-            if self._emfile_logged:
-                event(logging.WARNING, "accepting again: file descriptors available")
-                self._emfile_logged = False
             self._serve_stream(lst, conn, addr)
             if not lst.registered:
                 return
@@ -809,8 +876,7 @@ class Server:
                 self._emfile_logged = True
             self._pause_for(lst, EMFILE_PAUSE)
         elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-            event(logging.WARNING, f"{lst.state.service.name}: accept: {exc}",
-                  event="accept_error")
+            event(logging.WARNING, f"{lst.state.service.name}: accept: {exc}", event="accept_error")
 
     def _connection_env(
         self, lst: Listener, conn: socket.socket, ip: str, port: int
@@ -919,7 +985,10 @@ class Server:
         """The fd for the child's stderr, and the pipe reader when it goes to the log."""
         mode = svc.stderr
         if mode == "log":
-            r, w = os.pipe()
+            if self._spare_pipe is not None:
+                (r, w), self._spare_pipe = self._spare_pipe, None
+            else:
+                r, w = os.pipe()
             return w, StderrPipe(r, svc.name, self.sel)
         if mode == "socket" and conn is not None:
             return os.dup(conn.fileno()), None
@@ -944,7 +1013,7 @@ class Server:
             err_fd, pipe = self._stderr_fd(svc, conn)
         except OSError as exc:
             state.failed_spawns += 1
-            event(logging.ERROR, f"{svc.name}: stderr {svc.stderr}: {exc}", event="spawn_error")
+            self._spawn_error(svc, peer, f"stderr {svc.stderr}: {exc.strerror or exc}")
             return 0
         try:
             pid = self.spawner.spawn(svc, stdin, stdout, err_fd, env)
@@ -956,8 +1025,7 @@ class Server:
                 pipe(selectors.EVENT_READ)  # nothing to read: EOF closes it
             event(
                 logging.ERROR,
-                f"{svc.name}: cannot start {svc.argv[0]}: {exc.strerror or exc}; "
-                f"closing {peer}",
+                f"{svc.name}: cannot start {svc.argv[0]}: {exc.strerror or exc}; closing {peer}",
                 event="spawn_error",
                 service=svc.name,
                 peer=peer,
@@ -985,6 +1053,21 @@ class Server:
             pid=pid,
         )
         return pid
+
+    def _spawn_error(self, svc: Service, peer: str, what: str) -> None:
+        """Log a failed start; the same failure repeating is logged once a minute."""
+        show, suppressed = self._refusals.should_log(f"{svc.name} spawn {what}", time.monotonic())
+        if show:
+            more = f" ({suppressed} more since last logged)" if suppressed else ""
+            event(
+                logging.ERROR,
+                f"{svc.name}: {what}; closing {peer}{more}",
+                event="spawn_error",
+                service=svc.name,
+                peer=peer,
+                error=what,
+                suppressed=suppressed,
+            )
 
     def _start_wait_child(self, lst: Listener) -> None:
         """inetd wait mode: the child gets the listening socket itself; we stop watching it."""
@@ -1072,6 +1155,22 @@ class Server:
 
     def __repr__(self) -> str:
         return f"<Server {len(self.listeners)} listeners, {len(self.children)} children>"
+
+
+def _group_alive(pgid: int) -> bool:
+    """True when process group ``pgid`` still has members."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _kill_orphan(pgid: int, children: dict[int, Child]) -> None:
+    # A pid in use is never handed out as a new pgid, but once the group is empty the
+    # number may lead a new child's group: leave that one alone.
+    if pgid not in children:
+        _kill_group(pgid, signal.SIGKILL)
 
 
 def _kill_group(pid: int, sig: int) -> None:

@@ -80,8 +80,9 @@ class Spawner:
             if service.user:
                 name, _, _ = service.user
                 home = pwd.getpwnam(name).pw_dir
-                env.update({b"USER": name.encode(), b"LOGNAME": name.encode(),
-                            b"HOME": os.fsencode(home)})
+                env.update(
+                    {b"USER": name.encode(), b"LOGNAME": name.encode(), b"HOME": os.fsencode(home)}
+                )
             for key, value in service.env:
                 env[os.fsencode(key)] = os.fsencode(value)
             env[b"PYINETD_SERVICE"] = service.name.encode()
@@ -203,5 +204,3 @@ def _child_exec(
         finally:
             os._exit(127)
     os._exit(127)
-
-

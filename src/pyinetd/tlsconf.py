@@ -1,0 +1,189 @@
+"""TLS for services: the server context, a handshake with a deadline, and CGI-style variables."""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import ssl
+import time
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+__all__ = ["TLSSettings", "format_dn", "handshake", "make_context", "tls_environ"]
+
+_Name = tuple[tuple[tuple[str, str], ...], ...]
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+# SNI names seen by make_context()'s sni_callback, per connection; weak so that a closed
+# connection's entry goes away with it.
+_sni_names: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """A service's ``tls:`` block."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    min_version: str = "1.2"
+    handshake_timeout: float = 10.0
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _refuse_passphrase() -> str:
+    # Without a callback OpenSSL would prompt on the controlling terminal and block the server.
+    raise _EncryptedKey
+
+
+def _read(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="ascii", errors="replace")
+    except OSError as e:
+        raise ValueError(f"tls.{what}: {str(path)!r}: cannot read: {e.strerror}") from None
+
+
+def make_context(s: TLSSettings) -> ssl.SSLContext:
+    """Build the server SSLContext for s; ValueError says which file or value is wrong and why."""
+    if s.min_version not in _VERSIONS:
+        raise ValueError(f"tls.min_version: {s.min_version!r}: expected '1.2' or '1.3'")
+    if "-----BEGIN CERTIFICATE-----" not in _read(s.cert, "cert"):
+        raise ValueError(f"tls.cert: {str(s.cert)!r}: no PEM certificate in the file")
+    if "PRIVATE KEY-----" not in _read(s.key, "key"):
+        raise ValueError(f"tls.key: {str(s.key)!r}: no PEM private key in the file")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = _VERSIONS[s.min_version]
+    # Client-initiated renegotiation costs the server far more than the client (CVE-2011-1473).
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    # OpenSSL 3 answers a TCP EOF without close_notify with a fatal alert, after which no reply
+    # can be sent; many clients half-close that way. The service sees EOF in both cases, as
+    # with nginx, which sets the same option.
+    ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
+    try:
+        ctx.load_cert_chain(s.cert, s.key, password=_refuse_passphrase)
+    except _EncryptedKey:
+        raise ValueError(
+            f"tls.key: {str(s.key)!r}: the key is encrypted; pyinetd cannot ask for a passphrase"
+        ) from None
+    except ssl.SSLError as e:
+        if e.reason == "KEY_VALUES_MISMATCH":
+            why = "the key does not belong to the certificate"
+        else:
+            why = f"OpenSSL says: {e}"
+        raise ValueError(f"tls: {str(s.cert)!r} with key {str(s.key)!r}: {why}") from None
+    if s.client_ca is not None:
+        _read(s.client_ca, "client_ca")
+        try:
+            ctx.load_verify_locations(cafile=s.client_ca)
+        except ssl.SSLError as e:
+            raise ValueError(
+                f"tls.client_ca: {str(s.client_ca)!r}: no usable CA certificate ({e.reason or e})"
+            ) from None
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.sni_callback = _remember_sni
+    return ctx
+
+
+def _remember_sni(conn: object, server_name: str | None, ctx: ssl.SSLContext) -> None:
+    # Called during the handshake with the SSLSocket; a server-side socket has no other record
+    # of the name (its server_hostname stays None).
+    if server_name is not None:
+        _sni_names[conn] = server_name
+
+
+def handshake(ctx: ssl.SSLContext, sock: socket.socket, timeout: float) -> ssl.SSLSocket:
+    """Run the server side of a TLS handshake on sock, all of it within timeout seconds."""
+    # One deadline for the whole handshake, not per read as with settimeout(): a client that
+    # trickles a byte at a time must not be able to hold the connection open indefinitely.
+    deadline = time.monotonic() + timeout
+    original_timeout = sock.gettimeout()
+    sock.setblocking(False)
+    # wrap_socket() takes the fd over from sock, so from here on failures close tls.
+    tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(tls, selectors.EVENT_READ)
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    sel.modify(tls, selectors.EVENT_READ)
+                except ssl.SSLWantWriteError:
+                    sel.modify(tls, selectors.EVENT_WRITE)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not sel.select(remaining):
+                    raise TimeoutError(f"TLS handshake not completed within {timeout:g} s")
+        tls.settimeout(original_timeout)
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+def tls_environ(s: ssl.SSLSocket) -> dict[str, str]:
+    """mod_ssl-style variables describing an established TLS connection."""
+    env: dict[str, str] = {}
+    version = s.version()
+    if version is not None:
+        env["SSL_PROTOCOL"] = version
+    cipher = s.cipher()
+    if cipher is not None:
+        env["SSL_CIPHER"] = cipher[0]
+        env["SSL_CIPHER_USEKEYSIZE"] = str(cipher[2])
+    sni = _sni_names.get(s)
+    if sni is not None:
+        env["SSL_TLS_SNI_SERVERNAME"] = sni
+        env["SSL_TLS_SNI"] = sni  # mod_ssl's name for the same thing
+    # getpeercert() returns the parsed certificate only when it was presented and verified.
+    cert = s.getpeercert()
+    if cert:
+        env["SSL_CLIENT_VERIFY"] = "SUCCESS"
+        # typeshed types every value of the dict as a union; subject and issuer are RDN tuples.
+        for key, var in (("subject", "SSL_CLIENT_S_DN"), ("issuer", "SSL_CLIENT_I_DN")):
+            if key in cert:
+                env[var] = format_dn(cast(_Name, cert[key]))
+    else:
+        env["SSL_CLIENT_VERIFY"] = "NONE"
+    return env
+
+
+# RFC 4514 section 3 names; other attributes keep OpenSSL's name as Python reports it.
+_SHORT_NAMES = {
+    "commonName": "CN",
+    "localityName": "L",
+    "stateOrProvinceName": "ST",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "streetAddress": "STREET",
+    "domainComponent": "DC",
+    "userId": "UID",
+}
+
+
+def format_dn(rdns: Iterable[Iterable[tuple[str, str]]]) -> str:
+    """Format a getpeercert()-style name as an RFC 4514 string (most specific RDN first)."""
+    parts = []
+    for rdn in reversed(list(rdns)):
+        parts.append("+".join(f"{_SHORT_NAMES.get(k, k)}={_escape_dn_value(v)}" for k, v in rdn))
+    return ",".join(parts)
+
+
+def _escape_dn_value(value: str) -> str:
+    # RFC 4514 section 2.4.
+    out = []
+    for i, ch in enumerate(value):
+        if ch in ',+"\\<>;' or (ch == "#" and i == 0) or (ch == " " and i in (0, len(value) - 1)):
+            out.append("\\" + ch)
+        elif ch == "\0":
+            out.append("\\00")
+        else:
+            out.append(ch)
+    return "".join(out)
