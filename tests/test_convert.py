@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import socket
@@ -1125,8 +1126,9 @@ def test_dump_format_and_comments() -> None:
     assert text.startswith("# warning: /etc/inetd.conf:3: two lines\nservices:\n  echo:\n")
     assert dump(conv, "toml").startswith("# warning: /etc/inetd.conf:3: two lines\n")
     assert str(conv.warnings[0]) == "/etc/inetd.conf:3: two\nlines"
+    assert json.loads(dump(conv, "json")) == conv.config  # warnings: the CLI prints them
     with pytest.raises(ValueError, match="unknown format"):
-        dump(conv, "json")
+        dump(conv, "xml")
 
 
 def test_unreadable_top_level_file_raises(tmp_path: Path) -> None:

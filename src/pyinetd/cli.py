@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--control", help="control socket path (default: from the config)")
     parser.add_argument("--json", action="store_true", help="status: print JSON")
     parser.add_argument(
-        "--format", default="yaml", choices=["yaml", "toml"], help="convert: output format"
+        "--format",
+        default="yaml",
+        choices=["yaml", "toml", "json"],
+        help="output format of convert and --print-config",
     )
     parser.add_argument("--check", action="store_true", help="validate the configuration, exit")
     parser.add_argument(
@@ -80,12 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     parser.add_argument("--syslog", action="store_true", help="log to the local syslog socket")
     parser.add_argument("--version", action="version", version=f"pyinetd {__version__}")
+    parser.add_argument(
+        "--schema", action="store_true", help="print the configuration's JSON Schema, exit"
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the configuration as pyinetd reads it (defaults applied, paths absolute, "
+        "includes merged; see --format), exit",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pyinetd` command."""
     args = build_parser().parse_args(argv)
+    if args.schema or args.print_config:
+        return _print_schema() if args.schema else _print_config(args.config, args.format)
     if args.command == "convert":
         return _convert(args)
     if args.command in ("status", "reload", "stop"):
@@ -155,4 +169,28 @@ def _control(args: argparse.Namespace) -> int:
             print("pyinetd reload: failed, the running configuration is unchanged", file=sys.stderr)
         return EXIT_CONFIG if args.command == "reload" else EXIT_RUNTIME
     print(f"pyinetd {args.command}: ok")
+    return EXIT_OK
+
+
+def _print_schema() -> int:
+    from pyinetd.schema import load_schema
+
+    print(json.dumps(load_schema(), indent=2, ensure_ascii=False))
+    return EXIT_OK
+
+
+def _print_config(path: str, fmt: str) -> int:
+    from pyinetd.config import to_dict
+    from pyinetd.convert import Conversion, dump
+
+    try:
+        resolved = to_dict(load(path))
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
+    except ValueError as exc:  # a value with no text form (a binary banner file)
+        print(f"{path}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    sys.stdout.write(dump(Conversion(config=resolved, warnings=()), fmt))
     return EXIT_OK

@@ -8,7 +8,7 @@ anything is reported (``ConfigError.errors``), e.g.::
 
 from __future__ import annotations
 
-import difflib
+import functools
 import glob
 import grp
 import ipaddress
@@ -20,12 +20,13 @@ import shutil
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pyinetd import schema
 from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
 from pyinetd.tlsconf import TLSSettings, make_context
 
@@ -511,9 +512,31 @@ SERVICE_KEYS: dict[str, Parser] = {
 }
 
 
-def _unknown(key: str, known: list[str]) -> str:
-    near = difflib.get_close_matches(key, known, n=1)
-    return "unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
+_unknown = schema.unknown_key
+
+
+class _SchemaErrors:
+    """The schema's findings by (file, key path), each handed out once, where build() reaches
+    that key, so they come out in file order among config.py's own (semantic) errors."""
+
+    def __init__(self) -> None:
+        self._found: dict[tuple[str, schema.KeyPath], list[str]] = {}
+
+    def add(self, label: str, doc: Any) -> None:
+        """Validate one file's document against the schema."""
+        for key, message in schema.check(doc):
+            line = f"{label}: {'.'.join(key)}: {message}" if key else f"{label}: {message}"
+            self._found.setdefault((label, key), []).append(line)
+
+    def take(self, label: str, *key: str) -> list[str]:
+        """The error lines for exactly this key path (none if it is fine), removed."""
+        return self._found.pop((label, key), [])
+
+    def rest(self) -> list[str]:
+        """What no check reached (a safety net: every finding is reported)."""
+        lines = [line for lines in self._found.values() for line in lines]
+        self._found.clear()
+        return lines
 
 
 def load_document(path: Path) -> Any:
@@ -602,10 +625,16 @@ def build(doc: Any, path: Path) -> Config:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError([f"{label}: expected a mapping with a 'services' key at the top"])
+    # The schema first: types, choices and unknown keys; the parsers then check meaning.
+    flags = _SchemaErrors()
+    flags.add(label, doc)
     top: dict[str, Any] = {}
     for key, value in doc.items():
         key = str(key)
         if key in ("defaults", "services"):
+            continue
+        if found := flags.take(label, key):
+            errors += found
             continue
         parser = TOP_PARSERS.get(key)
         if parser is None:
@@ -618,9 +647,18 @@ def build(doc: Any, path: Path) -> Config:
 
     defaults_raw = doc.get("defaults") or {}
     if not isinstance(defaults_raw, dict):
-        errors.append(f"{label}: defaults: expected a mapping of service keys")
+        errors += flags.take(label, "defaults") or [
+            f"{label}: defaults: expected a mapping of service keys"
+        ]
         defaults_raw = {}
-    defaults = _check_keys(defaults_raw, f"{label}: defaults", errors, base, allow_listen=False)
+    defaults = _check_keys(
+        defaults_raw,
+        f"{label}: defaults",
+        errors,
+        base,
+        allow_listen=False,
+        flagged=functools.partial(flags.take, label, "defaults"),
+    )
 
     # (name, body, file label, folder) of every service, from this file and its includes.
     sources: list[tuple[str, Any, str, Path]] = []
@@ -628,11 +666,13 @@ def build(doc: Any, path: Path) -> Config:
     if services_raw is None and not top.get("include"):
         errors.append(f"{label}: services: missing (nothing to serve)")
     elif services_raw is not None and not isinstance(services_raw, dict):
-        errors.append(f"{label}: services: expected a mapping of service name to settings")
+        errors += flags.take(label, "services") or [
+            f"{label}: services: expected a mapping of service name to settings"
+        ]
     elif services_raw:
         sources += [(str(n), b, label, base) for n, b in services_raw.items()]
     for pattern in top.get("include", ()):
-        sources += _read_includes(pattern, base, label, errors)
+        sources += _read_includes(pattern, base, label, errors, flags)
 
     services: list[Service] = []
     defined: dict[str, str] = {}
@@ -645,17 +685,18 @@ def build(doc: Any, path: Path) -> Config:
             )
             continue
         defined[name] = where
-        svc = _build_service(name, body, defaults, where, folder, errors)
+        svc = _build_service(name, body, defaults, where, folder, errors, flags)
         if svc is not None:
             services.append(svc)
     _check_duplicates(services, label, errors)
+    errors += flags.rest()
     if errors:
         raise ConfigError(errors)
     return Config(path=path, services=tuple(services), raw=doc, **top)
 
 
 def _read_includes(
-    pattern: str, base: Path, label: str, errors: list[str]
+    pattern: str, base: Path, label: str, errors: list[str], flags: _SchemaErrors
 ) -> list[tuple[str, Any, str, Path]]:
     """Services from the files matching one `include:` pattern, in sorted order."""
     full = pattern if os.path.isabs(pattern) else str(base / pattern)
@@ -684,24 +725,42 @@ def _read_includes(
         if not isinstance(body, dict):
             errors.append(f"{where}: services: expected a mapping of service name to settings")
             continue
+        flags.add(where, {"services": body})
         out += [(str(n), b, where, inc.parent.resolve()) for n, b in body.items()]
     return out
 
 
 def _check_keys(
-    raw: Mapping[Any, Any], where: str, errors: list[str], base: Path, *, allow_listen: bool
+    raw: Mapping[Any, Any],
+    where: str,
+    errors: list[str],
+    base: Path,
+    *,
+    allow_listen: bool,
+    flagged: Callable[[str], list[str]],
 ) -> dict[str, Any]:
-    """Parse each known key of ``raw``; report unknown and bad keys to ``errors``."""
+    """Parse each known key of ``raw``; report unknown and bad keys to ``errors``.
+
+    ``flagged(key)`` gives the schema's errors for a key; they stand instead of the parser's.
+    """
     out: dict[str, Any] = {}
     known = list(SERVICE_KEYS)
     for key, value in raw.items():
         key = str(key)
+        if key == "listen" and not allow_listen:
+            flagged(key)  # the schema only knows "unknown key"; this says why
+            errors.append(f"{where}.listen: listen addresses are per service, not a default")
+            continue
+        if key == "listen":
+            out[key] = value  # parsed by _build_service, which knows the protocol
+            continue
+        if found := flagged(key):
+            errors += found
+            continue
         parser = SERVICE_KEYS.get(key)
         if parser is None:
+            # In the schema, not yet implemented here (or the two drifted apart).
             errors.append(f"{where}.{key}: {_unknown(key, known)}")
-            continue
-        if key == "listen" and not allow_listen:
-            errors.append(f"{where}.listen: listen addresses are per service, not a default")
             continue
         try:
             out[key] = parser(value, base)
@@ -717,17 +776,28 @@ def _build_service(
     label: str,
     base: Path,
     errors: list[str],
+    flags: _SchemaErrors,
 ) -> Service | None:
     where = f"{label}: services.{name}"
     if body is None:
         body = {}
     if not isinstance(body, dict):
-        errors.append(f"{where}: expected a mapping of settings")
+        errors += flags.take(label, "services", name) or [
+            f"{where}: expected a mapping of settings"
+        ]
         return None
     n_before = len(errors)
-    values = {**defaults, **_check_keys(body, where, errors, base, allow_listen=True)}
+    flagged = functools.partial(flags.take, label, "services", name)
+    values = {
+        **defaults,
+        **_check_keys(body, where, errors, base, allow_listen=True, flagged=flagged),
+    }
     protocol = values.get("protocol", "tcp")
     listen: list[ListenAddress] = []
+    # The listen parser knows the protocol (a unix service listens on a path), so its message
+    # is the more precise one; the schema's stands only if the parser found nothing.
+    schema_found = flagged("listen")
+    n_listen = len(errors)
     raw_listen = body.get("listen")
     if raw_listen is None:
         errors.append(f"{where}.listen: missing (e.g. listen: 127.0.0.1:7007)")
@@ -740,8 +810,9 @@ def _build_service(
                 listen.append(parse_listen_item(item, protocol, base))
             except _KeyError as exc:
                 errors.append(f"{where}.listen: {exc}")
-    if "exec" in body and "builtin" in body:
-        errors.append(f"{where}.exec: give either exec or builtin, not both")
+    if len(errors) == n_listen:
+        errors += schema_found
+    # exec together with builtin is the schema's finding (reported with the exec key above).
     if "redirect" in body and ("exec" in body or "builtin" in body):
         errors.append(f"{where}.redirect: give one of exec, builtin or redirect")
     if protocol != "tcp":
@@ -815,3 +886,93 @@ def _check_duplicates(services: list[Service], label: str, errors: list[str]) ->
                     )
                     break
             seen[(kind, addr.port, addr.host or addr.path)] = (svc.name, addr)
+
+
+# ---------------------------------------------------------------- back to the input vocabulary
+
+
+def _number(value: float) -> int | float:
+    """30.0 -> 30 (as people write it); other floats exactly as they are."""
+    return int(value) if float(value).is_integer() and abs(value) < 2**53 else value
+
+
+def _banner_out(_name: str, value: bytes) -> dict[str, Any]:
+    try:
+        return {"banner_text": value.decode("utf-8")}
+    except UnicodeDecodeError:
+        # banner_text is encoded as UTF-8 on the way in; other bytes have no text form.
+        raise ValueError("banner: the file is not UTF-8 text and cannot be shown inline") from None
+
+
+def _rate_out(_name: str, value: tuple[float, int]) -> dict[str, Any]:
+    per_second, burst = value
+    out: dict[str, Any] = {"rate": _number(per_second)}
+    if burst != max(1, int(per_second)):  # parse_rate's default burst
+        out["burst"] = burst
+    return out
+
+
+def _access_out(_name: str, value: AccessList) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if value.allow:
+        out["allow"] = [str(n) for n in value.allow]
+    if value.deny:
+        out["deny"] = [str(n) for n in value.deny]
+    return out
+
+
+_RLIMIT_NAMES = {number: name for name, number in RLIMITS.items()}
+
+# Service fields whose input form differs from the stored one; the others are written as they are.
+_SERVICE_OUT: dict[str, Callable[[str, Any], dict[str, Any]]] = {
+    "listen": lambda k, v: {k: str(v[0]) if len(v) == 1 else [str(a) for a in v]},
+    "exec": lambda k, v: {k: list(v)},
+    "rate": _rate_out,
+    "rate_pause": lambda k, v: {k: _number(v)},
+    "timeout": lambda k, v: {k: _number(v)},
+    "access": _access_out,
+    "user": lambda k, v: {k: v[0]},
+    "env": lambda k, v: {k: dict(v)},
+    "umask": lambda k, v: {k: f"{v:03o}"},
+    "rlimits": lambda k, v: {
+        k: {_RLIMIT_NAMES[res]: "unlimited" if n == resource.RLIM_INFINITY else n for res, n in v}
+    },
+    "banner": _banner_out,
+}
+
+
+def _plain(name: str, value: Any) -> Any:
+    """A stored value that is its own input form (text, number, true/false, a list of them)."""
+    if isinstance(value, str | int | float | bool):
+        return _number(value) if isinstance(value, float) else value
+    if isinstance(value, tuple) and all(isinstance(v, str | int | float | bool) for v in value):
+        return list(value)
+    raise TypeError(f"to_dict: no input form for {name}={value!r}; add it to _SERVICE_OUT")
+
+
+def _service_to_dict(svc: Service) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(Service):
+        if f.name in ("name", "source"):
+            continue
+        value = getattr(svc, f.name)
+        if value == f.default:
+            continue
+        convert = _SERVICE_OUT.get(f.name)
+        out.update(convert(f.name, value) if convert else {f.name: _plain(f.name, value)})
+    return out
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved configuration in the input vocabulary: defaults applied to each service,
+    paths absolute, includes merged, keys at their default left out. It loads to an equal Config
+    (apart from ``path`` and each service's ``source``)."""
+    out: dict[str, Any] = {}
+    for f in fields(Config):
+        if f.name in ("path", "services", "raw", "include"):  # includes are merged below
+            continue
+        value = getattr(cfg, f.name)
+        if value != f.default:
+            out[f.name] = _plain(f.name, value)
+    out["services"] = {svc.name: _service_to_dict(svc) for svc in cfg.services}
+    return out

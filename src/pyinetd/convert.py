@@ -8,6 +8,7 @@ Pure module: it reads files, it opens no sockets and starts no processes.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import posixpath
 import re
@@ -1387,6 +1388,22 @@ def convert_file(
     return convert_inetd_conf(path, services_file)
 
 
+class _YamlDumper(yaml.SafeDumper):
+    """SafeDumper that double-quotes text holding U+0085 (NEL).
+
+    PyYAML with allow_unicode writes NEL raw inside a single-quoted scalar, and its reader then
+    folds it, a YAML line break, into a space: the text would not load back as it was.
+    """
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = '"' if "\x85" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_YamlDumper.add_representer(str, _represent_str)
+
+
 def _comment_lines(warnings: Iterable[ConvertWarning]) -> str:
     return "".join(
         f"# warning: {w.file}:{w.line}: {' '.join(w.message.split())}\n" for w in warnings
@@ -1394,13 +1411,20 @@ def _comment_lines(warnings: Iterable[ConvertWarning]) -> str:
 
 
 def dump(conv: Conversion, fmt: str) -> str:
-    """The configuration as YAML or TOML text, the warnings as leading comments."""
+    """The configuration as YAML, TOML or JSON text; the warnings as leading comments (not JSON)."""
     if fmt == "yaml":
-        body = yaml.safe_dump(
-            conv.config, sort_keys=False, default_flow_style=False, allow_unicode=True
+        body = yaml.dump(
+            conv.config,
+            Dumper=_YamlDumper,
+            sort_keys=False,
+            default_flow_style=False,
+            allow_unicode=True,
         )
     elif fmt == "toml":
         body = tomli_w.dumps(conv.config)
+    elif fmt == "json":
+        # JSON has no comments: the caller reports the warnings (the CLI on stderr).
+        return json.dumps(conv.config, indent=2, ensure_ascii=False) + "\n"
     else:
-        raise ValueError(f"unknown format {fmt!r} (expected 'yaml' or 'toml')")
+        raise ValueError(f"unknown format {fmt!r} (expected 'yaml', 'toml' or 'json')")
     return _comment_lines(conv.warnings) + body

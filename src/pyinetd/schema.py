@@ -1,0 +1,135 @@
+"""The JSON Schema of the configuration, and its findings in the project's one-line error form.
+
+``schema.json`` (package data) is what editors use (``# yaml-language-server: $schema=...``);
+config.build() runs it first, so a value of the wrong type or an unknown key reads the same in
+the editor and on the command line::
+
+    inetd.yaml: services.echo.usr: unknown key (did you mean 'user'?)
+    inetd.yaml: services.echo.wait: 'yes': expected true or false
+
+Pure module: no sockets, no processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+from jsonschema import Draft202012Validator, ValidationError
+
+__all__ = ["KeyPath", "check", "load_schema", "unknown_key", "validate"]
+
+# A key path as people read it: ("max_children",), ("defaults", "timeout"),
+# ("services", "echo", "wait"); shorter for errors about a whole mapping.
+KeyPath = tuple[str, ...]
+
+# How deep the path to one key goes under each top-level key (1 for the other top-level keys).
+_KEY_DEPTH = {"defaults": 2, "services": 3}
+
+
+@functools.cache
+def _schema() -> dict[str, Any]:
+    text = resources.files("pyinetd").joinpath("schema.json").read_text(encoding="utf-8")
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def load_schema() -> dict[str, Any]:
+    """The configuration's JSON Schema (draft 2020-12), a fresh copy."""
+    return copy.deepcopy(_schema())
+
+
+@functools.cache
+def _validator() -> Draft202012Validator:
+    return Draft202012Validator(_schema())
+
+
+def unknown_key(key: str, known: Sequence[str]) -> str:
+    """'unknown key', with the nearest known key as a suggestion when there is one."""
+    near = difflib.get_close_matches(key, list(known), n=1)
+    return "unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
+
+
+def check(doc: Any) -> list[tuple[KeyPath, str]]:
+    """Every schema violation in ``doc`` as (key path, message), in the validator's order."""
+    found: list[tuple[KeyPath, str]] = []
+    for error in _validator().iter_errors(doc):
+        for path, message in _render(error):
+            key, prefix = _split(path, doc)
+            item = (key, prefix + message)
+            if item not in found:
+                found.append(item)
+    return found
+
+
+def validate(doc: Any, label: str) -> list[str]:
+    """Schema errors of ``doc`` as 'label: key.path: message' lines, sorted by key path."""
+    found = sorted(check(doc), key=lambda item: item[0])
+    return [f"{label}: {'.'.join(key)}: {msg}" if key else f"{label}: {msg}" for key, msg in found]
+
+
+def _render(error: ValidationError) -> Iterator[tuple[list[Any], str]]:
+    """(instance path, message) for one jsonschema error; a few keywords get their own words."""
+    path = list(error.absolute_path)
+    schema = error.schema if isinstance(error.schema, Mapping) else {}
+    instance: Any = error.instance
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        known = list(schema.get("properties", {}))
+        for key in instance:
+            if key not in known:
+                yield [*path, key], unknown_key(str(key), known)
+    elif error.validator == "required":
+        wanted: list[str] = list(schema.get("required", []))
+        for key in wanted:
+            if isinstance(instance, Mapping) and key not in instance:
+                yield [*path, key], _missing(key, schema)
+    elif error.validator == "not":
+        # A `not` here only ever forbids a key's presence; its value is beside the point.
+        yield path, str(schema.get("errorMessage", error.message))
+    elif "errorMessage" in schema:
+        yield path, f"{instance!r}: {schema['errorMessage']}"
+    else:
+        yield path, error.message
+
+
+def _missing(key: str, schema: Mapping[str, Any]) -> str:
+    """'missing', with the key's first example: 'missing (e.g. listen: 127.0.0.1:7007)'."""
+    prop = _resolve(schema.get("properties", {}).get(key, {}))
+    examples = prop.get("examples") or []
+    if examples and isinstance(examples[0], str | int | float):
+        return f"missing (e.g. {key}: {examples[0]})"
+    return "missing"
+
+
+def _resolve(node: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Follow a local '#/$defs/NAME' reference (the only kind schema.json uses)."""
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        resolved: Mapping[str, Any] = _schema()["$defs"][ref.removeprefix("#/$defs/")]
+        return resolved
+    return node
+
+
+def _split(path: Sequence[Any], doc: Any) -> tuple[KeyPath, str]:
+    """The key path of an error, and the message prefix naming what lies below that key.
+
+    Below a key, mapping keys become a prefix (``services.x.env: FOO: ...``, as config.py
+    words it) and list positions are dropped: the message shows the offending item itself.
+    """
+    depth = _KEY_DEPTH.get(str(path[0]), 1) if path else 0
+    key = tuple(str(p) for p in path[:depth])
+    node = doc
+    for part in path[:depth]:
+        node = node.get(part) if isinstance(node, Mapping) else None
+    below: list[str] = []
+    for part in path[depth:]:
+        if not isinstance(node, Mapping):
+            break
+        below.append(str(part))
+        node = node.get(part)
+    return key, "".join(f"{part}: " for part in below)
