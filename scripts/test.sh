@@ -6,4 +6,5 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q -e '.[test]'
 .venv/bin/ruff check src tests
+.venv/bin/mypy src
 .venv/bin/python -m pytest -q "$@"

@@ -44,14 +44,16 @@ def client_ctx(pki: dict[str, object], cert: bool = False) -> ssl.SSLContext:
 
 def tls_talk(port: int, ctx: ssl.SSLContext, data: bytes, sni: str = "localhost") -> bytes:
     """TLS connect, send, half-close (a TCP FIN under TLS), read until the server closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw:
-        with ctx.wrap_socket(raw, server_hostname=sni) as s:
-            s.sendall(data)
-            socket.socket.shutdown(s, socket.SHUT_WR)
-            out = b""
-            while chunk := s.recv(65536):
-                out += chunk
-            return out
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw,
+        ctx.wrap_socket(raw, server_hostname=sni) as s,
+    ):
+        s.sendall(data)
+        socket.socket.shutdown(s, socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
 
 
 def tls_service(port: int, exec_: object, **extra: object) -> dict[str, object]:
@@ -93,16 +95,18 @@ def test_tls_ten_megabytes_each_way_with_half_close(
     )
     inetd({"services": {"s": tls_service(port, digest)}})
     payload = os.urandom(10 * 1024 * 1024)
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw:
-        with client_ctx(pki).wrap_socket(raw, server_hostname="localhost") as s:
-            sender = threading.Thread(target=s.sendall, args=(payload,))
-            sender.start()
-            sender.join(DEADLINE * 3)
-            # Half-close: the service sees EOF on stdin only now, so its digest covers all.
-            socket.socket.shutdown(s, socket.SHUT_WR)
-            out = b""
-            while chunk := s.recv(1 << 20):
-                out += chunk
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw,
+        client_ctx(pki).wrap_socket(raw, server_hostname="localhost") as s,
+    ):
+        sender = threading.Thread(target=s.sendall, args=(payload,))
+        sender.start()
+        sender.join(DEADLINE * 3)
+        # Half-close: the service sees EOF on stdin only now, so its digest covers all.
+        socket.socket.shutdown(s, socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(1 << 20):
+            out += chunk
     assert out[:64].decode() == hashlib.sha256(payload).hexdigest()
     assert out[65:] == b"x" * 10485760
 

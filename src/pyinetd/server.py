@@ -246,7 +246,7 @@ class UDPReply:
 
     def _send(self, payload: bytes) -> None:
         with contextlib.suppress(OSError):
-            self._listener.sendto(payload, self._peer)
+            self._listener.sendto(payload, self._peer)  # type: ignore[call-overload]
 
 
 class PendingProxy:
@@ -424,10 +424,9 @@ class Server:
                 if child.state.service.name not in enabled:
                     _kill_group(child.pid, signal.SIGTERM)
         for svc in config.services:
-            state = self.states.get(svc.name)
-            if state is None:
-                state = self.states[svc.name] = ServiceState(svc)
-            state.set_service(svc)
+            if svc.name not in self.states:
+                self.states[svc.name] = ServiceState(svc)
+            self.states[svc.name].set_service(svc)
         for key, lst in list(self.listeners.items()):
             if key not in wanted:
                 self._pause(lst)
@@ -440,9 +439,8 @@ class Server:
                     close_listener(lst.sock)
         for key, svc in wanted.items():
             state = self.states[svc.name]
-            lst = self.listeners.get(key)
-            if lst is None:
-                lst = self._new_listener(key, fresh[key], state)
+            existing = self.listeners.get(key)
+            lst = existing if existing is not None else self._new_listener(key, fresh[key], state)
             lst.state = state
             state.listeners.append(lst)
             self._refresh(lst)
@@ -914,7 +912,7 @@ class Server:
         if self._full and not svc.is_builtin:
             return "max_children", ""
         key = source_key(ip, svc.per_source_prefix) if svc.per_source and ip else ""
-        if key and state.sources.get(key, 0) >= svc.per_source:
+        if key and svc.per_source and state.sources.get(key, 0) >= svc.per_source:
             return "per_source", key
         if state.bucket is not None and not state.bucket.take(time.monotonic()):
             return "rate", key
