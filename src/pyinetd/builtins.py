@@ -1,0 +1,182 @@
+"""Built-in services (RFC 862 echo, 863 discard, 864 chargen, 867 daytime, 868 time).
+
+They run inside the parent's event loop, non-blocking, with bounded buffers and bounded
+work per event: no process per connection, and a client that stops reading only stops its
+own session. TCP sessions count as running instances of their service like children do.
+"""
+
+from __future__ import annotations
+
+import random
+import selectors
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+CHUNK = 65536
+# RFC 868: seconds between 1900-01-01 and the Unix epoch.
+RFC868_OFFSET = 2208988800
+
+_PRINTABLE = bytes(range(32, 127))  # RFC 864: the 95 printable ASCII characters
+_CHARGEN_LINE = 72
+
+
+def _chargen_block() -> bytes:
+    """One full cycle of RFC 864 lines: line i starts at character i, 72 characters + CRLF."""
+    ring = _PRINTABLE * 2
+    return b"".join(ring[i : i + _CHARGEN_LINE] + b"\r\n" for i in range(len(_PRINTABLE)))
+
+
+CHARGEN_BLOCK = _chargen_block()
+
+
+def daytime_bytes(now: float | None = None) -> bytes:
+    """RFC 867 leaves the format open; this is ctime(3)'s, as openbsd-inetd and xinetd send."""
+    return time.strftime("%a %b %d %H:%M:%S %Y", time.localtime(now)).encode() + b"\r\n"
+
+
+def time_bytes(now: float | None = None) -> bytes:
+    """RFC 868: seconds since 1900-01-01 00:00 UTC as a 32-bit big-endian number."""
+    t = time.time() if now is None else now
+    return struct.pack("!I", (int(t) + RFC868_OFFSET) & 0xFFFFFFFF)
+
+
+def udp_reply(kind: str, data: bytes) -> bytes | None:
+    """The reply a UDP built-in sends to one datagram, or None for no reply."""
+    if kind == "echo":
+        return data
+    if kind == "chargen":
+        # RFC 864, UDP: a datagram of a random number (0-512) of characters.
+        n = random.randint(0, 512)
+        return (CHARGEN_BLOCK * (n // len(CHARGEN_BLOCK) + 1))[:n]
+    if kind == "daytime":
+        return daytime_bytes()
+    if kind == "time":
+        return time_bytes()
+    return None
+
+
+def udp_source_is_unsafe(port: int) -> bool:
+    """Never answer datagrams from privileged ports (CERT CA-1996-01: echo<->chargen loops)."""
+    return port < 1024
+
+
+class Session:
+    """One TCP connection to a built-in, driven by the parent's selector."""
+
+    def __init__(
+        self,
+        kind: str,
+        sock: socket.socket,
+        selector: selectors.BaseSelector,
+        on_close: Callable[[Session], None],
+    ) -> None:
+        self.kind = kind
+        self.sock = sock
+        self.started = time.monotonic()
+        self._sel = selector
+        self._on_close = on_close
+        self._out = bytearray()
+        self._offset = 0  # chargen: position in CHARGEN_BLOCK
+        self._eof = False
+        self._closed = False
+        self._events = 0
+        if kind == "daytime":
+            self._out += daytime_bytes()
+            self._eof = True
+        elif kind == "time":
+            self._out += time_bytes()
+            self._eof = True
+        if self._eof:
+            self._flush()  # usually fits the socket buffer at once: no registration at all
+            if self._closed:
+                return
+        self._update()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _want(self) -> int:
+        events = 0
+        if not self._eof and len(self._out) < CHUNK:
+            events |= selectors.EVENT_READ
+        if self._out or self.kind == "chargen":
+            events |= selectors.EVENT_WRITE
+        return events
+
+    def _update(self) -> None:
+        want = self._want()
+        if want == self._events:
+            return
+        if not self._events:
+            self._sel.register(self.sock, want, self)
+        elif want:
+            self._sel.modify(self.sock, want, self)
+        else:
+            self._sel.unregister(self.sock)
+        self._events = want
+
+    def __call__(self, mask: int) -> None:
+        """Handle readiness reported by the selector."""
+        try:
+            if mask & selectors.EVENT_READ:
+                self._read()
+            if not self._closed and mask & selectors.EVENT_WRITE:
+                self._write()
+        except OSError:
+            self.close()
+            return
+        if not self._closed:
+            if self._eof and not self._out and self.kind != "chargen":
+                self.close()
+            else:
+                self._update()
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(CHUNK)
+        except BlockingIOError:
+            return
+        if not data:
+            self._eof = True
+            if self.kind == "chargen":
+                self.close()  # RFC 864: "until the calling user terminates the connection"
+            return
+        if self.kind == "echo":
+            self._out += data
+
+    def _write(self) -> None:
+        if self.kind == "chargen" and len(self._out) < CHUNK:
+            # Keep one chunk ready; the line pattern continues across writes.
+            block = CHARGEN_BLOCK
+            need = CHUNK - len(self._out)
+            start = self._offset
+            piece = (block[start:] + block * (need // len(block) + 1))[:need]
+            self._offset = (start + need) % len(block)
+            self._out += piece
+        self._flush()
+
+    def _flush(self) -> None:
+        try:
+            sent = self.sock.send(self._out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()
+            return
+        del self._out[:sent]
+        if self._eof and not self._out and self.kind != "chargen":
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection and tell the server this instance ended."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._events:
+            self._sel.unregister(self.sock)
+            self._events = 0
+        self.sock.close()
+        self._on_close(self)

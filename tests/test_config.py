@@ -1,0 +1,165 @@
+"""Configuration: parsing, defaults, and the exact error messages a person reads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyinetd.config import ConfigError, ListenAddress, load
+
+
+def write(tmp_path: Path, text: str, name: str = "inetd.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def errors_of(tmp_path: Path, text: str, name: str = "inetd.yaml") -> list[str]:
+    p = write(tmp_path, text, name)
+    with pytest.raises(ConfigError) as info:
+        load(p)
+    return [e.replace(str(p), name) for e in info.value.errors]
+
+
+def test_minimal_service_is_builtin_echo(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, "services:\n  e:\n    listen: 127.0.0.1:7007\n"))
+    (svc,) = cfg.services
+    assert svc.builtin == "echo" and svc.protocol == "tcp" and not svc.wait and svc.enabled
+    assert svc.listen == (ListenAddress("127.0.0.1", 7007),)
+
+
+def test_listen_forms(tmp_path: Path) -> None:
+    cfg = load(
+        write(
+            tmp_path,
+            "services:\n  e:\n    listen: ['[::1]:7', 8, '*:9', 'localhost:10', '0.0.0.0:11']\n",
+        )
+    )
+    assert [str(a) for a in cfg.services[0].listen] == [
+        "[::1]:7", "8", "9", "127.0.0.1:10", "0.0.0.0:11"
+    ]
+
+
+def test_exec_relative_to_config_folder_and_string_split(tmp_path: Path) -> None:
+    (tmp_path / "svc").mkdir()
+    prog = tmp_path / "svc" / "x.sh"
+    prog.write_text("#!/bin/sh\n")
+    prog.chmod(0o755)
+    cfg = load(write(tmp_path, "services:\n  x:\n    listen: 7\n    exec: \"svc/x.sh 'a b' c\"\n"))
+    assert cfg.services[0].exec == (str(prog), "a b", "c")
+    assert cfg.services[0].builtin is None
+
+
+def test_defaults_apply_and_service_overrides(tmp_path: Path) -> None:
+    cfg = load(
+        write(
+            tmp_path,
+            "defaults:\n  protocol: udp\n  stderr: 'null'\n"
+            "services:\n  a: {listen: 7}\n  b: {listen: 8, protocol: tcp}\n",
+        )
+    )
+    a, b = cfg.services
+    assert (a.protocol, a.stderr, b.protocol, b.stderr) == ("udp", "null", "tcp", "null")
+
+
+def test_toml_has_the_same_structure(tmp_path: Path) -> None:
+    cfg = load(
+        write(
+            tmp_path,
+            '[services.echo]\nlisten = "127.0.0.1:7007"\nbuiltin = "echo"\n',
+            "inetd.toml",
+        )
+    )
+    assert cfg.services[0].name == "echo"
+
+
+def test_all_errors_at_once_with_file_service_and_key(tmp_path: Path) -> None:
+    errs = errors_of(
+        tmp_path,
+        """
+services:
+  echo:
+    listen: 127.0.0.1:70000
+  upper:
+    listen: 7008
+    exec: /srv/upper.py
+    usr: nobody
+  both:
+    listen: 7009
+    exec: /bin/cat
+    builtin: echo
+  proto:
+    listen: 7010
+    protocol: sctp
+  bad:
+    listen: '300.1.2.3:7'
+""",
+    )
+    assert errs == [
+        "inetd.yaml: services.echo.listen: '127.0.0.1:70000': port must be 1-65535",
+        "inetd.yaml: services.upper.exec: /srv/upper.py: no such file",
+        errs[2],
+        "inetd.yaml: services.both.exec: give either exec or builtin, not both",
+        "inetd.yaml: services.proto.protocol: 'sctp': expected one of tcp, udp, unix",
+        "inetd.yaml: services.bad.listen: '300.1.2.3:7': '300.1.2.3' is not an IP address",
+    ]
+    assert errs[2].startswith("inetd.yaml: services.upper.usr: unknown key")
+
+
+def test_unknown_key_suggests_the_near_one(tmp_path: Path) -> None:
+    errs = errors_of(tmp_path, "services:\n  e:\n    listen: 7\n    protcol: udp\n")
+    assert errs == ["inetd.yaml: services.e.protcol: unknown key (did you mean 'protocol'?)"]
+
+
+def test_duplicate_listen_addresses(tmp_path: Path) -> None:
+    errs = errors_of(
+        tmp_path,
+        "services:\n  a: {listen: '127.0.0.1:7'}\n  b: {listen: 7}\n"
+        "  c: {listen: 7, protocol: udp}\n",
+    )
+    assert errs == [
+        "inetd.yaml: services.b.listen: '7': already used by service 'a' (127.0.0.1:7)"
+    ]
+
+
+def test_not_executable(tmp_path: Path) -> None:
+    (tmp_path / "x").write_text("data")
+    errs = errors_of(tmp_path, "services:\n  x: {listen: 7, exec: ./x}\n")
+    assert errs == ["inetd.yaml: services.x.exec: ./x: not an executable file"]
+
+
+def test_missing_listen_and_bad_yaml(tmp_path: Path) -> None:
+    assert errors_of(tmp_path, "services:\n  x: {}\n") == [
+        "inetd.yaml: services.x.listen: missing (e.g. listen: 127.0.0.1:7007)"
+    ]
+    (err,) = errors_of(tmp_path, "services: [\n")
+    assert err == (
+        "inetd.yaml: not valid YAML: line 2, column 1: expected the node content, "
+        "but found '<stream end>'"
+    )
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    errs = errors_of(tmp_path, "service:\n  x: {listen: 7}\n")
+    assert errs[0] == "inetd.yaml: service: unknown key (did you mean 'services'?)"
+
+
+def test_check_exit_codes(tmp_path: Path) -> None:
+    good = write(tmp_path, "services:\n  e: {listen: 7007}\n", "good.yaml")
+    bad = write(tmp_path, "services:\n  e: {listen: 70000}\n", "bad.yaml")
+    ok = subprocess.run([sys.executable, "-m", "pyinetd", "-c", str(good), "--check"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    no = subprocess.run([sys.executable, "-m", "pyinetd", "-c", str(bad), "--check"],
+                        capture_output=True, text=True)
+    assert no.returncode == 2
+    assert no.stderr == f"{bad}: services.e.listen: '70000': port must be 1-65535\n"
+
+
+def test_shipped_config_is_valid() -> None:
+    repo = Path(__file__).resolve().parent.parent
+    cfg = load(repo / "inetd.yaml")
+    assert {s.name for s in cfg.services} >= {"echo", "echo-udp"}
