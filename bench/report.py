@@ -267,7 +267,11 @@ def header_lines(log: str) -> list[str]:
 
 
 def render_markdown(
-    summaries: Sequence[Summary], targets: Sequence[Target], header: Sequence[str], command: str
+    summaries: Sequence[Summary],
+    targets: Sequence[Target],
+    header: Sequence[str],
+    command: str,
+    python_rss: tuple[float | None, float | None] = (None, None),
 ) -> str:
     """The whole latest.md, anchors table and targets."""
     by = {s.name: s for s in summaries}
@@ -309,6 +313,17 @@ def render_markdown(
         "|---|---|---|",
         *[f"| {t.goal} | {t.measured} | {t.verdict} |" for t in targets],
         "",
+    ]
+    with_site, no_site = python_rss
+    if with_site is not None:
+        out += [
+            f"Interpreter baseline: `python -c pass` has VmRSS {with_site / 1024:.1f} MiB"
+            + ("" if no_site is None else f" ({no_site / 1024:.1f} MiB with `-S`, i.e. without")
+            + ("" if no_site is None else " the site module and its .pth hooks)")
+            + "; every Python row's RSS includes it.",
+            "",
+        ]
+    out += [
         "Medians over rounds. conn/s: connections that connected, echoed the payload and closed,",
         "per second of wall time, CONC in flight. p50/p99: connect() to last echoed byte.",
         "RSS: VmRSS of the server's own pid after the run. zombies: system-wide right after the",
@@ -383,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--log", type=Path, help="anchors.sh output, for its '# ...' header lines")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--command", default="", help="the command line, shown in the report")
+    ap.add_argument(
+        "--python-rss", default="", help="KB,KB: VmRSS of `python -c pass` and `python -S -c pass`"
+    )
     args = ap.parse_args(argv)
 
     runs = parse_results(args.results.read_text())
@@ -393,7 +411,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = evaluate_targets(summaries)
     header = header_lines(args.log.read_text()) if args.log and args.log.exists() else []
     args.out.mkdir(parents=True, exist_ok=True)
-    md = render_markdown(summaries, targets, header, args.command)
+    rss = [_float(x) for x in args.python_rss.split(",")] if args.python_rss else []
+    python_rss = (rss[0] if rss else None, rss[1] if len(rss) > 1 else None)
+    md = render_markdown(summaries, targets, header, args.command, python_rss)
     (args.out / "latest.md").write_text(md)
     plot(summaries, args.out / "latest.png")
     print(md)

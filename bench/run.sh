@@ -127,12 +127,18 @@ export PORT_BASE
 EXTRA=$EXTRA_FILE OUTDIR=$OUTDIR bash "$ANCHORS" 2>&1 | tee "$OUTDIR/anchors.txt"
 [[ -s $OUTDIR/results.tsv ]] || die "anchors.sh wrote no results ($OUTDIR/results.tsv)"
 
+# The interpreter's own start-up RSS, for reading pyinetd's: .pth files in site-packages
+# (run by the site module) can import a good deal before pyinetd's first line.
+rss_probe='print([ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmRSS:")][0])'
+PY_RSS=$("$PYINETD_PYTHON" -c "$rss_probe" 2>/dev/null || echo NA)
+PY_RSS_NOSITE=$("$PYINETD_PYTHON" -S -c "$rss_probe" 2>/dev/null || echo NA)
+
 python3 "$HERE/report.py" "$OUTDIR/results.tsv" --log "$OUTDIR/anchors.txt" \
-    --out "$RESULTS_DIR" --command "$CMDLINE"
+    --out "$RESULTS_DIR" --command "$CMDLINE" --python-rss "$PY_RSS,$PY_RSS_NOSITE"
 
 if [[ $SCALE == 1 ]]; then
     read -r -a sargs <<<"$SCALE_ARGS"
-    python3 "$HERE/scale.py" --python "$PYINETD_PYTHON" --outdir "$OUTDIR/scale" \
+    python3 "$HERE/scale.py" --python "$PYINETD_PYTHON" --outdir "$OUTDIR/scale" --rounds "${ROUNDS:-3}" \
         --shared "$SHARED" --md "$RESULTS_DIR/latest.md" ${pyargs[@]+"--pyinetd-args=$PYINETD_ARGS"} \
         ${sargs[@]+"${sargs[@]}"}
 fi

@@ -21,6 +21,7 @@ import resource
 import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -253,14 +254,30 @@ def launch_command(python: str) -> list[str]:
     return [python, "-c", "import sys; from pyinetd.cli import main; sys.exit(main())"]
 
 
+def accepts_config(args: argparse.Namespace, config: dict[str, object]) -> bool:
+    """True if `pyinetd --check` accepts config (e.g. a top-level key not every version has)."""
+    path = args.outdir / "probe.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [*launch_command(args.python), "-c", str(path), "--check"]
+    return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+
+
 class Pyinetd:
     """One pyinetd process started on a config dict; stopped with its descendants."""
 
-    def __init__(self, python: str, extra_args: Sequence[str], outdir: Path, tag: str) -> None:
+    def __init__(
+        self,
+        python: str,
+        extra_args: Sequence[str],
+        outdir: Path,
+        tag: str,
+        launch: Sequence[str] = (),
+    ) -> None:
         self.python = python
         self.extra_args = list(extra_args)
         self.outdir = outdir
         self.tag = tag
+        self.launch = list(launch)  # replaces `python -m pyinetd` (e.g. a profiling wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -274,7 +291,8 @@ class Pyinetd:
         cfg = self.outdir / f"{self.tag}.yaml"
         cfg.write_text(yaml.safe_dump(config, sort_keys=False))
         log = (self.outdir / f"{self.tag}.log").open("wb")
-        cmd = [*launch_command(self.python), "-c", str(cfg), *self.extra_args]
+        launch = self.launch or launch_command(self.python)
+        cmd = [*launch, "-c", str(cfg), *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         log.close()
         end = time.monotonic() + READY_S
@@ -362,10 +380,11 @@ def children_experiment(args: argparse.Namespace, loadgen: Path, n: int) -> Row:
     """(b) fresh connections on one service while n children are held on another."""
     hold_port, fresh_port = free_ports(2)
     config: dict[str, object] = {
-        # Room for the held children plus the load's in-flight ones.
-        "max_children": n + args.conc + 100,
         "services": {"hold": cat_service(hold_port), "fresh": cat_service(fresh_port)},
     }
+    limit = n + args.conc + 100  # room for the held children plus the load's in-flight ones
+    if accepts_config(args, {"max_children": limit, **config}):
+        config = {"max_children": limit, **config}
     raise_nofile(n + args.conc + 256)
     with running(args, f"children-{n}", config, [hold_port, fresh_port]) as srv:
         t0 = time.monotonic()
@@ -384,6 +403,8 @@ def children_experiment(args: argparse.Namespace, loadgen: Path, n: int) -> Row:
             time.sleep(0.05)
         left = live_children(srv.pid)
     note = f"{_note(res)}; {live} live children; held in {hold_s:.1f}s; {left} left after 10s"
+    if "max_children" not in config:
+        note += "; no max_children key"
     return Row("b: live children", str(n), res.rate, res.p50_ms, res.p99_ms, cpu, rss, note)
 
 
@@ -405,6 +426,39 @@ def rss_experiment(args: argparse.Namespace, loadgen: Path, n: int) -> list[Row]
 
 
 # ---------------------------------------------------------------- output
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def combine(runs: Sequence[Row]) -> list[Row]:
+    """One row per (experiment, setting): medians over rounds; notes of each round kept."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for r in runs:
+        groups.setdefault((r.experiment, r.setting), []).append(r)
+    out: list[Row] = []
+    for (experiment, setting), rs in groups.items():
+        if len(rs) == 1:
+            out.append(rs[0])
+            continue
+        rss = _median([r.rss_kb for r in rs])
+        # The first round's note, plus any round's that reports failed connections.
+        notes = list(dict.fromkeys([rs[0].note, *(r.note for r in rs if "FAILED" in r.note)]))
+        out.append(
+            Row(
+                experiment,
+                setting,
+                _median([r.rate for r in rs]),
+                _median([r.p50_ms for r in rs]),
+                _median([r.p99_ms for r in rs]),
+                _median([r.cpu_ms_per_1k for r in rs]),
+                None if rss is None else int(rss),
+                f"median of {len(rs)}; " + " / ".join(notes),
+            )
+        )
+    return out
 
 
 def _f(v: float | None, places: int = 1) -> str:
@@ -436,7 +490,7 @@ def render_markdown(rows: Sequence[Row], args: argparse.Namespace) -> str:
         "",
         "## Scale experiments (bench/scale.py)",
         "",
-        f"`{' '.join(['bench/scale.py', *sys.argv[1:]])}`; "
+        f"`{' '.join(['bench/scale.py', *sys.argv[1:]])}`; {args.rounds} round(s), "
         f"load: {args.conns} connections ({args.warmup} warm-up), {args.conc} in flight, "
         f"{PAYLOAD}-byte echo through exec /bin/cat. {when}",
         "",
@@ -469,13 +523,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--conns", type=int, default=int(env.get("SCALE_CONNS", "2000")))
     ap.add_argument("--warmup", type=int, default=int(env.get("SCALE_WARMUP", "200")))
     ap.add_argument("--conc", type=int, default=int(env.get("CONC", "32")))
+    ap.add_argument("--rounds", type=int, default=int(env.get("ROUNDS", "1")))
     ap.add_argument("--shared", type=Path, default=HERE.parent.parent / "shared")
     ap.add_argument("--outdir", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=HERE / "results" / "latest.md")
     ap.add_argument("--no-md", action="store_true", help="print only")
     args = ap.parse_args(argv)
-    if args.conns < 1 or args.conc < 1 or args.warmup < 0:
-        ap.error("--conns and --conc must be >= 1, --warmup >= 0")
+    if args.conns < 1 or args.conc < 1 or args.warmup < 0 or args.rounds < 1:
+        ap.error("--conns, --conc and --rounds must be >= 1, --warmup >= 0")
     counts = [*args.services, *args.children, *([args.rss_services] if args.rss_services else [])]
     if any(n < 1 or n > 10000 for n in counts):
         ap.error("service and children counts must be in 1..10000 (loopback, bounded)")
@@ -484,15 +539,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.outdir.mkdir(parents=True, exist_ok=True)
 
     loadgen = build_loadgen(args.shared, args.outdir)
-    rows: list[Row] = []
-    for n in args.services:
-        rows.append(services_experiment(args, loadgen, n))
-        print(render_text(rows[-1:]).splitlines()[1], flush=True)
-    for n in args.children:
-        rows.append(children_experiment(args, loadgen, n))
-        print(render_text(rows[-1:]).splitlines()[1], flush=True)
-    if args.rss_services:
-        rows.extend(rss_experiment(args, loadgen, args.rss_services))
+    runs: list[Row] = []
+    # Interleaved (1 100 10 2000 1 100 ...): drift on a shared machine hits every setting alike.
+    for r in range(1, args.rounds + 1):
+        for n in args.services:
+            runs.append(services_experiment(args, loadgen, n))
+            print(f"r{r} " + render_text(runs[-1:]).splitlines()[1], flush=True)
+        for n in args.children:
+            runs.append(children_experiment(args, loadgen, n))
+            print(f"r{r} " + render_text(runs[-1:]).splitlines()[1], flush=True)
+        if args.rss_services:
+            runs.extend(rss_experiment(args, loadgen, args.rss_services))
+    rows = combine(runs)
     print()
     print(render_text(rows))
     if not args.no_md:
