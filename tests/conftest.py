@@ -36,7 +36,9 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
         return port
 
 
-def wait_for(pred: Callable[[], object], timeout: float = DEADLINE, what: str = "condition") -> None:
+def wait_for(
+    pred: Callable[[], object], timeout: float = DEADLINE, what: str = "condition"
+) -> None:
     """Poll ``pred`` until true, failing the test after ``timeout`` seconds."""
     end = time.monotonic() + timeout
     delay = 0.001
@@ -45,6 +47,15 @@ def wait_for(pred: Callable[[], object], timeout: float = DEADLINE, what: str = 
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(delay)  # polling a condition with a deadline, not synchronising on time
         delay = min(delay * 2, 0.05)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """True when a TCP connection to host:port succeeds (then closed at once)."""
+    try:
+        with socket.create_connection((host, port), timeout=DEADLINE):
+            return True
+    except OSError:
+        return False
 
 
 def pid_gone(pid: int) -> bool:
@@ -76,8 +87,13 @@ class Pyinetd:
     """A running pyinetd process with its stderr captured line by line."""
 
     def __init__(
-        self, config: dict[str, object] | str, tmp: Path, args: tuple[str, ...] = (),
-        name: str = "inetd.yaml", env: dict[str, str] | None = None, wait_ready: bool = True,
+        self,
+        config: dict[str, object] | str,
+        tmp: Path,
+        args: tuple[str, ...] = (),
+        name: str = "inetd.yaml",
+        env: dict[str, str] | None = None,
+        wait_ready: bool = True,
     ) -> None:
         self.path = tmp / name
         if isinstance(config, str):
@@ -89,7 +105,7 @@ class Pyinetd:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pyinetd", "-c", str(self.path), *args],
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
             cwd=tmp,
@@ -153,6 +169,8 @@ class Pyinetd:
                 self.proc.kill()
                 self.proc.wait(DEADLINE)
         self._reader.join(DEADLINE)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
         return self.proc.returncode
 
 
@@ -185,8 +203,13 @@ def script(tmp: Path, name: str, body: str) -> str:
     return str(path)
 
 
-def tcp_talk(port: int, data: bytes = b"", host: str = "127.0.0.1", shut: bool = True,
-             timeout: float = DEADLINE) -> bytes:
+def tcp_talk(
+    port: int,
+    data: bytes = b"",
+    host: str = "127.0.0.1",
+    shut: bool = True,
+    timeout: float = DEADLINE,
+) -> bytes:
     """Connect, send ``data``, half-close, read until EOF."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:

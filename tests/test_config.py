@@ -39,7 +39,11 @@ def test_listen_forms(tmp_path: Path) -> None:
         )
     )
     assert [str(a) for a in cfg.services[0].listen] == [
-        "[::1]:7", "8", "9", "127.0.0.1:10", "0.0.0.0:11"
+        "[::1]:7",
+        "8",
+        "9",
+        "127.0.0.1:10",
+        "0.0.0.0:11",
     ]
 
 
@@ -120,9 +124,7 @@ def test_duplicate_listen_addresses(tmp_path: Path) -> None:
         "services:\n  a: {listen: '127.0.0.1:7'}\n  b: {listen: 7}\n"
         "  c: {listen: 7, protocol: udp}\n",
     )
-    assert errs == [
-        "inetd.yaml: services.b.listen: '7': already used by service 'a' (127.0.0.1:7)"
-    ]
+    assert errs == ["inetd.yaml: services.b.listen: '7': already used by service 'a' (127.0.0.1:7)"]
 
 
 def test_not_executable(tmp_path: Path) -> None:
@@ -150,11 +152,15 @@ def test_unknown_top_level_key(tmp_path: Path) -> None:
 def test_check_exit_codes(tmp_path: Path) -> None:
     good = write(tmp_path, "services:\n  e: {listen: 7007}\n", "good.yaml")
     bad = write(tmp_path, "services:\n  e: {listen: 70000}\n", "bad.yaml")
-    ok = subprocess.run([sys.executable, "-m", "pyinetd", "-c", str(good), "--check"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "-c", str(good), "--check"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stderr
-    no = subprocess.run([sys.executable, "-m", "pyinetd", "-c", str(bad), "--check"],
-                        capture_output=True, text=True)
+    no = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "-c", str(bad), "--check"], capture_output=True, text=True
+    )
     assert no.returncode == 2
     assert no.stderr == f"{bad}: services.e.listen: '70000': port must be 1-65535\n"
 

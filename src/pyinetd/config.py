@@ -9,8 +9,11 @@ anything is reported (``ConfigError.errors``), e.g.::
 from __future__ import annotations
 
 import difflib
+import grp
 import ipaddress
 import os
+import pwd
+import resource
 import shlex
 import shutil
 import tomllib
@@ -20,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
 
 PROTOCOLS = ("tcp", "udp", "unix")
 BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
@@ -69,6 +74,27 @@ class Service:
     wait: bool = False
     enabled: bool = True
     stderr: str = "log"
+    # admission (issue: limits); None = no limit
+    max_connections: int | None = None
+    on_limit: str = "queue"
+    busy_message: str = ""
+    per_source: int | None = None
+    per_source_prefix: int = 64
+    rate: tuple[float, int] | None = None  # (per second, burst)
+    rate_pause: float = 10.0
+    access: AccessList | None = None
+    deny_message: str = ""
+    timeout: float | None = None
+    # process settings, applied in the child
+    user: tuple[str, int, int] | None = None  # (name, uid, gid of the user)
+    group: int | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    env_clear: bool = False
+    cwd: str | None = None
+    umask: int | None = None
+    nice: int | None = None
+    rlimits: tuple[tuple[int, int], ...] = ()
+    banner: bytes = b""
     source: str = ""  # file the service was defined in
 
     @property
@@ -86,6 +112,7 @@ class Config:
 
     path: Path
     services: tuple[Service, ...]
+    max_children: int | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -201,6 +228,170 @@ def parse_listen_item(item: Any, protocol: str, base: Path) -> ListenAddress:
     return ListenAddress(host=host, port=port)
 
 
+def _parse_count(value: Any, _base: Path) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise _KeyError(f"{value!r}: expected a whole number >= 1")
+
+
+def _parse_choice(*choices: str) -> Parser:
+    def parse(value: Any, _base: Path) -> str:
+        if value in choices:
+            return str(value)
+        raise _KeyError(f"{value!r}: expected one of {', '.join(choices)}")
+
+    return parse
+
+
+def _parse_text(value: Any, _base: Path) -> str:
+    if isinstance(value, str):
+        return value
+    raise _KeyError(f"{value!r}: expected text")
+
+
+def _parse_prefix(value: Any, _base: Path) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 128:
+        return value
+    raise _KeyError(f"{value!r}: expected an IPv6 prefix length 0-128")
+
+
+def _wrap(fn: Callable[[Any], Any]) -> Parser:
+    def parse(value: Any, _base: Path) -> Any:
+        try:
+            return fn(value)
+        except (ValueError, TypeError) as exc:
+            raise _KeyError(str(exc)) from None
+
+    return parse
+
+
+def _parse_addr_list(value: Any, _base: Path) -> tuple[str, ...]:
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        try:
+            AccessList.parse([item], [])
+        except (ValueError, TypeError) as exc:
+            raise _KeyError(str(exc)) from None
+    return tuple(str(i) for i in items)
+
+
+def _parse_user(value: Any, _base: Path) -> tuple[str, int, int]:
+    try:
+        pw = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
+    except (KeyError, OverflowError):
+        raise _KeyError(f"{value!r}: no such user") from None
+    if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
+        raise _KeyError(
+            f"{value!r}: pyinetd runs as uid {os.geteuid()}, not root, and cannot switch users"
+        )
+    return (pw.pw_name, pw.pw_uid, pw.pw_gid)
+
+
+def _parse_group(value: Any, _base: Path) -> int:
+    try:
+        gid = (
+            grp.getgrgid(value).gr_gid
+            if isinstance(value, int)
+            else grp.getgrnam(str(value)).gr_gid
+        )
+    except (KeyError, OverflowError):
+        raise _KeyError(f"{value!r}: no such group") from None
+    if os.geteuid() != 0 and gid not in (os.getegid(), *os.getgroups()):
+        raise _KeyError(f"{value!r}: pyinetd is not root and cannot switch to that group")
+    return gid
+
+
+def _parse_env(value: Any, _base: Path) -> tuple[tuple[str, str], ...]:
+    if not isinstance(value, dict):
+        raise _KeyError(f"{value!r}: expected a mapping NAME: value")
+    out = []
+    for k, v in value.items():
+        if not isinstance(k, str) or not k or "=" in k or "\0" in k:
+            raise _KeyError(f"{k!r}: not a valid environment variable name")
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            raise _KeyError(f"{k}: {v!r}: expected text")
+        out.append((k, str(v)))
+    return tuple(out)
+
+
+def _parse_dir(value: Any, base: Path) -> str:
+    if not isinstance(value, str) or not value:
+        raise _KeyError(f"{value!r}: expected a folder path")
+    path = Path(value) if os.path.isabs(value) else base / value
+    if not path.is_dir():
+        raise _KeyError(f"{value}: no such folder")
+    return str(path)
+
+
+def _parse_umask(value: Any, _base: Path) -> int:
+    # Text is octal ("022"); a YAML number is taken as read (YAML 1.1 reads 022 as octal).
+    if isinstance(value, str) and value and set(value) <= set("01234567"):
+        value = int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    raise _KeyError(f"{value!r}: expected an octal mask such as '022'")
+
+
+def _parse_nice(value: Any, _base: Path) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and -20 <= value <= 19:
+        if value < 0 and os.geteuid() != 0:
+            raise _KeyError(f"{value!r}: a negative nice value needs root")
+        return value
+    raise _KeyError(f"{value!r}: expected a number from -20 to 19")
+
+
+RLIMITS = {
+    "as": resource.RLIMIT_AS,
+    "core": resource.RLIMIT_CORE,
+    "cpu": resource.RLIMIT_CPU,
+    "data": resource.RLIMIT_DATA,
+    "fsize": resource.RLIMIT_FSIZE,
+    "nofile": resource.RLIMIT_NOFILE,
+    "nproc": resource.RLIMIT_NPROC,
+    "rss": resource.RLIMIT_RSS,
+    "stack": resource.RLIMIT_STACK,
+    "memlock": resource.RLIMIT_MEMLOCK,
+}
+
+
+def _parse_rlimits(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, dict):
+        raise _KeyError(f"{value!r}: expected a mapping such as {{nofile: 256, as: 512M}}")
+    out = []
+    for k, v in value.items():
+        res = RLIMITS.get(str(k))
+        if res is None:
+            raise _KeyError(f"{k}: unknown limit (known: {', '.join(RLIMITS)})")
+        try:
+            n = int(parse_duration(v)) if k == "cpu" and isinstance(v, str) else parse_size(v)
+        except ValueError as exc:
+            raise _KeyError(f"{k}: {exc}") from None
+        hard = resource.getrlimit(res)[1]
+        if os.geteuid() != 0 and hard != resource.RLIM_INFINITY and (n < 0 or n > hard):
+            raise _KeyError(f"{k}: {v!r}: above the hard limit {hard} pyinetd runs with")
+        out.append((res, n))
+    return tuple(out)
+
+
+def _parse_banner_file(value: Any, base: Path) -> bytes:
+    if not isinstance(value, str) or not value:
+        raise _KeyError(f"{value!r}: expected a file path")
+    path = Path(value) if os.path.isabs(value) else base / value
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _KeyError(f"{value}: {exc.strerror}") from None
+    if len(data) > 65536:
+        raise _KeyError(f"{value}: larger than 64 KiB")
+    return data
+
+
+def _parse_banner_text(value: Any, _base: Path) -> bytes:
+    if not isinstance(value, str):
+        raise _KeyError(f"{value!r}: expected text")
+    return value.encode()
+
+
 # Keys a service (or `defaults:`) may carry, with their parser. `listen` is parsed separately
 # because it depends on `protocol`.
 SERVICE_KEYS: dict[str, Parser] = {
@@ -211,8 +402,30 @@ SERVICE_KEYS: dict[str, Parser] = {
     "wait": _parse_bool,
     "enabled": _parse_bool,
     "stderr": _parse_stderr,
+    "max_connections": _parse_count,
+    "on_limit": _parse_choice("queue", "reject"),
+    "busy_message": _parse_text,
+    "per_source": _parse_count,
+    "per_source_prefix": _parse_prefix,
+    "rate": _wrap(parse_rate),
+    "burst": _parse_count,
+    "rate_pause": _wrap(parse_duration),
+    "allow": _parse_addr_list,
+    "deny": _parse_addr_list,
+    "deny_message": _parse_text,
+    "timeout": _wrap(parse_duration),
+    "user": _parse_user,
+    "group": _parse_group,
+    "env": _parse_env,
+    "env_clear": _parse_bool,
+    "cwd": _parse_dir,
+    "umask": _parse_umask,
+    "nice": _parse_nice,
+    "rlimits": _parse_rlimits,
+    "banner": _parse_banner_file,
+    "banner_text": _parse_banner_text,
 }
-TOP_KEYS = ("defaults", "services")
+TOP_KEYS = ("defaults", "services", "max_children")
 
 
 def _unknown(key: str, known: list[str]) -> str:
@@ -260,6 +473,12 @@ def build(doc: Any, path: Path) -> Config:
         if key not in TOP_KEYS:
             errors.append(f"{label}: {key}: {_unknown(str(key), list(TOP_KEYS))}")
 
+    max_children = None
+    if "max_children" in doc:
+        try:
+            max_children = _parse_count(doc["max_children"], base)
+        except _KeyError as exc:
+            errors.append(f"{label}: max_children: {exc}")
     defaults_raw = doc.get("defaults") or {}
     if not isinstance(defaults_raw, dict):
         errors.append(f"{label}: defaults: expected a mapping of service keys")
@@ -282,7 +501,7 @@ def build(doc: Any, path: Path) -> Config:
     _check_duplicates(services, label, errors)
     if errors:
         raise ConfigError(errors)
-    return Config(path=path, services=tuple(services), raw=doc)
+    return Config(path=path, services=tuple(services), max_children=max_children, raw=doc)
 
 
 def _check_keys(
@@ -349,7 +568,30 @@ def _build_service(
         values.setdefault("builtin", "echo")
     if values.get("builtin") is not None:
         values["wait"] = False  # built-ins run inside pyinetd; wait does not apply
+    _combine(values, where, errors)
+    if len(errors) > n_before:
+        return None
     return Service(name=name, listen=tuple(listen), source=label, **values)
+
+
+def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
+    """Fold keys that configure one thing together (rate+burst, allow+deny, banner)."""
+    burst = values.pop("burst", None)
+    if values.get("rate") is not None and burst is not None:
+        values["rate"] = (values["rate"][0], burst)
+    elif burst is not None:
+        errors.append(f"{where}.burst: only meaningful with rate")
+    allow, deny = values.pop("allow", ()), values.pop("deny", ())
+    if allow or deny:
+        values["access"] = AccessList.parse(allow, deny)
+    text = values.pop("banner_text", None)
+    if text is not None:
+        if values.get("banner"):
+            errors.append(f"{where}.banner_text: give either banner or banner_text, not both")
+        values["banner"] = text
+    for key in ("busy_message", "deny_message"):
+        if values.get(key) and not values[key].endswith("\n"):
+            values[key] += "\r\n"
 
 
 def _check_duplicates(services: list[Service], label: str, errors: list[str]) -> None:

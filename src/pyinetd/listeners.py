@@ -7,6 +7,7 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Container
 from dataclasses import dataclass
 
 from pyinetd.config import ListenAddress, Service
@@ -102,12 +103,18 @@ def _remove_stale_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, "another server is listening on it", path)
 
 
-def bind_service(service: Service) -> list[tuple[ListenKey, socket.socket]]:
-    """Bind every listen address of a service; on failure close what was bound and raise."""
+def bind_service(
+    service: Service, skip: Container[ListenKey] = ()
+) -> list[tuple[ListenKey, socket.socket]]:
+    """Bind the listen addresses of a service not in ``skip`` (those are already bound);
+    on failure close what was bound and raise ListenError."""
     bound: list[tuple[ListenKey, socket.socket]] = []
     for addr in service.listen:
+        key = ListenKey(service.protocol, addr)
+        if key in skip:
+            continue
         try:
-            bound.append((ListenKey(service.protocol, addr), bind_listener(service.protocol, addr)))
+            bound.append((key, bind_listener(service.protocol, addr)))
         except OSError as exc:
             for _, sock in bound:
                 close_listener(sock)

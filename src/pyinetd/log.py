@@ -24,6 +24,8 @@ class TextFormatter(logging.Formatter):
         msg = record.getMessage()
         if record.levelno >= logging.WARNING:
             msg = f"{record.levelname.lower()}: {msg}"
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
         if not self._timestamps:
             return msg
         ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
@@ -42,6 +44,8 @@ class JSONFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             obj.update(fields)
+        if record.exc_info:
+            obj["traceback"] = self.formatException(record.exc_info)
         return json.dumps(obj, default=str)
 
 
@@ -59,7 +63,9 @@ def setup_logging(level: str = "info", fmt: str = "text", syslog: bool = False) 
     if fmt == "json":
         handler.setFormatter(JSONFormatter())
     else:
-        handler.setFormatter(TextFormatter(timestamps=not syslog and "JOURNAL_STREAM" not in os.environ))
+        handler.setFormatter(
+            TextFormatter(timestamps=not syslog and "JOURNAL_STREAM" not in os.environ)
+        )
     LOG.handlers[:] = [handler]
     LOG.propagate = False
     LOG.setLevel(level.upper())

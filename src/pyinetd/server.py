@@ -10,25 +10,29 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import heapq
 import logging
 import os
 import selectors
 import signal
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pyinetd import builtins
-from pyinetd.config import Config, Service
-from pyinetd.listeners import ListenKey, bind_service, close_listener
+from pyinetd.admission import LogLimiter, TokenBucket, source_key
+from pyinetd.config import Config, ConfigError, Service, load
+from pyinetd.listeners import ListenError, ListenKey, bind_service, close_listener
 from pyinetd.log import LOG, event
-from pyinetd.spawn import Spawner, close_quietly
+from pyinetd.spawn import Spawner
 
 ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
 EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
 STDERR_LINE_MAX = 4096
+KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
 HANDLED_SIGNALS = (
     signal.SIGCHLD,
     signal.SIGHUP,
@@ -64,13 +68,44 @@ def peer_text(ip: str, port: int) -> str:
 
 @dataclass
 class ServiceState:
-    """Runtime state of a service that lives across reloads: counts, children."""
+    """Runtime state of a service that lives across reloads, pauses and resumes.
+
+    ``running`` and ``sources`` are kept by the children table and the built-in sessions
+    only: a slot is freed when its process is reaped or its session closes, whatever the
+    reason (exit, crash, timeout kill), and nothing else ever resets them.
+    """
 
     service: Service
     running: int = 0
     accepted: int = 0
     failed_spawns: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)
+    bucket: TokenBucket | None = None
+    listeners: list[Listener] = field(default_factory=list)
+
+    def set_service(self, service: Service) -> None:
+        """Apply a (re)loaded definition; counts stay, the rate bucket follows the settings."""
+        old = self.service
+        self.service = service
+        if service.rate is None:
+            self.bucket = None
+        elif self.bucket is None or old.rate != service.rate:
+            self.bucket = TokenBucket(*service.rate)
+
+    def add_source(self, key: str) -> None:
+        self.running += 1
+        if key:
+            self.sources[key] = self.sources.get(key, 0) + 1
+
+    def drop_source(self, key: str) -> None:
+        self.running -= 1
+        if key:
+            n = self.sources.get(key, 0) - 1
+            if n > 0:
+                self.sources[key] = n
+            else:
+                self.sources.pop(key, None)
 
 
 @dataclass
@@ -84,6 +119,7 @@ class Listener:
     local_port: int = 0
     registered: bool = False
     waiting_on: int = 0  # pid of the wait-mode child that owns the socket
+    paused_until: float = 0.0  # rate limit or fd exhaustion: resume at this monotonic time
     resume_timer: Timer | None = None
 
     @property
@@ -100,6 +136,9 @@ class Child:
     peer: str
     started: float
     listener: Listener | None = None  # wait mode: the listener to resume when this exits
+    source: str = ""  # per_source key
+    timer: Timer | None = None  # timeout
+    killed: bool = False
 
 
 @dataclass(order=True)
@@ -155,17 +194,27 @@ class StderrPipe:
 
 
 class UDPReply:
-    """Relays each write of a per-datagram UDP child (a SOCK_SEQPACKET record) to the client."""
+    """Collects a per-datagram UDP child's stdout and sends it to the client as one datagram.
+
+    Output beyond the largest UDP payload (65507 bytes) goes out in datagrams of that size.
+    """
+
+    MAX = 65507
 
     def __init__(
-        self, fd: socket.socket, listener: socket.socket, peer: object, sel: selectors.BaseSelector
+        self,
+        sock: socket.socket,
+        listener: socket.socket,
+        peer: object,
+        sel: selectors.BaseSelector,
     ) -> None:
-        self.sock = fd
+        self.sock = sock
         self._listener = listener
         self._peer = peer
         self._sel = sel
-        fd.setblocking(False)
-        sel.register(fd, selectors.EVENT_READ, self)
+        self._buf = bytearray()
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ, self)
 
     def __call__(self, mask: int) -> None:
         try:
@@ -174,12 +223,17 @@ class UDPReply:
             return
         except OSError:
             data = b""
+        self._buf += data
+        while len(self._buf) >= self.MAX or (not data and self._buf):
+            self._send(bytes(self._buf[: self.MAX]))
+            del self._buf[: self.MAX]
         if not data:
             self._sel.unregister(self.sock)
             self.sock.close()
-            return
+
+    def _send(self, payload: bytes) -> None:
         with contextlib.suppress(OSError):
-            self._listener.sendto(data[:65507], self._peer)
+            self._listener.sendto(payload, self._peer)
 
 
 class Server:
@@ -192,54 +246,130 @@ class Server:
         self.states: dict[str, ServiceState] = {}
         self.listeners: dict[ListenKey, Listener] = {}
         self.children: dict[int, Child] = {}
-        self.sessions: set[builtins.Session] = set()
+        self.sessions: dict[builtins.Session, tuple[ServiceState, str, Timer | None]] = {}
         self._timers: list[Timer] = []
         self._timer_seq = 0
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._emfile_logged = False
-        self._devnull = -1
+        self._full = False  # at the global max_children: exec listeners are paused
+        self._refusals = LogLimiter(60.0)
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
         """Bind every enabled service's listeners; ListenError (nothing left bound) on failure."""
-        bound: list[tuple[ServiceState, list[tuple[ListenKey, socket.socket]]]] = []
-        try:
-            for svc in self.config.enabled_services:
-                state = self.states.setdefault(svc.name, ServiceState(svc))
-                bound.append((state, bind_service(svc)))
-        except Exception:
-            for _, socks in bound:
-                for _, sock in socks:
-                    close_listener(sock)
-            raise
-        for state, socks in bound:
-            for key, sock in socks:
-                self._add_listener(key, sock, state)
+        self._apply(self.config, self._bind_new(self.config, {}))
 
-    def _add_listener(self, key: ListenKey, sock: socket.socket, state: ServiceState) -> None:
+    def _bind_new(
+        self, config: Config, keep: dict[ListenKey, Listener]
+    ) -> dict[ListenKey, socket.socket]:
+        """Bind every listen address of ``config`` not in ``keep``; all or nothing."""
+        fresh: dict[ListenKey, socket.socket] = {}
+        try:
+            for svc in config.enabled_services:
+                for key, sock in bind_service(svc, skip=keep):
+                    fresh[key] = sock
+        except Exception:
+            for sock in fresh.values():
+                close_listener(sock)
+            raise
+        return fresh
+
+    def _apply(self, config: Config, fresh: dict[ListenKey, socket.socket]) -> None:
+        """Switch to ``config``: reuse kept sockets, add fresh ones, close the rest."""
+        self.config = config
+        self.spawner.forget()
+        wanted: dict[ListenKey, Service] = {}
+        for svc in config.enabled_services:
+            for addr in svc.listen:
+                wanted[ListenKey(svc.protocol, addr)] = svc
+        for state in self.states.values():
+            state.listeners.clear()
+        for svc in config.services:
+            state = self.states.get(svc.name)
+            if state is None:
+                state = self.states[svc.name] = ServiceState(svc)
+            state.set_service(svc)
+        for key, lst in list(self.listeners.items()):
+            if key not in wanted:
+                self._pause(lst)
+                if lst.resume_timer:
+                    lst.resume_timer.cancelled = True
+                del self.listeners[key]
+                if lst.waiting_on:
+                    lst.sock.close()  # the wait-mode child keeps its own reference
+                else:
+                    close_listener(lst.sock)
+        for key, svc in wanted.items():
+            state = self.states[svc.name]
+            lst = self.listeners.get(key)
+            if lst is None:
+                lst = self._new_listener(key, fresh[key], state)
+            lst.state = state
+            state.listeners.append(lst)
+            self._refresh(lst)
+        self._full = self._at_max_children()
+        for lst in self.listeners.values():
+            self._refresh(lst)
+
+    def _new_listener(self, key: ListenKey, sock: socket.socket, state: ServiceState) -> Listener:
         lst = Listener(key=key, sock=sock, state=state)
         if key.address.host and sock.family != socket.AF_UNIX:
             # Bound to one address: the local end of every connection is known without
             # a getsockname() per connection.
             lst.local_ip, lst.local_port = peer_of(sock.family, sock.getsockname())
         self.listeners[key] = lst
-        self._resume(lst)
+        return lst
 
-    def _resume(self, lst: Listener) -> None:
-        if lst.registered or self._stopping:
-            return
-        if lst.key.protocol == "udp":
-            handler: Callable[[int], None] = lambda mask, lst=lst: self._on_datagram(lst)
+    # ------------------------------------------------------------ listener state
+    def _should_listen(self, lst: Listener) -> bool:
+        if self._stopping or lst.waiting_on or self.listeners.get(lst.key) is not lst:
+            return False
+        if lst.paused_until and time.monotonic() < lst.paused_until:
+            return False
+        svc = lst.state.service
+        if svc.max_connections and svc.on_limit == "queue" and not svc.wait:
+            if lst.state.running >= svc.max_connections:
+                return False  # clients wait in the backlog, like tcpserver -c
+        return not (self._full and not svc.is_builtin and svc.on_limit == "queue")
+
+    def _refresh(self, lst: Listener) -> None:
+        """Watch or stop watching a listener according to its limits and pauses."""
+        if self._should_listen(lst):
+            if not lst.registered:
+                if lst.key.protocol == "udp":
+                    handler = functools.partial(self._on_datagram, lst)
+                else:
+                    handler = functools.partial(self._on_accept, lst)
+                self.sel.register(lst.sock, selectors.EVENT_READ, handler)
+                lst.registered = True
         else:
-            handler = lambda mask, lst=lst: self._on_accept(lst)
-        self.sel.register(lst.sock, selectors.EVENT_READ, handler)
-        lst.registered = True
+            self._pause(lst)
 
     def _pause(self, lst: Listener) -> None:
         if lst.registered:
             self.sel.unregister(lst.sock)
             lst.registered = False
+
+    def _pause_for(self, lst: Listener, seconds: float) -> None:
+        """Stop accepting on ``lst`` for a while; the socket stays open and bound."""
+        lst.paused_until = time.monotonic() + seconds
+        self._pause(lst)
+        if lst.resume_timer:
+            lst.resume_timer.cancelled = True
+        lst.resume_timer = self.call_later(seconds, functools.partial(self._resume, lst))
+
+    def _resume(self, lst: Listener) -> None:
+        lst.paused_until = 0.0
+        lst.resume_timer = None
+        self._refresh(lst)
+        if lst.registered:
+            event(logging.INFO, f"{lst.state.service.name}: {lst.key.address}: accepting again",
+                  event="resume", service=lst.state.service.name)
+
+    def _at_max_children(self) -> bool:
+        limit = self.config.max_children
+        return limit is not None and len(self.children) >= limit
 
     def _install_signals(self) -> None:
         self._wake_r.setblocking(False)
@@ -274,21 +404,27 @@ class Server:
         """Serve until SIGTERM/SIGINT; returns the exit code."""
         self._install_signals()
         self.reap_children()  # children left from before exec (e.g. by a wrapper script)
-        names = ", ".join(
-            f"{s.name} ({s.protocol} {' '.join(str(a) for a in s.listen)})"
-            for s in self.config.enabled_services
-        )
-        event(logging.INFO, f"listening: {names}", event="ready")
+        event(logging.INFO, f"listening: {self._describe()}", event="ready")
         try:
             while not self._stopping:
                 timeout = self._run_timers()
                 for key, mask in self.sel.select(timeout):
-                    key.data(mask)
+                    try:
+                        key.data(mask)
+                    except Exception:
+                        # A bug in one handler must not take every service down with it.
+                        LOG.exception("internal error handling an event; serving on")
                     if self._stopping:
                         break
         finally:
             self._shutdown()
         return 0
+
+    def _describe(self) -> str:
+        return ", ".join(
+            f"{s.name} ({s.protocol} {' '.join(str(a) for a in s.listen)})"
+            for s in self.config.enabled_services
+        )
 
     def _on_wakeup(self, mask: int) -> None:
         try:
@@ -302,6 +438,33 @@ class Server:
             which = "SIGTERM" if signal.SIGTERM in signums else "SIGINT"
             event(logging.INFO, f"{which}: stopping", event="stopping")
             self._stopping = True
+            return
+        if signal.SIGHUP in signums:
+            self.reload()
+
+    def reload(self) -> list[str]:
+        """Re-read the configuration file; on any error keep everything as it is.
+
+        Returns the errors (empty on success).
+        """
+        try:
+            new = load(self.config.path)
+            fresh = self._bind_new(new, self.listeners)
+        except ConfigError as exc:
+            errors = exc.errors
+        except ListenError as exc:
+            errors = [f"{self.config.path}: {exc}"]
+        else:
+            self._apply(new, fresh)
+            event(logging.INFO, f"reloaded: {self._describe()}", event="reloaded")
+            return []
+        event(
+            logging.ERROR,
+            "reload failed, keeping the running configuration: " + "; ".join(errors),
+            event="reload_failed",
+            errors=errors,
+        )
+        return errors
 
     def _shutdown(self) -> None:
         for lst in list(self.listeners.values()):
@@ -342,15 +505,18 @@ class Server:
         if child is None:
             LOG.debug("reaped unknown pid %d", pid)  # gunicorn #3566: not an error
             return
-        child.state.running -= 1
+        if child.timer is not None:
+            child.timer.cancelled = True
+        state = child.state
+        state.drop_source(child.source)
         code = os.waitstatus_to_exitcode(status)
         how = f"exit {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
         duration = time.monotonic() - child.started
         event(
             logging.INFO,
-            f"{child.state.service.name}: pid {pid} ended ({how}) after {duration:.3f}s",
+            f"{state.service.name}: pid {pid} ended ({how}) after {duration:.3f}s",
             event="end",
-            service=child.state.service.name,
+            service=state.service.name,
             pid=pid,
             peer=child.peer,
             status=code,
@@ -361,12 +527,79 @@ class Server:
             lst.waiting_on = 0
             if self.listeners.get(lst.key) is lst:
                 lst.sock.setblocking(False)
-                self._resume(lst)
+        if self._full and not self._at_max_children():
+            self._full = False
+            for lst in self.listeners.values():
+                self._refresh(lst)
+        else:
+            for lst in state.listeners:
+                if not lst.registered:
+                    self._refresh(lst)
+
+    def _on_timeout(self, pid: int) -> None:
+        child = self.children.get(pid)
+        if child is None:
+            return
+        name = child.state.service.name
+        if not child.killed:
+            child.killed = True
+            event(logging.WARNING, f"{name}: pid {pid} timed out after "
+                  f"{child.state.service.timeout}s; sending SIGTERM", event="timeout",
+                  service=name, pid=pid, peer=child.peer)
+            _kill_group(pid, signal.SIGTERM)
+            child.timer = self.call_later(KILL_GRACE, lambda: self._on_timeout(pid))
+        else:
+            event(logging.WARNING, f"{name}: pid {pid} still running {KILL_GRACE}s after "
+                  "SIGTERM; sending SIGKILL", event="timeout_kill", service=name, pid=pid)
+            _kill_group(pid, signal.SIGKILL)
+            child.timer = None
+
+    # ------------------------------------------------------------ admission
+    def _refuse(
+        self, state: ServiceState, conn: socket.socket | None, ip: str, port: int, reason: str
+    ) -> None:
+        """Count, log (throttled per address) and answer a refused connection, then close it."""
+        svc = state.service
+        state.refused[reason] = state.refused.get(reason, 0) + 1
+        src = source_key(ip, svc.per_source_prefix) if ip else "unix"
+        show, suppressed = self._refusals.should_log(f"{svc.name} {reason} {src}", time.monotonic())
+        if show:
+            more = f" ({suppressed} more since last logged)" if suppressed else ""
+            event(
+                logging.WARNING,
+                f"{svc.name}: refused {peer_text(ip, port)}: {reason}{more}",
+                event="refused",
+                service=svc.name,
+                peer=peer_text(ip, port),
+                reason=reason,
+                suppressed=suppressed,
+            )
+        if conn is not None:
+            msg = svc.deny_message if reason == "deny" else svc.busy_message
+            if msg:
+                with contextlib.suppress(OSError):
+                    conn.send(msg.encode(), socket.MSG_DONTWAIT)
+            conn.close()
+
+    def _admit(self, state: ServiceState, ip: str) -> tuple[str | None, str]:
+        """(refusal reason or None, per_source key) for a new connection from ``ip``."""
+        svc = state.service
+        if svc.access is not None and not svc.access.permits(ip):
+            return "deny", ""
+        if svc.max_connections and state.running >= svc.max_connections:
+            return "limit", ""
+        if self._full and not svc.is_builtin:
+            return "max_children", ""
+        key = source_key(ip, svc.per_source_prefix) if svc.per_source and ip else ""
+        if key and state.sources.get(key, 0) >= svc.per_source:
+            return "per_source", key
+        if state.bucket is not None and not state.bucket.take(time.monotonic()):
+            return "rate", key
+        return None, key
 
     # ------------------------------------------------------------ connections
-    def _on_accept(self, lst: Listener) -> None:
-        svc = lst.service
-        if svc.wait:
+    def _on_accept(self, lst: Listener, mask: int = 0) -> None:
+        if lst.state.service.wait:
             self._start_wait_child(lst)
             return
         for _ in range(ACCEPT_BATCH):
@@ -391,28 +624,25 @@ class Server:
             if not self._emfile_logged:
                 event(
                     logging.ERROR,
-                    f"{lst.service.name}: accept: {exc.strerror}; pausing accepts "
+                    f"{lst.state.service.name}: accept: {exc.strerror}; pausing accepts "
                     f"for {EMFILE_PAUSE}s at a time until descriptors free up",
                     event="accept_error",
-                    service=lst.service.name,
+                    service=lst.state.service.name,
                 )
                 self._emfile_logged = True
-            self._pause(lst)
-            lst.resume_timer = self.call_later(EMFILE_PAUSE, lambda: self._resume(lst))
+            self._pause_for(lst, EMFILE_PAUSE)
         elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
-            event(logging.WARNING, f"{lst.service.name}: accept: {exc}", event="accept_error")
+            event(logging.WARNING, f"{lst.state.service.name}: accept: {exc}",
+                  event="accept_error")
 
     def _connection_env(
         self, lst: Listener, conn: socket.socket, ip: str, port: int
     ) -> dict[bytes, bytes]:
-        svc = lst.service
-        if svc.protocol == "unix":
+        if lst.key.protocol == "unix":
             env = {b"PROTO": b"IPC", b"IPCLOCALPATH": str(lst.key.address).encode()}
             with contextlib.suppress(OSError):
                 creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-                pid, uid, gid = int.from_bytes(creds[0:4], "little"), *(
-                    int.from_bytes(creds[i : i + 4], "little") for i in (4, 8)
-                )
+                pid, uid, gid = struct.unpack("3i", creds)
                 env[b"IPCREMOTEPID"] = str(pid).encode()
                 env[b"IPCREMOTEEUID"] = str(uid).encode()
                 env[b"IPCREMOTEEGID"] = str(gid).encode()
@@ -445,26 +675,65 @@ class Server:
         state = lst.state
         svc = state.service
         ip, port = peer_of(conn.family, addr)
+        reason, src = self._admit(state, ip)
+        if reason is not None:
+            self._refuse(state, conn, ip, port, reason)
+            if reason == "rate":
+                self._rate_pause(state)
+            return
         state.accepted += 1
+        if svc.banner:
+            with contextlib.suppress(OSError):
+                conn.send(svc.banner, socket.MSG_DONTWAIT)
         if svc.builtin is not None:
             conn.setblocking(False)
-            self._start_session(state, conn, svc.builtin)
+            self._start_session(state, conn, svc.builtin, src)
             return
         try:
             env = self._connection_env(lst, conn, ip, port)
-            self._start_child(state, conn.fileno(), conn.fileno(), conn, env, peer_text(ip, port))
+            self._start_child(
+                state, conn.fileno(), conn.fileno(), conn, env, peer_text(ip, port), src=src
+            )
         finally:
             conn.close()
+        if self._full or (svc.max_connections and state.running >= svc.max_connections):
+            for other in state.listeners if not self._full else self.listeners.values():
+                self._refresh(other)
 
-    def _start_session(self, state: ServiceState, conn: socket.socket, kind: str) -> None:
-        state.running += 1
-        sess = builtins.Session(kind, conn, self.sel, lambda s: self._session_closed(state, s))
-        if not sess.closed:
-            self.sessions.add(sess)
+    def _rate_pause(self, state: ServiceState) -> None:
+        svc = state.service
+        event(
+            logging.WARNING,
+            f"{svc.name}: over the rate of {svc.rate[0] if svc.rate else 0:g}/s; "
+            f"pausing for {svc.rate_pause:g}s (the port stays open)",
+            event="rate_pause",
+            service=svc.name,
+        )
+        for lst in state.listeners:
+            self._pause_for(lst, svc.rate_pause)
 
-    def _session_closed(self, state: ServiceState, sess: builtins.Session) -> None:
-        state.running -= 1
-        self.sessions.discard(sess)
+    def _start_session(self, state: ServiceState, conn: socket.socket, kind: str, src: str) -> None:
+        state.add_source(src)
+        sess = builtins.Session(kind, conn, self.sel, self._session_closed)
+        if sess.closed:
+            state.drop_source(src)
+            return
+        timer = None
+        if state.service.timeout:
+            timer = self.call_later(state.service.timeout, sess.close)
+        self.sessions[sess] = (state, src, timer)
+
+    def _session_closed(self, sess: builtins.Session) -> None:
+        entry = self.sessions.pop(sess, None)
+        if entry is None:
+            return  # closed while starting: _start_session drops the slot
+        state, src, timer = entry
+        if timer is not None:
+            timer.cancelled = True
+        state.drop_source(src)
+        for lst in state.listeners:
+            if not lst.registered:
+                self._refresh(lst)
 
     def _stderr_fd(self, svc: Service, conn: socket.socket | None) -> tuple[int, StderrPipe | None]:
         """The fd for the child's stderr, and the pipe reader when it goes to the log."""
@@ -487,6 +756,7 @@ class Server:
         env: dict[bytes, bytes],
         peer: str,
         listener: Listener | None = None,
+        src: str = "",
     ) -> int:
         """Spawn the service's program; returns the pid, or 0 when it could not start."""
         svc = state.service
@@ -501,6 +771,8 @@ class Server:
         except OSError as exc:
             state.failed_spawns += 1
             if pipe is not None:
+                os.close(err_fd)
+                err_fd = -1
                 pipe(selectors.EVENT_READ)  # nothing to read: EOF closes it
             event(
                 logging.ERROR,
@@ -513,11 +785,17 @@ class Server:
             )
             return 0
         finally:
-            os.close(err_fd)
+            if err_fd >= 0:
+                os.close(err_fd)
         if pipe is not None:
             pipe.pid = pid
-        state.running += 1
-        self.children[pid] = Child(pid, state, peer, time.monotonic(), listener)
+        state.add_source(src)
+        child = Child(pid, state, peer, time.monotonic(), listener, src)
+        if svc.timeout:
+            child.timer = self.call_later(svc.timeout, lambda: self._on_timeout(pid))
+        self.children[pid] = child
+        if self.config.max_children is not None and not self._full:
+            self._full = self._at_max_children()
         event(
             logging.INFO,
             f"{svc.name}: {peer} -> pid {pid}",
@@ -539,16 +817,16 @@ class Server:
             env[proto.encode() + b"LOCALIP"] = lst.local_ip.encode()
             env[proto.encode() + b"LOCALPORT"] = str(lst.local_port).encode()
         lst.state.accepted += 1
+        lst.waiting_on = -1  # set before spawning: _refresh must not re-register meanwhile
         pid = self._start_child(lst.state, fd, fd, None, env, "wait", listener=lst)
-        if pid:
-            lst.waiting_on = pid
-        else:
+        lst.waiting_on = pid
+        if not pid:
             lst.sock.setblocking(False)
             # Do not spin on a readable socket whose service cannot start.
-            lst.resume_timer = self.call_later(1.0, lambda: self._resume(lst))
+            self._pause_for(lst, 1.0)
 
-    def _on_datagram(self, lst: Listener) -> None:
-        svc = lst.service
+    def _on_datagram(self, lst: Listener, mask: int = 0) -> None:
+        svc = lst.state.service
         if svc.wait:
             self._start_wait_child(lst)
             return
@@ -561,43 +839,67 @@ class Server:
                 event(logging.WARNING, f"{svc.name}: recvfrom: {exc}", event="recv_error")
                 return
             ip, port = peer_of(lst.sock.family, addr)
-            lst.state.accepted += 1
             if svc.builtin is not None:
                 if builtins.udp_source_is_unsafe(port):
                     continue
+                if svc.access is not None and not svc.access.permits(ip):
+                    self._refuse(lst.state, None, ip, port, "deny")
+                    continue
+                lst.state.accepted += 1
                 reply = builtins.udp_reply(svc.builtin, data)
                 if reply is not None:
                     with contextlib.suppress(OSError):
                         lst.sock.sendto(reply, addr)
                 continue
-            self._spawn_for_datagram(lst, data, addr, ip, port)
+            reason, src = self._admit(lst.state, ip)
+            if reason is not None:
+                self._refuse(lst.state, None, ip, port, reason)
+                if reason == "rate":
+                    self._rate_pause(lst.state)
+                    return
+                continue
+            lst.state.accepted += 1
+            self._spawn_for_datagram(lst, data, addr, ip, port, src)
+            if not lst.registered:
+                return
 
     def _spawn_for_datagram(
-        self, lst: Listener, data: bytes, addr: object, ip: str, port: int
+        self, lst: Listener, data: bytes, addr: object, ip: str, port: int, src: str
     ) -> None:
-        """nowait UDP: stdin is a pipe holding the datagram then EOF; each write() the child
-        makes on stdout (a SOCK_SEQPACKET socket) goes back to the sender as one datagram."""
-        r, w = os.pipe()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        """nowait UDP: the child's stdin and stdout are one end of a stream socketpair. It
+        reads the datagram then EOF; what it writes until it closes stdout goes back to the
+        sender as one datagram (so a shell script's several echos make one reply)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            os.write(w, data)  # a datagram (<= 65507 bytes) fits an empty pipe (64 KiB)
-            os.close(w)
-            w = -1
+            ours.sendall(data)  # <= 65507 bytes: fits an empty unix socket buffer at once
+            ours.shutdown(socket.SHUT_WR)
             lip, lport = lst.local_ip, lst.local_port
             if not lip:
                 lip, lport = peer_of(lst.sock.family, lst.sock.getsockname())
             env = self._ip_env("UDP", ip, port, lip, lport)
-            pid = self._start_child(lst.state, r, theirs.fileno(), None, env, peer_text(ip, port))
+            fd = theirs.fileno()
+            pid = self._start_child(lst.state, fd, fd, None, env, peer_text(ip, port), src=src)
         finally:
-            if w >= 0:
-                close_quietly(w)
-            os.close(r)
             theirs.close()
         if pid:
             UDPReply(ours, lst.sock, addr, self.sel)
         else:
             ours.close()
+        svc = lst.state.service
+        if self._full or (svc.max_connections and lst.state.running >= svc.max_connections):
+            for other in lst.state.listeners if not self._full else self.listeners.values():
+                self._refresh(other)
 
     def __repr__(self) -> str:
         return f"<Server {len(self.listeners)} listeners, {len(self.children)} children>"
 
+
+def _kill_group(pid: int, sig: int) -> None:
+    """Signal a service and everything it started (it leads its own process group)."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        with contextlib.suppress(OSError):
+            os.kill(pid, sig)

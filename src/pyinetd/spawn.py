@@ -15,7 +15,10 @@ fd or other client's socket can leak into a service, and nothing is closed by ha
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pwd
+import resource
 import signal
 import sys
 from collections.abc import Mapping
@@ -45,7 +48,14 @@ def ignored_signals() -> tuple[signal.Signals, ...]:
 
 def needs_fork(service: Service) -> bool:
     """True when the service needs settings that only the fork path can apply."""
-    return False
+    return bool(
+        service.user
+        or service.group is not None
+        or service.cwd
+        or service.umask is not None
+        or service.nice is not None
+        or service.rlimits
+    )
 
 
 class Spawner:
@@ -63,7 +73,17 @@ class Spawner:
         """The environment every child of ``service`` starts from (cached per service)."""
         env = self._base_env.get(service.name)
         if env is None:
-            env = dict(os.environb)
+            if service.env_clear:
+                env = {b"PATH": os.environb.get(b"PATH", b"/usr/local/bin:/usr/bin:/bin")}
+            else:
+                env = dict(os.environb)
+            if service.user:
+                name, _, _ = service.user
+                home = pwd.getpwnam(name).pw_dir
+                env.update({b"USER": name.encode(), b"LOGNAME": name.encode(),
+                            b"HOME": os.fsencode(home)})
+            for key, value in service.env:
+                env[os.fsencode(key)] = os.fsencode(value)
             env[b"PYINETD_SERVICE"] = service.name.encode()
             self._base_env[service.name] = env
         return env
@@ -117,6 +137,9 @@ class Spawner:
     ) -> int:
         # Block every signal across fork so no Python handler runs in the child before exec
         # (it would write to the parent's wake-up fd).
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
         old_mask = signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
         try:
             pid = os.fork()
@@ -138,17 +161,37 @@ def _child_exec(
 ) -> None:  # pragma: no cover - child side
     """In the forked child: set up fds and process settings, exec; never returns."""
     try:
+        signal.set_wakeup_fd(-1)
+        # dup2 order: a source fd may itself be 0, 1 or 2 only if pyinetd was started with
+        # closed std fds, which cli.py prevents; stderr first so failures below are seen.
         os.dup2(stderr, 2)
         os.dup2(stdin, 0)
         os.dup2(stdout, 1)
         os.setpgid(0, 0)
+        # Resource limits and priority first: raising them may need the privileges we drop.
+        for res, value in service.rlimits:
+            resource.setrlimit(res, (value, value))
+        if service.nice is not None:
+            os.setpriority(os.PRIO_PROCESS, 0, service.nice)  # absolute, like xinetd's nice
+        if service.umask is not None:
+            os.umask(service.umask)
+        if service.user or service.group is not None:
+            name, uid, gid = service.user or ("", -1, os.getgid())
+            gid = service.group if service.group is not None else gid
+            if os.geteuid() == 0:
+                if name:
+                    os.initgroups(name, gid)  # the user's supplementary groups
+                else:
+                    os.setgroups([gid])
+            os.setgid(gid)
+            if uid >= 0:
+                os.setuid(uid)
+        if service.cwd:
+            os.chdir(service.cwd)  # as the service's user: it must be allowed there
         for sig in signal.valid_signals():
-            if sig in (signal.SIGKILL, signal.SIGSTOP):
-                continue
-            try:
-                signal.signal(sig, signal.SIG_DFL)
-            except (OSError, ValueError):
-                pass
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                with contextlib.suppress(OSError, ValueError):
+                    signal.signal(sig, signal.SIG_DFL)
         for sig in sigdef:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -162,18 +205,3 @@ def _child_exec(
     os._exit(127)
 
 
-def close_quietly(fd: int) -> None:
-    """Close an fd, ignoring EBADF and friends."""
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def flush_std() -> None:
-    """Flush Python's std streams (before a fork, so buffered text is not written twice)."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
