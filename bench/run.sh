@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# bench/run.sh - pyinetd against the inetd-style anchors, then the report (and the scale runs).
+#
+# The anchors (openbsd-inetd, xinetd, tcpserver, socat, plain-Python references) and the load
+# generator live in the shared bench kit beside the repository clone (../shared/bench); this
+# script adds pyinetd's rows through the kit's EXTRA hook, runs it, and turns its results.tsv
+# into bench/results/latest.md and latest.png (bench/report.py), then appends the scale
+# experiments (bench/scale.py). It installs nothing.
+#
+# Needs (Debian/Ubuntu):  apt-get install -y openbsd-inetd ucspi-tcp socat gcc
+#   (xinetd is fetched by the kit with `apt-get download`, since it conflicts with
+#   openbsd-inetd; python3 with PyYAML and matplotlib, and pyinetd importable.)
+#
+# Usage:  bench/run.sh                    (as root, so openbsd-inetd can run in a private
+#                                          mount namespace; see anchors.sh)
+# Environment (defaults):
+#   PYINETD_PYTHON=python3   interpreter that runs `python -m pyinetd -c CONFIG` (or, without
+#                            pyinetd/__main__.py, pyinetd.cli:main as the console script does)
+#   PYINETD_ARGS=            extra words appended to the pyinetd command (e.g. --log-level warning)
+#   PYINETD_WORKERS=0        1 adds the pyinetd-w2 row (same exec service, `workers: 2`)
+#   SHARED=<repo>/../shared  the shared kit; anchors.sh is $SHARED/bench/anchors.sh
+#   OUTDIR=bench/out/<utc>   configs, logs, results.tsv, anchors.txt
+#   RESULTS_DIR=bench/results  where latest.md and latest.png go
+#   SCALE=1                  0 skips bench/scale.py   SCALE_ARGS=  extra words for scale.py
+#   ALLOW_MISSING=0          1 runs even when some apt packages are missing (their rows skip)
+#   Passed through to anchors.sh: PORT_BASE CONNS WARMUP CONC PAYLOAD ROUNDS FLOOR_N ONLY SKIP
+#   PYTHON XINETD XINETD_CACHE TIME_BUDGET INETD, and EXTRA (your file is sourced after ours).
+# pyinetd rows: pyinetd (exec /bin/cat) on PORT_BASE+15, pyinetd-echo (builtin echo) on +16,
+# pyinetd-w2 (exec /bin/cat, workers: 2) on +17.
+set -euo pipefail
+export LC_ALL=C
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(git -C "$HERE" rev-parse --show-toplevel 2>/dev/null || dirname "$HERE")
+SHARED=${SHARED:-$REPO/../shared}
+ANCHORS=$SHARED/bench/anchors.sh
+PYINETD_PYTHON=${PYINETD_PYTHON:-python3}
+PYINETD_ARGS=${PYINETD_ARGS:-}
+PYINETD_WORKERS=${PYINETD_WORKERS:-0}
+RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
+SCALE=${SCALE:-1}
+SCALE_ARGS=${SCALE_ARGS:-}
+ALLOW_MISSING=${ALLOW_MISSING:-0}
+USER_EXTRA=${EXTRA:-}
+PORT_BASE=${PORT_BASE:-17001}
+
+die() { echo "run.sh: $*" >&2; exit 2; }
+note() { echo "run.sh: $*" >&2; }
+
+[[ $PORT_BASE =~ ^[0-9]+$ ]] && (( PORT_BASE >= 1024 && PORT_BASE + 19 <= 65535 )) ||
+    die "PORT_BASE must be an integer in 1024..65516, got '$PORT_BASE'"
+[[ -r $ANCHORS ]] || die "shared bench kit not found: $ANCHORS (set SHARED=path/to/shared)"
+
+# ---------------------------------------------------------------- requirements
+# package -> a file it installs that the kit uses
+declare -A NEEDS=([openbsd-inetd]=/usr/sbin/inetd [ucspi-tcp]=tcpserver [socat]=socat [gcc]=gcc)
+missing=()
+for pkg in openbsd-inetd ucspi-tcp socat gcc; do
+    probe=${NEEDS[$pkg]}
+    if [[ $probe == /* ]]; then [[ -x $probe ]] || missing+=("$pkg")
+    else command -v "$probe" >/dev/null || missing+=("$pkg"); fi
+done
+if (( ${#missing[@]} )); then
+    msg="missing apt packages: ${missing[*]} (apt-get install -y ${missing[*]})"
+    in_missing() { [[ " ${missing[*]} " == *" $1 "* ]]; }
+    in_missing gcc && die "$msg; gcc is required to build the load generator"
+    (( ALLOW_MISSING )) || die "$msg; ALLOW_MISSING=1 runs without their rows"
+    note "$msg; their rows are skipped"
+fi
+"$PYINETD_PYTHON" -c 'import pyinetd' 2>/dev/null ||
+    die "$PYINETD_PYTHON cannot import pyinetd (pip install -e $REPO, or set PYINETD_PYTHON)"
+# `python -m pyinetd` needs pyinetd/__main__.py; without it, call the console script's entry
+# point the way the generated `pyinetd` script does.
+if "$PYINETD_PYTHON" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("pyinetd.__main__") is None)'; then
+    LAUNCH=("$PYINETD_PYTHON" -m pyinetd)
+else
+    LAUNCH=("$PYINETD_PYTHON" -c 'import sys; from pyinetd.cli import main; sys.exit(main())')
+fi
+python3 -c 'import matplotlib, yaml' 2>/dev/null ||
+    die "python3 needs matplotlib and PyYAML for the report (pip install matplotlib pyyaml)"
+
+OUTDIR=${OUTDIR:-$HERE/out/$(date -u +%Y%m%dT%H%M%SZ)}
+mkdir -p "$OUTDIR" "$RESULTS_DIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+
+# ---------------------------------------------------------------- pyinetd configs
+P_CAT=$((PORT_BASE + 15))
+P_ECHO=$((PORT_BASE + 16))
+P_W2=$((PORT_BASE + 17))
+cat >"$OUTDIR/pyinetd-cat.yaml" <<EOF
+services:
+  cat: {listen: "127.0.0.1:$P_CAT", exec: [/bin/cat]}
+EOF
+cat >"$OUTDIR/pyinetd-echo.yaml" <<EOF
+services:
+  echo: {listen: "127.0.0.1:$P_ECHO", builtin: echo}
+EOF
+cat >"$OUTDIR/pyinetd-w2.yaml" <<EOF
+workers: 2
+services:
+  cat: {listen: "127.0.0.1:$P_W2", exec: [/bin/cat]}
+EOF
+
+# The EXTRA file is sourced by anchors.sh, so every word is quoted here with %q.
+read -r -a pyargs <<<"$PYINETD_ARGS"
+q() { printf ' %q' "$@"; }
+EXTRA_FILE=$OUTDIR/pyinetd-extra.sh
+{
+    echo "# written by bench/run.sh; sourced by anchors.sh"
+    echo "bench_server pyinetd $P_CAT --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-cat.yaml" ${pyargs[@]+"${pyargs[@]}"})"
+    echo "bench_server pyinetd-echo $P_ECHO internal --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-echo.yaml" ${pyargs[@]+"${pyargs[@]}"})"
+    if [[ $PYINETD_WORKERS == 1 ]]; then
+        echo "bench_server pyinetd-w2 $P_W2 --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-w2.yaml" ${pyargs[@]+"${pyargs[@]}"})"
+    fi
+    if [[ -n $USER_EXTRA ]]; then
+        echo "source $(printf '%q' "$(cd "$(dirname "$USER_EXTRA")" && pwd)/$(basename "$USER_EXTRA")")"
+    fi
+} >"$EXTRA_FILE"
+
+# ---------------------------------------------------------------- run
+CMDLINE="bench/run.sh"
+for v in CONNS WARMUP CONC PAYLOAD ROUNDS FLOOR_N ONLY SKIP PYINETD_ARGS PYINETD_WORKERS; do
+    [[ -n ${!v:-} ]] && CMDLINE="$v=$(printf '%q' "${!v}") $CMDLINE"
+done
+note "outdir $OUTDIR"
+export PORT_BASE
+EXTRA=$EXTRA_FILE OUTDIR=$OUTDIR bash "$ANCHORS" 2>&1 | tee "$OUTDIR/anchors.txt"
+[[ -s $OUTDIR/results.tsv ]] || die "anchors.sh wrote no results ($OUTDIR/results.tsv)"
+
+# The interpreter's own start-up RSS, for reading pyinetd's: .pth files in site-packages
+# (run by the site module) can import a good deal before pyinetd's first line.
+rss_probe='print([ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmRSS:")][0])'
+PY_RSS=$("$PYINETD_PYTHON" -c "$rss_probe" 2>/dev/null || echo NA)
+PY_RSS_NOSITE=$("$PYINETD_PYTHON" -S -c "$rss_probe" 2>/dev/null || echo NA)
+
+python3 "$HERE/report.py" "$OUTDIR/results.tsv" --log "$OUTDIR/anchors.txt" \
+    --out "$RESULTS_DIR" --command "$CMDLINE" --python-rss "$PY_RSS,$PY_RSS_NOSITE"
+
+if [[ $SCALE == 1 ]]; then
+    read -r -a sargs <<<"$SCALE_ARGS"
+    python3 "$HERE/scale.py" --python "$PYINETD_PYTHON" --outdir "$OUTDIR/scale" --rounds "${ROUNDS:-3}" \
+        --shared "$SHARED" --md "$RESULTS_DIR/latest.md" ${pyargs[@]+"--pyinetd-args=$PYINETD_ARGS"} \
+        ${sargs[@]+"${sargs[@]}"}
+fi
+note "report: $RESULTS_DIR/latest.md $RESULTS_DIR/latest.png  raw: $OUTDIR"
