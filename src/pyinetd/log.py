@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import logging.handlers
 import os
 import sys
 import time
@@ -19,6 +18,9 @@ class TextFormatter(logging.Formatter):
     def __init__(self, timestamps: bool) -> None:
         super().__init__()
         self._timestamps = timestamps
+        self._prefix_second = -1
+        self._prefix = ""
+        self._pid = os.getpid()
 
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
@@ -28,8 +30,12 @@ class TextFormatter(logging.Formatter):
             msg += "\n" + self.formatException(record.exc_info)
         if not self._timestamps:
             return msg
-        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.created))
-        return f"{ts} pyinetd[{record.process}]: {msg}"
+        second = int(record.created)
+        if second != self._prefix_second:  # strftime once a second, not once a line
+            self._prefix_second = second
+            ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._prefix = f"{ts} pyinetd[{self._pid}]: "
+        return self._prefix + msg
 
 
 class JSONFormatter(logging.Formatter):
@@ -51,12 +57,18 @@ class JSONFormatter(logging.Formatter):
 
 def setup_logging(level: str = "info", fmt: str = "text", syslog: bool = False) -> None:
     """Configure the pyinetd logger once, from the command line options."""
+    # Two lines per connection go through here: skip what logging computes for every record
+    # and pyinetd never shows (caller's file and line, thread and process names).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler: logging.Handler
     if syslog:
+        from logging.handlers import SysLogHandler  # only syslog users pay for it
+
         address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
-        handler = logging.handlers.SysLogHandler(
-            address=address, facility=logging.handlers.SysLogHandler.LOG_DAEMON
-        )
+        handler = SysLogHandler(address=address, facility=SysLogHandler.LOG_DAEMON)
         handler.ident = "pyinetd: "
     else:
         handler = logging.StreamHandler(sys.stderr)
