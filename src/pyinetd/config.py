@@ -16,19 +16,20 @@ import os
 import pwd
 import resource
 import shlex
-import shutil
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+if TYPE_CHECKING:  # ssl costs the parent ~5 MiB: loaded only for a service with tls
+    from pyinetd.tlsconf import TLSSettings
+
 from pyinetd import schema
 from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
-from pyinetd.tlsconf import TLSSettings, make_context
 
 PROTOCOLS = ("tcp", "udp", "unix")
 BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
@@ -187,7 +188,9 @@ def _parse_exec(value: Any, base: Path) -> tuple[str, ...]:
             argv = shlex.split(value)
         except ValueError as exc:
             raise _KeyError(f"{value!r}: {exc}") from None
-    elif isinstance(value, list) and all(isinstance(a, str | int | float) for a in value):
+    elif isinstance(value, list) and all(
+        isinstance(a, str | int | float) and not isinstance(a, bool) for a in value
+    ):
         argv = [str(a) for a in value]
     else:
         raise _KeyError(f"{value!r}: expected a command line string or a list of arguments")
@@ -202,6 +205,8 @@ def _parse_exec(value: Any, base: Path) -> tuple[str, ...]:
             raise _KeyError(f"{prog}: not an executable file")
         resolved = str(path.resolve())
     else:
+        import shutil  # lazily: it imports bz2 and lzma, ~1 MiB of the parent
+
         found = shutil.which(prog)
         if found is None:
             raise _KeyError(f"{prog}: not found in PATH")
@@ -302,6 +307,8 @@ def _parse_addr_list(value: Any, _base: Path) -> tuple[str, ...]:
 
 
 def _parse_user(value: Any, _base: Path) -> tuple[str, int, int]:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _KeyError(f"{value!r}: expected a user name or number")
     try:
         pw = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
     except (KeyError, OverflowError, ValueError):
@@ -314,6 +321,8 @@ def _parse_user(value: Any, _base: Path) -> tuple[str, int, int]:
 
 
 def _parse_group(value: Any, _base: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _KeyError(f"{value!r}: expected a group name or number")
     try:
         gid = (
             grp.getgrgid(value).gr_gid
@@ -430,6 +439,8 @@ _TLS_KEYS = ("cert", "key", "client_ca", "min_version", "handshake_timeout")
 
 
 def _parse_tls(value: Any, base: Path) -> TLSSettings:
+    from pyinetd.tlsconf import TLSSettings, make_context
+
     if not isinstance(value, dict):
         raise _KeyError(f"{value!r}: expected a mapping with cert and key")
     for k in value:
@@ -519,14 +530,21 @@ class _SchemaErrors:
     """The schema's findings by (file, key path), each handed out once, where build() reaches
     that key, so they come out in file order among config.py's own (semantic) errors."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool) -> None:
         self._found: dict[tuple[str, schema.KeyPath], list[str]] = {}
+        self._enabled = enabled
 
     def add(self, label: str, doc: Any) -> None:
         """Validate one file's document against the schema."""
+        if not self._enabled:
+            return
         for key, message in schema.check(doc):
             line = f"{label}: {'.'.join(key)}: {message}" if key else f"{label}: {message}"
             self._found.setdefault((label, key), []).append(line)
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
 
     def take(self, label: str, *key: str) -> list[str]:
         """The error lines for exactly this key path (none if it is fine), removed."""
@@ -617,7 +635,19 @@ TOP_KEYS = ("defaults", "services", *TOP_PARSERS)
 
 
 def build(doc: Any, path: Path) -> Config:
-    """Validate parsed data from ``path`` (and the files it includes) into a Config."""
+    """Validate parsed data from ``path`` (and the files it includes) into a Config.
+
+    The parsers alone decide whether a configuration is valid (they refuse everything the
+    schema refuses); only when they find an error does the JSON Schema run as well, for its
+    messages. A good configuration never imports jsonschema: it costs the parent ~10 MiB.
+    """
+    try:
+        return _build(doc, path, with_schema=False)
+    except ConfigError:
+        return _build(doc, path, with_schema=True)
+
+
+def _build(doc: Any, path: Path, with_schema: bool) -> Config:
     label = str(path)
     base = path.parent.resolve()
     errors: list[str] = []
@@ -626,7 +656,7 @@ def build(doc: Any, path: Path) -> Config:
     if not isinstance(doc, dict):
         raise ConfigError([f"{label}: expected a mapping with a 'services' key at the top"])
     # The schema first: types, choices and unknown keys; the parsers then check meaning.
-    flags = _SchemaErrors()
+    flags = _SchemaErrors(with_schema)
     flags.add(label, doc)
     top: dict[str, Any] = {}
     for key, value in doc.items():
@@ -812,7 +842,10 @@ def _build_service(
                 errors.append(f"{where}.listen: {exc}")
     if len(errors) == n_listen:
         errors += schema_found
-    # exec together with builtin is the schema's finding (reported with the exec key above).
+    # exec together with builtin is the schema's finding (reported with the exec key above);
+    # without the schema, an error here sends build() to the pass that has it.
+    if not flags.enabled and "exec" in body and "builtin" in body:
+        errors.append(f"{where}.exec: give either exec or builtin, not both")
     if "redirect" in body and ("exec" in body or "builtin" in body):
         errors.append(f"{where}.redirect: give one of exec, builtin or redirect")
     if protocol != "tcp":

@@ -8,11 +8,11 @@ endpoint answers `GET /metrics` in the Prometheus text format over HTTP/1.0.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import selectors
 import socket
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ def default_control_path(config_path: str | Path) -> str:
     One name per configuration file (several instances may run), in $XDG_RUNTIME_DIR, else
     /run/pyinetd for root, else /tmp/pyinetd-UID.
     """
-    digest = hashlib.sha256(str(Path(config_path).resolve()).encode()).hexdigest()[:12]
+    # crc32, not hashlib: hashlib loads libcrypto, 3.5 MiB of the parent's memory.
+    digest = f"{zlib.crc32(str(Path(config_path).resolve()).encode()):08x}"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
         folder = Path(runtime)

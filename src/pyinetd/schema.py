@@ -17,10 +17,10 @@ import difflib
 import functools
 import json
 from collections.abc import Iterator, Mapping, Sequence
-from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jsonschema import Draft202012Validator, ValidationError
+if TYPE_CHECKING:  # jsonschema is imported only when a configuration has an error (config.py)
+    from jsonschema import Draft202012Validator, ValidationError
 
 __all__ = ["KeyPath", "check", "load_schema", "unknown_key", "validate"]
 
@@ -34,6 +34,8 @@ _KEY_DEPTH = {"defaults": 2, "services": 3}
 
 @functools.cache
 def _schema() -> dict[str, Any]:
+    from importlib import resources  # only when the schema is needed
+
     text = resources.files("pyinetd").joinpath("schema.json").read_text(encoding="utf-8")
     loaded: dict[str, Any] = json.loads(text)
     return loaded
@@ -46,6 +48,8 @@ def load_schema() -> dict[str, Any]:
 
 @functools.cache
 def _validator() -> Draft202012Validator:
+    from jsonschema import Draft202012Validator
+
     return Draft202012Validator(_schema())
 
 

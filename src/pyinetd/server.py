@@ -19,13 +19,12 @@ import os
 import selectors
 import signal
 import socket
-import ssl
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from pyinetd import builtins, control, proxyproto, status, systemd
 from pyinetd.admission import LogLimiter, TokenBucket, source_key
@@ -39,7 +38,9 @@ from pyinetd.listeners import (
 )
 from pyinetd.log import LOG, event
 from pyinetd.spawn import Spawner, spawn_relay
-from pyinetd.tlsconf import make_context
+
+if TYPE_CHECKING:
+    import ssl
 
 ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
 EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
@@ -106,7 +107,11 @@ class ServiceState:
         elif self.bucket is None or old.rate != service.rate:
             self.bucket = TokenBucket(*service.rate)
         # Certificates and keys are read again on every (re)load.
-        self.tls_context = make_context(service.tls) if service.tls else None
+        self.tls_context = None
+        if service.tls:
+            from pyinetd.tlsconf import make_context  # ssl only where tls is used
+
+            self.tls_context = make_context(service.tls)
 
     def add_source(self, key: str) -> None:
         self.running += 1

@@ -21,11 +21,14 @@ import pwd
 import resource
 import signal
 import socket
-import ssl
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from pyinetd.config import Service
+
+if TYPE_CHECKING:
+    import ssl
 
 Environ = dict[bytes, bytes]
 
