@@ -108,6 +108,8 @@ EXTRA_FILE=$OUTDIR/pyinetd-extra.sh
 {
     echo "# written by bench/run.sh; sourced by anchors.sh"
     echo "bench_server pyinetd $P_CAT --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-cat.yaml" ${pyargs[@]+"${pyargs[@]}"})"
+    # The same exec service without the per-connection log lines (--log-level warning).
+    echo "bench_server pyinetd-quiet $P_CAT --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-cat.yaml" --log-level warning)"
     echo "bench_server pyinetd-echo $P_ECHO internal --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-echo.yaml" ${pyargs[@]+"${pyargs[@]}"})"
     if [[ $PYINETD_WORKERS == 1 ]]; then
         echo "bench_server pyinetd-w2 $P_W2 --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-w2.yaml" ${pyargs[@]+"${pyargs[@]}"})"
