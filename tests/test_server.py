@@ -413,3 +413,43 @@ def test_ctrl_c_sigint_also_exits_0(inetd: Start) -> None:
     p.signal(signal.SIGINT)
     assert p.proc.wait(DEADLINE) == 0
     p.wait_log("SIGINT: stopping")
+
+
+def test_shipped_services_library(inetd: Start) -> None:
+    """Each script in services/ works end to end as its header comment says."""
+    repo = Path(__file__).resolve().parent.parent
+    ports = {name: free_port() for name in ("echo", "hello", "tod", "who")}
+    inetd(
+        {
+            "services": {
+                "echo": {
+                    "listen": f"127.0.0.1:{ports['echo']}",
+                    "exec": str(repo / "services/echo.sh"),
+                },
+                "hello": {
+                    "listen": f"127.0.0.1:{ports['hello']}",
+                    "exec": str(repo / "services/http_hello.py"),
+                },
+                "tod": {
+                    "listen": f"127.0.0.1:{ports['tod']}",
+                    "exec": str(repo / "services/timeofday.sh"),
+                },
+                "who": {
+                    "listen": f"127.0.0.1:{ports['who']}",
+                    "exec": str(repo / "services/whoami.sh"),
+                },
+            }
+        }
+    )
+    assert tcp_talk(ports["echo"], b"ping\n") == b"ping\n"
+    reply = tcp_talk(ports["hello"], b"GET /x HTTP/1.0\r\nHost: a\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.0 200 OK\r\n") and b"you asked for /x" in reply
+    assert tcp_talk(ports["tod"]).decode().startswith(str(time.gmtime().tm_year))
+    assert b"service:  who" in tcp_talk(ports["who"])
+    if shutil.which("curl"):
+        out = subprocess.run(
+            ["curl", "-sf", f"http://127.0.0.1:{ports['hello']}/c"],
+            capture_output=True,
+            timeout=DEADLINE,
+        )
+        assert b"you asked for /c" in out.stdout
