@@ -894,19 +894,16 @@ class Server:
         svc = state.service
         state.refused[reason] = state.refused.get(reason, 0) + 1
         src = source_key(ip, svc.per_source_prefix) if ip else "unix"
-        show, suppressed = self._refusals.should_log(f"{svc.name} {reason} {src}", time.monotonic())
-        if show:
-            more = f" ({suppressed} more since last logged)" if suppressed else ""
-            why = f" ({detail})" if detail else ""
-            event(
-                logging.WARNING,
-                f"{svc.name}: refused {peer_text(ip, port)}: {reason}{why}{more}",
-                event="refused",
-                service=svc.name,
-                peer=peer_text(ip, port),
-                reason=reason,
-                suppressed=suppressed,
-            )
+        why = f" ({detail})" if detail else ""
+        self._log_throttled(
+            f"{svc.name} {reason} {src}",
+            logging.WARNING,
+            f"{svc.name}: refused {peer_text(ip, port)}: {reason}{why}",
+            event="refused",
+            service=svc.name,
+            peer=peer_text(ip, port),
+            reason=reason,
+        )
         if conn is not None:
             msg = svc.deny_message if reason == "deny" else svc.busy_message
             if msg:
@@ -1203,18 +1200,22 @@ class Server:
 
     def _spawn_error(self, svc: Service, peer: str, what: str) -> None:
         """Log a failed start; the same failure repeating is logged once a minute."""
-        show, suppressed = self._refusals.should_log(f"{svc.name} spawn {what}", time.monotonic())
+        self._log_throttled(
+            f"{svc.name} spawn {what}",
+            logging.ERROR,
+            f"{svc.name}: {what}; closing {peer}",
+            event="spawn_error",
+            service=svc.name,
+            peer=peer,
+            error=what,
+        )
+
+    def _log_throttled(self, key: str, level: int, msg: str, **fields: object) -> None:
+        """Log an event at most once a minute per ``key``, saying how many were suppressed."""
+        show, suppressed = self._refusals.should_log(key, time.monotonic())
         if show:
             more = f" ({suppressed} more since last logged)" if suppressed else ""
-            event(
-                logging.ERROR,
-                f"{svc.name}: {what}; closing {peer}{more}",
-                event="spawn_error",
-                service=svc.name,
-                peer=peer,
-                error=what,
-                suppressed=suppressed,
-            )
+            event(level, msg + more, suppressed=suppressed, **fields)
 
     def _start_wait_child(self, lst: Listener) -> None:
         """inetd wait mode: the child gets the listening socket itself; we stop watching it."""

@@ -22,7 +22,7 @@ import resource
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from pyinetd.config import Service
@@ -141,19 +141,8 @@ class Spawner:
         stdout: int,
         stderr: int,
     ) -> int:
-        # Block every signal across fork so no Python handler runs in the child before exec
-        # (it would write to the parent's wake-up fd).
-        for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        old_mask = signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
-        try:
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - runs in the child, which never returns
-                _child_exec(service, argv, env, stdin, stdout, stderr, self._sigdef)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        return pid
+        sigdef = self._sigdef
+        return _fork(lambda: _child_exec(service, argv, env, stdin, stdout, stderr, sigdef))
 
 
 def spawn_relay(
@@ -171,21 +160,35 @@ def spawn_relay(
     done. It runs in its own process group with the service, so a timeout's killpg reaches
     both; the parent's loop never blocks on a handshake or a connect.
     """
-    for stream in (sys.stdout, sys.stderr):
+
+    def child() -> None:  # pragma: no cover - runs in the forked relay process
+        code = 1
+        try:
+            code = _relay_child(service, conn, stderr, env, ctx, peer)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                os.write(2, f"relay for {peer}: {exc!r}\n".encode(errors="replace"))
+        finally:
+            os._exit(code)
+
+    return _fork(child)
+
+
+def _fork(child: Callable[[], None]) -> int:
+    """os.fork() with every signal blocked across it; ``child`` runs in the child and must
+    leave through exec or os._exit. Blocked, no Python handler can run in the child before
+    it resets them (it would write to the parent's wake-up fd)."""
+    for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     old_mask = signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
     try:
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
-            code = 1
             try:
-                code = _relay_child(service, conn, stderr, env, ctx, peer)
-            except BaseException as exc:
-                with contextlib.suppress(OSError):
-                    os.write(2, f"relay for {peer}: {exc!r}\n".encode(errors="replace"))
+                child()
             finally:
-                os._exit(code)
+                os._exit(127)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return pid
