@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from collections.abc import Callable
@@ -28,6 +29,11 @@ def talk_until_closed(port: int, data: bytes = b"", limit: float = DEADLINE) -> 
             while chunk := s.recv(65536):
                 got += chunk
         except (ConnectionResetError, BrokenPipeError):
+            return got, "reset"
+        except OSError as exc:
+            # The service may exit and the peer reset before our shutdown(): ENOTCONN.
+            if exc.errno != errno.ENOTCONN:
+                raise
             return got, "reset"
         return got, "eof"
 
