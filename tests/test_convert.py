@@ -1332,3 +1332,28 @@ def test_real_debian_xinetd_package(debian_xinetd: Path) -> None:
     for w in conv.warnings:
         assert Path(w.file).is_relative_to(root)
         assert w.line > 0 or "xinetd ignores names" in w.message
+
+
+def test_cli_convert_writes_yaml_that_pyinetd_accepts(tmp_path: Path) -> None:
+    """`pyinetd convert FILE` end to end: YAML on stdout, warnings on stderr, loadable."""
+    import subprocess
+    import sys
+
+    conf = tmp_path / "inetd.conf"
+    conf.write_text(
+        "# a comment\n"
+        "echo stream tcp nowait root internal\n"
+        "daytime dgram udp wait root internal\n"
+        "finger stream tcp nowait nobody /usr/sbin/tcpd /usr/sbin/in.fingerd\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "convert", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "warning:" in out.stderr and f"{conf}:4" in out.stderr  # the tcpd line
+    doc = yaml.safe_load(out.stdout)
+    assert doc["services"]["echo"]["builtin"] == "echo"
+    assert doc["services"]["daytime"]["protocol"] == "udp"

@@ -1280,7 +1280,12 @@ class Server:
         """nowait UDP: the child's stdin and stdout are one end of a stream socketpair. It
         reads the datagram then EOF; what it writes until it closes stdout goes back to the
         sender as one datagram (so a shell script's several echos make one reply)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # out of fds: this datagram is dropped, as UDP allows
+            lst.state.failed_spawns += 1
+            self._spawn_error(lst.state.service, peer_text(ip, port), f"socketpair: {exc}")
+            return
         try:
             ours.sendall(data)  # <= 65507 bytes: fits an empty unix socket buffer at once
             ours.shutdown(socket.SHUT_WR)
