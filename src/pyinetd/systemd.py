@@ -23,7 +23,9 @@ def notify(*fields: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.connect(path)
-            s.sendall("\n".join(fields).encode())
+            # Never block the loop on a receiver that does not read: a dropped status
+            # message is better than a super-server that stops accepting.
+            s.send("\n".join(fields).encode(), socket.MSG_DONTWAIT)
     except OSError:
         return False
     return True
