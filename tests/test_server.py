@@ -19,7 +19,6 @@ from conftest import (
     children_of,
     free_port,
     pid_gone,
-    port_open,
     script,
     tcp_talk,
     wait_for,
@@ -370,9 +369,7 @@ def test_no_zombies_after_500_connections(inetd: Start) -> None:
         {"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}},
         "--log-level",
         "warning",
-        wait_ready=False,
     )
-    wait_for(lambda: port_open(port), what="pyinetd listening")
     socks = []
     for i in range(500):
         s = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)

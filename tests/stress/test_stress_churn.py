@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from conftest import Pyinetd, children_of, free_port, port_open, wait_for
+from conftest import Pyinetd, children_of, free_port, wait_for
 from stresslib import fd_count, rss_kb, run_load, scaled
 
 Start = Callable[..., Pyinetd]
@@ -26,9 +26,7 @@ def test_churn_leaves_no_failures_zombies_fds_or_memory(inetd: Start) -> None:
         {"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat"}}},
         "--log-level",
         "warning",
-        wait_ready=False,
     )
-    wait_for(lambda: port_open(port), what="pyinetd listening")
     warm = run_load(port, WARM_UP, IN_FLIGHT)
     assert warm.ok == WARM_UP, warm.summary()
     idle(p)
