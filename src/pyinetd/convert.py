@@ -1118,38 +1118,28 @@ class _XinetdConverter:
 
     def limits(self, e: _XEntry, out: dict[str, Any], sid: str = "") -> None:
         label = f"service {sid}: " if sid else ""
-        instances = e.value("instances")
-        if instances is not None:
-            file, line = e.where("instances")
-            if instances == "UNLIMITED":
-                if sid and self.defaults.value("instances") not in (None, "UNLIMITED"):
+        # xinetd refuses connections over `instances` (access.c AC_SERVICE_LIMIT).
+        for attr, key, extra in (
+            ("instances", "max_connections", {"on_limit": "reject"}),
+            ("per_source", "per_source", {}),
+        ):
+            value = e.value(attr)
+            if value is None:
+                continue
+            file, line = e.where(attr)
+            if value == "UNLIMITED":
+                if sid and self.defaults.value(attr) not in (None, "UNLIMITED"):
                     self.warn(
                         file,
                         line,
-                        f"{label}instances = UNLIMITED cannot lift the defaults limit in "
-                        "pyinetd; the defaults max_connections applies",
+                        f"{label}{attr} = UNLIMITED cannot lift the defaults limit in "
+                        f"pyinetd; the defaults {key} applies",
                     )
-            elif _is_number(instances) and int(instances) > 0:
-                # xinetd refuses connections over the limit (access.c AC_SERVICE_LIMIT).
-                out["max_connections"] = int(instances)
-                out["on_limit"] = "reject"
+            elif _is_number(value) and int(value) > 0:
+                out[key] = int(value)
+                out.update(extra)
             else:
-                self.warn(file, line, f"{label}bad instances value {instances!r}; ignored")
-        per_source = e.value("per_source")
-        if per_source is not None:
-            file, line = e.where("per_source")
-            if per_source == "UNLIMITED":
-                if sid and self.defaults.value("per_source") not in (None, "UNLIMITED"):
-                    self.warn(
-                        file,
-                        line,
-                        f"{label}per_source = UNLIMITED cannot lift the defaults limit in "
-                        "pyinetd; the defaults per_source applies",
-                    )
-            elif _is_number(per_source) and int(per_source) > 0:
-                out["per_source"] = int(per_source)
-            else:
-                self.warn(file, line, f"{label}bad per_source value {per_source!r}; ignored")
+                self.warn(file, line, f"{label}bad {attr} value {value!r}; ignored")
         cps = e.values("cps")
         if cps is not None:
             file, line = e.where("cps")
