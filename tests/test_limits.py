@@ -427,3 +427,23 @@ def test_user_switch_refused_at_load_time_when_not_root(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(cfg)
     assert "cannot switch users" in info.value.errors[0]
+
+
+def test_max_connections_queue_holds_for_builtin_sessions_too(inetd: Start) -> None:
+    """A built-in session counts like a child: at the limit the next client waits, it is not
+    refused (the queue default), and is served when the session ends."""
+    port = free_port()
+    p = inetd({"services": {"e": {"listen": f"127.0.0.1:{port}", "max_connections": 1}}})
+    a = hold(port)
+    a.sendall(b"first")
+    assert a.recv(10) == b"first"  # the session is running
+    b = hold(port)
+    b.sendall(b"queued")
+    b.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        b.recv(10)
+    a.close()
+    b.settimeout(DEADLINE)
+    assert b.recv(10) == b"queued"
+    b.close()
+    assert "refused" not in p.log()

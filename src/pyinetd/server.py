@@ -1078,9 +1078,6 @@ class Server:
             )
         finally:
             conn.close()
-        if self._full or (svc.max_connections and state.running >= svc.max_connections):
-            for other in state.listeners if not self._full else self.listeners.values():
-                self._refresh(other)
 
     def _rate_pause(self, state: ServiceState) -> None:
         svc = state.service
@@ -1104,6 +1101,16 @@ class Server:
         if state.service.timeout:
             timer = self.call_later(state.service.timeout, sess.close)
         self.sessions[sess] = (state, src, timer)
+        self._instance_started(state)
+
+    def _instance_started(self, state: ServiceState) -> None:
+        """A child or session started: at a limit, stop accepting (queue) until one ends."""
+        if self._full:
+            for lst in self.listeners.values():
+                self._refresh(lst)
+        elif state.service.max_connections and state.running >= state.service.max_connections:
+            for lst in state.listeners:
+                self._refresh(lst)
 
     def _session_closed(self, sess: builtins.Session) -> None:
         entry = self.sessions.pop(sess, None)
@@ -1187,6 +1194,7 @@ class Server:
         self.children[pid] = child
         if self.config.max_children is not None and not self._full:
             self._full = self._at_max_children()
+        self._instance_started(state)
         if LOG.isEnabledFor(logging.INFO):
             event(
                 logging.INFO,
@@ -1301,10 +1309,6 @@ class Server:
             UDPReply(ours, lst.sock, addr, self.sel)
         else:
             ours.close()
-        svc = lst.state.service
-        if self._full or (svc.max_connections and lst.state.running >= svc.max_connections):
-            for other in lst.state.listeners if not self._full else self.listeners.values():
-                self._refresh(other)
 
     def __repr__(self) -> str:
         return f"<Server {len(self.listeners)} listeners, {len(self.children)} children>"
