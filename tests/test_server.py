@@ -157,20 +157,34 @@ def test_environment_the_service_sees(inetd: Start, tmp_path: Path) -> None:
     assert env["PYINETD_TEST_MARK"] == "inherited"
 
 
-def test_service_gets_exactly_fds_0_1_2_and_default_signals(inetd: Start, tmp_path: Path) -> None:
+# A shell script's `pyinetd &` starts it with SIGINT and SIGQUIT ignored: services must
+# still get every signal at its default.
+IGNORING = ("/bin/sh", "-c", 'trap "" INT QUIT; exec "$@"', "sh")
+
+
+@pytest.mark.parametrize(
+    ("primitive", "prefix"),
+    [("fork_exec", ()), ("posix_spawn", ()), ("fork_exec", IGNORING), ("posix_spawn", IGNORING)],
+    ids=["fork_exec", "posix_spawn", "fork_exec-started-ignoring", "posix_spawn-started-ignoring"],
+)
+def test_service_gets_exactly_fds_0_1_2_and_default_signals(
+    inetd: Start, tmp_path: Path, primitive: str, prefix: tuple[str, ...]
+) -> None:
     port, other = free_port(), free_port()
     probe = script(
         tmp_path,
         "probe.sh",
         "#!/bin/sh\nls /proc/self/fd\ngrep -E '^Sig(Blk|Ign):' /proc/self/status\n",
     )
-    inetd(
+    p = inetd(
         {
             "services": {
                 "probe": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/sh", probe]},
                 "other": {"listen": f"127.0.0.1:{other}"},
             }
-        }
+        },
+        env={"PYINETD_SPAWN": primitive},
+        prefix=prefix,
     )
     with socket.create_connection(("127.0.0.1", other)):  # another client's socket is open
         out = tcp_talk(port).decode().split()
@@ -178,11 +192,18 @@ def test_service_gets_exactly_fds_0_1_2_and_default_signals(inetd: Start, tmp_pa
     fds = sorted(int(x) for x in out[: out.index("SigBlk:")])
     assert fds == [0, 1, 2, 3], out
     assert out[out.index("SigBlk:") + 1] == "0000000000000000"
-    # No application signal is ignored (Python ignores SIGPIPE and SIGXFSZ; the child must
-    # not). glibc 2.36's posix_spawn leaves its two internal signals 32 and 33 (SIGCANCEL,
-    # SIGSETXID; SIGRTMIN is 34) ignored in every spawned child; programs cannot use them.
-    ignored = int(out[out.index("SigIgn:") + 1], 16) & ~((1 << 31) | (1 << 32))
+    # No signal is ignored (Python ignores SIGPIPE and SIGXFSZ; the child must not).
+    # glibc 2.36's posix_spawn, the fallback, leaves its two internal signals 32 and 33
+    # (SIGCANCEL, SIGSETXID; SIGRTMIN is 34) ignored in every spawned child; programs
+    # cannot use them. CPython's fork_exec, the default, leaves none.
+    ignored = int(out[out.index("SigIgn:") + 1], 16)
+    if primitive == "posix_spawn":
+        ignored &= ~((1 << 31) | (1 << 32))
     assert ignored == 0, hex(ignored)
+    if prefix:  # pyinetd itself still ignores what it was started ignoring
+        os.kill(p.pid, signal.SIGQUIT)
+        assert b"SigIgn" in tcp_talk(port)
+        assert p.proc.poll() is None
 
 
 def test_stderr_goes_to_the_log_tagged_not_to_the_client(inetd: Start, tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from pyinetd.listeners import (
     close_listener,
 )
 from pyinetd.log import LOG, event
-from pyinetd.spawn import Spawner, spawn_relay
+from pyinetd.spawn import Spawner, ignored_signals, spawn_relay
 
 if TYPE_CHECKING:
     import ssl
@@ -530,6 +530,14 @@ class Server:
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, _noop_handler)
             signal.siginterrupt(sig, False)
+        # Signals we were started with ignored (`pyinetd &` in a script ignores SIGINT and
+        # SIGQUIT) stay ignored for pyinetd, through a handler that does nothing: exec resets
+        # caught signals to their default, so no service inherits an ignored signal. Python's
+        # own SIGPIPE and SIGXFSZ are reset by the spawn primitive.
+        for sig in ignored_signals():
+            if sig not in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, _noop_handler)
+                signal.siginterrupt(sig, False)
         self.spawner.refresh_signals()
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
 
@@ -769,6 +777,7 @@ class Server:
             with contextlib.suppress(OSError):
                 os.unlink(self._pid_file)
         signal.set_wakeup_fd(-1)
+        self.spawner.close()
         if self.children:
             event(
                 logging.INFO,
