@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 LOG = logging.getLogger("pyinetd")
+Fields = dict[str, Any]
 
 
 class TextFormatter(logging.Formatter):
@@ -24,13 +25,16 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         msg = record.getMessage()
-        if record.levelno >= logging.WARNING:
-            msg = f"{record.levelname.lower()}: {msg}"
         if record.exc_info:
             msg += "\n" + self.formatException(record.exc_info)
+        return self.format_event(record.levelno, msg, {}, record.created)
+
+    def format_event(self, level: int, msg: str, fields: Fields, created: float) -> str:
+        if level >= logging.WARNING:
+            msg = f"{logging.getLevelName(level).lower()}: {msg}"
         if not self._timestamps:
             return msg
-        second = int(record.created)
+        second = int(created)
         if second != self._prefix_second:  # strftime once a second, not once a line
             self._prefix_second = second
             ts = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
@@ -42,17 +46,78 @@ class JSONFormatter(logging.Formatter):
     """One JSON object per line: time, level, message and the event's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        obj: dict[str, Any] = {
-            "time": round(record.created, 6),
-            "level": record.levelname.lower(),
-            "msg": record.getMessage(),
-        }
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            obj.update(fields)
+        fields = dict(fields) if isinstance(fields, dict) else {}
         if record.exc_info:
-            obj["traceback"] = self.formatException(record.exc_info)
+            fields["traceback"] = self.formatException(record.exc_info)
+        return self.format_event(record.levelno, record.getMessage(), fields, record.created)
+
+    def format_event(self, level: int, msg: str, fields: Fields, created: float) -> str:
+        obj: Fields = {
+            "time": round(created, 6),
+            "level": logging.getLevelName(level).lower(),
+            "msg": msg,
+        }
+        obj.update(fields)
         return json.dumps(obj, default=str)
+
+
+class LineHandler(logging.Handler):
+    """Log lines to a file descriptor (stderr), written in batches.
+
+    While the server's loop handles one batch of events, lines collect here and go out in one
+    write when it calls ``flush()``, before it waits again: one write(2) per wake-up instead of
+    one per line (two lines per connection at the default level). Outside the loop, and for
+    warnings and worse, every line goes out at once.
+    """
+
+    def __init__(self, formatter: TextFormatter | JSONFormatter, fd: int = 2) -> None:
+        super().__init__()
+        self.setFormatter(formatter)
+        self.fast = formatter
+        self.fd = fd
+        self.batching = False
+        self._buf: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.write(self.format(record), record.levelno)
+
+    def write(self, line: str, level: int) -> None:
+        self._buf.append(line)
+        if not self.batching or level >= logging.WARNING:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        self._buf.append("")
+        data = "\n".join(self._buf).encode("utf-8", "backslashreplace")
+        self._buf.clear()
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # stderr closed or gone: nothing sensible to do with a log line
+
+
+_LINES: LineHandler | None = None  # the fast path, when logging goes to stderr
+
+
+def flush() -> None:
+    """Write out the lines collected so far (the loop calls this before it waits)."""
+    if _LINES is not None:
+        _LINES.flush()
+
+
+def batching(on: bool) -> None:
+    """Collect lines until ``flush()`` (on), or write each at once (off, flushing now)."""
+    if _LINES is not None:
+        _LINES.batching = on
+        if not on:
+            _LINES.flush()
 
 
 def setup_logging(level: str = "info", fmt: str = "text", syslog: bool = False) -> None:
@@ -63,21 +128,24 @@ def setup_logging(level: str = "info", fmt: str = "text", syslog: bool = False) 
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
+    global _LINES
     handler: logging.Handler
+    formatter: TextFormatter | JSONFormatter
+    if fmt == "json":
+        formatter = JSONFormatter()
+    else:
+        formatter = TextFormatter(timestamps=not syslog and "JOURNAL_STREAM" not in os.environ)
+    _LINES = None
     if syslog:
         from logging.handlers import SysLogHandler  # only syslog users pay for it
 
         address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
         handler = SysLogHandler(address=address, facility=SysLogHandler.LOG_DAEMON)
         handler.ident = "pyinetd: "
+        handler.setFormatter(formatter)
     else:
-        handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JSONFormatter())
-    else:
-        handler.setFormatter(
-            TextFormatter(timestamps=not syslog and "JOURNAL_STREAM" not in os.environ)
-        )
+        sys.stderr.flush()
+        handler = _LINES = LineHandler(formatter, sys.stderr.fileno())
     LOG.handlers[:] = [handler]
     LOG.propagate = False
     LOG.setLevel(level.upper())
@@ -86,4 +154,9 @@ def setup_logging(level: str = "info", fmt: str = "text", syslog: bool = False) 
 def event(level: int, msg: str, **fields: Any) -> None:
     """Log one event; ``fields`` become keys of the JSON line."""
     if LOG.isEnabledFor(level):
-        LOG.log(level, msg, extra={"fields": fields})
+        lines = _LINES
+        if lines is not None:
+            # No LogRecord: the formatter makes the line from the event itself.
+            lines.write(lines.fast.format_event(level, msg, fields, time.time()), level)
+        else:
+            LOG.log(level, msg, extra={"fields": fields})

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from pyinetd import builtins, control, proxyproto, status, systemd
+from pyinetd import builtins, control, log, proxyproto, status, systemd
 from pyinetd.admission import LogLimiter, TokenBucket, source_key
 from pyinetd.config import Config, ConfigError, Service, load, parse_listen_item
 from pyinetd.listeners import (
@@ -569,9 +569,11 @@ class Server:
             self._write_pid_file(pid_file)
         event(logging.INFO, f"listening: {self._describe()}", event="ready")
         systemd.notify("READY=1", f"STATUS={self._status_line()}")
+        log.batching(True)
         try:
             while not self._exit:
                 timeout = self._run_timers()
+                log.flush()
                 for key, mask in self.sel.select(timeout):
                     try:
                         key.data(mask)
@@ -581,7 +583,10 @@ class Server:
                     if self._exit:
                         break
         finally:
-            self._shutdown()
+            try:
+                self._shutdown()
+            finally:
+                log.batching(False)
         return 0
 
     # ------------------------------------------------------------ operations

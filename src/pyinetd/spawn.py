@@ -32,6 +32,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from pyinetd import log
 from pyinetd.config import Service
 
 if TYPE_CHECKING:
@@ -271,6 +272,7 @@ def _fork(child: Callable[[], None]) -> int:
     """os.fork() with every signal blocked across it; ``child`` runs in the child and must
     leave through exec or os._exit. Blocked, no Python handler can run in the child before
     it resets them (it would write to the parent's wake-up fd)."""
+    log.flush()
     for stream in (sys.stdout, sys.stderr):  # nothing buffered may be written twice
         with contextlib.suppress(OSError, ValueError):
             stream.flush()

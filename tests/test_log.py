@@ -1,0 +1,69 @@
+"""The log's line handler: batches while the loop runs, never loses or reorders lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from pyinetd import log
+
+
+def _read_all(fd: int) -> str:
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 65536).decode()
+    except BlockingIOError:
+        return ""
+
+
+def test_batched_lines_wait_for_flush_and_warnings_push_everything_out() -> None:
+    r, w = os.pipe()
+    try:
+        handler = log.LineHandler(log.TextFormatter(timestamps=False), w)
+        handler.write("one", logging.INFO)  # not batching: out at once
+        assert _read_all(r) == "one\n"
+        handler.batching = True
+        handler.write("two", logging.INFO)
+        handler.write("three", logging.INFO)
+        assert _read_all(r) == ""
+        handler.write("warning: four", logging.WARNING)  # pushes out what is before it too
+        assert _read_all(r) == "two\nthree\nwarning: four\n"
+        handler.write("five", logging.INFO)
+        handler.flush()
+        assert _read_all(r) == "five\n"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_event_and_logger_calls_share_one_ordered_stream() -> None:
+    r, w = os.pipe()
+    saved = log.LOG.handlers[:], log.LOG.level, log._LINES
+    try:
+        log.setup_logging("info", "json")
+        assert log._LINES is not None
+        log._LINES.fd = w
+        log.batching(True)
+        log.event(logging.INFO, "a: started", service="a", pid=1)
+        log.LOG.info("plain %s", "record")
+        log.event(logging.DEBUG, "not shown")
+        log.batching(False)  # flushes
+        lines = [json.loads(x) for x in _read_all(r).splitlines()]
+        assert [x["msg"] for x in lines] == ["a: started", "plain record"]
+        assert lines[0]["service"] == "a" and lines[0]["pid"] == 1
+        assert lines[0]["level"] == "info"
+    finally:
+        log.LOG.handlers[:], log.LOG.level, log._LINES = saved
+        os.close(r)
+        os.close(w)
+
+
+def test_a_closed_stderr_drops_lines_without_raising() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        handler = log.LineHandler(log.TextFormatter(timestamps=False), w)
+        handler.write("into the void", logging.ERROR)  # EPIPE (SIGPIPE is ignored in Python)
+    finally:
+        os.close(w)
