@@ -216,6 +216,42 @@ def test_stderr_goes_to_the_log_tagged_not_to_the_client(inetd: Start, tmp_path:
     p.wait_log(rf"noisy: pid {pid} ended \(exit 0\)")
 
 
+def test_stderr_lines_keep_their_writer_pid_and_an_unterminated_line_is_kept(
+    inetd: Start, tmp_path: Path
+) -> None:
+    """All children of a service share one stderr socket: each line still carries the pid
+    that wrote it, interleaved writers never mix, and a last line without a newline is
+    logged when its writer is reaped, before its end line."""
+    port = free_port()
+    body = (
+        "#!/bin/sh\n"
+        "read what\n"  # the client says when: both children are running by then
+        "printf 'first half of %s, ' $$ >&2\n"
+        "echo go\n"
+        "read what\n"
+        "printf 'second half of %s\\nlast of %s' $$ $$ >&2\n"
+    )
+    svc = script(tmp_path, "halves.sh", body)
+    p = inetd({"services": {"halves": {"listen": f"127.0.0.1:{port}", "exec": svc}}})
+    a = socket.create_connection(("127.0.0.1", port), timeout=10)
+    b = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with a, b:
+        for s in (a, b):  # interleave: a's first half, b's first half, a's second, b's second
+            s.sendall(b"1\n")
+            assert s.recv(10) == b"go\n"
+        for s in (a, b):
+            s.sendall(b"2\n")
+            assert s.recv(10) == b""
+    lines = p.wait_log(r"halves\[\d+\]: first half of \d+, second half of \d+$", count=2)
+    for line in lines:
+        tag, text = line.split("halves[")[1].split("]: ")
+        assert text == f"first half of {tag}, second half of {tag}", line
+        p.wait_log(rf"halves: pid {tag} ended")
+        log = p.log()
+        end = log.index(f"halves: pid {tag} ended")
+        assert log.index(f"halves[{tag}]: last of {tag}") < end
+
+
 def test_stderr_socket_opt_in(inetd: Start, tmp_path: Path) -> None:
     port = free_port()
     noisy = script(tmp_path, "noisy.sh", "#!/bin/sh\necho oops >&2\n")

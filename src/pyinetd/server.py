@@ -97,6 +97,7 @@ class ServiceState:
     bucket: TokenBucket | None = None
     listeners: list[Listener] = field(default_factory=list)
     tls_context: ssl.SSLContext | None = None
+    stderr_log: StderrLog | None = None  # made at the first child with `stderr: log`
 
     def set_service(self, service: Service) -> None:
         """Apply a (re)loaded definition; counts stay, the rate bucket follows the settings."""
@@ -170,48 +171,84 @@ class Timer:
     cancelled: bool = field(default=False, compare=False)
 
 
-class StderrPipe:
-    """Reads a child's stderr and logs it line by line, tagged `service[pid]`."""
+class StderrLog:
+    """A service's `stderr: log`: one socket for all its children, lines tagged `service[pid]`.
 
-    def __init__(self, fd: int, service: str, selector: selectors.BaseSelector) -> None:
-        self.fd = fd
+    Every child's fd 2 is the write end of one Unix stream socketpair per service. With
+    SO_PASSCRED on the read end the kernel attaches the writer's pid to what it writes and
+    never merges two writers' bytes in one recvmsg (unix_stream_read_generic), so lines
+    keep their pid without a pipe, a registration and two closes per connection. A line
+    left unterminated goes out when its writer is reaped (``ended``), or when it grows past
+    STDERR_LINE_MAX. A helper the service started is tagged with its own pid.
+    """
+
+    MAX_PARTIAL = 256  # writers with an unterminated line; beyond that, flush them all
+
+    def __init__(self, service: str, selector: selectors.BaseSelector) -> None:
         self.tag = service
-        self.pid = 0
         self._sel = selector
-        self._buf = b""
-        os.set_blocking(fd, False)
-        selector.register(fd, selectors.EVENT_READ, self)
+        self._r, self._w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._r.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self._r.setblocking(False)
+        self._partial: dict[int, bytes] = {}
+        self._cmsg = socket.CMSG_SPACE(12)  # struct ucred
+        selector.register(self._r, selectors.EVENT_READ, self)
+
+    def fileno(self) -> int:
+        """The write end: what a child gets on fd 2."""
+        return self._w.fileno()
 
     def __call__(self, mask: int) -> None:
-        try:
-            data = os.read(self.fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            if self._buf:
-                self._emit(self._buf)
-            self._sel.unregister(self.fd)
-            os.close(self.fd)
-            return
-        lines = (self._buf + data).split(b"\n")
-        self._buf = lines.pop()
-        if len(self._buf) > STDERR_LINE_MAX:
-            lines.append(self._buf)
-            self._buf = b""
-        for line in lines:
-            self._emit(line)
+        self.drain()
 
-    def _emit(self, line: bytes) -> None:
+    def drain(self, limit: int = 64) -> None:
+        """Log what is waiting, at most ``limit`` reads (the loop comes back for the rest)."""
+        for _ in range(limit):
+            try:
+                data, ancdata, _flags, _addr = self._r.recvmsg(65536, self._cmsg)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            if not data:
+                return
+            pid = 0
+            for level, kind, cdata in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = struct.unpack("i", cdata[:4])[0]
+            self._feed(pid, data)
+
+    def _feed(self, pid: int, data: bytes) -> None:
+        lines = (self._partial.pop(pid, b"") + data).split(b"\n")
+        rest = lines.pop()
+        if len(rest) > STDERR_LINE_MAX:
+            lines.append(rest)
+        elif rest:
+            self._partial[pid] = rest
+        for line in lines:
+            self._emit(pid, line)
+        if len(self._partial) > self.MAX_PARTIAL:
+            for other in list(self._partial):
+                self.ended(other)
+
+    def ended(self, pid: int) -> None:
+        """``pid`` is gone: its unterminated last line, if any, goes out now."""
+        rest = self._partial.pop(pid, None)
+        if rest:
+            self._emit(pid, rest)
+
+    def _emit(self, pid: int, line: bytes) -> None:
         text = line.rstrip(b"\r").decode("utf-8", "replace")
-        event(
-            logging.INFO,
-            f"{self.tag}[{self.pid}]: {text}",
-            event="stderr",
-            service=self.tag,
-            pid=self.pid,
-        )
+        event(logging.INFO, f"{self.tag}[{pid}]: {text}", event="stderr", service=self.tag, pid=pid)
+
+    def close(self) -> None:
+        self.drain()
+        for pid in list(self._partial):
+            self.ended(pid)
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(self._r)
+        self._r.close()
+        self._w.close()
 
 
 class UDPReply:
@@ -354,7 +391,7 @@ class Server:
         self._metrics: control.RequestServer | None = None
         self._pid_file: str | None = None
         self.pending: set[PendingProxy] = set()  # connections whose PROXY header is due
-        self._spare_pipe: tuple[int, int] | None = None  # a stderr pipe made before accept()
+        self._devnull = -1  # `stderr: null`, opened once
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
 
     # ------------------------------------------------------------ start-up
@@ -774,10 +811,13 @@ class Server:
             sess.close()
         for pend in list(self.pending):
             pend.close()
-        if self._spare_pipe is not None:
-            for fd in self._spare_pipe:
-                os.close(fd)
-            self._spare_pipe = None
+        for state in self.states.values():
+            if state.stderr_log is not None:
+                state.stderr_log.close()
+                state.stderr_log = None
+        if self._devnull >= 0:
+            os.close(self._devnull)
+            self._devnull = -1
         if self._pid_file:
             with contextlib.suppress(OSError):
                 os.unlink(self._pid_file)
@@ -797,13 +837,28 @@ class Server:
     # ------------------------------------------------------------ children
     def reap_children(self) -> None:
         """Reap every exited child: loop until waitpid says none are left (SIGCHLD coalesces)."""
+        exited: list[tuple[int, int]] = []
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
+            exited.append((pid, status))
+        if not exited:
+            return
+        # What the children wrote to stderr before they exited is logged before their end.
+        drained: set[int] = set()
+        for pid, _status in exited:
+            child = self.children.get(pid)
+            stderr_log = child.state.stderr_log if child is not None else None
+            if stderr_log is not None:
+                if id(stderr_log) not in drained:
+                    drained.add(id(stderr_log))
+                    stderr_log.drain()
+                stderr_log.ended(pid)
+        for pid, status in exited:
             self._child_exited(pid, status)
 
     def _child_exited(self, pid: int, status: int) -> None:
@@ -946,16 +1001,7 @@ class Server:
         if lst.state.service.wait:
             self._start_wait_child(lst)
             return
-        svc = lst.state.service
         for _ in range(ACCEPT_BATCH):
-            if svc.stderr == "log" and not svc.is_builtin and self._spare_pipe is None:
-                # The stderr pipe first: out of fds, the client stays in the backlog
-                # instead of being accepted and dropped.
-                try:
-                    self._spare_pipe = os.pipe()
-                except OSError as exc:
-                    self._accept_failed(lst, exc)
-                    return
             try:
                 # The C-level accept and socket type: socket.socket.accept() builds a Python
                 # subclass object and converts enums per connection, ~10% of the parent's
@@ -1141,20 +1187,25 @@ class Server:
             if not lst.registered:
                 self._refresh(lst)
 
-    def _stderr_fd(self, svc: Service, conn: socket.socket | None) -> tuple[int, StderrPipe | None]:
-        """The fd for the child's stderr, and the pipe reader when it goes to the log."""
-        mode = svc.stderr
+    def _stderr_fd(self, state: ServiceState, conn: socket.socket | None) -> tuple[int, bool]:
+        """The fd for the child's stderr, and whether it is ours to close after the spawn.
+
+        Only a `stderr: FILE` opens anything per connection (so that a rotated log file is
+        followed); `log` and `null` use fds made once, `socket` the connection itself.
+        """
+        mode = state.service.stderr
         if mode == "log":
-            if self._spare_pipe is not None:
-                (r, w), self._spare_pipe = self._spare_pipe, None
-            else:
-                r, w = os.pipe()
-            return w, StderrPipe(r, svc.name, self.sel)
+            if state.stderr_log is None:
+                state.stderr_log = StderrLog(state.service.name, self.sel)
+            return state.stderr_log.fileno(), False
         if mode == "socket" and conn is not None:
-            return os.dup(conn.fileno()), None
+            return conn.fileno(), False
         if mode in ("null", "socket"):
-            return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC), None
-        return os.open(mode, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640), None
+            if self._devnull < 0:
+                self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            return self._devnull, False
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        return os.open(mode, flags, 0o640), True
 
     def _start_child(
         self,
@@ -1170,7 +1221,7 @@ class Server:
         """Spawn the service's program; returns the pid, or 0 when it could not start."""
         svc = state.service
         try:
-            err_fd, pipe = self._stderr_fd(svc, conn)
+            err_fd, owned = self._stderr_fd(state, conn)
         except OSError as exc:
             state.failed_spawns += 1
             self._spawn_error(svc, peer, f"stderr {svc.stderr}: {exc.strerror or exc}")
@@ -1183,10 +1234,6 @@ class Server:
                 pid = self.spawner.spawn(svc, stdin, stdout, err_fd, env)
         except OSError as exc:
             state.failed_spawns += 1
-            if pipe is not None:
-                os.close(err_fd)
-                err_fd = -1
-                pipe(selectors.EVENT_READ)  # nothing to read: EOF closes it
             event(
                 logging.ERROR,
                 f"{svc.name}: cannot start {svc.argv[0]}: {exc.strerror or exc}; closing {peer}",
@@ -1197,10 +1244,8 @@ class Server:
             )
             return 0
         finally:
-            if err_fd >= 0:
+            if owned:
                 os.close(err_fd)
-        if pipe is not None:
-            pipe.pid = pid
         state.add_source(src)
         child = Child(pid, state, peer, time.monotonic(), listener, src)
         if svc.timeout:
