@@ -37,7 +37,7 @@ from pyinetd.listeners import (
     close_listener,
 )
 from pyinetd.log import LOG, event
-from pyinetd.spawn import Spawner, ignored_signals, spawn_relay
+from pyinetd.spawn import Spawner, env_dict, ignored_signals, spawn_relay
 
 if TYPE_CHECKING:
     import ssl
@@ -1040,15 +1040,14 @@ class Server:
 
     def _connection_env(
         self, lst: Listener, conn: socket.socket, ip: str, port: int
-    ) -> dict[bytes, bytes]:
+    ) -> list[bytes]:
         if lst.key.protocol == "unix":
-            env = {b"PROTO": b"IPC", b"IPCLOCALPATH": str(lst.key.address).encode()}
+            env = [b"PROTO=IPC", b"IPCLOCALPATH=" + os.fsencode(str(lst.key.address))]
             with contextlib.suppress(OSError):
                 creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
                 pid, uid, gid = struct.unpack("3i", creds)
-                env[b"IPCREMOTEPID"] = str(pid).encode()
-                env[b"IPCREMOTEEUID"] = str(uid).encode()
-                env[b"IPCREMOTEEGID"] = str(gid).encode()
+                env += [b"IPCREMOTEPID=%d" % pid, b"IPCREMOTEEUID=%d" % uid]
+                env.append(b"IPCREMOTEEGID=%d" % gid)
             return env
         if lst.local_ip:
             lip, lport = lst.local_ip, lst.local_port
@@ -1057,22 +1056,21 @@ class Server:
                 lip, lport = peer_of(lst.family, conn.getsockname())
             except OSError:
                 lip, lport = "", 0
-        return self._ip_env("TCP", ip, port, lip, lport)
+        return self._ip_env(b"TCP", ip, port, lip, lport)
 
     @staticmethod
-    def _ip_env(proto: str, ip: str, port: int, lip: str, lport: int) -> dict[bytes, bytes]:
-        sport, slport = str(port).encode(), str(lport).encode()
-        bip, blip = ip.encode(), lip.encode()
-        p = proto.encode()
-        return {
-            b"PROTO": p,
-            b"REMOTE_ADDR": bip,
-            b"REMOTE_PORT": sport,
-            p + b"REMOTEIP": bip,
-            p + b"REMOTEPORT": sport,
-            p + b"LOCALIP": blip,
-            p + b"LOCALPORT": slport,
-        }
+    def _ip_env(proto: bytes, ip: str, port: int, lip: str, lport: int) -> list[bytes]:
+        """The UCSPI variables and REMOTE_ADDR/REMOTE_PORT, as KEY=value entries."""
+        bip, sport = ip.encode(), b"%d" % port
+        return [
+            b"PROTO=" + proto,
+            b"REMOTE_ADDR=" + bip,
+            b"REMOTE_PORT=" + sport,
+            proto + b"REMOTEIP=" + bip,
+            proto + b"REMOTEPORT=" + sport,
+            proto + b"LOCALIP=" + lip.encode(),
+            proto + b"LOCALPORT=%d" % lport,
+        ]
 
     def _serve_stream(self, lst: Listener, conn: socket.socket, addr: object) -> None:
         svc = lst.state.service
@@ -1130,7 +1128,7 @@ class Server:
             return
         try:
             if local is not None:
-                env = self._ip_env("TCP", ip, port, *local)
+                env = self._ip_env(b"TCP", ip, port, *local)
             else:
                 env = self._connection_env(lst, conn, ip, port)
             self._start_child(
@@ -1213,7 +1211,7 @@ class Server:
         stdin: int,
         stdout: int,
         conn: socket.socket | None,
-        env: dict[bytes, bytes],
+        env: list[bytes],
         peer: str,
         listener: Listener | None = None,
         src: str = "",
@@ -1228,7 +1226,7 @@ class Server:
             return 0
         try:
             if svc.needs_relay:
-                full_env = {**self.spawner.base_environ(svc), **env}
+                full_env = {**self.spawner.base_environ(svc), **env_dict(env)}
                 pid = spawn_relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
             else:
                 pid = self.spawner.spawn(svc, stdin, stdout, err_fd, env)
@@ -1289,11 +1287,11 @@ class Server:
         self._pause(lst)
         fd = lst.sock.fileno()
         lst.sock.setblocking(True)  # the service expects a blocking socket, as from inetd
-        proto = "UDP" if lst.key.protocol == "udp" else "TCP"
-        env: dict[bytes, bytes] = {b"PROTO": proto.encode()}
+        proto = b"UDP" if lst.key.protocol == "udp" else b"TCP"
+        env = [b"PROTO=" + proto]
         if lst.local_ip:
-            env[proto.encode() + b"LOCALIP"] = lst.local_ip.encode()
-            env[proto.encode() + b"LOCALPORT"] = str(lst.local_port).encode()
+            env.append(proto + b"LOCALIP=" + lst.local_ip.encode())
+            env.append(proto + b"LOCALPORT=%d" % lst.local_port)
         lst.state.accepted += 1
         lst.waiting_on = -1  # set before spawning: _refresh must not re-register meanwhile
         pid = self._start_child(lst.state, fd, fd, None, env, "wait", listener=lst)
@@ -1359,7 +1357,7 @@ class Server:
             lip, lport = lst.local_ip, lst.local_port
             if not lip:
                 lip, lport = peer_of(lst.sock.family, lst.sock.getsockname())
-            env = self._ip_env("UDP", ip, port, lip, lport)
+            env = self._ip_env(b"UDP", ip, port, lip, lport)
             fd = theirs.fileno()
             pid = self._start_child(lst.state, fd, fd, None, env, peer_text(ip, port), src=src)
         finally:

@@ -26,10 +26,11 @@ import errno
 import os
 import pwd
 import resource
+import select
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pyinetd import log
@@ -39,6 +40,15 @@ if TYPE_CHECKING:
     import ssl
 
 Environ = dict[bytes, bytes]
+# A connection's variables, as the KEY=value entries execve takes: built once per
+# connection in that form, they go to fork_exec without a dict in between.
+EnvEntries = list[bytes]
+
+
+def env_dict(entries: EnvEntries) -> Environ:
+    """KEY=value entries as a mapping (for os.posix_spawn and execve)."""
+    return {k: v for k, _, v in (e.partition(b"=") for e in entries)}
+
 
 _FORK_EXEC: Callable[..., int] | None
 try:  # CPython's subprocess primitive (Modules/_posixsubprocess.c)
@@ -94,6 +104,7 @@ class Spawner:
         self._base_env: dict[str, Environ] = {}
         self._env_list: dict[str, tuple[list[bytes], list[bytes]]] = {}
         self._errpipe: tuple[int, int] | None = None
+        self._errpoll = select.poll()
         self.fork_exec = self._fork_exec_usable()
 
     def refresh_signals(self) -> None:
@@ -112,6 +123,7 @@ class Spawner:
 
     def close(self) -> None:
         if self._errpipe is not None:
+            self._errpoll.unregister(self._errpipe[0])
             for fd in self._errpipe:
                 os.close(fd)
             self._errpipe = None
@@ -147,7 +159,7 @@ class Spawner:
         stdin: int,
         stdout: int,
         stderr: int,
-        extra_env: Mapping[bytes, bytes],
+        extra_env: EnvEntries,
     ) -> int:
         """Start the service's program with the given fds on 0, 1, 2; return its pid.
 
@@ -160,7 +172,7 @@ class Spawner:
             except TypeError:  # not the call shape this CPython's fork_exec takes
                 self.fork_exec = False
         env = self.base_environ(service).copy()
-        env.update(extra_env)
+        env.update(env_dict(extra_env))
         argv = service.argv
         if needs_fork(service):
             return self._fork_exec(service, argv, env, stdin, stdout, stderr)
@@ -186,7 +198,7 @@ class Spawner:
         stdin: int,
         stdout: int,
         stderr: int,
-        extra_env: Mapping[bytes, bytes],
+        extra_env: EnvEntries,
     ) -> int:
         cached = self._env_list.get(service.name)
         if cached is None:
@@ -201,6 +213,7 @@ class Spawner:
             # after the call means the exec succeeded.
             self._errpipe = os.pipe()
             os.set_blocking(self._errpipe[0], False)
+            self._errpoll.register(self._errpipe[0], select.POLLIN)
         err_r, err_w = self._errpipe
         # Positional, as subprocess.Popen calls it (CPython 3.11-3.14): args,
         # executable_list, close_fds, pass_fds, cwd, env, p2cread, p2cwrite, c2pread,
@@ -210,14 +223,13 @@ class Spawner:
         assert _FORK_EXEC is not None
         pid = _FORK_EXEC(
             argv, [argv[0]], True, (err_w,), None,
-            envl + [k + b"=" + v for k, v in extra_env.items()],
+            envl + extra_env,
             stdin, -1, -1, stdout, -1, stderr, err_r, err_w,
             True, False, 0, None, None, None, -1, None, True,
         )  # fmt: skip
-        try:
-            report = os.read(err_r, 4096)
-        except BlockingIOError:
+        if not self._errpoll.poll(0):  # (poll, not a read: no exception per spawn)
             return pid
+        report = os.read(err_r, 4096)
         # "OSError:<hex errno>:<noexec or empty>", written just before the child's _exit
         os.waitpid(pid, 0)
         try:
