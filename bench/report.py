@@ -282,8 +282,8 @@ def render_markdown(
         out += ["```", *header, "```", ""]
     out += [
         "| server | kind | runs ok | median conn/s | min..max | p50 ms | p99 ms | RSS MiB "
-        "| zombies end/own/settled | kids left | parent CPU ms/1k | ratio | vs |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| zombies end/own/settled | kids left | parent CPU ms/1k | tree CPU ms/1k | ratio | vs |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
     ]
     for s in summaries:
         r = ratio(s, by)
@@ -294,7 +294,7 @@ def render_markdown(
             f"| {name} | {s.kind} | {s.good}/{s.runs} | {_fmt(s.rate)} | {span} "
             f"| {_fmt(s.p50, 2)} | {_fmt(s.p99, 2)} "
             f"| {'-' if s.rss_kb is None else f'{s.rss_kb / 1024:.1f}'} | {zs} "
-            f"| {'-' if s.kids is None else s.kids} | {_fmt(s.cpu_own)} "
+            f"| {'-' if s.kids is None else s.kids} | {_fmt(s.cpu_own)} | {_fmt(s.cpu_tree)} "
             f"| {'-' if r is None else f'{r:.2f}'} | {reference_for(s)} |"
         )
     failed = [s for s in summaries if s.bad or s.fail]
@@ -328,7 +328,10 @@ def render_markdown(
         "per second of wall time, CONC in flight. p50/p99: connect() to last echoed byte.",
         "RSS: VmRSS of the server's own pid after the run. zombies: system-wide right after the",
         "run / of them the server's own children / system-wide after a 3 s settle (worst round).",
-        "parent CPU: user+system time of the server's own pid per 1000 connections. ratio: median",
+        "parent CPU: user+system time of the server's own pid per 1000 connections; tree CPU adds",
+        "its reaped children's (the services): the whole cost of serving, which on a CPU-bound",
+        "machine sets the ceiling, while idle CPU (a parent blocked in vfork) is what keeps a",
+        "server below it. ratio: median",
         f"conn/s over {EXEC_REF}'s (exec rows) or {INTERNAL_REF}'s (internal rows). Absolute",
         "figures on a shared machine are noise; read the ratios.",
         "",

@@ -26,7 +26,9 @@
 #   Passed through to anchors.sh: PORT_BASE CONNS WARMUP CONC PAYLOAD ROUNDS FLOOR_N ONLY SKIP
 #   PYTHON XINETD XINETD_CACHE TIME_BUDGET INETD, and EXTRA (your file is sourced after ours).
 # pyinetd rows: pyinetd (exec /bin/cat) on PORT_BASE+15, pyinetd-echo (builtin echo) on +16,
-# pyinetd-w2 (exec /bin/cat, workers: 2) on +17.
+# pyinetd-w2 (exec /bin/cat, workers: 2) on +17; references ref-loop and ref-2loops
+# (bench/ref_twoloops.py: pyinetd's spawn primitive in a bare loop, in 1 and 2 processes) on
+# +18 and +19.
 set -euo pipefail
 export LC_ALL=C
 
@@ -114,6 +116,10 @@ EXTRA_FILE=$OUTDIR/pyinetd-extra.sh
     if [[ $PYINETD_WORKERS == 1 ]]; then
         echo "bench_server pyinetd-w2 $P_W2 --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-w2.yaml" ${pyargs[@]+"${pyargs[@]}"})"
     fi
+    # References, not pyinetd: its exec path with nothing around it, in one loop and in two
+    # processes (what a second spawning process could reach; bench/ref_twoloops.py).
+    echo "bench_server ref-loop $((PORT_BASE + 18)) --$(q "$PYINETD_PYTHON" "$HERE/ref_twoloops.py" "$((PORT_BASE + 18))" 1)"
+    echo "bench_server ref-2loops $((PORT_BASE + 19)) --$(q "$PYINETD_PYTHON" "$HERE/ref_twoloops.py" "$((PORT_BASE + 19))" 2)"
     if [[ -n $USER_EXTRA ]]; then
         echo "source $(printf '%q' "$(cd "$(dirname "$USER_EXTRA")" && pwd)/$(basename "$USER_EXTRA")")"
     fi
