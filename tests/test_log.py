@@ -67,3 +67,29 @@ def test_a_closed_stderr_drops_lines_without_raising() -> None:
         handler.write("into the void", logging.ERROR)  # EPIPE (SIGPIPE is ignored in Python)
     finally:
         os.close(w)
+
+
+def test_a_batch_larger_than_pipe_buf_arrives_whole_and_in_order() -> None:
+    """Batches go out in writes of whole lines of at most PIPE_BUF bytes (atomic on a pipe
+    that worker processes share); nothing is lost, cut or reordered."""
+    r, w = os.pipe()
+    try:
+        handler = log.LineHandler(log.TextFormatter(timestamps=False), w)
+        handler.batching = True
+        lines = [f"line {i} " + "x" * (i % 300) for i in range(200)]
+        lines.append("y" * 10000)  # one line longer than PIPE_BUF goes out as it is
+        for line in lines:
+            handler.write(line, logging.INFO)
+        handler.flush()
+        got = b""
+        os.set_blocking(r, False)
+        while True:
+            try:
+                chunk = os.read(r, 1 << 20)
+            except BlockingIOError:
+                break
+            got += chunk
+        assert got.decode().split("\n") == [*lines, ""]
+    finally:
+        os.close(r)
+        os.close(w)

@@ -117,13 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.log_level, args.log_format, args.syslog)
     from pyinetd.server import Server  # imported late: --check needs none of it
 
-    server = Server(config)
+    # A worker of a running pyinetd (its `workers:` setting) is started with this set.
+    worker = int(os.environ.pop("PYINETD_WORKER", "0") or 0)
+    server = Server(config, worker=worker)
     try:
         server.bind()
     except ListenError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
-    return server.run(pid_file=args.pid_file)
+    return server.run(pid_file=None if worker else args.pid_file)
 
 
 def _convert(args: argparse.Namespace) -> int:

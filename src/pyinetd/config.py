@@ -133,6 +133,7 @@ class Config:
     path: Path
     services: tuple[Service, ...]
     max_children: int | None = None
+    workers: int = 1
     include: tuple[str, ...] = ()
     control_socket: str | None = None
     pid_file: str | None = None
@@ -263,6 +264,34 @@ def _parse_count(value: Any, _base: Path) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     raise _KeyError(f"{value!r}: expected a whole number >= 1")
+
+
+MAX_WORKERS = 64
+
+
+def _parse_workers(value: Any, _base: Path) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
+        return value
+    raise _KeyError(f"{value!r}: expected a whole number from 1 to {MAX_WORKERS}")
+
+
+# Limits that count across connections: with several worker processes each would count only
+# its own children, so a limit of N would let workers x N through. Refused, not multiplied.
+COUNTED_LIMITS = ("max_connections", "per_source", "rate")
+
+
+def _check_workers(
+    workers: int, max_children: int | None, services: list[Service], label: str
+) -> list[str]:
+    if workers <= 1:
+        return []
+    why = f"not with workers: {workers} (each worker process counts only its own children)"
+    errors = [f"{label}: max_children: {why}"] if max_children is not None else []
+    for svc in services:
+        for key in COUNTED_LIMITS:
+            if getattr(svc, key):
+                errors.append(f"{label}: services.{svc.name}.{key}: {why}")
+    return errors
 
 
 def _parse_choice(*choices: str) -> Parser:
@@ -624,6 +653,7 @@ def _parse_includes(value: Any, _base: Path) -> tuple[str, ...]:
 TOP_PARSERS: dict[str, Parser] = {
     "include": _parse_includes,
     "max_children": _parse_count,
+    "workers": _parse_workers,
     "control_socket": _parse_path,
     "pid_file": _parse_path,
     "shutdown": _parse_choice("leave", "drain"),
@@ -719,6 +749,7 @@ def _build(doc: Any, path: Path, with_schema: bool) -> Config:
         if svc is not None:
             services.append(svc)
     _check_duplicates(services, label, errors)
+    errors += _check_workers(top.get("workers", 1), top.get("max_children"), services, label)
     errors += flags.rest()
     if errors:
         raise ConfigError(errors)

@@ -39,8 +39,13 @@ def has_ipv6() -> bool:
     return True
 
 
-def bind_listener(protocol: str, addr: ListenAddress) -> socket.socket:
-    """Create, bind and (for stream sockets) listen; non-blocking, close-on-exec (PEP 446)."""
+def bind_listener(protocol: str, addr: ListenAddress, reuseport: bool = False) -> socket.socket:
+    """Create, bind and (for stream sockets) listen; non-blocking, close-on-exec (PEP 446).
+
+    ``reuseport``: SO_REUSEPORT, so that every worker process binds the same address (and
+    the kernel spreads connections over them); only pyinetd's own processes can join, since
+    the kernel requires the same user.
+    """
     if protocol == "unix":
         return _bind_unix(addr.path)
     kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
@@ -56,6 +61,8 @@ def bind_listener(protocol: str, addr: ListenAddress) -> socket.socket:
         if kind == socket.SOCK_STREAM:
             # TIME_WAIT from the last run must not block a restart (every inetd sets this).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # PORT alone means every address, v4 and v6; an explicit v6 address means v6 only.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if not addr.host else 1)
@@ -104,7 +111,7 @@ def _remove_stale_socket(path: str) -> None:
 
 
 def bind_service(
-    service: Service, skip: Container[ListenKey] = ()
+    service: Service, skip: Container[ListenKey] = (), reuseport: bool = False
 ) -> list[tuple[ListenKey, socket.socket]]:
     """Bind the listen addresses of a service not in ``skip`` (those are already bound);
     on failure close what was bound and raise ListenError."""
@@ -114,7 +121,7 @@ def bind_service(
         if key in skip:
             continue
         try:
-            bound.append((key, bind_listener(service.protocol, addr)))
+            bound.append((key, bind_listener(service.protocol, addr, reuseport)))
         except OSError as exc:
             for _, sock in bound:
                 close_listener(sock)

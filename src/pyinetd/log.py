@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import sys
 import time
 from typing import Any
@@ -93,17 +94,36 @@ class LineHandler(logging.Handler):
         self._buf.append("")
         data = "\n".join(self._buf).encode("utf-8", "backslashreplace")
         self._buf.clear()
-        view = memoryview(data)
+        # Writes of whole lines up to PIPE_BUF are atomic on a pipe: several pyinetd processes
+        # (workers) sharing one stderr never cut into each other's lines.
+        start = 0
+        while start < len(data):
+            end = len(data)
+            if end - start > select.PIPE_BUF:
+                cut = data.rfind(b"\n", start, start + select.PIPE_BUF)
+                end = cut + 1 if cut >= start else data.find(b"\n", start) + 1 or len(data)
+            if not self._write_all(memoryview(data)[start:end]):
+                return
+            start = end
+
+    def _write_all(self, view: memoryview) -> bool:
         while view:
             try:
                 view = view[os.write(self.fd, view) :]
             except InterruptedError:
                 continue
             except OSError:
-                return  # stderr closed or gone: nothing sensible to do with a log line
+                return False  # stderr closed or gone: nothing sensible to do with a log line
+        return True
 
 
 _LINES: LineHandler | None = None  # the fast path, when logging goes to stderr
+_ARGS: list[str] = []  # the command-line options that set logging up (for worker processes)
+
+
+def cli_args() -> list[str]:
+    """The options that give another pyinetd process the same logging."""
+    return list(_ARGS)
 
 
 def flush() -> None:
@@ -128,7 +148,8 @@ def setup_logging(level: str = "info", fmt: str = "text", syslog: bool = False) 
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    global _LINES
+    global _LINES, _ARGS
+    _ARGS = ["--log-level", level, "--log-format", fmt, *(["--syslog"] if syslog else [])]
     handler: logging.Handler
     formatter: TextFormatter | JSONFormatter
     if fmt == "json":

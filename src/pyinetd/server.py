@@ -20,6 +20,7 @@ import selectors
 import signal
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -367,8 +368,10 @@ def _proxy_header_end(data: bytes) -> int | None:
 class Server:
     """One pyinetd instance: listeners, children, the loop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: int = 0) -> None:
         self.config = config
+        self.worker = worker  # 0: the first process; N: worker N (see _start_workers)
+        self.workers: dict[int, int] = {}  # first process: worker pid -> its number
         self.sel = selectors.DefaultSelector()
         self.spawner = Spawner()
         self.states: dict[str, ServiceState] = {}
@@ -400,7 +403,8 @@ class Server:
 
         Sockets handed over by systemd socket activation are adopted instead of bound.
         """
-        for sock, _name in systemd.listen_fds():
+        inherited = worker_fds() if self.worker else systemd.listen_fds()
+        for sock, _name in inherited:
             key = systemd.key_of(sock)
             if key is None:
                 sock.close()
@@ -426,7 +430,7 @@ class Server:
                 sock = self._activated.pop(alt, None)
                 if sock is not None:
                     break
-        if sock is not None:
+        if sock is not None and not self.worker:
             event(
                 logging.INFO,
                 f"socket activation: adopted {key.protocol} {key.address}",
@@ -439,13 +443,17 @@ class Server:
     ) -> dict[ListenKey, socket.socket]:
         """Bind every listen address of ``config`` not in ``keep``; all or nothing."""
         fresh: dict[ListenKey, socket.socket] = {}
+        reuseport = config.workers > 1
         try:
             for svc in config.enabled_services:
+                skip: dict[ListenKey, object] = {**keep, **fresh}
                 for addr in svc.listen:
                     key = ListenKey(svc.protocol, addr)
-                    if key not in keep and (sock := self._adopt(key)) is not None:
-                        fresh[key] = sock
-                for key, sock in bind_service(svc, skip={**keep, **fresh}):
+                    if not self._serves(svc, key):
+                        skip[key] = None
+                    elif key not in keep and (sock := self._adopt(key)) is not None:
+                        fresh[key] = skip[key] = sock
+                for key, sock in bind_service(svc, skip=skip, reuseport=reuseport):
                     fresh[key] = sock
         except Exception:
             for sock in fresh.values():
@@ -460,7 +468,9 @@ class Server:
         wanted: dict[ListenKey, Service] = {}
         for svc in config.enabled_services:
             for addr in svc.listen:
-                wanted[ListenKey(svc.protocol, addr)] = svc
+                key = ListenKey(svc.protocol, addr)
+                if self._serves(svc, key):
+                    wanted[key] = svc
         for state in self.states.values():
             state.listeners.clear()
         enabled = {svc.name for svc in config.enabled_services}
@@ -601,11 +611,15 @@ class Server:
         """Serve until SIGTERM/SIGINT; returns the exit code."""
         self._install_signals()
         self.reap_children()  # children left from before exec (e.g. by a wrapper script)
-        self._start_control()
-        if pid_file:
-            self._write_pid_file(pid_file)
-        event(logging.INFO, f"listening: {self._describe()}", event="ready")
-        systemd.notify("READY=1", f"STATUS={self._status_line()}")
+        if self.worker:
+            event(logging.INFO, f"worker {self.worker}: listening", event="worker_ready")
+        else:
+            self._start_control()
+            if pid_file:
+                self._write_pid_file(pid_file)
+            self._start_workers()
+            event(logging.INFO, f"listening: {self._describe()}", event="ready")
+            systemd.notify("READY=1", f"STATUS={self._status_line()}")
         log.batching(True)
         try:
             while not self._exit:
@@ -703,6 +717,9 @@ class Server:
         """Stop listening; then leave at once, or drain the children first."""
         if self._stopping:
             event(logging.INFO, f"{why} again: stopping now", event="stop_now")
+            for pid in self.workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
             self._exit = True
             return
         self._stopping = True
@@ -716,8 +733,11 @@ class Server:
             else:
                 close_listener(lst.sock)
         self.listeners.clear()
+        for pid in self.workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)  # each stops (leave or drain) as we do
         running = len(self.children) + len(self.sessions)
-        if self.config.shutdown != "drain" or not running:
+        if self.config.shutdown != "drain" or not (running or self.workers):
             event(logging.INFO, f"{why}: stopping", event="stopping")
             self._exit = True
             return
@@ -747,7 +767,7 @@ class Server:
         self._exit = True
 
     def _check_drained(self) -> None:
-        if self._stopping and not self.children and not self.sessions:
+        if self._stopping and not self.children and not self.sessions and not self.workers:
             if self._drain_timer is not None:
                 self._drain_timer.cancelled = True
             self._exit = True
@@ -789,6 +809,8 @@ class Server:
             errors = [f"{self.config.path}: {exc}"]
         else:
             self._apply(new, fresh)
+            if not self.worker:
+                self._reload_workers()
             event(logging.INFO, f"reloaded: {self._describe()}", event="reloaded")
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
             return []
@@ -834,6 +856,73 @@ class Server:
         self._wake_r.close()
         self._wake_w.close()
 
+    # ------------------------------------------------------------ workers
+    def _serves(self, svc: Service, key: ListenKey) -> bool:
+        return not self.worker or _worker_serves(svc, key)
+
+    def _start_workers(self) -> None:
+        for number in range(1, self.config.workers):
+            if number not in self.workers.values():
+                self._spawn_worker(number)
+
+    def _spawn_worker(self, number: int) -> None:
+        """Start worker ``number``: a fresh `pyinetd -c CONFIG` that adopts our listening
+        sockets (their fd numbers in PYINETD_LISTEN_FDS) and serves them with its own loop."""
+        socks = [
+            lst.sock for lst in self.listeners.values() if _worker_serves(lst.service, lst.key)
+        ]
+        env = dict(os.environ)
+        env.update(
+            PYINETD_WORKER=str(number),
+            PYINETD_LISTEN_FDS=",".join(str(s.fileno()) for s in socks),
+        )
+        env.pop("NOTIFY_SOCKET", None)
+        # The same pyinetd code as ours, whatever the worker's import path would find.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = (
+            f"import sys; sys.path.insert(0, {root!r}); "
+            "from pyinetd.cli import main; sys.exit(main())"
+        )
+        argv = [sys.executable, "-c", code, "-c", str(self.config.path), *log.cli_args()]
+        for sock in socks:
+            os.set_inheritable(sock.fileno(), True)
+        try:
+            pid = os.posix_spawn(argv[0], argv, env, setsigmask=(), setsigdef=ignored_signals())
+        except OSError as exc:
+            event(logging.ERROR, f"worker {number}: cannot start: {exc}", event="worker_error")
+            return
+        finally:
+            for sock in socks:
+                os.set_inheritable(sock.fileno(), False)
+        self.workers[pid] = number
+        event(logging.INFO, f"worker {number}: pid {pid}", event="worker_start", pid=pid)
+
+    def _reload_workers(self) -> None:
+        for pid, number in list(self.workers.items()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if number >= self.config.workers else signal.SIGHUP)
+        self._start_workers()
+
+    def _worker_exited(self, pid: int, status: int) -> None:
+        number = self.workers.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if self._stopping:
+            self._check_drained()
+            return
+        if number >= self.config.workers:
+            return  # retired by a reload
+        event(
+            logging.ERROR,
+            f"worker {number} (pid {pid}) exited ({code}); starting it again in 1s",
+            event="worker_exit",
+            pid=pid,
+        )
+        self.call_later(1.0, self._restart_workers)
+
+    def _restart_workers(self) -> None:
+        if not self._stopping:
+            self._start_workers()
+
     # ------------------------------------------------------------ children
     def reap_children(self) -> None:
         """Reap every exited child: loop until waitpid says none are left (SIGCHLD coalesces)."""
@@ -862,6 +951,9 @@ class Server:
             self._child_exited(pid, status)
 
     def _child_exited(self, pid: int, status: int) -> None:
+        if pid in self.workers:
+            self._worker_exited(pid, status)
+            return
         child = self.children.pop(pid, None)
         if child is None:
             LOG.debug("reaped unknown pid %d", pid)  # gunicorn #3566: not an error
@@ -1369,6 +1461,24 @@ class Server:
 
     def __repr__(self) -> str:
         return f"<Server {len(self.listeners)} listeners, {len(self.children)} children>"
+
+
+def _worker_serves(svc: Service, key: ListenKey) -> bool:
+    """Workers leave unix sockets and wait-mode services to the first process (a wait
+    service's socket belongs to one child at a time; a unix path to one binder)."""
+    return key.protocol != "unix" and not svc.wait
+
+
+def worker_fds() -> list[tuple[socket.socket, str]]:
+    """In a worker: the listening sockets the first process passed down."""
+    value = os.environ.pop("PYINETD_LISTEN_FDS", "")
+    out = []
+    for text in filter(None, value.split(",")):
+        sock = socket.socket(fileno=int(text))
+        os.set_inheritable(sock.fileno(), False)
+        sock.setblocking(False)
+        out.append((sock, ""))
+    return out
 
 
 def _group_alive(pgid: int) -> bool:

@@ -56,6 +56,8 @@ def snapshot(server: Server) -> dict[str, Any]:
         "config": str(server.config.path),
         "uptime": round(now - server.started, 3),
         "children": len(server.children),
+        # `workers: N`: the other accept loops; their children and counts are their own
+        "workers": sorted(server.workers),
         "services": services,
     }
 
@@ -80,6 +82,11 @@ def render_table(snap: dict[str, Any]) -> str:
     lines = [
         f"pyinetd pid {snap['pid']}, {snap['config']}, up {snap['uptime']:.0f}s, "
         f"{snap['children']} children"
+        + (
+            f"; workers {' '.join(map(str, snap['workers']))} (counts above are this process's)"
+            if snap.get("workers")
+            else ""
+        )
     ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for s in snap["services"]:
