@@ -17,7 +17,7 @@
 #   PYINETD_PYTHON=python3   interpreter that runs `python -m pyinetd -c CONFIG` (or, without
 #                            pyinetd/__main__.py, pyinetd.cli:main as the console script does)
 #   PYINETD_ARGS=            extra words appended to the pyinetd command (e.g. --log-level warning)
-#   PYINETD_WORKERS=0        1 adds the pyinetd-w2 row (same exec service, `workers: 2`)
+#   PYINETD_WORKERS=1        0 leaves out the pyinetd-w2 row (same exec service, `workers: 2`)
 #   SHARED=<repo>/../shared  the shared kit; anchors.sh is $SHARED/bench/anchors.sh
 #   OUTDIR=bench/out/<utc>   configs, logs, results.tsv, anchors.txt
 #   RESULTS_DIR=bench/results  where latest.md and latest.png go
@@ -38,7 +38,7 @@ SHARED=${SHARED:-$REPO/../shared}
 ANCHORS=$SHARED/bench/anchors.sh
 PYINETD_PYTHON=${PYINETD_PYTHON:-python3}
 PYINETD_ARGS=${PYINETD_ARGS:-}
-PYINETD_WORKERS=${PYINETD_WORKERS:-0}
+PYINETD_WORKERS=${PYINETD_WORKERS:-1}
 RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
 SCALE=${SCALE:-1}
 SCALE_ARGS=${SCALE_ARGS:-}
