@@ -78,6 +78,12 @@ if "$PYINETD_PYTHON" -c 'import importlib.util as u, sys; sys.exit(u.find_spec("
 else
     LAUNCH=("$PYINETD_PYTHON" -c 'import sys; from pyinetd.cli import main; sys.exit(main())')
 fi
+# Measure what an installed pyinetd runs: its modules byte-compiled, as pip does at install
+# time. A source checkout under PYTHONDONTWRITEBYTECODE=1 otherwise compiles them at every
+# start, and the compiler's memory stays in the parent's RSS (~4 MiB, 22.6 vs 18.9 MiB here).
+"$PYINETD_PYTHON" -c 'import compileall, os, pyinetd
+compileall.compile_dir(os.path.dirname(pyinetd.__file__), quiet=1)' >/dev/null ||
+    note "could not byte-compile pyinetd; its RSS includes the compiler's"
 python3 -c 'import matplotlib, yaml' 2>/dev/null ||
     die "python3 needs matplotlib and PyYAML for the report (pip install matplotlib pyyaml)"
 
