@@ -207,9 +207,7 @@ class StderrLog:
         for _ in range(limit):
             try:
                 data, ancdata, _flags, _addr = self._r.recvmsg(65536, self._cmsg)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # nothing waiting (EAGAIN), or the socket is gone
                 return
             if not data:
                 return
@@ -574,17 +572,14 @@ class Server:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in HANDLED_SIGNALS:
-            signal.signal(sig, _noop_handler)
-            signal.siginterrupt(sig, False)
         # Signals we were started with ignored (`pyinetd &` in a script ignores SIGINT and
         # SIGQUIT) stay ignored for pyinetd, through a handler that does nothing: exec resets
         # caught signals to their default, so no service inherits an ignored signal. Python's
         # own SIGPIPE and SIGXFSZ are reset by the spawn primitive.
-        for sig in ignored_signals():
-            if sig not in (signal.SIGPIPE, signal.SIGXFSZ):
-                signal.signal(sig, _noop_handler)
-                signal.siginterrupt(sig, False)
+        inherited = [s for s in ignored_signals() if s not in (signal.SIGPIPE, signal.SIGXFSZ)]
+        for sig in (*HANDLED_SIGNALS, *inherited):
+            signal.signal(sig, _noop_handler)
+            signal.siginterrupt(sig, False)
         self.spawner.refresh_signals()
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
 
@@ -717,9 +712,7 @@ class Server:
         """Stop listening; then leave at once, or drain the children first."""
         if self._stopping:
             event(logging.INFO, f"{why} again: stopping now", event="stop_now")
-            for pid in self.workers:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+            self._signal_workers(signal.SIGTERM)
             self._exit = True
             return
         self._stopping = True
@@ -733,9 +726,7 @@ class Server:
             else:
                 close_listener(lst.sock)
         self.listeners.clear()
-        for pid in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)  # each stops (leave or drain) as we do
+        self._signal_workers(signal.SIGTERM)  # each stops (leave or drain) as we do
         running = len(self.children) + len(self.sessions)
         if self.config.shutdown != "drain" or not (running or self.workers):
             event(logging.INFO, f"{why}: stopping", event="stopping")
@@ -898,10 +889,17 @@ class Server:
         event(logging.INFO, f"worker {number}: pid {pid}", event="worker_start", pid=pid)
 
     def _reload_workers(self) -> None:
-        for pid, number in list(self.workers.items()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM if number >= self.config.workers else signal.SIGHUP)
+        """After our reload: workers beyond the new number retire, the others reload."""
+        self._signal_workers(signal.SIGHUP, retire=signal.SIGTERM)
         self._start_workers()
+
+    def _signal_workers(self, sig: int, retire: int | None = None) -> None:
+        """Send ``sig`` to every worker (``retire`` instead to those numbered past the
+        configured count)."""
+        for pid, number in list(self.workers.items()):
+            send = retire if retire is not None and number >= self.config.workers else sig
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, send)
 
     def _worker_exited(self, pid: int, status: int) -> None:
         number = self.workers.pop(pid)
@@ -938,13 +936,13 @@ class Server:
         if not exited:
             return
         # What the children wrote to stderr before they exited is logged before their end.
-        drained: set[int] = set()
+        drained: set[StderrLog] = set()
         for pid, _status in exited:
             child = self.children.get(pid)
             stderr_log = child.state.stderr_log if child is not None else None
             if stderr_log is not None:
-                if id(stderr_log) not in drained:
-                    drained.add(id(stderr_log))
+                if stderr_log not in drained:
+                    drained.add(stderr_log)
                     stderr_log.drain()
                 stderr_log.ended(pid)
         for pid, status in exited:
@@ -1472,13 +1470,7 @@ def _worker_serves(svc: Service, key: ListenKey) -> bool:
 def worker_fds() -> list[tuple[socket.socket, str]]:
     """In a worker: the listening sockets the first process passed down."""
     value = os.environ.pop("PYINETD_LISTEN_FDS", "")
-    out = []
-    for text in filter(None, value.split(",")):
-        sock = socket.socket(fileno=int(text))
-        os.set_inheritable(sock.fileno(), False)
-        sock.setblocking(False)
-        out.append((sock, ""))
-    return out
+    return [(systemd.adopt_fd(int(text)), "") for text in filter(None, value.split(","))]
 
 
 def _group_alive(pgid: int) -> bool:

@@ -105,12 +105,12 @@ class Spawner:
         self._env_list: dict[str, tuple[list[bytes], list[bytes]]] = {}
         self._errpipe: tuple[int, int] | None = None
         self._errpoll = select.poll()
-        self.fork_exec = self._fork_exec_usable()
+        self.use_fork_exec = self._fork_exec_usable()
 
     def refresh_signals(self) -> None:
         """Recompute the signals to reset (call after installing the server's handlers)."""
         self._sigdef = ignored_signals()
-        self.fork_exec = self._fork_exec_usable()
+        self.use_fork_exec = self._fork_exec_usable()
 
     def _fork_exec_usable(self) -> bool:
         """fork_exec's child resets only SIGPIPE and SIGXFSZ and keeps the caller's signal
@@ -166,15 +166,16 @@ class Spawner:
         Raises OSError when the program cannot be started (posix_spawn reports exec
         failures synchronously, since the vfork child shares our memory).
         """
-        if self.fork_exec and not needs_fork(service):
+        fork = needs_fork(service)
+        if self.use_fork_exec and not fork:
             try:
                 return self._spawn_fork_exec(service, stdin, stdout, stderr, extra_env)
             except TypeError:  # not the call shape this CPython's fork_exec takes
-                self.fork_exec = False
+                self.use_fork_exec = False
         env = self.base_environ(service).copy()
         env.update(env_dict(extra_env))
         argv = service.argv
-        if needs_fork(service):
+        if fork:
             return self._fork_exec(service, argv, env, stdin, stdout, stderr)
         return os.posix_spawn(
             argv[0],

@@ -54,12 +54,17 @@ def listen_fds() -> list[tuple[socket.socket, str]]:
         return []
     out = []
     for i in range(count):
-        fd = SD_LISTEN_FDS_START + i
-        os.set_inheritable(fd, False)
-        sock = socket.socket(fileno=fd)
-        sock.setblocking(False)
+        sock = adopt_fd(SD_LISTEN_FDS_START + i)
         out.append((sock, names[i] if i < len(names) else ""))
     return out
+
+
+def adopt_fd(fd: int) -> socket.socket:
+    """A listening socket handed down by another process: close-on-exec, non-blocking."""
+    os.set_inheritable(fd, False)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock
 
 
 def key_of(sock: socket.socket) -> ListenKey | None:
