@@ -71,19 +71,8 @@ def test_both_processes_accept_on_the_shared_sockets(inetd: Start, tmp_path: Pat
     assert int(out.split()[0]) == p.pid
 
 
-@pytest.mark.parametrize(
-    ("top", "service", "key"),
-    [
-        ({"max_children": 10}, {}, "max_children"),
-        ({}, {"max_connections": 5}, "services.s.max_connections"),
-        ({}, {"per_source": 2}, "services.s.per_source"),
-        ({}, {"rate": "10/s"}, "services.s.rate"),
-    ],
-)
-def test_limits_counted_per_process_are_refused_with_workers(
-    tmp_path: Path, top: dict[str, object], service: dict[str, object], key: str
-) -> None:
-    doc = {"workers": 2, **top, "services": {"s": {"listen": "127.0.0.1:7", **service}}}
+def test_max_children_is_refused_with_workers(tmp_path: Path) -> None:
+    doc = {"workers": 2, "max_children": 10, "services": {"s": {"listen": "127.0.0.1:7"}}}
     path = tmp_path / "inetd.yaml"
     path.write_text(yaml.safe_dump(doc))
     r = subprocess.run(
@@ -92,7 +81,8 @@ def test_limits_counted_per_process_are_refused_with_workers(
     )  # fmt: skip
     assert r.returncode == 2
     assert r.stderr.strip() == (
-        f"{path}: {key}: not with workers: 2 (each worker process counts only its own children)"
+        f"{path}: max_children: not with workers: 2 (each worker process counts only its own "
+        "children)"
     )
 
 
@@ -155,3 +145,38 @@ def test_a_dead_worker_is_started_again_and_stop_takes_workers_along(
         assert served_by(port) == second
     assert p.stop() == 0
     wait_for(lambda: pid_gone(second), what="the worker stopped with the first process")
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+@pytest.mark.parametrize(
+    "limit",
+    [{"max_connections": 5}, {"per_source": 2}, {"rate": "100/s"}],
+    ids=lambda d: next(iter(d)),
+)
+def test_a_service_with_a_counted_limit_stays_with_the_first_process(
+    inetd: Start, tmp_path: Path, limit: dict[str, object]
+) -> None:
+    free, limited = free_port(), free_port()
+    svc = ppid_service(tmp_path)
+    cfg: dict[str, object] = {
+        "workers": 2,
+        "services": {
+            "free": {"listen": f"127.0.0.1:{free}", "exec": svc},
+            "limited": {"listen": f"127.0.0.1:{limited}", "exec": svc, **limit},
+        },
+    }
+    p = inetd(cfg)
+    worker = worker_pid(p)
+    p.wait_log(r"worker 1: listening")
+    assert listening_pids(free) == {p.pid, worker}
+    assert listening_pids(limited) == {p.pid}  # one process counts its connections
+    with stopped(p.pid):
+        assert served_by(free) == worker
+    assert served_by(limited) == p.pid
+    # a limit added by a reload takes the service away from the worker
+    cfg["services"]["free"].update(limit)  # type: ignore[index]
+    p.path.write_text(yaml.safe_dump(cfg))
+    p.signal(signal.SIGHUP)
+    p.wait_log(rf"pyinetd\[{worker}\]: reloaded")
+    wait_for(lambda: listening_pids(free) == {p.pid}, what="the worker closed the limited port")
+    assert served_by(free) == p.pid

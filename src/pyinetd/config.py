@@ -71,6 +71,11 @@ class ListenAddress:
         return f"[{self.host}]:{self.port}" if self.is_v6 else f"{self.host}:{self.port}"
 
 
+# Limits that count across a service's connections; a service with one is served by the first
+# process only when there are workers, so that the count is exact.
+COUNTED_LIMITS = ("max_connections", "per_source", "rate")
+
+
 @dataclass(frozen=True)
 class Service:
     """One configured service, fully validated and resolved."""
@@ -124,6 +129,11 @@ class Service:
     def needs_relay(self) -> bool:
         """TLS or redirect: a relay process stands between the client and the service."""
         return self.tls is not None or self.redirect is not None
+
+    @property
+    def counts_connections(self) -> bool:
+        """A limit counted across this service's connections (served by one process)."""
+        return any(getattr(self, key) for key in COUNTED_LIMITS)
 
 
 @dataclass(frozen=True)
@@ -275,23 +285,14 @@ def _parse_workers(value: Any, _base: Path) -> int:
     raise _KeyError(f"{value!r}: expected a whole number from 1 to {MAX_WORKERS}")
 
 
-# Limits that count across connections: with several worker processes each would count only
-# its own children, so a limit of N would let workers x N through. Refused, not multiplied.
-COUNTED_LIMITS = ("max_connections", "per_source", "rate")
-
-
-def _check_workers(
-    workers: int, max_children: int | None, services: list[Service], label: str
-) -> list[str]:
-    if workers <= 1:
+def _check_workers(workers: int, max_children: int | None, label: str) -> list[str]:
+    """max_children counts every service's children: with several worker processes each
+    would count only its own, so a limit of N would let workers x N through. Refused, not
+    multiplied. (A service with its own counted limit stays with the first process.)"""
+    if workers <= 1 or max_children is None:
         return []
     why = f"not with workers: {workers} (each worker process counts only its own children)"
-    errors = [f"{label}: max_children: {why}"] if max_children is not None else []
-    for svc in services:
-        for key in COUNTED_LIMITS:
-            if getattr(svc, key):
-                errors.append(f"{label}: services.{svc.name}.{key}: {why}")
-    return errors
+    return [f"{label}: max_children: {why}"]
 
 
 def _parse_choice(*choices: str) -> Parser:
@@ -749,7 +750,7 @@ def _build(doc: Any, path: Path, with_schema: bool) -> Config:
         if svc is not None:
             services.append(svc)
     _check_duplicates(services, label, errors)
-    errors += _check_workers(top.get("workers", 1), top.get("max_children"), services, label)
+    errors += _check_workers(top.get("workers", 1), top.get("max_children"), label)
     errors += flags.rest()
     if errors:
         raise ConfigError(errors)

@@ -1462,9 +1462,10 @@ class Server:
 
 
 def _worker_serves(svc: Service, key: ListenKey) -> bool:
-    """Workers leave unix sockets and wait-mode services to the first process (a wait
-    service's socket belongs to one child at a time; a unix path to one binder)."""
-    return key.protocol != "unix" and not svc.wait
+    """Workers leave unix sockets, wait-mode services and services with a counted limit to
+    the first process (a wait service's socket belongs to one child at a time; a unix path
+    to one binder; max_connections, per_source and rate are counted in one place)."""
+    return key.protocol != "unix" and not svc.wait and not svc.counts_connections
 
 
 def worker_fds() -> list[tuple[socket.socket, str]]:
