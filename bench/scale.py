@@ -286,13 +286,16 @@ class Pyinetd:
         assert self.proc is not None
         return self.proc.pid
 
+    def command(self, cfg: Path) -> list[str]:
+        launch = self.launch or launch_command(self.python)
+        return [*launch, "-c", str(cfg), *self.extra_args]
+
     def start(self, config: dict[str, object], ready_ports: Sequence[int]) -> None:
         """Write the config, start pyinetd, wait until every ready port echoes."""
         cfg = self.outdir / f"{self.tag}.yaml"
         cfg.write_text(yaml.safe_dump(config, sort_keys=False))
         log = (self.outdir / f"{self.tag}.log").open("wb")
-        launch = self.launch or launch_command(self.python)
-        cmd = [*launch, "-c", str(cfg), *self.extra_args]
+        cmd = self.command(cfg)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         log.close()
         end = time.monotonic() + READY_S
@@ -324,6 +327,19 @@ class Pyinetd:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 15)
         self.proc = None
+
+
+class Tcpserver(Pyinetd):
+    """The reference for (b): ucspi-tcp's tcpserver, fork+exec in C, reaping with
+    waitpid(-1) like pyinetd's plain loop; its config dict is ignored."""
+
+    def __init__(self, outdir: Path, tag: str, port: int, limit: int) -> None:
+        super().__init__("", (), outdir, tag)
+        self.port, self.limit = port, limit
+
+    def command(self, cfg: Path) -> list[str]:
+        return ["tcpserver", "-RHl0", "-c", str(self.limit), "-b", "128", HOST, str(self.port),
+                "/bin/cat"]  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -406,6 +422,27 @@ def children_experiment(args: argparse.Namespace, loadgen: Path, n: int) -> Row:
     if "max_children" not in config:
         note += "; no max_children key"
     return Row("b: live children", str(n), res.rate, res.p50_ms, res.p99_ms, cpu, rss, note)
+
+
+def tcpserver_children_experiment(args: argparse.Namespace, loadgen: Path, n: int) -> Row:
+    """(b) for tcpserver: fresh connections while n are held, all on its one port."""
+    port = free_ports(1)[0]
+    raise_nofile(n + args.conc + 256)
+    srv = Tcpserver(args.outdir, f"tcpserver-children-{n}", port, n + args.conc + 100)
+    try:
+        srv.start({}, [port])
+        held = hold_connections(port, n)
+        try:
+            live = live_children(srv.pid)
+            res, cpu = measure(srv, loadgen, port, args)
+        finally:
+            for s in held:
+                s.close()
+    finally:
+        srv.stop()
+    note = f"{_note(res)}; {live} live children; reference (same run)"
+    return Row("b: live children, tcpserver", str(n), res.rate, res.p50_ms, res.p99_ms, cpu,
+               None, note)  # fmt: skip
 
 
 def rss_experiment(args: argparse.Namespace, loadgen: Path, n: int) -> list[Row]:
@@ -528,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--outdir", type=Path, default=None)
     ap.add_argument("--md", type=Path, default=HERE / "results" / "latest.md")
     ap.add_argument("--no-md", action="store_true", help="print only")
+    ap.add_argument("--no-peer", dest="peer", action="store_false",
+                    help="leave out tcpserver's (b) rows")  # fmt: skip
     args = ap.parse_args(argv)
     if args.conns < 1 or args.conc < 1 or args.warmup < 0 or args.rounds < 1:
         ap.error("--conns, --conc and --rounds must be >= 1, --warmup >= 0")
@@ -548,6 +587,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for n in args.children:
             runs.append(children_experiment(args, loadgen, n))
             print(f"r{r} " + render_text(runs[-1:]).splitlines()[1], flush=True)
+            if args.peer and shutil.which("tcpserver"):
+                runs.append(tcpserver_children_experiment(args, loadgen, n))
+                print(f"r{r} " + render_text(runs[-1:]).splitlines()[1], flush=True)
         if args.rss_services:
             runs.extend(rss_experiment(args, loadgen, args.rss_services))
     rows = combine(runs)

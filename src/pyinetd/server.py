@@ -2,7 +2,8 @@
 
 Connections come in on listeners, become children (spawn.py) or built-in sessions
 (builtins.py); children are reaped in a ``waitpid(-1, WNOHANG)`` loop whenever any signal
-wakes the loop. Signal handlers do nothing: ``signal.set_wakeup_fd`` writes the signal
+wakes the loop, or, with many children alive, one by one as an exit watcher reports them
+(reaper.py). Signal handlers do nothing: ``signal.set_wakeup_fd`` writes the signal
 number to a socketpair the loop watches, and everything happens in the loop.
 """
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from pyinetd import builtins, control, log, proxyproto, status, systemd
+from pyinetd import builtins, control, log, proxyproto, reaper, status, systemd
 from pyinetd.admission import LogLimiter, TokenBucket, source_key
 from pyinetd.config import Config, ConfigError, Service, load, parse_listen_item
 from pyinetd.listeners import (
@@ -394,6 +395,9 @@ class Server:
         self.pending: set[PendingProxy] = set()  # connections whose PROXY header is due
         self._devnull = -1  # `stderr: null`, opened once
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
+        self._watcher: reaper.ExitWatcher | None = None  # with many children (reaper.py)
+        self._watcher_retry = 0.0  # no new watcher before this (monotonic), after a failure
+        self._sweep_timer: Timer | None = None
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
@@ -619,6 +623,8 @@ class Server:
         try:
             while not self._exit:
                 timeout = self._run_timers()
+                if self._watcher is not None:
+                    self._watcher.flush()
                 log.flush()
                 for key, mask in self.sel.select(timeout):
                     try:
@@ -836,6 +842,7 @@ class Server:
                 os.unlink(self._pid_file)
         signal.set_wakeup_fd(-1)
         self.spawner.close()
+        self._stop_watcher(reap=False)  # it exits when its pipe closes
         if self.children:
             event(
                 logging.INFO,
@@ -886,6 +893,7 @@ class Server:
             for sock in socks:
                 os.set_inheritable(sock.fileno(), False)
         self.workers[pid] = number
+        self._track(pid)
         event(logging.INFO, f"worker {number}: pid {pid}", event="worker_start", pid=pid)
 
     def _reload_workers(self) -> None:
@@ -923,6 +931,11 @@ class Server:
 
     # ------------------------------------------------------------ children
     def reap_children(self) -> None:
+        """On SIGCHLD: reap every exited child, unless the exit watcher reports them."""
+        if self._watcher is None:
+            self._reap_all()
+
+    def _reap_all(self) -> None:
         """Reap every exited child: loop until waitpid says none are left (SIGCHLD coalesces)."""
         exited: list[tuple[int, int]] = []
         while True:
@@ -933,6 +946,9 @@ class Server:
             if pid == 0:
                 break
             exited.append((pid, status))
+        self._handle_exited(exited)
+
+    def _handle_exited(self, exited: list[tuple[int, int]]) -> None:
         if not exited:
             return
         # What the children wrote to stderr before they exited is logged before their end.
@@ -945,8 +961,74 @@ class Server:
                     drained.add(stderr_log)
                     stderr_log.drain()
                 stderr_log.ended(pid)
-        for pid, status in exited:
-            self._child_exited(pid, status)
+        for pid, wstatus in exited:
+            self._child_exited(pid, wstatus)
+
+    # ------------------------------------------------------------ the exit watcher
+    def _track(self, pid: int) -> None:
+        """A child started: give its pid to the watcher, or start one if they are many."""
+        if self._watcher is not None:
+            self._watcher.watch(pid)
+        elif len(self.children) >= reaper.WATCH_FROM and time.monotonic() >= self._watcher_retry:
+            self._start_watcher()
+
+    def _start_watcher(self) -> None:
+        try:
+            watcher = reaper.ExitWatcher()
+        except OSError as exc:
+            self._watcher_retry = time.monotonic() + 60.0
+            event(logging.WARNING, f"cannot start the exit watcher: {exc}", event="watcher")
+            return
+        self._watcher = watcher
+        for pid in (*self.children, *self.workers):
+            watcher.watch(pid)
+        self.sel.register(watcher.fileno(), selectors.EVENT_READ, self._on_watcher)
+        self._sweep_timer = self.call_later(reaper.SWEEP_EVERY, self._sweep)
+        event(
+            logging.INFO,
+            f"{len(self.children)} children: exit watcher started (pid {watcher.pid})",
+            event="watcher",
+            pid=watcher.pid,
+        )
+
+    def _on_watcher(self, mask: int) -> None:
+        if self._watcher is None:
+            return
+        pids = self._watcher.exited()
+        if pids is None:
+            self._watcher_retry = time.monotonic() + 60.0
+            event(logging.WARNING, "exit watcher gone; reaping with waitpid(-1)", event="watcher")
+            self._stop_watcher()
+            return
+        exited: list[tuple[int, int]] = []
+        for pid in pids:
+            try:
+                got, wstatus = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue  # reaped by a sweep meanwhile
+            if got:
+                exited.append((got, wstatus))
+        self._handle_exited(exited)
+        if len(self.children) < reaper.WATCH_FROM // 4:
+            self._stop_watcher()
+
+    def _sweep(self) -> None:
+        """The watcher's backup: a full waitpid(-1) loop every few seconds."""
+        self._reap_all()
+        if self._watcher is not None:
+            self._sweep_timer = self.call_later(reaper.SWEEP_EVERY, self._sweep)
+
+    def _stop_watcher(self, reap: bool = True) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is None:
+            return
+        self.sel.unregister(watcher.fileno())
+        watcher.close()
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancelled = True
+            self._sweep_timer = None
+        if reap:
+            self._reap_all()  # what exited before the watcher could say
 
     def _child_exited(self, pid: int, status: int) -> None:
         if pid in self.workers:
@@ -1339,6 +1421,7 @@ class Server:
         if svc.timeout:
             child.timer = self.call_later(svc.timeout, lambda: self._on_timeout(pid))
         self.children[pid] = child
+        self._track(pid)
         if self.config.max_children is not None and not self._full:
             self._full = self._at_max_children()
         self._instance_started(state)

@@ -1,0 +1,143 @@
+"""Reaping that does not walk every child: an exit watcher for when many children are alive.
+
+``waitpid(-1)`` makes the kernel walk the caller's whole list of children (~40 ns each here),
+and a reap loop calls it once per exited child plus once to find none left: with 2,000
+long-lived connections, every short one costs the parent ~170 us more (bench/README.md).
+``waitpid(pid)`` is O(1), but needs to know which pid exited. A pidfd per child would tell,
+yet every fd the parent holds is copied into each vfork'd child and closed again there
+(2,000 pidfds: +230 us per spawn). So the pidfds live in another process, the watcher: the
+parent writes each child's pid to it, it opens a pidfd (any process may watch any pid; only
+the parent can reap, so the pid cannot be reused meanwhile) and writes the pid back once
+the child has exited; the parent then reaps exactly that pid.
+
+The server starts a watcher when WATCH_FROM children are alive and stops it below a quarter
+of that (the plain loop is cheaper with few children); while it runs, a full
+``waitpid(-1)`` sweep every SWEEP_EVERY seconds backs it up, and if it dies the server goes
+back to the plain loop at once. Pids travel as native 4-byte ints; a pid of 0 from the
+watcher means it cannot watch any more (out of fds) and should be stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import resource
+import select
+import signal
+import struct
+import sys
+
+# Environment overrides are for the tests (a low threshold; no sweep to hide a silent watcher).
+WATCH_FROM = int(os.environ.get("PYINETD_WATCH_FROM", "512"))
+SWEEP_EVERY = float(os.environ.get("PYINETD_SWEEP_EVERY", "5"))
+PID = struct.Struct("=i")
+
+
+class ExitWatcher:
+    """The parent's end: pids out (batched per loop turn), exited pids back."""
+
+    def __init__(self) -> None:
+        to_r, self._to_w = os.pipe2(os.O_CLOEXEC)
+        self._from_r, from_w = os.pipe2(os.O_CLOEXEC)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        code = f"import sys; sys.path.insert(0, {root!r}); from pyinetd.reaper import main; main()"
+        argv = [sys.executable, "-c", code]
+        try:
+            self.pid = os.posix_spawn(
+                argv[0],
+                argv,
+                os.environ,
+                file_actions=[(os.POSIX_SPAWN_DUP2, to_r, 0), (os.POSIX_SPAWN_DUP2, from_w, 1)],
+                setsigmask=(),
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+            )
+        except OSError:
+            for fd in (self._to_w, self._from_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(to_r)
+            os.close(from_w)
+        os.set_blocking(self._to_w, False)
+        os.set_blocking(self._from_r, False)
+        self._out = bytearray()
+        self._in = b""
+
+    def fileno(self) -> int:
+        return self._from_r
+
+    def watch(self, pid: int) -> None:
+        self._out += PID.pack(pid)
+
+    def flush(self) -> None:
+        """Send the pids gathered this loop turn (what a full pipe refuses waits for the next)."""
+        if not self._out:
+            return
+        try:
+            sent = os.write(self._to_w, self._out)
+        except BlockingIOError:
+            return
+        del self._out[:sent]
+
+    def exited(self) -> list[int] | None:
+        """Pids the watcher saw exit; None when it is gone or gave up."""
+        try:
+            data = os.read(self._from_r, 65536)
+        except BlockingIOError:
+            return []
+        if not data:
+            return None
+        data = self._in + data
+        whole = len(data) - len(data) % PID.size
+        self._in = data[whole:]
+        pids = [pid for (pid,) in PID.iter_unpack(data[:whole])]
+        return None if 0 in pids else pids
+
+    def close(self) -> None:
+        """Close both pipes: the watcher reads end-of-file and exits (the server reaps it)."""
+        for fd in (self._to_w, self._from_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def main() -> None:
+    """The watcher process: stdin brings pids to watch, stdout takes back those that exited."""
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)  # the parent's group signals are the parent's
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    ep = select.epoll()
+    ep.register(0, select.EPOLLIN)
+    watched: dict[int, int] = {}  # pidfd -> pid
+    rest = b""
+    while True:
+        done: list[int] = []
+        for fd, _mask in ep.poll():
+            if fd != 0:
+                ep.unregister(fd)
+                os.close(fd)
+                done.append(watched.pop(fd))
+                continue
+            data = os.read(0, 65536)
+            if not data:
+                return  # the server closed its end (or is gone)
+            data = rest + data
+            whole = len(data) - len(data) % PID.size
+            rest = data[whole:]
+            for (pid,) in PID.iter_unpack(data[:whole]):
+                try:
+                    pidfd = os.pidfd_open(pid)
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                        done.append(0)  # cannot watch: the server goes back to waitpid(-1)
+                    else:
+                        done.append(pid)  # already reaped by a sweep: let the server see
+                    continue
+                watched[pidfd] = pid
+                ep.register(pidfd, select.EPOLLIN)
+        if done:
+            out = memoryview(b"".join(PID.pack(pid) for pid in done))
+            while out:
+                out = out[os.write(1, out) :]
