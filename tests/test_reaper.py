@@ -68,7 +68,7 @@ def test_a_dead_watcher_is_replaced_by_the_waitpid_loop(inetd: Start) -> None:
     with held(port, 5) as socks:
         watcher = watcher_pid(p)
         os.kill(watcher, signal.SIGKILL)
-        p.wait_log(r"exit watcher gone; reaping with waitpid\(-1\)")
+        p.wait_log(r"exit watcher gone \(.*\); reaping with waitpid\(-1\)$")
         for s in socks[:2]:
             s.close()
         p.wait_log(r"cat: pid \d+ ended \(exit 0\)", count=2)

@@ -1000,7 +1000,12 @@ class Server:
         pids = self._watcher.exited()
         if pids is None:
             self._watcher_retry = time.monotonic() + 60.0
-            event(logging.WARNING, "exit watcher gone; reaping with waitpid(-1)", event="watcher")
+            event(
+                logging.WARNING,
+                "exit watcher gone (it exited, or ran out of file descriptors); "
+                "reaping with waitpid(-1)",
+                event="watcher",
+            )
             self._stop_watcher()
             return
         exited: list[tuple[int, int]] = []
