@@ -180,31 +180,3 @@ def test_a_service_with_a_counted_limit_stays_with_the_first_process(
     p.wait_log(rf"pyinetd\[{worker}\]: reloaded")
     wait_for(lambda: listening_pids(free) == {p.pid}, what="the worker closed the limited port")
     assert served_by(free) == p.pid
-
-
-def exclusive_registrations(pid: int) -> int:
-    """How many fds pid's epoll instances watch with EPOLLEXCLUSIVE (from /proc fdinfo)."""
-    n = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[eventpoll]":
-                continue
-            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-        except OSError:
-            continue
-        for m in re.finditer(r"^tfd:\s+\d+\s+events:\s+([0-9a-f]+)", info, re.M):
-            n += bool(int(m.group(1), 16) & 0x10000000)  # EPOLLEXCLUSIVE
-    return n
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-def test_shared_listeners_wake_one_process_per_connection(inetd: Start, workers: int) -> None:
-    port = free_port()
-    p = inetd({"workers": workers, "services": {"e": {"listen": f"127.0.0.1:{port}"}}})
-    if workers == 1:
-        assert exclusive_registrations(p.pid) == 0
-        return
-    worker = worker_pid(p)
-    p.wait_log(r"worker 1: listening")
-    assert exclusive_registrations(p.pid) == 1
-    assert exclusive_registrations(worker) == 1

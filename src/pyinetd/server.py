@@ -17,7 +17,6 @@ import heapq
 import json
 import logging
 import os
-import select
 import selectors
 import signal
 import socket
@@ -540,8 +539,6 @@ class Server:
                 else:
                     handler = functools.partial(self._on_accept, lst)
                 self.sel.register(lst.sock, selectors.EVENT_READ, handler)
-                if self.config.workers > 1 and _worker_serves(lst.service, lst.key):
-                    _wake_one(self.sel, lst.sock.fileno())
                 lst.registered = True
         else:
             self._pause(lst)
@@ -1557,15 +1554,6 @@ def _worker_serves(svc: Service, key: ListenKey) -> bool:
     the first process (a wait service's socket belongs to one child at a time; a unix path
     to one binder; max_connections, per_source and rate are counted in one place)."""
     return key.protocol != "unix" and not svc.wait and not svc.counts_connections
-
-
-def _wake_one(sel: selectors.BaseSelector, fd: int) -> None:
-    """Every worker waits on this socket: let the kernel wake one of them per connection
-    (EPOLLEXCLUSIVE) rather than all, of which all but one would find nothing to accept."""
-    ep = getattr(sel, "_selector", None)  # EpollSelector's epoll object
-    if isinstance(ep, select.epoll) and hasattr(select, "EPOLLEXCLUSIVE"):
-        ep.unregister(fd)
-        ep.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
 
 
 def worker_fds() -> list[tuple[socket.socket, str]]:
