@@ -34,6 +34,12 @@ SWEEP_EVERY = float(os.environ.get("PYINETD_SWEEP_EVERY", "5"))
 PID = struct.Struct("=i")
 
 
+def _pids(data: bytes) -> tuple[list[int], bytes]:
+    """The whole pids in ``data``, and the bytes of an incomplete one left for the next read."""
+    whole = len(data) - len(data) % PID.size
+    return [pid for (pid,) in PID.iter_unpack(data[:whole])], data[whole:]
+
+
 class ExitWatcher:
     """The parent's end: pids out (batched per loop turn), exited pids back."""
 
@@ -88,10 +94,7 @@ class ExitWatcher:
             return []
         if not data:
             return None
-        data = self._in + data
-        whole = len(data) - len(data) % PID.size
-        self._in = data[whole:]
-        pids = [pid for (pid,) in PID.iter_unpack(data[:whole])]
+        pids, self._in = _pids(self._in + data)
         return None if 0 in pids else pids
 
     def close(self) -> None:
@@ -123,10 +126,8 @@ def main() -> None:
             data = os.read(0, 65536)
             if not data:
                 return  # the server closed its end (or is gone)
-            data = rest + data
-            whole = len(data) - len(data) % PID.size
-            rest = data[whole:]
-            for (pid,) in PID.iter_unpack(data[:whole]):
+            pids, rest = _pids(rest + data)
+            for pid in pids:
                 try:
                     pidfd = os.pidfd_open(pid)
                 except OSError as exc:
