@@ -28,7 +28,8 @@
 # pyinetd rows: pyinetd (exec /bin/cat) on PORT_BASE+15, pyinetd-echo (builtin echo) on +16,
 # pyinetd-w2 (exec /bin/cat, workers: 2) on +17; references ref-loop and ref-2loops
 # (bench/ref_twoloops.py: pyinetd's spawn primitive in a bare loop, in 1 and 2 processes) on
-# +18 and +19.
+# +18 and +19; ref-c and ref-c-2loops (bench/ref_vfork.c, compiled into OUTDIR: the same loop
+# in C with a bare vfork+execve, the floor of any super-server of this design) on +12 and +13.
 set -euo pipefail
 export LC_ALL=C
 
@@ -90,6 +91,7 @@ python3 -c 'import matplotlib, yaml' 2>/dev/null ||
 OUTDIR=${OUTDIR:-$HERE/out/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUTDIR" "$RESULTS_DIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
+gcc -O2 -Wall -Wextra -o "$OUTDIR/ref_vfork" "$HERE/ref_vfork.c" || die "could not build bench/ref_vfork.c"
 
 # ---------------------------------------------------------------- pyinetd configs
 P_CAT=$((PORT_BASE + 15))
@@ -126,6 +128,9 @@ EXTRA_FILE=$OUTDIR/pyinetd-extra.sh
     # processes (what a second spawning process could reach; bench/ref_twoloops.py).
     echo "bench_server ref-loop $((PORT_BASE + 18)) --$(q "$PYINETD_PYTHON" "$HERE/ref_twoloops.py" "$((PORT_BASE + 18))" 1)"
     echo "bench_server ref-2loops $((PORT_BASE + 19)) --$(q "$PYINETD_PYTHON" "$HERE/ref_twoloops.py" "$((PORT_BASE + 19))" 2)"
+    # The same two in C (bench/ref_vfork.c): what this design reaches with no interpreter at all.
+    echo "bench_server ref-c $((PORT_BASE + 12)) --$(q "$OUTDIR/ref_vfork" "$((PORT_BASE + 12))" 1)"
+    echo "bench_server ref-c-2loops $((PORT_BASE + 13)) --$(q "$OUTDIR/ref_vfork" "$((PORT_BASE + 13))" 2)"
     if [[ -n $USER_EXTRA ]]; then
         echo "source $(printf '%q' "$(cd "$(dirname "$USER_EXTRA")" && pwd)/$(basename "$USER_EXTRA")")"
     fi

@@ -5,8 +5,10 @@ usage: scale.py [--python python3] [--services 1,100] [--children 10,2000] [--rs
 
 (a) accept+spawn cost with 1 vs 100 services configured: the same load against one of them;
     conn/s and the parent's CPU (utime+stime from /proc/PID/stat) per 1000 connections.
+    Reference rows: bench/ref_vfork.c (accept+vfork+execve in C) holding as many sockets.
 (b) 10 vs 2000 live children: hold N connections open to an exec /bin/cat service (each
     confirmed by an echoed byte), then measure fresh connections on another service.
+    Reference rows: tcpserver with as many children held.
 (c) parent RSS with 20 services configured, idle and after a load run.
 Load comes from the shared kit's loadgen.c (../shared/bench), compiled into --outdir at run
 time. Every pyinetd started here is stopped here, with whatever children it left.
@@ -150,6 +152,13 @@ def build_loadgen(shared: Path, outdir: Path) -> Path:
         raise SystemExit("scale.py: gcc is needed to build loadgen (apt-get install -y gcc)")
     exe = outdir / "loadgen"
     subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(src)], check=True)
+    return exe
+
+
+def build_ref_vfork(outdir: Path) -> Path:
+    """Compile bench/ref_vfork.c (the C floor) into outdir."""
+    exe = outdir / "ref_vfork"
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(HERE / "ref_vfork.c")], check=True)
     return exe
 
 
@@ -342,6 +351,18 @@ class Tcpserver(Pyinetd):
                 "/bin/cat"]  # fmt: skip
 
 
+class RefVfork(Tcpserver):
+    """The reference for (a): bench/ref_vfork.c, a bare accept+vfork+execve loop in C, holding
+    `extra` more idle sockets as a super-server with that many more services would."""
+
+    def __init__(self, outdir: Path, tag: str, exe: Path, port: int, extra: int) -> None:
+        super().__init__(outdir, tag, port, 0)
+        self.exe, self.extra = exe, extra
+
+    def command(self, cfg: Path) -> list[str]:
+        return [str(self.exe), str(self.port), "1", str(self.extra)]
+
+
 @contextlib.contextmanager
 def running(
     args: argparse.Namespace, tag: str, config: dict[str, object], ready_ports: Sequence[int]
@@ -390,6 +411,20 @@ def services_experiment(args: argparse.Namespace, loadgen: Path, n: int) -> Row:
         rss = rss_kb(srv.pid)
     return Row("a: services configured", str(n), res.rate, res.p50_ms, res.p99_ms, cpu, rss,
                _note(res))  # fmt: skip
+
+
+def c_services_experiment(args: argparse.Namespace, loadgen: Path, exe: Path, n: int) -> Row:
+    """(a) for the C floor: the same load with n-1 more sockets open in the server."""
+    port = free_ports(1)[0]
+    srv = RefVfork(args.outdir, f"ref-c-services-{n}", exe, port, n - 1)
+    try:
+        srv.start({}, [port])
+        res, cpu = measure(srv, loadgen, port, args)
+    finally:
+        srv.stop()
+    note = f"{_note(res)}; {n} open sockets; reference (same run)"
+    return Row("a: services, C vfork floor", str(n), res.rate, res.p50_ms, res.p99_ms, cpu, None,
+               note)  # fmt: skip
 
 
 def children_experiment(args: argparse.Namespace, loadgen: Path, n: int) -> Row:
@@ -538,7 +573,9 @@ def render_markdown(rows: Sequence[Row], args: argparse.Namespace) -> str:
         "CPU ms/1k: the pyinetd parent's own utime+stime per 1000 measured connections.",
         "RSS: the parent's VmRSS after the measured run. (a) a flat line from 1 to 100 services",
         "means the accept path does not scan the services; (b) a flat line from few to many live",
-        "children means the children table and reaping do not scan the children.",
+        "children means the children table and reaping do not scan the children. The C floor's",
+        "(a) rows show what the kernel charges per open socket at every vfork (the fd table is",
+        "copied into each child and closed at its exec), whatever the server is written in.",
         "",
     ]
     return "\n".join(out)
@@ -566,7 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--md", type=Path, default=HERE / "results" / "latest.md")
     ap.add_argument("--no-md", action="store_true", help="print only")
     ap.add_argument("--no-peer", dest="peer", action="store_false",
-                    help="leave out tcpserver's (b) rows")  # fmt: skip
+                    help="leave out the references (C floor in (a), tcpserver in (b))")  # fmt: skip
     args = ap.parse_args(argv)
     if args.conns < 1 or args.conc < 1 or args.warmup < 0 or args.rounds < 1:
         ap.error("--conns, --conc and --rounds must be >= 1, --warmup >= 0")
@@ -578,12 +615,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.outdir.mkdir(parents=True, exist_ok=True)
 
     loadgen = build_loadgen(args.shared, args.outdir)
+    ref_c = build_ref_vfork(args.outdir) if args.peer else None
     runs: list[Row] = []
     # Interleaved (1 100 10 2000 1 100 ...): drift on a shared machine hits every setting alike.
     for r in range(1, args.rounds + 1):
         for n in args.services:
             runs.append(services_experiment(args, loadgen, n))
             print(f"r{r} " + render_text(runs[-1:]).splitlines()[1], flush=True)
+            if ref_c is not None:
+                runs.append(c_services_experiment(args, loadgen, ref_c, n))
+                print(f"r{r} " + render_text(runs[-1:]).splitlines()[1], flush=True)
         for n in args.children:
             runs.append(children_experiment(args, loadgen, n))
             print(f"r{r} " + render_text(runs[-1:]).splitlines()[1], flush=True)

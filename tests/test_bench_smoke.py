@@ -66,7 +66,7 @@ def test_run_sh_writes_report_with_pyinetd_rows(tmp_path: Path) -> None:
         "WARMUP": "10",
         "ROUNDS": "1",
         "FLOOR_N": "0",
-        "ONLY": "tcpserver pyinetd pyinetd-echo pyinetd-w2",
+        "ONLY": "tcpserver pyinetd pyinetd-echo pyinetd-w2 ref-c",
         # xinetd is not in ONLY; a set path keeps the kit from fetching it.
         "XINETD": "/nonexistent/xinetd",
         "OUTDIR": str(tmp_path / "out"),
@@ -90,7 +90,7 @@ def test_run_sh_writes_report_with_pyinetd_rows(tmp_path: Path) -> None:
         if line
     ]
     by_name = {r[0]: r for r in rows}
-    for name in ("tcpserver", "pyinetd", "pyinetd-echo", "pyinetd-w2"):
+    for name in ("tcpserver", "pyinetd", "pyinetd-echo", "pyinetd-w2", "ref-c"):
         assert by_name[name][3] == "ok", by_name[name]
         assert by_name[name][4] == "50", by_name[name]  # all 50 connections echoed
 
@@ -100,5 +100,6 @@ def test_run_sh_writes_report_with_pyinetd_rows(tmp_path: Path) -> None:
     assert "## Targets" in md
     assert "## Scale experiments" in md
     assert "| b: live children | 20 |" in md
+    assert "| a: services, C vfork floor | 3 |" in md
     png = (tmp_path / "results" / "latest.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
