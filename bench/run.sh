@@ -16,6 +16,8 @@
 # Environment (defaults):
 #   PYINETD_PYTHON=python3   interpreter that runs `python -m pyinetd -c CONFIG` (or, without
 #                            pyinetd/__main__.py, pyinetd.cli:main as the console script does)
+#   REPORT_PYTHON=           interpreter for report.py and scale.py (matplotlib, PyYAML); by
+#                            default PYINETD_PYTHON if it has them, else python3
 #   PYINETD_ARGS=            extra words appended to the pyinetd command (e.g. --log-level warning)
 #   PYINETD_WORKERS=1        0 leaves out the pyinetd-w2 row (same exec service, `workers: 2`)
 #   SHARED=<repo>/../shared  the shared kit; anchors.sh is $SHARED/bench/anchors.sh
@@ -85,8 +87,16 @@ fi
 "$PYINETD_PYTHON" -c 'import compileall, os, pyinetd
 compileall.compile_dir(os.path.dirname(pyinetd.__file__), quiet=1)' >/dev/null ||
     note "could not byte-compile pyinetd; its RSS includes the compiler's"
-python3 -c 'import matplotlib, yaml' 2>/dev/null ||
-    die "python3 needs matplotlib and PyYAML for the report (pip install matplotlib pyyaml)"
+# The report and the scale runs need matplotlib and PyYAML: pyinetd's own interpreter has them
+# after `pip install -e '.[test]'`; a bare python3 on PATH may not.
+REPORT_PYTHON=${REPORT_PYTHON:-}
+if [[ -z $REPORT_PYTHON ]]; then
+    for cand in "$PYINETD_PYTHON" python3; do
+        if "$cand" -c 'import matplotlib, yaml' 2>/dev/null; then REPORT_PYTHON=$cand; break; fi
+    done
+fi
+[[ -n $REPORT_PYTHON ]] ||
+    die "neither $PYINETD_PYTHON nor python3 has matplotlib and PyYAML for the report (pip install matplotlib pyyaml)"
 
 OUTDIR=${OUTDIR:-$HERE/out/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUTDIR" "$RESULTS_DIR"
@@ -152,12 +162,12 @@ rss_probe='print([ln.split()[1] for ln in open("/proc/self/status") if ln.starts
 PY_RSS=$("$PYINETD_PYTHON" -c "$rss_probe" 2>/dev/null || echo NA)
 PY_RSS_NOSITE=$("$PYINETD_PYTHON" -S -c "$rss_probe" 2>/dev/null || echo NA)
 
-python3 "$HERE/report.py" "$OUTDIR/results.tsv" --log "$OUTDIR/anchors.txt" \
+"$REPORT_PYTHON" "$HERE/report.py" "$OUTDIR/results.tsv" --log "$OUTDIR/anchors.txt" \
     --out "$RESULTS_DIR" --command "$CMDLINE" --python-rss "$PY_RSS,$PY_RSS_NOSITE"
 
 if [[ $SCALE == 1 ]]; then
     read -r -a sargs <<<"$SCALE_ARGS"
-    python3 "$HERE/scale.py" --python "$PYINETD_PYTHON" --outdir "$OUTDIR/scale" --rounds "${ROUNDS:-3}" \
+    "$REPORT_PYTHON" "$HERE/scale.py" --python "$PYINETD_PYTHON" --outdir "$OUTDIR/scale" --rounds "${ROUNDS:-3}" \
         --shared "$SHARED" --md "$RESULTS_DIR/latest.md" ${pyargs[@]+"--pyinetd-args=$PYINETD_ARGS"} \
         ${sargs[@]+"${sargs[@]}"}
 fi
