@@ -162,10 +162,21 @@ def test_environment_the_service_sees(inetd: Start, tmp_path: Path) -> None:
 IGNORING = ("/bin/sh", "-c", 'trap "" INT QUIT; exec "$@"', "sh")
 
 
+PRIMITIVES = ("vfork", "fork_exec", "posix_spawn")
+
+
+def test_the_c_spawn_primitive_is_built() -> None:
+    """pyinetd._spawn is optional at install time; where the tests run, it must be there,
+    or every "vfork" case below would quietly test the fallback."""
+    from pyinetd import _spawn
+
+    assert callable(_spawn.spawn)
+
+
 @pytest.mark.parametrize(
     ("primitive", "prefix"),
-    [("fork_exec", ()), ("posix_spawn", ()), ("fork_exec", IGNORING), ("posix_spawn", IGNORING)],
-    ids=["fork_exec", "posix_spawn", "fork_exec-started-ignoring", "posix_spawn-started-ignoring"],
+    [(p, ()) for p in PRIMITIVES] + [(p, IGNORING) for p in PRIMITIVES],
+    ids=[*PRIMITIVES, *(f"{p}-started-ignoring" for p in PRIMITIVES)],
 )
 def test_service_gets_exactly_fds_0_1_2_and_default_signals(
     inetd: Start, tmp_path: Path, primitive: str, prefix: tuple[str, ...]
@@ -183,9 +194,12 @@ def test_service_gets_exactly_fds_0_1_2_and_default_signals(
                 "other": {"listen": f"127.0.0.1:{other}"},
             }
         },
+        "--log-level",
+        "debug",
         env={"PYINETD_SPAWN": primitive},
         prefix=prefix,
     )
+    p.wait_log(f"services start with {primitive}$")
     with socket.create_connection(("127.0.0.1", other)):  # another client's socket is open
         out = tcp_talk(port).decode().split()
     # ls itself opens one fd for the directory; the shell runs ls with 0, 1, 2 only.
@@ -195,7 +209,7 @@ def test_service_gets_exactly_fds_0_1_2_and_default_signals(
     # No signal is ignored (Python ignores SIGPIPE and SIGXFSZ; the child must not).
     # glibc 2.36's posix_spawn, the fallback, leaves its two internal signals 32 and 33
     # (SIGCANCEL, SIGSETXID; SIGRTMIN is 34) ignored in every spawned child; programs
-    # cannot use them. CPython's fork_exec, the default, leaves none.
+    # cannot use them. pyinetd's vfork and CPython's fork_exec leave none.
     ignored = int(out[out.index("SigIgn:") + 1], 16)
     if primitive == "posix_spawn":
         ignored &= ~((1 << 31) | (1 << 32))
@@ -380,8 +394,9 @@ def test_socat_client_and_udp_v6(inetd: Start) -> None:
 
 
 # ---------------------------------------------------------------- robustness
+@pytest.mark.parametrize("primitive", PRIMITIVES)
 def test_missing_executable_at_runtime_closes_client_and_keeps_serving(
-    inetd: Start, tmp_path: Path
+    inetd: Start, tmp_path: Path, primitive: str
 ) -> None:
     port, echo = free_port(), free_port()
     prog = script(tmp_path, "gone.sh", "#!/bin/sh\necho hi\n")
@@ -391,11 +406,16 @@ def test_missing_executable_at_runtime_closes_client_and_keeps_serving(
                 "gone": {"listen": f"127.0.0.1:{port}", "exec": prog},
                 "echo": {"listen": f"127.0.0.1:{echo}"},
             }
-        }
+        },
+        env={"PYINETD_SPAWN": primitive},
     )
     os.unlink(prog)
     assert tcp_talk(port) == b""
     p.wait_log(r"gone: cannot start .*gone.sh: No such file or directory; closing 127\.0\.0\.1:")
+    Path(prog).write_text("#!/bin/sh\necho hi\n")  # exists, no execute bit: EACCES
+    assert tcp_talk(port) == b""
+    p.wait_log(r"gone: cannot start .*gone.sh: Permission denied; closing")
+    os.unlink(prog)
     os.symlink("/bin/cat", prog)  # comes back: served again, nothing restarted
     assert tcp_talk(port, b"back") == b"back"
     assert tcp_talk(echo, b"still") == b"still"

@@ -585,6 +585,7 @@ class Server:
             signal.signal(sig, _noop_handler)
             signal.siginterrupt(sig, False)
         self.spawner.refresh_signals()
+        event(logging.DEBUG, f"services start with {self.spawner.primitive}", event="spawn")
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
 
     # ------------------------------------------------------------ timers

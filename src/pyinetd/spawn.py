@@ -1,20 +1,26 @@
 """The only module that forks or execs: (service, fds, environment) -> pid.
 
-Two ways to start a child:
+Ways to start a child, fastest first; the first one usable here is the fast path:
 
-* fast path, ``os.posix_spawn``: glibc implements it with ``clone(CLONE_VM|CLONE_VFORK)``, so
-  the parent neither copies its page tables nor runs Python in the child. Used whenever the
-  service needs nothing posix_spawn cannot express.
-  Where CPython's own spawn primitive, ``_posixsubprocess.fork_exec`` (what ``subprocess``
-  uses, also vfork-based), is usable, it is used instead: it takes the environment as a
-  ready list of ``KEY=value`` bytes (cached per service here) and its child does less before
-  exec, so the parent spends ~25% less CPU per spawn and waits ~30% less for the child to
-  exec (bench/README.md). Its call shape is private to CPython, so it is checked once and
-  any mismatch falls back to ``os.posix_spawn`` for good.
+* ``pyinetd._spawn`` (``_spawn.c``, built at install time where a C compiler is there):
+  vfork, then in the child only what a service needs: the few signals pyinetd handles or
+  ignores back to their default, the connection onto 0 and 1 and the service's stderr onto 2,
+  a new process group, an empty signal mask, exec. The parent sleeps only until the child has
+  exec'd (vfork), ~25 us less per spawn than with fork_exec, and each child costs ~35 us
+  less CPU (bench/README.md).
+* CPython's own spawn primitive, ``_posixsubprocess.fork_exec`` (what ``subprocess`` uses,
+  also vfork-based): it takes the environment as a ready list of ``KEY=value`` bytes (cached
+  per service here); its child asks for every signal's disposition and closes every fd
+  above 2 by hand. Its call shape is private to CPython, so a mismatch falls back to
+  ``os.posix_spawn`` for good.
+* ``os.posix_spawn``: glibc's ``clone(CLONE_VM|CLONE_VFORK)``; the parent spends ~25% more
+  CPU per spawn than with fork_exec.
 * fork path, ``os.fork`` + ``os.execve``: for user/group switching, rlimits, umask, nice and
-  cwd, which posix_spawn cannot set. It costs the parent about three times the CPU.
+  cwd, which none of the above can set. It costs the parent about three times the CPU.
 
-In both, the child gets exactly fds 0, 1 and 2: every fd Python opens is close-on-exec
+``PYINETD_SPAWN=vfork|fork_exec|posix_spawn`` picks one (tests, measurements).
+
+In all, the child gets exactly fds 0, 1 and 2: every fd Python opens is close-on-exec
 (PEP 446) and ``dup2`` clears the flag on its target only, so no listening socket, wake-up
 fd or other client's socket can leak into a service, and nothing is closed by hand.
 """
@@ -56,6 +62,14 @@ try:  # CPython's subprocess primitive (Modules/_posixsubprocess.c)
 except ImportError:  # pragma: no cover - other interpreters
     _FORK_EXEC = None
 
+_VFORK: Callable[..., int] | None
+try:  # pyinetd's own, where it was built (_spawn.c)
+    from pyinetd._spawn import spawn as _VFORK
+except ImportError:  # pragma: no cover - installed without a C compiler
+    _VFORK = None
+
+PRIMITIVES = ("vfork", "fork_exec", "posix_spawn")
+
 # Variables set per connection. They are left out of the cached base list: a stale copy
 # from pyinetd's own environment must never sit next to the connection's value.
 CONNECTION_KEYS = frozenset(
@@ -84,6 +98,21 @@ def ignored_signals() -> tuple[signal.Signals, ...]:
     return tuple(out)
 
 
+def handled_signals() -> tuple[int, ...]:
+    """Signals whose disposition here is not the default: a handler, ignored, or set
+    outside Python (getsignal() says None). The vfork child resets exactly these."""
+    out = []
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            if signal.getsignal(sig) != signal.SIG_DFL:
+                out.append(int(sig))
+        except (OSError, ValueError):
+            continue
+    return tuple(out)
+
+
 def needs_fork(service: Service) -> bool:
     """True when the service needs settings that only the fork path can apply."""
     return bool(
@@ -101,25 +130,37 @@ class Spawner:
 
     def __init__(self) -> None:
         self._sigdef = ignored_signals()
+        self._handled = handled_signals()
         self._base_env: dict[str, Environ] = {}
         self._env_list: dict[str, tuple[list[bytes], list[bytes]]] = {}
         self._errpipe: tuple[int, int] | None = None
         self._errpoll = select.poll()
-        self.use_fork_exec = self._fork_exec_usable()
+        self.primitive = self._choose_primitive()
 
     def refresh_signals(self) -> None:
         """Recompute the signals to reset (call after installing the server's handlers)."""
         self._sigdef = ignored_signals()
-        self.use_fork_exec = self._fork_exec_usable()
+        self._handled = handled_signals()
+        self.primitive = self._choose_primitive()
 
-    def _fork_exec_usable(self) -> bool:
-        """fork_exec's child resets only SIGPIPE and SIGXFSZ and keeps the caller's signal
-        mask; posix_spawn is told both explicitly. Use fork_exec only where that is the same."""
-        if _FORK_EXEC is None or os.environ.get("PYINETD_SPAWN") == "posix_spawn":
-            return False
-        if not set(self._sigdef) <= {signal.SIGPIPE, signal.SIGXFSZ}:
-            return False
-        return not signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    def _choose_primitive(self) -> str:
+        """The fastest primitive usable here (or the one PYINETD_SPAWN names)."""
+        usable = [p for p in PRIMITIVES if self._usable(p)]
+        wanted = os.environ.get("PYINETD_SPAWN", "")
+        return wanted if wanted in usable else usable[0]
+
+    def _usable(self, primitive: str) -> bool:
+        if primitive == "vfork":
+            return _VFORK is not None
+        if primitive == "fork_exec":
+            # Its child resets only SIGPIPE and SIGXFSZ and keeps the caller's signal mask;
+            # posix_spawn is told both explicitly. Use it only where that is the same.
+            return (
+                _FORK_EXEC is not None
+                and set(self._sigdef) <= {signal.SIGPIPE, signal.SIGXFSZ}
+                and not signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            )
+        return True
 
     def close(self) -> None:
         if self._errpipe is not None:
@@ -163,15 +204,22 @@ class Spawner:
     ) -> int:
         """Start the service's program with the given fds on 0, 1, 2; return its pid.
 
-        Raises OSError when the program cannot be started (posix_spawn reports exec
-        failures synchronously, since the vfork child shares our memory).
+        Raises OSError when the program cannot be started (every primitive reports exec
+        failures synchronously: a vfork parent resumes only after the child exec'd or died).
         """
         fork = needs_fork(service)
-        if self.use_fork_exec and not fork:
+        if self.primitive == "vfork" and not fork:
+            bargv, envl = self._exec_lists(service)
+            err_r, err_w = self._error_pipe()
+            assert _VFORK is not None
+            return _VFORK(
+                bargv, envl, extra_env, stdin, stdout, stderr, err_r, err_w, self._handled
+            )
+        if self.primitive == "fork_exec" and not fork:
             try:
                 return self._spawn_fork_exec(service, stdin, stdout, stderr, extra_env)
             except TypeError:  # not the call shape this CPython's fork_exec takes
-                self.use_fork_exec = False
+                self.primitive = "posix_spawn"
         env = self.base_environ(service).copy()
         env.update(env_dict(extra_env))
         argv = service.argv
@@ -193,6 +241,26 @@ class Spawner:
             setpgroup=0,
         )
 
+    def _exec_lists(self, service: Service) -> tuple[list[bytes], list[bytes]]:
+        """argv and the base environment as execve takes them (cached per service)."""
+        cached = self._env_list.get(service.name)
+        if cached is None:
+            base = self.base_environ(service)
+            envl = [k + b"=" + v for k, v in base.items() if k not in CONNECTION_KEYS]
+            cached = ([os.fsencode(a) for a in service.argv], envl)
+            self._env_list[service.name] = cached
+        return cached
+
+    def _error_pipe(self) -> tuple[int, int]:
+        """One pipe for every spawn: the child writes to it only when it fails before or in
+        exec, and the parent resumes only after that (vfork), so an empty pipe right after
+        the call means the exec succeeded."""
+        if self._errpipe is None:
+            self._errpipe = os.pipe()
+            os.set_blocking(self._errpipe[0], False)
+            self._errpoll.register(self._errpipe[0], select.POLLIN)
+        return self._errpipe
+
     def _spawn_fork_exec(
         self,
         service: Service,
@@ -201,21 +269,8 @@ class Spawner:
         stderr: int,
         extra_env: EnvEntries,
     ) -> int:
-        cached = self._env_list.get(service.name)
-        if cached is None:
-            base = self.base_environ(service)
-            envl = [k + b"=" + v for k, v in base.items() if k not in CONNECTION_KEYS]
-            cached = ([os.fsencode(a) for a in service.argv], envl)
-            self._env_list[service.name] = cached
-        argv, envl = cached
-        if self._errpipe is None:
-            # One pipe for every spawn: the child writes to it only when it fails before or
-            # in exec, and the parent resumes only after that (vfork), so an empty pipe right
-            # after the call means the exec succeeded.
-            self._errpipe = os.pipe()
-            os.set_blocking(self._errpipe[0], False)
-            self._errpoll.register(self._errpipe[0], select.POLLIN)
-        err_r, err_w = self._errpipe
+        argv, envl = self._exec_lists(service)
+        err_r, err_w = self._error_pipe()
         # Positional, as subprocess.Popen calls it (CPython 3.11-3.14): args,
         # executable_list, close_fds, pass_fds, cwd, env, p2cread, p2cwrite, c2pread,
         # c2pwrite, errread, errwrite, errpipe_read, errpipe_write, restore_signals,
