@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -162,7 +163,7 @@ def test_environment_the_service_sees(inetd: Start, tmp_path: Path) -> None:
 IGNORING = ("/bin/sh", "-c", 'trap "" INT QUIT; exec "$@"', "sh")
 
 
-PRIMITIVES = ("vfork", "fork_exec", "posix_spawn")
+PRIMITIVES = ("clone", "vfork", "fork_exec", "posix_spawn")
 
 
 def test_the_c_spawn_primitive_is_built() -> None:
@@ -171,6 +172,8 @@ def test_the_c_spawn_primitive_is_built() -> None:
     from pyinetd import _spawn
 
     assert callable(_spawn.spawn)
+    if platform.machine() in ("x86_64", "aarch64"):
+        assert callable(_spawn.start)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +212,7 @@ def test_service_gets_exactly_fds_0_1_2_and_default_signals(
     # No signal is ignored (Python ignores SIGPIPE and SIGXFSZ; the child must not).
     # glibc 2.36's posix_spawn, the fallback, leaves its two internal signals 32 and 33
     # (SIGCANCEL, SIGSETXID; SIGRTMIN is 34) ignored in every spawned child; programs
-    # cannot use them. pyinetd's vfork and CPython's fork_exec leave none.
+    # cannot use them. pyinetd's own primitives and CPython's fork_exec leave none.
     ignored = int(out[out.index("SigIgn:") + 1], 16)
     if primitive == "posix_spawn":
         ignored &= ~((1 << 31) | (1 << 32))

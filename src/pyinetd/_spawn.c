@@ -1,157 +1,252 @@
-/* pyinetd._spawn: start a service with vfork + execve, doing nothing else in the child.
+/* pyinetd._spawn: start a service process, doing nothing else in the child.
  *
- * The same design as CPython's _posixsubprocess.fork_exec (what pyinetd falls back to when
- * this module is not built), minus what pyinetd does not need per connection. fork_exec's
- * vfork child asks the kernel for the disposition of every one of the ~64 signals and closes
- * every fd above 2 by hand before it execs; the parent sleeps all that time (vfork). Here the
- * caller says which signals have a handler or are ignored (a handful, known once), every fd
- * pyinetd opens is already close-on-exec (PEP 446), so the child only resets those signals,
- * moves the connection onto 0, 1 and 2, joins a new process group, clears its signal mask
- * and execs. Measured on the bench machine (3000 spawns of /bin/true): the parent is blocked
- * 57 instead of 82 us per spawn and each child costs ~35 us less CPU (bench/README.md).
+ * Two ways, both sharing pyinetd's memory until the child execs (no page table copy):
  *
- * Exec errors are reported synchronously, as fork_exec does: the child writes its errno to a
- * close-on-exec pipe that the caller made non-blocking, then _exits; vfork resumes the
- * parent only after the child has exec'd or exited, so the pipe is either empty (success)
- * or holds that errno.
+ * spawn(): vfork. The same design as CPython's _posixsubprocess.fork_exec (pyinetd's
+ *   fallback when this module is not built), minus what pyinetd does not need per
+ *   connection: fork_exec's child asks for the disposition of every one of the ~64 signals
+ *   and closes every fd above 2 by hand before it execs, while the parent sleeps (vfork).
+ *   Here the caller says which signals have a handler or are ignored (a handful, known once)
+ *   and every fd pyinetd opens is already close-on-exec (PEP 446), so the child only resets
+ *   those signals, moves the connection onto 0, 1 and 2, joins a new process group, clears
+ *   its signal mask and execs. Exec errors come back at once: the parent resumes only after
+ *   the child exec'd or exited, and the child leaves its errno in the parent's memory.
+ *
+ * start(): the same child, without the wait. vfork makes the parent sleep until the child's
+ *   exec is well under way (~60 us here), and on two cores that leaves one idle while
+ *   connections queue. clone(CLONE_VM) without CLONE_VFORK lets the parent return at once.
+ *   What vfork guaranteed must then be kept by hand:
+ *   - the child runs on a stack of its own and reads only a slot of memory that holds a
+ *     copy of argv, the environment and the fds; the slot is not reused until the kernel
+ *     has zeroed the slot's tid word, which it does (CLONE_CHILD_CLEARTID) when the child
+ *     leaves the shared memory, at exec or exit;
+ *   - the child makes raw system calls only (inline svc/syscall): glibc's wrappers set
+ *     errno on failure, and errno is thread-local storage of pyinetd's own thread;
+ *   - a failed exec is reported later: the child writes (pid, errno) to a pipe and exits
+ *     127; pyinetd reads it when it reaps that pid (exec_errors()).
+ *   Every signal is blocked from before clone until the child has reset its handlers to
+ *   the default, so no handler of pyinetd's ever runs in the child.
+ *   Where no slot is free (more than NSLOTS children that have not exec'd yet), start()
+ *   falls back to the vfork path for that child.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #define MAX_RESET 128
 
-/* Fill out[0..n) with the buffers of a list of bytes; out must have room for n + 1. */
-static int
-fill_strings(PyObject *list, char **out, const char *what)
-{
-    Py_ssize_t n = PyList_GET_SIZE(list);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyList_GET_ITEM(list, i);
-        if (!PyBytes_Check(item)) {
-            PyErr_Format(PyExc_TypeError, "%s items must be bytes", what);
-            return -1;
-        }
-        out[i] = PyBytes_AS_STRING(item);
-    }
-    out[n] = NULL;
-    return 0;
-}
+#if defined(__linux__) && (defined(__x86_64__) || defined(__aarch64__))
+#define HAVE_ASYNC 1
+#else
+#define HAVE_ASYNC 0
+#endif
 
-/* In the vfork child: nothing here may touch the parent's state except errno. */
-static void _Py_NO_RETURN
-child_exec(char *const argv[], char *const envp[], int fds[3], int errpipe,
-           const int *reset, int nreset)
+/* ------------------------------------------------------------------ raw system calls */
+/* Return the kernel's value: >= 0, or -errno. Never touch errno (see above). */
+#if defined(__x86_64__)
+static inline long
+raw_syscall(long n, long a, long b, long c, long d)
 {
-    struct sigaction dfl;
-    sigset_t empty;
-    int err;
+    long ret;
+    register long r10 __asm__("r10") = d;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+#elif defined(__aarch64__)
+static inline long
+raw_syscall(long n, long a, long b, long c, long d)
+{
+    register long x8 __asm__("x8") = n;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    register long x3 __asm__("x3") = d;
+    __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2), "r"(x3) : "memory");
+    return x0;
+}
+#else
+static inline long
+raw_syscall(long n, long a, long b, long c, long d)
+{
+    long r = syscall(n, a, b, c, d); /* vfork only here: errno may be clobbered safely */
+    return r < 0 ? -errno : r;
+}
+#endif
+
+/* The kernel's struct sigaction (x86_64 and arm64 alike): handler, flags, restorer, mask. */
+struct kernel_sigaction {
+    void *handler;
+    unsigned long flags;
+    void *restorer;
+    unsigned long mask;
+};
+
+/* What the child needs, all in memory nobody changes until the child has exec'd. */
+struct child_args {
+    char **argv;
+    char **envp;
+    int fds[3];
+    int nreset;
+    int reset[MAX_RESET];
+    int report_fd;       /* async: where (pid, errno) goes on failure */
+    volatile int *error; /* vfork: where errno goes on failure */
+};
+
+/* In the child: reset signals, fds 0-2, process group, mask, exec. Never returns. */
+static void _Py_NO_RETURN
+child_exec(struct child_args *a)
+{
+    /* Static and zero: handler 0 is SIG_DFL, and no library call (memset) runs here. */
+    static const struct kernel_sigaction dfl;
+    unsigned long empty = 0;
+    long r = 0;
 
     /* Every signal with a handler or ignored in the parent back to its default. The mask
-     * (all blocked since before vfork) keeps any of them from reaching a handler here. */
-    memset(&dfl, 0, sizeof dfl);
-    dfl.sa_handler = SIG_DFL;
-    sigemptyset(&dfl.sa_mask);
-    for (int i = 0; i < nreset; i++)
-        (void)sigaction(reset[i], &dfl, NULL);
+     * (all blocked since before the clone) keeps any of them from reaching a handler. */
+    for (int i = 0; i < a->nreset; i++)
+        (void)raw_syscall(SYS_rt_sigaction, a->reset[i], (long)&dfl, 0, sizeof(unsigned long));
 
     /* A source fd that is itself 0, 1 or 2 (but not its target) would be overwritten by an
-     * earlier dup2: move such fds above 2 first. */
+     * earlier dup: move such fds above 2 first. */
+    int fds[3] = {a->fds[0], a->fds[1], a->fds[2]};
     for (int t = 0; t < 3; t++) {
         if (fds[t] < 3 && fds[t] != t) {
-            int moved = fcntl(fds[t], F_DUPFD_CLOEXEC, 3);
-            if (moved < 0)
+            r = raw_syscall(SYS_fcntl, fds[t], F_DUPFD_CLOEXEC, 3, 0);
+            if (r < 0)
                 goto fail;
             for (int u = t + 1; u < 3; u++)
                 if (fds[u] == fds[t])
-                    fds[u] = moved;
-            fds[t] = moved;
+                    fds[u] = (int)r;
+            fds[t] = (int)r;
         }
     }
     for (int t = 0; t < 3; t++) {
-        if (fds[t] == t) { /* dup2 onto itself keeps close-on-exec: clear it */
-            if (fcntl(t, F_SETFD, 0) < 0)
-                goto fail;
-        }
-        else if (dup2(fds[t], t) < 0) {
+        if (fds[t] == t) /* already there: only clear close-on-exec */
+            r = raw_syscall(SYS_fcntl, t, F_SETFD, 0, 0);
+        else
+            r = raw_syscall(SYS_dup3, fds[t], t, 0, 0);
+        if (r < 0)
             goto fail;
-        }
     }
     /* Its own process group: Ctrl-C on pyinetd's terminal does not reach services, and a
      * timeout signals a service together with what it started. */
-    if (setpgid(0, 0) < 0)
+    r = raw_syscall(SYS_setpgid, 0, 0, 0, 0);
+    if (r < 0)
         goto fail;
-    sigemptyset(&empty);
-    if (sigprocmask(SIG_SETMASK, &empty, NULL) < 0)
+    r = raw_syscall(SYS_rt_sigprocmask, SIG_SETMASK, (long)&empty, 0, sizeof empty);
+    if (r < 0)
         goto fail;
-    execve(argv[0], argv, envp);
+    r = raw_syscall(SYS_execve, (long)a->argv[0], (long)a->argv, (long)a->envp, 0);
 fail:
-    err = errno;
-    while (write(errpipe, &err, sizeof err) < 0 && errno == EINTR) {
+    if (a->error != NULL) {
+        *a->error = (int)-r;
     }
-    _exit(127);
+    else {
+        int rec[2] = {(int)raw_syscall(SYS_getpid, 0, 0, 0, 0), (int)-r};
+        (void)raw_syscall(SYS_write, a->report_fd, (long)rec, sizeof rec, 0);
+    }
+    for (;;)
+        (void)raw_syscall(SYS_exit_group, 127, 0, 0, 0);
 }
 
-PyDoc_STRVAR(spawn_doc,
-"spawn(argv, env, extra_env, stdin, stdout, stderr, errpipe_read, errpipe_write, reset) -> pid\n\n"
-"vfork and exec argv[0] (a path) with the given fds on 0, 1 and 2, the environment\n"
-"env + extra_env (lists of KEY=value bytes), a new process group, an empty signal mask and\n"
-"the signals in reset at their default. errpipe_read must be non-blocking; both ends\n"
-"close-on-exec. Raises OSError (with the child reaped) if the exec failed.");
-
-static PyObject *
-spawn(PyObject *module, PyObject *args)
-{
-    PyObject *argv_o, *env_o, *extra_o, *reset_o;
-    int fds[3], err_r, err_w;
-    if (!PyArg_ParseTuple(args, "O!O!O!iiiiiO!:spawn", &PyList_Type, &argv_o, &PyList_Type,
-                          &env_o, &PyList_Type, &extra_o, &fds[0], &fds[1], &fds[2], &err_r,
-                          &err_w, &PyTuple_Type, &reset_o))
-        return NULL;
-    Py_ssize_t nargv = PyList_GET_SIZE(argv_o);
-    Py_ssize_t nenv = PyList_GET_SIZE(env_o), nextra = PyList_GET_SIZE(extra_o);
-    Py_ssize_t nreset = PyTuple_GET_SIZE(reset_o);
-    if (nargv < 1) {
-        PyErr_SetString(PyExc_ValueError, "argv must not be empty");
-        return NULL;
-    }
-    if (nreset > MAX_RESET) {
-        PyErr_SetString(PyExc_ValueError, "too many signals to reset");
-        return NULL;
-    }
+/* ------------------------------------------------------------------ arguments */
+typedef struct {
+    PyObject *argv, *env, *extra;
+    int fds[3];
+    int nreset;
     int reset[MAX_RESET];
-    for (Py_ssize_t i = 0; i < nreset; i++) {
+} call_t;
+
+static int
+parse_call(PyObject *args, call_t *c, int *extra_fd, const char *fmt)
+{
+    PyObject *reset_o;
+    if (!PyArg_ParseTuple(args, fmt, &PyList_Type, &c->argv, &PyList_Type, &c->env, &PyList_Type,
+                          &c->extra, &c->fds[0], &c->fds[1], &c->fds[2], extra_fd,
+                          &PyTuple_Type, &reset_o))
+        return -1;
+    if (PyList_GET_SIZE(c->argv) < 1) {
+        PyErr_SetString(PyExc_ValueError, "argv must not be empty");
+        return -1;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(reset_o);
+    if (n > MAX_RESET) {
+        PyErr_SetString(PyExc_ValueError, "too many signals to reset");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
         long sig = PyLong_AsLong(PyTuple_GET_ITEM(reset_o, i));
         if (sig == -1 && PyErr_Occurred())
-            return NULL;
-        reset[i] = (int)sig;
+            return -1;
+        c->reset[i] = (int)sig;
     }
-    /* One allocation for both arrays, made before vfork: the child must not allocate. */
+    c->nreset = (int)n;
+    PyObject *lists[3] = {c->argv, c->env, c->extra};
+    for (int l = 0; l < 3; l++)
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lists[l]); i++)
+            if (!PyBytes_Check(PyList_GET_ITEM(lists[l], i))) {
+                PyErr_SetString(PyExc_TypeError, "argv and environment items must be bytes");
+                return -1;
+            }
+    return 0;
+}
+
+static void
+fill_args(struct child_args *a, const call_t *c)
+{
+    memcpy(a->fds, c->fds, sizeof a->fds);
+    a->nreset = c->nreset;
+    memcpy(a->reset, c->reset, sizeof(int) * (size_t)c->nreset);
+}
+
+/* ------------------------------------------------------------------ vfork */
+static PyObject *
+vfork_exec(const call_t *c)
+{
+    Py_ssize_t nargv = PyList_GET_SIZE(c->argv), nenv = PyList_GET_SIZE(c->env);
+    Py_ssize_t nextra = PyList_GET_SIZE(c->extra);
+    /* Pointers into the bytes objects, which live through the call; made before vfork:
+     * the child must not allocate. */
     char **mem = PyMem_Malloc((size_t)(nargv + 1 + nenv + nextra + 1) * sizeof(char *));
     if (mem == NULL)
         return PyErr_NoMemory();
-    char **argv = mem, **envp = mem + nargv + 1;
-    if (fill_strings(argv_o, argv, "argv") < 0 || fill_strings(env_o, envp, "env") < 0 ||
-        fill_strings(extra_o, envp + nenv, "extra_env") < 0) {
-        PyMem_Free(mem);
-        return NULL;
-    }
+    struct child_args a;
+    volatile int child_error = 0;
+    a.argv = mem;
+    a.envp = mem + nargv + 1;
+    for (Py_ssize_t i = 0; i < nargv; i++)
+        a.argv[i] = PyBytes_AS_STRING(PyList_GET_ITEM(c->argv, i));
+    a.argv[nargv] = NULL;
+    for (Py_ssize_t i = 0; i < nenv; i++)
+        a.envp[i] = PyBytes_AS_STRING(PyList_GET_ITEM(c->env, i));
+    for (Py_ssize_t i = 0; i < nextra; i++)
+        a.envp[nenv + i] = PyBytes_AS_STRING(PyList_GET_ITEM(c->extra, i));
+    a.envp[nenv + nextra] = NULL;
+    fill_args(&a, c);
+    a.report_fd = -1;
+    a.error = &child_error;
 
-    /* Every signal blocked across vfork: the child shares our memory until it execs, and a
-     * Python-level handler run there would write to our wake-up fd. */
+    /* Every signal blocked across vfork: a Python-level handler run in the child would
+     * write to pyinetd's wake-up fd. */
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     pid_t pid = vfork();
     if (pid == 0)
-        child_exec(argv, envp, fds, err_w, reset, (int)nreset);
+        child_exec(&a);
     int saved = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     PyMem_Free(mem);
@@ -159,44 +254,172 @@ spawn(PyObject *module, PyObject *args)
         errno = saved;
         return PyErr_SetFromErrno(PyExc_OSError);
     }
-
-    int child_err;
-    ssize_t got;
-    do {
-        got = read(err_r, &child_err, sizeof child_err);
-    } while (got < 0 && errno == EINTR);
-    if (got != (ssize_t)sizeof child_err)
-        return PyLong_FromLong((long)pid); /* empty (EAGAIN): the exec went through */
-    /* The child wrote its errno and _exit(127)ed (or is about to): reap it here. */
+    if (child_error == 0)
+        return PyLong_FromLong((long)pid);
+    /* The child failed before or in exec and has exited: reap it here. */
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {
     }
-    errno = child_err;
-    return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, PyList_GET_ITEM(argv_o, 0));
+    errno = child_error;
+    return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, PyList_GET_ITEM(c->argv, 0));
 }
+
+PyDoc_STRVAR(spawn_doc,
+"spawn(argv, env, extra_env, stdin, stdout, stderr, unused, reset) -> pid\n\n"
+"vfork and exec argv[0] (a path) with the given fds on 0, 1 and 2, the environment\n"
+"env + extra_env (lists of KEY=value bytes), a new process group, an empty signal mask\n"
+"and the signals in reset at their default. Raises OSError, with the child reaped, if\n"
+"the exec failed.");
+
+static PyObject *
+spawn(PyObject *module, PyObject *args)
+{
+    call_t c;
+    int unused;
+    if (parse_call(args, &c, &unused, "O!O!O!iiiiO!:spawn") < 0)
+        return NULL;
+    return vfork_exec(&c);
+}
+
+/* ------------------------------------------------------------------ clone, no wait */
+#if HAVE_ASYNC
+#define NSLOTS 16
+#define STACK_SIZE (64 * 1024)
+#define ARENA_SIZE (256 * 1024)
+
+struct slot {
+    volatile pid_t busy; /* nonzero from clone until the kernel clears it (exec or exit) */
+    char *stack;         /* STACK_SIZE, above a guard page */
+    char *arena;         /* copies of argv and the environment, and their pointer arrays */
+    struct child_args args;
+};
+
+static struct slot slots[NSLOTS];
+static int next_slot;
+
+static int
+child_main(void *arg)
+{
+    child_exec(arg);
+}
+
+/* A free slot with its memory mapped, or NULL (all busy, or no memory). */
+static struct slot *
+free_slot(void)
+{
+    for (int k = 0; k < NSLOTS; k++) {
+        struct slot *s = &slots[(next_slot + k) % NSLOTS];
+        if (__atomic_load_n(&s->busy, __ATOMIC_ACQUIRE) != 0)
+            continue;
+        if (s->stack == NULL) {
+            long page = sysconf(_SC_PAGESIZE);
+            char *m = mmap(NULL, page + STACK_SIZE + ARENA_SIZE, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (m == MAP_FAILED)
+                return NULL;
+            if (mprotect(m, page, PROT_NONE) < 0) { /* the stack grows down onto this */
+                munmap(m, page + STACK_SIZE + ARENA_SIZE);
+                return NULL;
+            }
+            s->stack = m + page;
+            s->arena = m + page + STACK_SIZE;
+        }
+        next_slot = (int)(s - slots + 1) % NSLOTS;
+        return s;
+    }
+    return NULL;
+}
+
+/* Copy a list of bytes into the arena as C strings; ptrs gets one pointer per item. */
+static int
+copy_strings(PyObject *list, char ***ptrs, char **pos, char *end)
+{
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(list); i++) {
+        PyObject *b = PyList_GET_ITEM(list, i);
+        Py_ssize_t n = PyBytes_GET_SIZE(b) + 1;
+        if (n > end - *pos)
+            return -1;
+        memcpy(*pos, PyBytes_AS_STRING(b), (size_t)n);
+        *(*ptrs)++ = *pos;
+        *pos += n;
+    }
+    return 0;
+}
+
+static int
+fill_slot(struct slot *s, const call_t *c)
+{
+    Py_ssize_t nargv = PyList_GET_SIZE(c->argv), nenv = PyList_GET_SIZE(c->env);
+    Py_ssize_t nextra = PyList_GET_SIZE(c->extra);
+    size_t nptr = (size_t)(nargv + 1 + nenv + nextra + 1);
+    if (nptr * sizeof(char *) >= ARENA_SIZE)
+        return -1;
+    char **p = (char **)s->arena;
+    char *pos = s->arena + nptr * sizeof(char *), *end = s->arena + ARENA_SIZE;
+    s->args.argv = p;
+    if (copy_strings(c->argv, &p, &pos, end) < 0)
+        return -1;
+    *p++ = NULL;
+    s->args.envp = p;
+    if (copy_strings(c->env, &p, &pos, end) < 0 || copy_strings(c->extra, &p, &pos, end) < 0)
+        return -1;
+    *p = NULL;
+    fill_args(&s->args, c);
+    s->args.error = NULL;
+    return 0;
+}
+
+PyDoc_STRVAR(start_doc,
+"start(argv, env, extra_env, stdin, stdout, stderr, report_fd, reset) -> pid\n\n"
+"As spawn(), without waiting for the exec: a failed exec is written to report_fd as two\n"
+"native ints (pid, errno) and the child exits 127. Where no slot is free, as spawn().");
+
+static PyObject *
+start(PyObject *module, PyObject *args)
+{
+    call_t c;
+    int report_fd;
+    if (parse_call(args, &c, &report_fd, "O!O!O!iiiiO!:start") < 0)
+        return NULL;
+    struct slot *s = free_slot();
+    if (s == NULL || fill_slot(s, &c) < 0)
+        return vfork_exec(&c);
+    s->args.report_fd = report_fd;
+
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    s->busy = -1;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    pid_t pid = clone(child_main, s->stack + STACK_SIZE, CLONE_VM | CLONE_CHILD_CLEARTID | SIGCHLD,
+                      &s->args, NULL, NULL, (pid_t *)&s->busy);
+    if (pid < 0)
+        s->busy = 0;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (pid < 0) /* e.g. a sandbox that refuses CLONE_VM: vfork says what is wrong, if any */
+        return vfork_exec(&c);
+    return PyLong_FromLong((long)pid);
+}
+#endif
 
 static PyMethodDef methods[] = {
     {"spawn", spawn, METH_VARARGS, spawn_doc},
+#if HAVE_ASYNC
+    {"start", start, METH_VARARGS, start_doc},
+#endif
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef_Slot slots[] = {
-#if PY_VERSION_HEX >= 0x030C0000
-    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
-#endif
-    {0, NULL},
-};
-
+/* Single-phase: the slots are process-wide, one set for the one interpreter pyinetd runs. */
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "pyinetd._spawn",
-    .m_doc = "vfork + execve with nothing else in the child (see spawn.py)",
-    .m_size = 0,
+    .m_doc = "Start service processes with nothing else in the child (see spawn.py).",
+    .m_size = -1,
     .m_methods = methods,
-    .m_slots = slots,
 };
 
 PyMODINIT_FUNC
 PyInit__spawn(void)
 {
-    return PyModuleDef_Init(&module);
+    return PyModule_Create(&module);
 }

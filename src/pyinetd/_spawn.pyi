@@ -5,8 +5,18 @@ def spawn(
     stdin: int,
     stdout: int,
     stderr: int,
-    errpipe_read: int,
-    errpipe_write: int,
+    unused: int,
+    reset: tuple[int, ...],
+    /,
+) -> int: ...
+def start(
+    argv: list[bytes],
+    env: list[bytes],
+    extra_env: list[bytes],
+    stdin: int,
+    stdout: int,
+    stderr: int,
+    report_fd: int,
     reset: tuple[int, ...],
     /,
 ) -> int: ...

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
 EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
+EXIT_127 = 127 << 8  # wait status of exit(127): a shell's "cannot execute", and a clone child's
 STDERR_LINE_MAX = 4096
 KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
 HANDLED_SIGNALS = (
@@ -1053,7 +1054,11 @@ class Server:
                 child.timer.cancelled = True
         state = child.state
         state.drop_source(child.source)
-        if LOG.isEnabledFor(logging.INFO):  # formatting costs even when nothing is logged
+        err = self.spawner.exec_error(pid) if status == EXIT_127 else None
+        if err is not None:  # started by the clone primitive, which reports exec errors late
+            state.failed_spawns += 1
+            self._log_exec_error(state.service, os.strerror(err), child.peer)
+        elif LOG.isEnabledFor(logging.INFO):  # formatting costs even when nothing is logged
             self._log_end(child, pid, status)
         if self._stopping:
             self._check_drained()
@@ -1410,14 +1415,7 @@ class Server:
                 pid = self.spawner.spawn(svc, stdin, stdout, err_fd, env)
         except OSError as exc:
             state.failed_spawns += 1
-            event(
-                logging.ERROR,
-                f"{svc.name}: cannot start {svc.argv[0]}: {exc.strerror or exc}; closing {peer}",
-                event="spawn_error",
-                service=svc.name,
-                peer=peer,
-                error=str(exc),
-            )
+            self._log_exec_error(svc, exc.strerror or str(exc), peer)
             return 0
         finally:
             if owned:
@@ -1441,6 +1439,16 @@ class Server:
                 pid=pid,
             )
         return pid
+
+    def _log_exec_error(self, svc: Service, why: str, peer: str) -> None:
+        event(
+            logging.ERROR,
+            f"{svc.name}: cannot start {svc.argv[0]}: {why}; closing {peer}",
+            event="spawn_error",
+            service=svc.name,
+            peer=peer,
+            error=why,
+        )
 
     def _spawn_error(self, svc: Service, peer: str, what: str) -> None:
         """Log a failed start; the same failure repeating is logged once a minute."""

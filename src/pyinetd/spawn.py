@@ -2,12 +2,17 @@
 
 Ways to start a child, fastest first; the first one usable here is the fast path:
 
-* ``pyinetd._spawn`` (``_spawn.c``, built at install time where a C compiler is there):
-  vfork, then in the child only what a service needs: the few signals pyinetd handles or
-  ignores back to their default, the connection onto 0 and 1 and the service's stderr onto 2,
-  a new process group, an empty signal mask, exec. The parent sleeps only until the child has
-  exec'd (vfork), ~25 us less per spawn than with fork_exec, and each child costs ~35 us
-  less CPU (bench/README.md).
+* ``pyinetd._spawn.start`` ("clone"; ``_spawn.c``, built at install time where a C compiler
+  is there, x86_64 and arm64 Linux): ``clone(CLONE_VM)`` without ``CLONE_VFORK``, so the
+  parent goes back to its loop at once instead of sleeping until the child has exec'd, and
+  the child does only what a service needs: the few signals pyinetd handles or ignores back
+  to their default, the connection onto 0 and 1 and the service's stderr onto 2, a new
+  process group, an empty signal mask, exec. The child runs on a stack and a copy of its
+  arguments of its own (a slot the kernel frees at its exec), with raw system calls only.
+  A failed exec is known when the child is reaped: it exits 127 and ``exec_error(pid)``
+  gives the errno. Parent CPU per spawn 20 vs 45 us (bench/README.md).
+* ``pyinetd._spawn.spawn`` ("vfork"): the same child with vfork: the parent sleeps until the
+  exec, and knows at once if it failed.
 * CPython's own spawn primitive, ``_posixsubprocess.fork_exec`` (what ``subprocess`` uses,
   also vfork-based): it takes the environment as a ready list of ``KEY=value`` bytes (cached
   per service here); its child asks for every signal's disposition and closes every fd
@@ -18,7 +23,7 @@ Ways to start a child, fastest first; the first one usable here is the fast path
 * fork path, ``os.fork`` + ``os.execve``: for user/group switching, rlimits, umask, nice and
   cwd, which none of the above can set. It costs the parent about three times the CPU.
 
-``PYINETD_SPAWN=vfork|fork_exec|posix_spawn`` picks one (tests, measurements).
+``PYINETD_SPAWN=clone|vfork|fork_exec|posix_spawn`` picks one (tests, measurements).
 
 In all, the child gets exactly fds 0, 1 and 2: every fd Python opens is close-on-exec
 (PEP 446) and ``dup2`` clears the flag on its target only, so no listening socket, wake-up
@@ -35,6 +40,7 @@ import resource
 import select
 import signal
 import socket
+import struct
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -63,12 +69,17 @@ except ImportError:  # pragma: no cover - other interpreters
     _FORK_EXEC = None
 
 _VFORK: Callable[..., int] | None
+_START: Callable[..., int] | None
 try:  # pyinetd's own, where it was built (_spawn.c)
-    from pyinetd._spawn import spawn as _VFORK
-except ImportError:  # pragma: no cover - installed without a C compiler
-    _VFORK = None
+    from pyinetd import _spawn
 
-PRIMITIVES = ("vfork", "fork_exec", "posix_spawn")
+    _VFORK = _spawn.spawn
+    _START = getattr(_spawn, "start", None)  # x86_64 and arm64 Linux only
+except ImportError:  # pragma: no cover - installed without a C compiler
+    _VFORK = _START = None
+
+PRIMITIVES = ("clone", "vfork", "fork_exec", "posix_spawn")
+_REPORT = struct.Struct("=ii")  # what a clone child that could not exec writes: pid, errno
 
 # Variables set per connection. They are left out of the cached base list: a stale copy
 # from pyinetd's own environment must never sit next to the connection's value.
@@ -135,6 +146,8 @@ class Spawner:
         self._env_list: dict[str, tuple[list[bytes], list[bytes]]] = {}
         self._errpipe: tuple[int, int] | None = None
         self._errpoll = select.poll()
+        self._reports: tuple[int, int] | None = None
+        self._exec_errors: dict[int, int] = {}
         self.primitive = self._choose_primitive()
 
     def refresh_signals(self) -> None:
@@ -150,6 +163,8 @@ class Spawner:
         return wanted if wanted in usable else usable[0]
 
     def _usable(self, primitive: str) -> bool:
+        if primitive == "clone":
+            return _START is not None
         if primitive == "vfork":
             return _VFORK is not None
         if primitive == "fork_exec":
@@ -168,6 +183,23 @@ class Spawner:
             for fd in self._errpipe:
                 os.close(fd)
             self._errpipe = None
+        if self._reports is not None:
+            for fd in self._reports:
+                os.close(fd)
+            self._reports = None
+
+    def exec_error(self, pid: int) -> int | None:
+        """The errno with which ``pid`` failed to exec, for a child started by the clone
+        primitive (known only once it has exited: call it when reaping an exit 127)."""
+        if self._reports is not None:
+            while True:
+                try:
+                    data = os.read(self._reports[0], 64 * _REPORT.size)
+                except BlockingIOError:
+                    break
+                for failed, err in _REPORT.iter_unpack(data[: len(data) - len(data) % 8]):
+                    self._exec_errors[failed] = err
+        return self._exec_errors.pop(pid, None)
 
     def base_environ(self, service: Service) -> Environ:
         """The environment every child of ``service`` starts from (cached per service)."""
@@ -204,17 +236,23 @@ class Spawner:
     ) -> int:
         """Start the service's program with the given fds on 0, 1, 2; return its pid.
 
-        Raises OSError when the program cannot be started (every primitive reports exec
-        failures synchronously: a vfork parent resumes only after the child exec'd or died).
+        Raises OSError when the program cannot be started. Every primitive but clone
+        knows at once (a vfork parent resumes only after the child exec'd or died); a
+        clone child that cannot exec exits 127 and ``exec_error(pid)`` tells why.
         """
         fork = needs_fork(service)
+        if self.primitive == "clone" and not fork:
+            bargv, envl = self._exec_lists(service)
+            if self._reports is None:
+                # Both ends non-blocking: a child must never wait on a full pipe.
+                self._reports = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            assert _START is not None
+            return _START(bargv, envl, extra_env, stdin, stdout, stderr, self._reports[1],
+                          self._handled)  # fmt: skip
         if self.primitive == "vfork" and not fork:
             bargv, envl = self._exec_lists(service)
-            err_r, err_w = self._error_pipe()
             assert _VFORK is not None
-            return _VFORK(
-                bargv, envl, extra_env, stdin, stdout, stderr, err_r, err_w, self._handled
-            )
+            return _VFORK(bargv, envl, extra_env, stdin, stdout, stderr, -1, self._handled)
         if self.primitive == "fork_exec" and not fork:
             try:
                 return self._spawn_fork_exec(service, stdin, stdout, stderr, extra_env)
