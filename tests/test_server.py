@@ -424,6 +424,17 @@ def test_missing_executable_at_runtime_closes_client_and_keeps_serving(
     assert tcp_talk(echo, b"still") == b"still"
 
 
+def test_a_service_that_exits_127_itself_is_not_an_exec_failure(inetd: Start) -> None:
+    """The clone primitive learns of a failed exec when it reaps an exit 127; a program
+    that ran and exited 127 (a shell's "command not found") is an ordinary end."""
+    port = free_port()
+    svc = {"listen": f"127.0.0.1:{port}", "exec": ["/bin/sh", "-c", "echo ran; exit 127"]}
+    p = inetd({"services": {"sh127": svc}})
+    assert tcp_talk(port) == b"ran\n"
+    p.wait_log(r"sh127: pid \d+ ended \(exit 127\)")
+    assert "cannot start" not in p.log()
+
+
 def test_port_in_use_is_exit_1_with_a_clear_error(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
