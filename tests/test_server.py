@@ -159,8 +159,10 @@ def test_environment_the_service_sees(inetd: Start, tmp_path: Path) -> None:
 
 
 # A shell script's `pyinetd &` starts it with SIGINT and SIGQUIT ignored: services must
-# still get every signal at its default.
-IGNORING = ("/bin/sh", "-c", 'trap "" INT QUIT; exec "$@"', "sh")
+# still get every signal at its default. Both starts also hand pyinetd an fd (7) without
+# close-on-exec, as a shell's `exec 7<file` does: no service may get it.
+LEAKING = ("/bin/sh", "-c", 'exec 7</dev/null; exec "$@"', "sh")
+IGNORING = ("/bin/sh", "-c", 'exec 7</dev/null; trap "" INT QUIT; exec "$@"', "sh")
 
 
 PRIMITIVES = ("clone", "vfork", "fork_exec", "posix_spawn")
@@ -178,7 +180,7 @@ def test_the_c_spawn_primitive_is_built() -> None:
 
 @pytest.mark.parametrize(
     ("primitive", "prefix"),
-    [(p, ()) for p in PRIMITIVES] + [(p, IGNORING) for p in PRIMITIVES],
+    [(p, LEAKING) for p in PRIMITIVES] + [(p, IGNORING) for p in PRIMITIVES],
     ids=[*PRIMITIVES, *(f"{p}-started-ignoring" for p in PRIMITIVES)],
 )
 def test_service_gets_exactly_fds_0_1_2_and_default_signals(
@@ -217,7 +219,7 @@ def test_service_gets_exactly_fds_0_1_2_and_default_signals(
     if primitive == "posix_spawn":
         ignored &= ~((1 << 31) | (1 << 32))
     assert ignored == 0, hex(ignored)
-    if prefix:  # pyinetd itself still ignores what it was started ignoring
+    if prefix is IGNORING:  # pyinetd itself still ignores what it was started ignoring
         os.kill(p.pid, signal.SIGQUIT)
         assert b"SigIgn" in tcp_talk(port)
         assert p.proc.poll() is None

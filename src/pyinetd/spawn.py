@@ -124,6 +124,21 @@ def handled_signals() -> tuple[int, ...]:
     return tuple(out)
 
 
+def seal_inherited_fds() -> None:
+    """Make every fd above 2 that pyinetd was started with close-on-exec.
+
+    PEP 446 covers each fd Python opens; one inherited from whoever started pyinetd (a
+    shell's ``exec 7<file``, a supervisor's pipe) is not, and would reach every service.
+    CPython's fork_exec closes such fds in each child; the other primitives count on
+    close-on-exec, so they are sealed here once, before any child starts.
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):  # (the directory listdir itself had open)
+                os.set_inheritable(fd, False)
+
+
 def needs_fork(service: Service) -> bool:
     """True when the service needs settings that only the fork path can apply."""
     return bool(
@@ -140,6 +155,7 @@ class Spawner:
     """Starts service children; holds what is computed once rather than per connection."""
 
     def __init__(self) -> None:
+        seal_inherited_fds()
         self._sigdef = ignored_signals()
         self._handled = handled_signals()
         self._base_env: dict[str, Environ] = {}
