@@ -295,6 +295,7 @@ struct slot {
 
 static struct slot slots[NSLOTS];
 static int next_slot;
+static int nslots = NSLOTS; /* set_slots() lowers it, for tests */
 
 static int
 child_main(void *arg)
@@ -306,8 +307,8 @@ child_main(void *arg)
 static struct slot *
 free_slot(void)
 {
-    for (int k = 0; k < NSLOTS; k++) {
-        struct slot *s = &slots[(next_slot + k) % NSLOTS];
+    for (int k = 0; k < nslots; k++) {
+        struct slot *s = &slots[(next_slot + k) % nslots];
         if (__atomic_load_n(&s->busy, __ATOMIC_ACQUIRE) != 0)
             continue;
         if (s->stack == NULL) {
@@ -323,7 +324,7 @@ free_slot(void)
             s->stack = m + page;
             s->arena = m + page + STACK_SIZE;
         }
-        next_slot = (int)(s - slots + 1) % NSLOTS;
+        next_slot = (int)(s - slots + 1) % nslots;
         return s;
     }
     return NULL;
@@ -399,12 +400,32 @@ start(PyObject *module, PyObject *args)
         return vfork_exec(&c);
     return PyLong_FromLong((long)pid);
 }
+
+PyDoc_STRVAR(set_slots_doc,
+"set_slots(n) -> None\n\n"
+"Use at most n slots (0 to 16): start() takes the vfork path when none is free. For tests.");
+
+static PyObject *
+set_slots(PyObject *module, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0 || n > NSLOTS) {
+        PyErr_Format(PyExc_ValueError, "slots must be 0 to %d", NSLOTS);
+        return NULL;
+    }
+    nslots = (int)n;
+    next_slot = 0;
+    Py_RETURN_NONE;
+}
 #endif
 
 static PyMethodDef methods[] = {
     {"spawn", spawn, METH_VARARGS, spawn_doc},
 #if HAVE_ASYNC
     {"start", start, METH_VARARGS, start_doc},
+    {"set_slots", set_slots, METH_O, set_slots_doc},
 #endif
     {NULL, NULL, 0, NULL},
 };

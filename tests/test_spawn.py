@@ -1,0 +1,150 @@
+"""pyinetd._spawn, called directly: real children, their fds, signals, exec errors, slots."""
+
+from __future__ import annotations
+
+import errno
+import os
+import platform
+import select
+import signal
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import DEADLINE
+
+from pyinetd import _spawn
+from pyinetd.spawn import handled_signals
+
+pytestmark = pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "aarch64"), reason="start() is x86_64/arm64 only"
+)
+
+PROBE = (
+    "ls /proc/self/fd; grep -E '^Sig(Blk|Ign):' /proc/self/status; "
+    "cut -d' ' -f5 /proc/$$/stat"
+)
+
+
+def inheritable_fds() -> set[int]:
+    """This process's fds above 2 without close-on-exec (pytest's own, the shell's)."""
+    out = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if int(name) > 2 and os.get_inheritable(int(name)):
+                out.add(int(name))
+        except OSError:
+            continue  # the directory listdir had open
+    return out
+
+
+def read_all(sock: socket.socket) -> bytes:
+    sock.settimeout(DEADLINE)
+    out = b""
+    while chunk := sock.recv(65536):
+        out += chunk
+    return out
+
+
+def wait_exit(pid: int) -> int:
+    """The child's exit code (waits at most DEADLINE through a pidfd)."""
+    fd = os.pidfd_open(pid)
+    try:
+        assert select.select([fd], [], [], DEADLINE)[0], f"pid {pid} did not exit"
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+@pytest.fixture
+def report() -> Iterator[tuple[int, int]]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+@pytest.fixture(autouse=True)
+def all_slots() -> Iterator[None]:
+    yield
+    _spawn.set_slots(16)
+
+
+@pytest.mark.parametrize("how", ["start", "spawn"])
+def test_child_gets_fds_0_1_2_its_own_group_and_no_handlers(
+    how: str, report: tuple[int, int]
+) -> None:
+    ours, theirs = socket.socketpair()
+    old = signal.signal(signal.SIGUSR1, lambda *_: None)
+    other = socket.socket()  # an fd of ours that must not reach the child
+    try:
+        fn = _spawn.start if how == "start" else _spawn.spawn
+        argv = [b"/bin/sh", b"-c", PROBE.encode()]
+        pid = fn(argv, [b"PATH=/usr/bin:/bin"], [b"X=1"], theirs.fileno(), theirs.fileno(),
+                 theirs.fileno(), report[1], handled_signals())  # fmt: skip
+        theirs.close()
+        out = read_all(ours).decode().split()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        other.close()
+        ours.close()
+    assert wait_exit(pid) == 0
+    # pyinetd seals what it inherited at start (spawn.seal_inherited_fds); pytest has not.
+    fds = {int(x) for x in out[: out.index("SigBlk:")]} - inheritable_fds()
+    assert sorted(fds) == [0, 1, 2, 3], out  # 3: the directory ls reads
+    for field in ("SigBlk:", "SigIgn:"):  # (caught ones: exec resets them anyway)
+        assert int(out[out.index(field) + 1], 16) == 0, (field, out)
+    assert int(out[-1]) == pid  # a process group of its own
+
+
+def test_failed_exec_is_reported_on_the_pipe_and_exits_127(report: tuple[int, int]) -> None:
+    r, w = report
+    pid = _spawn.start([b"/nonexistent/prog"], [], [], 0, 1, 2, w, ())
+    assert wait_exit(pid) == 127
+    failed, err = struct.unpack("=ii", os.read(r, 64))
+    assert (failed, err) == (pid, errno.ENOENT)
+
+
+def test_without_a_free_slot_start_takes_the_vfork_path(report: tuple[int, int]) -> None:
+    """vfork knows at once: a failed exec raises instead of being reported later."""
+    _spawn.set_slots(0)
+    with pytest.raises(FileNotFoundError):
+        _spawn.start([b"/nonexistent/prog"], [], [], 0, 1, 2, report[1], ())
+    with pytest.raises(BlockingIOError):
+        os.read(report[0], 64)  # nothing written: the error came back at once
+    pid = _spawn.start([b"/bin/true"], [], [], 0, 1, 2, report[1], ())
+    assert wait_exit(pid) == 0
+
+
+def test_slots_are_reused_after_exec(report: tuple[int, int]) -> None:
+    """Two slots, 200 children: each slot is freed by the kernel at its child's exec."""
+    _spawn.set_slots(2)
+    pids = [_spawn.start([b"/bin/true"], [], [], 0, 1, 2, report[1], ()) for _ in range(200)]
+    assert [wait_exit(pid) for pid in pids] == [0] * 200
+
+
+def test_an_environment_larger_than_a_slot_takes_the_vfork_path(
+    report: tuple[int, int], tmp_path: Path
+) -> None:
+    big = [b"V%d=%s" % (i, b"x" * 1000) for i in range(400)]  # 400 kB > a slot's 256 kB
+    out = tmp_path / "env"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC)
+    try:
+        pid = _spawn.start([b"/usr/bin/env"], big, [b"LAST=yes"], 0, fd, 2, report[1], ())
+        assert wait_exit(pid) == 0
+    finally:
+        os.close(fd)
+    lines = out.read_bytes().splitlines()
+    assert lines == [*big, b"LAST=yes"]
+
+
+def test_arguments_are_checked_before_any_child_starts(report: tuple[int, int]) -> None:
+    with pytest.raises(TypeError):
+        _spawn.start(["/bin/true"], [], [], 0, 1, 2, report[1], ())  # type: ignore[list-item]
+    with pytest.raises(ValueError):
+        _spawn.start([], [], [], 0, 1, 2, report[1], ())
+    with pytest.raises(ValueError):
+        _spawn.set_slots(17)
