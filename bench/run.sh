@@ -20,6 +20,8 @@
 #                            default PYINETD_PYTHON if it has them, else python3
 #   PYINETD_ARGS=            extra words appended to the pyinetd command (e.g. --log-level warning)
 #   PYINETD_WORKERS=1        0 leaves out the pyinetd-w2 row (same exec service, `workers: 2`)
+#   PYINETD_PRIMITIVES=1     0 leaves out the via-vfork and via-fork_exec rows (same exec
+#                            service with PYINETD_SPAWN=vfork / fork_exec)
 #   SHARED=<repo>/../shared  the shared kit; anchors.sh is $SHARED/bench/anchors.sh
 #   OUTDIR=bench/out/<utc>   configs, logs, results.tsv, anchors.txt
 #   RESULTS_DIR=bench/results  where latest.md and latest.png go
@@ -42,6 +44,7 @@ ANCHORS=$SHARED/bench/anchors.sh
 PYINETD_PYTHON=${PYINETD_PYTHON:-python3}
 PYINETD_ARGS=${PYINETD_ARGS:-}
 PYINETD_WORKERS=${PYINETD_WORKERS:-1}
+PYINETD_PRIMITIVES=${PYINETD_PRIMITIVES:-1}
 RESULTS_DIR=${RESULTS_DIR:-$HERE/results}
 SCALE=${SCALE:-1}
 SCALE_ARGS=${SCALE_ARGS:-}
@@ -131,6 +134,14 @@ EXTRA_FILE=$OUTDIR/pyinetd-extra.sh
     # The same exec service without the per-connection log lines (--log-level warning).
     echo "bench_server pyinetd-quiet $P_CAT --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-cat.yaml" --log-level warning)"
     echo "bench_server pyinetd-echo $P_ECHO internal --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-echo.yaml" ${pyargs[@]+"${pyargs[@]}"})"
+    if [[ $PYINETD_PRIMITIVES == 1 ]]; then
+        # The same exec service with pyinetd's other spawn primitives forced (PYINETD_SPAWN):
+        # what not waiting for the exec (clone, the default) gains over vfork, and over CPython's
+        # fork_exec, in the same run. `env` execs, so the measured pid is pyinetd's.
+        for prim in vfork fork_exec; do
+            echo "bench_server via-$prim $P_CAT --$(q env "PYINETD_SPAWN=$prim" "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-cat.yaml" ${pyargs[@]+"${pyargs[@]}"})"
+        done
+    fi
     if [[ $PYINETD_WORKERS == 1 ]]; then
         echo "bench_server pyinetd-w2 $P_W2 --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-w2.yaml" ${pyargs[@]+"${pyargs[@]}"})"
     fi
@@ -148,7 +159,7 @@ EXTRA_FILE=$OUTDIR/pyinetd-extra.sh
 
 # ---------------------------------------------------------------- run
 CMDLINE="bench/run.sh"
-for v in CONNS WARMUP CONC PAYLOAD ROUNDS FLOOR_N ONLY SKIP PYINETD_ARGS PYINETD_WORKERS; do
+for v in CONNS WARMUP CONC PAYLOAD ROUNDS FLOOR_N ONLY SKIP PYINETD_ARGS PYINETD_WORKERS PYINETD_PRIMITIVES; do
     [[ -n ${!v:-} ]] && CMDLINE="$v=$(printf '%q' "${!v}") $CMDLINE"
 done
 note "outdir $OUTDIR"
