@@ -111,7 +111,8 @@ def ignored_signals() -> tuple[signal.Signals, ...]:
 
 def handled_signals() -> tuple[int, ...]:
     """Signals whose disposition here is not the default: a handler, ignored, or set
-    outside Python (getsignal() says None). The vfork child resets exactly these."""
+    outside Python (getsignal() says None). pyinetd's own child (_spawn.c) resets
+    exactly these to their default."""
     out = []
     for sig in signal.valid_signals():
         if sig in (signal.SIGKILL, signal.SIGSTOP):
@@ -213,7 +214,8 @@ class Spawner:
                     data = os.read(self._reports[0], 64 * _REPORT.size)
                 except BlockingIOError:
                     break
-                for failed, err in _REPORT.iter_unpack(data[: len(data) - len(data) % 8]):
+                whole = len(data) - len(data) % _REPORT.size  # (records are never split)
+                for failed, err in _REPORT.iter_unpack(data[:whole]):
                     self._exec_errors[failed] = err
         return self._exec_errors.pop(pid, None)
 
