@@ -178,6 +178,22 @@ def test_the_c_spawn_primitive_is_built() -> None:
         assert callable(_spawn.start)
 
 
+def test_without_the_c_module_services_start_through_fork_exec_and_the_log_says_so(
+    inetd: Start, tmp_path: Path
+) -> None:
+    """What an install without a C compiler runs: pyinetd._spawn missing."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['pyinetd._spawn'] = None\n")
+    port = free_port()
+    p = inetd(
+        {"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/cat"]}}},
+        env={"PYTHONPATH": str(hide)},
+    )
+    p.wait_log(r"services start with fork_exec: pyinetd\._spawn was not built")
+    assert tcp_talk(port, b"still served") == b"still served"
+
+
 @pytest.mark.parametrize(
     ("primitive", "prefix"),
     [(p, LEAKING) for p in PRIMITIVES] + [(p, IGNORING) for p in PRIMITIVES],

@@ -586,7 +586,16 @@ class Server:
             signal.signal(sig, _noop_handler)
             signal.siginterrupt(sig, False)
         self.spawner.refresh_signals()
-        event(logging.DEBUG, f"services start with {self.spawner.primitive}", event="spawn")
+        prim = self.spawner.primitive
+        if prim in ("clone", "vfork") or "PYINETD_SPAWN" in os.environ or self.worker:
+            event(logging.DEBUG, f"services start with {prim}", event="spawn")
+        else:
+            event(
+                logging.INFO,
+                f"services start with {prim}: pyinetd._spawn was not built at install "
+                "(no C compiler or Python headers); see README, Performance",
+                event="spawn",
+            )
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
 
     # ------------------------------------------------------------ timers
