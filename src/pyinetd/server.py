@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
 EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
-EXIT_127 = 127 << 8  # wait status of exit(127): a shell's "cannot execute", and a clone child's
 STDERR_LINE_MAX = 4096
 KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
 HANDLED_SIGNALS = (
@@ -1063,7 +1062,7 @@ class Server:
                 child.timer.cancelled = True
         state = child.state
         state.drop_source(child.source)
-        err = self.spawner.exec_error(pid) if status == EXIT_127 else None
+        err = self.spawner.exec_error(pid, status)
         if err is not None:  # started by the clone primitive, which reports exec errors late
             state.failed_spawns += 1
             self._log_exec_error(state.service, os.strerror(err), child.peer)

@@ -80,6 +80,7 @@ except ImportError:  # pragma: no cover - installed without a C compiler
 
 PRIMITIVES = ("clone", "vfork", "fork_exec", "posix_spawn")
 _REPORT = struct.Struct("=ii")  # what a clone child that could not exec writes: pid, errno
+EXIT_127 = 127 << 8  # its wait status then; also a shell's "command not found"
 
 # Variables set per connection. They are left out of the cached base list: a stale copy
 # from pyinetd's own environment must never sit next to the connection's value.
@@ -205,9 +206,13 @@ class Spawner:
                 os.close(fd)
             self._reports = None
 
-    def exec_error(self, pid: int) -> int | None:
+    def exec_error(self, pid: int, status: int) -> int | None:
         """The errno with which ``pid`` failed to exec, for a child started by the clone
-        primitive (known only once it has exited: call it when reaping an exit 127)."""
+        primitive: known once it has exited 127, so call it for each child reaped."""
+        if status != EXIT_127:
+            if self._exec_errors:  # a report whose child then died otherwise: pids recur
+                self._exec_errors.pop(pid, None)
+            return None
         if self._reports is not None:
             while True:
                 try:
