@@ -148,3 +148,40 @@ def test_arguments_are_checked_before_any_child_starts(report: tuple[int, int]) 
         _spawn.start([], [], [], 0, 1, 2, report[1], ())
     with pytest.raises(ValueError):
         _spawn.set_slots(17)
+
+
+def test_settle_waits_until_no_child_holds_a_closed_listener(report: tuple[int, int]) -> None:
+    """Until its exec a clone child holds a copy of every fd: a listener closed meanwhile
+    keeps its port. settle() waits that out (what a reload and a stop call)."""
+    cpus = os.sched_getaffinity(0)
+    # One CPU for parent and child: after clone the parent runs on, so the SIGSTOP below
+    # usually lands before the child has run at all.
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        for _ in range(50):
+            lst = socket.socket()
+            lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            lst.bind(("127.0.0.1", 0))
+            lst.listen()
+            addr = lst.getsockname()
+            pid = _spawn.start([b"/bin/true"], [], [], 0, 1, 2, report[1], ())
+            os.kill(pid, signal.SIGSTOP)
+            lst.close()
+            if _spawn.settle(0.05):  # it had exec'd before the stop: try again
+                os.kill(pid, signal.SIGCONT)
+                assert wait_exit(pid) == 0
+                continue
+            again = socket.socket()
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            with pytest.raises(OSError) as held:
+                again.bind(addr)
+            assert held.value.errno == errno.EADDRINUSE
+            os.kill(pid, signal.SIGCONT)
+            assert _spawn.settle(DEADLINE)
+            again.bind(addr)  # free now: the child dropped it before its exec
+            again.close()
+            assert wait_exit(pid) == 0
+            return
+        pytest.fail("no child could be stopped before its exec in 50 tries")
+    finally:
+        os.sched_setaffinity(0, cpus)

@@ -37,6 +37,8 @@
 #include <sched.h>
 #include <signal.h>
 #include <string.h>
+#include <time.h>
+#include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
@@ -44,6 +46,9 @@
 #include <unistd.h>
 
 #define MAX_RESET 128
+#ifndef SYS_close_range
+#define SYS_close_range 436 /* the same number on every architecture (Linux 5.9) */
+#endif
 
 #if defined(__linux__) && (defined(__x86_64__) || defined(__aarch64__))
 #define HAVE_ASYNC 1
@@ -140,6 +145,17 @@ child_exec(struct child_args *a)
             r = raw_syscall(SYS_dup3, fds[t], t, 0, 0);
         if (r < 0)
             goto fail;
+    }
+    /* Every other fd is close-on-exec, but the kernel closes those only late in the exec:
+     * drop them now, so that a listening socket pyinetd closes meanwhile (a reload, a stop)
+     * is really closed once this child is past its exec (see settle()). Kernels before 5.9
+     * say ENOSYS: exec closes them anyway. */
+    if (a->report_fd > 2) {
+        (void)raw_syscall(SYS_close_range, 3, a->report_fd - 1, 0, 0);
+        (void)raw_syscall(SYS_close_range, a->report_fd + 1, ~0U, 0, 0);
+    }
+    else {
+        (void)raw_syscall(SYS_close_range, 3, ~0U, 0, 0);
     }
     /* Its own process group: Ctrl-C on pyinetd's terminal does not reach services, and a
      * timeout signals a service together with what it started. */
@@ -401,6 +417,45 @@ start(PyObject *module, PyObject *args)
     return PyLong_FromLong((long)pid);
 }
 
+PyDoc_STRVAR(settle_doc,
+"settle(timeout) -> bool\n\n"
+"Wait (at most timeout seconds) until every child start()ed has exec'd or exited, and so\n"
+"holds no fd of pyinetd's but its own 0, 1 and 2. False if some child was still before its\n"
+"exec at the deadline.");
+
+static PyObject *
+settle(PyObject *module, PyObject *arg)
+{
+    double timeout = PyFloat_AsDouble(arg);
+    if (timeout == -1.0 && PyErr_Occurred())
+        return NULL;
+    struct timespec now, end;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    end.tv_sec += (time_t)timeout;
+    end.tv_nsec += (long)((timeout - (double)(time_t)timeout) * 1e9);
+    if (end.tv_nsec >= 1000000000L) {
+        end.tv_sec++;
+        end.tv_nsec -= 1000000000L;
+    }
+    for (int k = 0; k < NSLOTS; k++) {
+        pid_t busy;
+        while ((busy = __atomic_load_n(&slots[k].busy, __ATOMIC_ACQUIRE)) != 0) {
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            struct timespec left = {end.tv_sec - now.tv_sec, end.tv_nsec - now.tv_nsec};
+            if (left.tv_nsec < 0) {
+                left.tv_sec--;
+                left.tv_nsec += 1000000000L;
+            }
+            if (left.tv_sec < 0)
+                Py_RETURN_FALSE;
+            /* The kernel wakes this futex when it clears the word (CLONE_CHILD_CLEARTID);
+             * EAGAIN (already cleared) and EINTR just loop. */
+            (void)syscall(SYS_futex, &slots[k].busy, FUTEX_WAIT, busy, &left, NULL, 0);
+        }
+    }
+    Py_RETURN_TRUE;
+}
+
 PyDoc_STRVAR(set_slots_doc,
 "set_slots(n) -> None\n\n"
 "Use at most n slots (0 to 16): start() takes the vfork path when none is free. For tests.");
@@ -426,6 +481,7 @@ static PyMethodDef methods[] = {
 #if HAVE_ASYNC
     {"start", start, METH_VARARGS, start_doc},
     {"set_slots", set_slots, METH_O, set_slots_doc},
+    {"settle", settle, METH_O, settle_doc},
 #endif
     {NULL, NULL, 0, NULL},
 };

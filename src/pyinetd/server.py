@@ -484,6 +484,7 @@ class Server:
             if svc.name not in self.states:
                 self.states[svc.name] = ServiceState(svc)
             self.states[svc.name].set_service(svc)
+        closed = False
         for key, lst in list(self.listeners.items()):
             if key not in wanted:
                 self._pause(lst)
@@ -494,6 +495,9 @@ class Server:
                     lst.sock.close()  # the wait-mode child keeps its own reference
                 else:
                     close_listener(lst.sock)
+                closed = True
+        if closed:
+            self.spawner.settle()  # no child still holds them: the next reload may rebind
         for key, svc in wanted.items():
             state = self.states[svc.name]
             existing = self.listeners.get(key)
@@ -742,6 +746,7 @@ class Server:
             else:
                 close_listener(lst.sock)
         self.listeners.clear()
+        self.spawner.settle()  # the ports are free for a new pyinetd once this one stops
         self._signal_workers(signal.SIGTERM)  # each stops (leave or drain) as we do
         running = len(self.children) + len(self.sessions)
         if self.config.shutdown != "drain" or not (running or self.workers):

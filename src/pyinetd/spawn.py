@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import pwd
 import resource
@@ -70,13 +71,17 @@ except ImportError:  # pragma: no cover - other interpreters
 
 _VFORK: Callable[..., int] | None
 _START: Callable[..., int] | None
+_SETTLE: Callable[[float], bool] | None
 try:  # pyinetd's own, where it was built (_spawn.c)
     from pyinetd import _spawn
 
     _VFORK = _spawn.spawn
     _START = getattr(_spawn, "start", None)  # x86_64 and arm64 Linux only
+    _SETTLE = getattr(_spawn, "settle", None)
 except ImportError:  # pragma: no cover - installed without a C compiler
-    _VFORK = _START = None
+    _VFORK = _START = _SETTLE = None
+
+SETTLE_TIMEOUT = 1.0  # seconds; a child takes well under a millisecond to reach its exec
 
 PRIMITIVES = ("clone", "vfork", "fork_exec", "posix_spawn")
 _REPORT = struct.Struct("=ii")  # what a clone child that could not exec writes: pid, errno
@@ -205,6 +210,16 @@ class Spawner:
             for fd in self._reports:
                 os.close(fd)
             self._reports = None
+
+    def settle(self) -> None:
+        """Wait until no child started by the clone primitive is still before its exec.
+
+        Until its exec a clone child holds a copy of pyinetd's fds (it drops them at once,
+        but it may not have run yet): call this after closing listening sockets, so that a
+        reload or a new pyinetd can bind their addresses again right away.
+        """
+        if self.primitive == "clone" and _SETTLE is not None and not _SETTLE(SETTLE_TIMEOUT):
+            log.event(logging.WARNING, "a service process took over 1s to start", event="settle")
 
     def exec_error(self, pid: int, status: int) -> int | None:
         """The errno with which ``pid`` failed to exec, for a child started by the clone
