@@ -150,13 +150,16 @@ def test_arguments_are_checked_before_any_child_starts(report: tuple[int, int]) 
         _spawn.set_slots(17)
 
 
-def test_settle_waits_until_no_child_holds_a_closed_listener(report: tuple[int, int]) -> None:
+def test_a_child_before_its_exec_has_its_group_and_settle_waits_it_out(
+    report: tuple[int, int],
+) -> None:
     """Until its exec a clone child holds a copy of every fd: a listener closed meanwhile
     keeps its port. settle() waits that out (what a reload and a stop call)."""
     cpus = os.sched_getaffinity(0)
     # One CPU for parent and child: after clone the parent runs on, so the SIGSTOP below
     # usually lands before the child has run at all.
     os.sched_setaffinity(0, {min(cpus)})
+    pid = 0
     try:
         for _ in range(50):
             lst = socket.socket()
@@ -170,7 +173,11 @@ def test_settle_waits_until_no_child_holds_a_closed_listener(report: tuple[int, 
             if _spawn.settle(0.05):  # it had exec'd before the stop: try again
                 os.kill(pid, signal.SIGCONT)
                 assert wait_exit(pid) == 0
+                pid = 0
                 continue
+            # Not run yet, and already the leader of its own group (the parent's setpgid):
+            # a timeout's killpg reaches it.
+            assert os.getpgid(pid) == pid
             again = socket.socket()
             again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             with pytest.raises(OSError) as held:
@@ -181,7 +188,11 @@ def test_settle_waits_until_no_child_holds_a_closed_listener(report: tuple[int, 
             again.bind(addr)  # free now: the child dropped it before its exec
             again.close()
             assert wait_exit(pid) == 0
+            pid = 0
             return
         pytest.fail("no child could be stopped before its exec in 50 tries")
     finally:
         os.sched_setaffinity(0, cpus)
+        if pid:  # a failure above: a stopped child before its exec holds our stdout
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

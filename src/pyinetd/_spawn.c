@@ -414,6 +414,10 @@ start(PyObject *module, PyObject *args)
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) /* e.g. a sandbox that refuses CLONE_VM: vfork says what is wrong, if any */
         return vfork_exec(&c);
+    /* The child's setpgid may not have run yet: make the group here too (as shells do for
+     * job control), so that a kill of the group (timeout, reload) never misses it. Fails
+     * harmlessly once the child has exec'd (EACCES) or is gone. */
+    (void)setpgid(pid, pid);
     return PyLong_FromLong((long)pid);
 }
 
