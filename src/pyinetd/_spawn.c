@@ -6,10 +6,10 @@
  *   fallback when this module is not built), minus what pyinetd does not need per
  *   connection: fork_exec's child asks for the disposition of every one of the ~64 signals
  *   and closes every fd above 2 by hand before it execs, while the parent sleeps (vfork).
- *   Here the caller says which signals have a handler or are ignored (a handful, known once)
- *   and every fd pyinetd opens is already close-on-exec (PEP 446), so the child only resets
- *   those signals, moves the connection onto 0, 1 and 2, joins a new process group, clears
- *   its signal mask and execs. Exec errors come back at once: the parent resumes only after
+ *   Here the caller says which signals have a handler or are ignored (a handful, known once),
+ *   so the child only resets those signals, moves the connection onto 0, 1 and 2, drops
+ *   every other fd in one close_range (they are all close-on-exec anyway, PEP 446; see
+ *   settle() for why now), joins a new process group, clears its signal mask and execs. Exec errors come back at once: the parent resumes only after
  *   the child exec'd or exited, and the child leaves its errno in the parent's memory.
  *
  * start(): the same child, without the wait. vfork makes the parent sleep until the child's
@@ -23,7 +23,11 @@
  *   - the child makes raw system calls only (inline svc/syscall): glibc's wrappers set
  *     errno on failure, and errno is thread-local storage of pyinetd's own thread;
  *   - a failed exec is reported later: the child writes (pid, errno) to a pipe and exits
- *     127; pyinetd reads it when it reaps that pid (exec_errors()).
+ *     127; pyinetd reads it when it reaps that pid (Spawner.exec_error());
+ *   - the parent makes the child its group's leader too (setpgid, as shells do), so that
+ *     killing the group never misses a child that has not run yet;
+ *   - a child holds copies of pyinetd's fds until its close_range: after closing listening
+ *     sockets (reload, stop), pyinetd calls settle(), which waits on the slots' tid words.
  *   Every signal is blocked from before clone until the child has reset its handlers to
  *   the default, so no handler of pyinetd's ever runs in the child.
  *   Where no slot is free (more than NSLOTS children that have not exec'd yet), start()
