@@ -97,38 +97,37 @@ CONNECTION_KEYS = frozenset(
 )
 
 
+def _dispositions() -> list[tuple[int, object]]:
+    """(signal, getsignal()) for every signal whose disposition can be changed here."""
+    out: list[tuple[int, object]] = []
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            out.append((sig, signal.getsignal(sig)))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def ignored_signals() -> tuple[signal.Signals, ...]:
     """Signals ignored in this process; the child must get them back at their default.
 
     CPython ignores SIGPIPE and SIGXFSZ at start-up; a service must not inherit that, or
     ``yes | head`` in a shell service would spin on EPIPE instead of dying.
     """
-    out = []
-    for sig in signal.valid_signals():
-        if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        try:
-            if signal.getsignal(sig) == signal.SIG_IGN:
-                out.append(sig)
-        except (OSError, ValueError):
-            continue
-    return tuple(out)
+    return tuple(
+        sig
+        for sig, how in _dispositions()
+        if isinstance(sig, signal.Signals) and how == signal.SIG_IGN
+    )
 
 
 def handled_signals() -> tuple[int, ...]:
     """Signals whose disposition here is not the default: a handler, ignored, or set
     outside Python (getsignal() says None). pyinetd's own child (_spawn.c) resets
     exactly these to their default."""
-    out = []
-    for sig in signal.valid_signals():
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        try:
-            if signal.getsignal(sig) != signal.SIG_DFL:
-                out.append(int(sig))
-        except (OSError, ValueError):
-            continue
-    return tuple(out)
+    return tuple(int(sig) for sig, how in _dispositions() if how != signal.SIG_DFL)
 
 
 def seal_inherited_fds() -> None:
