@@ -39,7 +39,7 @@ from pyinetd.listeners import (
     close_listener,
 )
 from pyinetd.log import LOG, event
-from pyinetd.spawn import Spawner, env_dict, ignored_signals, spawn_relay
+from pyinetd.spawn import C_MODULE_BUILT, Spawner, env_dict, ignored_signals, spawn_relay
 
 if TYPE_CHECKING:
     import ssl
@@ -590,7 +590,7 @@ class Server:
             signal.siginterrupt(sig, False)
         self.spawner.refresh_signals()
         prim = self.spawner.primitive
-        if prim in ("clone", "vfork") or "PYINETD_SPAWN" in os.environ or self.worker:
+        if C_MODULE_BUILT or "PYINETD_SPAWN" in os.environ or self.worker:
             event(logging.DEBUG, f"services start with {prim}", event="spawn")
         else:
             event(

@@ -80,6 +80,7 @@ try:  # pyinetd's own, where it was built (_spawn.c)
     _SETTLE = getattr(_spawn, "settle", None)
 except ImportError:  # pragma: no cover - installed without a C compiler
     _VFORK = _START = _SETTLE = None
+C_MODULE_BUILT = _VFORK is not None
 
 SETTLE_TIMEOUT = 1.0  # seconds; a child takes well under a millisecond to reach its exec
 
@@ -218,7 +219,11 @@ class Spawner:
         reload or a new pyinetd can bind their addresses again right away.
         """
         if self.primitive == "clone" and _SETTLE is not None and not _SETTLE(SETTLE_TIMEOUT):
-            log.event(logging.WARNING, "a service process took over 1s to start", event="settle")
+            log.event(
+                logging.WARNING,
+                f"a service process took over {SETTLE_TIMEOUT:g}s to start",
+                event="settle",
+            )
 
     def exec_error(self, pid: int, status: int) -> int | None:
         """The errno with which ``pid`` failed to exec, for a child started by the clone
