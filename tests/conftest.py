@@ -288,3 +288,51 @@ def tcp_talk(
             chunks.append(chunk)
         sender.join(timeout)
         return b"".join(chunks)
+
+
+class LocalUser:
+    """A throwaway local account (useradd), for attacks a second local user would try."""
+
+    def __init__(self, name: str, uid: int, gid: int, home: Path) -> None:
+        self.name = name
+        self.uid = uid
+        self.gid = gid
+        self.home = home
+
+    def run(
+        self, argv: list[str], check: bool = True, timeout: float = DEADLINE, **kw: object
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run ``argv`` as this user (setpriv: its uid, gid, no supplementary groups)."""
+        cmd = [
+            "setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+            "--inh-caps=-all", "--", *argv,
+        ]
+        return subprocess.run(  # type: ignore[call-overload, no-any-return]
+            cmd, check=check, timeout=timeout, capture_output=True, **kw
+        )
+
+
+@pytest.fixture
+def local_user() -> Iterator[LocalUser]:
+    """A second local account, created for one test and removed after (needs root)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (useradd)")
+    import pwd
+    import uuid
+
+    name = "pyi" + uuid.uuid4().hex[:8]
+    home = Path("/home") / name
+    subprocess.run(
+        ["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/sh",
+         "--user-group", name],
+        check=True, capture_output=True, timeout=DEADLINE,
+    )
+    try:
+        pw = pwd.getpwnam(name)
+        yield LocalUser(name, pw.pw_uid, pw.pw_gid, home)
+    finally:
+        # Whatever the test left running as this user goes first, then the account.
+        subprocess.run(["pkill", "-KILL", "-u", name], capture_output=True, timeout=DEADLINE)
+        subprocess.run(
+            ["userdel", "--remove", "--force", name], capture_output=True, timeout=DEADLINE
+        )
