@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from pyinetd import builtins, control, log, proxyproto, reaper, status, systemd
+from pyinetd import builtins, control, fsuser, log, proxyproto, reaper, status, systemd
 from pyinetd.admission import LogLimiter, TokenBucket, source_key
 from pyinetd.config import Config, ConfigError, Service, load, parse_listen_item
 from pyinetd.listeners import (
@@ -1398,8 +1398,11 @@ class Server:
             if self._devnull < 0:
                 self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
             return self._devnull, False
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        return os.open(mode, flags, 0o640), True
+        # Opened with the service user's rights: that user may own the folder and swap the
+        # file for a symlink to a root file, which root would append to (issue 14.3).
+        svc = state.service
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        return fsuser.open_as(svc.user, svc.group, mode, flags, 0o640), True
 
     def _start_child(
         self,

@@ -1,0 +1,70 @@
+"""Files and sockets root opens, creates or removes on a service's or a user's behalf.
+
+Each test is an attack by a second local user (the `local_user` fixture), or by a service's own
+`user:`, who owns a folder root works in: symlinks, swapped folders, planted entries.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import LocalUser, Pyinetd, free_port, script, tcp_talk
+
+Start = Callable[..., Pyinetd]
+
+
+def _root_only_file(folder: Path, name: str = "root-only") -> Path:
+    """A 0600 root file the local user must neither read nor write."""
+    victim = folder / name
+    victim.write_text("SECRET\n")
+    os.chown(victim, 0, 0)
+    victim.chmod(0o600)
+    return victim
+
+
+def test_stderr_file_swapped_for_symlink_does_not_append_to_root_file(
+    inetd: Start, local_user: LocalUser
+) -> None:
+    home = local_user.home
+    logs = home / "logs"
+    logs.mkdir()
+    os.chown(logs, local_user.uid, local_user.gid)
+    victim = _root_only_file(home)
+    # The service's own user swaps its log for a symlink to the root file.
+    evil = script(
+        home,
+        "evil.sh",
+        f"#!/bin/sh\necho INJECTED >&2\nln -sfn {victim} {logs}/err.log\necho done\n",
+    )
+    port = free_port()
+    svc = {
+        "listen": f"127.0.0.1:{port}",
+        "exec": evil,
+        "user": local_user.name,
+        "stderr": str(logs / "err.log"),
+    }
+    p = inetd({"services": {"s": svc}})
+    assert tcp_talk(port) == b"done\n"
+    assert (logs / "err.log").is_symlink()  # the first child's stderr was the real file
+    tcp_talk(port)  # pyinetd opens err.log again for this one
+    p.wait_log(r"s: stderr .*err\.log: Permission denied; closing")
+    assert victim.read_text() == "SECRET\n"
+    assert tcp_talk(port) == b""  # refused again, not half-started
+
+
+def test_stderr_file_is_created_by_the_service_user(inetd: Start, local_user: LocalUser) -> None:
+    logs = local_user.home / "logs"
+    logs.mkdir()
+    os.chown(logs, local_user.uid, local_user.gid)
+    noisy = script(local_user.home, "noisy.sh", "#!/bin/sh\necho err >&2\necho out\n")
+    port = free_port()
+    svc = {"listen": f"127.0.0.1:{port}", "exec": noisy, "user": local_user.name}
+    p = inetd({"services": {"s": {**svc, "stderr": str(logs / "err.log")}}})
+    assert tcp_talk(port) == b"out\n"
+    p.wait_log(r"s: pid \d+ ended")
+    st = (logs / "err.log").stat()
+    assert (st.st_uid, st.st_gid) == (local_user.uid, local_user.gid)
+    assert (logs / "err.log").read_text() == "err\n"
+    assert os.geteuid() == 0 and "Permission" not in p.log()
