@@ -7,6 +7,7 @@ Each test is an attack by a second local user (the `local_user` fixture), or by 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,3 +69,25 @@ def test_stderr_file_is_created_by_the_service_user(inetd: Start, local_user: Lo
     assert (st.st_uid, st.st_gid) == (local_user.uid, local_user.gid)
     assert (logs / "err.log").read_text() == "err\n"
     assert os.geteuid() == 0 and "Permission" not in p.log()
+
+
+def test_banner_linked_to_root_file_is_not_sent_after_reload(
+    inetd: Start, local_user: LocalUser
+) -> None:
+    home = local_user.home
+    victim = _root_only_file(home, "shadow")
+    local_user.run(["sh", "-c", f"echo hello > {home}/banner.txt"])
+    port = free_port()
+    svc = {
+        "listen": f"127.0.0.1:{port}",
+        "exec": "/bin/cat",
+        "user": local_user.name,
+        "banner": str(home / "banner.txt"),
+    }
+    p = inetd({"services": {"s": svc}})
+    assert tcp_talk(port) == b"hello\n"
+    # The service's user points its banner at a file only root may read, then waits for a reload.
+    local_user.run(["ln", "-sfn", str(victim), str(home / "banner.txt")])
+    p.signal(signal.SIGHUP)
+    p.wait_log(r"reload failed.*services\.s\.banner: .*banner\.txt: Permission denied")
+    assert tcp_talk(port) == b"hello\n"  # the old configuration serves on, without the secret

@@ -28,7 +28,7 @@ import yaml
 if TYPE_CHECKING:  # ssl costs the parent ~5 MiB: loaded only for a service with tls
     from pyinetd.tlsconf import TLSSettings
 
-from pyinetd import schema
+from pyinetd import fsuser, schema
 from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
 
 PROTOCOLS = ("tcp", "udp", "unix")
@@ -438,13 +438,29 @@ def _parse_rlimits(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _parse_banner_file(value: Any, base: Path) -> bytes:
+@dataclass(frozen=True)
+class _BannerFile:
+    """A `banner:` path, read by _combine once the service's user is known."""
+
+    value: str
+    path: Path
+
+
+def _parse_banner_file(value: Any, base: Path) -> _BannerFile:
     if not isinstance(value, str) or not value:
         raise _KeyError(f"{value!r}: expected a file path")
-    path = Path(value) if os.path.isabs(value) else base / value
+    return _BannerFile(value, Path(value) if os.path.isabs(value) else base / value)
+
+
+def _read_banner(
+    banner: _BannerFile, user: tuple[str, int, int] | None, group: int | None
+) -> bytes:
+    """Read a banner file with the service user's rights: that user may have linked it to
+    /etc/shadow, which root would read and send to every client (issue 18.8)."""
+    value = banner.value
     try:
         # Non-blocking and a regular file only: a FIFO or /dev/zero must not hang --check.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = fsuser.open_as(user, group, str(banner.path), os.O_RDONLY)
         try:
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
             data = os.read(fd, 65537) if regular else b""
@@ -917,6 +933,13 @@ def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
     allow, deny = values.pop("allow", ()), values.pop("deny", ())
     if allow or deny:
         values["access"] = AccessList.parse(allow, deny)
+    if isinstance(values.get("banner"), _BannerFile):
+        try:
+            values["banner"] = _read_banner(
+                values["banner"], values.get("user"), values.get("group")
+            )
+        except _KeyError as exc:
+            errors.append(f"{where}.banner: {exc}")
     text = values.pop("banner_text", None)
     if text is not None:
         if values.get("banner"):
