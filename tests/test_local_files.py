@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import LocalUser, Pyinetd, free_port, script, tcp_talk
+from conftest import DEADLINE, LocalUser, Pyinetd, free_port, script, tcp_talk
 
 Start = Callable[..., Pyinetd]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pyinetd", *args],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _root_only_file(folder: Path, name: str = "root-only") -> Path:
@@ -91,3 +103,15 @@ def test_banner_linked_to_root_file_is_not_sent_after_reload(
     p.signal(signal.SIGHUP)
     p.wait_log(r"reload failed.*services\.s\.banner: .*banner\.txt: Permission denied")
     assert tcp_talk(port) == b"hello\n"  # the old configuration serves on, without the secret
+
+
+def test_server_listens_on_the_control_path_given_on_the_command_line(
+    inetd: Start, tmp_path: Path
+) -> None:
+    sock = tmp_path / "ctl.sock"
+    p = inetd({"services": {"e": {"listen": f"127.0.0.1:{free_port()}"}}}, "--control", str(sock))
+    assert sock.is_socket()
+    out = cli("stop", "-c", str(p.path), "--control", str(sock))
+    assert (out.returncode, out.stdout) == (0, "pyinetd stop: ok\n"), out.stderr
+    assert p.proc.wait(DEADLINE) == 0
+    assert not sock.exists()

@@ -620,14 +620,17 @@ class Server:
         return max(0.0, self._timers[0].when - time.monotonic())
 
     # ------------------------------------------------------------ the loop
-    def run(self, pid_file: str | None = None) -> int:
-        """Serve until SIGTERM/SIGINT; returns the exit code."""
+    def run(self, pid_file: str | None = None, control_path: str | None = None) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code.
+
+        ``control_path``: the control socket (`--control`), before the config's `control_socket`.
+        """
         self._install_signals()
         self.reap_children()  # children left from before exec (e.g. by a wrapper script)
         if self.worker:
             event(logging.INFO, f"worker {self.worker}: listening", event="worker_ready")
         else:
-            self._start_control()
+            self._start_control(control_path)
             if pid_file:
                 self._write_pid_file(pid_file)
             self._start_workers()
@@ -656,8 +659,8 @@ class Server:
         return 0
 
     # ------------------------------------------------------------ operations
-    def _start_control(self) -> None:
-        path = self.config.control_socket or control.default_control_path(self.config.path)
+    def _start_control(self, path: str | None = None) -> None:
+        path = path or self.config.control_socket or control.default_control_path(self.config.path)
         try:
             sock = control.bind_control(path)
         except OSError as exc:
