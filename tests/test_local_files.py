@@ -7,12 +7,14 @@ Each test is an attack by a second local user (the `local_user` fixture), or by 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import DEADLINE, LocalUser, Pyinetd, free_port, script, tcp_talk
 
 Start = Callable[..., Pyinetd]
@@ -115,3 +117,76 @@ def test_server_listens_on_the_control_path_given_on_the_command_line(
     assert (out.returncode, out.stdout) == (0, "pyinetd stop: ok\n"), out.stderr
     assert p.proc.wait(DEADLINE) == 0
     assert not sock.exists()
+
+
+# An impostor control socket: answers every client "ok", as a running pyinetd would to `stop`.
+IMPOSTOR = """
+import os, socket, sys
+folder, path = sys.argv[1], sys.argv[2]
+os.mkdir(folder)
+os.chmod(folder, 0o777)
+s = socket.socket(socket.AF_UNIX)
+s.bind(path)
+os.chmod(path, 0o777)
+s.listen()
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(100)
+    c.sendall(b'{"ok": true}')
+    c.close()
+"""
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+
+
+def test_control_folder_made_first_by_another_user_is_refused(
+    local_user: LocalUser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The victim (local_user) runs pyinetd with the default control socket, in
+    # /tmp/pyinetd-UID; the attacker (nobody) made that folder first, mode 777, with its socket.
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    conf = local_user.home / "inetd.yaml"
+    where = local_user.run(
+        [
+            sys.executable,
+            "-c",
+            f"import pyinetd.control as c; print(c.default_control_path({str(conf)!r}))",
+        ]
+    )
+    path = where.stdout.decode().strip()
+    folder = os.path.dirname(path)
+    assert folder == f"/tmp/pyinetd-{local_user.uid}"
+    impostor = subprocess.Popen(
+        [*NOBODY, sys.executable, "-c", IMPOSTOR, folder, path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    prefix = (
+        "setpriv",
+        f"--reuid={local_user.uid}",
+        f"--regid={local_user.gid}",
+        "--clear-groups",
+        "--",
+    )
+    server: Pyinetd | None = None
+    try:
+        assert impostor.stdout is not None and impostor.stdout.readline() == b"ready\n"
+        listen = f"127.0.0.1:{free_port()}"
+        server = Pyinetd({"services": {"e": {"listen": listen}}}, local_user.home, prefix=prefix)
+        server.wait_log(rf"control socket {path}: {folder}: owned by uid 65534, not by uid")
+        assert os.stat(path).st_uid == 65534  # the server left the folder alone
+        out = local_user.run(
+            [sys.executable, "-m", "pyinetd", "stop", "-c", str(conf)], check=False
+        )
+        assert out.returncode == 1 and out.stdout == b""
+        assert b"owned by uid 65534" in out.stderr and b"refusing" in out.stderr
+        assert server.proc.poll() is None
+    finally:
+        if server is not None:
+            server.stop()
+        impostor.kill()
+        impostor.wait()
+        assert impostor.stdout is not None
+        impostor.stdout.close()
+        shutil.rmtree(folder, ignore_errors=True)
