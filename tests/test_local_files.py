@@ -190,3 +190,32 @@ def test_control_folder_made_first_by_another_user_is_refused(
         assert impostor.stdout is not None
         impostor.stdout.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o777])
+def test_pid_file_temp_name_planted_as_symlink_does_not_overwrite_root_file(
+    inetd: Start, local_user: LocalUser, tmp_path: Path, mode: int
+) -> None:
+    run = local_user.home / "run"
+    run.mkdir()
+    run.chmod(mode)
+    victim = _root_only_file(tmp_path)
+    pidf = run / "pyinetd.pid"
+    # The local user plants a symlink under the temporary name pyinetd used to write, for the
+    # very pid pyinetd gets ($$ of the shell that execs it).
+    plant = (
+        f"setpriv --reuid={local_user.uid} --regid={local_user.gid} --clear-groups -- "
+        f'ln -s {victim} {pidf}.$$.tmp && exec "$@"'
+    )
+    config = {"services": {"e": {"listen": f"127.0.0.1:{free_port()}"}}}
+    p = inetd(config, "--pid-file", str(pidf), prefix=("sh", "-c", plant, "sh"), wait_ready=False)
+    if mode & 0o1000:  # sticky, as /run and /tmp: served, under a name no one could guess
+        p.wait_ready()
+        assert pidf.read_text() == f"{p.pid}\n"
+        assert p.stop() == 0
+        assert not pidf.exists()
+    else:  # anyone may swap entries in this folder: refused
+        assert p.proc.wait(DEADLINE) == 1
+        p.wait_log(rf"--pid-file {pidf}: folder {run} is writable by others \(mode 0777\)")
+        assert not pidf.exists()
+    assert victim.read_text() == "SECRET\n"

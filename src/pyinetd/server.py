@@ -20,6 +20,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -392,6 +393,7 @@ class Server:
         self._control: control.RequestServer | None = None
         self._metrics: control.RequestServer | None = None
         self._pid_file: str | None = None
+        self._pid_entry: tuple[int, str, int, int] | None = None  # folder fd, name, dev, inode
         self.pending: set[PendingProxy] = set()  # connections whose PROXY header is due
         self._devnull = -1  # `stderr: null`, opened once
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
@@ -632,7 +634,13 @@ class Server:
         else:
             self._start_control(control_path)
             if pid_file:
-                self._write_pid_file(pid_file)
+                try:
+                    self._write_pid_file(pid_file)
+                except OSError as exc:
+                    reason = exc.strerror or str(exc)
+                    event(logging.ERROR, f"--pid-file {pid_file}: {reason}", event="pid_file")
+                    self._shutdown()
+                    return 1
             self._start_workers()
             event(logging.INFO, f"listening: {self._describe()}", event="ready")
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
@@ -711,11 +719,54 @@ class Server:
         return control.http_response("404 Not Found", b"not found\n", "text/plain")
 
     def _write_pid_file(self, path: str) -> None:
-        tmp = f"{path}.{self.pid}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{self.pid}\n")
-        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+        """Write the pid file atomically, from an fd on its folder, under a name no one can guess.
+
+        The temporary name was PATH.PID.tmp, opened following symlinks: a local user who
+        planted symlinks for the next pids had root overwrite a file of their choosing (issue
+        14.4). A folder others may write (unless sticky) or another user owns is refused: they
+        could swap the file under us, and its removal at stop.
+        """
+        folder, name = os.path.split(os.path.abspath(path))
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(dfd)
+            if st.st_uid not in (os.geteuid(), 0):
+                raise OSError(
+                    errno.EPERM, f"folder {folder} is owned by uid {st.st_uid}; refusing it"
+                )
+            if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+                mode = f"{stat.S_IMODE(st.st_mode):04o}"
+                raise OSError(
+                    errno.EPERM, f"folder {folder} is writable by others (mode {mode}); refusing it"
+                )
+            # os.urandom, not secrets/tempfile: those load hashlib (libcrypto, 3.5 MiB).
+            tmp = f".{name}.{os.urandom(8).hex()}"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
+            try:
+                os.write(fd, f"{self.pid}\n".encode())
+                written = os.fstat(fd)
+            finally:
+                os.close(fd)
+            # atomic: a reader never sees a half-written file
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            os.close(dfd)
+            raise
         self._pid_file = path
+        self._pid_entry = (dfd, name, written.st_dev, written.st_ino)
+
+    def _remove_pid_file(self) -> None:
+        """Unlink the pid file, in the folder it was written to, only if it is still ours."""
+        if self._pid_entry is None:
+            return
+        dfd, name, dev, ino = self._pid_entry
+        self._pid_entry = None
+        with contextlib.suppress(OSError):
+            st = os.lstat(name, dir_fd=dfd)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(name, dir_fd=dfd)
+        os.close(dfd)
 
     def _status_line(self) -> str:
         refused = sum(sum(st.refused.values()) for st in self.states.values())
@@ -855,9 +906,7 @@ class Server:
         if self._devnull >= 0:
             os.close(self._devnull)
             self._devnull = -1
-        if self._pid_file:
-            with contextlib.suppress(OSError):
-                os.unlink(self._pid_file)
+        self._remove_pid_file()
         signal.set_wakeup_fd(-1)
         self.spawner.close()
         self._stop_watcher(reap=False)  # it exits when its pipe closes
