@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -219,3 +220,79 @@ def test_pid_file_temp_name_planted_as_symlink_does_not_overwrite_root_file(
         p.wait_log(rf"--pid-file {pidf}: folder {run} is writable by others \(mode 0777\)")
         assert not pidf.exists()
     assert victim.read_text() == "SECRET\n"
+
+
+def test_unix_socket_folder_swapped_for_symlink_is_not_followed_at_stop(
+    inetd: Start, local_user: LocalUser, tmp_path: Path
+) -> None:
+    # The service's user owns the folder above the socket's folder: it may rename that folder.
+    sockdir = local_user.home / "sock"
+    sockdir.mkdir()
+    victim_dir = tmp_path / "victim"
+    victim_dir.mkdir()
+    victim = _root_only_file(victim_dir, "app.sock")
+    path = sockdir / "app.sock"
+    p = inetd({"services": {"u": {"listen": str(path), "protocol": "unix", "exec": "/bin/cat"}}})
+    assert path.is_socket()
+    local_user.run(["mv", str(sockdir), f"{sockdir}.old"])
+    local_user.run(["ln", "-s", str(victim_dir), str(sockdir)])
+    assert p.stop() == 0
+    assert victim.read_text() == "SECRET\n"
+    assert not (local_user.home / "sock.old" / "app.sock").exists()  # its own socket went
+
+
+def test_unix_socket_mode_and_owner_let_that_user_connect(
+    inetd: Start, local_user: LocalUser
+) -> None:
+    path = local_user.home / "app.sock"
+    svc = {
+        "listen": str(path),
+        "protocol": "unix",
+        "exec": "/bin/cat",
+        "socket_mode": "0660",
+        "socket_user": local_user.name,
+        "socket_group": local_user.gid,
+    }
+    inetd({"services": {"u": svc}})
+    st = path.lstat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o660, local_user.uid, local_user.gid)
+    talk = (
+        "import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+        "s.sendall(b'hi'); s.shutdown(socket.SHUT_WR); print(s.recv(10).decode())"
+    )
+    assert local_user.run([sys.executable, "-c", talk, str(path)]).stdout == b"hi\n"
+
+
+def test_socket_keys_refused_where_there_is_no_socket_file(tmp_path: Path) -> None:
+    conf = tmp_path / "inetd.yaml"
+    conf.write_text(
+        "services:\n"
+        "  a: {listen: '@pyinetd-test', protocol: unix, exec: /bin/cat, socket_mode: '0600'}\n"
+        f"  t: {{listen: {free_port()}, exec: /bin/cat, socket_group: 0}}\n"
+    )
+    out = cli("-c", str(conf), "--check")
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"{conf}: services.a.socket_mode: only for a unix socket file (an abstract @name has "
+        "no file and any local user can connect to it)",
+        f"{conf}: services.t.socket_group: only for a unix socket file (an abstract @name has "
+        "no file and any local user can connect to it)",
+    ]
+
+
+def test_unix_socket_stale_file_is_replaced_but_not_a_regular_file(
+    inetd: Start, tmp_path: Path
+) -> None:
+    path = tmp_path / "app.sock"
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(str(path))  # a server that died without removing its socket
+    svc = {"listen": str(path), "protocol": "unix", "exec": "/bin/cat"}
+    p = inetd({"services": {"u": svc}})
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))  # it is pyinetd's now
+    assert p.stop() == 0
+    assert not path.exists()
+    path.write_text("data\n")
+    out = cli("-c", str(p.path))
+    assert out.returncode == 1 and "exists and is not a socket" in out.stderr
+    assert path.read_text() == "data\n"

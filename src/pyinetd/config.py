@@ -115,6 +115,10 @@ class Service:
     proxy_from: AccessList | None = None
     proxy_timeout: float = 5.0
     redirect: tuple[str, int] | None = None
+    # a unix socket file's mode and owner (None: pyinetd's umask, and pyinetd)
+    socket_mode: int | None = None
+    socket_user: tuple[str, int, int] | None = None
+    socket_group: int | None = None
     source: str = ""  # file the service was defined in
 
     @property
@@ -397,6 +401,15 @@ def _parse_umask(value: Any, _base: Path) -> int:
     raise _KeyError(f"{value!r}: expected an octal mask such as '022'")
 
 
+def _parse_socket_mode(value: Any, _base: Path) -> int:
+    # Text is octal ("0660"); a YAML number is taken as read, as for umask.
+    if isinstance(value, str) and value and set(value) <= set("01234567"):
+        value = int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    raise _KeyError(f"{value!r}: expected an octal file mode such as '0660'")
+
+
 def _parse_nice(value: Any, _base: Path) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and -20 <= value <= 19:
         if value < 0 and os.geteuid() != 0:
@@ -566,6 +579,9 @@ SERVICE_KEYS: dict[str, Parser] = {
     "proxy_from": _parse_proxy_from,
     "proxy_timeout": _wrap(parse_duration),
     "redirect": _parse_redirect,
+    "socket_mode": _parse_socket_mode,
+    "socket_user": _parse_user,
+    "socket_group": _parse_group,
 }
 
 
@@ -902,6 +918,15 @@ def _build_service(
                 errors.append(f"{where}.{key}: only for protocol tcp")
     if "tls" in values and "exec" not in values and "redirect" not in body:
         errors.append(f"{where}.tls: needs exec or redirect (built-ins run inside pyinetd)")
+    no_file = protocol != "unix" or any(a.path.startswith("@") for a in listen)
+    for key in ("socket_mode", "socket_user", "socket_group"):
+        if key in body and no_file:
+            errors.append(
+                f"{where}.{key}: only for a unix socket file (an abstract @name has no file "
+                "and any local user can connect to it)"
+            )
+        elif no_file:
+            values.pop(key, None)  # from defaults: meant for the unix services among them
     if values.get("wait") and ("tls" in values or "redirect" in body or "proxy_protocol" in values):
         errors.append(f"{where}.wait: not with tls, redirect or proxy_protocol")
     if len(errors) > n_before:
@@ -1026,6 +1051,8 @@ _SERVICE_OUT: dict[str, Callable[[str, Any], dict[str, Any]]] = {
         k: {_RLIMIT_NAMES[res]: "unlimited" if n == resource.RLIM_INFINITY else n for res, n in v}
     },
     "banner": _banner_out,
+    "socket_mode": lambda k, v: {k: f"{v:04o}"},
+    "socket_user": lambda k, v: {k: v[0]},
 }
 
 
