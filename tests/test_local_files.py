@@ -296,3 +296,21 @@ def test_unix_socket_stale_file_is_replaced_but_not_a_regular_file(
     out = cli("-c", str(p.path))
     assert out.returncode == 1 and "exists and is not a socket" in out.stderr
     assert path.read_text() == "data\n"
+
+
+def test_stderr_file_the_service_user_may_not_write_is_a_load_error(
+    local_user: LocalUser, tmp_path: Path
+) -> None:
+    logs = tmp_path / "logs"  # root's, 0755: the service's user cannot create err.log there
+    logs.mkdir(mode=0o755)
+    conf = tmp_path / "inetd.yaml"
+    conf.write_text(
+        f"services:\n  s: {{listen: {free_port()}, exec: /bin/cat, user: {local_user.name}, "
+        f"stderr: {logs}/err.log}}\n"
+    )
+    out = cli("-c", str(conf), "--check")
+    assert (out.returncode, out.stderr) == (
+        2,
+        f"{conf}: services.s.stderr: '{logs}/err.log': user '{local_user.name}' may not write "
+        "it (the file is opened with the service user's rights)\n",
+    )

@@ -943,9 +943,30 @@ def _build_service(
     if values.get("builtin") is not None:
         values["wait"] = False  # built-ins run inside pyinetd; wait does not apply
     _combine(values, where, errors)
+    _check_stderr_file(values, where, errors)
     if len(errors) > n_before:
         return None
     return Service(name=name, listen=tuple(listen), source=label, **values)
+
+
+def _check_stderr_file(values: dict[str, Any], where: str, errors: list[str]) -> None:
+    """`stderr: FILE` is opened with the service user's rights (issue 14.3): say at load, not
+    at each connection, when that user may not write it (or create it in its folder)."""
+    path, user = values.get("stderr"), values.get("user")
+    if path in (None, "log", "socket", "null") or user is None or user[1] == 0:
+        return
+    if os.geteuid() != 0:
+        return  # the service runs as pyinetd's own user: it opens what pyinetd may
+    with fsuser.user_rights(user, values.get("group")):
+        if os.path.lexists(path):
+            ok = os.access(path, os.W_OK, effective_ids=True)
+        else:
+            ok = os.access(os.path.dirname(path), os.W_OK | os.X_OK, effective_ids=True)
+    if not ok:
+        errors.append(
+            f"{where}.stderr: {path!r}: user {user[0]!r} may not write it "
+            "(the file is opened with the service user's rights)"
+        )
 
 
 def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
