@@ -217,7 +217,7 @@ def test_pid_file_temp_name_planted_as_symlink_does_not_overwrite_root_file(
         assert not pidf.exists()
     else:  # anyone may swap entries in this folder: refused
         assert p.proc.wait(DEADLINE) == 1
-        p.wait_log(rf"--pid-file {pidf}: folder {run} is writable by others \(mode 0777\)")
+        p.wait_log(rf"pid file {pidf}: folder {run} is writable by others \(mode 0777\)")
         assert not pidf.exists()
     assert victim.read_text() == "SECRET\n"
 
@@ -314,3 +314,11 @@ def test_stderr_file_the_service_user_may_not_write_is_a_load_error(
         f"{conf}: services.s.stderr: '{logs}/err.log': user '{local_user.name}' may not write "
         "it (the file is opened with the service user's rights)\n",
     )
+
+
+def test_pid_file_key_of_the_config_is_written(inetd: Start, tmp_path: Path) -> None:
+    pidf = tmp_path / "from-config.pid"
+    p = inetd({"pid_file": str(pidf), "services": {"e": {"listen": f"127.0.0.1:{free_port()}"}}})
+    assert pidf.read_text() == f"{p.pid}\n"
+    assert p.stop() == 0
+    assert not pidf.exists()

@@ -633,12 +633,13 @@ class Server:
             event(logging.INFO, f"worker {self.worker}: listening", event="worker_ready")
         else:
             self._start_control(control_path)
+            pid_file = pid_file or self.config.pid_file  # `pid_file:` was read, never used
             if pid_file:
                 try:
                     self._write_pid_file(pid_file)
                 except OSError as exc:
                     reason = exc.strerror or str(exc)
-                    event(logging.ERROR, f"--pid-file {pid_file}: {reason}", event="pid_file")
+                    event(logging.ERROR, f"pid file {pid_file}: {reason}", event="pid_file")
                     self._shutdown()
                     return 1
             self._start_workers()
