@@ -28,7 +28,7 @@ import yaml
 if TYPE_CHECKING:  # ssl costs the parent ~5 MiB: loaded only for a service with tls
     from pyinetd.tlsconf import TLSSettings
 
-from pyinetd import schema
+from pyinetd import fsuser, schema
 from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
 
 PROTOCOLS = ("tcp", "udp", "unix")
@@ -115,6 +115,10 @@ class Service:
     proxy_from: AccessList | None = None
     proxy_timeout: float = 5.0
     redirect: tuple[str, int] | None = None
+    # a unix socket file's mode and owner (None: pyinetd's umask, and pyinetd)
+    socket_mode: int | None = None
+    socket_user: tuple[str, int, int] | None = None
+    socket_group: int | None = None
     source: str = ""  # file the service was defined in
 
     @property
@@ -397,6 +401,15 @@ def _parse_umask(value: Any, _base: Path) -> int:
     raise _KeyError(f"{value!r}: expected an octal mask such as '022'")
 
 
+def _parse_socket_mode(value: Any, _base: Path) -> int:
+    # Text is octal ("0660"); a YAML number is taken as read, as for umask.
+    if isinstance(value, str) and value and set(value) <= set("01234567"):
+        value = int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    raise _KeyError(f"{value!r}: expected an octal file mode such as '0660'")
+
+
 def _parse_nice(value: Any, _base: Path) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and -20 <= value <= 19:
         if value < 0 and os.geteuid() != 0:
@@ -438,13 +451,29 @@ def _parse_rlimits(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _parse_banner_file(value: Any, base: Path) -> bytes:
+@dataclass(frozen=True)
+class _BannerFile:
+    """A `banner:` path, read by _combine once the service's user is known."""
+
+    value: str
+    path: Path
+
+
+def _parse_banner_file(value: Any, base: Path) -> _BannerFile:
     if not isinstance(value, str) or not value:
         raise _KeyError(f"{value!r}: expected a file path")
-    path = Path(value) if os.path.isabs(value) else base / value
+    return _BannerFile(value, Path(value) if os.path.isabs(value) else base / value)
+
+
+def _read_banner(
+    banner: _BannerFile, user: tuple[str, int, int] | None, group: int | None
+) -> bytes:
+    """Read a banner file with the service user's rights: that user may have linked it to
+    /etc/shadow, which root would read and send to every client (issue 18.8)."""
+    value = banner.value
     try:
         # Non-blocking and a regular file only: a FIFO or /dev/zero must not hang --check.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = fsuser.open_as(user, group, str(banner.path), os.O_RDONLY)
         try:
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
             data = os.read(fd, 65537) if regular else b""
@@ -550,6 +579,9 @@ SERVICE_KEYS: dict[str, Parser] = {
     "proxy_from": _parse_proxy_from,
     "proxy_timeout": _wrap(parse_duration),
     "redirect": _parse_redirect,
+    "socket_mode": _parse_socket_mode,
+    "socket_user": _parse_user,
+    "socket_group": _parse_group,
 }
 
 
@@ -886,6 +918,15 @@ def _build_service(
                 errors.append(f"{where}.{key}: only for protocol tcp")
     if "tls" in values and "exec" not in values and "redirect" not in body:
         errors.append(f"{where}.tls: needs exec or redirect (built-ins run inside pyinetd)")
+    no_file = protocol != "unix" or any(a.path.startswith("@") for a in listen)
+    for key in ("socket_mode", "socket_user", "socket_group"):
+        if key in body and no_file:
+            errors.append(
+                f"{where}.{key}: only for a unix socket file (an abstract @name has no file "
+                "and any local user can connect to it)"
+            )
+        elif no_file:
+            values.pop(key, None)  # from defaults: meant for the unix services among them
     if values.get("wait") and ("tls" in values or "redirect" in body or "proxy_protocol" in values):
         errors.append(f"{where}.wait: not with tls, redirect or proxy_protocol")
     if len(errors) > n_before:
@@ -902,9 +943,30 @@ def _build_service(
     if values.get("builtin") is not None:
         values["wait"] = False  # built-ins run inside pyinetd; wait does not apply
     _combine(values, where, errors)
+    _check_stderr_file(values, where, errors)
     if len(errors) > n_before:
         return None
     return Service(name=name, listen=tuple(listen), source=label, **values)
+
+
+def _check_stderr_file(values: dict[str, Any], where: str, errors: list[str]) -> None:
+    """`stderr: FILE` is opened with the service user's rights (issue 14.3): say at load, not
+    at each connection, when that user may not write it (or create it in its folder)."""
+    path, user = values.get("stderr"), values.get("user")
+    if path in (None, "log", "socket", "null") or user is None or user[1] == 0:
+        return
+    if os.geteuid() != 0:
+        return  # the service runs as pyinetd's own user: it opens what pyinetd may
+    with fsuser.user_rights(user, values.get("group")):
+        if os.path.lexists(path):
+            ok = os.access(path, os.W_OK, effective_ids=True)
+        else:
+            ok = os.access(os.path.dirname(path), os.W_OK | os.X_OK, effective_ids=True)
+    if not ok:
+        errors.append(
+            f"{where}.stderr: {path!r}: user {user[0]!r} may not write it "
+            "(the file is opened with the service user's rights)"
+        )
 
 
 def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
@@ -917,6 +979,13 @@ def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
     allow, deny = values.pop("allow", ()), values.pop("deny", ())
     if allow or deny:
         values["access"] = AccessList.parse(allow, deny)
+    if isinstance(values.get("banner"), _BannerFile):
+        try:
+            values["banner"] = _read_banner(
+                values["banner"], values.get("user"), values.get("group")
+            )
+        except _KeyError as exc:
+            errors.append(f"{where}.banner: {exc}")
     text = values.pop("banner_text", None)
     if text is not None:
         if values.get("banner"):
@@ -1003,6 +1072,8 @@ _SERVICE_OUT: dict[str, Callable[[str, Any], dict[str, Any]]] = {
         k: {_RLIMIT_NAMES[res]: "unlimited" if n == resource.RLIM_INFINITY else n for res, n in v}
     },
     "banner": _banner_out,
+    "socket_mode": lambda k, v: {k: f"{v:04o}"},
+    "socket_user": lambda k, v: {k: v[0]},
 }
 
 

@@ -20,6 +20,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from pyinetd import builtins, control, log, proxyproto, reaper, status, systemd
+from pyinetd import builtins, control, fsuser, log, proxyproto, reaper, status, systemd
 from pyinetd.admission import LogLimiter, TokenBucket, source_key
 from pyinetd.config import Config, ConfigError, Service, load, parse_listen_item
 from pyinetd.listeners import (
@@ -392,6 +393,7 @@ class Server:
         self._control: control.RequestServer | None = None
         self._metrics: control.RequestServer | None = None
         self._pid_file: str | None = None
+        self._pid_entry: tuple[int, str, int, int] | None = None  # folder fd, name, dev, inode
         self.pending: set[PendingProxy] = set()  # connections whose PROXY header is due
         self._devnull = -1  # `stderr: null`, opened once
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
@@ -620,16 +622,26 @@ class Server:
         return max(0.0, self._timers[0].when - time.monotonic())
 
     # ------------------------------------------------------------ the loop
-    def run(self, pid_file: str | None = None) -> int:
-        """Serve until SIGTERM/SIGINT; returns the exit code."""
+    def run(self, pid_file: str | None = None, control_path: str | None = None) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code.
+
+        ``control_path``: the control socket (`--control`), before the config's `control_socket`.
+        """
         self._install_signals()
         self.reap_children()  # children left from before exec (e.g. by a wrapper script)
         if self.worker:
             event(logging.INFO, f"worker {self.worker}: listening", event="worker_ready")
         else:
-            self._start_control()
+            self._start_control(control_path)
+            pid_file = pid_file or self.config.pid_file  # `pid_file:` was read, never used
             if pid_file:
-                self._write_pid_file(pid_file)
+                try:
+                    self._write_pid_file(pid_file)
+                except OSError as exc:
+                    reason = exc.strerror or str(exc)
+                    event(logging.ERROR, f"pid file {pid_file}: {reason}", event="pid_file")
+                    self._shutdown()
+                    return 1
             self._start_workers()
             event(logging.INFO, f"listening: {self._describe()}", event="ready")
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
@@ -656,8 +668,8 @@ class Server:
         return 0
 
     # ------------------------------------------------------------ operations
-    def _start_control(self) -> None:
-        path = self.config.control_socket or control.default_control_path(self.config.path)
+    def _start_control(self, path: str | None = None) -> None:
+        path = path or self.config.control_socket or control.default_control_path(self.config.path)
         try:
             sock = control.bind_control(path)
         except OSError as exc:
@@ -708,11 +720,54 @@ class Server:
         return control.http_response("404 Not Found", b"not found\n", "text/plain")
 
     def _write_pid_file(self, path: str) -> None:
-        tmp = f"{path}.{self.pid}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{self.pid}\n")
-        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+        """Write the pid file atomically, from an fd on its folder, under a name no one can guess.
+
+        The temporary name was PATH.PID.tmp, opened following symlinks: a local user who
+        planted symlinks for the next pids had root overwrite a file of their choosing (issue
+        14.4). A folder others may write (unless sticky) or another user owns is refused: they
+        could swap the file under us, and its removal at stop.
+        """
+        folder, name = os.path.split(os.path.abspath(path))
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(dfd)
+            if st.st_uid not in (os.geteuid(), 0):
+                raise OSError(
+                    errno.EPERM, f"folder {folder} is owned by uid {st.st_uid}; refusing it"
+                )
+            if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+                mode = f"{stat.S_IMODE(st.st_mode):04o}"
+                raise OSError(
+                    errno.EPERM, f"folder {folder} is writable by others (mode {mode}); refusing it"
+                )
+            # os.urandom, not secrets/tempfile: those load hashlib (libcrypto, 3.5 MiB).
+            tmp = f".{name}.{os.urandom(8).hex()}"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
+            try:
+                os.write(fd, f"{self.pid}\n".encode())
+                written = os.fstat(fd)
+            finally:
+                os.close(fd)
+            # atomic: a reader never sees a half-written file
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            os.close(dfd)
+            raise
         self._pid_file = path
+        self._pid_entry = (dfd, name, written.st_dev, written.st_ino)
+
+    def _remove_pid_file(self) -> None:
+        """Unlink the pid file, in the folder it was written to, only if it is still ours."""
+        if self._pid_entry is None:
+            return
+        dfd, name, dev, ino = self._pid_entry
+        self._pid_entry = None
+        with contextlib.suppress(OSError):
+            st = os.lstat(name, dir_fd=dfd)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(name, dir_fd=dfd)
+        os.close(dfd)
 
     def _status_line(self) -> str:
         refused = sum(sum(st.refused.values()) for st in self.states.values())
@@ -852,9 +907,7 @@ class Server:
         if self._devnull >= 0:
             os.close(self._devnull)
             self._devnull = -1
-        if self._pid_file:
-            with contextlib.suppress(OSError):
-                os.unlink(self._pid_file)
+        self._remove_pid_file()
         signal.set_wakeup_fd(-1)
         self.spawner.close()
         self._stop_watcher(reap=False)  # it exits when its pipe closes
@@ -1398,8 +1451,11 @@ class Server:
             if self._devnull < 0:
                 self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
             return self._devnull, False
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        return os.open(mode, flags, 0o640), True
+        # Opened with the service user's rights: that user may own the folder and swap the
+        # file for a symlink to a root file, which root would append to (issue 14.3).
+        svc = state.service
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        return fsuser.open_as(svc.user, svc.group, mode, flags, 0o640), True
 
     def _start_child(
         self,
