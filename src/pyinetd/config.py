@@ -104,6 +104,9 @@ class Service:
     group: int | None = None
     env: tuple[tuple[str, str], ...] = ()
     env_clear: bool = False
+    # None: on for services with `user:` (a dropped service has nothing to gain back), off
+    # otherwise (a root service may run setuid tools on purpose); see the `nnp` property.
+    no_new_privs: bool | None = None
     cwd: str | None = None
     umask: int | None = None
     nice: int | None = None
@@ -129,6 +132,11 @@ class Service:
     def needs_relay(self) -> bool:
         """TLS or redirect: a relay process stands between the client and the service."""
         return self.tls is not None or self.redirect is not None
+
+    @property
+    def nnp(self) -> bool:
+        """Whether the child gets PR_SET_NO_NEW_PRIVS (the key, or its default)."""
+        return self.user is not None if self.no_new_privs is None else self.no_new_privs
 
     @property
     def counts_connections(self) -> bool:
@@ -539,6 +547,7 @@ SERVICE_KEYS: dict[str, Parser] = {
     "group": _parse_group,
     "env": _parse_env,
     "env_clear": _parse_bool,
+    "no_new_privs": _parse_bool,
     "cwd": _parse_dir,
     "umask": _parse_umask,
     "nice": _parse_nice,

@@ -162,7 +162,8 @@ class Child:
     listener: Listener | None = None  # wait mode: the listener to resume when this exits
     source: str = ""  # per_source key
     timer: Timer | None = None  # timeout
-    killed: bool = False
+    killed: bool = False  # SIGTERM sent
+    sigkilled: bool = False  # SIGKILL sent too
 
 
 @dataclass(order=True)
@@ -1117,7 +1118,8 @@ class Server:
                         "service; sending SIGTERM, then SIGKILL",
                         event="timeout_group",
                     )
-                    _kill_group(pid, signal.SIGTERM)
+                    with contextlib.suppress(OSError):  # the leader is reaped: the group only
+                        os.killpg(pid, signal.SIGTERM)
                     self.call_later(KILL_GRACE, lambda: _kill_orphan(pid, self.children))
             return
         name = child.state.service.name
@@ -1134,7 +1136,8 @@ class Server:
             )
             _kill_group(pid, signal.SIGTERM)
             child.timer = self.call_later(KILL_GRACE, lambda: self._on_timeout(pid))
-        else:
+        elif not child.sigkilled:
+            child.sigkilled = True
             event(
                 logging.WARNING,
                 f"{name}: pid {pid} still running {KILL_GRACE}s after SIGTERM; sending SIGKILL",
@@ -1143,6 +1146,18 @@ class Server:
                 pid=pid,
             )
             _kill_group(pid, signal.SIGKILL)
+            # Check that it died (issue 18.3: a service that had left its group survived a
+            # killpg while "sending SIGKILL" was logged, and kept its max_connections slot).
+            child.timer = self.call_later(KILL_GRACE, lambda: self._on_timeout(pid))
+        else:
+            # Still not reaped: stuck in the kernel (state D) or a pid we cannot signal.
+            event(
+                logging.ERROR,
+                f"{name}: pid {pid} survived SIGKILL for {KILL_GRACE}s; its slot stays taken",
+                event="timeout_unkillable",
+                service=name,
+                pid=pid,
+            )
             child.timer = None
 
     # ------------------------------------------------------------ admission
@@ -1597,15 +1612,15 @@ def _kill_orphan(pgid: int, children: dict[int, Child]) -> None:
     # A pid in use is never handed out as a new pgid, but once the group is empty the
     # number may lead a new child's group: leave that one alone.
     if pgid not in children:
-        _kill_group(pgid, signal.SIGKILL)
+        with contextlib.suppress(OSError):  # (its leader is reaped: never kill(pgid) here)
+            os.killpg(pgid, signal.SIGKILL)
 
 
 def _kill_group(pid: int, sig: int) -> None:
-    """Signal a service and everything it started (it leads its own process group)."""
-    try:
+    """Signal a live (unreaped) service child and everything it started: its group (it leads
+    its own session), and its pid itself, which the group misses when the child left it
+    (setpgid elsewhere) or has not reached its setsid yet (the clone primitive)."""
+    with contextlib.suppress(OSError):  # ESRCH: the group is empty; EPERM: not ours
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        with contextlib.suppress(OSError):
-            os.kill(pid, sig)
+    with contextlib.suppress(OSError):  # (a zombie until reaped: the pid is not reused)
+        os.kill(pid, sig)
