@@ -10,13 +10,14 @@ import shutil
 import signal
 import socket
 import ssl
+import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE, Pyinetd, children_of, free_port, tcp_talk, wait_for
+from conftest import DEADLINE, LocalUser, Pyinetd, children_of, free_port, tcp_talk, wait_for
 
 Start = Callable[..., Pyinetd]
 
@@ -353,3 +354,70 @@ def test_timeout_kills_a_service_that_left_its_group_and_frees_its_slot(
         for pid in pids:  # (before the fix it outlives pyinetd, in pyinetd's group)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_user_deleted_after_load_is_one_throttled_line_and_a_closed_connection(
+    inetd: Start, local_user: LocalUser
+) -> None:
+    """Every connection to a service whose `user:` was deleted after load logged an
+    "internal error" traceback (issue 18.16): now one line a minute, the client closed."""
+    port, other = free_port(), free_port()
+    p = inetd(
+        {
+            "services": {
+                "gone": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/echo", "hi"],
+                         "user": local_user.name},
+                "echo": {"listen": f"127.0.0.1:{other}", "builtin": "echo"},
+            }
+        }
+    )  # fmt: skip
+    subprocess.run(["userdel", local_user.name], check=True, capture_output=True)
+    for _ in range(5):
+        assert tcp_talk(port) == b""  # closed at once, no hang
+    assert tcp_talk(other, b"still here") == b"still here"
+    lines = p.wait_log(rf"gone: cannot start: user '{local_user.name}' no longer exists")
+    assert len(lines) == 1, p.log()
+    assert "Traceback" not in p.log() and "internal error" not in p.log()
+
+
+def test_a_service_without_user_is_named_once_at_load(inetd: Start) -> None:
+    """As root, a service with no `user:` ran its programs as root without a word (xinetd
+    refuses such services): one warning per service at load, not per connection, none for
+    a service with `user:` or a built-in, none again for an unchanged reload."""
+    root, nobody, builtin = free_port(), free_port(), free_port()
+    p = inetd(
+        {
+            "services": {
+                "asroot": {"listen": f"127.0.0.1:{root}", "exec": ["/bin/echo", "x"]},
+                "dropped": {
+                    "listen": f"127.0.0.1:{nobody}",
+                    "exec": ["/bin/echo", "x"],
+                    "user": "nobody",
+                },
+                "inside": {"listen": f"127.0.0.1:{builtin}", "builtin": "echo"},
+            }
+        }
+    )
+    for _ in range(3):
+        assert tcp_talk(root) == b"x\n"
+    p.signal(signal.SIGHUP)
+    p.wait_log("reloaded: ")
+    assert tcp_talk(root) == b"x\n"
+    warned = [ln for ln in p.log().splitlines() if "as root" in ln]
+    assert len(warned) == 1 and "asroot: no user: set" in warned[0], p.log()
+
+
+def test_pyinetds_environment_does_not_reach_a_user_service(inetd: Start) -> None:
+    """A `user:` service got root's whole environment (a secret, NOTIFY_SOCKET, PYINETD_*):
+    now PATH, the locale and TZ of it, and the user's own HOME, USER, LOGNAME (14.13)."""
+    port = free_port()
+    inetd(
+        {"services": {"e": {"listen": f"127.0.0.1:{port}", "exec": "/usr/bin/env",
+                            "user": "nobody", "env": {"MINE": "yes"}}}},
+        env={"ROOT_SECRET": "s3cret", "PYINETD_X": "1", "LANG": "C.UTF-8", "TZ": "UTC"},
+    )  # fmt: skip
+    env = dict(ln.split("=", 1) for ln in tcp_talk(port).decode().splitlines())
+    assert "ROOT_SECRET" not in env and "NOTIFY_SOCKET" not in env and "PYINETD_X" not in env
+    assert (env["USER"], env["HOME"], env["MINE"]) == ("nobody", "/nonexistent", "yes")
+    assert (env["LANG"], env["TZ"], env["PYINETD_SERVICE"]) == ("C.UTF-8", "UTC", "e")
+    assert env["PATH"]

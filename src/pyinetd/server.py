@@ -39,7 +39,14 @@ from pyinetd.listeners import (
     close_listener,
 )
 from pyinetd.log import LOG, event
-from pyinetd.spawn import C_MODULE_BUILT, Spawner, env_dict, ignored_signals, spawn_relay
+from pyinetd.spawn import (
+    C_MODULE_BUILT,
+    Spawner,
+    UserGone,
+    env_dict,
+    ignored_signals,
+    spawn_relay,
+)
 
 if TYPE_CHECKING:
     import ssl
@@ -482,6 +489,9 @@ class Server:
                 if child.state.service.name not in enabled:
                     _kill_group(child.pid, signal.SIGTERM)
         for svc in config.services:
+            known = self.states.get(svc.name)
+            if (known is None or known.service != svc) and not self.worker:
+                _warn_if_root(svc)  # once per service and load, not per connection
             if svc.name not in self.states:
                 self.states[svc.name] = ServiceState(svc)
             self.states[svc.name].set_service(svc)
@@ -1441,6 +1451,11 @@ class Server:
                 pid = spawn_relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
             else:
                 pid = self.spawner.spawn(svc, stdin, stdout, err_fd, env)
+        except UserGone as exc:
+            # Deleted after load: one line a minute, not a traceback per connection (18.16).
+            state.failed_spawns += 1
+            self._spawn_error(svc, peer, f"cannot start: {exc.strerror}")
+            return 0
         except OSError as exc:
             state.failed_spawns += 1
             self._log_exec_error(svc, exc.strerror or str(exc), peer)
@@ -1606,6 +1621,20 @@ def _group_alive(pgid: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def _warn_if_root(svc: Service) -> None:
+    """A service without `user:` runs its programs as root when pyinetd is root (xinetd
+    refuses such services): say so, once, at load."""
+    if os.geteuid() == 0 and svc.user is None and svc.enabled and not svc.is_builtin:
+        what = "its relay runs" if svc.redirect is not None else "its programs run"
+        event(
+            logging.WARNING,
+            f"{svc.name}: no user: set, so {what} as root "
+            "(set user:, or a default for every service: defaults: {user: nobody})",
+            event="runs_as_root",
+            service=svc.name,
+        )
 
 
 def _kill_orphan(pgid: int, children: dict[int, Child]) -> None:
