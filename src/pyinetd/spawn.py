@@ -575,7 +575,12 @@ def _relay_child(
         except (OSError, ValueError) as exc:
             os.write(2, f"TLS handshake with {peer} failed: {exc}\n".encode(errors="replace"))
             return 1
-        env = {**env, **{k.encode(): v.encode() for k, v in tlsconf.tls_environ(client).items()}}
+
+        def warn(msg: str) -> None:
+            os.write(2, f"TLS from {peer}: {msg}\n".encode(errors="replace"))
+
+        tls_env = tlsconf.tls_environ(client, warn)
+        env = {**env, **{k.encode(): v.encode() for k, v in tls_env.items()}}
     if service.redirect is not None:
         host, port = service.redirect
         try:
