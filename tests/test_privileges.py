@@ -421,3 +421,18 @@ def test_pyinetds_environment_does_not_reach_a_user_service(inetd: Start) -> Non
     assert (env["USER"], env["HOME"], env["MINE"]) == ("nobody", "/nonexistent", "yes")
     assert (env["LANG"], env["TZ"], env["PYINETD_SERVICE"]) == ("C.UTF-8", "UTC", "e")
     assert env["PATH"]
+
+
+@pytest.mark.parametrize("primitive", ["clone", "vfork", "fork_exec", "posix_spawn"])
+def test_every_primitive_starts_a_session_with_no_terminal(inetd: Start, primitive: str) -> None:
+    """setsid in each spawn primitive, for a service without user: (issue 18.3): the child
+    leads its own session and group, with no controlling terminal, even with pyinetd on one."""
+    port = free_port()
+    show = ["/bin/sh", "-c", "echo $$ $(cut -d' ' -f5,6,7 /proc/$$/stat)"]
+    inetd(
+        {"services": {"s": {"listen": f"127.0.0.1:{port}", "exec": show}}},
+        env={"PYINETD_SPAWN": primitive},
+        prefix=ON_A_PTY,
+    )
+    pid, pgrp, sid, tty = tcp_talk(port).split()
+    assert pid == pgrp == sid and tty == b"0"
