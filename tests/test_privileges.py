@@ -205,6 +205,9 @@ def test_a_redirect_relay_runs_as_the_service_user(
             relay = kids[0][0]
             assert proc_facts(relay) == WANT
             assert os.getsid(relay) == relay  # a session of its own
+            # Not dumpable (its /proc entries stay root's): no other process of the user may
+            # ptrace it or read its memory, where a TLS relay holds the key.
+            assert os.stat(f"/proc/{relay}/mem").st_uid == 0
             conn.sendall(b"through\n")
             assert client.recv(100) == b"through\n"
 

@@ -542,15 +542,20 @@ set_slots(PyObject *module, PyObject *arg)
 }
 #endif
 
-PyDoc_STRVAR(no_new_privs_doc,
-"no_new_privs() -> None\n\n"
-"prctl(PR_SET_NO_NEW_PRIVS, 1) in this process (for a forked child before its exec):\n"
-"no setuid bit or file capability raises its privileges again. Raises OSError.");
+PyDoc_STRVAR(prctl_doc,
+"prctl(option, arg) -> None\n\n"
+"prctl(option, arg, 0, 0, 0) in this process, for the flags a forked child sets before it\n"
+"execs or reads a client's byte: PR_SET_NO_NEW_PRIVS (38), PR_SET_DUMPABLE (4).\n"
+"Raises OSError.");
 
 static PyObject *
-no_new_privs(PyObject *module, PyObject *unused)
+prctl_(PyObject *module, PyObject *args)
 {
-    long r = raw_syscall5(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+    int option;
+    unsigned long arg;
+    if (!PyArg_ParseTuple(args, "ik:prctl", &option, &arg))
+        return NULL;
+    long r = raw_syscall5(SYS_prctl, option, (long)arg, 0, 0, 0);
     if (r < 0) {
         errno = (int)-r;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -560,7 +565,7 @@ no_new_privs(PyObject *module, PyObject *unused)
 
 static PyMethodDef methods[] = {
     {"spawn", spawn, METH_VARARGS, spawn_doc},
-    {"no_new_privs", no_new_privs, METH_NOARGS, no_new_privs_doc},
+    {"prctl", prctl_, METH_VARARGS, prctl_doc},
 #if HAVE_ASYNC
     {"start", start, METH_VARARGS, start_doc},
     {"set_slots", set_slots, METH_O, set_slots_doc},

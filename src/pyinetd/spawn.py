@@ -82,19 +82,19 @@ except ImportError:  # pragma: no cover - installed without a C compiler
     _VFORK = _START = _SETTLE = None
 C_MODULE_BUILT = _VFORK is not None
 NO_NEW_PRIVS = 1  # _spawn.c's flag: prctl(PR_SET_NO_NEW_PRIVS, 1) in the child
-_PR_SET_NO_NEW_PRIVS = 38  # <linux/prctl.h>
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+PR_SET_NO_NEW_PRIVS = 38
 
 
-def set_no_new_privs() -> None:  # pragma: no cover - runs in a forked child
-    """prctl(PR_SET_NO_NEW_PRIVS, 1) in this process: from here on no setuid bit or file
-    capability raises the privileges of this process or anything it execs (prctl(2))."""
+def prctl(option: int, arg: int) -> None:  # pragma: no cover - runs in a forked child
+    """prctl(option, arg, 0, 0, 0) in this process (prctl(2)); raises OSError."""
     if C_MODULE_BUILT:
-        _spawn.no_new_privs()
+        _spawn.prctl(option, arg)
         return
     import ctypes  # only where the C module was not built
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 
@@ -131,7 +131,9 @@ def apply_process_settings(service: Service) -> None:  # pragma: no cover - fork
         if uid >= 0:
             os.setuid(uid)
     if service.nnp:
-        set_no_new_privs()
+        # From here on no setuid bit or file capability raises the privileges of this
+        # process or anything it execs.
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
     if service.cwd:
         os.chdir(service.cwd)
 
@@ -566,6 +568,11 @@ def _relay_child(
     # handshake parses what a stranger sends, and the relay holds nothing that needs root
     # (the key is already loaded in ``ctx``). The program it starts inherits all of it.
     apply_process_settings(service)
+    # The relay holds the TLS key in its memory: not dumpable, so that no other process of
+    # the service's user may ptrace it or read /proc/PID/mem. (The kernel does this on the
+    # uid change anyway unless fs.suid_dumpable says otherwise; a relay that keeps root's
+    # uid is covered too.) The program the relay execs is dumpable again, and holds no key.
+    prctl(PR_SET_DUMPABLE, 0)
     sock = socket.socket(fileno=conn)
     sock.setblocking(True)
     client: socket.socket = sock
