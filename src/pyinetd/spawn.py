@@ -6,8 +6,8 @@ Ways to start a child, fastest first; the first one usable here is the fast path
   is there, x86_64 and arm64 Linux): ``clone(CLONE_VM)`` without ``CLONE_VFORK``, so the
   parent goes back to its loop at once instead of sleeping until the child has exec'd, and
   the child does only what a service needs: the few signals pyinetd handles or ignores back
-  to their default, the connection onto 0 and 1 and the service's stderr onto 2, a new
-  process group, an empty signal mask, exec. The child runs on a stack and a copy of its
+  to their default, the connection onto 0 and 1 and the service's stderr onto 2, a session
+  of its own (setsid), no_new_privs where the service wants it, an empty signal mask, exec. The child runs on a stack and a copy of its
   arguments of its own (a slot the kernel frees at its exec), with raw system calls only.
   A failed exec is known when the child is reaped: it exits 127 and ``exec_error(pid)``
   gives the errno. Parent CPU per spawn 20 vs 45 us (bench/README.md).
@@ -21,7 +21,12 @@ Ways to start a child, fastest first; the first one usable here is the fast path
 * ``os.posix_spawn``: glibc's ``clone(CLONE_VM|CLONE_VFORK)``; the parent spends ~25% more
   CPU per spawn than with fork_exec.
 * fork path, ``os.fork`` + ``os.execve``: for user/group switching, rlimits, umask, nice and
-  cwd, which none of the above can set. It costs the parent about three times the CPU.
+  cwd, which none of the above can set (and no_new_privs, where fork_exec or posix_spawn
+  would be used). It costs the parent about three times the CPU.
+
+Every one of them gives the child a session of its own. The fork path and the TLS/redirect
+relay (``spawn_relay``) apply a service's process settings through one function,
+``apply_process_settings``.
 
 ``PYINETD_SPAWN=clone|vfork|fork_exec|posix_spawn`` picks one (tests, measurements).
 
