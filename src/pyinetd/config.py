@@ -74,6 +74,9 @@ class ListenAddress:
 # Limits that count across a service's connections; a service with one is served by the first
 # process only when there are workers, so that the count is exact.
 COUNTED_LIMITS = ("max_connections", "per_source", "rate")
+# max_connections of a redirect service that sets none: each relay is a forked pyinetd of
+# ~7.5 MiB private memory; 100 clients to a target that never reads held 749 MiB (18.10).
+REDIRECT_MAX_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,9 @@ class Service:
     group: int | None = None
     env: tuple[tuple[str, str], ...] = ()
     env_clear: bool = False
+    # None: on for services with `user:` (a dropped service has nothing to gain back), off
+    # otherwise (a root service may run setuid tools on purpose); see the `nnp` property.
+    no_new_privs: bool | None = None
     cwd: str | None = None
     umask: int | None = None
     nice: int | None = None
@@ -133,6 +139,11 @@ class Service:
     def needs_relay(self) -> bool:
         """TLS or redirect: a relay process stands between the client and the service."""
         return self.tls is not None or self.redirect is not None
+
+    @property
+    def nnp(self) -> bool:
+        """Whether the child gets PR_SET_NO_NEW_PRIVS (the key, or its default)."""
+        return self.user is not None if self.no_new_privs is None else self.no_new_privs
 
     @property
     def counts_connections(self) -> bool:
@@ -568,6 +579,7 @@ SERVICE_KEYS: dict[str, Parser] = {
     "group": _parse_group,
     "env": _parse_env,
     "env_clear": _parse_bool,
+    "no_new_privs": _parse_bool,
     "cwd": _parse_dir,
     "umask": _parse_umask,
     "nice": _parse_nice,
@@ -782,6 +794,7 @@ def _build(doc: Any, path: Path, with_schema: bool) -> Config:
         if svc is not None:
             services.append(svc)
     _check_duplicates(services, label, errors)
+    _check_redirect_loops(services, errors)
     errors += _check_workers(top.get("workers", 1), top.get("max_children"), label)
     errors += flags.rest()
     if errors:
@@ -942,6 +955,9 @@ def _build_service(
         values.setdefault("builtin", "echo")
     if values.get("builtin") is not None:
         values["wait"] = False  # built-ins run inside pyinetd; wait does not apply
+    if "redirect" in body and values.get("max_connections") is None:
+        # Each relay is a forked pyinetd (~7.5 MiB private): bounded unless said otherwise.
+        values["max_connections"] = REDIRECT_MAX_CONNECTIONS
     _combine(values, where, errors)
     _check_stderr_file(values, where, errors)
     if len(errors) > n_before:
@@ -994,6 +1010,64 @@ def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
     for key in ("busy_message", "deny_message"):
         if values.get(key) and not values[key].endswith("\n"):
             values[key] += "\r\n"
+
+
+def _local_targets(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The addresses a connection to ``host`` arrives at, for literals and localhost; None
+    for other names (not resolved at load: config.py opens no sockets)."""
+    if host == "localhost":
+        return {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.is_unspecified:  # connect() to 0.0.0.0 or :: reaches the loopback address (Linux)
+        return {ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")}
+    return {ip}
+
+
+def _reaches(addr: ListenAddress, host: str, port: int) -> bool:
+    """True when a connection to host:port can arrive at a socket listening on ``addr``."""
+    targets = _local_targets(host)
+    if addr.path or addr.port != port or targets is None:
+        return False
+    if not addr.host or ipaddress.ip_address(addr.host).is_unspecified:
+        # Every address of the host: loopback certainly (other addresses of this machine
+        # are not known at load).
+        return any(t.is_loopback for t in targets)
+    return ipaddress.ip_address(addr.host) in targets
+
+
+def _check_redirect_loops(services: list[Service], errors: list[str]) -> None:
+    """A redirect that reaches its own service, directly or through other redirects, is a
+    loop: each relay connects to the next without end (a client built a chain of 30 relay
+    processes that outlived it, issue 18.10)."""
+    redirects = {s.name: s for s in services if s.enabled and s.redirect is not None}
+    nexts: dict[str, list[str]] = {}
+    for svc in redirects.values():
+        assert svc.redirect is not None
+        host, port = svc.redirect
+        nexts[svc.name] = [
+            other.name
+            for other in redirects.values()
+            if any(_reaches(addr, host, port) for addr in other.listen)
+        ]
+    for svc in redirects.values():
+        assert svc.redirect is not None
+        seen, todo = {svc.name}, list(nexts[svc.name])
+        while todo:
+            name = todo.pop()
+            if name == svc.name:
+                host, port = svc.redirect
+                via = "" if svc.name in nexts[svc.name] else " through other redirects"
+                errors.append(
+                    f"{svc.source}: services.{svc.name}.redirect: '{host}:{port}' reaches "
+                    f"the service's own listen address{via}: a relay loop"
+                )
+                break
+            if name not in seen:
+                seen.add(name)
+                todo += nexts[name]
 
 
 def _check_duplicates(services: list[Service], label: str, errors: list[str]) -> None:

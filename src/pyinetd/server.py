@@ -40,7 +40,14 @@ from pyinetd.listeners import (
     close_listener,
 )
 from pyinetd.log import LOG, event
-from pyinetd.spawn import C_MODULE_BUILT, Spawner, env_dict, ignored_signals, spawn_relay
+from pyinetd.spawn import (
+    C_MODULE_BUILT,
+    Spawner,
+    UserGone,
+    env_dict,
+    ignored_signals,
+    spawn_relay,
+)
 
 if TYPE_CHECKING:
     import ssl
@@ -163,7 +170,8 @@ class Child:
     listener: Listener | None = None  # wait mode: the listener to resume when this exits
     source: str = ""  # per_source key
     timer: Timer | None = None  # timeout
-    killed: bool = False
+    killed: bool = False  # SIGTERM sent
+    sigkilled: bool = False  # SIGKILL sent too
 
 
 @dataclass(order=True)
@@ -483,6 +491,9 @@ class Server:
                 if child.state.service.name not in enabled:
                     _kill_group(child.pid, signal.SIGTERM)
         for svc in config.services:
+            known = self.states.get(svc.name)
+            if (known is None or known.service != svc) and not self.worker:
+                _warn_if_root(svc)  # once per service and load, not per connection
             if svc.name not in self.states:
                 self.states[svc.name] = ServiceState(svc)
             self.states[svc.name].set_service(svc)
@@ -1170,7 +1181,8 @@ class Server:
                         "service; sending SIGTERM, then SIGKILL",
                         event="timeout_group",
                     )
-                    _kill_group(pid, signal.SIGTERM)
+                    with contextlib.suppress(OSError):  # the leader is reaped: the group only
+                        os.killpg(pid, signal.SIGTERM)
                     self.call_later(KILL_GRACE, lambda: _kill_orphan(pid, self.children))
             return
         name = child.state.service.name
@@ -1187,7 +1199,8 @@ class Server:
             )
             _kill_group(pid, signal.SIGTERM)
             child.timer = self.call_later(KILL_GRACE, lambda: self._on_timeout(pid))
-        else:
+        elif not child.sigkilled:
+            child.sigkilled = True
             event(
                 logging.WARNING,
                 f"{name}: pid {pid} still running {KILL_GRACE}s after SIGTERM; sending SIGKILL",
@@ -1196,6 +1209,18 @@ class Server:
                 pid=pid,
             )
             _kill_group(pid, signal.SIGKILL)
+            # Check that it died (issue 18.3: a service that had left its group survived a
+            # killpg while "sending SIGKILL" was logged, and kept its max_connections slot).
+            child.timer = self.call_later(KILL_GRACE, lambda: self._on_timeout(pid))
+        else:
+            # Still not reaped: stuck in the kernel (state D) or a pid we cannot signal.
+            event(
+                logging.ERROR,
+                f"{name}: pid {pid} survived SIGKILL for {KILL_GRACE}s; its slot stays taken",
+                event="timeout_unkillable",
+                service=name,
+                pid=pid,
+            )
             child.timer = None
 
     # ------------------------------------------------------------ admission
@@ -1482,6 +1507,11 @@ class Server:
                 pid = spawn_relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
             else:
                 pid = self.spawner.spawn(svc, stdin, stdout, err_fd, env)
+        except UserGone as exc:
+            # Deleted after load: one line a minute, not a traceback per connection (18.16).
+            state.failed_spawns += 1
+            self._spawn_error(svc, peer, f"cannot start: {exc.strerror}")
+            return 0
         except OSError as exc:
             state.failed_spawns += 1
             self._log_exec_error(svc, exc.strerror or str(exc), peer)
@@ -1649,19 +1679,33 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _warn_if_root(svc: Service) -> None:
+    """A service without `user:` runs its programs as root when pyinetd is root (xinetd
+    refuses such services): say so, once, at load."""
+    if os.geteuid() == 0 and svc.user is None and svc.enabled and not svc.is_builtin:
+        what = "its relay runs" if svc.redirect is not None else "its programs run"
+        event(
+            logging.WARNING,
+            f"{svc.name}: no user: set, so {what} as root "
+            "(set user:, or a default for every service: defaults: {user: nobody})",
+            event="runs_as_root",
+            service=svc.name,
+        )
+
+
 def _kill_orphan(pgid: int, children: dict[int, Child]) -> None:
     # A pid in use is never handed out as a new pgid, but once the group is empty the
     # number may lead a new child's group: leave that one alone.
     if pgid not in children:
-        _kill_group(pgid, signal.SIGKILL)
+        with contextlib.suppress(OSError):  # (its leader is reaped: never kill(pgid) here)
+            os.killpg(pgid, signal.SIGKILL)
 
 
 def _kill_group(pid: int, sig: int) -> None:
-    """Signal a service and everything it started (it leads its own process group)."""
-    try:
+    """Signal a live (unreaped) service child and everything it started: its group (it leads
+    its own session), and its pid itself, which the group misses when the child left it
+    (setpgid elsewhere) or has not reached its setsid yet (the clone primitive)."""
+    with contextlib.suppress(OSError):  # ESRCH: the group is empty; EPERM: not ours
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        with contextlib.suppress(OSError):
-            os.kill(pid, sig)
+    with contextlib.suppress(OSError):  # (a zombie until reaped: the pid is not reused)
+        os.kill(pid, sig)
