@@ -7,8 +7,9 @@ Ways to start a child, fastest first; the first one usable here is the fast path
   parent goes back to its loop at once instead of sleeping until the child has exec'd, and
   the child does only what a service needs: the few signals pyinetd handles or ignores back
   to their default, the connection onto 0 and 1 and the service's stderr onto 2, a session
-  of its own (setsid), no_new_privs where the service wants it, an empty signal mask, exec. The child runs on a stack and a copy of its
-  arguments of its own (a slot the kernel frees at its exec), with raw system calls only.
+  of its own (setsid), no_new_privs where the service wants it, an empty signal mask, exec.
+  The child runs on a stack and a copy of its arguments of its own (a slot the kernel
+  frees at its exec), with raw system calls only.
   A failed exec is known when the child is reaped: it exits 127 and ``exec_error(pid)``
   gives the errno. Parent CPU per spawn 20 vs 45 us (bench/README.md).
 * ``pyinetd._spawn.spawn`` ("vfork"): the same child with vfork: the parent sleeps until the
