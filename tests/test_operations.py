@@ -406,3 +406,115 @@ def test_socket_activation_with_systemd_socket_activate(tmp_path: Path) -> None:
         log = proc.stderr.read().decode()
         proc.stderr.close()
     assert "socket activation: adopted tcp 127.0.0.1:" in log
+
+
+def closed_pipe_run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run pyinetd with stdout a pipe whose reader has already gone (as `| head -1` leaves it)."""
+    r, w = os.pipe()
+    os.close(r)  # closed before the start: every write fails with EPIPE, no race with a reader
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "pyinetd", *args],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            timeout=DEADLINE,
+        )
+    finally:
+        os.close(w)
+
+
+def test_schema_and_status_into_a_closed_pipe_end_without_a_traceback(inetd: Start) -> None:
+    """`pyinetd --schema | head` and `pyinetd status | head -1` printed a BrokenPipeError."""
+    p = inetd({"services": {"e": {"listen": f"127.0.0.1:{free_port()}"}}})
+    for args in (
+        ("--schema",),
+        ("status", "-c", str(p.path)),
+        ("status", "-c", str(p.path), "--json"),
+    ):
+        run = closed_pipe_run(*args)
+        assert (run.returncode, run.stderr) == (1, ""), args
+
+
+def test_status_from_another_folder_names_the_config_it_assumed(tmp_path: Path) -> None:
+    """`pyinetd status` away from the config said only 'cannot reach pyinetd at ...sock'."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "status"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=DEADLINE,
+    )
+    assert run.returncode == 1
+    first, second = run.stderr.splitlines()
+    assert first.startswith("pyinetd status: cannot reach pyinetd at ")
+    assert second == (
+        f"pyinetd status: that is the control socket for {tmp_path / 'inetd.yaml'}, which does "
+        "not exist; name the running instance's config with -c FILE, or its socket with "
+        "--control PATH"
+    )
+
+
+def in_private_dev(dev: Path) -> tuple[str, ...]:
+    """A command prefix that runs the command with ``dev`` mounted over /dev (own namespace).
+
+    The folder gets /dev/null; whatever else the test puts there (a log socket, or nothing)
+    is all the command sees: the machine's /dev/log is neither needed nor touched.
+    """
+    (dev / "null").touch()
+    return (
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        f'mount --bind /dev/null {dev}/null && mount --bind {dev} /dev && exec "$@"',
+        "sh",
+    )
+
+
+needs_unshare = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare(1) for a private /dev",
+)
+
+
+@needs_unshare
+def test_syslog_without_dev_log_is_an_error_not_udp_514(tmp_path: Path) -> None:
+    """--syslog without /dev/log sent every line to UDP localhost:514, where nobody listened."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    conf = tmp_path / "inetd.yaml"
+    conf.write_text(f"services:\n  e: {{listen: '127.0.0.1:{free_port()}'}}\n")
+    run = subprocess.run(
+        [*in_private_dev(dev), sys.executable, "-m", "pyinetd", "-c", str(conf), "--syslog"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stderr == (
+        "pyinetd: --syslog: cannot reach the syslog socket /dev/log: No such file or directory "
+        "(is a syslog daemon or journald running? without --syslog pyinetd logs to stderr)\n"
+    )
+
+
+@needs_unshare
+def test_syslog_lines_reach_the_local_syslog_socket(inetd: Start, tmp_path: Path) -> None:
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(dev / "log"))
+        syslog.settimeout(DEADLINE)
+        port = free_port()
+        p = inetd(
+            {"services": {"e": {"listen": f"127.0.0.1:{port}"}}},
+            "--syslog",
+            prefix=in_private_dev(dev),
+            wait_ready=False,
+        )
+        line = syslog.recv(4096).decode()
+        # <30> is facility daemon (3 * 8) + severity info (6), RFC 3164.
+        assert line.startswith("<30>pyinetd: ") and f"127.0.0.1:{port}" in line, line
+        p.signal(signal.SIGTERM)
+        assert p.proc.wait(DEADLINE) == 0
