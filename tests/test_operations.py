@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -518,3 +520,50 @@ def test_syslog_lines_reach_the_local_syslog_socket(inetd: Start, tmp_path: Path
         assert line.startswith("<30>pyinetd: ") and f"127.0.0.1:{port}" in line, line
         p.signal(signal.SIGTERM)
         assert p.proc.wait(DEADLINE) == 0
+
+
+def recv_until(sock: socket.socket, prefix: bytes, deadline: float = DEADLINE) -> list[bytes]:
+    """Datagrams received until one starts with ``prefix`` (bounded); all of them, in order."""
+    got: list[bytes] = []
+    end = time.monotonic() + deadline
+    while not got or not got[-1].startswith(prefix):
+        sock.settimeout(max(0.001, end - time.monotonic()))
+        got.append(sock.recv(4096))
+    return got
+
+
+def test_watchdog_is_petted_at_half_the_interval_while_the_loop_runs(
+    inetd: Start, tmp_path: Path
+) -> None:
+    """systemd's WatchdogSec= restarted a healthy pyinetd: it never sent WATCHDOG=1."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(str(path))
+        p = inetd(
+            {"services": {"e": {"listen": f"127.0.0.1:{free_port()}"}}},
+            env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"},  # 0.2 s
+        )
+        assert recv_until(ns, b"WATCHDOG=1")[0].startswith(b"READY=1")
+        times = []
+        for _ in range(6):
+            recv_until(ns, b"WATCHDOG=1")
+            times.append(time.monotonic())
+        gaps = sorted(b - a for a, b in itertools.pairwise(times))
+        # Every 0.1 s, half of 0.2 s (the median: one late wake-up on a loaded machine is no
+        # failure, a pet per whole interval is).
+        assert gaps[0] > 0.07 and gaps[2] < 0.16, gaps
+
+        # A loop stuck in a handler stops petting: a reload that blocks opening the config
+        # (a FIFO with no writer yet) holds the one loop thread.
+        text = p.path.read_text()
+        p.path.unlink()
+        os.mkfifo(p.path, 0o600)
+        p.signal(signal.SIGHUP)
+        recv_until(ns, b"RELOADING=1")
+        ns.settimeout(0.6)  # three intervals: not one pet while the loop is stuck
+        with pytest.raises(TimeoutError):
+            ns.recv(4096)
+        with open(p.path, "w") as fifo:  # the loop reads the file and goes on
+            fifo.write(text)
+        recv_until(ns, b"READY=1")
+        recv_until(ns, b"WATCHDOG=1")

@@ -633,6 +633,7 @@ class Server:
             self._start_workers()
             event(logging.INFO, f"listening: {self._describe()}", event="ready")
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
+            systemd.start_watchdog(self.call_later)
         log.batching(True)
         try:
             while not self._exit:
