@@ -25,6 +25,7 @@ from conftest import (
     free_port,
     pid_gone,
     port_open,
+    script,
     tcp_listening,
     tcp_talk,
     wait_for,
@@ -567,3 +568,47 @@ def test_watchdog_is_petted_at_half_the_interval_while_the_loop_runs(
             fifo.write(text)
         recv_until(ns, b"READY=1")
         recv_until(ns, b"WATCHDOG=1")
+
+
+def test_process_durations_and_exit_classes_in_metrics_and_status(
+    inetd: Start, tmp_path: Path
+) -> None:
+    """Metrics counted connections, not how long their processes ran or how they ended."""
+    port, mport = free_port(), free_port()
+    prog = script(
+        tmp_path,
+        "outcome.sh",
+        "#!/bin/sh\nread how\ncase $how in\n"
+        "ok) exit 0;;\nerr) exit 3;;\ncrash) kill -SEGV $$;;\n"
+        "missing) exec /nonexistent/program;;\nhang) exec sleep 30;;\nesac\n",
+    )
+    p = inetd(
+        {
+            "metrics": f"127.0.0.1:{mport}",
+            "services": {"s": {"listen": f"127.0.0.1:{port}", "exec": prog, "timeout": 0.5}},
+        }
+    )
+    for n, how in enumerate(("ok", "err", "crash", "missing", "hang"), 1):
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as c:
+            c.sendall(how.encode() + b"\n")
+            p.wait_log(r"s: pid \d+ ended", count=n)
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=DEADLINE) as r:
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert "# TYPE pyinetd_process_duration_seconds histogram" in text
+    for how in ("ok", "error", "signal", "not_run", "killed"):
+        assert samples[f'pyinetd_process_exits_total{{service="s",class="{how}"}}'] == 1, how
+    bucket = 'pyinetd_process_duration_seconds_bucket{{service="s",le="{}"}}'
+    assert samples['pyinetd_process_duration_seconds_count{service="s"}'] == 5
+    assert samples[bucket.format("+Inf")] == 5
+    # Four end at once; the hung one ran until its 0.5 s timeout.
+    assert samples[bucket.format("0.25")] == 4
+    assert samples['pyinetd_process_duration_seconds_sum{service="s"}'] >= 0.5
+    table = cli("status", "-c", str(p.path)).stdout
+    assert re.search(
+        r"^  s: 5 ended \(ok=1 error=1 not_run=1 signal=1 killed=1\), mean 0\.\d{3}s$", table, re.M
+    ), table
