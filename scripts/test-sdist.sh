@@ -22,6 +22,9 @@ src=$(echo "$work"/pyinetd-*/)
 
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install -q "$src[test]"
+# The man pages install under the prefix, where man(1) finds them from PATH.
+test -f "$work/venv/share/man/man8/pyinetd.8" && test -f "$work/venv/share/man/man5/pyinetd.yaml.5"
+if command -v man >/dev/null; then PATH="$work/venv/bin:$PATH" man -w pyinetd pyinetd.yaml >/dev/null; fi
 cd "$src"
 if [ $# -eq 0 ]; then
     set -- tests/test_config.py tests/test_schema.py tests/test_convert.py \
