@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyinetd",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Documentation: README.md in the source tree.",
+        epilog="Documentation: man pyinetd, man pyinetd.yaml (contrib/ in the source), README.md.",
     )
     parser.add_argument(
         "command",
