@@ -477,6 +477,6 @@ def test_man_page_is_current() -> None:
     from pyinetd.cli import build_parser
 
     expected = gen.render(build_parser())
-    assert (REPO / "contrib" / "pyinetd.1").read_text() == expected, (
-        "run: python scripts/gen_manpage.py > contrib/pyinetd.1"
+    assert (REPO / "contrib" / "pyinetd.8").read_text() == expected, (
+        "run: python scripts/gen_manpage.py"
     )

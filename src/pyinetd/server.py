@@ -40,6 +40,7 @@ from pyinetd.listeners import (
     close_listener,
 )
 from pyinetd.log import LOG, event
+from pyinetd.metrics import Metrics
 from pyinetd.spawn import (
     C_MODULE_BUILT,
     Spawner,
@@ -397,6 +398,7 @@ class Server:
         self._drain_timer: Timer | None = None
         self.pid = os.getpid()
         self.started = time.monotonic()
+        self.child_metrics = Metrics()  # durations and exit classes, by service name
         self._activated: dict[ListenKey, socket.socket] = {}
         self._control: control.RequestServer | None = None
         self._metrics: control.RequestServer | None = None
@@ -656,6 +658,7 @@ class Server:
             self._start_workers()
             event(logging.INFO, f"listening: {self._describe()}", event="ready")
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
+            systemd.start_watchdog(self.call_later)
         log.batching(True)
         try:
             while not self._exit:
@@ -1132,6 +1135,9 @@ class Server:
         state = child.state
         state.drop_source(child.source)
         err = self.spawner.exec_error(pid, status)
+        if err is None:
+            duration = time.monotonic() - child.started
+            self.child_metrics.child_ended(state.service.name, duration, status, child.killed)
         if err is not None:  # started by the clone primitive, which reports exec errors late
             state.failed_spawns += 1
             self._log_exec_error(state.service, os.strerror(err), child.peer)
