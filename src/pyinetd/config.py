@@ -17,22 +17,23 @@ import pwd
 import resource
 import shlex
 import stat
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 if TYPE_CHECKING:  # ssl costs the parent ~5 MiB: loaded only for a service with tls
     from pyinetd.tlsconf import TLSSettings
 
-from pyinetd import schema
+from pyinetd import schema, trust
 from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
+from pyinetd.document import read_document
 
 PROTOCOLS = ("tcp", "udp", "unix")
 BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
+
+
+MAX_ERROR = 1000  # characters of one error line
 
 
 class ConfigError(Exception):
@@ -43,6 +44,8 @@ class ConfigError(Exception):
         errors = [
             e.encode("unicode_escape").decode("ascii") if not e.isprintable() else e for e in errors
         ]
+        # One error, one short line: a value quoted whole could be a megabyte (issue 14.9).
+        errors = [e if len(e) <= MAX_ERROR else e[: MAX_ERROR - 3] + "..." for e in errors]
         super().__init__("\n".join(errors))
         self.errors = errors
 
@@ -366,9 +369,15 @@ def _parse_group(value: Any, _base: Path) -> int:
     return gid
 
 
+MAX_ENV = 1000  # variables a service's `env` may set
+
+
 def _parse_env(value: Any, _base: Path) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
         raise _KeyError(f"{value!r}: expected a mapping NAME: value")
+    if len(value) > MAX_ENV:
+        # execve() refuses more than ~2 MiB of arguments and environment anyway (E2BIG).
+        raise _KeyError(f"{len(value)} variables: at most {MAX_ENV}")
     out = []
     for k, v in value.items():
         if not isinstance(k, str) or not k or "=" in k or "\0" in k:
@@ -588,38 +597,12 @@ class _SchemaErrors:
 
 
 def load_document(path: Path) -> Any:
-    """Read a YAML or TOML file into plain Python data; ConfigError on a syntax error."""
+    """Read a YAML or TOML file into plain Python data, bounded (document.py) and, as root,
+    only when it is root's (trust.py); ConfigError otherwise."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError([f"{path}: {exc.strerror or exc}"]) from None
-    _check_strict_modes(path)
-    try:
-        if path.suffix == ".toml":
-            return tomllib.loads(data.decode("utf-8"))
-        return yaml.safe_load(data)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError([f"{path}: not valid YAML: {where}{exc.problem}"]) from None
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
-        kind = "TOML" if path.suffix == ".toml" else "YAML"
-        detail = " ".join(str(exc).split())
-        raise ConfigError([f"{path}: not valid {kind}: {detail}"]) from None
-
-
-def _check_strict_modes(path: Path) -> None:
-    """As root, refuse a file others may write (sshd's StrictModes): it would run as root."""
-    if os.geteuid() != 0:
-        return
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return
-    if mode & 0o022:
-        raise ConfigError(
-            [f"{path}: writable by other users; refusing to run as root (chmod go-w {path})"]
-        )
+        return read_document(path)
+    except ValueError as exc:  # DocumentError, UntrustedError: one line naming the file
+        raise ConfigError([str(exc)]) from None
 
 
 def load(path: str | Path) -> Config:
@@ -763,7 +746,26 @@ def _read_includes(
     """Services from the files matching one `include:` pattern, in sorted order."""
     full = pattern if os.path.isabs(pattern) else str(base / pattern)
     out: list[tuple[str, Any, str, Path]] = []
-    for name in sorted(glob.glob(full)):
+    names = sorted(glob.glob(full))
+    if len(names) > MAX_INCLUDES:
+        errors.append(f"{label}: include: {pattern!r}: more than {MAX_INCLUDES} files")
+        return out
+    # As root, a folder the pattern matches in must be root's alone, sticky or not: whoever
+    # may add a file there adds a service run as root (issue 18.4, a 1777 conf.d).
+    folders = {_glob_root(full)} if glob.has_magic(full) else set()
+    folders.update(str(Path(n).parent) for n in names if glob.has_magic(full))
+    for folder in sorted(folders):
+        try:
+            trust.check_folder(folder)
+        except FileNotFoundError:
+            continue  # nothing matched there
+        except OSError as exc:
+            errors.append(f"{label}: include: {folder}: {exc.strerror or exc}")
+            return out
+        except ValueError as exc:
+            errors.append(f"{label}: include: {exc}")
+            return out
+    for name in names:
         inc = Path(name)
         if inc.is_dir():
             continue
@@ -790,6 +792,16 @@ def _read_includes(
         flags.add(where, {"services": body})
         out += [(str(n), b, where, inc.parent.resolve()) for n, b in body.items()]
     return out
+
+
+MAX_INCLUDES = 1000  # files matched by one include pattern
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder of ``pattern`` above its first wildcard."""
+    parts = Path(pattern).parts
+    n = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return str(Path(*parts[:n])) if n else "."
 
 
 def _check_keys(
@@ -902,6 +914,15 @@ def _build_service(
     if values.get("builtin") is not None:
         values["wait"] = False  # built-ins run inside pyinetd; wait does not apply
     _combine(values, where, errors)
+    user = values.get("user")
+    if values.get("exec") and (user is None or user[1] == 0):
+        try:
+            # As root, a program others may replace would run as root (issue 18.4).
+            trust.check_program(values["exec"][0])
+        except OSError as exc:
+            errors.append(f"{where}.exec: {values['exec'][0]}: {exc.strerror or exc}")
+        except ValueError as exc:
+            errors.append(f"{where}.exec: {exc} (it runs as root: no user:)")
     if len(errors) > n_before:
         return None
     return Service(name=name, listen=tuple(listen), source=label, **values)
