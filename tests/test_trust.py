@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import DEADLINE, LocalUser, Pyinetd, free_port, tcp_talk
 
 from pyinetd import trust
 from pyinetd.config import ConfigError, load
 from pyinetd.document import MAX_NODES
-from conftest import DEADLINE, LocalUser, Pyinetd, free_port, tcp_talk
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="StrictModes apply as root only")
 
@@ -202,7 +202,8 @@ def test_untrusted_files_are_fine_when_not_root(tmp_path: Path) -> None:
 
 # The nine lines of the report: each list holds nine of the one before, 9**9 "lol"s in all.
 BOMB = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + "".join(
-    f"{a}: &{a} [{', '.join([f'*{prev}'] * 9)}]\n" for prev, a in zip("abcdefgh", "bcdefghi")
+    f"{a}: &{a} [{', '.join([f'*{prev}'] * 9)}]\n"
+    for prev, a in zip("abcdefgh", "bcdefghi", strict=True)
 )
 
 
@@ -212,9 +213,7 @@ def test_billion_laughs_is_refused_at_once(tmp_path: Path) -> None:
     start = time.monotonic()
     r = check(cfg)
     assert r.returncode == 2
-    assert r.stderr == (
-        f"{cfg}: more than {MAX_NODES} values (aliases expanded); refusing it\n"
-    )
+    assert r.stderr == (f"{cfg}: more than {MAX_NODES} values (aliases expanded); refusing it\n")
     assert time.monotonic() - start < 5  # was 51 s and 386 MB
 
 
@@ -290,9 +289,7 @@ def test_error_lines_are_short(tmp_path: Path) -> None:
     assert len(err) <= 1000 and err.endswith("...")
 
 
-def test_alias_bomb_reload_keeps_serving(
-    tmp_path: Path, inetd: Callable[..., Pyinetd]
-) -> None:
+def test_alias_bomb_reload_keeps_serving(tmp_path: Path, inetd: Callable[..., Pyinetd]) -> None:
     port = free_port()
     p = inetd(echo_config(port))
     p.path.write_text(BOMB + echo_config(port))
@@ -301,3 +298,37 @@ def test_alias_bomb_reload_keeps_serving(
     p.wait_log("reload failed.*aliases expanded")
     assert time.monotonic() - start < 3  # every service froze for 31 s
     assert tcp_talk(port, b"still here\n") == b"still here\n"
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("mode", "owner", "why"),
+    [
+        (0o666, "root", "TLS key writable by group and others (mode 0666); chmod go-w {key}"),
+        (0o604, "root", "TLS key readable by others (mode 0604); chmod go-rwx {key}"),
+        (0o640, "group", "TLS key readable by group {gid} (mode 0640); chmod go-rwx {key}"),
+        (0o600, "user", "TLS key owned by uid {uid} ({name}), not root"),
+        (0o640, "root", None),  # group-readable by root's own group: fine
+    ],
+)
+def test_tls_key_others_may_read_or_write_is_refused(
+    tmp_path: Path, local_user: LocalUser, mode: int, owner: str, why: str | None
+) -> None:
+    trustme = pytest.importorskip("trustme")
+    cert = trustme.CA().issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    key = tmp_path / "key.pem"
+    cert.private_key_pem.write_to_path(key)
+    key.chmod(mode)
+    if owner != "root":
+        os.chown(key, local_user.uid if owner == "user" else 0, local_user.gid)
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(
+        "services:\n  t: {listen: 9, exec: [/bin/cat], tls: {cert: cert.pem, key: key.pem}}\n"
+    )
+    r = check(cfg)
+    if why is None:
+        assert r.returncode == 0, r.stderr
+        return
+    why = why.format(uid=local_user.uid, gid=local_user.gid, name=local_user.name, key=key)
+    assert (r.returncode, r.stderr) == (2, f"{cfg}: services.t.tls: tls.key: {key}: {why}\n")
