@@ -106,6 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _control(args)
     try:
         config = load(args.config)
+        if args.check and any(svc.tls for svc in config.services):
+            from pyinetd.tlsconf import build_contexts  # as a (re)load will: read the files
+
+            errors = build_contexts((s.name, s.source, s.tls) for s in config.services)[1]
+            if errors:
+                raise ConfigError(errors)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -122,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = Server(config, worker=worker)
     try:
         server.bind()
+    except ConfigError as exc:  # a TLS file, read when the contexts are built
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
     except ListenError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

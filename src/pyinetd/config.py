@@ -478,7 +478,7 @@ _TLS_KEYS = ("cert", "key", "client_ca", "min_version", "handshake_timeout")
 
 
 def _parse_tls(value: Any, base: Path) -> TLSSettings:
-    from pyinetd.tlsconf import TLSSettings, make_context
+    from pyinetd.tlsconf import VERSIONS, TLSSettings
 
     if not isinstance(value, dict):
         raise _KeyError(f"{value!r}: expected a mapping with cert and key")
@@ -493,18 +493,20 @@ def _parse_tls(value: Any, base: Path) -> TLSSettings:
         v = str(value[k])
         return Path(v) if os.path.isabs(v) else base / v
 
+    min_version = value.get("min_version", "1.2")
+    if min_version not in VERSIONS:
+        raise _KeyError(f"min_version: {min_version!r}: expected '1.2' or '1.3'")
     try:
-        settings = TLSSettings(
+        # The files are read once, by the runtime, when it prepares a (re)load: tlsconf.py.
+        return TLSSettings(
             cert=path("cert"),
             key=path("key"),
             client_ca=path("client_ca") if value.get("client_ca") else None,
-            min_version=str(value.get("min_version", "1.2")),
+            min_version=str(min_version),
             handshake_timeout=parse_duration(value.get("handshake_timeout", 10)),
         )
-        make_context(settings)  # load the files now: a bad one is a config error
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:
         raise _KeyError(str(exc)) from None
-    return settings
 
 
 def _parse_redirect(value: Any, base: Path) -> tuple[str, int]:
