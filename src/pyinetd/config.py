@@ -428,6 +428,24 @@ RLIMITS = {
 }
 
 
+def _cpu_seconds(value: Any) -> int:
+    """RLIMIT_CPU counts whole seconds: '500ms' must not become 0, a kill at the first tick."""
+    if isinstance(value, str) and value.strip().lower() in ("unlimited", "infinity"):
+        return resource.RLIM_INFINITY
+    seconds = parse_duration(value)
+    if seconds < 1 or not seconds.is_integer() or seconds > 2**62:
+        raise ValueError(f"{value!r}: expected whole seconds >= 1 such as 10, '30s' or '5m'")
+    return int(seconds)
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default
+
+
 def _parse_rlimits(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
     if not isinstance(value, dict):
         raise _KeyError(f"{value!r}: expected a mapping such as {{nofile: 256, as: 512M}}")
@@ -437,9 +455,15 @@ def _parse_rlimits(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
         if res is None:
             raise _KeyError(f"{k}: unknown limit (known: {', '.join(RLIMITS)})")
         try:
-            n = int(parse_duration(v)) if k == "cpu" and isinstance(v, str) else parse_size(v)
+            n = _cpu_seconds(v) if k == "cpu" else parse_size(v)
         except ValueError as exc:
             raise _KeyError(f"{k}: {exc}") from None
+        if k == "nofile":
+            # The child sets soft = hard = n: above fs.nr_open even root gets EPERM, and every
+            # spawn fails (issue 18.15: `nofile: 1T` passed --check); below 3 it cannot exec.
+            top = _nr_open()
+            if not 3 <= n <= top:
+                raise _KeyError(f"{k}: {v!r}: expected 3 to {top} (fs.nr_open)")
         hard = resource.getrlimit(res)[1]
         if os.geteuid() != 0 and hard != resource.RLIM_INFINITY and (n < 0 or n > hard):
             raise _KeyError(f"{k}: {v!r}: above the hard limit {hard} pyinetd runs with")
