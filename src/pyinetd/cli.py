@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from pyinetd.convert import convert_file, dump
+    from pyinetd.convert import convert_file, dump, escape
 
     if not args.file:
         print("pyinetd convert: give the file to convert, e.g. /etc/inetd.conf", file=sys.stderr)
@@ -151,7 +151,7 @@ def _convert(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
     sys.stdout.write(dump(conv, args.format))
     for w in conv.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"warning: {escape(str(w))}", file=sys.stderr)  # a file name may hold ESC
     return EXIT_OK
 
 
