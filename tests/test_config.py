@@ -172,6 +172,50 @@ def test_shipped_config_is_valid() -> None:
 
 
 @pytest.mark.parametrize(
+    ("listen", "redirect"),
+    [
+        ("127.0.0.1:7100", "127.0.0.1:7100"),
+        ("7100", "127.0.0.5:7100"),  # every address: any loopback reaches it
+        ("0.0.0.0:7100", "localhost:7100"),
+        ("127.0.0.1:7100", "0.0.0.0:7100"),  # connect() to 0.0.0.0 is loopback
+        ("'[::1]:7100'", "'[::]:7100'"),
+    ],
+)
+def test_a_redirect_to_its_own_address_is_a_config_error(
+    tmp_path: Path, listen: str, redirect: str
+) -> None:
+    """A self-redirect passed --check: one client built a chain of 30 relays (18.10)."""
+    errs = errors_of(tmp_path, f"services:\n  r: {{listen: {listen}, redirect: {redirect}}}\n")
+    assert len(errs) == 1 and errs[0].startswith("inetd.yaml: services.r.redirect: '"), errs
+    assert errs[0].endswith("reaches the service's own listen address: a relay loop")
+
+
+def test_a_redirect_loop_through_two_services_is_a_config_error(tmp_path: Path) -> None:
+    errs = errors_of(
+        tmp_path,
+        "services:\n"
+        "  a: {listen: 127.0.0.1:7101, redirect: 127.0.0.1:7102}\n"
+        "  b: {listen: 127.0.0.1:7102, redirect: 127.0.0.1:7101}\n",
+    )
+    assert len(errs) == 2 and all("through other redirects: a relay loop" in e for e in errs)
+
+
+def test_redirects_elsewhere_load_and_are_bounded_by_default(tmp_path: Path) -> None:
+    """Each relay is a forked pyinetd (~7.5 MiB): max_connections 64 unless set."""
+    cfg = load(
+        write(
+            tmp_path,
+            "services:\n"
+            "  a: {listen: 127.0.0.1:7101, redirect: 127.0.0.1:7102}\n"
+            "  b: {listen: 127.0.0.2:7101, redirect: 127.0.0.1:7101, max_connections: 3}\n"
+            "  c: {listen: 127.0.0.1:7102, exec: /bin/cat}\n",
+        )
+    )
+    limits = {s.name: s.max_connections for s in cfg.services}
+    assert limits == {"a": 64, "b": 3, "c": None}
+
+
+@pytest.mark.parametrize(
     ("value", "message"),
     [
         ("cpu: 500ms", "cpu: '500ms': expected whole seconds >= 1 such as 10, '30s' or '5m'"),

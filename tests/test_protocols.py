@@ -432,3 +432,53 @@ def test_redirect_relays_to_the_target_and_closes_when_unreachable(inetd: Start)
         r".*Connection refused"
     )
     assert tcp_talk(port, b"still") == b"still"
+
+
+# ---------------------------------------------------------------- client-chosen bytes (18.7)
+@pytest.mark.parametrize(
+    "sni",
+    ["a\nEVIL=1", "../../../etc/passwd", "x;rm -rf /", "\x1b]0;owned\x07", "a" * 64],
+    ids=["newline", "path", "shell", "escape", "long-label"],
+)
+def test_sni_that_is_not_a_host_name_is_left_out_and_logged(
+    inetd: Start, pki: dict[str, object], sni: str
+) -> None:
+    """The SNI name reached SSL_TLS_SNI_SERVERNAME byte for byte: a newline, a path, shell
+    metacharacters, a terminal escape. Only a valid host name is passed on."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    port = free_port()
+    p = inetd({"services": {"s": tls_service(port, ["/usr/bin/env"])}})
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", sni, "-quiet",
+         "-CAfile", str(Path(str(pki["dir"])) / "ca.pem")],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE,
+    ).stdout  # fmt: skip
+    assert b"PYINETD_SERVICE=s" in out  # the service ran
+    assert b"SSL_TLS_SNI" not in out and b"\nEVIL=1" not in out
+    p.wait_log(r"s\[\d+\]: TLS from 127\.0\.0\.1:\d+: SNI .* is not a host name")
+
+
+def test_sni_host_name_still_reaches_the_service(inetd: Start, pki: dict[str, object]) -> None:
+    port = free_port()
+    inetd({"services": {"s": tls_service(port, ["/usr/bin/env"])}})
+    out = tls_talk(port, client_ctx(pki), b"", sni="localhost").decode()
+    assert "SSL_TLS_SNI_SERVERNAME=localhost\n" in out
+
+
+def test_client_dn_with_a_newline_is_escaped_as_mod_ssl_does(
+    inetd: Start, pki: dict[str, object], tmp_path: Path
+) -> None:
+    """A trusted client certificate whose CN holds "\\nEVIL=1" put a line of its own into
+    SSL_CLIENT_S_DN: now the newline is \\0A, as mod_ssl writes it."""
+    ca = pki["ca"]
+    evil = ca.issue_cert("evil@example.org", common_name="alice\nEVIL=1")  # type: ignore[attr-defined]
+    evil.private_key_and_cert_chain_pem.write_to_path(tmp_path / "evil.pem")
+    port = free_port()
+    inetd({"services": {"s": tls_service(port, ["/usr/bin/env"], client_ca="ca.pem")}})
+    ctx = client_ctx(pki)
+    ctx.load_cert_chain(str(tmp_path / "evil.pem"))
+    lines = tls_talk(port, ctx, b"").decode().splitlines()
+    dn = [x for x in lines if x.startswith("SSL_CLIENT_S_DN=")]
+    assert dn and dn[0].startswith("SSL_CLIENT_S_DN=CN=alice\\0AEVIL=1,"), dn
+    assert "EVIL=1" not in lines

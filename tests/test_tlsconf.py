@@ -22,7 +22,14 @@ import pytest
 import trustme
 
 from pyinetd.relay import relay
-from pyinetd.tlsconf import TLSSettings, format_dn, handshake, make_context, tls_environ
+from pyinetd.tlsconf import (
+    TLSSettings,
+    format_dn,
+    handshake,
+    host_name,
+    make_context,
+    tls_environ,
+)
 
 OPENSSL = shutil.which("openssl")
 
@@ -509,3 +516,29 @@ def test_tls_service_without_a_context_refuses(pki: PKI, tmp_path: Path) -> None
     with os.fdopen(err_r, "rb") as err:
         assert err.read() == b"TLS service without a TLS context: refusing peer\n"
     assert os.waitstatus_to_exitcode(status) == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["localhost", "pyinetd.test", "xn--bcher-kva.example", "a-b.c1", "a" * 63 + ".x",
+     ".".join(["a" * 63] * 3) + "." + "a" * 61],
+)  # fmt: skip
+def test_host_name_accepts_ldh_names(name: str) -> None:
+    assert host_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "a\nEVIL=1", "../../../etc/passwd", "x;rm -rf /", "\x1b]0;t\x07", "a" * 64,
+     "-a.b", "a-.b", "a..b", "a.", ".a", "a_b", "a b", "bücher.example", "a\0",
+     ".".join(["a" * 63] * 4)],
+)  # fmt: skip
+def test_host_name_refuses_what_is_not_a_host_name(name: str) -> None:
+    assert host_name(name) is None
+
+
+def test_format_dn_escapes_control_characters_as_mod_ssl() -> None:
+    """A newline is \\0A (OpenSSL's ASN1_STRFLGS_ESC_CTRL, what mod_ssl shows), C1 and other
+    non-printables byte by byte; printable non-ASCII stays as it is."""
+    name = ((("commonName", "a\nSSL_CLIENT_VERIFY=SUCCESS\r\x1b[2J\x7f\u202e\x85é"),),)
+    assert format_dn(name) == r"CN=a\0ASSL_CLIENT_VERIFY=SUCCESS\0D\1B[2J\7F\E2\80\AE\C2\85é"

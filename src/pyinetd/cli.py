@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ListenError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
-    return server.run(pid_file=None if worker else args.pid_file)
+    return server.run(pid_file=None if worker else args.pid_file, control_path=args.control)
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # ssl costs the parent ~5 MiB: loaded only for a service with tls
     from pyinetd.tlsconf import TLSSettings
 
-from pyinetd import schema, trust
+from pyinetd import fsuser, schema, trust
 from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
 from pyinetd.document import read_document
 
@@ -77,6 +77,9 @@ class ListenAddress:
 # Limits that count across a service's connections; a service with one is served by the first
 # process only when there are workers, so that the count is exact.
 COUNTED_LIMITS = ("max_connections", "per_source", "rate")
+# max_connections of a redirect service that sets none: each relay is a forked pyinetd of
+# ~7.5 MiB private memory; 100 clients to a target that never reads held 749 MiB (18.10).
+REDIRECT_MAX_CONNECTIONS = 64
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,9 @@ class Service:
     group: int | None = None
     env: tuple[tuple[str, str], ...] = ()
     env_clear: bool = False
+    # None: on for services with `user:` (a dropped service has nothing to gain back), off
+    # otherwise (a root service may run setuid tools on purpose); see the `nnp` property.
+    no_new_privs: bool | None = None
     cwd: str | None = None
     umask: int | None = None
     nice: int | None = None
@@ -118,6 +124,10 @@ class Service:
     proxy_from: AccessList | None = None
     proxy_timeout: float = 5.0
     redirect: tuple[str, int] | None = None
+    # a unix socket file's mode and owner (None: pyinetd's umask, and pyinetd)
+    socket_mode: int | None = None
+    socket_user: tuple[str, int, int] | None = None
+    socket_group: int | None = None
     source: str = ""  # file the service was defined in
 
     @property
@@ -132,6 +142,11 @@ class Service:
     def needs_relay(self) -> bool:
         """TLS or redirect: a relay process stands between the client and the service."""
         return self.tls is not None or self.redirect is not None
+
+    @property
+    def nnp(self) -> bool:
+        """Whether the child gets PR_SET_NO_NEW_PRIVS (the key, or its default)."""
+        return self.user is not None if self.no_new_privs is None else self.no_new_privs
 
     @property
     def counts_connections(self) -> bool:
@@ -406,6 +421,15 @@ def _parse_umask(value: Any, _base: Path) -> int:
     raise _KeyError(f"{value!r}: expected an octal mask such as '022'")
 
 
+def _parse_socket_mode(value: Any, _base: Path) -> int:
+    # Text is octal ("0660"); a YAML number is taken as read, as for umask.
+    if isinstance(value, str) and value and set(value) <= set("01234567"):
+        value = int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    raise _KeyError(f"{value!r}: expected an octal file mode such as '0660'")
+
+
 def _parse_nice(value: Any, _base: Path) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and -20 <= value <= 19:
         if value < 0 and os.geteuid() != 0:
@@ -471,13 +495,29 @@ def _parse_rlimits(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _parse_banner_file(value: Any, base: Path) -> bytes:
+@dataclass(frozen=True)
+class _BannerFile:
+    """A `banner:` path, read by _combine once the service's user is known."""
+
+    value: str
+    path: Path
+
+
+def _parse_banner_file(value: Any, base: Path) -> _BannerFile:
     if not isinstance(value, str) or not value:
         raise _KeyError(f"{value!r}: expected a file path")
-    path = Path(value) if os.path.isabs(value) else base / value
+    return _BannerFile(value, Path(value) if os.path.isabs(value) else base / value)
+
+
+def _read_banner(
+    banner: _BannerFile, user: tuple[str, int, int] | None, group: int | None
+) -> bytes:
+    """Read a banner file with the service user's rights: that user may have linked it to
+    /etc/shadow, which root would read and send to every client (issue 18.8)."""
+    value = banner.value
     try:
         # Non-blocking and a regular file only: a FIFO or /dev/zero must not hang --check.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = fsuser.open_as(user, group, str(banner.path), os.O_RDONLY)
         try:
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
             data = os.read(fd, 65537) if regular else b""
@@ -574,6 +614,7 @@ SERVICE_KEYS: dict[str, Parser] = {
     "group": _parse_group,
     "env": _parse_env,
     "env_clear": _parse_bool,
+    "no_new_privs": _parse_bool,
     "cwd": _parse_dir,
     "umask": _parse_umask,
     "nice": _parse_nice,
@@ -585,6 +626,9 @@ SERVICE_KEYS: dict[str, Parser] = {
     "proxy_from": _parse_proxy_from,
     "proxy_timeout": _wrap(parse_duration),
     "redirect": _parse_redirect,
+    "socket_mode": _parse_socket_mode,
+    "socket_user": _parse_user,
+    "socket_group": _parse_group,
 }
 
 
@@ -759,6 +803,7 @@ def _build(doc: Any, path: Path, with_schema: bool) -> Config:
         if svc is not None:
             services.append(svc)
     _check_duplicates(services, label, errors)
+    _check_redirect_loops(services, errors)
     errors += _check_workers(top.get("workers", 1), top.get("max_children"), label)
     errors += flags.rest()
     if errors:
@@ -924,6 +969,15 @@ def _build_service(
                 errors.append(f"{where}.{key}: only for protocol tcp")
     if "tls" in values and "exec" not in values and "redirect" not in body:
         errors.append(f"{where}.tls: needs exec or redirect (built-ins run inside pyinetd)")
+    no_file = protocol != "unix" or any(a.path.startswith("@") for a in listen)
+    for key in ("socket_mode", "socket_user", "socket_group"):
+        if key in body and no_file:
+            errors.append(
+                f"{where}.{key}: only for a unix socket file (an abstract @name has no file "
+                "and any local user can connect to it)"
+            )
+        elif no_file:
+            values.pop(key, None)  # from defaults: meant for the unix services among them
     if values.get("wait") and ("tls" in values or "redirect" in body or "proxy_protocol" in values):
         errors.append(f"{where}.wait: not with tls, redirect or proxy_protocol")
     if len(errors) > n_before:
@@ -939,6 +993,9 @@ def _build_service(
         values.setdefault("builtin", "echo")
     if values.get("builtin") is not None:
         values["wait"] = False  # built-ins run inside pyinetd; wait does not apply
+    if "redirect" in body and values.get("max_connections") is None:
+        # Each relay is a forked pyinetd (~7.5 MiB private): bounded unless said otherwise.
+        values["max_connections"] = REDIRECT_MAX_CONNECTIONS
     _combine(values, where, errors)
     user = values.get("user")
     if values.get("exec") and (user is None or user[1] == 0):
@@ -949,9 +1006,30 @@ def _build_service(
             errors.append(f"{where}.exec: {values['exec'][0]}: {exc.strerror or exc}")
         except ValueError as exc:
             errors.append(f"{where}.exec: {exc} (it runs as root: no user:)")
+    _check_stderr_file(values, where, errors)
     if len(errors) > n_before:
         return None
     return Service(name=name, listen=tuple(listen), source=label, **values)
+
+
+def _check_stderr_file(values: dict[str, Any], where: str, errors: list[str]) -> None:
+    """`stderr: FILE` is opened with the service user's rights (issue 14.3): say at load, not
+    at each connection, when that user may not write it (or create it in its folder)."""
+    path, user = values.get("stderr"), values.get("user")
+    if path in (None, "log", "socket", "null") or user is None or user[1] == 0:
+        return
+    if os.geteuid() != 0:
+        return  # the service runs as pyinetd's own user: it opens what pyinetd may
+    with fsuser.user_rights(user, values.get("group")):
+        if os.path.lexists(path):
+            ok = os.access(path, os.W_OK, effective_ids=True)
+        else:
+            ok = os.access(os.path.dirname(path), os.W_OK | os.X_OK, effective_ids=True)
+    if not ok:
+        errors.append(
+            f"{where}.stderr: {path!r}: user {user[0]!r} may not write it "
+            "(the file is opened with the service user's rights)"
+        )
 
 
 def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
@@ -964,6 +1042,13 @@ def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
     allow, deny = values.pop("allow", ()), values.pop("deny", ())
     if allow or deny:
         values["access"] = AccessList.parse(allow, deny)
+    if isinstance(values.get("banner"), _BannerFile):
+        try:
+            values["banner"] = _read_banner(
+                values["banner"], values.get("user"), values.get("group")
+            )
+        except _KeyError as exc:
+            errors.append(f"{where}.banner: {exc}")
     text = values.pop("banner_text", None)
     if text is not None:
         if values.get("banner"):
@@ -972,6 +1057,64 @@ def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
     for key in ("busy_message", "deny_message"):
         if values.get(key) and not values[key].endswith("\n"):
             values[key] += "\r\n"
+
+
+def _local_targets(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The addresses a connection to ``host`` arrives at, for literals and localhost; None
+    for other names (not resolved at load: config.py opens no sockets)."""
+    if host == "localhost":
+        return {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.is_unspecified:  # connect() to 0.0.0.0 or :: reaches the loopback address (Linux)
+        return {ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")}
+    return {ip}
+
+
+def _reaches(addr: ListenAddress, host: str, port: int) -> bool:
+    """True when a connection to host:port can arrive at a socket listening on ``addr``."""
+    targets = _local_targets(host)
+    if addr.path or addr.port != port or targets is None:
+        return False
+    if not addr.host or ipaddress.ip_address(addr.host).is_unspecified:
+        # Every address of the host: loopback certainly (other addresses of this machine
+        # are not known at load).
+        return any(t.is_loopback for t in targets)
+    return ipaddress.ip_address(addr.host) in targets
+
+
+def _check_redirect_loops(services: list[Service], errors: list[str]) -> None:
+    """A redirect that reaches its own service, directly or through other redirects, is a
+    loop: each relay connects to the next without end (a client built a chain of 30 relay
+    processes that outlived it, issue 18.10)."""
+    redirects = {s.name: s for s in services if s.enabled and s.redirect is not None}
+    nexts: dict[str, list[str]] = {}
+    for svc in redirects.values():
+        assert svc.redirect is not None
+        host, port = svc.redirect
+        nexts[svc.name] = [
+            other.name
+            for other in redirects.values()
+            if any(_reaches(addr, host, port) for addr in other.listen)
+        ]
+    for svc in redirects.values():
+        assert svc.redirect is not None
+        seen, todo = {svc.name}, list(nexts[svc.name])
+        while todo:
+            name = todo.pop()
+            if name == svc.name:
+                host, port = svc.redirect
+                via = "" if svc.name in nexts[svc.name] else " through other redirects"
+                errors.append(
+                    f"{svc.source}: services.{svc.name}.redirect: '{host}:{port}' reaches "
+                    f"the service's own listen address{via}: a relay loop"
+                )
+                break
+            if name not in seen:
+                seen.add(name)
+                todo += nexts[name]
 
 
 def _check_duplicates(services: list[Service], label: str, errors: list[str]) -> None:
@@ -1050,6 +1193,8 @@ _SERVICE_OUT: dict[str, Callable[[str, Any], dict[str, Any]]] = {
         k: {_RLIMIT_NAMES[res]: "unlimited" if n == resource.RLIM_INFINITY else n for res, n in v}
     },
     "banner": _banner_out,
+    "socket_mode": lambda k, v: {k: f"{v:04o}"},
+    "socket_user": lambda k, v: {k: v[0]},
 }
 
 

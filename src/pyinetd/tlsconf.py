@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import selectors
 import socket
 import ssl
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -22,6 +23,7 @@ __all__ = [
     "build_contexts",
     "format_dn",
     "handshake",
+    "host_name",
     "make_context",
     "tls_environ",
 ]
@@ -185,8 +187,24 @@ def handshake(ctx: ssl.SSLContext, sock: socket.socket, timeout: float) -> ssl.S
     return tls
 
 
-def tls_environ(s: ssl.SSLSocket) -> dict[str, str]:
-    """mod_ssl-style variables describing an established TLS connection."""
+# RFC 1123 2.1 host name labels: letters, digits and hyphens, 1-63, no hyphen at either end.
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def host_name(name: str) -> str | None:
+    """``name`` if it is a valid DNS host name (LDH labels, at most 253 characters in all),
+    else None. An SNI name is chosen by the client: a newline, ``../``, shell metacharacters
+    or terminal escapes in it reached services' environment byte for byte (issue 18.7)."""
+    if not 0 < len(name) <= 253:
+        return None
+    return name if all(_LABEL.fullmatch(label) for label in name.split(".")) else None
+
+
+def tls_environ(s: ssl.SSLSocket, warn: Callable[[str], None] | None = None) -> dict[str, str]:
+    """mod_ssl-style variables describing an established TLS connection.
+
+    An SNI name that is not a valid host name is left out, and ``warn`` told why.
+    """
     env: dict[str, str] = {}
     version = s.version()
     if version is not None:
@@ -196,7 +214,10 @@ def tls_environ(s: ssl.SSLSocket) -> dict[str, str]:
         env["SSL_CIPHER"] = cipher[0]
         env["SSL_CIPHER_USEKEYSIZE"] = str(cipher[2])
     sni = _sni_names.get(s)
-    if sni is not None:
+    if sni is not None and host_name(sni) is None:
+        if warn is not None:
+            warn(f"SNI {sni[:256]!a} is not a host name; SSL_TLS_SNI_SERVERNAME left unset")
+    elif sni is not None:
         env["SSL_TLS_SNI_SERVERNAME"] = sni
         env["SSL_TLS_SNI"] = sni  # mod_ssl's name for the same thing
     # getpeercert() returns the parsed certificate only when it was presented and verified.
@@ -235,13 +256,16 @@ def format_dn(rdns: Iterable[Iterable[tuple[str, str]]]) -> str:
 
 
 def _escape_dn_value(value: str) -> str:
-    # RFC 4514 section 2.4.
+    # RFC 4514 section 2.4; control characters and other non-printables as mod_ssl writes
+    # them (OpenSSL's ASN1_STRFLGS_ESC_CTRL): each UTF-8 byte as \XX, so a newline is \0A. A
+    # certificate's CN of "x\nSSL_CLIENT_VERIFY=SUCCESS" must not reach a service as a line
+    # of its own (issue 18.7).
     out = []
     for i, ch in enumerate(value):
         if ch in ',+"\\<>;' or (ch == "#" and i == 0) or (ch == " " and i in (0, len(value) - 1)):
             out.append("\\" + ch)
-        elif ch == "\0":
-            out.append("\\00")
+        elif not ch.isprintable():  # C0, DEL, C1, line/paragraph separators, bidi controls
+            out.append("".join(f"\\{b:02X}" for b in ch.encode("utf-8", "surrogatepass")))
         else:
             out.append(ch)
     return "".join(out)
