@@ -168,7 +168,7 @@ def test_exec_program_of_another_user_run_as_root_is_refused(
     cfg.write_text(f"services:\n  s: {{listen: 9, exec: [{prog}]}}\n")
     assert refused(cfg) == (
         f"{cfg}: services.s.exec: {prog}: program run as root owned by uid {local_user.uid} "
-        f"({local_user.name}), not root (it runs as root: no user:)"
+        f"({local_user.name}), not root (the service runs as root)"
     )
     # Run as that very user it is theirs to change: accepted.
     cfg.write_text(f"services:\n  s: {{listen: 9, exec: [{prog}], user: {local_user.name}}}\n")

@@ -1005,7 +1005,7 @@ def _build_service(
         except OSError as exc:
             errors.append(f"{where}.exec: {values['exec'][0]}: {exc.strerror or exc}")
         except ValueError as exc:
-            errors.append(f"{where}.exec: {exc} (it runs as root: no user:)")
+            errors.append(f"{where}.exec: {exc} (the service runs as root)")
     _check_stderr_file(values, where, errors)
     if len(errors) > n_before:
         return None
