@@ -213,3 +213,43 @@ def test_redirects_elsewhere_load_and_are_bounded_by_default(tmp_path: Path) -> 
     )
     limits = {s.name: s.max_connections for s in cfg.services}
     assert limits == {"a": 64, "b": 3, "c": None}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("cpu: 500ms", "cpu: '500ms': expected whole seconds >= 1 such as 10, '30s' or '5m'"),
+        ("cpu: 1.5", "cpu: 1.5: expected CPU seconds such as 10, '10s' or '5m'"),  # the schema's
+        ("cpu: 0", "cpu: 0: expected whole seconds >= 1 such as 10, '30s' or '5m'"),
+        ("nofile: 1T", "nofile: '1T': expected 3 to {nr_open} (fs.nr_open)"),
+        ("nofile: unlimited", "nofile: 'unlimited': expected 3 to {nr_open} (fs.nr_open)"),
+        ("nofile: 2", "nofile: 2: expected 3 to {nr_open} (fs.nr_open)"),
+    ],
+)
+def test_rlimits_that_would_kill_or_fail_every_spawn_are_refused(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    # `cpu: 500ms` became 0 (killed at once); `nofile: 1T` passed --check, then every spawn
+    # failed with EPERM (above fs.nr_open even for root).
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    errs = errors_of(
+        tmp_path, f"services:\n  x: {{listen: 7, exec: /bin/true, rlimits: {{{value}}}}}\n"
+    )
+    assert errs == [f"inetd.yaml: services.x.rlimits: {message.format(nr_open=nr_open)}"]
+
+
+def test_rlimits_in_range_are_kept(tmp_path: Path) -> None:
+    import resource
+
+    cfg = load(
+        write(
+            tmp_path,
+            "services:\n  x: {listen: 7, exec: /bin/true, "
+            "rlimits: {cpu: 2m, nofile: 64, as: unlimited}}\n",
+        )
+    )
+    assert dict(cfg.services[0].rlimits) == {
+        resource.RLIMIT_CPU: 120,
+        resource.RLIMIT_NOFILE: 64,
+        resource.RLIMIT_AS: resource.RLIM_INFINITY,
+    }

@@ -121,6 +121,12 @@ def _main(argv: Sequence[str] | None) -> int:
         return _control(args)
     try:
         config = load(args.config)
+        if args.check and any(svc.tls for svc in config.services):
+            from pyinetd.tlsconf import build_contexts  # as a (re)load will: read the files
+
+            errors = build_contexts((s.name, s.source, s.tls) for s in config.services)[1]
+            if errors:
+                raise ConfigError(errors)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -146,6 +152,10 @@ def _main(argv: Sequence[str] | None) -> int:
     server = Server(config, worker=worker)
     try:
         server.bind()
+    except ConfigError as exc:  # a TLS file, read when the contexts are built
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
     except ListenError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -153,7 +163,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from pyinetd.convert import convert_file, dump
+    from pyinetd.convert import convert_file, dump, escape
 
     if not args.file:
         print("pyinetd convert: give the file to convert, e.g. /etc/inetd.conf", file=sys.stderr)
@@ -165,7 +175,7 @@ def _convert(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
     sys.stdout.write(dump(conv, args.format))
     for w in conv.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"warning: {escape(str(w))}", file=sys.stderr)  # a file name may hold ESC
     return EXIT_OK
 
 

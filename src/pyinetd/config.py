@@ -17,22 +17,23 @@ import pwd
 import resource
 import shlex
 import stat
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 if TYPE_CHECKING:  # ssl costs the parent ~5 MiB: loaded only for a service with tls
     from pyinetd.tlsconf import TLSSettings
 
-from pyinetd import fsuser, schema
+from pyinetd import fsuser, schema, trust
 from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
+from pyinetd.document import read_document
 
 PROTOCOLS = ("tcp", "udp", "unix")
 BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
+
+
+MAX_ERROR = 1000  # characters of one error line
 
 
 class ConfigError(Exception):
@@ -43,6 +44,8 @@ class ConfigError(Exception):
         errors = [
             e.encode("unicode_escape").decode("ascii") if not e.isprintable() else e for e in errors
         ]
+        # One error, one short line: a value quoted whole could be a megabyte (issue 14.9).
+        errors = [e if len(e) <= MAX_ERROR else e[: MAX_ERROR - 3] + "..." for e in errors]
         super().__init__("\n".join(errors))
         self.errors = errors
 
@@ -381,9 +384,15 @@ def _parse_group(value: Any, _base: Path) -> int:
     return gid
 
 
+MAX_ENV = 1000  # variables a service's `env` may set
+
+
 def _parse_env(value: Any, _base: Path) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
         raise _KeyError(f"{value!r}: expected a mapping NAME: value")
+    if len(value) > MAX_ENV:
+        # execve() refuses more than ~2 MiB of arguments and environment anyway (E2BIG).
+        raise _KeyError(f"{len(value)} variables: at most {MAX_ENV}")
     out = []
     for k, v in value.items():
         if not isinstance(k, str) or not k or "=" in k or "\0" in k:
@@ -443,6 +452,24 @@ RLIMITS = {
 }
 
 
+def _cpu_seconds(value: Any) -> int:
+    """RLIMIT_CPU counts whole seconds: '500ms' must not become 0, a kill at the first tick."""
+    if isinstance(value, str) and value.strip().lower() in ("unlimited", "infinity"):
+        return resource.RLIM_INFINITY
+    seconds = parse_duration(value)
+    if seconds < 1 or not seconds.is_integer() or seconds > 2**62:
+        raise ValueError(f"{value!r}: expected whole seconds >= 1 such as 10, '30s' or '5m'")
+    return int(seconds)
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default
+
+
 def _parse_rlimits(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
     if not isinstance(value, dict):
         raise _KeyError(f"{value!r}: expected a mapping such as {{nofile: 256, as: 512M}}")
@@ -452,9 +479,15 @@ def _parse_rlimits(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
         if res is None:
             raise _KeyError(f"{k}: unknown limit (known: {', '.join(RLIMITS)})")
         try:
-            n = int(parse_duration(v)) if k == "cpu" and isinstance(v, str) else parse_size(v)
+            n = _cpu_seconds(v) if k == "cpu" else parse_size(v)
         except ValueError as exc:
             raise _KeyError(f"{k}: {exc}") from None
+        if k == "nofile":
+            # The child sets soft = hard = n: above fs.nr_open even root gets EPERM, and every
+            # spawn fails (issue 18.15: `nofile: 1T` passed --check); below 3 it cannot exec.
+            top = _nr_open()
+            if not 3 <= n <= top:
+                raise _KeyError(f"{k}: {v!r}: expected 3 to {top} (fs.nr_open)")
         hard = resource.getrlimit(res)[1]
         if os.geteuid() != 0 and hard != resource.RLIM_INFINITY and (n < 0 or n > hard):
             raise _KeyError(f"{k}: {v!r}: above the hard limit {hard} pyinetd runs with")
@@ -509,7 +542,7 @@ _TLS_KEYS = ("cert", "key", "client_ca", "min_version", "handshake_timeout")
 
 
 def _parse_tls(value: Any, base: Path) -> TLSSettings:
-    from pyinetd.tlsconf import TLSSettings, make_context
+    from pyinetd.tlsconf import VERSIONS, TLSSettings
 
     if not isinstance(value, dict):
         raise _KeyError(f"{value!r}: expected a mapping with cert and key")
@@ -524,18 +557,20 @@ def _parse_tls(value: Any, base: Path) -> TLSSettings:
         v = str(value[k])
         return Path(v) if os.path.isabs(v) else base / v
 
+    min_version = value.get("min_version", "1.2")
+    if min_version not in VERSIONS:
+        raise _KeyError(f"min_version: {min_version!r}: expected '1.2' or '1.3'")
     try:
-        settings = TLSSettings(
+        # The files are read once, by the runtime, when it prepares a (re)load: tlsconf.py.
+        return TLSSettings(
             cert=path("cert"),
             key=path("key"),
             client_ca=path("client_ca") if value.get("client_ca") else None,
-            min_version=str(value.get("min_version", "1.2")),
+            min_version=str(min_version),
             handshake_timeout=parse_duration(value.get("handshake_timeout", 10)),
         )
-        make_context(settings)  # load the files now: a bad one is a config error
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:
         raise _KeyError(str(exc)) from None
-    return settings
 
 
 def _parse_redirect(value: Any, base: Path) -> tuple[str, int]:
@@ -632,38 +667,12 @@ class _SchemaErrors:
 
 
 def load_document(path: Path) -> Any:
-    """Read a YAML or TOML file into plain Python data; ConfigError on a syntax error."""
+    """Read a YAML or TOML file into plain Python data, bounded (document.py) and, as root,
+    only when it is root's (trust.py); ConfigError otherwise."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError([f"{path}: {exc.strerror or exc}"]) from None
-    _check_strict_modes(path)
-    try:
-        if path.suffix == ".toml":
-            return tomllib.loads(data.decode("utf-8"))
-        return yaml.safe_load(data)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError([f"{path}: not valid YAML: {where}{exc.problem}"]) from None
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
-        kind = "TOML" if path.suffix == ".toml" else "YAML"
-        detail = " ".join(str(exc).split())
-        raise ConfigError([f"{path}: not valid {kind}: {detail}"]) from None
-
-
-def _check_strict_modes(path: Path) -> None:
-    """As root, refuse a file others may write (sshd's StrictModes): it would run as root."""
-    if os.geteuid() != 0:
-        return
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return
-    if mode & 0o022:
-        raise ConfigError(
-            [f"{path}: writable by other users; refusing to run as root (chmod go-w {path})"]
-        )
+        return read_document(path)
+    except ValueError as exc:  # DocumentError, UntrustedError: one line naming the file
+        raise ConfigError([str(exc)]) from None
 
 
 def load(path: str | Path) -> Config:
@@ -808,7 +817,26 @@ def _read_includes(
     """Services from the files matching one `include:` pattern, in sorted order."""
     full = pattern if os.path.isabs(pattern) else str(base / pattern)
     out: list[tuple[str, Any, str, Path]] = []
-    for name in sorted(glob.glob(full)):
+    names = sorted(glob.glob(full))
+    if len(names) > MAX_INCLUDES:
+        errors.append(f"{label}: include: {pattern!r}: more than {MAX_INCLUDES} files")
+        return out
+    # As root, a folder the pattern matches in must be root's alone, sticky or not: whoever
+    # may add a file there adds a service run as root (issue 18.4, a 1777 conf.d).
+    folders = {_glob_root(full)} if glob.has_magic(full) else set()
+    folders.update(str(Path(n).parent) for n in names if glob.has_magic(full))
+    for folder in sorted(folders):
+        try:
+            trust.check_folder(folder)
+        except FileNotFoundError:
+            continue  # nothing matched there
+        except OSError as exc:
+            errors.append(f"{label}: include: {folder}: {exc.strerror or exc}")
+            return out
+        except ValueError as exc:
+            errors.append(f"{label}: include: {exc}")
+            return out
+    for name in names:
         inc = Path(name)
         if inc.is_dir():
             continue
@@ -835,6 +863,16 @@ def _read_includes(
         flags.add(where, {"services": body})
         out += [(str(n), b, where, inc.parent.resolve()) for n, b in body.items()]
     return out
+
+
+MAX_INCLUDES = 1000  # files matched by one include pattern
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder of ``pattern`` above its first wildcard."""
+    parts = Path(pattern).parts
+    n = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return str(Path(*parts[:n])) if n else "."
 
 
 def _check_keys(
@@ -959,6 +997,15 @@ def _build_service(
         # Each relay is a forked pyinetd (~7.5 MiB private): bounded unless said otherwise.
         values["max_connections"] = REDIRECT_MAX_CONNECTIONS
     _combine(values, where, errors)
+    user = values.get("user")
+    if values.get("exec") and (user is None or user[1] == 0):
+        try:
+            # As root, a program others may replace would run as root (issue 18.4).
+            trust.check_program(values["exec"][0])
+        except OSError as exc:
+            errors.append(f"{where}.exec: {values['exec'][0]}: {exc.strerror or exc}")
+        except ValueError as exc:
+            errors.append(f"{where}.exec: {exc} (the service runs as root)")
     _check_stderr_file(values, where, errors)
     if len(errors) > n_before:
         return None

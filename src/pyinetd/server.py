@@ -110,20 +110,16 @@ class ServiceState:
     tls_context: ssl.SSLContext | None = None
     stderr_log: StderrLog | None = None  # made at the first child with `stderr: log`
 
-    def set_service(self, service: Service) -> None:
-        """Apply a (re)loaded definition; counts stay, the rate bucket follows the settings."""
+    def set_service(self, service: Service, tls_context: ssl.SSLContext | None = None) -> None:
+        """Apply a (re)loaded definition with its TLS context, built by Server._prepare before
+        anything changed (it cannot fail here); counts stay, the bucket follows the settings."""
         old = self.service
         self.service = service
         if service.rate is None:
             self.bucket = None
         elif self.bucket is None or old.rate != service.rate:
             self.bucket = TokenBucket(*service.rate)
-        # Certificates and keys are read again on every (re)load.
-        self.tls_context = None
-        if service.tls:
-            from pyinetd.tlsconf import make_context  # ssl only where tls is used
-
-            self.tls_context = make_context(service.tls)
+        self.tls_context = tls_context
 
     def add_source(self, key: str) -> None:
         self.running += 1
@@ -424,7 +420,8 @@ class Server:
                 sock.close()
                 continue
             self._activated[key] = sock
-        self._apply(self.config, self._bind_new(self.config, {}))
+        contexts = self._prepare(self.config)
+        self._apply(self.config, self._bind_new(self.config, {}), contexts)
         for key, sock in self._activated.items():
             event(
                 logging.WARNING,
@@ -475,8 +472,29 @@ class Server:
             raise
         return fresh
 
-    def _apply(self, config: Config, fresh: dict[ListenKey, socket.socket]) -> None:
-        """Switch to ``config``: reuse kept sockets, add fresh ones, close the rest."""
+    @staticmethod
+    def _prepare(config: Config) -> dict[str, ssl.SSLContext]:
+        """Everything a (re)load needs that can fail, before anything changes: each TLS
+        context, built once from the files as they are now (issue 18.2: read again at apply,
+        a key swapped in between left a TLS service serving plaintext). ConfigError if any
+        fails."""
+        if not any(svc.tls for svc in config.services):
+            return {}
+        from pyinetd.tlsconf import build_contexts  # ssl only where tls is used
+
+        contexts, errors = build_contexts((s.name, s.source, s.tls) for s in config.services)
+        if errors:
+            raise ConfigError(errors)
+        return contexts
+
+    def _apply(
+        self,
+        config: Config,
+        fresh: dict[ListenKey, socket.socket],
+        contexts: dict[str, ssl.SSLContext],
+    ) -> None:
+        """Switch to ``config``: reuse kept sockets, add fresh ones, close the rest. Nothing
+        here may fail: what can was done by _prepare and _bind_new."""
         self.config = config
         self.spawner.forget()
         wanted: dict[ListenKey, Service] = {}
@@ -498,7 +516,7 @@ class Server:
                 _warn_if_root(svc)  # once per service and load, not per connection
             if svc.name not in self.states:
                 self.states[svc.name] = ServiceState(svc)
-            self.states[svc.name].set_service(svc)
+            self.states[svc.name].set_service(svc, contexts.get(svc.name))
         closed = False
         for key, lst in list(self.listeners.items()):
             if key not in wanted:
@@ -883,13 +901,14 @@ class Server:
         systemd.reloading()
         try:
             new = load(self.config.path)
+            contexts = self._prepare(new)
             fresh = self._bind_new(new, self.listeners)
         except ConfigError as exc:
             errors = exc.errors
         except ListenError as exc:
             errors = [f"{self.config.path}: {exc}"]
         else:
-            self._apply(new, fresh)
+            self._apply(new, fresh, contexts)
             if not self.worker:
                 self._reload_workers()
             event(logging.INFO, f"reloaded: {self._describe()}", event="reloaded")

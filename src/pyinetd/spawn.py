@@ -582,6 +582,10 @@ def _relay_child(
     sock = socket.socket(fileno=conn)
     sock.setblocking(True)
     client: socket.socket = sock
+    if service.tls is not None and ctx is None:
+        # Fail closed (issue 18.2): a TLS service never serves a client without its handshake.
+        os.write(2, f"TLS service without a TLS context: refusing {peer}\n".encode())
+        return 1
     if ctx is not None and service.tls is not None:
         try:
             client = tlsconf.handshake(ctx, sock, service.tls.handshake_timeout)

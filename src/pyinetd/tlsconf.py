@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import selectors
 import socket
@@ -13,10 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-__all__ = ["TLSSettings", "format_dn", "handshake", "host_name", "make_context", "tls_environ"]
+from pyinetd import trust
+
+__all__ = [
+    "VERSIONS",
+    "TLSSettings",
+    "build_contexts",
+    "format_dn",
+    "handshake",
+    "host_name",
+    "make_context",
+    "tls_environ",
+]
 
 _Name = tuple[tuple[tuple[str, str], ...], ...]
-_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 # SNI names seen by make_context()'s sni_callback, per connection; weak so that a closed
 # connection's entry goes away with it.
@@ -43,23 +56,53 @@ def _refuse_passphrase() -> str:
     raise _EncryptedKey
 
 
-def _read(path: Path, what: str) -> str:
+def _open(path: Path, what: str, marker: str, secret: bool = False) -> int:
+    """Open a PEM file once (as root: only when it is root's, a key unreadable to others) and
+    check it holds ``marker``; OpenSSL then reads that same open file (_fd_path)."""
     try:
-        return path.read_text(encoding="ascii", errors="replace")
+        fd = trust.open_regular(path, f"TLS {what}", secret=secret)
     except OSError as e:
         raise ValueError(f"tls.{what}: {str(path)!r}: cannot read: {e.strerror}") from None
+    except ValueError as e:
+        raise ValueError(f"tls.{what}: {e}") from None
+    try:
+        text = trust.read_fd(fd, str(path)).decode("ascii", errors="replace")
+        if marker not in text:
+            kind = "private key" if secret else "certificate"
+            raise ValueError(f"tls.{what}: {str(path)!r}: no PEM {kind} in the file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _fd_path(fd: int, path: Path) -> str:
+    # /proc/self/fd/N opens the file already opened and checked, whatever its name points
+    # to now: a key renewed (or swapped) between the check and the load cannot slip in.
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else str(path)
 
 
 def make_context(s: TLSSettings) -> ssl.SSLContext:
     """Build the server SSLContext for s; ValueError says which file or value is wrong and why."""
-    if s.min_version not in _VERSIONS:
+    if s.min_version not in VERSIONS:
         raise ValueError(f"tls.min_version: {s.min_version!r}: expected '1.2' or '1.3'")
-    if "-----BEGIN CERTIFICATE-----" not in _read(s.cert, "cert"):
-        raise ValueError(f"tls.cert: {str(s.cert)!r}: no PEM certificate in the file")
-    if "PRIVATE KEY-----" not in _read(s.key, "key"):
-        raise ValueError(f"tls.key: {str(s.key)!r}: no PEM private key in the file")
+    with contextlib.ExitStack() as fds:
+        cert = _open(s.cert, "cert", "-----BEGIN CERTIFICATE-----")
+        fds.callback(os.close, cert)
+        key = _open(s.key, "key", "PRIVATE KEY-----", secret=True)
+        fds.callback(os.close, key)
+        ca = None
+        if s.client_ca is not None:
+            # An attacker who may write the client CA file admits any client certificate.
+            ca = _open(s.client_ca, "client_ca", "")
+            fds.callback(os.close, ca)
+        return _context(s, _fd_path(cert, s.cert), _fd_path(key, s.key), ca)
+
+
+def _context(s: TLSSettings, cert: str, key: str, ca: int | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = _VERSIONS[s.min_version]
+    ctx.minimum_version = VERSIONS[s.min_version]
     # Client-initiated renegotiation costs the server far more than the client (CVE-2011-1473).
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     # OpenSSL 3 answers a TCP EOF without close_notify with a fatal alert, after which no reply
@@ -67,7 +110,7 @@ def make_context(s: TLSSettings) -> ssl.SSLContext:
     # with nginx, which sets the same option.
     ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     try:
-        ctx.load_cert_chain(s.cert, s.key, password=_refuse_passphrase)
+        ctx.load_cert_chain(cert, key, password=_refuse_passphrase)
     except _EncryptedKey:
         raise ValueError(
             f"tls.key: {str(s.key)!r}: the key is encrypted; pyinetd cannot ask for a passphrase"
@@ -78,10 +121,9 @@ def make_context(s: TLSSettings) -> ssl.SSLContext:
         else:
             why = f"OpenSSL says: {e}"
         raise ValueError(f"tls: {str(s.cert)!r} with key {str(s.key)!r}: {why}") from None
-    if s.client_ca is not None:
-        _read(s.client_ca, "client_ca")
+    if s.client_ca is not None and ca is not None:
         try:
-            ctx.load_verify_locations(cafile=s.client_ca)
+            ctx.load_verify_locations(cafile=_fd_path(ca, s.client_ca))
         except ssl.SSLError as e:
             raise ValueError(
                 f"tls.client_ca: {str(s.client_ca)!r}: no usable CA certificate ({e.reason or e})"
@@ -89,6 +131,23 @@ def make_context(s: TLSSettings) -> ssl.SSLContext:
         ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.sni_callback = _remember_sni
     return ctx
+
+
+def build_contexts(
+    services: Iterable[tuple[str, str, TLSSettings | None]],
+) -> tuple[dict[str, ssl.SSLContext], list[str]]:
+    """The context of every (name, file, tls) given, each built once, and the errors, as
+    'file: services.NAME.tls: why' lines. A (re)load applies only when there are none."""
+    contexts: dict[str, ssl.SSLContext] = {}
+    errors: list[str] = []
+    for name, source, settings in services:
+        if settings is None:
+            continue
+        try:
+            contexts[name] = make_context(settings)
+        except ValueError as e:
+            errors.append(f"{source}: services.{name}.tls: {e}")
+    return contexts, errors
 
 
 def _remember_sni(conn: object, server_name: str | None, ctx: ssl.SSLContext) -> None:
