@@ -637,8 +637,8 @@ class Server:
         try:
             while not self._exit:
                 timeout = self._run_timers()
-                if self._watcher is not None:
-                    self._watcher.flush()
+                if self._watcher is not None and not self._watcher.flush():
+                    self._watcher_gone()
                 log.flush()
                 for key, mask in self.sel.select(timeout):
                     try:
@@ -1011,14 +1011,7 @@ class Server:
             return
         pids = self._watcher.exited()
         if pids is None:
-            self._watcher_retry = time.monotonic() + 60.0
-            event(
-                logging.WARNING,
-                "exit watcher gone (it exited, or ran out of file descriptors); "
-                "reaping with waitpid(-1)",
-                event="watcher",
-            )
-            self._stop_watcher()
+            self._watcher_gone()
             return
         exited: list[tuple[int, int]] = []
         for pid in pids:
@@ -1031,6 +1024,17 @@ class Server:
         self._handle_exited(exited)
         if len(self.children) < reaper.WATCH_FROM // 4:
             self._stop_watcher()
+
+    def _watcher_gone(self) -> None:
+        """The watcher died (EOF, EPIPE) or gave up: back to waitpid(-1) now, said once."""
+        self._watcher_retry = time.monotonic() + 60.0
+        event(
+            logging.WARNING,
+            "exit watcher gone (it exited, or ran out of file descriptors); "
+            "reaping with waitpid(-1)",
+            event="watcher",
+        )
+        self._stop_watcher()  # reaps at once what exited before the watcher could say
 
     def _sweep(self) -> None:
         """The watcher's backup: a full waitpid(-1) loop every few seconds."""
