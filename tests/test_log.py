@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import socket
+import threading
+from pathlib import Path
 
 from pyinetd import log
+
+DEADLINE = 10.0
 
 
 def _read_all(fd: int) -> str:
@@ -91,3 +97,37 @@ def test_a_batch_larger_than_pipe_buf_arrives_whole_and_in_order() -> None:
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_full_syslog_socket_drops_lines_instead_of_blocking(tmp_path: Path) -> None:
+    """/dev/log is a datagram socket: a send to a syslog daemon that stalls blocked pyinetd."""
+    path = str(tmp_path / "log.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(path)
+    handler = log.quiet_syslog_handler(path)
+    handler.setFormatter(log.TextFormatter(timestamps=False))
+    try:
+        logger = logging.getLogger("pyinetd.test.syslog")
+        logger.propagate = False
+        logger.handlers[:] = [handler]
+        sender = threading.Thread(
+            target=lambda: [logger.warning("line %d", i) for i in range(3000)]
+        )
+        sender.start()
+        sender.join(DEADLINE)
+        assert not sender.is_alive(), "a send to a full syslog socket blocked"
+        server.setblocking(False)
+        got = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                got.append(server.recv(4096))
+        assert 0 < len(got) < 3000
+        logger.warning("after")  # the reader reads again: the line, then how many were lost
+        assert server.recv(4096).endswith(b"pyinetd: warning: after\0")
+        note = server.recv(4096)
+        assert note.endswith(
+            f"pyinetd: {3000 - len(got)} log lines dropped: syslog was not reading\0".encode()
+        ), note
+    finally:
+        handler.close()
+        server.close()

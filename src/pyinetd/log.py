@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import select
+import socket
+import stat
 import sys
 import time
 from typing import Any
@@ -63,22 +66,60 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(obj, default=str)
 
 
+# Bytes of log lines kept while the reader is not reading (the environment is for the tests).
+BACKLOG_MAX = int(os.environ.get("PYINETD_LOG_BACKLOG", str(256 * 1024)))
+
+
+def _own_description(fd: int) -> tuple[int, socket.socket | None]:
+    """A non-blocking way to write to ``fd`` that changes nothing for whoever shares it.
+
+    `pyinetd 2>&1 | sleep 45` froze the loop in a write to a full pipe, SIGTERM included.
+    O_NONBLOCK on fd 2 itself would change the file description that the shell (or the
+    terminal, or our worker processes) shares with us, so a pipe, FIFO or terminal is opened
+    again through /proc (a description of our own), and a socket (journald's stream) is
+    written with MSG_DONTWAIT. A regular file is written as it is: it never fills up.
+    """
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return fd, None
+    if stat.S_ISSOCK(mode):
+        try:
+            return fd, socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return fd, None
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | os.O_APPEND
+        try:
+            return os.open(f"/proc/self/fd/{fd}", flags), None
+        except OSError:  # no /proc: keep the shared one, as before
+            return fd, None
+    return fd, None
+
+
 class LineHandler(logging.Handler):
-    """Log lines to a file descriptor (stderr), written in batches.
+    """Log lines to a file descriptor (stderr), written in batches, never blocking the loop.
 
     While the server's loop handles one batch of events, lines collect here and go out in one
     write when it calls ``flush()``, before it waits again: one write(2) per wake-up instead of
     one per line (two lines per connection at the default level). Outside the loop, and for
     warnings and worse, every line goes out at once.
+
+    Writes never block (see ``_own_description``): what the reader does not take waits in a
+    backlog of at most BACKLOG_MAX bytes; beyond that lines are dropped and counted, and once
+    the backlog has gone out, one line says how many were dropped.
     """
 
     def __init__(self, formatter: TextFormatter | JSONFormatter, fd: int = 2) -> None:
         super().__init__()
         self.setFormatter(formatter)
         self.fast = formatter
-        self.fd = fd
+        self.fd, self._sock = _own_description(fd)
+        self._owned = self.fd if self.fd != fd else -1
         self.batching = False
         self._buf: list[str] = []
+        self._backlog = bytearray()  # whole lines (the first maybe partly written)
+        self.dropped = 0  # lines dropped since the backlog was last empty
 
     def emit(self, record: logging.LogRecord) -> None:
         self.write(self.format(record), record.levelno)
@@ -88,33 +129,125 @@ class LineHandler(logging.Handler):
         if not self.batching or level >= logging.WARNING:
             self.flush()
 
+    def backlog(self) -> bool:
+        """True while lines wait for a reader that has stopped reading."""
+        return bool(self._backlog)
+
     def flush(self) -> None:
-        if not self._buf:
-            return
-        self._buf.append("")
-        data = "\n".join(self._buf).encode("utf-8", "backslashreplace")
-        self._buf.clear()
+        if self._buf:
+            self._buf.append("")
+            data = "\n".join(self._buf).encode("utf-8", "backslashreplace")
+            lines = len(self._buf) - 1
+            self._buf.clear()
+            if self.dropped or len(self._backlog) + len(data) > BACKLOG_MAX:
+                # Dropping goes on until the backlog is out, so that the count line sits
+                # where the gap is.
+                self.dropped += lines
+            else:
+                self._backlog += data
+        if self._backlog:
+            self._write_backlog()
+        if self.dropped and not self._backlog:
+            note = f"{self.dropped} log lines dropped: the log reader was not reading"
+            self._backlog += (
+                self.fast.format_event(logging.WARNING, note, {}, time.time()) + "\n"
+            ).encode()
+            self.dropped = 0
+            self._write_backlog()
+
+    def flush_within(self, seconds: float) -> None:
+        """Flush, then keep writing the backlog while the reader takes it, for at most
+        ``seconds`` (at exit: a stalled reader delays it by that much, no more)."""
+        self.flush()
+        end = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(self._sock.fileno() if self._sock is not None else self.fd, select.POLLOUT)
+        while self._backlog or self.dropped:
+            left = end - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                return
+            self.flush()
+
+    def _write_backlog(self) -> None:
         # Writes of whole lines up to PIPE_BUF are atomic on a pipe: several pyinetd processes
-        # (workers) sharing one stderr never cut into each other's lines.
+        # (workers) sharing one stderr never cut into each other's lines; a non-blocking one
+        # writes such a piece whole or not at all (pipe(7)).
+        data = self._backlog
         start = 0
         while start < len(data):
             end = len(data)
             if end - start > select.PIPE_BUF:
                 cut = data.rfind(b"\n", start, start + select.PIPE_BUF)
                 end = cut + 1 if cut >= start else data.find(b"\n", start) + 1 or len(data)
-            if not self._write_all(memoryview(data)[start:end]):
-                return
-            start = end
-
-    def _write_all(self, view: memoryview) -> bool:
-        while view:
             try:
-                view = view[os.write(self.fd, view) :]
+                sent = self._send(memoryview(data)[start:end])
             except InterruptedError:
                 continue
+            except BlockingIOError:
+                break  # the reader stalls: the rest waits for the next flush
             except OSError:
-                return False  # stderr closed or gone: nothing sensible to do with a log line
-        return True
+                start = len(data)  # stderr closed or gone: nothing sensible to do with a line
+                break
+            start += sent
+        del data[:start]
+
+    def _send(self, view: memoryview) -> int:
+        if self._sock is not None:
+            return self._sock.send(view, socket.MSG_DONTWAIT)
+        return os.write(self.fd, view)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._owned >= 0:
+            os.close(self._owned)
+            self._owned = -1
+        super().close()
+
+
+def quiet_syslog_handler(address: str | tuple[str, int]) -> logging.Handler:
+    """A SysLogHandler that never blocks: a full syslog socket drops the line, counted.
+
+    /dev/log is a datagram socket: a send blocks while the syslog daemon's queue is full.
+    Defined here so that only syslog users pay for importing logging.handlers.
+    """
+    from logging.handlers import SysLogHandler
+
+    class QuietSysLogHandler(SysLogHandler):
+        def __init__(self) -> None:
+            super().__init__(address=address, facility=SysLogHandler.LOG_DAEMON)
+            self.ident = "pyinetd: "
+            self.dropped = 0
+
+        def emit(self, record: logging.LogRecord) -> None:
+            prio = self.encodePriority(self.facility, self.mapPriority(record.levelname))
+            line = f"<{prio}>{self.ident}{self.format(record)}\000"
+            if self._send(line.encode("utf-8", "backslashreplace")) and self.dropped:
+                note = f"{self.dropped} log lines dropped: syslog was not reading"
+                self.dropped = 0
+                self._send(f"<{prio}>{self.ident}{note}\000".encode())
+
+        def _send(self, data: bytes) -> bool:
+            sock: socket.socket = getattr(self, "socket")  # noqa: B009 - not in the stubs
+            try:
+                if self.unixsocket:
+                    sock.send(data, socket.MSG_DONTWAIT)
+                else:
+                    sock.sendto(data, socket.MSG_DONTWAIT, self.address)
+            except BlockingIOError:
+                self.dropped += 1
+                return False
+            except OSError:  # syslog restarted: connect again for the next line
+                self.dropped += 1
+                with contextlib.suppress(OSError):
+                    sock.close()
+                    if self.unixsocket:
+                        getattr(self, "_connect_unixsocket")(self.address)  # noqa: B009
+                return False
+            return True
+
+    return QuietSysLogHandler()
 
 
 _LINES: LineHandler | None = None  # the fast path, when logging goes to stderr
@@ -132,12 +265,17 @@ def flush() -> None:
         _LINES.flush()
 
 
+def backlog() -> bool:
+    """True while log lines wait for a stalled reader (the loop then wakes to retry)."""
+    return _LINES is not None and _LINES.backlog()
+
+
 def batching(on: bool) -> None:
     """Collect lines until ``flush()`` (on), or write each at once (off, flushing now)."""
     if _LINES is not None:
         _LINES.batching = on
         if not on:
-            _LINES.flush()
+            _LINES.flush_within(1.0)
 
 
 def setup_logging(level: str = "info", fmt: str = "text", syslog: bool = False) -> None:
@@ -156,13 +294,12 @@ def setup_logging(level: str = "info", fmt: str = "text", syslog: bool = False) 
         formatter = JSONFormatter()
     else:
         formatter = TextFormatter(timestamps=not syslog and "JOURNAL_STREAM" not in os.environ)
+    if _LINES is not None:
+        _LINES.close()
     _LINES = None
     if syslog:
-        from logging.handlers import SysLogHandler  # only syslog users pay for it
-
         address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
-        handler = SysLogHandler(address=address, facility=SysLogHandler.LOG_DAEMON)
-        handler.ident = "pyinetd: "
+        handler = quiet_syslog_handler(address)
         handler.setFormatter(formatter)
     else:
         sys.stderr.flush()

@@ -48,6 +48,7 @@ ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at 
 EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
 STDERR_LINE_MAX = 4096
 KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
+LOG_RETRY = 0.25  # seconds between tries to write a log backlog to a stalled reader
 HANDLED_SIGNALS = (
     signal.SIGCHLD,
     signal.SIGHUP,
@@ -640,6 +641,8 @@ class Server:
                 if self._watcher is not None and not self._watcher.flush():
                     self._watcher_gone()
                 log.flush()
+                if log.backlog():  # the log reader stalls: try again soon, never block on it
+                    timeout = LOG_RETRY if timeout is None else min(timeout, LOG_RETRY)
                 for key, mask in self.sel.select(timeout):
                     try:
                         key.data(mask)

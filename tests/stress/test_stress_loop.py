@@ -3,7 +3,9 @@ services that flood or break their stderr."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import signal
 import socket
 import threading
@@ -11,15 +13,16 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from conftest import DEADLINE, Pyinetd, children_of, free_port, wait_for
 
 Start = Callable[..., Pyinetd]
 
 
-def quick_connect(port: int) -> None:
+def quick_connect(port: int, timeout: float = DEADLINE) -> None:
     """One connection to a service that exits at once: connect, read to EOF."""
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         while s.recv(16):
             pass
 
@@ -68,8 +71,10 @@ def watcher_kill_under_load(inetd: Start, n: int) -> int:
             quick_connect(quick)  # and every later one is served
         # nothing lost: every /bin/true and the watcher itself reaped, the sleepers still held
         wait_for(
-            lambda: all(st != "Z" for _, st in children_of(p.pid))
-            and len(children_of(p.pid)) == len(held),
+            lambda: (
+                all(st != "Z" for _, st in children_of(p.pid))
+                and len(children_of(p.pid)) == len(held)
+            ),
             what="every quick child and the dead watcher reaped",
         )
         p.stop()
@@ -86,3 +91,98 @@ def test_killing_the_exit_watcher_under_load_does_not_kill_pyinetd(inetd: Start)
     # first varies, so three tries.
     served = [watcher_kill_under_load(inetd, n) for n in range(3)]
     print(f"\nconnections served around each kill: {served}")
+
+
+class StalledReader(Pyinetd):
+    """pyinetd whose stderr pipe nobody reads until ``reading`` is set (`pyinetd | sleep 45`).
+
+    The pipe is shrunk to one page and pyinetd's backlog to 8 KiB so that a few hundred
+    connections fill both."""
+
+    def __init__(self, config: dict[str, object], tmp: Path) -> None:
+        self.reading = threading.Event()
+        env = {"PYINETD_LOG_BACKLOG": "8192"}
+        super().__init__(config, tmp, env=env, wait_ready=False)
+        assert self.proc.stderr is not None
+        fcntl.fcntl(self.proc.stderr.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        self.wait_ready()
+
+    def _read(self) -> None:
+        self.reading.wait()
+        super()._read()
+
+
+def echo_round_trip(port: int, timeout: float = 2.0) -> None:
+    """One echo round trip; raises if it fails or takes longer than ``timeout``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"ping\n")
+        got = b""
+        while len(got) < 5:
+            chunk = s.recv(64)
+            assert chunk, "echo closed the connection"
+            got += chunk
+        assert got == b"ping\n"
+
+
+def start_stalled(tmp_path: Path) -> tuple[StalledReader, int, int]:
+    echo, quick = free_port(), free_port()
+    config: dict[str, object] = {
+        "services": {
+            "echo": {"listen": f"127.0.0.1:{echo}", "builtin": "echo"},
+            # two log lines per connection (start, end)
+            "quick": {"listen": f"127.0.0.1:{quick}", "exec": ["/bin/true"]},
+        }
+    }
+    return StalledReader(config, tmp_path), echo, quick
+
+
+def whole_child_logged(lines: list[str]) -> bool:
+    """True when ``lines`` hold both the start and the end of one child."""
+    started = {ln.rsplit(" ", 1)[1] for ln in lines if " -> pid " in ln}
+    return any(re.search(r"pid (\d+) ended", ln)[1] in started for ln in lines if " ended " in ln)  # type: ignore[index]
+
+
+def log_and_echo(echo: int, quick: int, n: int) -> None:
+    """``n`` connections that log two lines each, every tenth followed by an echo round trip."""
+    for i in range(n):
+        quick_connect(quick, timeout=2.0)
+        if i % 10 == 0:
+            echo_round_trip(echo)
+
+
+def test_a_stalled_log_reader_does_not_freeze_the_loop_and_is_told_what_was_dropped(
+    tmp_path: Path,
+) -> None:
+    # ~65 bytes a line: the pipe and the backlog are full after ~90 connections; pyinetd used
+    # to stop answering there, stuck in write(2).
+    p, echo, quick = start_stalled(tmp_path)
+    try:
+        log_and_echo(echo, quick, 300)
+        p.reading.set()
+        log_and_echo(echo, quick, 1)  # wakes the loop, which writes its backlog out
+        line = p.wait_log(r"warning: \d+ log lines dropped: the log reader was not reading")[0]
+        dropped = int(line.split("warning: ", 1)[1].split()[0])
+        gap = p.lines.index(line)
+        kept = len([ln for ln in p.lines[:gap] if "quick: " in ln])
+        log_and_echo(echo, quick, 1)  # what comes after the gap is logged again: start and end
+        wait_for(lambda: whole_child_logged(p.lines[gap:]), what="a child logged after the gap")
+        after = len([ln for ln in p.lines[gap:] if "quick: " in ln])
+        print(f"\n302 connections, stalled reader: {kept} lines kept, {dropped} dropped")
+        # every line is either kept or counted (but those of the connection in flight at the
+        # gap, which may still come), and the backlog stayed bounded
+        assert 600 <= kept + dropped + after <= 604, p.log()
+        assert len("\n".join(p.lines[:gap])) < 4096 + 8192 + 500
+    finally:
+        p.reading.set()
+        p.stop()
+
+
+def test_sigterm_stops_pyinetd_while_its_log_reader_stalls(tmp_path: Path) -> None:
+    p, echo, quick = start_stalled(tmp_path)
+    try:
+        log_and_echo(echo, quick, 200)
+        p.signal(signal.SIGTERM)
+        p.proc.wait(DEADLINE / 2)  # it hung for good in a pipe write
+    finally:
+        p.reading.set()
+        p.stop()
