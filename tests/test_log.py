@@ -131,3 +131,37 @@ def test_a_full_syslog_socket_drops_lines_instead_of_blocking(tmp_path: Path) ->
     finally:
         handler.close()
         server.close()
+
+
+def test_escape_controls_leaves_text_and_tabs_and_escapes_what_a_terminal_obeys() -> None:
+    assert log.escape_controls("plain text, ünïcode\tand a tab") == "plain text, ünïcode\tand a tab"
+    assert (
+        log.escape_controls("a\rb\nc\x1b[2J\x07\x00\x7f\x9b") == r"a\rb\nc\x1b[2J\x07\x00\x7f\x9b"
+    )
+    assert log.escape_controls("evil\u202etxt.exe\u2028") == r"evil\u202etxt.exe\u2028"
+
+
+def test_stderr_budget_lets_a_burst_through_then_the_rate_and_counts_the_rest() -> None:
+    budget = log.StderrBudget(lines_per_s=10, bytes_per_s=1000)
+    budget.refill(100.0)
+    assert budget.lines_left() == 10
+    assert [budget.take(10) for _ in range(12)] == [True] * 10 + [False] * 2
+    assert budget.lines_left() == 0
+    budget.drop(5, 50)
+    budget.refill(100.5)  # half a second: five more lines
+    assert budget.lines_left() == 5
+    budget.refill(200.0)  # a long pause refills one second's worth, no more
+    assert budget.lines_left() == 10
+    assert budget.take_dropped() == (7, 70)
+    assert budget.take_dropped() == (0, 0)
+
+
+def test_stderr_budget_bytes_spent_stop_lines_until_refilled() -> None:
+    budget = log.StderrBudget(lines_per_s=100, bytes_per_s=100)
+    budget.refill(0.0)
+    assert budget.take(5000)  # a long line goes through while any byte is left...
+    assert budget.lines_left() == 0 and not budget.take(1)  # ...and its debt holds the next
+    budget.refill(10.0)
+    assert not budget.take(1)  # 1000 bytes refilled: still 3900 in debt
+    budget.refill(60.0)
+    assert budget.take(1)

@@ -8,10 +8,12 @@ anything is reported (``ConfigError.errors``), e.g.::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import grp
 import ipaddress
+import math
 import os
 import pwd
 import resource
@@ -29,7 +31,7 @@ if TYPE_CHECKING:  # ssl costs the parent ~5 MiB: loaded only for a service with
     from pyinetd.tlsconf import TLSSettings
 
 from pyinetd import schema
-from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
+from pyinetd.admission import _RATE_UNITS, AccessList, parse_duration, parse_rate, parse_size
 
 PROTOCOLS = ("tcp", "udp", "unix")
 BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
@@ -74,6 +76,9 @@ class ListenAddress:
 # Limits that count across a service's connections; a service with one is served by the first
 # process only when there are workers, so that the count is exact.
 COUNTED_LIMITS = ("max_connections", "per_source", "rate")
+# `stderr_rate` default: what `stderr: log` logs of one service per second (lines, bytes); a
+# connection writing 300 MB to stderr made 3 million log lines (issue 14, item 8).
+STDERR_RATE = (100.0, 64 * 1024.0)
 
 
 @dataclass(frozen=True)
@@ -88,6 +93,8 @@ class Service:
     wait: bool = False
     enabled: bool = True
     stderr: str = "log"
+    # `stderr: log` lines logged per second, bytes logged per second; the rest is dropped
+    stderr_rate: tuple[float, float] = STDERR_RATE
     # admission (issue: limits); None = no limit
     max_connections: int | None = None
     on_limit: str = "queue"
@@ -191,6 +198,43 @@ def _parse_stderr(value: Any, base: Path) -> str:
     if not path.parent.is_dir():
         raise _KeyError(f"{value!r}: folder {str(path.parent)!r} does not exist")
     return str(path)
+
+
+_STDERR_RATE_KEYS = ("lines", "bytes")
+
+
+def _parse_byte_rate(value: Any) -> float:
+    """Bytes per second from 65536, '64k' (per second), '64KiB/s', '1M/min'."""
+    size, per = value, 1.0
+    if isinstance(value, str) and "/" in value:
+        size, _, unit = value.partition("/")
+        per = _RATE_UNITS.get(unit.strip().lower(), 0.0)
+    n: float = 0
+    if isinstance(size, float):
+        n = size if math.isfinite(size) else 0
+    elif per:
+        with contextlib.suppress(ValueError):
+            n = parse_size(size)
+    if not n > 0 or not per:  # (RLIM_INFINITY, "unlimited", is -1)
+        raise ValueError(f"{value!r}: expected a byte rate such as 65536, '64k/s' or '1M/min'")
+    return n / per
+
+
+def _parse_stderr_rate(value: Any, _base: Path) -> tuple[float, float]:
+    if not isinstance(value, dict):
+        raise _KeyError(f"{value!r}: expected a mapping such as {{lines: 100/s, bytes: 64k/s}}")
+    lines, nbytes = STDERR_RATE
+    for k, v in value.items():
+        if k not in _STDERR_RATE_KEYS:
+            raise _KeyError(f"{k}: {_unknown(str(k), list(_STDERR_RATE_KEYS))}")
+        try:
+            if k == "lines":
+                lines = parse_rate(v)[0]
+            else:
+                nbytes = _parse_byte_rate(v)
+        except ValueError as exc:
+            raise _KeyError(f"{k}: {exc}") from None
+    return (lines, nbytes)
 
 
 def _parse_exec(value: Any, base: Path) -> tuple[str, ...]:
@@ -523,6 +567,7 @@ SERVICE_KEYS: dict[str, Parser] = {
     "wait": _parse_bool,
     "enabled": _parse_bool,
     "stderr": _parse_stderr,
+    "stderr_rate": _parse_stderr_rate,
     "max_connections": _parse_count,
     "on_limit": _parse_choice("queue", "reject"),
     "busy_message": _parse_text,
@@ -1003,6 +1048,7 @@ _SERVICE_OUT: dict[str, Callable[[str, Any], dict[str, Any]]] = {
         k: {_RLIMIT_NAMES[res]: "unlimited" if n == resource.RLIM_INFINITY else n for res, n in v}
     },
     "banner": _banner_out,
+    "stderr_rate": lambda k, v: {k: {"lines": _number(v[0]), "bytes": _number(v[1])}},
 }
 
 

@@ -318,3 +318,79 @@ def event(level: int, msg: str, **fields: Any) -> None:
             lines.write(lines.fast.format_event(level, msg, fields, time.time()), level)
         else:
             LOG.log(level, msg, extra={"fields": fields})
+
+
+# ---------------------------------------------------------------- what services write to stderr
+
+# Control characters in a service's stderr line would reach the log raw: `\r` or an ESC sequence
+# could forge or hide log lines, or retitle the terminal of whoever reads it (issue 18, item 14).
+# C0 (but tab), DEL, C1, the Unicode line and paragraph separators and the bidi overrides
+# (CVE-2021-42574, "Trojan Source") are written as escapes.
+_ESCAPES: dict[int, str] = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x09
+}
+_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r"})
+_ESCAPES.update(
+    {c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+)
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with control characters written as ``\\x1b``, ``\\r``... (see _ESCAPES)."""
+    return text.translate(_ESCAPES)
+
+
+class StderrBudget:
+    """How much of one service's stderr is logged: lines and bytes per second, with a burst of
+    one second's worth, lazily refilled; what is over is dropped and counted (issue 14, item 8:
+    one connection writing 300 MB to stderr made 3 million log lines).
+
+    Time in, decision out: ``take(now, nbytes)`` says whether one line of ``nbytes`` may be
+    logged. A line is let through while any byte is left (the debt delays the next ones), so
+    that a long line is not dropped for ever by a small byte rate.
+    """
+
+    def __init__(self, lines_per_s: float, bytes_per_s: float) -> None:
+        self.lines_per_s = lines_per_s
+        self.bytes_per_s = bytes_per_s
+        self._lines = max(1.0, lines_per_s)
+        self._bytes = max(1.0, bytes_per_s)
+        self._last: float | None = None
+        self.dropped_lines = 0
+        self.dropped_bytes = 0
+
+    def set_rate(self, lines_per_s: float, bytes_per_s: float) -> None:
+        """Follow a reload (what is in the bucket stays, within the new burst)."""
+        self.lines_per_s, self.bytes_per_s = lines_per_s, bytes_per_s
+        self._lines = min(self._lines, max(1.0, lines_per_s))
+        self._bytes = min(self._bytes, max(1.0, bytes_per_s))
+
+    def refill(self, now: float) -> None:
+        if self._last is not None and now > self._last:
+            elapsed = now - self._last
+            self._lines = min(max(1.0, self.lines_per_s), self._lines + elapsed * self.lines_per_s)
+            self._bytes = min(max(1.0, self.bytes_per_s), self._bytes + elapsed * self.bytes_per_s)
+        self._last = now  # a clock step back refills nothing and becomes the reference
+
+    def lines_left(self) -> int:
+        """Whole lines that may be logged now (0 when the bytes are spent)."""
+        return int(self._lines) if self._bytes > 0 else 0
+
+    def take(self, nbytes: int) -> bool:
+        """Log one line of ``nbytes``? (Call ``refill`` first.) Counts it as dropped if not."""
+        if self._lines >= 1.0 and self._bytes > 0:
+            self._lines -= 1.0
+            self._bytes -= nbytes
+            return True
+        self.drop(1, nbytes)
+        return False
+
+    def drop(self, lines: int, nbytes: int) -> None:
+        self.dropped_lines += lines
+        self.dropped_bytes += nbytes
+
+    def take_dropped(self) -> tuple[int, int]:
+        """(lines, bytes) dropped since the last call."""
+        out = (self.dropped_lines, self.dropped_bytes)
+        self.dropped_lines = self.dropped_bytes = 0
+        return out

@@ -186,3 +186,128 @@ def test_sigterm_stops_pyinetd_while_its_log_reader_stalls(tmp_path: Path) -> No
     finally:
         p.reading.set()
         p.stop()
+
+
+# ---------------------------------------------------------------- services' stderr
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ask(port: int, line: bytes, timeout: float = DEADLINE) -> bytes:
+    """Send ``line``, half-close, read the answer to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(line)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(4096):
+            got += chunk
+        return got
+
+
+SHUT_OR_SAY = r"""read cmd
+if [ "$cmd" = shut ]; then
+    exec python3 -c 'import socket; socket.socket(fileno=2).shutdown(socket.SHUT_WR)'
+fi
+echo "said $cmd" >&2
+echo ok
+"""
+
+
+def test_one_child_shutting_down_stderr_breaks_neither_the_loop_nor_later_children(
+    inetd: Start,
+) -> None:
+    # stderr: log is one socket shared by all of a service's children: shutdown(2, SHUT_WR) in
+    # one of them left the read end at EOF (pyinetd spun at ~80 % CPU on recvmsg returning 0)
+    # and every later child died of SIGPIPE at its first write to stderr.
+    port = free_port()
+    config = {
+        "services": {"svc": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/sh", "-c", SHUT_OR_SAY]}}
+    }
+    p = inetd(config)
+    assert ask(port, b"hello\n") == b"ok\n"
+    p.wait_log(r"svc\[\d+\]: said hello$")
+    assert ask(port, b"shut\n") == b""
+    p.wait_log(r"svc: pid \d+ ended \(exit 0\)", count=2)
+    before = cpu_seconds(p.pid)
+    for i in range(5):
+        assert ask(port, f"later {i}\n".encode()) == b"ok\n", p.log()
+        p.wait_log(rf"svc\[\d+\]: said later {i}$")
+    assert p.wait_log(r"svc: pid \d+ ended \(exit 0\)", count=7)
+    spent = cpu_seconds(p.pid) - before
+    assert spent < 0.5, f"pyinetd used {spent:.2f}s of CPU for 5 connections: spinning?"
+    assert "SIGPIPE" not in p.log()
+    assert len(p.wait_log(r"svc: a child shut down the service's stderr socket; ")) == 1
+
+
+def test_control_characters_in_service_stderr_are_escaped_in_the_log(inetd: Start) -> None:
+    # `\r` and terminal escapes reached the text log raw: they can forge or hide log lines,
+    # or retitle the terminal of whoever reads it.
+    port = free_port()
+    forged = r"printf 'ok\r2026-11-30 10:00:00 pyinetd[1]: forged\033]0;owned\007\n' >&2"
+    config = {
+        "services": {"svc": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/sh", "-c", forged]}}
+    }
+    p = inetd(config)
+    ask(port, b"")
+    line = p.wait_log(r"svc\[\d+\]: ok")[0]
+    assert line.endswith(r"ok\r2026-11-30 10:00:00 pyinetd[1]: forged\x1b]0;owned\x07"), line
+    assert not any(c in p.log() for c in "\r\x1b\x07"), repr(p.log())
+
+
+def test_a_service_flooding_stderr_is_rate_limited_and_other_services_keep_answering(
+    inetd: Start,
+) -> None:
+    # One connection writing 300 MB to stderr made 3 million log lines and 6.9 s of parent
+    # CPU; echo latency went from 0.6 to 229 ms. Now what is over stderr_rate is read,
+    # dropped and counted, and reading is bounded per loop turn.
+    flood, echo = free_port(), free_port()
+    lines = 20_000_000  # "flood\n": 120 MB
+    config = {
+        "services": {
+            "flood": {
+                "listen": f"127.0.0.1:{flood}",
+                "exec": ["/bin/sh", "-c", f"yes flood | head -n {lines} >&2"],
+                "stderr_rate": {"lines": "50/s", "bytes": "64k/s"},
+            },
+            "echo": {"listen": f"127.0.0.1:{echo}", "builtin": "echo"},
+        }
+    }
+    p = inetd(config)
+    done = threading.Event()
+
+    def flooder() -> None:
+        ask(flood, b"", timeout=60)
+        done.set()
+
+    thread = threading.Thread(target=flooder)
+    t0 = time.monotonic()
+    thread.start()
+    trips = 0
+    while not done.is_set() or trips < 20:
+        echo_round_trip(echo, timeout=2.0)  # each one bounded while the flood runs
+        trips += 1
+    thread.join(DEADLINE)
+    p.wait_log(r"flood: pid \d+ ended")
+
+    def accounted() -> tuple[int, int]:
+        logged = len(re.findall(r"flood\[\d+\]: flood\n", p.log() + "\n"))
+        dropped = sum(
+            int(n)
+            for n in re.findall(r"flood: (\d+) stderr lines \(\d+ bytes\) not logged", p.log())
+        )
+        return logged, dropped
+
+    wait_for(lambda: sum(accounted()) == lines, timeout=5, what=f"{lines} lines logged or counted")
+    logged, dropped = accounted()
+    took = time.monotonic() - t0
+    print(
+        f"\nstderr flood of {lines} lines: {logged} logged, {dropped} dropped, "
+        f"{trips} echo round trips meanwhile, {took:.2f}s"
+    )
+    assert logged <= 50 * (took + 1)
+    assert len(p.lines) < logged + 20 + took * 2
