@@ -50,6 +50,9 @@ STDERR_LINE_MAX = 4096
 STDERR_READ = 65536  # bytes per read of a service's stderr socket
 STDERR_READS = 16  # reads per wake-up (1 MiB): one chatty child cannot hold the loop
 KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
+# Throttled events (refusals, spawn errors) logged per service a minute at most, whatever the
+# number of sources: beyond, they are counted and the count logged with the next one.
+THROTTLED_LINES = 100
 LOG_RETRY = 0.25  # seconds between tries to write a log backlog to a stalled reader
 HANDLED_SIGNALS = (
     signal.SIGCHLD,
@@ -477,7 +480,8 @@ class Server:
         self._wake_r, self._wake_w = socket.socketpair()
         self._emfile_logged = False
         self._full = False  # at the global max_children: exec listeners are paused
-        self._refusals = LogLimiter(60.0)
+        self._refusals = LogLimiter(60.0, max_lines=THROTTLED_LINES)  # events of no service
+        self._limiters: dict[str, LogLimiter] = {}  # per service: one's flood resets no other's
         self._exit = False  # leave the loop (after _stopping: draining is over)
         self._drain_timer: Timer | None = None
         self.pid = os.getpid()
@@ -1577,9 +1581,24 @@ class Server:
         )
 
     def _log_throttled(self, key: str, level: int, msg: str, **fields: object) -> None:
-        """Log an event at most once a minute per ``key``, saying how many were suppressed."""
-        show, suppressed = self._refusals.should_log(key, time.monotonic())
+        """Log an event at most once a minute per ``key``, saying how many were suppressed,
+        and at most THROTTLED_LINES such events a minute per service."""
+        service = str(fields.get("service", ""))
+        limiter = self._limiters.get(service) if service else self._refusals
+        if limiter is None:
+            limiter = self._limiters[service] = LogLimiter(60.0, max_lines=THROTTLED_LINES)
+        show, suppressed = limiter.should_log(key, time.monotonic())
         if show:
+            held = limiter.take_overflow()
+            if held:
+                event(
+                    level,
+                    f"{service or 'pyinetd'}: {held} more refusals or errors not logged: "
+                    f"over {THROTTLED_LINES} a minute",
+                    event="log_overflow",
+                    service=service,
+                    suppressed=held,
+                )
             more = f" ({suppressed} more since last logged)" if suppressed else ""
             event(level, msg + more, suppressed=suppressed, **fields)
 

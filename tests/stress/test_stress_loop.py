@@ -3,6 +3,7 @@ services that flood or break their stderr."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -311,3 +312,47 @@ def test_a_service_flooding_stderr_is_rate_limited_and_other_services_keep_answe
     )
     assert logged <= 50 * (took + 1)
     assert len(p.lines) < logged + 20 + took * 2
+
+
+# ---------------------------------------------------------------- the refusal log
+
+
+def refused_from(source: str, port: int) -> None:
+    """One connection from ``source`` (a 127/8 address) that the service refuses."""
+    with socket.socket() as s:
+        s.settimeout(DEADLINE)
+        s.bind((source, 0))
+        s.connect(("127.0.0.1", port))
+        with contextlib.suppress(ConnectionResetError):
+            assert s.recv(16) == b""
+
+
+def test_rotating_sources_neither_flood_the_refusal_log_nor_reset_other_services(
+    inetd: Start,
+) -> None:
+    # The refusal-log throttle was one 4,096-entry table for all services: sources rotating
+    # through more addresses than that were each logged, every time, and evicted the other
+    # services' entries, so those were logged again too.
+    flooded, other, last = free_port(), free_port(), free_port()
+    only_me = {"exec": ["/bin/true"], "allow": ["127.0.0.1"]}
+    config = {
+        "services": {
+            "flooded": {"listen": f"127.0.0.1:{flooded}", **only_me},
+            "other": {"listen": f"127.0.0.1:{other}", **only_me},
+            "last": {"listen": f"127.0.0.1:{last}", **only_me},
+        }
+    }
+    p = inetd(config)
+    refused_from("127.2.0.1", other)
+    p.wait_log(r"other: refused 127\.2\.0\.1:\d+: deny")
+    sources = 4200
+    for i in range(sources):
+        refused_from(f"127.1.{i // 250}.{i % 250 + 1}", flooded)
+    refused_from("127.2.0.1", other)  # within the minute: not logged again
+    refused_from("127.3.0.1", last)  # the last line: everything before it is in the log
+    p.wait_log(r"last: refused 127\.3\.0\.1:\d+: deny")
+    flood_lines = [ln for ln in p.lines if "flooded: refused" in ln]
+    other_lines = [ln for ln in p.lines if "other: refused" in ln]
+    print(f"\n{sources} rotating sources: {len(flood_lines)} refusal lines")
+    assert len(flood_lines) == 100, len(flood_lines)
+    assert len(other_lines) == 1, other_lines
