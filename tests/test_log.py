@@ -8,7 +8,10 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
+
+import pytest
 
 from pyinetd import log
 
@@ -165,3 +168,47 @@ def test_stderr_budget_bytes_spent_stop_lines_until_refilled() -> None:
     assert not budget.take(1)  # 1000 bytes refilled: still 3900 in debt
     budget.refill(60.0)
     assert budget.take(1)
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket", "terminal"])
+def test_a_reader_that_stops_reading_never_blocks_the_writer(kind: str) -> None:
+    """`pyinetd 2>&1 | sleep 45` froze pyinetd in write(2); journald's stream is a socket, a
+    terminal stops on ^S. Lines beyond the backlog are dropped, then counted in one line."""
+    if kind == "pipe":
+        r, w = os.pipe()
+    elif kind == "socket":
+        a, b = socket.socketpair()
+        r, w = a.detach(), b.detach()
+    else:
+        r, w = os.openpty()
+    handler = log.LineHandler(log.TextFormatter(timestamps=False), w)
+    lines = 20000
+    try:
+        handler.batching = True
+
+        def send() -> None:
+            for i in range(lines):
+                handler.write(f"line {i} " + "x" * 60, logging.WARNING)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        sender.join(DEADLINE)
+        assert not sender.is_alive(), "a write to a stalled reader blocked"
+        assert os.get_blocking(w)  # the description others share keeps its flags
+        assert handler.dropped > 0 and handler.backlog()
+        # the reader reads again; the loop's next turns flush
+        os.set_blocking(r, False)
+        got = b""
+        end = time.monotonic() + DEADLINE
+        while b"log lines dropped" not in got:
+            assert time.monotonic() < end, got[-200:]
+            with contextlib.suppress(BlockingIOError):
+                got += os.read(r, 1 << 16)
+            handler.flush()
+        kept = got.count(b"x" * 60)
+        assert f"warning: {lines - kept} log lines dropped".encode() in got
+        assert not handler.backlog() and handler.dropped == 0
+    finally:
+        handler.close()
+        os.close(r)
+        os.close(w)
