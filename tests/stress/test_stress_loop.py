@@ -78,11 +78,15 @@ def watcher_kill_under_load(inetd: Start, n: int) -> int:
             ),
             what="every quick child and the dead watcher reaped",
         )
-        p.stop()
         return counts["ok"]
     finally:
+        kids = [pid for pid, _ in children_of(p.pid)]
+        p.stop()
         for s in held:
             s.close()
+        for kid in kids:  # the sleepers: each in its own process group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(kid, signal.SIGKILL)
 
 
 def test_killing_the_exit_watcher_under_load_does_not_kill_pyinetd(inetd: Start) -> None:
@@ -113,7 +117,7 @@ class StalledReader(Pyinetd):
         super()._read()
 
 
-def echo_round_trip(port: int, timeout: float = 2.0) -> None:
+def echo_round_trip(port: int, timeout: float = DEADLINE / 2) -> None:
     """One echo round trip; raises if it fails or takes longer than ``timeout``."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(b"ping\n")
@@ -139,14 +143,15 @@ def start_stalled(tmp_path: Path) -> tuple[StalledReader, int, int]:
 
 def whole_child_logged(lines: list[str]) -> bool:
     """True when ``lines`` hold both the start and the end of one child."""
-    started = {ln.rsplit(" ", 1)[1] for ln in lines if " -> pid " in ln}
-    return any(re.search(r"pid (\d+) ended", ln)[1] in started for ln in lines if " ended " in ln)  # type: ignore[index]
+    started = {m[1] for ln in lines if (m := re.search(r" -> pid (\d+)$", ln))}
+    ended = {m[1] for ln in lines if (m := re.search(r": pid (\d+) ended", ln))}
+    return bool(started & ended)
 
 
 def log_and_echo(echo: int, quick: int, n: int) -> None:
     """``n`` connections that log two lines each, every tenth followed by an echo round trip."""
     for i in range(n):
-        quick_connect(quick, timeout=2.0)
+        quick_connect(quick, timeout=DEADLINE / 2)
         if i % 10 == 0:
             echo_round_trip(echo)
 
@@ -290,7 +295,7 @@ def test_a_service_flooding_stderr_is_rate_limited_and_other_services_keep_answe
     thread.start()
     trips = 0
     while not done.is_set() or trips < 20:
-        echo_round_trip(echo, timeout=2.0)  # each one bounded while the flood runs
+        echo_round_trip(echo, timeout=DEADLINE / 2)  # each one bounded while the flood runs
         trips += 1
     thread.join(DEADLINE)
     p.wait_log(r"flood: pid \d+ ended")
