@@ -11,7 +11,10 @@ import socket
 import stat
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from logging.handlers import SysLogHandler
 
 LOG = logging.getLogger("pyinetd")
 Fields = dict[str, Any]
@@ -149,8 +152,9 @@ class LineHandler(logging.Handler):
             self._write_backlog()
         if self.dropped and not self._backlog:
             note = f"{self.dropped} log lines dropped: the log reader was not reading"
+            fields = {"event": "log_dropped", "dropped": self.dropped}
             self._backlog += (
-                self.fast.format_event(logging.WARNING, note, {}, time.time()) + "\n"
+                self.fast.format_event(logging.WARNING, note, fields, time.time()) + "\n"
             ).encode()
             self.dropped = 0
             self._write_backlog()
@@ -206,8 +210,8 @@ class LineHandler(logging.Handler):
         super().close()
 
 
-def quiet_syslog_handler(address: str | tuple[str, int]) -> logging.Handler:
-    """A SysLogHandler that never blocks: a full syslog socket drops the line, counted.
+def quiet_syslog_class() -> type[SysLogHandler]:
+    """SysLogHandler, but it never blocks: a full syslog socket drops the line, counted.
 
     /dev/log is a datagram socket: a send blocks while the syslog daemon's queue is full.
     Defined here so that only syslog users pay for importing logging.handlers.
@@ -215,9 +219,8 @@ def quiet_syslog_handler(address: str | tuple[str, int]) -> logging.Handler:
     from logging.handlers import SysLogHandler
 
     class QuietSysLogHandler(SysLogHandler):
-        def __init__(self) -> None:
-            super().__init__(address=address, facility=SysLogHandler.LOG_DAEMON)
-            self.ident = "pyinetd: "
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
             self.dropped = 0
 
         def emit(self, record: logging.LogRecord) -> None:
@@ -247,7 +250,7 @@ def quiet_syslog_handler(address: str | tuple[str, int]) -> logging.Handler:
                 return False
             return True
 
-    return QuietSysLogHandler()
+    return QuietSysLogHandler
 
 
 _LINES: LineHandler | None = None  # the fast path, when logging goes to stderr
@@ -298,8 +301,11 @@ def setup_logging(level: str = "info", fmt: str = "text", syslog: bool = False) 
         _LINES.close()
     _LINES = None
     if syslog:
+        SysLogHandler = quiet_syslog_class()  # only syslog users pay for logging.handlers
+
         address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
-        handler = quiet_syslog_handler(address)
+        handler = SysLogHandler(address=address, facility=SysLogHandler.LOG_DAEMON)
+        handler.ident = "pyinetd: "
         handler.setFormatter(formatter)
     else:
         sys.stderr.flush()
