@@ -107,7 +107,8 @@ def test_a_full_syslog_socket_drops_lines_instead_of_blocking(tmp_path: Path) ->
     path = str(tmp_path / "log.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     server.bind(path)
-    handler = log.quiet_syslog_handler(path)
+    handler = log.quiet_syslog_class()(address=path)
+    handler.ident = "pyinetd: "
     handler.setFormatter(log.TextFormatter(timestamps=False))
     try:
         logger = logging.getLogger("pyinetd.test.syslog")
