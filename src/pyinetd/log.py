@@ -8,7 +8,6 @@ import logging
 import os
 import select
 import socket
-import stat
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -82,6 +81,8 @@ def _own_description(fd: int) -> tuple[int, socket.socket | None]:
     again through /proc (a description of our own), and a socket (journald's stream) is
     written with MSG_DONTWAIT. A regular file is written as it is: it never fills up.
     """
+    import stat
+
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
