@@ -169,3 +169,87 @@ def test_shipped_config_is_valid() -> None:
     repo = Path(__file__).resolve().parent.parent
     cfg = load(repo / "inetd.yaml")
     assert {s.name for s in cfg.services} >= {"echo", "echo-udp"}
+
+
+@pytest.mark.parametrize(
+    ("listen", "redirect"),
+    [
+        ("127.0.0.1:7100", "127.0.0.1:7100"),
+        ("7100", "127.0.0.5:7100"),  # every address: any loopback reaches it
+        ("0.0.0.0:7100", "localhost:7100"),
+        ("127.0.0.1:7100", "0.0.0.0:7100"),  # connect() to 0.0.0.0 is loopback
+        ("'[::1]:7100'", "'[::]:7100'"),
+    ],
+)
+def test_a_redirect_to_its_own_address_is_a_config_error(
+    tmp_path: Path, listen: str, redirect: str
+) -> None:
+    """A self-redirect passed --check: one client built a chain of 30 relays (18.10)."""
+    errs = errors_of(tmp_path, f"services:\n  r: {{listen: {listen}, redirect: {redirect}}}\n")
+    assert len(errs) == 1 and errs[0].startswith("inetd.yaml: services.r.redirect: '"), errs
+    assert errs[0].endswith("reaches the service's own listen address: a relay loop")
+
+
+def test_a_redirect_loop_through_two_services_is_a_config_error(tmp_path: Path) -> None:
+    errs = errors_of(
+        tmp_path,
+        "services:\n"
+        "  a: {listen: 127.0.0.1:7101, redirect: 127.0.0.1:7102}\n"
+        "  b: {listen: 127.0.0.1:7102, redirect: 127.0.0.1:7101}\n",
+    )
+    assert len(errs) == 2 and all("through other redirects: a relay loop" in e for e in errs)
+
+
+def test_redirects_elsewhere_load_and_are_bounded_by_default(tmp_path: Path) -> None:
+    """Each relay is a forked pyinetd (~7.5 MiB): max_connections 64 unless set."""
+    cfg = load(
+        write(
+            tmp_path,
+            "services:\n"
+            "  a: {listen: 127.0.0.1:7101, redirect: 127.0.0.1:7102}\n"
+            "  b: {listen: 127.0.0.2:7101, redirect: 127.0.0.1:7101, max_connections: 3}\n"
+            "  c: {listen: 127.0.0.1:7102, exec: /bin/cat}\n",
+        )
+    )
+    limits = {s.name: s.max_connections for s in cfg.services}
+    assert limits == {"a": 64, "b": 3, "c": None}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("cpu: 500ms", "cpu: '500ms': expected whole seconds >= 1 such as 10, '30s' or '5m'"),
+        ("cpu: 1.5", "cpu: 1.5: expected CPU seconds such as 10, '10s' or '5m'"),  # the schema's
+        ("cpu: 0", "cpu: 0: expected whole seconds >= 1 such as 10, '30s' or '5m'"),
+        ("nofile: 1T", "nofile: '1T': expected 3 to {nr_open} (fs.nr_open)"),
+        ("nofile: unlimited", "nofile: 'unlimited': expected 3 to {nr_open} (fs.nr_open)"),
+        ("nofile: 2", "nofile: 2: expected 3 to {nr_open} (fs.nr_open)"),
+    ],
+)
+def test_rlimits_that_would_kill_or_fail_every_spawn_are_refused(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    # `cpu: 500ms` became 0 (killed at once); `nofile: 1T` passed --check, then every spawn
+    # failed with EPERM (above fs.nr_open even for root).
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    errs = errors_of(
+        tmp_path, f"services:\n  x: {{listen: 7, exec: /bin/true, rlimits: {{{value}}}}}\n"
+    )
+    assert errs == [f"inetd.yaml: services.x.rlimits: {message.format(nr_open=nr_open)}"]
+
+
+def test_rlimits_in_range_are_kept(tmp_path: Path) -> None:
+    import resource
+
+    cfg = load(
+        write(
+            tmp_path,
+            "services:\n  x: {listen: 7, exec: /bin/true, "
+            "rlimits: {cpu: 2m, nofile: 64, as: unlimited}}\n",
+        )
+    )
+    assert dict(cfg.services[0].rlimits) == {
+        resource.RLIMIT_CPU: 120,
+        resource.RLIMIT_NOFILE: 64,
+        resource.RLIMIT_AS: resource.RLIM_INFINITY,
+    }

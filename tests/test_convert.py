@@ -1225,19 +1225,15 @@ def update_inetd(conf: Path, *args: str) -> None:
 
 def test_real_openbsd_inetd_conf(tmp_path: Path) -> None:
     """Debian's openbsd-inetd /etc/inetd.conf, with entries added as packages add them."""
-    shipped = Path("/etc/inetd.conf")
-    if not shipped.is_file():
-        pytest.skip("no /etc/inetd.conf (apt-get install openbsd-inetd)")
+    # The file as openbsd-inetd 0.20221205-2~deb12u1's postinst writes it: a copy the test
+    # owns, not the machine's /etc/inetd.conf, which any installed package may have added to.
     conf = tmp_path / "inetd.conf"
-    shutil.copyfile(shipped, conf)
-    services = Path("/etc/services") if Path("/etc/services").is_file() else SERVICES
+    shutil.copyfile(FIXTURES / "openbsd-inetd" / "inetd.conf", conf)
+    services = SERVICES
     conv = convert_inetd_conf(conf, services)
-    if all(
-        not line.strip() or line.lstrip().startswith("#") for line in conf.read_text().splitlines()
-    ):
-        # As shipped: every entry commented out.
-        assert conv.config == {"services": {}}
-        assert conv.warnings == ()
+    # As shipped: every entry commented out.
+    assert conv.config == {"services": {}}
+    assert conv.warnings == ()
     if shutil.which("update-inetd") is None:
         pytest.skip("update-inetd not installed")
     update_inetd(
@@ -1357,3 +1353,52 @@ def test_cli_convert_writes_yaml_that_pyinetd_accepts(tmp_path: Path) -> None:
     doc = yaml.safe_load(out.stdout)
     assert doc["services"]["echo"]["builtin"] == "echo"
     assert doc["services"]["daytime"]["protocol"] == "udp"
+
+
+# --------------------------------------------------------------------------- issue 18.13
+
+
+def test_file_name_with_a_newline_adds_no_include(tmp_path: Path) -> None:
+    # A file name in an includedir ends up in a warning comment: with a raw newline it became
+    # a real top-level `include:` of the output, which pyinetd would then follow.
+    d = tmp_path / "xinetd.d"
+    d.mkdir()
+    (d / "x.\ninclude: evil.yaml\n#").write_text("")
+    (d / "e\x1b]0;owned\x07").write_text("service\n")
+    conv = xinetd(
+        tmp_path, f"includedir {d}\n" + service_block("type = INTERNAL\nwait = no", "echo")
+    )
+    for fmt in ("yaml", "toml"):
+        out = dump(conv, fmt)
+        assert "include" not in (yaml.safe_load(out) if fmt == "yaml" else tomllib.loads(out))
+        comments = [ln for ln in out.splitlines() if ln.startswith("# warning:")]
+        assert len(comments) == len(conv.warnings) >= 2
+        assert any(r"/x.\ninclude: evil.yaml\n#:0: skipped" in c for c in comments)
+        assert "\x1b" not in out and any(r"e\x1b]0;owned\x07" in c for c in comments)
+
+
+def test_files_that_include_their_own_folder_are_read_once(tmp_path: Path) -> None:
+    # 8 files, each including the folder they are in: 60 s and 767k warnings when only the
+    # current include chain was checked.
+    d = tmp_path / "xinetd.d"
+    d.mkdir()
+    for i in range(8):
+        (d / f"s{i}").write_text(f"includedir {d}\n" + service_block("type = INTERNAL", f"s{i}"))
+    conv = xinetd(tmp_path, f"includedir {d}\n")
+    # Each file read once; each of its 8 folder entries then a one-line "loop"/"already" note.
+    notes = [w for w in conv.warnings if "include loop" in w.message or "already" in w.message]
+    assert len(notes) == 8 * 8
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_include_of_something_not_a_file_is_skipped(tmp_path: Path, target: str) -> None:
+    # `include /dev/zero` ended in MemoryError, a FIFO hung the conversion.
+    if target == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        target = str(tmp_path / "fifo")
+    conv = xinetd(tmp_path, f"include {target}\n")
+    assert [w.message for w in conv.warnings] == [
+        f"cannot read included file {target}: not a regular file"
+    ]
+    with pytest.raises(OSError, match="not a regular file"):
+        convert_file(Path(target))

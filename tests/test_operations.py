@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ from conftest import (
     free_port,
     pid_gone,
     port_open,
+    script,
     tcp_listening,
     tcp_talk,
     wait_for,
@@ -406,3 +409,206 @@ def test_socket_activation_with_systemd_socket_activate(tmp_path: Path) -> None:
         log = proc.stderr.read().decode()
         proc.stderr.close()
     assert "socket activation: adopted tcp 127.0.0.1:" in log
+
+
+def closed_pipe_run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run pyinetd with stdout a pipe whose reader has already gone (as `| head -1` leaves it)."""
+    r, w = os.pipe()
+    os.close(r)  # closed before the start: every write fails with EPIPE, no race with a reader
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "pyinetd", *args],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+            timeout=DEADLINE,
+        )
+    finally:
+        os.close(w)
+
+
+def test_schema_and_status_into_a_closed_pipe_end_without_a_traceback(inetd: Start) -> None:
+    """`pyinetd --schema | head` and `pyinetd status | head -1` printed a BrokenPipeError."""
+    p = inetd({"services": {"e": {"listen": f"127.0.0.1:{free_port()}"}}})
+    for args in (
+        ("--schema",),
+        ("status", "-c", str(p.path)),
+        ("status", "-c", str(p.path), "--json"),
+    ):
+        run = closed_pipe_run(*args)
+        assert (run.returncode, run.stderr) == (1, ""), args
+
+
+def test_status_from_another_folder_names_the_config_it_assumed(tmp_path: Path) -> None:
+    """`pyinetd status` away from the config said only 'cannot reach pyinetd at ...sock'."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "status"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=DEADLINE,
+    )
+    assert run.returncode == 1
+    first, second = run.stderr.splitlines()
+    assert first.startswith("pyinetd status: cannot reach pyinetd at ")
+    assert second == (
+        f"pyinetd status: that is the control socket for {tmp_path / 'inetd.yaml'}, which does "
+        "not exist; name the running instance's config with -c FILE, or its socket with "
+        "--control PATH"
+    )
+
+
+def in_private_dev(dev: Path) -> tuple[str, ...]:
+    """A command prefix that runs the command with ``dev`` mounted over /dev (own namespace).
+
+    The folder gets /dev/null; whatever else the test puts there (a log socket, or nothing)
+    is all the command sees: the machine's /dev/log is neither needed nor touched.
+    """
+    (dev / "null").touch()
+    return (
+        "unshare",
+        "--mount",
+        "sh",
+        "-c",
+        f'mount --bind /dev/null {dev}/null && mount --bind {dev} /dev && exec "$@"',
+        "sh",
+    )
+
+
+needs_unshare = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs root and unshare(1) for a private /dev",
+)
+
+
+@needs_unshare
+def test_syslog_without_dev_log_is_an_error_not_udp_514(tmp_path: Path) -> None:
+    """--syslog without /dev/log sent every line to UDP localhost:514, where nobody listened."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    conf = tmp_path / "inetd.yaml"
+    conf.write_text(f"services:\n  e: {{listen: '127.0.0.1:{free_port()}'}}\n")
+    run = subprocess.run(
+        [*in_private_dev(dev), sys.executable, "-m", "pyinetd", "-c", str(conf), "--syslog"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert run.returncode == 1, run.stderr
+    assert run.stderr == (
+        "pyinetd: --syslog: cannot reach the syslog socket /dev/log: No such file or directory "
+        "(is a syslog daemon or journald running? without --syslog pyinetd logs to stderr)\n"
+    )
+
+
+@needs_unshare
+def test_syslog_lines_reach_the_local_syslog_socket(inetd: Start, tmp_path: Path) -> None:
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(dev / "log"))
+        syslog.settimeout(DEADLINE)
+        port = free_port()
+        p = inetd(
+            {"services": {"e": {"listen": f"127.0.0.1:{port}"}}},
+            "--syslog",
+            prefix=in_private_dev(dev),
+            wait_ready=False,
+        )
+        line = syslog.recv(4096).decode()
+        # <30> is facility daemon (3 * 8) + severity info (6), RFC 3164.
+        assert line.startswith("<30>pyinetd: ") and f"127.0.0.1:{port}" in line, line
+        p.signal(signal.SIGTERM)
+        assert p.proc.wait(DEADLINE) == 0
+
+
+def recv_until(sock: socket.socket, prefix: bytes, deadline: float = DEADLINE) -> list[bytes]:
+    """Datagrams received until one starts with ``prefix`` (bounded); all of them, in order."""
+    got: list[bytes] = []
+    end = time.monotonic() + deadline
+    while not got or not got[-1].startswith(prefix):
+        sock.settimeout(max(0.001, end - time.monotonic()))
+        got.append(sock.recv(4096))
+    return got
+
+
+def test_watchdog_is_petted_at_half_the_interval_while_the_loop_runs(
+    inetd: Start, tmp_path: Path
+) -> None:
+    """systemd's WatchdogSec= restarted a healthy pyinetd: it never sent WATCHDOG=1."""
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(str(path))
+        p = inetd(
+            {"services": {"e": {"listen": f"127.0.0.1:{free_port()}"}}},
+            env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "200000"},  # 0.2 s
+        )
+        assert recv_until(ns, b"WATCHDOG=1")[0].startswith(b"READY=1")
+        times = []
+        for _ in range(6):
+            recv_until(ns, b"WATCHDOG=1")
+            times.append(time.monotonic())
+        gaps = sorted(b - a for a, b in itertools.pairwise(times))
+        # Every 0.1 s, half of 0.2 s (the median: one late wake-up on a loaded machine is no
+        # failure, a pet per whole interval is).
+        assert gaps[0] > 0.07 and gaps[2] < 0.16, gaps
+
+        # A loop stuck in a handler stops petting: a reload that blocks opening the config
+        # (a FIFO with no writer yet) holds the one loop thread.
+        text = p.path.read_text()
+        p.path.unlink()
+        os.mkfifo(p.path, 0o600)
+        p.signal(signal.SIGHUP)
+        recv_until(ns, b"RELOADING=1")
+        ns.settimeout(0.6)  # three intervals: not one pet while the loop is stuck
+        with pytest.raises(TimeoutError):
+            ns.recv(4096)
+        with open(p.path, "w") as fifo:  # the loop reads the file and goes on
+            fifo.write(text)
+        recv_until(ns, b"READY=1")
+        recv_until(ns, b"WATCHDOG=1")
+
+
+def test_process_durations_and_exit_classes_in_metrics_and_status(
+    inetd: Start, tmp_path: Path
+) -> None:
+    """Metrics counted connections, not how long their processes ran or how they ended."""
+    port, mport = free_port(), free_port()
+    prog = script(
+        tmp_path,
+        "outcome.sh",
+        "#!/bin/sh\nread how\ncase $how in\n"
+        "ok) exit 0;;\nerr) exit 3;;\ncrash) kill -SEGV $$;;\n"
+        "missing) exec /nonexistent/program;;\nhang) exec sleep 30;;\nesac\n",
+    )
+    p = inetd(
+        {
+            "metrics": f"127.0.0.1:{mport}",
+            "services": {"s": {"listen": f"127.0.0.1:{port}", "exec": prog, "timeout": 0.5}},
+        }
+    )
+    for n, how in enumerate(("ok", "err", "crash", "missing", "hang"), 1):
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as c:
+            c.sendall(how.encode() + b"\n")
+            p.wait_log(r"s: pid \d+ ended", count=n)
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=DEADLINE) as r:
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert "# TYPE pyinetd_process_duration_seconds histogram" in text
+    for how in ("ok", "error", "signal", "not_run", "killed"):
+        assert samples[f'pyinetd_process_exits_total{{service="s",class="{how}"}}'] == 1, how
+    bucket = 'pyinetd_process_duration_seconds_bucket{{service="s",le="{}"}}'
+    assert samples['pyinetd_process_duration_seconds_count{service="s"}'] == 5
+    assert samples[bucket.format("+Inf")] == 5
+    # Four end at once; the hung one ran until its 0.5 s timeout.
+    assert samples[bucket.format("0.25")] == 4
+    assert samples['pyinetd_process_duration_seconds_sum{service="s"}'] >= 0.5
+    table = cli("status", "-c", str(p.path)).stdout
+    assert re.search(
+        r"^  s: 5 ended \(ok=1 error=1 not_run=1 signal=1 killed=1\), mean 0\.\d{3}s$", table, re.M
+    ), table

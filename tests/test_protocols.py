@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,11 +11,13 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import DEADLINE, Pyinetd, free_port, port_open, script, tcp_talk, wait_for
 
 trustme = pytest.importorskip("trustme")
@@ -29,6 +32,7 @@ def pki(tmp_path: Path) -> dict[str, object]:
     for blob in server.cert_chain_pems[1:]:
         blob.write_to_path(tmp_path / "cert.pem", append=True)
     server.private_key_pem.write_to_path(tmp_path / "key.pem")
+    (tmp_path / "key.pem").chmod(0o600)  # as root pyinetd refuses a key others may read
     ca.cert_pem.write_to_path(tmp_path / "ca.pem")
     client = ca.issue_cert("alice@example.org", common_name="alice")
     client.private_key_and_cert_chain_pem.write_to_path(tmp_path / "client.pem")
@@ -179,6 +183,68 @@ def test_tls_certificate_reread_on_reload(inetd: Start, pki: dict[str, object]) 
     ctx = ssl.create_default_context()
     other.configure_trust(ctx)
     assert tls_talk(port, ctx, b"three") == b"three"
+
+
+# A renewal landing at the worst moment of a SIGHUP: after the new configuration is read and
+# checked, before it is applied. The driver runs the real pyinetd, its `load` wrapped to move
+# key.next over key.pem right after a reload's load returns.
+_SWAP_DRIVER = """
+import os, sys
+import pyinetd.server as server
+from pyinetd import cli
+
+real_load = server.load
+
+def load(path):
+    config = real_load(path)
+    key = os.path.join(os.path.dirname(str(path)), "key.pem")
+    if os.path.exists(key + ".next"):
+        os.replace(key + ".next", key)
+    return config
+
+server.load = load
+sys.exit(cli.main(sys.argv[sys.argv.index("-c"):]))
+"""
+
+
+def test_tls_key_swapped_during_reload_never_serves_plaintext(
+    inetd: Start, pki: dict[str, object], tmp_path: Path
+) -> None:
+    # Before: the context was set to None, the second read failed outside any try, the relay
+    # skipped the handshake, and `nc` with no certificate got `uid=0(root)`; the services after
+    # it were never updated while the new config was already in place.
+    tls_port, later_port = free_port(), free_port()
+    driver = tmp_path / "driver.py"
+    driver.write_text(_SWAP_DRIVER)
+    ca = str(Path(str(pki["dir"])) / "ca.pem")
+    config = {
+        "services": {
+            "s": tls_service(tls_port, "/usr/bin/id", client_ca=ca),
+            "later": {"listen": f"127.0.0.1:{later_port}", "builtin": "echo"},
+        }
+    }
+    p = inetd(config, prefix=(sys.executable, str(driver)))
+    assert tls_talk(tls_port, client_ctx(pki, cert=True), b"").startswith(b"uid=0(root)")
+    other = trustme.CA().issue_cert("x")
+    (tmp_path / "key.pem.next").write_bytes(other.private_key_pem.bytes())
+    (tmp_path / "key.pem.next").chmod(0o600)
+    changed = {**config["services"], "later": {**config["services"]["later"], "builtin": "daytime"}}
+    p.path.write_text(yaml.safe_dump({"services": changed}))
+    p.signal(signal.SIGHUP)
+    p.wait_log("reload failed|internal error")  # (before the fix: the latter, mid-apply)
+    assert not (tmp_path / "key.pem.next").exists()  # the swap did happen
+    # No TLS, or TLS without a client certificate: nothing from the service.
+    try:
+        plain = tcp_talk(tls_port, b"hello\n")
+    except ConnectionResetError:
+        plain = b""  # the handshake failed with our bytes unread
+    assert b"uid=" not in plain
+    with contextlib.suppress(ssl.SSLError, OSError):
+        assert b"uid=" not in tls_talk(tls_port, client_ctx(pki), b"")
+    # The running configuration is whole: the TLS service as it was, and the one after it too.
+    assert tls_talk(tls_port, client_ctx(pki, cert=True), b"").startswith(b"uid=0(root)")
+    assert tcp_talk(later_port, b"still echo\n") == b"still echo\n"
+    p.wait_log(r"reload failed, keeping the running configuration: .*key\.pem'?: the key does not")
 
 
 def test_tls_bad_key_is_a_config_error(tmp_path: Path, pki: dict[str, object]) -> None:
@@ -366,3 +432,53 @@ def test_redirect_relays_to_the_target_and_closes_when_unreachable(inetd: Start)
         r".*Connection refused"
     )
     assert tcp_talk(port, b"still") == b"still"
+
+
+# ---------------------------------------------------------------- client-chosen bytes (18.7)
+@pytest.mark.parametrize(
+    "sni",
+    ["a\nEVIL=1", "../../../etc/passwd", "x;rm -rf /", "\x1b]0;owned\x07", "a" * 64],
+    ids=["newline", "path", "shell", "escape", "long-label"],
+)
+def test_sni_that_is_not_a_host_name_is_left_out_and_logged(
+    inetd: Start, pki: dict[str, object], sni: str
+) -> None:
+    """The SNI name reached SSL_TLS_SNI_SERVERNAME byte for byte: a newline, a path, shell
+    metacharacters, a terminal escape. Only a valid host name is passed on."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    port = free_port()
+    p = inetd({"services": {"s": tls_service(port, ["/usr/bin/env"])}})
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", sni, "-quiet",
+         "-CAfile", str(Path(str(pki["dir"])) / "ca.pem")],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE,
+    ).stdout  # fmt: skip
+    assert b"PYINETD_SERVICE=s" in out  # the service ran
+    assert b"SSL_TLS_SNI" not in out and b"\nEVIL=1" not in out
+    p.wait_log(r"s\[\d+\]: TLS from 127\.0\.0\.1:\d+: SNI .* is not a host name")
+
+
+def test_sni_host_name_still_reaches_the_service(inetd: Start, pki: dict[str, object]) -> None:
+    port = free_port()
+    inetd({"services": {"s": tls_service(port, ["/usr/bin/env"])}})
+    out = tls_talk(port, client_ctx(pki), b"", sni="localhost").decode()
+    assert "SSL_TLS_SNI_SERVERNAME=localhost\n" in out
+
+
+def test_client_dn_with_a_newline_is_escaped_as_mod_ssl_does(
+    inetd: Start, pki: dict[str, object], tmp_path: Path
+) -> None:
+    """A trusted client certificate whose CN holds "\\nEVIL=1" put a line of its own into
+    SSL_CLIENT_S_DN: now the newline is \\0A, as mod_ssl writes it."""
+    ca = pki["ca"]
+    evil = ca.issue_cert("evil@example.org", common_name="alice\nEVIL=1")  # type: ignore[attr-defined]
+    evil.private_key_and_cert_chain_pem.write_to_path(tmp_path / "evil.pem")
+    port = free_port()
+    inetd({"services": {"s": tls_service(port, ["/usr/bin/env"], client_ca="ca.pem")}})
+    ctx = client_ctx(pki)
+    ctx.load_cert_chain(str(tmp_path / "evil.pem"))
+    lines = tls_talk(port, ctx, b"").decode().splitlines()
+    dn = [x for x in lines if x.startswith("SSL_CLIENT_S_DN=")]
+    assert dn and dn[0].startswith("SSL_CLIENT_S_DN=CN=alice\\0AEVIL=1,"), dn
+    assert "EVIL=1" not in lines

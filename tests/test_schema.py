@@ -207,6 +207,7 @@ _SAME_VERDICT = [
     "wait",
     "enabled",
     "env_clear",
+    "no_new_privs",
     "protocol",
     "builtin",
     "on_limit",
@@ -307,6 +308,7 @@ _SETTINGS: dict[str, st.SearchStrategy[Any]] = {
     "user": st.just(_ME),
     "env": st.dictionaries(st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,6}", fullmatch=True), _TEXT),
     "env_clear": st.booleans(),
+    "no_new_privs": st.booleans(),
     "umask": st.integers(0, 0o777).map(lambda n: f"{n:03o}"),
     "nice": st.integers(0, 19),
     "rlimits": st.fixed_dictionaries(
@@ -482,6 +484,6 @@ def test_man_page_is_current() -> None:
     from pyinetd.cli import build_parser
 
     expected = gen.render(build_parser())
-    assert (REPO / "contrib" / "pyinetd.1").read_text() == expected, (
-        "run: python scripts/gen_manpage.py > contrib/pyinetd.1"
+    assert (REPO / "contrib" / "pyinetd.8").read_text() == expected, (
+        "run: python scripts/gen_manpage.py"
     )

@@ -23,8 +23,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 PROBE = (
-    "ls /proc/self/fd; grep -E '^Sig(Blk|Ign):' /proc/self/status; "
-    "cut -d' ' -f5 /proc/$$/stat"
+    "ls /proc/self/fd; grep -E '^Sig(Blk|Ign):' /proc/self/status; cut -d' ' -f5,6,7 /proc/$$/stat"
 )
 
 
@@ -74,7 +73,7 @@ def all_slots() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("how", ["start", "spawn"])
-def test_child_gets_fds_0_1_2_its_own_group_and_no_handlers(
+def test_child_gets_fds_0_1_2_its_own_session_and_no_handlers(
     how: str, report: tuple[int, int]
 ) -> None:
     ours, theirs = socket.socketpair()
@@ -97,7 +96,9 @@ def test_child_gets_fds_0_1_2_its_own_group_and_no_handlers(
     assert sorted(fds) == [0, 1, 2, 3], out  # 3: the directory ls reads
     for field in ("SigBlk:", "SigIgn:"):  # (caught ones: exec resets them anyway)
         assert int(out[out.index(field) + 1], 16) == 0, (field, out)
-    assert int(out[-1]) == pid  # a process group of its own
+    pgrp, session, tty = (int(x) for x in out[-3:])
+    # A session of its own (so a group too), with no controlling terminal (issue 18.3)
+    assert (pgrp, session, tty) == (pid, pid, 0)
 
 
 def test_failed_exec_is_reported_on_the_pipe_and_exits_127(report: tuple[int, int]) -> None:
@@ -150,7 +151,7 @@ def test_arguments_are_checked_before_any_child_starts(report: tuple[int, int]) 
         _spawn.set_slots(17)
 
 
-def test_a_child_before_its_exec_has_its_group_and_settle_waits_it_out(
+def test_a_child_before_its_exec_is_held_until_settle(
     report: tuple[int, int],
 ) -> None:
     """Until its exec a clone child holds a copy of every fd: a listener closed meanwhile
@@ -175,9 +176,8 @@ def test_a_child_before_its_exec_has_its_group_and_settle_waits_it_out(
                 assert wait_exit(pid) == 0
                 pid = 0
                 continue
-            # Not run yet, and already the leader of its own group (the parent's setpgid):
-            # a timeout's killpg reaches it.
-            assert os.getpgid(pid) == pid
+            # Not run yet: still in our group, as no parent-side setpgid may make it a group
+            # leader (its setsid would fail); server._kill_group signals the pid itself too.
             again = socket.socket()
             again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             with pytest.raises(OSError) as held:
@@ -196,3 +196,23 @@ def test_a_child_before_its_exec_has_its_group_and_settle_waits_it_out(
         if pid:  # a failure above: a stopped child before its exec holds our stdout
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("how", ["start", "spawn"])
+@pytest.mark.parametrize("flags", [0, 1])
+def test_no_new_privs_flag_reaches_the_child(
+    how: str, flags: int, report: tuple[int, int], tmp_path: Path
+) -> None:
+    """flags=1: prctl(PR_SET_NO_NEW_PRIVS) in the child before its exec; 0: left alone."""
+    out = tmp_path / "status"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC)
+    try:
+        fn = _spawn.start if how == "start" else _spawn.spawn
+        pid = fn([b"/bin/grep", b"^NoNewPrivs:", b"/proc/self/status"], [], [], 0, fd, 2,
+                 report[1], (), flags)  # fmt: skip
+        assert wait_exit(pid) == 0
+    finally:
+        os.close(fd)
+    assert out.read_text().split() == ["NoNewPrivs:", str(flags)]
+    with pytest.raises(ValueError):
+        fn([b"/bin/true"], [], [], 0, 1, 2, report[1], (), 4)

@@ -22,7 +22,14 @@ import pytest
 import trustme
 
 from pyinetd.relay import relay
-from pyinetd.tlsconf import TLSSettings, format_dn, handshake, make_context, tls_environ
+from pyinetd.tlsconf import (
+    TLSSettings,
+    format_dn,
+    handshake,
+    host_name,
+    make_context,
+    tls_environ,
+)
 
 OPENSSL = shutil.which("openssl")
 
@@ -62,6 +69,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     client.private_key_pem.write_to_path(str(d / "client.key"))
     rogue.cert_chain_pems[0].write_to_path(str(d / "rogue.pem"))
     rogue.private_key_pem.write_to_path(str(d / "rogue.key"))
+    for key in d.glob("*.key"):
+        key.chmod(0o600)  # as root pyinetd refuses a key others may read
     plain = TLSSettings(cert=d / "server.pem", key=d / "server.key", handshake_timeout=5)
     return PKI(
         dir=d,
@@ -168,6 +177,10 @@ def _bad_settings(pki: PKI) -> list[tuple[TLSSettings, str]]:
             [OPENSSL, "pkey", "-in", str(d / "server.key"), "-aes256", *PASS_OUT, str(enc)],
             check=True,
         )
+    (d / "cert-as.key").write_bytes((d / "server.pem").read_bytes())
+    for key in (d / "other.key", enc, d / "cert-as.key"):
+        if key.exists():
+            key.chmod(0o600)  # refused as root otherwise, before what is tested here
     s = pki.server
     cases = [
         (
@@ -176,7 +189,7 @@ def _bad_settings(pki: PKI) -> list[tuple[TLSSettings, str]]:
         ),
         (replace(s, key=d / "missing.key"), r"tls.key: '.*missing.key': cannot read"),
         (replace(s, cert=d / "junk.pem"), r"tls.cert: '.*junk.pem': no PEM certificate"),
-        (replace(s, key=d / "server.pem"), r"tls.key: '.*server.pem': no PEM private key"),
+        (replace(s, key=d / "cert-as.key"), r"tls.key: '.*cert-as.key': no PEM private key"),
         (replace(s, key=d / "other.key"), r"'.*other.key': the key does not belong to the cert"),
         (replace(s, client_ca=d / "missing_ca.pem"), r"tls.client_ca: '.*missing_ca.pem': cannot"),
         (replace(s, client_ca=d / "junk.pem"), r"tls.client_ca: '.*junk.pem': no usable CA"),
@@ -472,3 +485,60 @@ def test_forked_server_gives_up_on_a_client_that_never_handshakes(
     with socket.create_connection(("127.0.0.1", server.port)):
         report = server.result(5)  # while the client is still connected and silent
     assert report["error"].startswith("TimeoutError: TLS handshake not completed within 0.3 s")
+
+
+def test_tls_service_without_a_context_refuses(pki: PKI, tmp_path: Path) -> None:
+    # Fail closed (issue 18.2): whatever left a TLS service without its context, the relay
+    # never hands the client to the service without a handshake.
+    from pyinetd.config import load
+    from pyinetd.spawn import spawn_relay
+
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(
+        f"services:\n  s: {{listen: 7, exec: [/usr/bin/id], "
+        f"tls: {{cert: {pki.server.cert}, key: {pki.server.key}}}}}\n"
+    )
+    (svc,) = load(cfg).services
+    ours, theirs = socket.socketpair()
+    err_r, err_w = os.pipe()
+    with ours:
+        ours.sendall(b"hello\n")  # no ClientHello
+        pid = spawn_relay(svc, theirs.fileno(), err_w, {b"PATH": b"/usr/bin:/bin"}, None, "peer")
+        theirs.close()
+        os.close(err_w)
+        _, status = os.waitpid(pid, 0)
+        ours.settimeout(10)
+        try:
+            got = ours.recv(4096)
+        except ConnectionResetError:  # closed with our bytes unread
+            got = b""
+        assert got == b""
+    with os.fdopen(err_r, "rb") as err:
+        assert err.read() == b"TLS service without a TLS context: refusing peer\n"
+    assert os.waitstatus_to_exitcode(status) == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["localhost", "pyinetd.test", "xn--bcher-kva.example", "a-b.c1", "a" * 63 + ".x",
+     ".".join(["a" * 63] * 3) + "." + "a" * 61],
+)  # fmt: skip
+def test_host_name_accepts_ldh_names(name: str) -> None:
+    assert host_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "a\nEVIL=1", "../../../etc/passwd", "x;rm -rf /", "\x1b]0;t\x07", "a" * 64,
+     "-a.b", "a-.b", "a..b", "a.", ".a", "a_b", "a b", "bücher.example", "a\0",
+     ".".join(["a" * 63] * 4)],
+)  # fmt: skip
+def test_host_name_refuses_what_is_not_a_host_name(name: str) -> None:
+    assert host_name(name) is None
+
+
+def test_format_dn_escapes_control_characters_as_mod_ssl() -> None:
+    """A newline is \\0A (OpenSSL's ASN1_STRFLGS_ESC_CTRL, what mod_ssl shows), C1 and other
+    non-printables byte by byte; printable non-ASCII stays as it is."""
+    name = ((("commonName", "a\nSSL_CLIENT_VERIFY=SUCCESS\r\x1b[2J\x7f\u202e\x85é"),),)
+    assert format_dn(name) == r"CN=a\0ASSL_CLIENT_VERIFY=SUCCESS\0D\1B[2J\7F\E2\80\AE\C2\85é"

@@ -9,7 +9,7 @@
  *   Here the caller says which signals have a handler or are ignored (a handful, known once),
  *   so the child only resets those signals, moves the connection onto 0, 1 and 2, drops
  *   every other fd in one close_range (they are all close-on-exec anyway, PEP 446; see
- *   settle() for why now), joins a new process group, clears its signal mask and execs. Exec errors come back at once: the parent resumes only after
+ *   settle() for why now), starts a session of its own (setsid), clears its signal mask and execs. Exec errors come back at once: the parent resumes only after
  *   the child exec'd or exited, and the child leaves its errno in the parent's memory.
  *
  * start(): the same child, without the wait. vfork makes the parent sleep until the child's
@@ -24,8 +24,9 @@
  *     errno on failure, and errno is thread-local storage of pyinetd's own thread;
  *   - a failed exec is reported later: the child writes (pid, errno) to a pipe and exits
  *     127; pyinetd reads it when it reaps that pid (Spawner.exec_error());
- *   - the parent makes the child its group's leader too (setpgid, as shells do), so that
- *     killing the group never misses a child that has not run yet;
+ *   - a child that has not run its setsid yet is still in pyinetd's process group: pyinetd
+ *     signals a child's pid as well as its group (server._kill_group), so that a kill never
+ *     misses it;
  *   - a child holds copies of pyinetd's fds until its close_range: after closing listening
  *     sockets (reload, stop), pyinetd calls settle(), which waits on the slots' tid words.
  *   Every signal is blocked from before clone until the child has reset its handlers to
@@ -50,6 +51,11 @@
 #include <unistd.h>
 
 #define MAX_RESET 128
+/* flags for spawn()/start() */
+#define SPAWN_NO_NEW_PRIVS 1
+#ifndef PR_SET_NO_NEW_PRIVS
+#define PR_SET_NO_NEW_PRIVS 38 /* <linux/prctl.h>, Linux 3.5 */
+#endif
 #ifndef SYS_close_range
 #define SYS_close_range 436 /* the same number on every architecture (Linux 5.9) */
 #endif
@@ -74,6 +80,18 @@ raw_syscall(long n, long a, long b, long c, long d)
                      : "rcx", "r11", "memory");
     return ret;
 }
+static inline long
+raw_syscall5(long n, long a, long b, long c, long d, long e)
+{
+    long ret;
+    register long r10 __asm__("r10") = d;
+    register long r8 __asm__("r8") = e;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
 #elif defined(__aarch64__)
 static inline long
 raw_syscall(long n, long a, long b, long c, long d)
@@ -86,11 +104,32 @@ raw_syscall(long n, long a, long b, long c, long d)
     __asm__ volatile("svc 0" : "+r"(x0) : "r"(x8), "r"(x1), "r"(x2), "r"(x3) : "memory");
     return x0;
 }
+static inline long
+raw_syscall5(long n, long a, long b, long c, long d, long e)
+{
+    register long x8 __asm__("x8") = n;
+    register long x0 __asm__("x0") = a;
+    register long x1 __asm__("x1") = b;
+    register long x2 __asm__("x2") = c;
+    register long x3 __asm__("x3") = d;
+    register long x4 __asm__("x4") = e;
+    __asm__ volatile("svc 0"
+                     : "+r"(x0)
+                     : "r"(x8), "r"(x1), "r"(x2), "r"(x3), "r"(x4)
+                     : "memory");
+    return x0;
+}
 #else
 static inline long
 raw_syscall(long n, long a, long b, long c, long d)
 {
     long r = syscall(n, a, b, c, d); /* vfork only here: errno may be clobbered safely */
+    return r < 0 ? -errno : r;
+}
+static inline long
+raw_syscall5(long n, long a, long b, long c, long d, long e)
+{
+    long r = syscall(n, a, b, c, d, e);
     return r < 0 ? -errno : r;
 }
 #endif
@@ -110,11 +149,12 @@ struct child_args {
     int fds[3];
     int nreset;
     int reset[MAX_RESET];
+    int flags;           /* SPAWN_NO_NEW_PRIVS */
     int report_fd;       /* async: where (pid, errno) goes on failure */
     volatile int *error; /* vfork: where errno goes on failure */
 };
 
-/* In the child: reset signals, fds 0-2, process group, mask, exec. Never returns. */
+/* In the child: reset signals, fds 0-2, session, no_new_privs, mask, exec. Never returns. */
 static void _Py_NO_RETURN
 child_exec(struct child_args *a)
 {
@@ -161,11 +201,22 @@ child_exec(struct child_args *a)
     else {
         (void)raw_syscall(SYS_close_range, 3, ~0U, 0, 0);
     }
-    /* Its own process group: Ctrl-C on pyinetd's terminal does not reach services, and a
+    /* A session of its own (so also a process group of its own, which it leads): without a
+     * session a service shares pyinetd's controlling terminal, opens /dev/tty and types into
+     * root's shell with TIOCSTI, or joins pyinetd's process group with setpgid and escapes the
+     * timeout's killpg (issue 18.3). Ctrl-C on pyinetd's terminal does not reach it, and a
      * timeout signals a service together with what it started. */
-    r = raw_syscall(SYS_setpgid, 0, 0, 0, 0);
+    r = raw_syscall(SYS_setsid, 0, 0, 0, 0);
     if (r < 0)
         goto fail;
+    /* The service, and all it execs, can never gain privileges through a setuid or
+     * file-capability binary (prctl(2) PR_SET_NO_NEW_PRIVS). */
+    if (a->flags & SPAWN_NO_NEW_PRIVS) {
+        /* All five arguments: prctl says EINVAL unless arguments 3 to 5 are zero. */
+        r = raw_syscall5(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+        if (r < 0)
+            goto fail;
+    }
     r = raw_syscall(SYS_rt_sigprocmask, SIG_SETMASK, (long)&empty, 0, sizeof empty);
     if (r < 0)
         goto fail;
@@ -186,6 +237,7 @@ fail:
 typedef struct {
     PyObject *argv, *env, *extra;
     int fds[3];
+    int flags;
     int nreset;
     int reset[MAX_RESET];
 } call_t;
@@ -194,10 +246,15 @@ static int
 parse_call(PyObject *args, call_t *c, int *extra_fd, const char *fmt)
 {
     PyObject *reset_o;
+    c->flags = 0;
     if (!PyArg_ParseTuple(args, fmt, &PyList_Type, &c->argv, &PyList_Type, &c->env, &PyList_Type,
                           &c->extra, &c->fds[0], &c->fds[1], &c->fds[2], extra_fd,
-                          &PyTuple_Type, &reset_o))
+                          &PyTuple_Type, &reset_o, &c->flags))
         return -1;
+    if (c->flags & ~SPAWN_NO_NEW_PRIVS) {
+        PyErr_SetString(PyExc_ValueError, "unknown flags");
+        return -1;
+    }
     if (PyList_GET_SIZE(c->argv) < 1) {
         PyErr_SetString(PyExc_ValueError, "argv must not be empty");
         return -1;
@@ -228,6 +285,7 @@ static void
 fill_args(struct child_args *a, const call_t *c)
 {
     memcpy(a->fds, c->fds, sizeof a->fds);
+    a->flags = c->flags;
     a->nreset = c->nreset;
     memcpy(a->reset, c->reset, sizeof(int) * (size_t)c->nreset);
 }
@@ -284,18 +342,18 @@ vfork_exec(const call_t *c)
 }
 
 PyDoc_STRVAR(spawn_doc,
-"spawn(argv, env, extra_env, stdin, stdout, stderr, unused, reset) -> pid\n\n"
+"spawn(argv, env, extra_env, stdin, stdout, stderr, unused, reset, flags=0) -> pid\n\n"
 "vfork and exec argv[0] (a path) with the given fds on 0, 1 and 2, the environment\n"
-"env + extra_env (lists of KEY=value bytes), a new process group, an empty signal mask\n"
-"and the signals in reset at their default. Raises OSError, with the child reaped, if\n"
-"the exec failed.");
+"env + extra_env (lists of KEY=value bytes), a new session, an empty signal mask\n"
+"and the signals in reset at their default; flags 1: PR_SET_NO_NEW_PRIVS. Raises\n"
+"OSError, with the child reaped, if the exec failed.");
 
 static PyObject *
 spawn(PyObject *module, PyObject *args)
 {
     call_t c;
     int unused;
-    if (parse_call(args, &c, &unused, "O!O!O!iiiiO!:spawn") < 0)
+    if (parse_call(args, &c, &unused, "O!O!O!iiiiO!|i:spawn") < 0)
         return NULL;
     return vfork_exec(&c);
 }
@@ -390,7 +448,7 @@ fill_slot(struct slot *s, const call_t *c)
 }
 
 PyDoc_STRVAR(start_doc,
-"start(argv, env, extra_env, stdin, stdout, stderr, report_fd, reset) -> pid\n\n"
+"start(argv, env, extra_env, stdin, stdout, stderr, report_fd, reset, flags=0) -> pid\n\n"
 "As spawn(), without waiting for the exec: a failed exec is written to report_fd as two\n"
 "native ints (pid, errno) and the child exits 127. Where no slot is free, as spawn().");
 
@@ -399,7 +457,7 @@ start(PyObject *module, PyObject *args)
 {
     call_t c;
     int report_fd;
-    if (parse_call(args, &c, &report_fd, "O!O!O!iiiiO!:start") < 0)
+    if (parse_call(args, &c, &report_fd, "O!O!O!iiiiO!|i:start") < 0)
         return NULL;
     struct slot *s = free_slot();
     if (s == NULL || fill_slot(s, &c) < 0)
@@ -418,10 +476,10 @@ start(PyObject *module, PyObject *args)
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (pid < 0) /* e.g. a sandbox that refuses CLONE_VM: vfork says what is wrong, if any */
         return vfork_exec(&c);
-    /* The child's setpgid may not have run yet: make the group here too (as shells do for
-     * job control), so that a kill of the group (timeout, reload) never misses it. Fails
-     * harmlessly once the child has exec'd (EACCES) or is gone. */
-    (void)setpgid(pid, pid);
+    /* No setpgid(pid, pid) here, as shells do: it would make the child a group leader, and a
+     * group leader's setsid() fails (EPERM). Until its setsid the child is in pyinetd's group
+     * with every signal blocked; a kill before then reaches it through its pid, which
+     * pyinetd's _kill_group() always signals besides the group. */
     return PyLong_FromLong((long)pid);
 }
 
@@ -484,8 +542,30 @@ set_slots(PyObject *module, PyObject *arg)
 }
 #endif
 
+PyDoc_STRVAR(prctl_doc,
+"prctl(option, arg) -> None\n\n"
+"prctl(option, arg, 0, 0, 0) in this process, for the flags a forked child sets before it\n"
+"execs or reads a client's byte: PR_SET_NO_NEW_PRIVS (38), PR_SET_DUMPABLE (4).\n"
+"Raises OSError.");
+
+static PyObject *
+prctl_(PyObject *module, PyObject *args)
+{
+    int option;
+    unsigned long arg;
+    if (!PyArg_ParseTuple(args, "ik:prctl", &option, &arg))
+        return NULL;
+    long r = raw_syscall5(SYS_prctl, option, (long)arg, 0, 0, 0);
+    if (r < 0) {
+        errno = (int)-r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"spawn", spawn, METH_VARARGS, spawn_doc},
+    {"prctl", prctl_, METH_VARARGS, prctl_doc},
 #if HAVE_ASYNC
     {"start", start, METH_VARARGS, start_doc},
     {"set_slots", set_slots, METH_O, set_slots_doc},

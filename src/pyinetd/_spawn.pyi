@@ -7,6 +7,7 @@ def spawn(
     stderr: int,
     unused: int,
     reset: tuple[int, ...],
+    flags: int = 0,
     /,
 ) -> int: ...
 def start(
@@ -18,7 +19,9 @@ def start(
     stderr: int,
     report_fd: int,
     reset: tuple[int, ...],
+    flags: int = 0,
     /,
 ) -> int: ...
 def set_slots(n: int, /) -> None: ...
 def settle(timeout: float, /) -> bool: ...
+def prctl(option: int, arg: int, /) -> None: ...

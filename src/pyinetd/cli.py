@@ -12,7 +12,7 @@ from pathlib import Path
 from pyinetd import __version__
 from pyinetd.config import ConfigError, load
 from pyinetd.listeners import ListenError
-from pyinetd.log import setup_logging
+from pyinetd.log import SYSLOG_SOCKET, setup_logging
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyinetd",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Documentation: README.md in the source tree.",
+        epilog="Documentation: man pyinetd, man pyinetd.yaml (contrib/ in the source), README.md.",
     )
     parser.add_argument(
         "command",
@@ -97,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pyinetd` command."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: a pipe closed early fails here, not at exit
+    except BrokenPipeError:
+        # `pyinetd status | head -1`: the reader has gone, which is no error of ours. As the
+        # signal module's docs recommend: point stdout at /dev/null so the interpreter's
+        # final flush cannot raise again, and exit quietly with 1 (what EPIPE gives).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_RUNTIME
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.schema or args.print_config:
         return _print_schema() if args.schema else _print_config(args.config, args.format)
@@ -106,6 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _control(args)
     try:
         config = load(args.config)
+        if args.check and any(svc.tls for svc in config.services):
+            from pyinetd.tlsconf import build_contexts  # as a (re)load will: read the files
+
+            errors = build_contexts((s.name, s.source, s.tls) for s in config.services)[1]
+            if errors:
+                raise ConfigError(errors)
     except ConfigError as exc:
         for line in exc.errors:
             print(line, file=sys.stderr)
@@ -114,7 +135,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.config}: ok, {len(config.services)} services")
         return EXIT_OK
     _ensure_std_fds()
-    setup_logging(args.log_level, args.log_format, args.syslog)
+    try:
+        setup_logging(args.log_level, args.log_format, args.syslog)
+    except OSError as exc:
+        print(
+            f"pyinetd: --syslog: cannot reach the syslog socket {SYSLOG_SOCKET}: "
+            f"{exc.strerror or exc} (is a syslog daemon or journald running? without "
+            "--syslog pyinetd logs to stderr)",
+            file=sys.stderr,
+        )
+        return EXIT_RUNTIME
     from pyinetd.server import Server  # imported late: --check needs none of it
 
     # A worker of a running pyinetd (its `workers:` setting) is started with this set.
@@ -122,14 +152,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = Server(config, worker=worker)
     try:
         server.bind()
+    except ConfigError as exc:  # a TLS file, read when the contexts are built
+        for line in exc.errors:
+            print(line, file=sys.stderr)
+        return EXIT_CONFIG
     except ListenError as exc:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
-    return server.run(pid_file=None if worker else args.pid_file)
+    return server.run(pid_file=None if worker else args.pid_file, control_path=args.control)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from pyinetd.convert import convert_file, dump
+    from pyinetd.convert import convert_file, dump, escape
 
     if not args.file:
         print("pyinetd convert: give the file to convert, e.g. /etc/inetd.conf", file=sys.stderr)
@@ -141,7 +175,7 @@ def _convert(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
     sys.stdout.write(dump(conv, args.format))
     for w in conv.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"warning: {escape(str(w))}", file=sys.stderr)  # a file name may hold ESC
     return EXIT_OK
 
 
@@ -159,6 +193,17 @@ def _control(args: argparse.Namespace) -> int:
         answer = control.request(path, args.command)
     except (OSError, ValueError) as exc:
         print(f"pyinetd {args.command}: cannot reach pyinetd at {path}: {exc}", file=sys.stderr)
+        if args.control is None:
+            # The socket's name comes from the config file's path: from another folder the
+            # default ./inetd.yaml names another instance (or none). Say what was assumed.
+            config = Path(args.config).absolute()
+            missing = "" if config.exists() else ", which does not exist"
+            print(
+                f"pyinetd {args.command}: that is the control socket for {config}{missing}; "
+                "name the running instance's config with -c FILE, or its socket with "
+                "--control PATH",
+                file=sys.stderr,
+            )
         return EXIT_RUNTIME
     if args.command == "status":
         snap = answer.get("status", {})

@@ -19,22 +19,23 @@ import pwd
 import resource
 import shlex
 import stat
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 if TYPE_CHECKING:  # ssl costs the parent ~5 MiB: loaded only for a service with tls
     from pyinetd.tlsconf import TLSSettings
 
-from pyinetd import schema
-from pyinetd.admission import _RATE_UNITS, AccessList, parse_duration, parse_rate, parse_size
+from pyinetd import fsuser, schema, trust
+from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
+from pyinetd.document import read_document
 
 PROTOCOLS = ("tcp", "udp", "unix")
 BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
+
+
+MAX_ERROR = 1000  # characters of one error line
 
 
 class ConfigError(Exception):
@@ -45,6 +46,8 @@ class ConfigError(Exception):
         errors = [
             e.encode("unicode_escape").decode("ascii") if not e.isprintable() else e for e in errors
         ]
+        # One error, one short line: a value quoted whole could be a megabyte (issue 14.9).
+        errors = [e if len(e) <= MAX_ERROR else e[: MAX_ERROR - 3] + "..." for e in errors]
         super().__init__("\n".join(errors))
         self.errors = errors
 
@@ -76,6 +79,9 @@ class ListenAddress:
 # Limits that count across a service's connections; a service with one is served by the first
 # process only when there are workers, so that the count is exact.
 COUNTED_LIMITS = ("max_connections", "per_source", "rate")
+# max_connections of a redirect service that sets none: each relay is a forked pyinetd of
+# ~7.5 MiB private memory; 100 clients to a target that never reads held 749 MiB (18.10).
+REDIRECT_MAX_CONNECTIONS = 64
 # `stderr_rate` default: what `stderr: log` logs of one service per second (lines, bytes); a
 # connection writing 300 MB to stderr made 3 million log lines (issue 14, item 8).
 STDERR_RATE = (100.0, 64 * 1024.0)
@@ -111,6 +117,9 @@ class Service:
     group: int | None = None
     env: tuple[tuple[str, str], ...] = ()
     env_clear: bool = False
+    # None: on for services with `user:` (a dropped service has nothing to gain back), off
+    # otherwise (a root service may run setuid tools on purpose); see the `nnp` property.
+    no_new_privs: bool | None = None
     cwd: str | None = None
     umask: int | None = None
     nice: int | None = None
@@ -122,6 +131,10 @@ class Service:
     proxy_from: AccessList | None = None
     proxy_timeout: float = 5.0
     redirect: tuple[str, int] | None = None
+    # a unix socket file's mode and owner (None: pyinetd's umask, and pyinetd)
+    socket_mode: int | None = None
+    socket_user: tuple[str, int, int] | None = None
+    socket_group: int | None = None
     source: str = ""  # file the service was defined in
 
     @property
@@ -136,6 +149,11 @@ class Service:
     def needs_relay(self) -> bool:
         """TLS or redirect: a relay process stands between the client and the service."""
         return self.tls is not None or self.redirect is not None
+
+    @property
+    def nnp(self) -> bool:
+        """Whether the child gets PR_SET_NO_NEW_PRIVS (the key, or its default)."""
+        return self.user is not None if self.no_new_privs is None else self.no_new_privs
 
     @property
     def counts_connections(self) -> bool:
@@ -205,19 +223,22 @@ _STDERR_RATE_KEYS = ("lines", "bytes")
 
 def _parse_byte_rate(value: Any) -> float:
     """Bytes per second from 65536, '64k' (per second), '64KiB/s', '1M/min'."""
-    size, per = value, 1.0
+    size, per_second = value, 1.0
     if isinstance(value, str) and "/" in value:
         size, _, unit = value.partition("/")
-        per = _RATE_UNITS.get(unit.strip().lower(), 0.0)
+        try:
+            per_second = parse_rate(f"1/{unit.strip()}")[0]  # '1/min': 1/60 per second
+        except ValueError:
+            per_second = 0.0
     n: float = 0
     if isinstance(size, float):
         n = size if math.isfinite(size) else 0
-    elif per:
+    elif per_second:
         with contextlib.suppress(ValueError):
             n = parse_size(size)
-    if not n > 0 or not per:  # (RLIM_INFINITY, "unlimited", is -1)
+    if not n > 0 or not per_second:  # (RLIM_INFINITY, "unlimited", is -1)
         raise ValueError(f"{value!r}: expected a byte rate such as 65536, '64k/s' or '1M/min'")
-    return n / per
+    return n * per_second
 
 
 def _parse_stderr_rate(value: Any, _base: Path) -> tuple[float, float]:
@@ -410,9 +431,15 @@ def _parse_group(value: Any, _base: Path) -> int:
     return gid
 
 
+MAX_ENV = 1000  # variables a service's `env` may set
+
+
 def _parse_env(value: Any, _base: Path) -> tuple[tuple[str, str], ...]:
     if not isinstance(value, dict):
         raise _KeyError(f"{value!r}: expected a mapping NAME: value")
+    if len(value) > MAX_ENV:
+        # execve() refuses more than ~2 MiB of arguments and environment anyway (E2BIG).
+        raise _KeyError(f"{len(value)} variables: at most {MAX_ENV}")
     out = []
     for k, v in value.items():
         if not isinstance(k, str) or not k or "=" in k or "\0" in k:
@@ -441,6 +468,15 @@ def _parse_umask(value: Any, _base: Path) -> int:
     raise _KeyError(f"{value!r}: expected an octal mask such as '022'")
 
 
+def _parse_socket_mode(value: Any, _base: Path) -> int:
+    # Text is octal ("0660"); a YAML number is taken as read, as for umask.
+    if isinstance(value, str) and value and set(value) <= set("01234567"):
+        value = int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777:
+        return value
+    raise _KeyError(f"{value!r}: expected an octal file mode such as '0660'")
+
+
 def _parse_nice(value: Any, _base: Path) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and -20 <= value <= 19:
         if value < 0 and os.geteuid() != 0:
@@ -463,6 +499,24 @@ RLIMITS = {
 }
 
 
+def _cpu_seconds(value: Any) -> int:
+    """RLIMIT_CPU counts whole seconds: '500ms' must not become 0, a kill at the first tick."""
+    if isinstance(value, str) and value.strip().lower() in ("unlimited", "infinity"):
+        return resource.RLIM_INFINITY
+    seconds = parse_duration(value)
+    if seconds < 1 or not seconds.is_integer() or seconds > 2**62:
+        raise ValueError(f"{value!r}: expected whole seconds >= 1 such as 10, '30s' or '5m'")
+    return int(seconds)
+
+
+def _nr_open() -> int:
+    try:
+        with open("/proc/sys/fs/nr_open", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20  # the kernel's default
+
+
 def _parse_rlimits(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
     if not isinstance(value, dict):
         raise _KeyError(f"{value!r}: expected a mapping such as {{nofile: 256, as: 512M}}")
@@ -472,9 +526,15 @@ def _parse_rlimits(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
         if res is None:
             raise _KeyError(f"{k}: unknown limit (known: {', '.join(RLIMITS)})")
         try:
-            n = int(parse_duration(v)) if k == "cpu" and isinstance(v, str) else parse_size(v)
+            n = _cpu_seconds(v) if k == "cpu" else parse_size(v)
         except ValueError as exc:
             raise _KeyError(f"{k}: {exc}") from None
+        if k == "nofile":
+            # The child sets soft = hard = n: above fs.nr_open even root gets EPERM, and every
+            # spawn fails (issue 18.15: `nofile: 1T` passed --check); below 3 it cannot exec.
+            top = _nr_open()
+            if not 3 <= n <= top:
+                raise _KeyError(f"{k}: {v!r}: expected 3 to {top} (fs.nr_open)")
         hard = resource.getrlimit(res)[1]
         if os.geteuid() != 0 and hard != resource.RLIM_INFINITY and (n < 0 or n > hard):
             raise _KeyError(f"{k}: {v!r}: above the hard limit {hard} pyinetd runs with")
@@ -482,13 +542,29 @@ def _parse_rlimits(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def _parse_banner_file(value: Any, base: Path) -> bytes:
+@dataclass(frozen=True)
+class _BannerFile:
+    """A `banner:` path, read by _combine once the service's user is known."""
+
+    value: str
+    path: Path
+
+
+def _parse_banner_file(value: Any, base: Path) -> _BannerFile:
     if not isinstance(value, str) or not value:
         raise _KeyError(f"{value!r}: expected a file path")
-    path = Path(value) if os.path.isabs(value) else base / value
+    return _BannerFile(value, Path(value) if os.path.isabs(value) else base / value)
+
+
+def _read_banner(
+    banner: _BannerFile, user: tuple[str, int, int] | None, group: int | None
+) -> bytes:
+    """Read a banner file with the service user's rights: that user may have linked it to
+    /etc/shadow, which root would read and send to every client (issue 18.8)."""
+    value = banner.value
     try:
         # Non-blocking and a regular file only: a FIFO or /dev/zero must not hang --check.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = fsuser.open_as(user, group, str(banner.path), os.O_RDONLY)
         try:
             regular = stat.S_ISREG(os.fstat(fd).st_mode)
             data = os.read(fd, 65537) if regular else b""
@@ -513,7 +589,7 @@ _TLS_KEYS = ("cert", "key", "client_ca", "min_version", "handshake_timeout")
 
 
 def _parse_tls(value: Any, base: Path) -> TLSSettings:
-    from pyinetd.tlsconf import TLSSettings, make_context
+    from pyinetd.tlsconf import VERSIONS, TLSSettings
 
     if not isinstance(value, dict):
         raise _KeyError(f"{value!r}: expected a mapping with cert and key")
@@ -528,18 +604,20 @@ def _parse_tls(value: Any, base: Path) -> TLSSettings:
         v = str(value[k])
         return Path(v) if os.path.isabs(v) else base / v
 
+    min_version = value.get("min_version", "1.2")
+    if min_version not in VERSIONS:
+        raise _KeyError(f"min_version: {min_version!r}: expected '1.2' or '1.3'")
     try:
-        settings = TLSSettings(
+        # The files are read once, by the runtime, when it prepares a (re)load: tlsconf.py.
+        return TLSSettings(
             cert=path("cert"),
             key=path("key"),
             client_ca=path("client_ca") if value.get("client_ca") else None,
-            min_version=str(value.get("min_version", "1.2")),
+            min_version=str(min_version),
             handshake_timeout=parse_duration(value.get("handshake_timeout", 10)),
         )
-        make_context(settings)  # load the files now: a bad one is a config error
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:
         raise _KeyError(str(exc)) from None
-    return settings
 
 
 def _parse_redirect(value: Any, base: Path) -> tuple[str, int]:
@@ -584,6 +662,7 @@ SERVICE_KEYS: dict[str, Parser] = {
     "group": _parse_group,
     "env": _parse_env,
     "env_clear": _parse_bool,
+    "no_new_privs": _parse_bool,
     "cwd": _parse_dir,
     "umask": _parse_umask,
     "nice": _parse_nice,
@@ -595,6 +674,9 @@ SERVICE_KEYS: dict[str, Parser] = {
     "proxy_from": _parse_proxy_from,
     "proxy_timeout": _wrap(parse_duration),
     "redirect": _parse_redirect,
+    "socket_mode": _parse_socket_mode,
+    "socket_user": _parse_user,
+    "socket_group": _parse_group,
 }
 
 
@@ -633,38 +715,12 @@ class _SchemaErrors:
 
 
 def load_document(path: Path) -> Any:
-    """Read a YAML or TOML file into plain Python data; ConfigError on a syntax error."""
+    """Read a YAML or TOML file into plain Python data, bounded (document.py) and, as root,
+    only when it is root's (trust.py); ConfigError otherwise."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError([f"{path}: {exc.strerror or exc}"]) from None
-    _check_strict_modes(path)
-    try:
-        if path.suffix == ".toml":
-            return tomllib.loads(data.decode("utf-8"))
-        return yaml.safe_load(data)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError([f"{path}: not valid YAML: {where}{exc.problem}"]) from None
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
-        kind = "TOML" if path.suffix == ".toml" else "YAML"
-        detail = " ".join(str(exc).split())
-        raise ConfigError([f"{path}: not valid {kind}: {detail}"]) from None
-
-
-def _check_strict_modes(path: Path) -> None:
-    """As root, refuse a file others may write (sshd's StrictModes): it would run as root."""
-    if os.geteuid() != 0:
-        return
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return
-    if mode & 0o022:
-        raise ConfigError(
-            [f"{path}: writable by other users; refusing to run as root (chmod go-w {path})"]
-        )
+        return read_document(path)
+    except ValueError as exc:  # DocumentError, UntrustedError: one line naming the file
+        raise ConfigError([str(exc)]) from None
 
 
 def load(path: str | Path) -> Config:
@@ -795,6 +851,7 @@ def _build(doc: Any, path: Path, with_schema: bool) -> Config:
         if svc is not None:
             services.append(svc)
     _check_duplicates(services, label, errors)
+    _check_redirect_loops(services, errors)
     errors += _check_workers(top.get("workers", 1), top.get("max_children"), label)
     errors += flags.rest()
     if errors:
@@ -808,7 +865,26 @@ def _read_includes(
     """Services from the files matching one `include:` pattern, in sorted order."""
     full = pattern if os.path.isabs(pattern) else str(base / pattern)
     out: list[tuple[str, Any, str, Path]] = []
-    for name in sorted(glob.glob(full)):
+    names = sorted(glob.glob(full))
+    if len(names) > MAX_INCLUDES:
+        errors.append(f"{label}: include: {pattern!r}: more than {MAX_INCLUDES} files")
+        return out
+    # As root, a folder the pattern matches in must be root's alone, sticky or not: whoever
+    # may add a file there adds a service run as root (issue 18.4, a 1777 conf.d).
+    folders = {_glob_root(full)} if glob.has_magic(full) else set()
+    folders.update(str(Path(n).parent) for n in names if glob.has_magic(full))
+    for folder in sorted(folders):
+        try:
+            trust.check_folder(folder)
+        except FileNotFoundError:
+            continue  # nothing matched there
+        except OSError as exc:
+            errors.append(f"{label}: include: {folder}: {exc.strerror or exc}")
+            return out
+        except ValueError as exc:
+            errors.append(f"{label}: include: {exc}")
+            return out
+    for name in names:
         inc = Path(name)
         if inc.is_dir():
             continue
@@ -835,6 +911,16 @@ def _read_includes(
         flags.add(where, {"services": body})
         out += [(str(n), b, where, inc.parent.resolve()) for n, b in body.items()]
     return out
+
+
+MAX_INCLUDES = 1000  # files matched by one include pattern
+
+
+def _glob_root(pattern: str) -> str:
+    """The folder of ``pattern`` above its first wildcard."""
+    parts = Path(pattern).parts
+    n = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return str(Path(*parts[:n])) if n else "."
 
 
 def _check_keys(
@@ -931,6 +1017,15 @@ def _build_service(
                 errors.append(f"{where}.{key}: only for protocol tcp")
     if "tls" in values and "exec" not in values and "redirect" not in body:
         errors.append(f"{where}.tls: needs exec or redirect (built-ins run inside pyinetd)")
+    no_file = protocol != "unix" or any(a.path.startswith("@") for a in listen)
+    for key in ("socket_mode", "socket_user", "socket_group"):
+        if key in body and no_file:
+            errors.append(
+                f"{where}.{key}: only for a unix socket file (an abstract @name has no file "
+                "and any local user can connect to it)"
+            )
+        elif no_file:
+            values.pop(key, None)  # from defaults: meant for the unix services among them
     if values.get("wait") and ("tls" in values or "redirect" in body or "proxy_protocol" in values):
         errors.append(f"{where}.wait: not with tls, redirect or proxy_protocol")
     if len(errors) > n_before:
@@ -946,10 +1041,43 @@ def _build_service(
         values.setdefault("builtin", "echo")
     if values.get("builtin") is not None:
         values["wait"] = False  # built-ins run inside pyinetd; wait does not apply
+    if "redirect" in body and values.get("max_connections") is None:
+        # Each relay is a forked pyinetd (~7.5 MiB private): bounded unless said otherwise.
+        values["max_connections"] = REDIRECT_MAX_CONNECTIONS
     _combine(values, where, errors)
+    user = values.get("user")
+    if values.get("exec") and (user is None or user[1] == 0):
+        try:
+            # As root, a program others may replace would run as root (issue 18.4).
+            trust.check_program(values["exec"][0])
+        except OSError as exc:
+            errors.append(f"{where}.exec: {values['exec'][0]}: {exc.strerror or exc}")
+        except ValueError as exc:
+            errors.append(f"{where}.exec: {exc} (the service runs as root)")
+    _check_stderr_file(values, where, errors)
     if len(errors) > n_before:
         return None
     return Service(name=name, listen=tuple(listen), source=label, **values)
+
+
+def _check_stderr_file(values: dict[str, Any], where: str, errors: list[str]) -> None:
+    """`stderr: FILE` is opened with the service user's rights (issue 14.3): say at load, not
+    at each connection, when that user may not write it (or create it in its folder)."""
+    path, user = values.get("stderr"), values.get("user")
+    if path in (None, "log", "socket", "null") or user is None or user[1] == 0:
+        return
+    if os.geteuid() != 0:
+        return  # the service runs as pyinetd's own user: it opens what pyinetd may
+    with fsuser.user_rights(user, values.get("group")):
+        if os.path.lexists(path):
+            ok = os.access(path, os.W_OK, effective_ids=True)
+        else:
+            ok = os.access(os.path.dirname(path), os.W_OK | os.X_OK, effective_ids=True)
+    if not ok:
+        errors.append(
+            f"{where}.stderr: {path!r}: user {user[0]!r} may not write it "
+            "(the file is opened with the service user's rights)"
+        )
 
 
 def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
@@ -962,6 +1090,13 @@ def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
     allow, deny = values.pop("allow", ()), values.pop("deny", ())
     if allow or deny:
         values["access"] = AccessList.parse(allow, deny)
+    if isinstance(values.get("banner"), _BannerFile):
+        try:
+            values["banner"] = _read_banner(
+                values["banner"], values.get("user"), values.get("group")
+            )
+        except _KeyError as exc:
+            errors.append(f"{where}.banner: {exc}")
     text = values.pop("banner_text", None)
     if text is not None:
         if values.get("banner"):
@@ -970,6 +1105,64 @@ def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
     for key in ("busy_message", "deny_message"):
         if values.get(key) and not values[key].endswith("\n"):
             values[key] += "\r\n"
+
+
+def _local_targets(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The addresses a connection to ``host`` arrives at, for literals and localhost; None
+    for other names (not resolved at load: config.py opens no sockets)."""
+    if host == "localhost":
+        return {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.is_unspecified:  # connect() to 0.0.0.0 or :: reaches the loopback address (Linux)
+        return {ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")}
+    return {ip}
+
+
+def _reaches(addr: ListenAddress, host: str, port: int) -> bool:
+    """True when a connection to host:port can arrive at a socket listening on ``addr``."""
+    targets = _local_targets(host)
+    if addr.path or addr.port != port or targets is None:
+        return False
+    if not addr.host or ipaddress.ip_address(addr.host).is_unspecified:
+        # Every address of the host: loopback certainly (other addresses of this machine
+        # are not known at load).
+        return any(t.is_loopback for t in targets)
+    return ipaddress.ip_address(addr.host) in targets
+
+
+def _check_redirect_loops(services: list[Service], errors: list[str]) -> None:
+    """A redirect that reaches its own service, directly or through other redirects, is a
+    loop: each relay connects to the next without end (a client built a chain of 30 relay
+    processes that outlived it, issue 18.10)."""
+    redirects = {s.name: s for s in services if s.enabled and s.redirect is not None}
+    nexts: dict[str, list[str]] = {}
+    for svc in redirects.values():
+        assert svc.redirect is not None
+        host, port = svc.redirect
+        nexts[svc.name] = [
+            other.name
+            for other in redirects.values()
+            if any(_reaches(addr, host, port) for addr in other.listen)
+        ]
+    for svc in redirects.values():
+        assert svc.redirect is not None
+        seen, todo = {svc.name}, list(nexts[svc.name])
+        while todo:
+            name = todo.pop()
+            if name == svc.name:
+                host, port = svc.redirect
+                via = "" if svc.name in nexts[svc.name] else " through other redirects"
+                errors.append(
+                    f"{svc.source}: services.{svc.name}.redirect: '{host}:{port}' reaches "
+                    f"the service's own listen address{via}: a relay loop"
+                )
+                break
+            if name not in seen:
+                seen.add(name)
+                todo += nexts[name]
 
 
 def _check_duplicates(services: list[Service], label: str, errors: list[str]) -> None:
@@ -1049,6 +1242,8 @@ _SERVICE_OUT: dict[str, Callable[[str, Any], dict[str, Any]]] = {
     },
     "banner": _banner_out,
     "stderr_rate": lambda k, v: {k: {"lines": _number(v[0]), "bytes": _number(v[1])}},
+    "socket_mode": lambda k, v: {k: f"{v:04o}"},
+    "socket_user": lambda k, v: {k: v[0]},
 }
 
 

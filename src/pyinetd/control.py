@@ -8,10 +8,12 @@ endpoint answers `GET /metrics` in the Prometheus text format over HTTP/1.0.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import selectors
 import socket
+import stat
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -39,10 +41,60 @@ def default_control_path(config_path: str | Path) -> str:
     return str(folder / f"pyinetd-{digest}.sock")
 
 
+class UnsafeControlPath(OSError):
+    """The control socket's folder, or the socket in it, could be another user's."""
+
+
+def check_control_folder(path: str) -> None:
+    """Refuse a control socket whose folder another user could own or write (as ssh-agent and
+    tmux do): another user who made /tmp/pyinetd-UID first (mode 777) swapped in their own
+    socket, and the victim's `pyinetd stop` printed "ok" to the impostor (issue 14.11).
+
+    The folder must be a real folder (not a symlink), owned by us or root, and not writable by
+    group or others unless sticky (as /tmp: then only an entry's owner may replace it, and
+    check_control_socket looks at the entry).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(folder):
+            raise UnsafeControlPath(f"{folder}: a symbolic link; refusing it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if st.st_uid not in (os.geteuid(), 0):
+        raise UnsafeControlPath(
+            f"{folder}: owned by uid {st.st_uid}, not by uid {os.geteuid()} or root; "
+            "refusing it (remove it, or give --control)"
+        )
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise UnsafeControlPath(
+            f"{folder}: writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"refusing it (chmod go-w {folder})"
+        )
+
+
+def check_control_socket(path: str) -> None:
+    """Refuse to talk to a socket that is not ours or root's: another user planted it."""
+    check_control_folder(path)
+    st = os.lstat(path)
+    if not stat.S_ISSOCK(st.st_mode):
+        raise UnsafeControlPath(f"{path}: not a socket")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise UnsafeControlPath(
+            f"{path}: owned by uid {st.st_uid}, not by uid {os.geteuid()} or root; "
+            "not pyinetd's socket, refusing it"
+        )
+
+
 def bind_control(path: str) -> socket.socket:
     """Bind the control socket with mode 0600 (no moment where others could connect)."""
     folder = os.path.dirname(path)
     os.makedirs(folder, mode=0o700, exist_ok=True)
+    check_control_folder(path)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -155,6 +207,7 @@ class _Exchange:
 
 def request(path: str, command: str, timeout: float = 30.0) -> dict[str, Any]:
     """Send one command to a running pyinetd's control socket; return its JSON answer."""
+    check_control_socket(path)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)

@@ -7,12 +7,14 @@ Pure module: it reads files, it opens no sockets and starts no processes.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
 import posixpath
 import re
 import socket
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,7 +208,7 @@ class _InetdEntry:
 
 def convert_inetd_conf(path: Path, services_file: Path = DEFAULT_SERVICES) -> Conversion:
     """Convert an inetd.conf (openbsd-inetd, inetutils, FreeBSD or NetBSD syntax)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text(path)
     services = _Services.load(services_file)
     warn = _Sink()
     file = str(path)
@@ -577,6 +579,9 @@ class _XinetdReader:
         self.warn = warn
         self.blocks: list[_XBlock] = []
         self.stack: list[Path] = []
+        # Every file read, once: with the current chain alone, 8 files that each include their
+        # own folder took 60 s and made 767k warnings (issue 18.13).
+        self.visited: set[Path] = set()
         self.files: list[str] = []  # in the order xinetd reads them
 
     def resolve(self, name: str, including: Path) -> Path:
@@ -588,6 +593,7 @@ class _XinetdReader:
     def read(self, path: Path, text: str) -> None:
         self.files.append(str(path))
         self.stack.append(path.resolve())
+        self.visited.add(path.resolve())
         try:
             self._parse(path, text.splitlines())
         finally:
@@ -597,8 +603,11 @@ class _XinetdReader:
         if path.resolve() in self.stack:
             self.warn(file, line, f"include loop: {path} is already being read; skipped")
             return
+        if path.resolve() in self.visited:
+            self.warn(file, line, f"{path} was already included; skipped")
+            return
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = read_text(path)
         except OSError as e:
             self.warn(file, line, f"cannot read included file {path}: {e.strerror}")
             return
@@ -713,6 +722,28 @@ class _XinetdReader:
             self.blocks.append(_XBlock(keyword, name, file, lineno, tuple(attrs)))
 
 
+MAX_FILE_SIZE = 1 << 20  # as the configuration loader (document.py)
+
+
+def read_text(path: Path) -> str:
+    """A regular file's text, at most MAX_FILE_SIZE bytes; OSError otherwise.
+
+    Opened non-blocking and checked with fstat: `include /dev/zero` ended in MemoryError and a
+    FIFO hung the conversion (issue 18.13)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        data = b""
+        while chunk := os.read(fd, 1 << 16):
+            data += chunk
+            if len(data) > MAX_FILE_SIZE:
+                raise OSError(errno.EFBIG, f"larger than {MAX_FILE_SIZE >> 10} KiB", str(path))
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", errors="replace")
+
+
 def convert_xinetd_conf(
     path: Path, services_file: Path = DEFAULT_SERVICES, *, root: Path | None = None
 ) -> Conversion:
@@ -722,7 +753,7 @@ def convert_xinetd_conf(
     unpacked somewhere other than / (as dpkg-deb -x does). Relative include paths are taken
     relative to the including file.
     """
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text(path)
     warn = _Sink()
     reader = _XinetdReader(root, warn)
     reader.read(path, text)
@@ -1372,7 +1403,7 @@ def convert_file(
     path: Path, services_file: Path = DEFAULT_SERVICES, *, root: Path | None = None
 ) -> Conversion:
     """Convert an inetd.conf or an xinetd configuration, whichever the file is."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text(path)
     if _is_xinetd_text(text):
         return convert_xinetd_conf(path, services_file, root=root)
     return convert_inetd_conf(path, services_file)
@@ -1394,9 +1425,19 @@ def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 _YamlDumper.add_representer(str, _represent_str)
 
 
+def escape(text: str) -> str:
+    """Text with every character that is not printable escaped (\\n, \\x1b, \\u2028...)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _comment_lines(warnings: Iterable[ConvertWarning]) -> str:
+    # Everything in a comment escaped, the file name too: a file named "x\ninclude: /tmp/evil"
+    # in an includedir wrote a real top-level `include:` into the output (issue 18.13).
     return "".join(
-        f"# warning: {w.file}:{w.line}: {' '.join(w.message.split())}\n" for w in warnings
+        f"# warning: {escape(w.file)}:{w.line}: {escape(' '.join(w.message.split()))}\n"
+        for w in warnings
     )
 
 

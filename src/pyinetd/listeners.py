@@ -7,7 +7,8 @@ import errno
 import os
 import socket
 import stat
-from collections.abc import Container
+import weakref
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 from pyinetd.config import ListenAddress, Service
@@ -39,15 +40,65 @@ def has_ipv6() -> bool:
     return True
 
 
-def bind_listener(protocol: str, addr: ListenAddress, reuseport: bool = False) -> socket.socket:
+@dataclass(frozen=True)
+class SocketPerms:
+    """A unix socket file's mode and owner (`socket_mode`, `socket_user`, `socket_group`);
+    None and -1 leave what bind(2) gives (mode from pyinetd's umask, owner pyinetd)."""
+
+    mode: int | None = None
+    uid: int = -1
+    gid: int = -1
+
+    @classmethod
+    def of(cls, service: Service) -> SocketPerms:
+        uid = service.socket_user[1] if service.socket_user else -1
+        gid = service.socket_group if service.socket_group is not None else -1
+        return cls(service.socket_mode, uid, gid)
+
+
+@dataclass(frozen=True)
+class _UnixFile:
+    """Where pyinetd bound a unix socket: its folder (an fd opened at bind), name and inode."""
+
+    dir_fd: int
+    name: str
+    dev: int
+    ino: int
+    close_dir: Callable[[], object]  # weakref.finalize: also runs if the socket is dropped
+
+    def remove(self) -> None:
+        """Unlink the socket file, from the folder it was bound in, if it is still ours."""
+        try:
+            with contextlib.suppress(OSError):
+                _unlink_if_same(self.dir_fd, self.name, self.dev, self.ino)
+        finally:
+            self.close_dir()
+
+
+# The unix socket files pyinetd made, by listening socket: close_listener removes them.
+_UNIX_FILES: weakref.WeakKeyDictionary[socket.socket, _UnixFile] = weakref.WeakKeyDictionary()
+
+
+def _unlink_if_same(dir_fd: int, name: str, dev: int, ino: int) -> None:
+    # lstat then unlink, both in the folder pinned by dir_fd: a swapped folder (a symlink to
+    # /etc/victim) is never followed. Only someone who can write that very folder could still
+    # swap the entry in between, and they could remove it themselves anyway.
+    st = os.lstat(name, dir_fd=dir_fd)
+    if (st.st_dev, st.st_ino) == (dev, ino) and stat.S_ISSOCK(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def bind_listener(
+    protocol: str, addr: ListenAddress, reuseport: bool = False, perms: SocketPerms | None = None
+) -> socket.socket:
     """Create, bind and (for stream sockets) listen; non-blocking, close-on-exec (PEP 446).
 
     ``reuseport``: SO_REUSEPORT, so that every worker process binds the same address (and
     the kernel spreads connections over them); only pyinetd's own processes can join, since
-    the kernel requires the same user.
+    the kernel requires the same user. ``perms``: a unix socket file's mode and owner.
     """
     if protocol == "unix":
-        return _bind_unix(addr.path)
+        return _bind_unix(addr.path, perms or SocketPerms())
     kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
     if addr.host:
         family = socket.AF_INET6 if addr.is_v6 else socket.AF_INET
@@ -76,25 +127,59 @@ def bind_listener(protocol: str, addr: ListenAddress, reuseport: bool = False) -
     return sock
 
 
-def _bind_unix(path: str) -> socket.socket:
+def _bind_unix(path: str, perms: SocketPerms) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    bind_path = "\0" + path[1:] if path.startswith("@") else path
+    if path.startswith("@"):  # abstract: no file, reachable by every local user
+        try:
+            sock.bind("\0" + path[1:])
+            sock.listen(BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    # The folder is opened once, here, and the socket's file is handled only through that fd
+    # afterwards: a service user who owns the folder's parent swapped the folder for a symlink
+    # to /etc/victim and root unlinked /etc/victim/app.sock at stop (issue 18.12).
+    folder, name = os.path.split(path)
+    real = os.path.realpath(folder)
     try:
-        if not path.startswith("@"):
-            _remove_stale_socket(path)
-        sock.bind(bind_path)
+        dir_fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        sock.close()
+        raise
+    close_dir = weakref.finalize(sock, os.close, dir_fd)
+    try:
+        bound = os.path.join(real, name)
+        _remove_stale_socket(dir_fd, name, bound)
+        old = os.umask(0o777 & ~perms.mode) if perms.mode is not None else None
+        try:
+            sock.bind(bound)  # created with exactly socket_mode: no moment with more
+        finally:
+            if old is not None:
+                os.umask(old)
+        st = os.lstat(name, dir_fd=dir_fd)
+        here = os.fstat(dir_fd)
+        there = os.stat(real)
+        if (here.st_dev, here.st_ino) != (there.st_dev, there.st_ino):
+            raise OSError(errno.EAGAIN, "its folder was replaced while binding", path)
+        if perms.uid != -1 or perms.gid != -1:
+            # lchown from the folder fd: a swapped entry (a symlink) is not followed.
+            os.chown(name, perms.uid, perms.gid, dir_fd=dir_fd, follow_symlinks=False)
         sock.listen(BACKLOG)
         sock.setblocking(False)
     except OSError:
         sock.close()
+        close_dir()
         raise
+    _UNIX_FILES[sock] = _UnixFile(dir_fd, name, st.st_dev, st.st_ino, close_dir)
     return sock
 
 
-def _remove_stale_socket(path: str) -> None:
+def _remove_stale_socket(dir_fd: int, name: str, path: str) -> None:
     """Unlink a socket file left by a dead server; refuse to touch a live one or a non-socket."""
     try:
-        st = os.lstat(path)
+        st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
@@ -103,7 +188,9 @@ def _remove_stale_socket(path: str) -> None:
         try:
             probe.connect(path)
         except ConnectionRefusedError:
-            os.unlink(path)
+            # Only the entry we looked at, in the folder we hold: not whatever a swapped
+            # path leads to by now (the check-then-unlink race of issue 18.12).
+            _unlink_if_same(dir_fd, name, st.st_dev, st.st_ino)
             return
         except OSError:
             return
@@ -121,7 +208,8 @@ def bind_service(
         if key in skip:
             continue
         try:
-            bound.append((key, bind_listener(service.protocol, addr, reuseport)))
+            sock = bind_listener(service.protocol, addr, reuseport, SocketPerms.of(service))
+            bound.append((key, sock))
         except OSError as exc:
             for _, sock in bound:
                 close_listener(sock)
@@ -133,13 +221,8 @@ def bind_service(
 
 
 def close_listener(sock: socket.socket) -> None:
-    """Close a listening socket and remove its unix socket file."""
-    path = ""
-    if sock.family == socket.AF_UNIX:
-        with contextlib.suppress(OSError):
-            name = sock.getsockname()
-            path = name if isinstance(name, str) else ""
+    """Close a listening socket and remove the unix socket file pyinetd made for it."""
+    made = _UNIX_FILES.pop(sock, None)
     sock.close()
-    if path and not path.startswith("\0"):
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    if made is not None:
+        made.remove()

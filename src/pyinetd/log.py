@@ -282,8 +282,24 @@ def batching(on: bool) -> None:
             _LINES.flush_within(1.0)
 
 
+SYSLOG_SOCKET = "/dev/log"
+
+
+def _probe_unix_socket(path: str) -> None:
+    """Connect to ``path`` as SysLogHandler will (datagram, else stream); OSError if neither."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+    except OSError:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(path)
+
+
 def setup_logging(level: str = "info", fmt: str = "text", syslog: bool = False) -> None:
-    """Configure the pyinetd logger once, from the command line options."""
+    """Configure the pyinetd logger once, from the command line options.
+
+    Raises OSError when ``syslog`` is asked for and the local syslog socket cannot be reached.
+    """
     # Two lines per connection go through here: skip what logging computes for every record
     # and pyinetd never shows (caller's file and line, thread and process names).
     logging._srcfile = None
@@ -304,8 +320,11 @@ def setup_logging(level: str = "info", fmt: str = "text", syslog: bool = False) 
     if syslog:
         SysLogHandler = quiet_syslog_class()  # only syslog users pay for logging.handlers
 
-        address = "/dev/log" if os.path.exists("/dev/log") else ("localhost", 514)
-        handler = SysLogHandler(address=address, facility=SysLogHandler.LOG_DAEMON)
+        # The local socket only. No fallback to UDP localhost:514: datagrams nobody reads are
+        # logs silently lost. SysLogHandler ignores a failed connect (it retries per record),
+        # so try it once here: no daemon at start is an error the administrator sees.
+        _probe_unix_socket(SYSLOG_SOCKET)
+        handler = SysLogHandler(address=SYSLOG_SOCKET, facility=SysLogHandler.LOG_DAEMON)
         handler.ident = "pyinetd: "
         handler.setFormatter(formatter)
     else:

@@ -20,6 +20,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from pyinetd import builtins, control, log, proxyproto, reaper, status, systemd
+from pyinetd import builtins, control, fsuser, log, proxyproto, reaper, status, systemd
 from pyinetd.admission import LogLimiter, TokenBucket, source_key
 from pyinetd.config import Config, ConfigError, Service, load, parse_listen_item
 from pyinetd.listeners import (
@@ -39,7 +40,15 @@ from pyinetd.listeners import (
     close_listener,
 )
 from pyinetd.log import LOG, event
-from pyinetd.spawn import C_MODULE_BUILT, Spawner, env_dict, ignored_signals, spawn_relay
+from pyinetd.metrics import Metrics
+from pyinetd.spawn import (
+    C_MODULE_BUILT,
+    Spawner,
+    UserGone,
+    env_dict,
+    ignored_signals,
+    spawn_relay,
+)
 
 if TYPE_CHECKING:
     import ssl
@@ -107,8 +116,9 @@ class ServiceState:
     tls_context: ssl.SSLContext | None = None
     stderr_log: StderrLog | None = None  # made at the first child with `stderr: log`
 
-    def set_service(self, service: Service) -> None:
-        """Apply a (re)loaded definition; counts stay, the rate bucket follows the settings."""
+    def set_service(self, service: Service, tls_context: ssl.SSLContext | None = None) -> None:
+        """Apply a (re)loaded definition with its TLS context, built by Server._prepare before
+        anything changed (it cannot fail here); counts stay, the bucket follows the settings."""
         old = self.service
         self.service = service
         if self.stderr_log is not None:
@@ -117,12 +127,7 @@ class ServiceState:
             self.bucket = None
         elif self.bucket is None or old.rate != service.rate:
             self.bucket = TokenBucket(*service.rate)
-        # Certificates and keys are read again on every (re)load.
-        self.tls_context = None
-        if service.tls:
-            from pyinetd.tlsconf import make_context  # ssl only where tls is used
-
-            self.tls_context = make_context(service.tls)
+        self.tls_context = tls_context
 
     def add_source(self, key: str) -> None:
         self.running += 1
@@ -170,7 +175,8 @@ class Child:
     listener: Listener | None = None  # wait mode: the listener to resume when this exits
     source: str = ""  # per_source key
     timer: Timer | None = None  # timeout
-    killed: bool = False
+    killed: bool = False  # SIGTERM sent
+    sigkilled: bool = False  # SIGKILL sent too
 
 
 @dataclass(order=True)
@@ -486,10 +492,12 @@ class Server:
         self._drain_timer: Timer | None = None
         self.pid = os.getpid()
         self.started = time.monotonic()
+        self.child_metrics = Metrics()  # durations and exit classes, by service name
         self._activated: dict[ListenKey, socket.socket] = {}
         self._control: control.RequestServer | None = None
         self._metrics: control.RequestServer | None = None
         self._pid_file: str | None = None
+        self._pid_entry: tuple[int, str, int, int] | None = None  # folder fd, name, dev, inode
         self.pending: set[PendingProxy] = set()  # connections whose PROXY header is due
         self._devnull = -1  # `stderr: null`, opened once
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
@@ -510,7 +518,8 @@ class Server:
                 sock.close()
                 continue
             self._activated[key] = sock
-        self._apply(self.config, self._bind_new(self.config, {}))
+        contexts = self._prepare(self.config)
+        self._apply(self.config, self._bind_new(self.config, {}), contexts)
         for key, sock in self._activated.items():
             event(
                 logging.WARNING,
@@ -561,8 +570,29 @@ class Server:
             raise
         return fresh
 
-    def _apply(self, config: Config, fresh: dict[ListenKey, socket.socket]) -> None:
-        """Switch to ``config``: reuse kept sockets, add fresh ones, close the rest."""
+    @staticmethod
+    def _prepare(config: Config) -> dict[str, ssl.SSLContext]:
+        """Everything a (re)load needs that can fail, before anything changes: each TLS
+        context, built once from the files as they are now (issue 18.2: read again at apply,
+        a key swapped in between left a TLS service serving plaintext). ConfigError if any
+        fails."""
+        if not any(svc.tls for svc in config.services):
+            return {}
+        from pyinetd.tlsconf import build_contexts  # ssl only where tls is used
+
+        contexts, errors = build_contexts((s.name, s.source, s.tls) for s in config.services)
+        if errors:
+            raise ConfigError(errors)
+        return contexts
+
+    def _apply(
+        self,
+        config: Config,
+        fresh: dict[ListenKey, socket.socket],
+        contexts: dict[str, ssl.SSLContext],
+    ) -> None:
+        """Switch to ``config``: reuse kept sockets, add fresh ones, close the rest. Nothing
+        here may fail: what can was done by _prepare and _bind_new."""
         self.config = config
         self.spawner.forget()
         wanted: dict[ListenKey, Service] = {}
@@ -579,9 +609,12 @@ class Server:
                 if child.state.service.name not in enabled:
                     _kill_group(child.pid, signal.SIGTERM)
         for svc in config.services:
+            known = self.states.get(svc.name)
+            if (known is None or known.service != svc) and not self.worker:
+                _warn_if_root(svc)  # once per service and load, not per connection
             if svc.name not in self.states:
                 self.states[svc.name] = ServiceState(svc)
-            self.states[svc.name].set_service(svc)
+            self.states[svc.name].set_service(svc, contexts.get(svc.name))
         closed = False
         for key, lst in list(self.listeners.items()):
             if key not in wanted:
@@ -718,19 +751,30 @@ class Server:
         return max(0.0, self._timers[0].when - time.monotonic())
 
     # ------------------------------------------------------------ the loop
-    def run(self, pid_file: str | None = None) -> int:
-        """Serve until SIGTERM/SIGINT; returns the exit code."""
+    def run(self, pid_file: str | None = None, control_path: str | None = None) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code.
+
+        ``control_path``: the control socket (`--control`), before the config's `control_socket`.
+        """
         self._install_signals()
         self.reap_children()  # children left from before exec (e.g. by a wrapper script)
         if self.worker:
             event(logging.INFO, f"worker {self.worker}: listening", event="worker_ready")
         else:
-            self._start_control()
+            self._start_control(control_path)
+            pid_file = pid_file or self.config.pid_file  # `pid_file:` was read, never used
             if pid_file:
-                self._write_pid_file(pid_file)
+                try:
+                    self._write_pid_file(pid_file)
+                except OSError as exc:
+                    reason = exc.strerror or str(exc)
+                    event(logging.ERROR, f"pid file {pid_file}: {reason}", event="pid_file")
+                    self._shutdown()
+                    return 1
             self._start_workers()
             event(logging.INFO, f"listening: {self._describe()}", event="ready")
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
+            systemd.start_watchdog(self.call_later)
         log.batching(True)
         try:
             while not self._exit:
@@ -756,8 +800,8 @@ class Server:
         return 0
 
     # ------------------------------------------------------------ operations
-    def _start_control(self) -> None:
-        path = self.config.control_socket or control.default_control_path(self.config.path)
+    def _start_control(self, path: str | None = None) -> None:
+        path = path or self.config.control_socket or control.default_control_path(self.config.path)
         try:
             sock = control.bind_control(path)
         except OSError as exc:
@@ -808,11 +852,54 @@ class Server:
         return control.http_response("404 Not Found", b"not found\n", "text/plain")
 
     def _write_pid_file(self, path: str) -> None:
-        tmp = f"{path}.{self.pid}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{self.pid}\n")
-        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+        """Write the pid file atomically, from an fd on its folder, under a name no one can guess.
+
+        The temporary name was PATH.PID.tmp, opened following symlinks: a local user who
+        planted symlinks for the next pids had root overwrite a file of their choosing (issue
+        14.4). A folder others may write (unless sticky) or another user owns is refused: they
+        could swap the file under us, and its removal at stop.
+        """
+        folder, name = os.path.split(os.path.abspath(path))
+        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(dfd)
+            if st.st_uid not in (os.geteuid(), 0):
+                raise OSError(
+                    errno.EPERM, f"folder {folder} is owned by uid {st.st_uid}; refusing it"
+                )
+            if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+                mode = f"{stat.S_IMODE(st.st_mode):04o}"
+                raise OSError(
+                    errno.EPERM, f"folder {folder} is writable by others (mode {mode}); refusing it"
+                )
+            # os.urandom, not secrets/tempfile: those load hashlib (libcrypto, 3.5 MiB).
+            tmp = f".{name}.{os.urandom(8).hex()}"
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
+            try:
+                os.write(fd, f"{self.pid}\n".encode())
+                written = os.fstat(fd)
+            finally:
+                os.close(fd)
+            # atomic: a reader never sees a half-written file
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            os.close(dfd)
+            raise
         self._pid_file = path
+        self._pid_entry = (dfd, name, written.st_dev, written.st_ino)
+
+    def _remove_pid_file(self) -> None:
+        """Unlink the pid file, in the folder it was written to, only if it is still ours."""
+        if self._pid_entry is None:
+            return
+        dfd, name, dev, ino = self._pid_entry
+        self._pid_entry = None
+        with contextlib.suppress(OSError):
+            st = os.lstat(name, dir_fd=dfd)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(name, dir_fd=dfd)
+        os.close(dfd)
 
     def _status_line(self) -> str:
         refused = sum(sum(st.refused.values()) for st in self.states.values())
@@ -914,13 +1001,14 @@ class Server:
         systemd.reloading()
         try:
             new = load(self.config.path)
+            contexts = self._prepare(new)
             fresh = self._bind_new(new, self.listeners)
         except ConfigError as exc:
             errors = exc.errors
         except ListenError as exc:
             errors = [f"{self.config.path}: {exc}"]
         else:
-            self._apply(new, fresh)
+            self._apply(new, fresh, contexts)
             if not self.worker:
                 self._reload_workers()
             event(logging.INFO, f"reloaded: {self._describe()}", event="reloaded")
@@ -952,9 +1040,7 @@ class Server:
         if self._devnull >= 0:
             os.close(self._devnull)
             self._devnull = -1
-        if self._pid_file:
-            with contextlib.suppress(OSError):
-                os.unlink(self._pid_file)
+        self._remove_pid_file()
         signal.set_wakeup_fd(-1)
         self.spawner.close()
         self._stop_watcher(reap=False)  # it exits when its pipe closes
@@ -1172,6 +1258,9 @@ class Server:
         state = child.state
         state.drop_source(child.source)
         err = self.spawner.exec_error(pid, status)
+        if err is None:
+            duration = time.monotonic() - child.started
+            self.child_metrics.child_ended(state.service.name, duration, status, child.killed)
         if err is not None:  # started by the clone primitive, which reports exec errors late
             state.failed_spawns += 1
             self._log_exec_error(state.service, os.strerror(err), child.peer)
@@ -1221,7 +1310,8 @@ class Server:
                         "service; sending SIGTERM, then SIGKILL",
                         event="timeout_group",
                     )
-                    _kill_group(pid, signal.SIGTERM)
+                    with contextlib.suppress(OSError):  # the leader is reaped: the group only
+                        os.killpg(pid, signal.SIGTERM)
                     self.call_later(KILL_GRACE, lambda: _kill_orphan(pid, self.children))
             return
         name = child.state.service.name
@@ -1238,7 +1328,8 @@ class Server:
             )
             _kill_group(pid, signal.SIGTERM)
             child.timer = self.call_later(KILL_GRACE, lambda: self._on_timeout(pid))
-        else:
+        elif not child.sigkilled:
+            child.sigkilled = True
             event(
                 logging.WARNING,
                 f"{name}: pid {pid} still running {KILL_GRACE}s after SIGTERM; sending SIGKILL",
@@ -1247,6 +1338,18 @@ class Server:
                 pid=pid,
             )
             _kill_group(pid, signal.SIGKILL)
+            # Check that it died (issue 18.3: a service that had left its group survived a
+            # killpg while "sending SIGKILL" was logged, and kept its max_connections slot).
+            child.timer = self.call_later(KILL_GRACE, lambda: self._on_timeout(pid))
+        else:
+            # Still not reaped: stuck in the kernel (state D) or a pid we cannot signal.
+            event(
+                logging.ERROR,
+                f"{name}: pid {pid} survived SIGKILL for {KILL_GRACE}s; its slot stays taken",
+                event="timeout_unkillable",
+                service=name,
+                pid=pid,
+            )
             child.timer = None
 
     # ------------------------------------------------------------ admission
@@ -1503,8 +1606,11 @@ class Server:
             if self._devnull < 0:
                 self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
             return self._devnull, False
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        return os.open(mode, flags, 0o640), True
+        # Opened with the service user's rights: that user may own the folder and swap the
+        # file for a symlink to a root file, which root would append to (issue 14.3).
+        svc = state.service
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        return fsuser.open_as(svc.user, svc.group, mode, flags, 0o640), True
 
     def _start_child(
         self,
@@ -1531,6 +1637,11 @@ class Server:
                 pid = spawn_relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
             else:
                 pid = self.spawner.spawn(svc, stdin, stdout, err_fd, env)
+        except UserGone as exc:
+            # Deleted after load: one line a minute, not a traceback per connection (18.16).
+            state.failed_spawns += 1
+            self._spawn_error(svc, peer, f"cannot start: {exc.strerror}")
+            return 0
         except OSError as exc:
             state.failed_spawns += 1
             self._log_exec_error(svc, exc.strerror or str(exc), peer)
@@ -1713,19 +1824,33 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+def _warn_if_root(svc: Service) -> None:
+    """A service without `user:` runs its programs as root when pyinetd is root (xinetd
+    refuses such services): say so, once, at load."""
+    if os.geteuid() == 0 and svc.user is None and svc.enabled and not svc.is_builtin:
+        what = "its relay runs" if svc.redirect is not None else "its programs run"
+        event(
+            logging.WARNING,
+            f"{svc.name}: no user: set, so {what} as root "
+            "(set user:, or a default for every service: defaults: {user: nobody})",
+            event="runs_as_root",
+            service=svc.name,
+        )
+
+
 def _kill_orphan(pgid: int, children: dict[int, Child]) -> None:
     # A pid in use is never handed out as a new pgid, but once the group is empty the
     # number may lead a new child's group: leave that one alone.
     if pgid not in children:
-        _kill_group(pgid, signal.SIGKILL)
+        with contextlib.suppress(OSError):  # (its leader is reaped: never kill(pgid) here)
+            os.killpg(pgid, signal.SIGKILL)
 
 
 def _kill_group(pid: int, sig: int) -> None:
-    """Signal a service and everything it started (it leads its own process group)."""
-    try:
+    """Signal a live (unreaped) service child and everything it started: its group (it leads
+    its own session), and its pid itself, which the group misses when the child left it
+    (setpgid elsewhere) or has not reached its setsid yet (the clone primitive)."""
+    with contextlib.suppress(OSError):  # ESRCH: the group is empty; EPERM: not ours
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-    except PermissionError:
-        with contextlib.suppress(OSError):
-            os.kill(pid, sig)
+    with contextlib.suppress(OSError):  # (a zombie until reaped: the pid is not reused)
+        os.kill(pid, sig)

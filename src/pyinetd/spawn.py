@@ -6,9 +6,10 @@ Ways to start a child, fastest first; the first one usable here is the fast path
   is there, x86_64 and arm64 Linux): ``clone(CLONE_VM)`` without ``CLONE_VFORK``, so the
   parent goes back to its loop at once instead of sleeping until the child has exec'd, and
   the child does only what a service needs: the few signals pyinetd handles or ignores back
-  to their default, the connection onto 0 and 1 and the service's stderr onto 2, a new
-  process group, an empty signal mask, exec. The child runs on a stack and a copy of its
-  arguments of its own (a slot the kernel frees at its exec), with raw system calls only.
+  to their default, the connection onto 0 and 1 and the service's stderr onto 2, a session
+  of its own (setsid), no_new_privs where the service wants it, an empty signal mask, exec.
+  The child runs on a stack and a copy of its arguments of its own (a slot the kernel
+  frees at its exec), with raw system calls only.
   A failed exec is known when the child is reaped: it exits 127 and ``exec_error(pid)``
   gives the errno. Parent CPU per spawn 20 vs 45 us (bench/README.md).
 * ``pyinetd._spawn.spawn`` ("vfork"): the same child with vfork: the parent sleeps until the
@@ -21,7 +22,12 @@ Ways to start a child, fastest first; the first one usable here is the fast path
 * ``os.posix_spawn``: glibc's ``clone(CLONE_VM|CLONE_VFORK)``; the parent spends ~25% more
   CPU per spawn than with fork_exec.
 * fork path, ``os.fork`` + ``os.execve``: for user/group switching, rlimits, umask, nice and
-  cwd, which none of the above can set. It costs the parent about three times the CPU.
+  cwd, which none of the above can set (and no_new_privs, where fork_exec or posix_spawn
+  would be used). It costs the parent about three times the CPU.
+
+Every one of them gives the child a session of its own. The fork path and the TLS/redirect
+relay (``spawn_relay``) apply a service's process settings through one function,
+``apply_process_settings``.
 
 ``PYINETD_SPAWN=clone|vfork|fork_exec|posix_spawn`` picks one (tests, measurements).
 
@@ -81,6 +87,62 @@ try:  # pyinetd's own, where it was built (_spawn.c)
 except ImportError:  # pragma: no cover - installed without a C compiler
     _VFORK = _START = _SETTLE = None
 C_MODULE_BUILT = _VFORK is not None
+NO_NEW_PRIVS = 1  # _spawn.c's flag: prctl(PR_SET_NO_NEW_PRIVS, 1) in the child
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+PR_SET_NO_NEW_PRIVS = 38
+
+
+def prctl(option: int, arg: int) -> None:  # pragma: no cover - runs in a forked child
+    """prctl(option, arg, 0, 0, 0) in this process (prctl(2)); raises OSError."""
+    if C_MODULE_BUILT:
+        _spawn.prctl(option, arg)
+        return
+    import ctypes  # only where the C module was not built
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def apply_process_settings(service: Service) -> None:  # pragma: no cover - forked child
+    """In a forked child, before it execs the service or (a TLS or redirect relay) reads a
+    byte from the client: everything a service's process settings say, in one place, for
+    every path that starts a service program.
+
+    A session of its own first: sharing pyinetd's, a service could open pyinetd's
+    controlling terminal and type into root's shell (TIOCSTI), or setpgid() into pyinetd's
+    process group and escape the timeout's killpg (issue 18.3). Limits and priority before
+    the identity changes: raising them may need root. The identity in the order that can
+    work: supplementary groups and gid while still root, the uid last (setuid(2) drops the
+    right to change the others). no_new_privs after that (prctl(2)), the folder last, as the
+    service's user, who must be allowed there.
+    """
+    os.setsid()
+    for res, value in service.rlimits:
+        resource.setrlimit(res, (value, value))
+    if service.nice is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, service.nice)  # absolute, like xinetd's nice
+    if service.umask is not None:
+        os.umask(service.umask)
+    if service.user or service.group is not None:
+        name, uid, gid = service.user or ("", -1, os.getgid())
+        gid = service.group if service.group is not None else gid
+        if os.geteuid() == 0:
+            if name:
+                os.initgroups(name, gid)  # the user's supplementary groups
+            else:
+                os.setgroups([gid])
+        os.setgid(gid)
+        if uid >= 0:
+            os.setuid(uid)
+    if service.nnp:
+        # From here on no setuid bit or file capability raises the privileges of this
+        # process or anything it execs.
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if service.cwd:
+        os.chdir(service.cwd)
+
 
 SETTLE_TIMEOUT = 1.0  # seconds; a child takes well under a millisecond to reach its exec
 
@@ -96,6 +158,41 @@ CONNECTION_KEYS = frozenset(
     | {p + b"LOCALPORT" for p in (b"TCP", b"UDP")}
     | {b"IPCREMOTE" + k for k in (b"PID", b"EUID", b"EGID")}
 )
+
+
+# pyinetd's own variables, and those its service manager gave it, never reach a service:
+# NOTIFY_SOCKET would let any service tell systemd pyinetd is ready or stopping (sd_notify),
+# LISTEN_* describe pyinetd's sockets, not the service's, CREDENTIALS_DIRECTORY points to
+# pyinetd's secrets, PYINETD_* steer pyinetd itself (issue 14.13).
+PRIVATE_KEYS = frozenset(
+    {b"NOTIFY_SOCKET", b"LISTEN_FDS", b"LISTEN_PID", b"LISTEN_FDNAMES", b"WATCHDOG_USEC",
+     b"WATCHDOG_PID", b"JOURNAL_STREAM", b"INVOCATION_ID", b"MANAGERPID", b"SYSTEMD_EXEC_PID",
+     b"CREDENTIALS_DIRECTORY"}
+)  # fmt: skip
+PRIVATE_PREFIX = b"PYINETD_"
+# What a service with `user:` takes from pyinetd's (root's) environment: the locale, the time
+# zone and PATH, as sudo's env_reset and `su -` do; HOME, USER and LOGNAME are the user's own.
+USER_PASS_KEYS = frozenset({b"PATH", b"LANG", b"LANGUAGE", b"TZ"})
+DEFAULT_PATH = b"/usr/local/bin:/usr/bin:/bin"
+
+
+class UserGone(OSError):
+    """The service's `user:` no longer exists (deleted after the configuration was loaded)."""
+
+
+def _inherited(service: Service) -> Environ:
+    """The part of pyinetd's environment a service starts from (before its `env:`)."""
+    if service.env_clear:
+        return {b"PATH": os.environb.get(b"PATH", DEFAULT_PATH)}
+    env = {
+        k: v
+        for k, v in os.environb.items()
+        if k not in PRIVATE_KEYS and not k.startswith(PRIVATE_PREFIX)
+    }
+    if service.user:
+        env = {k: v for k, v in env.items() if k in USER_PASS_KEYS or k.startswith(b"LC_")}
+        env.setdefault(b"PATH", DEFAULT_PATH)
+    return env
 
 
 def _dispositions() -> list[tuple[int, object]]:
@@ -147,7 +244,8 @@ def seal_inherited_fds() -> None:
 
 
 def needs_fork(service: Service) -> bool:
-    """True when the service needs settings that only the fork path can apply."""
+    """True when the service needs settings that only the fork path can apply
+    (no_new_privs aside: the C module's primitives set it too)."""
     return bool(
         service.user
         or service.group is not None
@@ -244,16 +342,22 @@ class Spawner:
         return self._exec_errors.pop(pid, None)
 
     def base_environ(self, service: Service) -> Environ:
-        """The environment every child of ``service`` starts from (cached per service)."""
+        """The environment every child of ``service`` starts from (cached per service).
+
+        Without ``env_clear``: pyinetd's environment without pyinetd's own variables
+        (PRIVATE_KEYS, PYINETD_*), as xinetd passes its own environment on; for a service
+        with ``user:`` only PATH, the locale and TZ of it, and the user's HOME, USER and
+        LOGNAME. Then the service's ``env:``, then PYINETD_SERVICE. Raises UserGone.
+        """
         env = self._base_env.get(service.name)
         if env is None:
-            if service.env_clear:
-                env = {b"PATH": os.environb.get(b"PATH", b"/usr/local/bin:/usr/bin:/bin")}
-            else:
-                env = dict(os.environb)
+            env = _inherited(service)
             if service.user:
                 name, _, _ = service.user
-                home = pwd.getpwnam(name).pw_dir
+                try:
+                    home = pwd.getpwnam(name).pw_dir
+                except KeyError:  # deleted since the configuration was loaded (issue 18.16)
+                    raise UserGone(errno.ENOENT, f"user {name!r} no longer exists") from None
                 env.update(
                     {b"USER": name.encode(), b"LOGNAME": name.encode(), b"HOME": os.fsencode(home)}
                 )
@@ -283,6 +387,7 @@ class Spawner:
         clone child that cannot exec exits 127 and ``exec_error(pid)`` tells why.
         """
         fork = needs_fork(service)
+        flags = NO_NEW_PRIVS if service.nnp else 0
         if self.primitive == "clone" and not fork:
             bargv, envl = self._exec_lists(service)
             if self._reports is None:
@@ -290,11 +395,13 @@ class Spawner:
                 self._reports = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             assert _START is not None
             return _START(bargv, envl, extra_env, stdin, stdout, stderr, self._reports[1],
-                          self._handled)  # fmt: skip
+                          self._handled, flags)  # fmt: skip
         if self.primitive == "vfork" and not fork:
             bargv, envl = self._exec_lists(service)
             assert _VFORK is not None
-            return _VFORK(bargv, envl, extra_env, stdin, stdout, stderr, -1, self._handled)
+            return _VFORK(bargv, envl, extra_env, stdin, stdout, stderr, -1, self._handled, flags)
+        # Neither fork_exec nor posix_spawn can set no_new_privs: the fork path does.
+        fork = fork or service.nnp
         if self.primitive == "fork_exec" and not fork:
             try:
                 return self._spawn_fork_exec(service, stdin, stdout, stderr, extra_env)
@@ -316,9 +423,9 @@ class Spawner:
             ],
             setsigmask=(),
             setsigdef=self._sigdef,
-            # Its own process group: Ctrl-C on pyinetd's terminal does not hit services, and
-            # a timeout can signal a service together with the helpers it started.
-            setpgroup=0,
+            # Its own session (see apply_process_settings): no controlling terminal, and a
+            # group of its own that a timeout signals with the helpers it started.
+            setsid=True,
         )
 
     def _exec_lists(self, service: Service) -> tuple[list[bytes], list[bytes]]:
@@ -355,13 +462,13 @@ class Spawner:
         # executable_list, close_fds, pass_fds, cwd, env, p2cread, p2cwrite, c2pread,
         # c2pwrite, errread, errwrite, errpipe_read, errpipe_write, restore_signals,
         # call_setsid, pgid_to_set, gid, extra_groups, uid, child_umask, preexec_fn,
-        # allow_vfork.
+        # allow_vfork. call_setsid: a session of its own (see apply_process_settings).
         assert _FORK_EXEC is not None
         pid = _FORK_EXEC(
             argv, [argv[0]], True, (err_w,), None,
             envl + extra_env,
             stdin, -1, -1, stdout, -1, stderr, err_r, err_w,
-            True, False, 0, None, None, None, -1, None, True,
+            True, True, -1, None, None, None, -1, None, True,
         )  # fmt: skip
         if not self._errpoll.poll(0):  # (poll, not a read: no exception per spawn)
             return pid
@@ -399,8 +506,10 @@ def spawn_relay(
 
     The relay does the TLS handshake (with its deadline) and then starts the service on a
     pair of pipes, or connects to the redirect target, and relays bytes until both sides are
-    done. It runs in its own process group with the service, so a timeout's killpg reaches
-    both; the parent's loop never blocks on a handshake or a connect.
+    done. It takes the service's process settings (apply_process_settings: its own session,
+    the service's user, limits, folder) before it reads a byte, and the service inherits
+    them; a timeout's killpg reaches both. The parent's loop never blocks on a handshake or
+    a connect.
     """
 
     def child() -> None:  # pragma: no cover - runs in the forked relay process
@@ -440,10 +549,15 @@ def _fork(child: Callable[[], None]) -> int:
 def _relay_child(
     service: Service, conn: int, stderr: int, env: Environ, ctx: ssl.SSLContext | None, peer: str
 ) -> int:  # pragma: no cover - runs in the forked relay process
-    from pyinetd import relay, tlsconf  # only relay processes need them
+    # Only relay processes need these. Every import happens here, before the privileges go:
+    # as the service's user, Python's own library may be out of reach (an interpreter under
+    # /root), and a lazy import would fail mid-connection; socket.create_connection encodes
+    # host names with the idna codec, imported on first use.
+    import encodings.idna  # noqa: F401
+
+    from pyinetd import relay, tlsconf
 
     signal.set_wakeup_fd(-1)
-    os.setpgid(0, 0)
     os.dup2(stderr, 2)
     # Everything else the parent had open (listeners, other clients, its loop) is closed
     # here: a relay must not keep a closed port or another client's connection alive.
@@ -456,16 +570,34 @@ def _relay_child(
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # The service's session, limits and identity before the first byte from the client: the
+    # handshake parses what a stranger sends, and the relay holds nothing that needs root
+    # (the key is already loaded in ``ctx``). The program it starts inherits all of it.
+    apply_process_settings(service)
+    # The relay holds the TLS key in its memory: not dumpable, so that no other process of
+    # the service's user may ptrace it or read /proc/PID/mem. (The kernel does this on the
+    # uid change anyway unless fs.suid_dumpable says otherwise; a relay that keeps root's
+    # uid is covered too.) The program the relay execs is dumpable again, and holds no key.
+    prctl(PR_SET_DUMPABLE, 0)
     sock = socket.socket(fileno=conn)
     sock.setblocking(True)
     client: socket.socket = sock
+    if service.tls is not None and ctx is None:
+        # Fail closed (issue 18.2): a TLS service never serves a client without its handshake.
+        os.write(2, f"TLS service without a TLS context: refusing {peer}\n".encode())
+        return 1
     if ctx is not None and service.tls is not None:
         try:
             client = tlsconf.handshake(ctx, sock, service.tls.handshake_timeout)
         except (OSError, ValueError) as exc:
             os.write(2, f"TLS handshake with {peer} failed: {exc}\n".encode(errors="replace"))
             return 1
-        env = {**env, **{k.encode(): v.encode() for k, v in tlsconf.tls_environ(client).items()}}
+
+        def warn(msg: str) -> None:
+            os.write(2, f"TLS from {peer}: {msg}\n".encode(errors="replace"))
+
+        tls_env = tlsconf.tls_environ(client, warn)
+        env = {**env, **{k.encode(): v.encode() for k, v in tls_env.items()}}
     if service.redirect is not None:
         host, port = service.redirect
         try:
@@ -511,27 +643,7 @@ def _child_exec(
         os.dup2(stderr, 2)
         os.dup2(stdin, 0)
         os.dup2(stdout, 1)
-        os.setpgid(0, 0)
-        # Resource limits and priority first: raising them may need the privileges we drop.
-        for res, value in service.rlimits:
-            resource.setrlimit(res, (value, value))
-        if service.nice is not None:
-            os.setpriority(os.PRIO_PROCESS, 0, service.nice)  # absolute, like xinetd's nice
-        if service.umask is not None:
-            os.umask(service.umask)
-        if service.user or service.group is not None:
-            name, uid, gid = service.user or ("", -1, os.getgid())
-            gid = service.group if service.group is not None else gid
-            if os.geteuid() == 0:
-                if name:
-                    os.initgroups(name, gid)  # the user's supplementary groups
-                else:
-                    os.setgroups([gid])
-            os.setgid(gid)
-            if uid >= 0:
-                os.setuid(uid)
-        if service.cwd:
-            os.chdir(service.cwd)  # as the service's user: it must be allowed there
+        apply_process_settings(service)
         for sig in signal.valid_signals():
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
                 with contextlib.suppress(OSError, ValueError):

@@ -37,6 +37,7 @@ def snapshot(server: Server) -> dict[str, Any]:
             if c.state is state
         ]
         sessions = sum(1 for st, _, _ in server.sessions.values() if st is state)
+        ended = server.child_metrics.of(svc.name)
         services.append(
             {
                 "name": svc.name,
@@ -49,6 +50,13 @@ def snapshot(server: Server) -> dict[str, Any]:
                 "accepted": state.accepted if state else 0,
                 "refused": dict(state.refused) if state else {},
                 "failed_spawns": state.failed_spawns if state else 0,
+                # Ended service processes: how (metrics.EXIT_CLASSES), and after how long.
+                "exits": dict(ended.exits),
+                "durations": {
+                    "count": ended.durations.count,
+                    "sum": round(ended.durations.total, 6),
+                    "buckets": ended.durations.cumulative(),
+                },
             }
         )
     return {
@@ -90,6 +98,11 @@ def render_table(snap: dict[str, Any]) -> str:
     ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for s in snap["services"]:
+        durations = s.get("durations", {})
+        if durations.get("count"):
+            exits = " ".join(f"{k}={v}" for k, v in s["exits"].items() if v)
+            mean = durations["sum"] / durations["count"]
+            lines.append(f"  {s['name']}: {durations['count']} ended ({exits}), mean {mean:.3f}s")
         for c in s["children"]:
             lines.append(f"  {s['name']}: pid {c['pid']} {c['peer']} age {c['age']:.1f}s")
     return "\n".join(lines)
@@ -133,4 +146,29 @@ def render_prometheus(snap: dict[str, Any]) -> str:
         out.append(
             f'pyinetd_spawn_failures_total{{service="{_label(s["name"])}"}} {s["failed_spawns"]}'
         )
+    family(
+        "pyinetd_process_duration_seconds",
+        "histogram",
+        "How long service processes ran, from start to exit.",
+    )
+    for s in snap["services"]:
+        name = _label(s["name"])
+        durations = s["durations"]
+        for le, n in durations["buckets"]:
+            out.append(f'pyinetd_process_duration_seconds_bucket{{service="{name}",le="{le}"}} {n}')
+        out.append(f'pyinetd_process_duration_seconds_sum{{service="{name}"}} {durations["sum"]}')
+        out.append(
+            f'pyinetd_process_duration_seconds_count{{service="{name}"}} {durations["count"]}'
+        )
+    family(
+        "pyinetd_process_exits_total",
+        "counter",
+        "Service processes ended, by how: ok (exit 0), error (exit 1-125), not_run (126, 127), "
+        "signal, killed (by the service's timeout).",
+    )
+    for s in snap["services"]:
+        for how, n in s["exits"].items():
+            out.append(
+                f'pyinetd_process_exits_total{{service="{_label(s["name"])}",class="{how}"}} {n}'
+            )
     return "\n".join(out) + "\n"

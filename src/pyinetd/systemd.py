@@ -6,6 +6,7 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
 
 from pyinetd.config import ListenAddress
 from pyinetd.listeners import ListenKey
@@ -34,6 +35,42 @@ def notify(*fields: str) -> bool:
 def reloading() -> None:
     """RELOADING=1 with the MONOTONIC_USEC systemd 253+ wants for Type=notify-reload."""
     notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between two WATCHDOG=1 (half of $WATCHDOG_USEC), or None when none is asked.
+
+    As sd_watchdog_enabled(3) with unset_environment: the variables are removed, so neither a
+    service nor a worker pyinetd starts believes it is the one systemd watches.
+    """
+    usec_text = os.environ.pop("WATCHDOG_USEC", "")
+    pid_text = os.environ.pop("WATCHDOG_PID", "")
+    try:
+        usec = int(usec_text)
+        if pid_text and int(pid_text) != os.getpid():
+            return None  # meant for another process (e.g. a wrapper that exec'd something else)
+    except ValueError:
+        return None
+    # Half the timeout, as sd_watchdog_enabled(3) recommends: one late pet is not a restart.
+    return usec / 2_000_000 if usec > 0 else None
+
+
+def start_watchdog(call_later: Callable[[float, Callable[[], None]], object]) -> float | None:
+    """Pet systemd's watchdog from the event loop's timers; returns the interval, or None.
+
+    The pets are timers of the one loop thread, never a thread of their own: a loop stuck in a
+    handler stops petting, and systemd restarts it (WatchdogSec=, systemd.service(5)).
+    """
+    every = watchdog_interval()
+    if every is None:
+        return None
+
+    def pet() -> None:
+        notify("WATCHDOG=1")
+        call_later(every, pet)
+
+    pet()
+    return every
 
 
 def listen_fds() -> list[tuple[socket.socket, str]]:

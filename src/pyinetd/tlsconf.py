@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import selectors
 import socket
 import ssl
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-__all__ = ["TLSSettings", "format_dn", "handshake", "make_context", "tls_environ"]
+from pyinetd import trust
+
+__all__ = [
+    "VERSIONS",
+    "TLSSettings",
+    "build_contexts",
+    "format_dn",
+    "handshake",
+    "host_name",
+    "make_context",
+    "tls_environ",
+]
 
 _Name = tuple[tuple[tuple[str, str], ...], ...]
-_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 # SNI names seen by make_context()'s sni_callback, per connection; weak so that a closed
 # connection's entry goes away with it.
@@ -42,23 +56,53 @@ def _refuse_passphrase() -> str:
     raise _EncryptedKey
 
 
-def _read(path: Path, what: str) -> str:
+def _open(path: Path, what: str, marker: str, secret: bool = False) -> int:
+    """Open a PEM file once (as root: only when it is root's, a key unreadable to others) and
+    check it holds ``marker``; OpenSSL then reads that same open file (_fd_path)."""
     try:
-        return path.read_text(encoding="ascii", errors="replace")
+        fd = trust.open_regular(path, f"TLS {what}", secret=secret)
     except OSError as e:
         raise ValueError(f"tls.{what}: {str(path)!r}: cannot read: {e.strerror}") from None
+    except ValueError as e:
+        raise ValueError(f"tls.{what}: {e}") from None
+    try:
+        text = trust.read_fd(fd, str(path)).decode("ascii", errors="replace")
+        if marker not in text:
+            kind = "private key" if secret else "certificate"
+            raise ValueError(f"tls.{what}: {str(path)!r}: no PEM {kind} in the file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _fd_path(fd: int, path: Path) -> str:
+    # /proc/self/fd/N opens the file already opened and checked, whatever its name points
+    # to now: a key renewed (or swapped) between the check and the load cannot slip in.
+    proc = f"/proc/self/fd/{fd}"
+    return proc if os.path.exists(proc) else str(path)
 
 
 def make_context(s: TLSSettings) -> ssl.SSLContext:
     """Build the server SSLContext for s; ValueError says which file or value is wrong and why."""
-    if s.min_version not in _VERSIONS:
+    if s.min_version not in VERSIONS:
         raise ValueError(f"tls.min_version: {s.min_version!r}: expected '1.2' or '1.3'")
-    if "-----BEGIN CERTIFICATE-----" not in _read(s.cert, "cert"):
-        raise ValueError(f"tls.cert: {str(s.cert)!r}: no PEM certificate in the file")
-    if "PRIVATE KEY-----" not in _read(s.key, "key"):
-        raise ValueError(f"tls.key: {str(s.key)!r}: no PEM private key in the file")
+    with contextlib.ExitStack() as fds:
+        cert = _open(s.cert, "cert", "-----BEGIN CERTIFICATE-----")
+        fds.callback(os.close, cert)
+        key = _open(s.key, "key", "PRIVATE KEY-----", secret=True)
+        fds.callback(os.close, key)
+        ca = None
+        if s.client_ca is not None:
+            # An attacker who may write the client CA file admits any client certificate.
+            ca = _open(s.client_ca, "client_ca", "")
+            fds.callback(os.close, ca)
+        return _context(s, _fd_path(cert, s.cert), _fd_path(key, s.key), ca)
+
+
+def _context(s: TLSSettings, cert: str, key: str, ca: int | None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = _VERSIONS[s.min_version]
+    ctx.minimum_version = VERSIONS[s.min_version]
     # Client-initiated renegotiation costs the server far more than the client (CVE-2011-1473).
     ctx.options |= ssl.OP_NO_RENEGOTIATION
     # OpenSSL 3 answers a TCP EOF without close_notify with a fatal alert, after which no reply
@@ -66,7 +110,7 @@ def make_context(s: TLSSettings) -> ssl.SSLContext:
     # with nginx, which sets the same option.
     ctx.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     try:
-        ctx.load_cert_chain(s.cert, s.key, password=_refuse_passphrase)
+        ctx.load_cert_chain(cert, key, password=_refuse_passphrase)
     except _EncryptedKey:
         raise ValueError(
             f"tls.key: {str(s.key)!r}: the key is encrypted; pyinetd cannot ask for a passphrase"
@@ -77,10 +121,9 @@ def make_context(s: TLSSettings) -> ssl.SSLContext:
         else:
             why = f"OpenSSL says: {e}"
         raise ValueError(f"tls: {str(s.cert)!r} with key {str(s.key)!r}: {why}") from None
-    if s.client_ca is not None:
-        _read(s.client_ca, "client_ca")
+    if s.client_ca is not None and ca is not None:
         try:
-            ctx.load_verify_locations(cafile=s.client_ca)
+            ctx.load_verify_locations(cafile=_fd_path(ca, s.client_ca))
         except ssl.SSLError as e:
             raise ValueError(
                 f"tls.client_ca: {str(s.client_ca)!r}: no usable CA certificate ({e.reason or e})"
@@ -88,6 +131,23 @@ def make_context(s: TLSSettings) -> ssl.SSLContext:
         ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.sni_callback = _remember_sni
     return ctx
+
+
+def build_contexts(
+    services: Iterable[tuple[str, str, TLSSettings | None]],
+) -> tuple[dict[str, ssl.SSLContext], list[str]]:
+    """The context of every (name, file, tls) given, each built once, and the errors, as
+    'file: services.NAME.tls: why' lines. A (re)load applies only when there are none."""
+    contexts: dict[str, ssl.SSLContext] = {}
+    errors: list[str] = []
+    for name, source, settings in services:
+        if settings is None:
+            continue
+        try:
+            contexts[name] = make_context(settings)
+        except ValueError as e:
+            errors.append(f"{source}: services.{name}.tls: {e}")
+    return contexts, errors
 
 
 def _remember_sni(conn: object, server_name: str | None, ctx: ssl.SSLContext) -> None:
@@ -127,8 +187,24 @@ def handshake(ctx: ssl.SSLContext, sock: socket.socket, timeout: float) -> ssl.S
     return tls
 
 
-def tls_environ(s: ssl.SSLSocket) -> dict[str, str]:
-    """mod_ssl-style variables describing an established TLS connection."""
+# RFC 1123 2.1 host name labels: letters, digits and hyphens, 1-63, no hyphen at either end.
+_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def host_name(name: str) -> str | None:
+    """``name`` if it is a valid DNS host name (LDH labels, at most 253 characters in all),
+    else None. An SNI name is chosen by the client: a newline, ``../``, shell metacharacters
+    or terminal escapes in it reached services' environment byte for byte (issue 18.7)."""
+    if not 0 < len(name) <= 253:
+        return None
+    return name if all(_LABEL.fullmatch(label) for label in name.split(".")) else None
+
+
+def tls_environ(s: ssl.SSLSocket, warn: Callable[[str], None] | None = None) -> dict[str, str]:
+    """mod_ssl-style variables describing an established TLS connection.
+
+    An SNI name that is not a valid host name is left out, and ``warn`` told why.
+    """
     env: dict[str, str] = {}
     version = s.version()
     if version is not None:
@@ -138,7 +214,10 @@ def tls_environ(s: ssl.SSLSocket) -> dict[str, str]:
         env["SSL_CIPHER"] = cipher[0]
         env["SSL_CIPHER_USEKEYSIZE"] = str(cipher[2])
     sni = _sni_names.get(s)
-    if sni is not None:
+    if sni is not None and host_name(sni) is None:
+        if warn is not None:
+            warn(f"SNI {sni[:256]!a} is not a host name; SSL_TLS_SNI_SERVERNAME left unset")
+    elif sni is not None:
         env["SSL_TLS_SNI_SERVERNAME"] = sni
         env["SSL_TLS_SNI"] = sni  # mod_ssl's name for the same thing
     # getpeercert() returns the parsed certificate only when it was presented and verified.
@@ -177,13 +256,16 @@ def format_dn(rdns: Iterable[Iterable[tuple[str, str]]]) -> str:
 
 
 def _escape_dn_value(value: str) -> str:
-    # RFC 4514 section 2.4.
+    # RFC 4514 section 2.4; control characters and other non-printables as mod_ssl writes
+    # them (OpenSSL's ASN1_STRFLGS_ESC_CTRL): each UTF-8 byte as \XX, so a newline is \0A. A
+    # certificate's CN of "x\nSSL_CLIENT_VERIFY=SUCCESS" must not reach a service as a line
+    # of its own (issue 18.7).
     out = []
     for i, ch in enumerate(value):
         if ch in ',+"\\<>;' or (ch == "#" and i == 0) or (ch == " " and i in (0, len(value) - 1)):
             out.append("\\" + ch)
-        elif ch == "\0":
-            out.append("\\00")
+        elif not ch.isprintable():  # C0, DEL, C1, line/paragraph separators, bidi controls
+            out.append("".join(f"\\{b:02X}" for b in ch.encode("utf-8", "surrogatepass")))
         else:
             out.append(ch)
     return "".join(out)

@@ -1,0 +1,334 @@
+"""Config trust (StrictModes as root, issue 18.4) and bounded loading (issue 14.9)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import DEADLINE, LocalUser, Pyinetd, free_port, tcp_talk
+
+from pyinetd import trust
+from pyinetd.config import ConfigError, load
+from pyinetd.document import MAX_NODES
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="StrictModes apply as root only")
+
+
+def check(path: Path, timeout: float = DEADLINE) -> subprocess.CompletedProcess[str]:
+    """`pyinetd --check` on path, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "pyinetd", "-c", str(path), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def refused(path: Path) -> str:
+    """The one error line load() gives for path."""
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert len(info.value.errors) == 1, info.value.errors
+    return info.value.errors[0]
+
+
+def echo_config(port: int = 7) -> str:
+    return f"services:\n  e: {{listen: '127.0.0.1:{port}', builtin: echo}}\n"
+
+
+# --- issue 18.4: StrictModes -------------------------------------------------------------------
+
+
+@needs_root
+def test_tmp_path_as_root_is_trusted(tmp_path: Path) -> None:
+    # pytest's tmp_path: /tmp (root, 1777) / pytest-of-root (root, 0700) / ...: every test's
+    # configuration lives there, as /tmp/some-root-dir would on a real machine.
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "a.yaml").write_text("services:\n  a: {listen: 8, builtin: echo}\n")
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text("include: conf.d/*.yaml\n" + echo_config())
+    assert [s.name for s in load(cfg).services] == ["e", "a"]
+
+
+@needs_root
+def test_main_config_owned_by_another_user_is_refused(
+    tmp_path: Path, local_user: LocalUser
+) -> None:
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(echo_config())
+    os.chown(cfg, local_user.uid, local_user.gid)  # mode 0644: the old check saw nothing
+    r = check(cfg)
+    assert r.returncode == 2, r
+    assert r.stderr == f"{cfg}: configuration file owned by uid {local_user.uid} " + (
+        f"({local_user.name}), not root\n"
+    )
+
+
+@needs_root
+def test_config_group_writable_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(echo_config())
+    cfg.chmod(0o664)
+    assert refused(cfg) == (
+        f"{cfg}: configuration file writable by group (mode 0664); chmod go-w {cfg}"
+    )
+
+
+@needs_root
+def test_config_in_a_folder_of_another_user_is_refused(local_user: LocalUser) -> None:
+    # A root-owned 0644 file in a folder the user owns: they can rename another file over it.
+    cfg = local_user.home / "inetd.yaml"
+    cfg.write_text(echo_config())
+    assert refused(cfg) == (
+        f"{local_user.home}: folder owned by uid {local_user.uid} ({local_user.name}), not root"
+    )
+
+
+@needs_root
+def test_symlinked_config_is_checked_where_it_really_is(
+    tmp_path: Path, local_user: LocalUser
+) -> None:
+    real = local_user.home / "inetd.yaml"
+    real.write_text(echo_config())
+    link = tmp_path / "inetd.yaml"
+    link.symlink_to(real)
+    assert refused(link).startswith(f"{local_user.home}: folder owned by uid {local_user.uid}")
+
+
+@needs_root
+def test_config_of_another_user_in_a_sticky_folder_is_refused(
+    tmp_path: Path, local_user: LocalUser
+) -> None:
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    cfg = sticky / "inetd.yaml"
+    cfg.write_text(echo_config())
+    load(cfg)  # root's file in a root-owned sticky folder: nobody else may replace it
+    os.chown(cfg, local_user.uid, local_user.gid)
+    assert "owned by uid" in refused(cfg)
+    os.chown(cfg, 0, 0)
+    os.chown(sticky, local_user.uid, local_user.gid)  # a sticky folder not root's: no
+    assert refused(cfg) == (
+        f"{sticky}: folder owned by uid {local_user.uid} ({local_user.name}), not root"
+    )
+
+
+@needs_root
+def test_included_file_owned_by_another_user_is_refused(
+    tmp_path: Path, local_user: LocalUser
+) -> None:
+    (tmp_path / "conf.d").mkdir()
+    drop = tmp_path / "conf.d" / "evil.yaml"
+    drop.write_text("services:\n  evil: {listen: 9, exec: [/usr/bin/id]}\n")
+    os.chown(drop, local_user.uid, local_user.gid)
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text("include: conf.d/*.yaml\n" + echo_config())
+    assert refused(cfg).startswith(f"{drop}: configuration file owned by uid {local_user.uid}")
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["mode 1777", "owned by the user"])
+def test_include_folder_others_may_write_is_refused(
+    tmp_path: Path, local_user: LocalUser, how: str
+) -> None:
+    # The attack: anyone drops `exec: /usr/bin/id` into conf.d and it runs as uid 0. Refused
+    # even when the drop-in is (made) root's: whoever may add files there adds services.
+    conf_d = tmp_path / "conf.d"
+    conf_d.mkdir()
+    if how == "mode 1777":
+        conf_d.chmod(0o1777)
+        why = "include folder writable by group and others (mode 1777)"
+    else:
+        os.chown(conf_d, local_user.uid, local_user.gid)
+        why = f"include folder owned by uid {local_user.uid} ({local_user.name}), not root"
+    (conf_d / "evil.yaml").write_text("services:\n  evil: {listen: 9, exec: [/usr/bin/id]}\n")
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text("include: conf.d/*.yaml\n" + echo_config())
+    r = check(cfg)
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"{cfg}: include: {conf_d}: {why}"), r.stderr
+
+
+@needs_root
+def test_exec_program_of_another_user_run_as_root_is_refused(
+    tmp_path: Path, local_user: LocalUser
+) -> None:
+    prog = tmp_path / "svc.sh"
+    prog.write_text("#!/bin/sh\nid\n")
+    prog.chmod(0o755)
+    os.chown(prog, local_user.uid, local_user.gid)
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(f"services:\n  s: {{listen: 9, exec: [{prog}]}}\n")
+    assert refused(cfg) == (
+        f"{cfg}: services.s.exec: {prog}: program run as root owned by uid {local_user.uid} "
+        f"({local_user.name}), not root (the service runs as root)"
+    )
+    # Run as that very user it is theirs to change: accepted.
+    cfg.write_text(f"services:\n  s: {{listen: 9, exec: [{prog}], user: {local_user.name}}}\n")
+    assert load(cfg).services[0].exec == (str(prog),)
+
+
+@needs_root
+def test_exec_program_others_may_write_is_refused(tmp_path: Path) -> None:
+    prog = tmp_path / "svc.sh"
+    prog.write_text("#!/bin/sh\nid\n")
+    prog.chmod(0o777)
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(f"services:\n  s: {{listen: 9, exec: [{prog}], user: root}}\n")
+    assert "program run as root writable by group and others (mode 0777)" in refused(cfg)
+
+
+def test_untrusted_files_are_fine_when_not_root(tmp_path: Path) -> None:
+    # StrictModes are for root; a user running pyinetd trusts their own files.
+    if os.geteuid() == 0:
+        r = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+             "from pyinetd import trust; trust.check_folder('/tmp'); print('ok')"],
+            capture_output=True, text=True, timeout=DEADLINE, cwd="/",
+        )  # fmt: skip
+        assert r.stdout == "ok\n", r.stderr
+    else:
+        trust.check_folder("/tmp")
+
+
+# --- issue 14.9: bounded loading ---------------------------------------------------------------
+
+# The nine lines of the report: each list holds nine of the one before, 9**9 "lol"s in all.
+BOMB = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + "".join(
+    f"{a}: &{a} [{', '.join([f'*{prev}'] * 9)}]\n"
+    for prev, a in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+def test_billion_laughs_is_refused_at_once(tmp_path: Path) -> None:
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(BOMB + echo_config())
+    start = time.monotonic()
+    r = check(cfg)
+    assert r.returncode == 2
+    assert r.stderr == (f"{cfg}: more than {MAX_NODES} values (aliases expanded); refusing it\n")
+    assert time.monotonic() - start < 5  # was 51 s and 386 MB
+
+
+def test_alias_to_itself_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text("x: &x [1, *x]\n" + echo_config())
+    assert "aliases expanded" in refused(cfg)
+
+
+def test_a_few_aliases_are_fine(tmp_path: Path) -> None:
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(
+        "x-common: &common {builtin: echo, timeout: 5}\n"
+        "services:\n  a: {<<: *common, listen: 7}\n  b: {<<: *common, listen: 8}\n"
+    )
+    with pytest.raises(ConfigError, match="x-common: unknown key"):
+        load(cfg)  # (a top-level anchor holder is an unknown key; the aliases are not refused)
+    cfg.write_text(
+        "defaults: &d {timeout: 5}\nservices:\n  a: {<<: *d, listen: 7}\n  b: {<<: *d, listen: 8}\n"
+    )
+    assert [s.timeout for s in load(cfg).services] == [5, 5]
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_include_of_something_not_a_file_is_refused(tmp_path: Path, target: str) -> None:
+    if target == "fifo":
+        (tmp_path / "conf.d").mkdir()
+        os.mkfifo(tmp_path / "conf.d" / "x.yaml")  # a --check used to hang on it for good
+        pattern, name = "conf.d/*.yaml", str(tmp_path / "conf.d" / "x.yaml")
+    else:
+        pattern = name = target  # was a MemoryError traceback
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(f"include: {pattern}\n" + echo_config())
+    r = check(cfg)
+    assert (r.returncode, r.stderr) == (2, f"{name}: not a regular file\n")
+
+
+def test_main_config_fifo_is_refused(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "inetd.yaml")
+    r = check(tmp_path / "inetd.yaml")
+    assert (r.returncode, r.stderr) == (2, f"{tmp_path / 'inetd.yaml'}: not a regular file\n")
+
+
+def test_config_over_one_mib_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(echo_config() + "#" * (1 << 20) + "\n")
+    assert refused(cfg) == f"{cfg}: larger than 1024 KiB"
+
+
+def test_many_env_keys_are_refused(tmp_path: Path) -> None:
+    # 300,000 keys took 27 s and 440 MB; 1 MiB holds ~100,000, and a service gets 1,000.
+    cfg = tmp_path / "inetd.yaml"
+    env = "".join(f"      K{i}: v\n" for i in range(300_000))
+    cfg.write_text(echo_config() + "    env:\n" + env)
+    assert "larger than 1024 KiB" in refused(cfg)
+    env = "".join(f"      K{i}: v\n" for i in range(1001))
+    cfg.write_text("services:\n  e:\n    listen: 7\n    exec: [/bin/true]\n    env:\n" + env)
+    assert refused(cfg) == f"{cfg}: services.e.env: 1001 variables: at most 1000"
+
+
+def test_many_values_are_refused_quickly(tmp_path: Path) -> None:
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(echo_config() + "x: [" + ",".join(["1"] * 300_000) + "]\n")
+    start = time.monotonic()
+    assert "more than 50000 values" in refused(cfg)
+    assert time.monotonic() - start < 2
+
+
+def test_error_lines_are_short(tmp_path: Path) -> None:
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(f"services:\n  e: {{listen: 7, builtin: {'x' * 100_000}}}\n")
+    (err,) = refused(cfg).splitlines()
+    assert len(err) <= 1000 and err.endswith("...")
+
+
+def test_alias_bomb_reload_keeps_serving(tmp_path: Path, inetd: Callable[..., Pyinetd]) -> None:
+    port = free_port()
+    p = inetd(echo_config(port))
+    p.path.write_text(BOMB + echo_config(port))
+    start = time.monotonic()
+    p.signal(signal.SIGHUP)
+    p.wait_log("reload failed.*aliases expanded")
+    assert time.monotonic() - start < 3  # every service froze for 31 s
+    assert tcp_talk(port, b"still here\n") == b"still here\n"
+
+
+@needs_root
+@pytest.mark.parametrize(
+    ("mode", "owner", "why"),
+    [
+        (0o666, "root", "TLS key writable by group and others (mode 0666); chmod go-w {key}"),
+        (0o604, "root", "TLS key readable by others (mode 0604); chmod go-rwx {key}"),
+        (0o640, "group", "TLS key readable by group {gid} (mode 0640); chmod go-rwx {key}"),
+        (0o600, "user", "TLS key owned by uid {uid} ({name}), not root"),
+        (0o640, "root", None),  # group-readable by root's own group: fine
+    ],
+)
+def test_tls_key_others_may_read_or_write_is_refused(
+    tmp_path: Path, local_user: LocalUser, mode: int, owner: str, why: str | None
+) -> None:
+    trustme = pytest.importorskip("trustme")
+    cert = trustme.CA().issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    key = tmp_path / "key.pem"
+    cert.private_key_pem.write_to_path(key)
+    key.chmod(mode)
+    if owner != "root":
+        os.chown(key, local_user.uid if owner == "user" else 0, local_user.gid)
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(
+        "services:\n  t: {listen: 9, exec: [/bin/cat], tls: {cert: cert.pem, key: key.pem}}\n"
+    )
+    r = check(cfg)
+    if why is None:
+        assert r.returncode == 0, r.stderr
+        return
+    why = why.format(uid=local_user.uid, gid=local_user.gid, name=local_user.name, key=key)
+    assert (r.returncode, r.stderr) == (2, f"{cfg}: services.t.tls: tls.key: {key}: {why}\n")
