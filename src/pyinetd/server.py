@@ -58,11 +58,11 @@ EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
 STDERR_LINE_MAX = 4096
 STDERR_READ = 65536  # bytes per read of a service's stderr socket
 STDERR_READS = 16  # reads per wake-up (1 MiB): one chatty child cannot hold the loop
-KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
 # Throttled events (refusals, spawn errors) logged per service a minute at most, whatever the
 # number of sources: beyond, they are counted and the count logged with the next one.
 THROTTLED_LINES = 100
 LOG_RETRY = 0.25  # seconds between tries to write a log backlog to a stalled reader
+KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
 HANDLED_SIGNALS = (
     signal.SIGCHLD,
     signal.SIGHUP,
