@@ -692,3 +692,29 @@ def test_parse_size_rejects(bad: object) -> None:
 def test_parse_size_units_scale(n: int, unit: str) -> None:
     power = ["", "k", "m", "g", "t"].index(unit)
     assert parse_size(f"{n}{unit}") == parse_size(f"{n}{unit.upper()}") == n * 1024**power
+
+
+def test_log_limiter_max_lines_bounds_rotating_keys_and_counts_what_it_holds_back() -> None:
+    # 5,000 rotating sources through a 4,096-entry table were each logged every time
+    limiter = LogLimiter(interval=60.0, max_keys=4096, max_lines=100)
+    logged = sum(
+        limiter.should_log(f"10.0.{i // 250}.{i % 250}", i / 1000)[0] for i in range(15000)
+    )
+    assert logged == 100
+    assert limiter.take_overflow() == 15000 - 100 - 0  # new keys held back (none seen twice)
+    assert limiter.take_overflow() == 0
+    # a key already logged is suppressed as before, and counted on its own key
+    assert limiter.should_log("10.0.0.0", 30.0) == (False, 1)
+    # the next interval has room again; the first key back reports its own count
+    assert limiter.should_log("10.0.0.0", 61.0) == (True, 1)
+    assert limiter.should_log("fresh", 61.5) == (True, 0)
+
+
+def test_log_limiter_max_lines_holds_a_due_key_until_there_is_room() -> None:
+    limiter = LogLimiter(interval=10.0, max_lines=1)
+    assert limiter.should_log("a", 0.0) == (True, 0)
+    assert limiter.should_log("b", 1.0) == (False, 0)  # no room: held back, counted
+    assert limiter.take_overflow() == 1
+    assert limiter.should_log("b", 10.0) == (True, 0)  # a new interval: room for one
+    assert limiter.should_log("a", 10.5) == (False, 1)  # due, but no room: suppressed
+    assert limiter.should_log("a", 20.0) == (True, 1)

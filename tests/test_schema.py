@@ -283,6 +283,13 @@ def _under_hard_limit(name: str, values: list[Any]) -> st.SearchStrategy[Any]:
 _SETTINGS: dict[str, st.SearchStrategy[Any]] = {
     "enabled": st.booleans(),
     "stderr": st.sampled_from(["log", "socket", "null"]),
+    "stderr_rate": st.fixed_dictionaries(
+        {},
+        optional={
+            "lines": st.sampled_from([1, 250, "50/s", "600/min", 0.5]),
+            "bytes": st.sampled_from([1024, "64k/s", "1M/min", 100.5]),
+        },
+    ),
     "max_connections": st.integers(1, 1000),
     "on_limit": st.sampled_from(["queue", "reject"]),
     "busy_message": _TEXT,

@@ -8,10 +8,12 @@ anything is reported (``ConfigError.errors``), e.g.::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import grp
 import ipaddress
+import math
 import os
 import pwd
 import resource
@@ -80,6 +82,9 @@ COUNTED_LIMITS = ("max_connections", "per_source", "rate")
 # max_connections of a redirect service that sets none: each relay is a forked pyinetd of
 # ~7.5 MiB private memory; 100 clients to a target that never reads held 749 MiB (18.10).
 REDIRECT_MAX_CONNECTIONS = 64
+# `stderr_rate` default: what `stderr: log` logs of one service per second (lines, bytes); a
+# connection writing 300 MB to stderr made 3 million log lines (issue 14, item 8).
+STDERR_RATE = (100.0, 64 * 1024.0)
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,8 @@ class Service:
     wait: bool = False
     enabled: bool = True
     stderr: str = "log"
+    # `stderr: log` lines logged per second, bytes logged per second; the rest is dropped
+    stderr_rate: tuple[float, float] = STDERR_RATE
     # admission (issue: limits); None = no limit
     max_connections: int | None = None
     on_limit: str = "queue"
@@ -209,6 +216,46 @@ def _parse_stderr(value: Any, base: Path) -> str:
     if not path.parent.is_dir():
         raise _KeyError(f"{value!r}: folder {str(path.parent)!r} does not exist")
     return str(path)
+
+
+_STDERR_RATE_KEYS = ("lines", "bytes")
+
+
+def _parse_byte_rate(value: Any) -> float:
+    """Bytes per second from 65536, '64k' (per second), '64KiB/s', '1M/min'."""
+    size, per_second = value, 1.0
+    if isinstance(value, str) and "/" in value:
+        size, _, unit = value.partition("/")
+        try:
+            per_second = parse_rate(f"1/{unit.strip()}")[0]  # '1/min': 1/60 per second
+        except ValueError:
+            per_second = 0.0
+    n: float = 0
+    if isinstance(size, float):
+        n = size if math.isfinite(size) else 0
+    elif per_second:
+        with contextlib.suppress(ValueError):
+            n = parse_size(size)
+    if not n > 0 or not per_second:  # (RLIM_INFINITY, "unlimited", is -1)
+        raise ValueError(f"{value!r}: expected a byte rate such as 65536, '64k/s' or '1M/min'")
+    return n * per_second
+
+
+def _parse_stderr_rate(value: Any, _base: Path) -> tuple[float, float]:
+    if not isinstance(value, dict):
+        raise _KeyError(f"{value!r}: expected a mapping such as {{lines: 100/s, bytes: 64k/s}}")
+    lines, nbytes = STDERR_RATE
+    for k, v in value.items():
+        if k not in _STDERR_RATE_KEYS:
+            raise _KeyError(f"{k}: {_unknown(str(k), list(_STDERR_RATE_KEYS))}")
+        try:
+            if k == "lines":
+                lines = parse_rate(v)[0]
+            else:
+                nbytes = _parse_byte_rate(v)
+        except ValueError as exc:
+            raise _KeyError(f"{k}: {exc}") from None
+    return (lines, nbytes)
 
 
 def _parse_exec(value: Any, base: Path) -> tuple[str, ...]:
@@ -598,6 +645,7 @@ SERVICE_KEYS: dict[str, Parser] = {
     "wait": _parse_bool,
     "enabled": _parse_bool,
     "stderr": _parse_stderr,
+    "stderr_rate": _parse_stderr_rate,
     "max_connections": _parse_count,
     "on_limit": _parse_choice("queue", "reject"),
     "busy_message": _parse_text,
@@ -1193,6 +1241,7 @@ _SERVICE_OUT: dict[str, Callable[[str, Any], dict[str, Any]]] = {
         k: {_RLIMIT_NAMES[res]: "unlimited" if n == resource.RLIM_INFINITY else n for res, n in v}
     },
     "banner": _banner_out,
+    "stderr_rate": lambda k, v: {k: {"lines": _number(v[0]), "bytes": _number(v[1])}},
     "socket_mode": lambda k, v: {k: f"{v:04o}"},
     "socket_user": lambda k, v: {k: v[0]},
 }

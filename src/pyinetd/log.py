@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,7 +10,10 @@ import select
 import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from logging.handlers import SysLogHandler
 
 LOG = logging.getLogger("pyinetd")
 Fields = dict[str, Any]
@@ -64,22 +68,62 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(obj, default=str)
 
 
+# Bytes of log lines kept while the reader is not reading (the environment is for the tests).
+BACKLOG_MAX = int(os.environ.get("PYINETD_LOG_BACKLOG", str(256 * 1024)))
+
+
+def _own_description(fd: int) -> tuple[int, socket.socket | None]:
+    """A non-blocking way to write to ``fd`` that changes nothing for whoever shares it.
+
+    `pyinetd 2>&1 | sleep 45` froze the loop in a write to a full pipe, SIGTERM included.
+    O_NONBLOCK on fd 2 itself would change the file description that the shell (or the
+    terminal, or our worker processes) shares with us, so a pipe, FIFO or terminal is opened
+    again through /proc (a description of our own), and a socket (journald's stream) is
+    written with MSG_DONTWAIT. A regular file is written as it is: it never fills up.
+    """
+    import stat
+
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return fd, None
+    if stat.S_ISSOCK(mode):
+        try:
+            return fd, socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return fd, None
+    if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+        flags = os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | os.O_APPEND
+        try:
+            return os.open(f"/proc/self/fd/{fd}", flags), None
+        except OSError:  # no /proc: keep the shared one, as before
+            return fd, None
+    return fd, None
+
+
 class LineHandler(logging.Handler):
-    """Log lines to a file descriptor (stderr), written in batches.
+    """Log lines to a file descriptor (stderr), written in batches, never blocking the loop.
 
     While the server's loop handles one batch of events, lines collect here and go out in one
     write when it calls ``flush()``, before it waits again: one write(2) per wake-up instead of
     one per line (two lines per connection at the default level). Outside the loop, and for
     warnings and worse, every line goes out at once.
+
+    Writes never block (see ``_own_description``): what the reader does not take waits in a
+    backlog of at most BACKLOG_MAX bytes; beyond that lines are dropped and counted, and once
+    the backlog has gone out, one line says how many were dropped.
     """
 
     def __init__(self, formatter: TextFormatter | JSONFormatter, fd: int = 2) -> None:
         super().__init__()
         self.setFormatter(formatter)
         self.fast = formatter
-        self.fd = fd
+        self.fd, self._sock = _own_description(fd)
+        self._owned = self.fd if self.fd != fd else -1
         self.batching = False
         self._buf: list[str] = []
+        self._backlog = bytearray()  # whole lines (the first maybe partly written)
+        self.dropped = 0  # lines dropped since the backlog was last empty
 
     def emit(self, record: logging.LogRecord) -> None:
         self.write(self.format(record), record.levelno)
@@ -89,33 +133,125 @@ class LineHandler(logging.Handler):
         if not self.batching or level >= logging.WARNING:
             self.flush()
 
+    def backlog(self) -> bool:
+        """True while lines wait for a reader that has stopped reading."""
+        return bool(self._backlog)
+
     def flush(self) -> None:
-        if not self._buf:
-            return
-        self._buf.append("")
-        data = "\n".join(self._buf).encode("utf-8", "backslashreplace")
-        self._buf.clear()
+        if self._buf:
+            self._buf.append("")
+            data = "\n".join(self._buf).encode("utf-8", "backslashreplace")
+            lines = len(self._buf) - 1
+            self._buf.clear()
+            if self.dropped or len(self._backlog) + len(data) > BACKLOG_MAX:
+                # Dropping goes on until the backlog is out, so that the count line sits
+                # where the gap is.
+                self.dropped += lines
+            else:
+                self._backlog += data
+        if self._backlog:
+            self._write_backlog()
+        if self.dropped and not self._backlog:
+            note = f"{self.dropped} log lines dropped: the log reader was not reading"
+            fields = {"event": "log_dropped", "dropped": self.dropped}
+            self._backlog += (
+                self.fast.format_event(logging.WARNING, note, fields, time.time()) + "\n"
+            ).encode()
+            self.dropped = 0
+            self._write_backlog()
+
+    def flush_within(self, seconds: float) -> None:
+        """Flush, then keep writing the backlog while the reader takes it, for at most
+        ``seconds`` (at exit: a stalled reader delays it by that much, no more)."""
+        self.flush()
+        end = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(self._sock.fileno() if self._sock is not None else self.fd, select.POLLOUT)
+        while self._backlog or self.dropped:
+            left = end - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                return
+            self.flush()
+
+    def _write_backlog(self) -> None:
         # Writes of whole lines up to PIPE_BUF are atomic on a pipe: several pyinetd processes
-        # (workers) sharing one stderr never cut into each other's lines.
+        # (workers) sharing one stderr never cut into each other's lines; a non-blocking one
+        # writes such a piece whole or not at all (pipe(7)).
+        data = self._backlog
         start = 0
         while start < len(data):
             end = len(data)
             if end - start > select.PIPE_BUF:
                 cut = data.rfind(b"\n", start, start + select.PIPE_BUF)
                 end = cut + 1 if cut >= start else data.find(b"\n", start) + 1 or len(data)
-            if not self._write_all(memoryview(data)[start:end]):
-                return
-            start = end
-
-    def _write_all(self, view: memoryview) -> bool:
-        while view:
             try:
-                view = view[os.write(self.fd, view) :]
+                sent = self._send(memoryview(data)[start:end])
             except InterruptedError:
                 continue
+            except BlockingIOError:
+                break  # the reader stalls: the rest waits for the next flush
             except OSError:
-                return False  # stderr closed or gone: nothing sensible to do with a log line
-        return True
+                start = len(data)  # stderr closed or gone: nothing sensible to do with a line
+                break
+            start += sent
+        del data[:start]
+
+    def _send(self, view: memoryview) -> int:
+        if self._sock is not None:
+            return self._sock.send(view, socket.MSG_DONTWAIT)
+        return os.write(self.fd, view)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._owned >= 0:
+            os.close(self._owned)
+            self._owned = -1
+        super().close()
+
+
+def quiet_syslog_class() -> type[SysLogHandler]:
+    """SysLogHandler, but it never blocks: a full syslog socket drops the line, counted.
+
+    /dev/log is a datagram socket: a send blocks while the syslog daemon's queue is full.
+    Defined here so that only syslog users pay for importing logging.handlers.
+    """
+    from logging.handlers import SysLogHandler
+
+    class QuietSysLogHandler(SysLogHandler):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self.dropped = 0
+
+        def emit(self, record: logging.LogRecord) -> None:
+            prio = self.encodePriority(self.facility, self.mapPriority(record.levelname))
+            line = f"<{prio}>{self.ident}{self.format(record)}\000"
+            if self._send(line.encode("utf-8", "backslashreplace")) and self.dropped:
+                note = f"{self.dropped} log lines dropped: syslog was not reading"
+                self.dropped = 0
+                self._send(f"<{prio}>{self.ident}{note}\000".encode())
+
+        def _send(self, data: bytes) -> bool:
+            sock: socket.socket = getattr(self, "socket")  # noqa: B009 - not in the stubs
+            try:
+                if self.unixsocket:
+                    sock.send(data, socket.MSG_DONTWAIT)
+                else:
+                    sock.sendto(data, socket.MSG_DONTWAIT, self.address)
+            except BlockingIOError:
+                self.dropped += 1
+                return False
+            except OSError:  # syslog restarted: connect again for the next line
+                self.dropped += 1
+                with contextlib.suppress(OSError):
+                    sock.close()
+                    if self.unixsocket:
+                        getattr(self, "_connect_unixsocket")(self.address)  # noqa: B009
+                return False
+            return True
+
+    return QuietSysLogHandler
 
 
 _LINES: LineHandler | None = None  # the fast path, when logging goes to stderr
@@ -133,12 +269,17 @@ def flush() -> None:
         _LINES.flush()
 
 
+def backlog() -> bool:
+    """True while log lines wait for a stalled reader (the loop then wakes to retry)."""
+    return _LINES is not None and _LINES.backlog()
+
+
 def batching(on: bool) -> None:
     """Collect lines until ``flush()`` (on), or write each at once (off, flushing now)."""
     if _LINES is not None:
         _LINES.batching = on
         if not on:
-            _LINES.flush()
+            _LINES.flush_within(1.0)
 
 
 SYSLOG_SOCKET = "/dev/log"
@@ -173,9 +314,11 @@ def setup_logging(level: str = "info", fmt: str = "text", syslog: bool = False) 
         formatter = JSONFormatter()
     else:
         formatter = TextFormatter(timestamps=not syslog and "JOURNAL_STREAM" not in os.environ)
+    if _LINES is not None:
+        _LINES.close()
     _LINES = None
     if syslog:
-        from logging.handlers import SysLogHandler  # only syslog users pay for it
+        SysLogHandler = quiet_syslog_class()  # only syslog users pay for logging.handlers
 
         # The local socket only. No fallback to UDP localhost:514: datagrams nobody reads are
         # logs silently lost. SysLogHandler ignores a failed connect (it retries per record),
@@ -201,3 +344,79 @@ def event(level: int, msg: str, **fields: Any) -> None:
             lines.write(lines.fast.format_event(level, msg, fields, time.time()), level)
         else:
             LOG.log(level, msg, extra={"fields": fields})
+
+
+# ---------------------------------------------------------------- what services write to stderr
+
+# Control characters in a service's stderr line would reach the log raw: `\r` or an ESC sequence
+# could forge or hide log lines, or retitle the terminal of whoever reads it (issue 18, item 14).
+# C0 (but tab), DEL, C1, the Unicode line and paragraph separators and the bidi overrides
+# (CVE-2021-42574, "Trojan Source") are written as escapes.
+_ESCAPES: dict[int, str] = {
+    c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0)) if c != 0x09
+}
+_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r"})
+_ESCAPES.update(
+    {c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+)
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with control characters written as ``\\x1b``, ``\\r``... (see _ESCAPES)."""
+    return text.translate(_ESCAPES)
+
+
+class StderrBudget:
+    """How much of one service's stderr is logged: lines and bytes per second, with a burst of
+    one second's worth, lazily refilled; what is over is dropped and counted (issue 14, item 8:
+    one connection writing 300 MB to stderr made 3 million log lines).
+
+    Time in, decision out: ``take(now, nbytes)`` says whether one line of ``nbytes`` may be
+    logged. A line is let through while any byte is left (the debt delays the next ones), so
+    that a long line is not dropped for ever by a small byte rate.
+    """
+
+    def __init__(self, lines_per_s: float, bytes_per_s: float) -> None:
+        self.lines_per_s = lines_per_s
+        self.bytes_per_s = bytes_per_s
+        self._lines = max(1.0, lines_per_s)
+        self._bytes = max(1.0, bytes_per_s)
+        self._last: float | None = None
+        self.dropped_lines = 0
+        self.dropped_bytes = 0
+
+    def set_rate(self, lines_per_s: float, bytes_per_s: float) -> None:
+        """Follow a reload (what is in the bucket stays, within the new burst)."""
+        self.lines_per_s, self.bytes_per_s = lines_per_s, bytes_per_s
+        self._lines = min(self._lines, max(1.0, lines_per_s))
+        self._bytes = min(self._bytes, max(1.0, bytes_per_s))
+
+    def refill(self, now: float) -> None:
+        if self._last is not None and now > self._last:
+            elapsed = now - self._last
+            self._lines = min(max(1.0, self.lines_per_s), self._lines + elapsed * self.lines_per_s)
+            self._bytes = min(max(1.0, self.bytes_per_s), self._bytes + elapsed * self.bytes_per_s)
+        self._last = now  # a clock step back refills nothing and becomes the reference
+
+    def lines_left(self) -> int:
+        """Whole lines that may be logged now (0 when the bytes are spent)."""
+        return int(self._lines) if self._bytes > 0 else 0
+
+    def take(self, nbytes: int) -> bool:
+        """Log one line of ``nbytes``? (Call ``refill`` first.) Counts it as dropped if not."""
+        if self._lines >= 1.0 and self._bytes > 0:
+            self._lines -= 1.0
+            self._bytes -= nbytes
+            return True
+        self.drop(1, nbytes)
+        return False
+
+    def drop(self, lines: int, nbytes: int) -> None:
+        self.dropped_lines += lines
+        self.dropped_bytes += nbytes
+
+    def take_dropped(self) -> tuple[int, int]:
+        """(lines, bytes) dropped since the last call."""
+        out = (self.dropped_lines, self.dropped_bytes)
+        self.dropped_lines = self.dropped_bytes = 0
+        return out

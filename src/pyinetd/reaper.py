@@ -76,15 +76,22 @@ class ExitWatcher:
     def watch(self, pid: int) -> None:
         self._out += PID.pack(pid)
 
-    def flush(self) -> None:
-        """Send the pids gathered this loop turn (what a full pipe refuses waits for the next)."""
+    def flush(self) -> bool:
+        """Send the pids gathered this loop turn (what a full pipe refuses waits for the next).
+
+        False when the watcher is gone: it may be killed at any instant, and then the write
+        fails with EPIPE (pyinetd ignores SIGPIPE) before its EOF reaches the loop.
+        """
         if not self._out:
-            return
+            return True
         try:
             sent = os.write(self._to_w, self._out)
         except BlockingIOError:
-            return
+            return True
+        except OSError:  # EPIPE, or anything else: the caller goes back to waitpid(-1)
+            return False
         del self._out[:sent]
+        return True
 
     def exited(self) -> list[int] | None:
         """Pids the watcher saw exit; None when it is gone or gave up."""
@@ -92,6 +99,8 @@ class ExitWatcher:
             data = os.read(self._from_r, 65536)
         except BlockingIOError:
             return []
+        except OSError:  # ECONNRESET, EIO...: as good as end-of-file
+            return None
         if not data:
             return None
         pids, self._in = _pids(self._in + data)

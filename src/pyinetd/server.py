@@ -56,6 +56,12 @@ if TYPE_CHECKING:
 ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
 EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
 STDERR_LINE_MAX = 4096
+STDERR_READ = 65536  # bytes per read of a service's stderr socket
+STDERR_READS = 16  # reads per wake-up (1 MiB): one chatty child cannot hold the loop
+# Throttled events (refusals, spawn errors) logged per service a minute at most, whatever the
+# number of sources: beyond, they are counted and the count logged with the next one.
+THROTTLED_LINES = 100
+LOG_RETRY = 0.25  # seconds between tries to write a log backlog to a stalled reader
 KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
 HANDLED_SIGNALS = (
     signal.SIGCHLD,
@@ -115,6 +121,8 @@ class ServiceState:
         anything changed (it cannot fail here); counts stay, the bucket follows the settings."""
         old = self.service
         self.service = service
+        if self.stderr_log is not None:
+            self.stderr_log.budget.set_rate(*service.stderr_rate)
         if service.rate is None:
             self.bucket = None
         elif self.bucket is None or old.rate != service.rate:
@@ -188,19 +196,39 @@ class StderrLog:
     keep their pid without a pipe, a registration and two closes per connection. A line
     left unterminated goes out when its writer is reaped (``ended``), or when it grows past
     STDERR_LINE_MAX. A helper the service started is tagged with its own pid.
+
+    What is logged is bounded by the service's `stderr_rate` (log.StderrBudget); what is over
+    is still read, so that no child blocks on a full socket, but dropped and counted. Each
+    wake-up reads at most STDERR_READS x STDERR_READ bytes: one chatty child cannot hold the
+    loop. Control characters are escaped (log.escape_controls).
     """
 
     MAX_PARTIAL = 256  # writers with an unterminated line; beyond that, flush them all
 
-    def __init__(self, service: str, selector: selectors.BaseSelector) -> None:
+    def __init__(
+        self,
+        service: str,
+        selector: selectors.BaseSelector,
+        rate: tuple[float, float],
+        call_later: Callable[[float, Callable[[], None]], Timer],
+    ) -> None:
         self.tag = service
         self._sel = selector
+        self._call_later = call_later
+        self.budget = log.StderrBudget(*rate)
+        self._reported = -1.0  # when dropped lines were last reported (monotonic)
+        self._report_timer: Timer | None = None
+        self._reopened = 0  # shutdowns mended since the last warning about them
+        self._warned = -60.0
+        self._partial: dict[int, bytes] = {}
+        self._cmsg = socket.CMSG_SPACE(12)  # struct ucred
+        self._open()
+
+    def _open(self) -> None:
         self._r, self._w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._r.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._r.setblocking(False)
-        self._partial: dict[int, bytes] = {}
-        self._cmsg = socket.CMSG_SPACE(12)  # struct ucred
-        selector.register(self._r, selectors.EVENT_READ, self)
+        self._sel.register(self._r, selectors.EVENT_READ, self)
 
     def fileno(self) -> int:
         """The write end: what a child gets on fd 2."""
@@ -209,30 +237,64 @@ class StderrLog:
     def __call__(self, mask: int) -> None:
         self.drain()
 
-    def drain(self, limit: int = 64) -> None:
+    def drain(self, limit: int = STDERR_READS) -> None:
         """Log what is waiting, at most ``limit`` reads (the loop comes back for the rest)."""
         for _ in range(limit):
             try:
-                data, ancdata, _flags, _addr = self._r.recvmsg(65536, self._cmsg)
+                data, ancdata, _flags, _addr = self._r.recvmsg(STDERR_READ, self._cmsg)
             except OSError:  # nothing waiting (EAGAIN), or the socket is gone
-                return
+                break
             if not data:
-                return
+                self._reopen()
+                break
             pid = 0
             for level, kind, cdata in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = struct.unpack("i", cdata[:4])[0]
             self._feed(pid, data)
+        self._report(time.monotonic())
+
+    def _reopen(self) -> None:
+        """End-of-file: a child called shutdown(2, SHUT_WR) on the socket all share (pyinetd
+        holds a write end, so nothing else ends it). The read end would stay readable at EOF
+        for ever (the loop spun at 80 % CPU) and every later child writing to stderr would
+        die of SIGPIPE: new children get a new socket. The children that share the old one
+        lose their stderr, as they would with a pipe whose reader went away (issue 18, 9)."""
+        self.close(drain=False)
+        self._open()
+        self._reopened += 1
+        now = time.monotonic()
+        if now - self._warned >= 60.0:
+            times = f" ({self._reopened} times in a minute)" if self._reopened > 1 else ""
+            event(
+                logging.WARNING,
+                f"{self.tag}: a child shut down the service's stderr socket{times}; "
+                "children started from now on get a new one",
+                event="stderr_shutdown",
+                service=self.tag,
+            )
+            self._warned, self._reopened = now, 0
 
     def _feed(self, pid: int, data: bytes) -> None:
-        lines = (self._partial.pop(pid, b"") + data).split(b"\n")
+        budget = self.budget
+        budget.refill(time.monotonic())
+        data = self._partial.pop(pid, b"") + data
+        # Split only what may be logged: a flood of short lines costs one count(), not a
+        # bytes object per line.
+        allowed = budget.lines_left()
+        lines = data.split(b"\n", allowed) if allowed else [data]
         rest = lines.pop()
+        cut = rest.rfind(b"\n")
+        if cut >= 0:
+            budget.drop(rest.count(b"\n"), cut + 1)
+            rest = rest[cut + 1 :]
         if len(rest) > STDERR_LINE_MAX:
             lines.append(rest)
         elif rest:
             self._partial[pid] = rest
         for line in lines:
-            self._emit(pid, line)
+            if budget.take(len(line) + 1):
+                self._emit(pid, line)
         if len(self._partial) > self.MAX_PARTIAL:
             for other in list(self._partial):
                 self.ended(other)
@@ -241,16 +303,51 @@ class StderrLog:
         """``pid`` is gone: its unterminated last line, if any, goes out now."""
         rest = self._partial.pop(pid, None)
         if rest:
-            self._emit(pid, rest)
+            self.budget.refill(time.monotonic())
+            if self.budget.take(len(rest)):
+                self._emit(pid, rest)
+
+    def _report(self, now: float, at_once: bool = False) -> None:
+        """Say how many lines were dropped: at most once a second, and a second after the
+        last drop at the latest (a timer, so that the end of a flood is told too)."""
+        budget = self.budget
+        if not budget.dropped_lines and not budget.dropped_bytes:
+            return
+        if not at_once and now - self._reported < 1.0:
+            if self._report_timer is None:
+                self._report_timer = self._call_later(
+                    self._reported + 1.0 - now, self._on_report_timer
+                )
+            return
+        self._reported = now
+        lines, nbytes = budget.take_dropped()
+        event(
+            logging.WARNING,
+            f"{self.tag}: {lines} stderr lines ({nbytes} bytes) not logged: over stderr_rate "
+            f"(lines: {budget.lines_per_s:g}/s, bytes: {budget.bytes_per_s:g}/s)",
+            event="stderr_dropped",
+            service=self.tag,
+            lines=lines,
+            bytes=nbytes,
+        )
+
+    def _on_report_timer(self) -> None:
+        self._report_timer = None
+        self._report(time.monotonic())
 
     def _emit(self, pid: int, line: bytes) -> None:
-        text = line.rstrip(b"\r").decode("utf-8", "replace")
+        text = log.escape_controls(line.rstrip(b"\r").decode("utf-8", "replace"))
         event(logging.INFO, f"{self.tag}[{pid}]: {text}", event="stderr", service=self.tag, pid=pid)
 
-    def close(self) -> None:
-        self.drain()
-        for pid in list(self._partial):
-            self.ended(pid)
+    def close(self, drain: bool = True) -> None:
+        if drain:
+            self.drain()
+            for pid in list(self._partial):
+                self.ended(pid)
+            self._report(time.monotonic(), at_once=True)
+            if self._report_timer is not None:
+                self._report_timer.cancelled = True
+                self._report_timer = None
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(self._r)
         self._r.close()
@@ -389,7 +486,8 @@ class Server:
         self._wake_r, self._wake_w = socket.socketpair()
         self._emfile_logged = False
         self._full = False  # at the global max_children: exec listeners are paused
-        self._refusals = LogLimiter(60.0)
+        self._refusals = LogLimiter(60.0, max_lines=THROTTLED_LINES)  # events of no service
+        self._limiters: dict[str, LogLimiter] = {}  # per service: one's flood resets no other's
         self._exit = False  # leave the loop (after _stopping: draining is over)
         self._drain_timer: Timer | None = None
         self.pid = os.getpid()
@@ -681,9 +779,11 @@ class Server:
         try:
             while not self._exit:
                 timeout = self._run_timers()
-                if self._watcher is not None:
-                    self._watcher.flush()
+                if self._watcher is not None and not self._watcher.flush():
+                    self._watcher_gone()
                 log.flush()
+                if log.backlog():  # the log reader stalls: try again soon, never block on it
+                    timeout = LOG_RETRY if timeout is None else min(timeout, LOG_RETRY)
                 for key, mask in self.sel.select(timeout):
                     try:
                         key.data(mask)
@@ -1097,14 +1197,7 @@ class Server:
             return
         pids = self._watcher.exited()
         if pids is None:
-            self._watcher_retry = time.monotonic() + 60.0
-            event(
-                logging.WARNING,
-                "exit watcher gone (it exited, or ran out of file descriptors); "
-                "reaping with waitpid(-1)",
-                event="watcher",
-            )
-            self._stop_watcher()
+            self._watcher_gone()
             return
         exited: list[tuple[int, int]] = []
         for pid in pids:
@@ -1117,6 +1210,17 @@ class Server:
         self._handle_exited(exited)
         if len(self.children) < reaper.WATCH_FROM // 4:
             self._stop_watcher()
+
+    def _watcher_gone(self) -> None:
+        """The watcher died (EOF, EPIPE) or gave up: back to waitpid(-1) now, said once."""
+        self._watcher_retry = time.monotonic() + 60.0
+        event(
+            logging.WARNING,
+            "exit watcher gone (it exited, or ran out of file descriptors); "
+            "reaping with waitpid(-1)",
+            event="watcher",
+        )
+        self._stop_watcher()  # reaps at once what exited before the watcher could say
 
     def _sweep(self) -> None:
         """The watcher's backup: a full waitpid(-1) loop every few seconds."""
@@ -1493,7 +1597,8 @@ class Server:
         mode = state.service.stderr
         if mode == "log":
             if state.stderr_log is None:
-                state.stderr_log = StderrLog(state.service.name, self.sel)
+                svc = state.service
+                state.stderr_log = StderrLog(svc.name, self.sel, svc.stderr_rate, self.call_later)
             return state.stderr_log.fileno(), False
         if mode == "socket" and conn is not None:
             return conn.fileno(), False
@@ -1587,9 +1692,24 @@ class Server:
         )
 
     def _log_throttled(self, key: str, level: int, msg: str, **fields: object) -> None:
-        """Log an event at most once a minute per ``key``, saying how many were suppressed."""
-        show, suppressed = self._refusals.should_log(key, time.monotonic())
+        """Log an event at most once a minute per ``key``, saying how many were suppressed,
+        and at most THROTTLED_LINES such events a minute per service."""
+        service = str(fields.get("service", ""))
+        limiter = self._limiters.get(service) if service else self._refusals
+        if limiter is None:
+            limiter = self._limiters[service] = LogLimiter(60.0, max_lines=THROTTLED_LINES)
+        show, suppressed = limiter.should_log(key, time.monotonic())
         if show:
+            held = limiter.take_overflow()
+            if held:
+                event(
+                    level,
+                    f"{service or 'pyinetd'}: {held} more refusals or errors not logged: "
+                    f"over {THROTTLED_LINES} a minute",
+                    event="log_overflow",
+                    service=service,
+                    suppressed=held,
+                )
             more = f" ({suppressed} more since last logged)" if suppressed else ""
             event(level, msg + more, suppressed=suppressed, **fields)
 
