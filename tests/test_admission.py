@@ -18,11 +18,9 @@ from pyinetd.admission import (
     Network,
     TokenBucket,
     parse_access_entry,
-    parse_duration,
-    parse_rate,
-    parse_size,
     source_key,
 )
+from pyinetd.units import parse_duration, parse_rate, parse_size
 
 # ---------------------------------------------------------------- AccessList: parsing
 

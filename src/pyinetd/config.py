@@ -28,8 +28,9 @@ if TYPE_CHECKING:  # ssl costs the parent ~5 MiB: loaded only for a service with
     from pyinetd.tlsconf import TLSSettings
 
 from pyinetd import fsuser, schema, trust
-from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
+from pyinetd.access import AccessList
 from pyinetd.document import read_document
+from pyinetd.units import parse_duration, parse_rate, parse_size
 
 PROTOCOLS = ("tcp", "udp", "unix")
 BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
