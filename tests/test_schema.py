@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from pyinetd import config, schema
+from pyinetd import config, keys, schema
 from pyinetd.cli import main
 from pyinetd.config import Config, ConfigError, load, to_dict
 from pyinetd.convert import Conversion, dump
@@ -146,6 +146,19 @@ def test_shipped_config_names_the_schema_on_its_first_line() -> None:
     assert first == "# yaml-language-server: $schema=src/pyinetd/schema.json"
     shipped = json.loads((REPO / "src/pyinetd/schema.json").read_text())
     assert shipped == schema.load_schema()
+
+
+def test_shipped_schema_is_generated_from_the_key_declarations() -> None:
+    # schema.json is not edited by hand: `python -m pyinetd.schema > src/pyinetd/schema.json`.
+    shipped = (REPO / "src/pyinetd/schema.json").read_text(encoding="utf-8")
+    assert shipped == schema.schema_text(), "python -m pyinetd.schema > src/pyinetd/schema.json"
+
+
+def test_every_service_field_is_filled_by_a_declared_key() -> None:
+    # Service, the parsers and --print-config agree: each field comes from one declared key.
+    targets = {k.target for k in keys.SERVICE_KEYS.values()}
+    fields = {f.name for f in dataclasses.fields(config.Service)} - {"name", "source"}
+    assert fields == targets - {None}
 
 
 def test_build_reports_schema_errors_in_file_order_among_semantic_ones(tmp_path: Path) -> None:

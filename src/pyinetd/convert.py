@@ -23,6 +23,9 @@ from typing import Any
 import tomli_w
 import yaml
 
+from pyinetd.keys import SERVICE_KEYS
+from pyinetd.parsers import BUILTINS
+
 __all__ = [
     "Conversion",
     "ConvertWarning",
@@ -35,7 +38,7 @@ __all__ = [
 DEFAULT_SERVICES = Path("/etc/services")
 
 # The services both inetd and pyinetd implement internally.
-_BUILTINS = frozenset({"echo", "discard", "chargen", "daytime", "time"})
+_BUILTINS = frozenset(BUILTINS)
 
 # openbsd-inetd, inetutils and NetBSD inetd stop a service for ten minutes once it exceeds
 # its per-minute invocation limit (RETRYTIME = 60 * 10 in their inetd.c).
@@ -1362,29 +1365,9 @@ def _net(text: str) -> str:
     return str(net)
 
 
-_ORDER = (
-    "listen",
-    "protocol",
-    "builtin",
-    "exec",
-    "redirect",
-    "wait",
-    "enabled",
-    "user",
-    "group",
-    "max_connections",
-    "on_limit",
-    "per_source",
-    "rate",
-    "rate_pause",
-    "allow",
-    "deny",
-    "env",
-    "umask",
-    "nice",
-    "rlimits",
-    "banner",
-)
+# A service's keys in the order of their declaration (keys.py), which puts the ones a reader
+# looks for first (listen, what runs, as whom) at the top.
+_ORDER = tuple(SERVICE_KEYS)
 
 
 def _ordered(svc: dict[str, Any]) -> dict[str, Any]:

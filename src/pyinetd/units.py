@@ -12,11 +12,11 @@ import re
 import resource
 from fractions import Fraction
 
-__all__ = ["parse_duration", "parse_rate", "parse_size"]
+__all__ = ["DURATION_UNITS", "RATE_UNITS", "parse_duration", "parse_rate", "parse_size"]
 
 # ---------------------------------------------------------------- rates
 
-_RATE_UNITS = {
+RATE_UNITS = {
     **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1.0),
     **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60.0),
     **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600.0),
@@ -34,8 +34,8 @@ def parse_rate(text: str | int | float) -> tuple[float, int]:
         rate = float(text)  # a bare number: per second
     elif isinstance(text, str):
         match = _RATE_RE.fullmatch(text.strip().lower())
-        if match is not None and (match.group(2) or "s") in _RATE_UNITS:
-            rate = float(match.group(1)) / _RATE_UNITS[match.group(2) or "s"]
+        if match is not None and (match.group(2) or "s") in RATE_UNITS:
+            rate = float(match.group(1)) / RATE_UNITS[match.group(2) or "s"]
     if rate is None or not math.isfinite(rate) or rate <= 0:
         raise ValueError(f"{text!r}: expected a positive rate such as '50/s', '600/min' or '100/h'")
     return rate, max(1, int(rate))
@@ -43,8 +43,8 @@ def parse_rate(text: str | int | float) -> tuple[float, int]:
 
 # ---------------------------------------------------------------- durations and sizes
 
-_DURATION_UNITS = {
-    **_RATE_UNITS,
+DURATION_UNITS = {
+    **RATE_UNITS,
     "": 1.0,
     "ms": 0.001,
     **dict.fromkeys(("d", "day", "days"), 86400.0),
@@ -61,8 +61,8 @@ def parse_duration(text: str | int | float) -> float:
         seconds = float(text)
     elif isinstance(text, str):
         match = _DURATION_RE.fullmatch(text.strip().lower())
-        if match is not None and match.group(2) in _DURATION_UNITS:
-            seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        if match is not None and match.group(2) in DURATION_UNITS:
+            seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{text!r}: expected a duration >= 0 such as 30, '30s', '500ms' or '5m'")
     return seconds
