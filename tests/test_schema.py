@@ -106,7 +106,7 @@ def test_validate_words_errors_like_config_py() -> None:
         "inetd.yaml: services.echo.usr: unknown key (did you mean 'user'?)",
         "inetd.yaml: services.echo.wait: 'yes': expected true or false",
         "inetd.yaml: services.x.env: 'A=B': not a valid environment variable name",
-        "inetd.yaml: services.x.env: C: True: expected text",
+        "inetd.yaml: services.x.env: C: a boolean: expected text",
         "inetd.yaml: services.x.exec: give either exec or builtin, not both",
         "inetd.yaml: services.x.listen: missing (e.g. listen: 127.0.0.1:7007)",
     ]
@@ -125,7 +125,7 @@ def test_validate_nested_keys_and_list_items() -> None:
     }
     assert schema_errors(doc) == [
         "inetd.yaml: include: 3: expected a glob pattern or a list of them",
-        "inetd.yaml: services.t.listen: True: expected HOST:PORT, [IPV6]:PORT or PORT "
+        "inetd.yaml: services.t.listen: a boolean: expected HOST:PORT, [IPV6]:PORT or PORT "
         "(port 1-65535)",
         "inetd.yaml: services.t.rlimits: nofile: 'lots': expected a whole size such as 100, "
         "'64k', '512M', '1G' or 'unlimited'",
@@ -486,7 +486,7 @@ def test_cli_print_config_of_a_bad_file_exits_2(tmp_path: Path) -> None:
         text=True,
     )
     assert (run.returncode, run.stdout) == (2, "")
-    assert run.stderr == f"{bad}: services.e.wait: 'yes': expected true or false\n"
+    assert run.stderr == f"{bad}:2:21: services.e.wait: 'yes': expected true or false\n"
 
 
 def test_man_page_is_current() -> None:

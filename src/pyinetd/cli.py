@@ -128,7 +128,7 @@ def _main(argv: Sequence[str] | None) -> int:
             if errors:
                 raise ConfigError(errors)
     except ConfigError as exc:
-        for line in exc.errors:
+        for line in exc.lines:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
@@ -153,7 +153,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         server.bind()
     except ConfigError as exc:  # a TLS file, read when the contexts are built
-        for line in exc.errors:
+        for line in exc.lines:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     except ListenError as exc:
@@ -233,7 +233,7 @@ def _print_config(path: str, fmt: str) -> int:
     try:
         resolved = to_dict(load(path))
     except ConfigError as exc:
-        for line in exc.errors:
+        for line in exc.lines:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     except ValueError as exc:  # a value with no text form (a binary banner file)

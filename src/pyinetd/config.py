@@ -19,7 +19,7 @@ from typing import Any
 
 from pyinetd import fsuser, keys, schema, trust
 from pyinetd.access import AccessList
-from pyinetd.document import read_document
+from pyinetd.document import Marks, read_marked
 from pyinetd.parsers import (
     BUILTINS,
     PROTOCOLS,
@@ -56,15 +56,46 @@ MAX_ERROR = 1000  # characters of one error line
 class ConfigError(Exception):
     """One or more configuration errors, each a full 'file: key: message' line."""
 
-    def __init__(self, errors: list[str]) -> None:
-        # One error, one line: a control character in a name or value must not split it.
-        errors = [
-            e.encode("unicode_escape").decode("ascii") if not e.isprintable() else e for e in errors
-        ]
-        # One error, one short line: a value quoted whole could be a megabyte (issue 14.9).
-        errors = [e if len(e) <= MAX_ERROR else e[: MAX_ERROR - 3] + "..." for e in errors]
+    def __init__(self, errors: list[str], located: list[str] | None = None) -> None:
+        errors = _one_short_line(errors)
         super().__init__("\n".join(errors))
         self.errors = errors
+        # As shown to a person: 'file:line:column: key: message' where the position is known
+        # (issue 16, as haproxy -c and compilers do); `errors` keeps the 'file: key' form.
+        self.lines = _one_short_line(located) if located else errors
+
+
+def _one_short_line(errors: list[str]) -> list[str]:
+    # One error, one line: a control character in a name or value must not split it.
+    errors = [
+        e.encode("unicode_escape").decode("ascii") if not e.isprintable() else e for e in errors
+    ]
+    # One error, one short line: a value quoted whole could be a megabyte (issue 14.9).
+    return [e if len(e) <= MAX_ERROR else e[: MAX_ERROR - 3] + "..." for e in errors]
+
+
+def _located(errors: list[str], marks: Mapping[str, Marks]) -> list[str]:
+    """Each 'file: key: message' error as 'file:line:column: key: message' where the file's
+    marks know the key (or the list entry the message quotes)."""
+    out = []
+    for error in errors:
+        label = max((f for f in marks if error.startswith(f + ": ")), key=len, default=None)
+        pos = None
+        if label is not None:
+            rest = error[len(label) + 2 :]
+            key, _, message = rest.partition(": ")
+            pos = marks[label].locate(key, message)
+        out.append(f"{label}:{pos[0]}:{pos[1]}: {rest}" if pos and label else error)
+    return out
+
+
+def _duplicates(label: str, marks: Marks) -> list[str]:
+    """A key given twice in one mapping: YAML keeps the last without a word (a second service
+    of the same name replaced the first, and --check said ok)."""
+    return [
+        f"{label}: {'.'.join(path)}: given twice, on lines {first[0]} and {again[0]}"
+        for path, first, again in marks.duplicates
+    ]
 
 
 # Limits that count across a service's connections; a service with one is served by the first
@@ -220,11 +251,11 @@ class _SchemaErrors:
         return lines
 
 
-def load_document(path: Path) -> Any:
-    """Read a YAML or TOML file into plain Python data, bounded (document.py) and, as root,
-    only when it is root's (trust.py); ConfigError otherwise."""
+def load_document(path: Path) -> tuple[Any, Marks]:
+    """Read a YAML or TOML file into plain Python data and its keys' positions, bounded
+    (document.py) and, as root, only when it is root's (trust.py); ConfigError otherwise."""
     try:
-        return read_document(path)
+        return read_marked(path)
     except ValueError as exc:  # DocumentError, UntrustedError: one line naming the file
         raise ConfigError([str(exc)]) from None
 
@@ -232,11 +263,11 @@ def load_document(path: Path) -> Any:
 def load(path: str | Path) -> Config:
     """Load and validate a configuration file; ConfigError lists every problem."""
     path = Path(path)
-    doc = load_document(path)
-    return build(doc, path)
+    doc, marks = load_document(path)
+    return build(doc, path, marks)
 
 
-def build(doc: Any, path: Path) -> Config:
+def build(doc: Any, path: Path, marks: Marks | None = None) -> Config:
     """Validate parsed data from ``path`` (and the files it includes) into a Config.
 
     The parsers alone decide whether a configuration is valid (they refuse everything the
@@ -244,15 +275,15 @@ def build(doc: Any, path: Path) -> Config:
     messages. A good configuration never imports jsonschema: it costs the parent ~10 MiB.
     """
     try:
-        return _build(doc, path, with_schema=False)
+        return _build(doc, path, {str(path): marks or Marks()}, with_schema=False)
     except ConfigError:
-        return _build(doc, path, with_schema=True)
+        return _build(doc, path, {str(path): marks or Marks()}, with_schema=True)
 
 
-def _build(doc: Any, path: Path, with_schema: bool) -> Config:
+def _build(doc: Any, path: Path, marks: dict[str, Marks], with_schema: bool) -> Config:
     label = str(path)
     base = path.parent.resolve()
-    errors: list[str] = []
+    errors = _duplicates(label, marks[label])
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -275,7 +306,7 @@ def _build(doc: Any, path: Path, with_schema: bool) -> Config:
         try:
             top[key] = parser(value, base)
         except _KeyError as exc:
-            errors.append(f"{label}: {key}: {exc}")
+            errors += [f"{label}: {key}: {m}" for m in exc.messages]
 
     defaults_raw = doc.get("defaults") or {}
     if not isinstance(defaults_raw, dict):
@@ -304,7 +335,7 @@ def _build(doc: Any, path: Path, with_schema: bool) -> Config:
     elif services_raw:
         sources += [(str(n), b, label, base) for n, b in services_raw.items()]
     for pattern in top.get("include", ()):
-        sources += _read_includes(pattern, base, label, errors, flags)
+        sources += _read_includes(pattern, base, label, errors, flags, marks)
 
     services: list[Service] = []
     defined: dict[str, str] = {}
@@ -325,12 +356,17 @@ def _build(doc: Any, path: Path, with_schema: bool) -> Config:
     errors += _check_workers(top.get("workers", 1), top.get("max_children"), label)
     errors += flags.rest()
     if errors:
-        raise ConfigError(errors)
+        raise ConfigError(errors, _located(errors, marks))
     return Config(path=path, services=tuple(services), raw=doc, **top)
 
 
 def _read_includes(
-    pattern: str, base: Path, label: str, errors: list[str], flags: _SchemaErrors
+    pattern: str,
+    base: Path,
+    label: str,
+    errors: list[str],
+    flags: _SchemaErrors,
+    marks: dict[str, Marks],
 ) -> list[tuple[str, Any, str, Path]]:
     """Services from the files matching one `include:` pattern, in sorted order."""
     full = pattern if os.path.isabs(pattern) else str(base / pattern)
@@ -359,11 +395,12 @@ def _read_includes(
         if inc.is_dir():
             continue
         try:
-            doc = load_document(inc)
+            doc, marks[str(inc)] = load_document(inc)
         except ConfigError as exc:
             errors.extend(exc.errors)
             continue
         where = str(inc)
+        errors += _duplicates(where, marks[where])
         if doc is None:
             continue
         if not isinstance(doc, dict) or set(doc) - {"services"}:
@@ -428,7 +465,7 @@ def _check_keys(
         try:
             out[key] = parser(value, base)
         except _KeyError as exc:
-            errors.append(f"{where}.{key}: {exc}")
+            errors += [f"{where}.{key}: {m}" for m in exc.messages]
     return out
 
 

@@ -37,7 +37,12 @@ STDERR_RATE = (100.0, 64 * 1024.0)
 
 
 class _KeyError(ValueError):
-    """A bad value for one key; the message says what was expected."""
+    """A bad value for one key; the message says what was expected. Several messages when
+    several entries of a list are bad: each is reported, not only the first (issue 16)."""
+
+    def __init__(self, message: str, *more: str) -> None:
+        super().__init__(message)
+        self.messages = (message, *more)
 
 
 @dataclass(frozen=True)
@@ -283,11 +288,14 @@ def _wrap(fn: Callable[[Any], Any]) -> Parser:
 
 def _parse_addr_list(value: Any, _base: Path) -> tuple[str, ...]:
     items = value if isinstance(value, list) else [value]
+    bad = []
     for item in items:
         try:
             AccessList.parse([item], [])
         except (ValueError, TypeError) as exc:
-            raise _KeyError(str(exc)) from None
+            bad.append(str(exc))
+    if bad:
+        raise _KeyError(*bad)
     return tuple(str(i) for i in items)
 
 

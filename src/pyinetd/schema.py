@@ -101,9 +101,18 @@ def _render(error: ValidationError) -> Iterator[tuple[list[Any], str]]:
         # A `not` here only ever forbids a key's presence; its value is beside the point.
         yield path, str(schema.get("errorMessage", error.message))
     elif "errorMessage" in schema:
-        yield path, f"{instance!r}: {schema['errorMessage']}"
+        yield path, f"{shown(instance)}: {schema['errorMessage']}"
     else:
         yield path, error.message
+
+
+def shown(value: Any) -> str:
+    """A value in the file's terms: `timeout: yes` is "a boolean" (YAML's yes), not True."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "an empty value"
+    return repr(value)
 
 
 def _missing(key: str, schema: Mapping[str, Any]) -> str:
