@@ -424,13 +424,32 @@ def test_print_config_applies_defaults_resolves_paths_and_merges_includes(tmp_pa
                 "listen": "7101",
                 "exec": [str(Path("/bin/cat").resolve())],
                 **common,
-                "rate": 10,
+                "rate": "10/s",
                 "umask": "027",
                 "banner_text": "hello\n",
             },
             "b": {"listen": "7102", "builtin": "echo", **common, "banner_text": "hello\n"},
         }
     }
+
+
+def test_print_config_keeps_names_rate_units_and_unresolved_paths(tmp_path: Path) -> None:
+    # Issue 16: group: nogroup came back as 65534, rate: 100/min as 1.6666666666666667 and
+    # /bin/cat as /usr/bin/cat (a symlink resolved). What runs is still the resolved program.
+    link = tmp_path / "prog"
+    link.symlink_to("/bin/cat")
+    (tmp_path / "inetd.yaml").write_text(
+        "services:\n"
+        "  a: {listen: 7101, exec: [./prog, -u], group: nogroup, rate: 100/min,"
+        " stderr_rate: {lines: 30/min}}\n"
+        "  b: {listen: 7102, exec: /bin/cat, rate: 50, burst: 7, group: 0}\n"
+    )
+    cfg = load(tmp_path / "inetd.yaml")
+    assert cfg.services[0].exec == (str(Path("/bin/cat").resolve()), "-u")
+    a, b = to_dict(cfg)["services"].values()
+    assert (a["exec"], a["group"], a["rate"]) == ([str(link), "-u"], "nogroup", "100/min")
+    assert a["stderr_rate"]["lines"] == "30/min"
+    assert (b["exec"], b["rate"], b["burst"], b["group"]) == (["/bin/cat"], "50/s", 7, "root")
 
 
 def test_yaml_output_keeps_a_next_line_character() -> None:
@@ -472,7 +491,7 @@ def test_cli_print_config_in_each_format(
     parsed = readers[fmt](out)
     assert parsed == {
         "services": {
-            "e": {"listen": "7007", "exec": [str(Path("/bin/cat").resolve())], "wait": True}
+            "e": {"listen": "7007", "exec": ["/bin/cat"], "wait": True}
         }
     }
 

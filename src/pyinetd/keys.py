@@ -18,9 +18,10 @@ from pyinetd.parsers import (
     Out,
     Parser,
     _access_out,
+    _argv_out,
     _banner_out,
     _dict_out,
-    _list_out,
+    _group_out,
     _listen_out,
     _name_out,
     _number_out,
@@ -224,7 +225,7 @@ KEYS: tuple[Key, ...] = (
             "examples": [["services/upper.py"], "/usr/sbin/in.tftpd -s /srv/tftp"],
             "errorMessage": "expected a command line string or a list of arguments",
         },
-        out=_list_out,
+        out=_argv_out,
     ),
     Key(
         "redirect",
@@ -276,6 +277,7 @@ KEYS: tuple[Key, ...] = (
             "examples": ["nogroup"],
             "errorMessage": "expected a group name or number",
         },
+        out=_group_out,
     ),
     Key(
         "max_connections",
@@ -661,6 +663,7 @@ KEYS: tuple[Key, ...] = (
             "examples": ["www-data"],
             "errorMessage": "expected a group name or number",
         },
+        out=_group_out,
     ),
     Key(
         "include",

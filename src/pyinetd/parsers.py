@@ -18,14 +18,14 @@ import pwd
 import resource
 import shlex
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pyinetd import fsuser
 from pyinetd.access import AccessList
-from pyinetd.units import parse_duration, parse_rate, parse_size
+from pyinetd.units import format_rate, parse_duration, parse_rate, parse_size
 
 PROTOCOLS = ("tcp", "udp", "unix")
 # The built-in services' names: their one home (builtins.py maps each to its handler).
@@ -185,14 +185,28 @@ def _parse_exec(value: Any, base: Path) -> tuple[str, ...]:
         if path.is_dir() or not os.access(path, os.X_OK):
             raise _KeyError(f"{prog}: not an executable file")
         resolved = str(path.resolve())
+        given = os.path.abspath(path)  # absolute, symlinks kept: as written, for --print-config
     else:
         import shutil  # lazily: it imports bz2 and lzma, ~1 MiB of the parent
 
         found = shutil.which(prog)
         if found is None:
             raise _KeyError(f"{prog}: not found in PATH")
-        resolved = found
-    return (resolved, *argv[1:])
+        resolved = given = found
+    return Argv((resolved, *argv[1:]), (given, *argv[1:]))
+
+
+class Argv(tuple[str, ...]):
+    """A program's argv with its program path resolved (what runs: what trust.py checked, so a
+    symlink swapped later changes nothing), and ``given``: as written, made absolute but with
+    its symlinks kept, which --print-config shows (issue 16: /bin/cat became /usr/bin/cat)."""
+
+    given: tuple[str, ...]
+
+    def __new__(cls, argv: Iterable[str] = (), given: Iterable[str] | None = None) -> Argv:
+        self = super().__new__(cls, argv)
+        self.given = tuple(self) if given is None else tuple(given)
+        return self
 
 
 def parse_listen_item(item: Any, protocol: str, base: Path) -> ListenAddress:
@@ -570,8 +584,16 @@ def _listen_out(name: str, value: tuple[Any, ...]) -> dict[str, Any]:
     return {name: str(value[0]) if len(value) == 1 else [str(a) for a in value]}
 
 
-def _list_out(name: str, value: tuple[str, ...]) -> dict[str, Any]:
-    return {name: list(value)}
+def _argv_out(name: str, value: tuple[str, ...]) -> dict[str, Any]:
+    return {name: list(getattr(value, "given", value))}
+
+
+def _group_out(name: str, value: int) -> dict[str, Any]:
+    """A group as a name (nogroup, not 65534), the number only when it has none."""
+    try:
+        return {name: grp.getgrgid(value).gr_name}
+    except KeyError:
+        return {name: value}
 
 
 def _dict_out(name: str, value: tuple[tuple[str, str], ...]) -> dict[str, Any]:
@@ -599,7 +621,7 @@ def _banner_out(_name: str, value: bytes) -> dict[str, Any]:
 
 def _rate_out(_name: str, value: tuple[float, int]) -> dict[str, Any]:
     per_second, burst = value
-    out: dict[str, Any] = {"rate": number(per_second)}
+    out: dict[str, Any] = {"rate": format_rate(per_second)}
     if burst != max(1, int(per_second)):  # parse_rate's default burst
         out["burst"] = burst
     return out
@@ -627,4 +649,4 @@ def _rlimits_out(name: str, value: tuple[tuple[int, int], ...]) -> dict[str, Any
 
 
 def _stderr_rate_out(name: str, value: tuple[float, float]) -> dict[str, Any]:
-    return {name: {"lines": number(value[0]), "bytes": number(value[1])}}
+    return {name: {"lines": format_rate(value[0]), "bytes": number(value[1])}}

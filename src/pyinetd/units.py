@@ -1,4 +1,4 @@
-"""Units: durations, rates and sizes as people write them -> numbers. Pure.
+"""Units: durations, rates and sizes as people write them -> numbers, and back. Pure.
 
 The parsers accept whatever YAML or TOML produced and raise ``ValueError`` with a message of the
 form ``'<value>': <what was expected>``, so the config layer can prefix it with the file and key
@@ -12,7 +12,14 @@ import re
 import resource
 from fractions import Fraction
 
-__all__ = ["DURATION_UNITS", "RATE_UNITS", "parse_duration", "parse_rate", "parse_size"]
+__all__ = [
+    "DURATION_UNITS",
+    "RATE_UNITS",
+    "format_rate",
+    "parse_duration",
+    "parse_rate",
+    "parse_size",
+]
 
 # ---------------------------------------------------------------- rates
 
@@ -39,6 +46,16 @@ def parse_rate(text: str | int | float) -> tuple[float, int]:
     if rate is None or not math.isfinite(rate) or rate <= 0:
         raise ValueError(f"{text!r}: expected a positive rate such as '50/s', '600/min' or '100/h'")
     return rate, max(1, int(rate))
+
+
+def format_rate(per_second: float) -> str | float:
+    """parse_rate's inverse, for --print-config: 100/60 -> '100/min', 50.0 -> '50/s'; a rate
+    that is no whole count per second, minute or hour stays a number (per second)."""
+    for unit, seconds in (("s", 1.0), ("min", 60.0), ("h", 3600.0)):
+        n = round(per_second * seconds)
+        if n >= 1 and parse_rate(f"{n}/{unit}")[0] == per_second:
+            return f"{n}/{unit}"
+    return per_second
 
 
 # ---------------------------------------------------------------- durations and sizes
