@@ -348,3 +348,18 @@ def test_check_prints_the_positions(tmp_path: Path) -> None:
         2,
         f"{path}:4:5: services.e.wait: 'yes': expected true or false\n",
     )
+
+
+def test_argv0_is_for_services_that_start_a_program(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "defaults: {argv0: httpd}\n"
+        "services:\n"
+        "  www: {listen: 7008, exec: [/bin/cat, -u]}\n"
+        "  echo: {listen: 7009}\n",
+    )
+    www, echo = load(path).services
+    assert (www.exec[1:], www.argv0, echo.argv0) == (("-u",), "httpd", None)
+    assert errors_of(tmp_path, "services:\n  e: {listen: 7007, builtin: echo, argv0: x}\n") == [
+        "inetd.yaml: services.e.argv0: only with exec (the argv[0] of the program it starts)"
+    ]

@@ -26,52 +26,19 @@ from pyinetd.convert import (
     convert_xinetd_conf,
     dump,
 )
+from pyinetd.keys import SERVICE_KEYS as DECLARED_SERVICE_KEYS
+from pyinetd.parsers import BUILTINS as BUILTIN_NAMES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SERVICES = FIXTURES / "services"
 XINETD_ROOT = FIXTURES / "xinetd-root"
 
-# The configuration keys of pyinetd (HELPERS.md, "The configuration interface").
+# The configuration keys of pyinetd: their declarations (keys.py).
 TOP_KEYS = {"max_children", "include", "defaults", "services"}
-SERVICE_KEYS = {
-    "listen",
-    "protocol",
-    "builtin",
-    "exec",
-    "wait",
-    "enabled",
-    "user",
-    "group",
-    "max_connections",
-    "on_limit",
-    "busy_message",
-    "per_source",
-    "per_source_prefix",
-    "rate",
-    "burst",
-    "rate_pause",
-    "allow",
-    "deny",
-    "deny_message",
-    "timeout",
-    "env",
-    "env_clear",
-    "cwd",
-    "umask",
-    "nice",
-    "rlimits",
-    "banner",
-    "banner_text",
-    "stderr",
-    "redirect",
-    "tls",
-    "proxy_protocol",
-    "proxy_from",
-    "proxy_timeout",
-}
+SERVICE_KEYS = set(DECLARED_SERVICE_KEYS)
 RLIMIT_KEYS = {"as", "cpu", "nofile", "nproc", "core", "fsize", "data", "stack"}
 TLS_KEYS = {"cert", "key", "client_ca", "min_version", "handshake_timeout"}
-BUILTINS = {"echo", "discard", "chargen", "daytime", "time"}
+BUILTINS = set(BUILTIN_NAMES)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -388,19 +355,31 @@ def test_inetd_tcpd_wrapper_is_unwrapped(tmp_path: Path) -> None:
     assert lines_with(conv, "without a program to wrap") == [3]
 
 
-def test_inetd_argv0_dropped_and_warned_when_different(tmp_path: Path) -> None:
+def test_inetd_argv0_kept_as_argv0_when_it_is_not_the_program_name(tmp_path: Path) -> None:
+    # Issue 16: `/bin/busybox httpd -i` became exec: [/bin/busybox, -i]: the applet was gone.
     conv = inetd(
         tmp_path,
         "telnet stream tcp nowait root /usr/sbin/in.telnetd in.telnetd\n"
         "tftp dgram udp wait root /usr/sbin/in.tftpd /usr/sbin/in.tftpd -s /srv/tftp\n"
         "rsync stream tcp nowait root /usr/bin/rsync rsyncd --daemon\n"
-        "finger stream tcp nowait root /usr/sbin/in.fingerd\n",
+        "finger stream tcp nowait root /usr/sbin/in.fingerd\n"
+        "8080 stream tcp nowait root /bin/busybox httpd -i -h /srv/www\n",
     )
     assert svc(conv, "telnet")["exec"] == ["/usr/sbin/in.telnetd"]
     assert svc(conv, "tftp")["exec"] == ["/usr/sbin/in.tftpd", "-s", "/srv/tftp"]
     assert svc(conv, "rsync")["exec"] == ["/usr/bin/rsync", "--daemon"]
+    assert svc(conv, "rsync")["argv0"] == "rsyncd"
     assert svc(conv, "finger")["exec"] == ["/usr/sbin/in.fingerd"]
-    assert lines_with(conv, "argv[0]") == [3]
+    assert svc(conv, "8080")["exec"] == ["/bin/busybox", "-i", "-h", "/srv/www"]
+    assert svc(conv, "8080")["argv0"] == "httpd"
+    assert [s.get("argv0") for s in conv.config["services"].values()] == [
+        None,
+        None,
+        "rsyncd",
+        None,
+        "httpd",
+    ]
+    assert lines_with(conv, "argv[0]") == []
 
 
 def test_inetd_comments_blank_lines_and_update_inetd_off_entries(tmp_path: Path) -> None:
@@ -505,8 +484,8 @@ def test_inetd_fixture_with_package_lines() -> None:
     ]
     assert lines_with(conv, "tcpd wrapper") == [17, 19, 28, 32, 49, 51]
     assert lines_with(conv, "RPC service rstatd/1-5") == [43]
-    assert lines_with(conv, "argv[0] 'rsyncd'") == [55]
-    assert len(conv.warnings) == 8
+    assert services["rsync"]["argv0"] == "rsyncd"
+    assert len(conv.warnings) == 7
 
 
 # --------------------------------------------------------------------------- xinetd
@@ -846,7 +825,7 @@ def test_xinetd_nameinargs_with_tcpd(tmp_path: Path) -> None:
     assert svc(conv, "telnet")["exec"] == ["/usr/sbin/in.telnetd", "-h"]
     assert svc(conv, "rsync")["exec"] == ["/usr/bin/rsync", "--daemon"]
     assert lines_with(conv, "tcp wrappers") == [8]
-    assert lines_with(conv, "argv[0] 'rsyncd'") == [17]
+    assert svc(conv, "rsync")["argv0"] == "rsyncd"
 
 
 def test_xinetd_tcpd_without_nameinargs(tmp_path: Path) -> None:

@@ -115,6 +115,7 @@ class Service:
     protocol: str = "tcp"
     builtin: str | None = None
     exec: tuple[str, ...] = ()
+    argv0: str | None = None  # argv[0] when it is not exec[0] (busybox applets)
     wait: bool = False
     enabled: bool = True
     stderr: str = "log"
@@ -546,6 +547,10 @@ def _build_service(
     elif "builtin" in body or "exec" not in values:
         values.pop("exec", None)
         values.setdefault("builtin", "echo")
+    if "argv0" in values and not values.get("exec"):
+        values.pop("argv0")  # from defaults: meant for the services that start a program
+        if "argv0" in body:
+            errors.append(f"{where}.argv0: only with exec (the argv[0] of the program it starts)")
     if values.get("builtin") is not None:
         values["wait"] = False  # built-ins run inside pyinetd; wait does not apply
     if "redirect" in body and values.get("max_connections") is None:

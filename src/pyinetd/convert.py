@@ -172,14 +172,15 @@ def _exec_argv(server: str, argv: list[str], file: str, line: int, warn: _Sink) 
             "as allow/deny",
         )
         return [wrapped, *argv[1:]]
-    if argv and argv[0] not in (server, posixpath.basename(server)):
-        warn(
-            file,
-            line,
-            f"argv[0] {argv[0]!r} differs from the program name; pyinetd runs {server} "
-            "with its own path as argv[0]",
-        )
     return [server, *argv[1:]]
+
+
+def _argv0(server: str, argv: list[str]) -> str | None:
+    """argv[0] when it is not the program's own name (`/bin/busybox httpd -i`: the applet),
+    for the argv0 key; None when the program's path will do."""
+    if posixpath.basename(server) == "tcpd" or not argv:
+        return None
+    return None if argv[0] in (server, posixpath.basename(server)) else argv[0]
 
 
 # --------------------------------------------------------------------------- inetd.conf
@@ -331,6 +332,8 @@ def _convert_inetd_line(
         if argv is None:
             return None
         svc["exec"] = argv
+        if argv0 := _argv0(server, args):
+            svc["argv0"] = argv0
 
     m = _WAIT_RE.match(wait_field)
     if m is None:
@@ -1272,6 +1275,8 @@ class _XinetdConverter(_XinetdAttributes):
         if "NAMEINARGS" in flags:
             # server_args starts with argv[0] (used to put tcpd in front, as inetd does).
             argv = _exec_argv(server, args, file, line, self.warn)
+            if argv0 := _argv0(server, args):
+                svc["argv0"] = argv0
         elif posixpath.basename(server) == "tcpd":
             # Without NAMEINARGS tcpd gets argv[0] "tcpd" and cannot find its program.
             self.warn(file, line, f"service {sid}: tcpd without the NAMEINARGS flag")

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyinetd.parsers import (
+    BUILTINS,
+    _parse_argv0,
     Out,
     Parser,
     _access_out,
@@ -202,8 +204,8 @@ KEYS: tuple[Key, ...] = (
             "echo."
         ),
         {
-            "enum": ["echo", "discard", "chargen", "daytime", "time"],
-            "errorMessage": "expected one of echo, discard, chargen, daytime, time",
+            "enum": list(BUILTINS),
+            "errorMessage": f"expected one of {', '.join(BUILTINS)}",
         },
     ),
     Key(
@@ -226,6 +228,16 @@ KEYS: tuple[Key, ...] = (
             "errorMessage": "expected a command line string or a list of arguments",
         },
         out=_argv_out,
+    ),
+    Key(
+        "argv0",
+        _parse_argv0,
+        (
+            "The program's argv[0] when it is not the program's path, as inetd.conf's sixth "
+            "field gives it: busybox runs the applet argv[0] names (exec: [/bin/busybox, -i], "
+            "argv0: httpd). Only with exec."
+        ),
+        {"type": "string", "minLength": 1, "examples": ["httpd"], "errorMessage": "expected text"},
     ),
     Key(
         "redirect",

@@ -209,6 +209,12 @@ class Argv(tuple[str, ...]):
         return self
 
 
+def _parse_argv0(value: Any, _base: Path) -> str:
+    if isinstance(value, str) and value and "\0" not in value:
+        return value
+    raise _KeyError(f"{value!r}: expected text (the program's argv[0])")
+
+
 def parse_listen_item(item: Any, protocol: str, base: Path) -> ListenAddress:
     """Parse one listen entry: HOST:PORT, [V6]:PORT, PORT, or a unix socket path."""
     if protocol == "unix":
