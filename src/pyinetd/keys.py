@@ -16,7 +16,6 @@ from typing import Any
 
 from pyinetd.parsers import (
     BUILTINS,
-    _parse_argv0,
     Out,
     Parser,
     _access_out,
@@ -29,6 +28,7 @@ from pyinetd.parsers import (
     _number_out,
     _octal_out,
     _parse_addr_list,
+    _parse_argv0,
     _parse_banner_file,
     _parse_banner_text,
     _parse_bool,
