@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from pyinetd import builtins, control, fsuser, log, proxyproto, reaper, status, systemd
-from pyinetd.admission import LogLimiter, TokenBucket, source_key
+from pyinetd.admission import LogLimiter, StageSlots, TokenBucket, source_key
 from pyinetd.config import Config, ConfigError, Service, load, parse_listen_item
 from pyinetd.listeners import (
     ListenError,
@@ -63,6 +63,13 @@ STDERR_READS = 16  # reads per wake-up (1 MiB): one chatty child cannot hold the
 THROTTLED_LINES = 100
 LOG_RETRY = 0.25  # seconds between tries to write a log backlog to a stalled reader
 KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
+# A UDP child's reply socket is closed this long after the child is reaped, even when a
+# process it left behind still holds its stdout (issue 14, item 10: 1,050 datagrams to such a
+# service took the parent from 12 to 1,019 fds, outside every limit).
+UDP_REPLY_GRACE = 1.0
+# RFC 8446 5.1: a TLSPlaintext record (a ClientHello's first) carries at most 2**14 bytes
+# after its 5-byte header.
+TLS_RECORD_MAX = 5 + 2**14
 HANDLED_SIGNALS = (
     signal.SIGCHLD,
     signal.SIGHUP,
@@ -374,6 +381,7 @@ class UDPReply:
         self._peer = peer
         self._sel = sel
         self._buf = bytearray()
+        self.closed = False
         sock.setblocking(False)
         sel.register(sock, selectors.EVENT_READ, self)
 
@@ -389,8 +397,26 @@ class UDPReply:
             self._send(bytes(self._buf[: self.MAX]))
             del self._buf[: self.MAX]
         if not data:
+            self.close()
+
+    def finish(self) -> None:
+        """The child is gone (plus a grace): send what it wrote and close, even if a process
+        it left behind still holds the other end (issue 14, item 10)."""
+        if self.closed:
+            return
+        self(0)  # whatever is waiting now
+        if not self.closed:
+            if self._buf:
+                self._send(bytes(self._buf[: self.MAX]))
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(self.sock)
-            self.sock.close()
+        self.sock.close()
 
     def _send(self, payload: bytes) -> None:
         with contextlib.suppress(OSError):
@@ -402,10 +428,14 @@ class PendingProxy:
 
     Only header bytes are consumed from the socket (peeked first, then read up to the
     header's end), so whatever the client sent after the header reaches the service intact.
+    It holds a pre-service slot (``key``) until it is done or fails.
     """
 
-    def __init__(self, server: Server, lst: Listener, conn: socket.socket, ip: str, port: int):
+    def __init__(
+        self, server: Server, lst: Listener, conn: socket.socket, ip: str, port: int, key: str
+    ) -> None:
         self.server, self.lst, self.conn, self.ip, self.port = server, lst, conn, ip, port
+        self.key = key
         self._buf = b""
         self._accept = lst.state.service.proxy_protocol or "any"
         server.sel.register(conn, selectors.EVENT_READ, self)
@@ -415,7 +445,7 @@ class PendingProxy:
 
     def __call__(self, mask: int) -> None:
         try:
-            peek = self.conn.recv(proxyproto.MAX_HEADER, socket.MSG_PEEK)
+            peek = self.conn.recv(proxyproto.MAX_HEADER - len(self._buf), socket.MSG_PEEK)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -424,23 +454,27 @@ class PendingProxy:
         if not peek:
             self._fail("connection closed before the PROXY header")
             return
-        data = self._buf + peek
-        end = _proxy_header_end(data)
+        # The parser decides on everything received so far, before anything is consumed:
+        # malformed is refused at once. (Issue 18, item 6: "\r\n\r\n" then "XYZ" once made
+        # the read length negative; recv raised ValueError and the readable socket spun.)
         try:
-            take = len(peek) if end is None else end - len(self._buf)
-            if len(self._buf) + take > proxyproto.MAX_HEADER:
-                raise proxyproto.ProxyError("PROXY header too long")
+            header = proxyproto.parse(self._buf + peek, self._accept)
+            if header is None:
+                if len(self._buf) + len(peek) >= proxyproto.MAX_HEADER:
+                    raise proxyproto.ProxyError("PROXY header too long")
+                take = len(peek)
+            else:
+                take = header.length - len(self._buf)
+                if take <= 0:  # cannot happen: a shorter prefix would have parsed already
+                    raise proxyproto.ProxyError("inconsistent PROXY header")
             self._buf += self.conn.recv(take)
-            header = proxyproto.parse(self._buf, self._accept)
-            if header is None and end is not None:
-                raise proxyproto.ProxyError("truncated PROXY header")
         except proxyproto.ProxyError as exc:
             self._fail(str(exc))
             return
         except OSError as exc:
             self._fail(str(exc))
             return
-        if header is not None:
+        if header is not None and len(self._buf) == header.length:
             self._detach()
             self.server._proxy_done(self, header)
 
@@ -454,17 +488,79 @@ class PendingProxy:
         self.server._proxy_failed(self, why)
 
     def close(self) -> None:
+        """Give up on this connection (also what the loop calls when a handler raised)."""
+        if self.conn.fileno() >= 0:
+            self._fail("internal error")
+
+
+class PendingHello:
+    """A TLS connection whose ClientHello has not arrived yet: no relay is forked before it
+    has (issue 14, item 5: 3,000 connections that never sent one made 864 relay processes).
+
+    SO_RCVLOWAT keeps the socket unreadable until the whole first record is there, so a
+    client sending a byte at a time costs nothing but its fd and its slot; nothing is
+    consumed, the relay's handshake reads the record itself.
+    """
+
+    def __init__(
+        self,
+        server: Server,
+        lst: Listener,
+        conn: socket.socket,
+        ip: str,
+        port: int,
+        local: tuple[str, int] | None,
+        key: str,
+        timeout: float,
+    ) -> None:
+        self.server, self.lst, self.conn, self.ip, self.port = server, lst, conn, ip, port
+        self.local, self.key = local, key
+        self._lowat = 5  # a record header first
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self._lowat)
+        server.sel.register(conn, selectors.EVENT_READ, self)
+        self._timer = server.call_later(timeout, lambda: self._fail("no TLS ClientHello in time"))
+
+    def __call__(self, mask: int) -> None:
+        try:
+            peek = self.conn.recv(TLS_RECORD_MAX, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._fail(str(exc))
+            return
+        if len(peek) < self._lowat:
+            if mask:
+                # Readable with fewer bytes than the low-water mark: the client closed (or
+                # the socket failed) in the middle of its hello.
+                self._fail("connection closed before the TLS ClientHello")
+            return  # (mask 0: the first look, at accept, before any readiness)
+        # RFC 8446 5.1: ContentType handshake(22), then a 2-byte version, a 2-byte length.
+        length = int.from_bytes(peek[3:5], "big")
+        if peek[0] != 22 or not 0 < length <= 2**14:
+            self._fail("not a TLS ClientHello")
+            return
+        if len(peek) < 5 + length:
+            self._lowat = 5 + length
+            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self._lowat)
+            return
         self._detach()
-        self.conn.close()
+        # The relay reads with ordinary semantics.
+        self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        self.server._hello_done(self)
 
+    def _detach(self) -> None:
+        self._timer.cancelled = True
+        with contextlib.suppress(KeyError, ValueError):
+            self.server.sel.unregister(self.conn)
 
-def _proxy_header_end(data: bytes) -> int | None:
-    """Where a PROXY header in ``data`` ends, once that can be known."""
-    sig = proxyproto.V2_SIGNATURE
-    if data[: len(sig)] == sig[: len(data)]:  # v2, or not yet known to be anything else
-        return 16 + int.from_bytes(data[14:16], "big") if len(data) >= 16 else None
-    crlf = data.find(b"\r\n")
-    return crlf + 2 if crlf >= 0 else None
+    def _fail(self, why: str) -> None:
+        self._detach()
+        self.server._hello_failed(self, why)
+
+    def close(self) -> None:
+        """Give up on this connection (also what the loop calls when a handler raised)."""
+        if self.conn.fileno() >= 0:
+            self._fail("internal error")
 
 
 class Server:
@@ -498,7 +594,10 @@ class Server:
         self._metrics: control.RequestServer | None = None
         self._pid_file: str | None = None
         self._pid_entry: tuple[int, str, int, int] | None = None  # folder fd, name, dev, inode
-        self.pending: set[PendingProxy] = set()  # connections whose PROXY header is due
+        self.pending: set[PendingProxy | PendingHello] = set()  # PROXY header/ClientHello due
+        self._stage = StageSlots(config.max_pending, config.max_pending_per_source)
+        self._loop_ports: frozenset[int] = frozenset()  # ports of our UDP built-ins
+        self._udp_replies: dict[int, UDPReply] = {}  # pid of a UDP nowait child -> its reply
         self._devnull = -1  # `stderr: null`, opened once
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
         self._watcher: reaper.ExitWatcher | None = None  # with many children (reaper.py)
@@ -639,6 +738,34 @@ class Server:
         self._full = self._at_max_children()
         for lst in self.listeners.values():
             self._refresh(lst)
+        self._stage.total = config.max_pending
+        self._stage.per_source = config.max_pending_per_source
+        self._loop_ports = self._builtin_udp_ports(config)
+        for svc in config.enabled_services:
+            if svc.proxy_protocol and svc.proxy_from is None and not self.worker:
+                # Issue 14, item 13: then anyone may claim any address, past allow/deny.
+                event(
+                    logging.WARNING,
+                    f"{svc.name}: proxy_protocol without proxy_from: any client may send a "
+                    "PROXY header and claim any address (allow/deny then decide on that claim)",
+                    event="proxy_untrusted",
+                    service=svc.name,
+                )
+
+    def _builtin_udp_ports(self, config: Config) -> frozenset[int]:
+        """The ports our UDP built-ins answer on: a datagram from one of them is a loop."""
+        ports = {
+            addr.port
+            for svc in config.enabled_services
+            if svc.protocol == "udp" and svc.builtin is not None
+            for addr in svc.listen
+            if addr.port
+        }
+        for lst in self.listeners.values():
+            if lst.key.protocol == "udp" and lst.service.builtin is not None:
+                with contextlib.suppress(OSError):
+                    ports.add(peer_of(lst.family, lst.sock.getsockname())[1])
+        return frozenset(ports)
 
     def _new_listener(self, key: ListenKey, sock: socket.socket, state: ServiceState) -> Listener:
         lst = Listener(key=key, sock=sock, state=state, family=int(sock.family))
@@ -790,6 +917,7 @@ class Server:
                     except Exception:
                         # A bug in one handler must not take every service down with it.
                         LOG.exception("internal error handling an event; serving on")
+                        self._contain(key)
                     if self._exit:
                         break
         finally:
@@ -798,6 +926,29 @@ class Server:
             finally:
                 log.batching(False)
         return 0
+
+    def _contain(self, key: selectors.SelectorKey) -> None:
+        """After a handler raised: close its connection, or rest its listener, so that a
+        level-triggered fd cannot make it raise again and again (issue 18, item 6: 22,004
+        tracebacks from one connection). Other handlers (signals, the exit watcher, stderr
+        logs) stay as they are."""
+        handler = key.data
+        target = handler.args[0] if isinstance(handler, functools.partial) else None
+        try:
+            if isinstance(target, Listener):
+                self._pause_for(target, EMFILE_PAUSE)
+                return
+            if not isinstance(handler, _CONNECTIONS):
+                return
+            handler.close()
+        except Exception:
+            LOG.exception("internal error closing the connection that raised")
+        with contextlib.suppress(KeyError, ValueError):
+            if self.sel.get_key(key.fileobj).data is handler:
+                self.sel.unregister(key.fileobj)
+        with contextlib.suppress(OSError):
+            if isinstance(key.fileobj, socket.socket):
+                key.fileobj.close()
 
     # ------------------------------------------------------------ operations
     def _start_control(self, path: str | None = None) -> None:
@@ -1257,6 +1408,9 @@ class Server:
                 child.timer.cancelled = True
         state = child.state
         state.drop_source(child.source)
+        reply = self._udp_replies.pop(pid, None)
+        if reply is not None and not reply.closed:
+            self.call_later(UDP_REPLY_GRACE, reply.finish)
         err = self.spawner.exec_error(pid, status)
         if err is None:
             duration = time.monotonic() - child.started
@@ -1383,8 +1537,14 @@ class Server:
                     conn.send(msg.encode(), socket.MSG_DONTWAIT)
             conn.close()
 
-    def _admit(self, state: ServiceState, ip: str) -> tuple[str | None, str]:
-        """(refusal reason or None, per_source key) for a new connection from ``ip``."""
+    def _admit(
+        self, state: ServiceState, ip: str, take_token: bool = True
+    ) -> tuple[str | None, str]:
+        """(refusal reason or None, per_source key) for a new connection from ``ip``.
+
+        Every path asks here: TCP, unix, after a PROXY header, before and after a TLS
+        ClientHello, each UDP datagram (built-in or not).
+        """
         svc = state.service
         if svc.access is not None and not svc.access.permits(ip):
             return "deny", ""
@@ -1395,8 +1555,9 @@ class Server:
         key = source_key(ip, svc.per_source_prefix) if svc.per_source and ip else ""
         if key and svc.per_source and state.sources.get(key, 0) >= svc.per_source:
             return "per_source", key
-        if state.bucket is not None and not state.bucket.take(time.monotonic()):
+        if take_token and state.bucket is not None and not state.bucket.take(time.monotonic()):
             return "rate", key
+
         return None, key
 
     # ------------------------------------------------------------ connections
@@ -1479,31 +1640,97 @@ class Server:
         svc = lst.state.service
         ip, port = peer_of(lst.family, addr)
         if svc.proxy_protocol:
-            if svc.proxy_from is not None and not svc.proxy_from.permits(ip):
-                self._refuse(lst.state, conn, ip, port, "proxy_from")
+            # The socket's peer is checked before a byte is read: only a trusted proxy may
+            # hold a pre-service slot for its header, and it is not counted per source (it
+            # speaks for many clients).
+            key = source_key(ip) if ip else ""
+            if svc.proxy_from is not None:
+                if not svc.proxy_from.permits(ip):
+                    self._refuse(lst.state, conn, ip, port, "proxy_from")
+                    return
+                key = ""
+            if not self._take_slot(lst.state, conn, ip, port, key):
                 return
             conn.setblocking(False)
-            self.pending.add(PendingProxy(self, lst, conn, ip, port))
+            pend = PendingProxy(self, lst, conn, ip, port, key)
+            self.pending.add(pend)
+            pend(0)  # the header usually came with the connection: no wait, no slot held
             return
-        self._serve_admitted(lst, conn, ip, port, None)
+        self._after_header(lst, conn, ip, port, None)
+
+    def _take_slot(
+        self, state: ServiceState, conn: socket.socket, ip: str, port: int, key: str
+    ) -> bool:
+        """A pre-service slot for this connection, or it is refused (and False)."""
+        reason = self._stage.take(key)
+        if reason is not None:
+            self._refuse(state, conn, ip, port, reason)
+            return False
+        return True
 
     def _proxy_failed(self, pend: PendingProxy, why: str) -> None:
-        self.pending.discard(pend)
+        self._leave_stage(pend)
         self._refuse(pend.lst.state, pend.conn, pend.ip, pend.port, "proxy", detail=why)
+
+    def _leave_stage(self, pend: PendingProxy | PendingHello) -> None:
+        if pend in self.pending:
+            self.pending.discard(pend)
+            self._stage.release(pend.key)
 
     def _proxy_done(self, pend: PendingProxy, header: proxyproto.ProxyHeader) -> None:
         """The PROXY header is read: the balancer's client replaces the socket's peer."""
-        self.pending.discard(pend)
+        self._leave_stage(pend)
         if self.listeners.get(pend.lst.key) is not pend.lst:
             pend.conn.close()  # removed by a reload meanwhile
             return
-        pend.conn.setblocking(True)
         ip, port, local = pend.ip, pend.port, None
         if header.src_addr is not None and header.src_port is not None:
             ip, port = format_ip(header.src_addr), header.src_port
             if header.dst_addr is not None and header.dst_port is not None:
                 local = (format_ip(header.dst_addr), header.dst_port)
-        self._serve_admitted(pend.lst, pend.conn, ip, port, local)
+        pend.conn.setblocking(True)
+        self._after_header(pend.lst, pend.conn, ip, port, local)
+
+    def _after_header(
+        self,
+        lst: Listener,
+        conn: socket.socket,
+        ip: str,
+        port: int,
+        local: tuple[str, int] | None,
+    ) -> None:
+        """The client's address is known: a TLS service waits (in the parent, bounded) for
+        the ClientHello before a relay is forked; anything else is admitted now."""
+        svc = lst.state.service
+        if svc.tls is None:
+            self._serve_admitted(lst, conn, ip, port, local)
+            return
+        # Issue 14, item 5: access and limits before any handshake or fork. They are checked
+        # now (no rate token taken: the hello may never come) and again, counted, at the fork.
+        reason, _src = self._admit(lst.state, ip, take_token=False)
+        if reason is not None:
+            self._refuse(lst.state, conn, ip, port, reason)
+            return
+        key = source_key(ip) if ip else ""
+        if not self._take_slot(lst.state, conn, ip, port, key):
+            return
+        conn.setblocking(False)
+        hello = PendingHello(self, lst, conn, ip, port, local, key, svc.tls.handshake_timeout)
+        self.pending.add(hello)
+        hello(0)
+
+    def _hello_failed(self, hello: PendingHello, why: str) -> None:
+        self._leave_stage(hello)
+        self._refuse(hello.lst.state, hello.conn, hello.ip, hello.port, "tls", detail=why)
+
+    def _hello_done(self, hello: PendingHello) -> None:
+        """The ClientHello is here: admit (counted) and fork the relay for the handshake."""
+        self._leave_stage(hello)
+        if self.listeners.get(hello.lst.key) is not hello.lst:
+            hello.conn.close()  # removed by a reload meanwhile
+            return
+        hello.conn.setblocking(True)
+        self._serve_admitted(hello.lst, hello.conn, hello.ip, hello.port, hello.local)
 
     def _serve_admitted(
         self,
@@ -1746,19 +1973,7 @@ class Server:
                 event(logging.WARNING, f"{svc.name}: recvfrom: {exc}", event="recv_error")
                 return
             ip, port = peer_of(lst.sock.family, addr)
-            if svc.builtin is not None:
-                if builtins.udp_source_is_unsafe(port):
-                    continue
-                if svc.access is not None and not svc.access.permits(ip):
-                    self._refuse(lst.state, None, ip, port, "deny")
-                    continue
-                lst.state.accepted += 1
-                reply = builtins.udp_reply(svc.builtin, data)
-                if reply is not None:
-                    with contextlib.suppress(OSError):
-                        lst.sock.sendto(reply, addr)
-                continue
-            reason, src = self._admit(lst.state, ip)
+            reason, src = self._admit_datagram(lst.state, ip, port)
             if reason is not None:
                 self._refuse(lst.state, None, ip, port, reason)
                 if reason == "rate":
@@ -1766,9 +1981,26 @@ class Server:
                     return
                 continue
             lst.state.accepted += 1
+            if svc.builtin is not None:
+                reply = builtins.udp_reply(svc.builtin, data)
+                if reply is not None:
+                    with contextlib.suppress(OSError):
+                        lst.sock.sendto(reply, addr)
+                continue
             self._spawn_for_datagram(lst, data, addr, ip, port, src)
             if not lst.registered:
                 return
+
+    def _admit_datagram(self, state: ServiceState, ip: str, port: int) -> tuple[str | None, str]:
+        """_admit for one datagram, after the loop guard: a datagram from the port of one of
+        our UDP built-ins is refused (FreeBSD inetd's check_loop; issue 18, item 1: one spoofed
+        datagram from 127.0.0.1:27007 to the echo on 127.0.0.1:27007 echoed itself forever),
+        and a built-in never answers a privileged port (CERT CA-1996-01: echo <-> chargen)."""
+        if port in self._loop_ports or (
+            state.service.builtin is not None and builtins.udp_source_is_unsafe(port)
+        ):
+            return "loop", ""
+        return self._admit(state, ip)
 
     def _spawn_for_datagram(
         self, lst: Listener, data: bytes, addr: object, ip: str, port: int, src: str
@@ -1794,12 +2026,16 @@ class Server:
         finally:
             theirs.close()
         if pid:
-            UDPReply(ours, lst.sock, addr, self.sel)
+            self._udp_replies[pid] = UDPReply(ours, lst.sock, addr, self.sel)
         else:
             ours.close()
 
     def __repr__(self) -> str:
         return f"<Server {len(self.listeners)} listeners, {len(self.children)} children>"
+
+
+# Handlers that own one connection: the loop closes one that raised (Server._contain).
+_CONNECTIONS = (PendingProxy, PendingHello, UDPReply, builtins.Session, control.Exchange)
 
 
 def _worker_serves(svc: Service, key: ListenKey) -> bool:
