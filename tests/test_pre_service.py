@@ -265,3 +265,51 @@ def test_metrics_slowloris_is_bounded_and_scrapes_still_work(inetd: Start) -> No
         assert fd_count(p.pid) <= base + 8 + 1
         out = tcp_talk(mport, b"GET /metrics HTTP/1.0\r\n\r\n")
         assert out.startswith(b"HTTP/1.0 200 OK")
+
+
+# ---------------------------------------------------------------- the loop's guard
+
+
+def test_a_handler_that_raises_gets_its_connection_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the loop does after any handler raised (issue 18, item 6: a readable socket
+    whose handler raised was left registered, and raised again 22,004 times)."""
+    import selectors
+
+    from pyinetd import proxyproto
+    from pyinetd.config import build
+    from pyinetd.server import Server
+
+    port = free_port()
+    svc = {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat", "proxy_protocol": "v1"}
+    server = Server(build({"services": {"p": svc}}, tmp_path / "inetd.yaml"))
+    server.bind()
+    try:
+        (lst,) = server.listeners.values()
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
+            conn, addr = lst.sock.accept()
+            server._serve_stream(lst, conn, addr)
+            assert server._stage.used == 1
+
+            def broken(*args: object, **kw: object) -> None:
+                raise ValueError("a bug in the parser")
+
+            monkeypatch.setattr(proxyproto, "parse", broken)
+            client.sendall(b"PROXY ")
+            key = server.sel.get_key(conn)
+            with pytest.raises(ValueError):
+                key.data(selectors.EVENT_READ)
+            server._contain(key)
+            assert conn.fileno() == -1
+            assert conn not in {k.fileobj for k in server.sel.get_map().values()}
+            assert not server.pending and server._stage.used == 0
+            with contextlib.suppress(ConnectionResetError):  # closed with "PROXY " unread
+                assert client.recv(10) == b""
+    finally:
+        for lst in server.listeners.values():
+            lst.sock.close()
+        server.sel.close()
+        server._wake_r.close()
+        server._wake_w.close()
+        server.spawner.close()

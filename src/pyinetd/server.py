@@ -488,9 +488,11 @@ class PendingProxy:
         self.server._proxy_failed(self, why)
 
     def close(self) -> None:
-        """Give up on this connection (also what the loop calls when a handler raised)."""
-        if self.conn.fileno() >= 0:
-            self._fail("internal error")
+        """Drop this connection and its slot, quietly (at exit, or after its handler raised,
+        which the loop has logged)."""
+        self._detach()
+        self.server._leave_stage(self)
+        self.conn.close()
 
 
 class PendingHello:
@@ -558,9 +560,11 @@ class PendingHello:
         self.server._hello_failed(self, why)
 
     def close(self) -> None:
-        """Give up on this connection (also what the loop calls when a handler raised)."""
-        if self.conn.fileno() >= 0:
-            self._fail("internal error")
+        """Drop this connection and its slot, quietly (at exit, or after its handler raised,
+        which the loop has logged)."""
+        self._detach()
+        self.server._leave_stage(self)
+        self.conn.close()
 
 
 class Server:
