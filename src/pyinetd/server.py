@@ -49,6 +49,7 @@ from pyinetd.spawn import (
     ignored_signals,
     spawn_relay,
 )
+from pyinetd.stages import PendingHello, PendingProxy, UDPReply
 
 if TYPE_CHECKING:
     import ssl
@@ -67,9 +68,6 @@ KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
 # process it left behind still holds its stdout (issue 14, item 10: 1,050 datagrams to such a
 # service took the parent from 12 to 1,019 fds, outside every limit).
 UDP_REPLY_GRACE = 1.0
-# RFC 8446 5.1: a TLSPlaintext record (a ClientHello's first) carries at most 2**14 bytes
-# after its 5-byte header.
-TLS_RECORD_MAX = 5 + 2**14
 HANDLED_SIGNALS = (
     signal.SIGCHLD,
     signal.SIGHUP,
@@ -77,6 +75,9 @@ HANDLED_SIGNALS = (
     signal.SIGINT,
     signal.SIGUSR1,
 )
+
+
+Pending = PendingProxy["Listener"] | PendingHello["Listener"]
 
 
 def _noop_handler(signum: int, frame: object) -> None:
@@ -361,212 +362,6 @@ class StderrLog:
         self._w.close()
 
 
-class UDPReply:
-    """Collects a per-datagram UDP child's stdout and sends it to the client as one datagram.
-
-    Output beyond the largest UDP payload (65507 bytes) goes out in datagrams of that size.
-    """
-
-    MAX = 65507
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        listener: socket.socket,
-        peer: object,
-        sel: selectors.BaseSelector,
-    ) -> None:
-        self.sock = sock
-        self._listener = listener
-        self._peer = peer
-        self._sel = sel
-        self._buf = bytearray()
-        self.closed = False
-        sock.setblocking(False)
-        sel.register(sock, selectors.EVENT_READ, self)
-
-    def __call__(self, mask: int) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        self._buf += data
-        while len(self._buf) >= self.MAX or (not data and self._buf):
-            self._send(bytes(self._buf[: self.MAX]))
-            del self._buf[: self.MAX]
-        if not data:
-            self.close()
-
-    def finish(self) -> None:
-        """The child is gone (plus a grace): send what it wrote and close, even if a process
-        it left behind still holds the other end (issue 14, item 10)."""
-        if self.closed:
-            return
-        self(0)  # whatever is waiting now
-        if not self.closed:
-            if self._buf:
-                self._send(bytes(self._buf[: self.MAX]))
-            self.close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        with contextlib.suppress(KeyError, ValueError):
-            self._sel.unregister(self.sock)
-        self.sock.close()
-
-    def _send(self, payload: bytes) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.sendto(payload, self._peer)  # type: ignore[call-overload]
-
-
-class PendingProxy:
-    """A connection whose PROXY protocol header has not fully arrived yet.
-
-    Only header bytes are consumed from the socket (peeked first, then read up to the
-    header's end), so whatever the client sent after the header reaches the service intact.
-    It holds a pre-service slot (``key``) until it is done or fails.
-    """
-
-    def __init__(
-        self, server: Server, lst: Listener, conn: socket.socket, ip: str, port: int, key: str
-    ) -> None:
-        self.server, self.lst, self.conn, self.ip, self.port = server, lst, conn, ip, port
-        self.key = key
-        self._buf = b""
-        self._accept = lst.state.service.proxy_protocol or "any"
-        server.sel.register(conn, selectors.EVENT_READ, self)
-        self._timer = server.call_later(
-            lst.state.service.proxy_timeout, lambda: self._fail("no PROXY header in time")
-        )
-
-    def __call__(self, mask: int) -> None:
-        try:
-            peek = self.conn.recv(proxyproto.MAX_HEADER - len(self._buf), socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._fail(str(exc))
-            return
-        if not peek:
-            self._fail("connection closed before the PROXY header")
-            return
-        # The parser decides on everything received so far, before anything is consumed:
-        # malformed is refused at once. (Issue 18, item 6: "\r\n\r\n" then "XYZ" once made
-        # the read length negative; recv raised ValueError and the readable socket spun.)
-        try:
-            header = proxyproto.parse(self._buf + peek, self._accept)
-            if header is None:
-                if len(self._buf) + len(peek) >= proxyproto.MAX_HEADER:
-                    raise proxyproto.ProxyError("PROXY header too long")
-                take = len(peek)
-            else:
-                take = header.length - len(self._buf)
-                if take <= 0:  # cannot happen: a shorter prefix would have parsed already
-                    raise proxyproto.ProxyError("inconsistent PROXY header")
-            self._buf += self.conn.recv(take)
-        except proxyproto.ProxyError as exc:
-            self._fail(str(exc))
-            return
-        except OSError as exc:
-            self._fail(str(exc))
-            return
-        if header is not None and len(self._buf) == header.length:
-            self._detach()
-            self.server._proxy_done(self, header)
-
-    def _detach(self) -> None:
-        self._timer.cancelled = True
-        with contextlib.suppress(KeyError, ValueError):
-            self.server.sel.unregister(self.conn)
-
-    def _fail(self, why: str) -> None:
-        self._detach()
-        self.server._proxy_failed(self, why)
-
-    def close(self) -> None:
-        """Drop this connection and its slot, quietly (at exit, or after its handler raised,
-        which the loop has logged)."""
-        self._detach()
-        self.server._leave_stage(self)
-        self.conn.close()
-
-
-class PendingHello:
-    """A TLS connection whose ClientHello has not arrived yet: no relay is forked before it
-    has (issue 14, item 5: 3,000 connections that never sent one made 864 relay processes).
-
-    SO_RCVLOWAT keeps the socket unreadable until the whole first record is there, so a
-    client sending a byte at a time costs nothing but its fd and its slot; nothing is
-    consumed, the relay's handshake reads the record itself.
-    """
-
-    def __init__(
-        self,
-        server: Server,
-        lst: Listener,
-        conn: socket.socket,
-        ip: str,
-        port: int,
-        local: tuple[str, int] | None,
-        key: str,
-        timeout: float,
-    ) -> None:
-        self.server, self.lst, self.conn, self.ip, self.port = server, lst, conn, ip, port
-        self.local, self.key = local, key
-        self._lowat = 5  # a record header first
-        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self._lowat)
-        server.sel.register(conn, selectors.EVENT_READ, self)
-        self._timer = server.call_later(timeout, lambda: self._fail("no TLS ClientHello in time"))
-
-    def __call__(self, mask: int) -> None:
-        try:
-            peek = self.conn.recv(TLS_RECORD_MAX, socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._fail(str(exc))
-            return
-        if len(peek) < self._lowat:
-            if mask:
-                # Readable with fewer bytes than the low-water mark: the client closed (or
-                # the socket failed) in the middle of its hello.
-                self._fail("connection closed before the TLS ClientHello")
-            return  # (mask 0: the first look, at accept, before any readiness)
-        # RFC 8446 5.1: ContentType handshake(22), then a 2-byte version, a 2-byte length.
-        length = int.from_bytes(peek[3:5], "big")
-        if peek[0] != 22 or not 0 < length <= 2**14:
-            self._fail("not a TLS ClientHello")
-            return
-        if len(peek) < 5 + length:
-            self._lowat = 5 + length
-            self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self._lowat)
-            return
-        self._detach()
-        # The relay reads with ordinary semantics.
-        self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-        self.server._hello_done(self)
-
-    def _detach(self) -> None:
-        self._timer.cancelled = True
-        with contextlib.suppress(KeyError, ValueError):
-            self.server.sel.unregister(self.conn)
-
-    def _fail(self, why: str) -> None:
-        self._detach()
-        self.server._hello_failed(self, why)
-
-    def close(self) -> None:
-        """Drop this connection and its slot, quietly (at exit, or after its handler raised,
-        which the loop has logged)."""
-        self._detach()
-        self.server._leave_stage(self)
-        self.conn.close()
-
-
 class Server:
     """One pyinetd instance: listeners, children, the loop."""
 
@@ -598,7 +393,7 @@ class Server:
         self._metrics: control.RequestServer | None = None
         self._pid_file: str | None = None
         self._pid_entry: tuple[int, str, int, int] | None = None  # folder fd, name, dev, inode
-        self.pending: set[PendingProxy | PendingHello] = set()  # PROXY header/ClientHello due
+        self.pending: set[Pending] = set()  # connections whose PROXY header/ClientHello is due
         self._stage = StageSlots(config.max_pending, config.max_pending_per_source)
         self._loop_ports: frozenset[int] = frozenset()  # ports of our UDP built-ins
         self._udp_replies: dict[int, UDPReply] = {}  # pid of a UDP nowait child -> its reply
@@ -1656,7 +1451,8 @@ class Server:
             if not self._take_slot(lst.state, conn, ip, port, key):
                 return
             conn.setblocking(False)
-            pend = PendingProxy(self, lst, conn, ip, port, key)
+            accept = svc.proxy_protocol
+            pend = PendingProxy(self, lst, conn, (ip, port), key, svc.proxy_timeout, accept)
             self.pending.add(pend)
             pend(0)  # the header usually came with the connection: no wait, no slot held
             return
@@ -1672,28 +1468,36 @@ class Server:
             return False
         return True
 
-    def _proxy_failed(self, pend: PendingProxy, why: str) -> None:
-        self._leave_stage(pend)
-        self._refuse(pend.lst.state, pend.conn, pend.ip, pend.port, "proxy", detail=why)
-
-    def _leave_stage(self, pend: PendingProxy | PendingHello) -> None:
+    def leave_stage(self, pend: Pending) -> None:
+        """``pend`` no longer waits: its slot is free."""
         if pend in self.pending:
             self.pending.discard(pend)
             self._stage.release(pend.key)
 
-    def _proxy_done(self, pend: PendingProxy, header: proxyproto.ProxyHeader) -> None:
-        """The PROXY header is read: the balancer's client replaces the socket's peer."""
-        self._leave_stage(pend)
-        if self.listeners.get(pend.lst.key) is not pend.lst:
-            pend.conn.close()  # removed by a reload meanwhile
+    def stage_failed(self, pend: Pending, why: str) -> None:
+        """No valid PROXY header or ClientHello in time: refused, counted, logged."""
+        self.leave_stage(pend)
+        reason = "proxy" if isinstance(pend, PendingProxy) else "tls"
+        self._refuse(pend.lst.state, pend.conn, pend.ip, pend.port, reason, detail=why)
+
+    def stage_done(self, pend: Pending, header: proxyproto.ProxyHeader | None) -> None:
+        """A PROXY header is read (the balancer's client replaces the socket's peer), or a
+        ClientHello has arrived (admit, counted, and fork the relay for the handshake)."""
+        self.leave_stage(pend)
+        lst, conn = pend.lst, pend.conn
+        if self.listeners.get(lst.key) is not lst:
+            conn.close()  # removed by a reload meanwhile
+            return
+        conn.setblocking(True)
+        if header is None:
+            self._serve_admitted(lst, conn, pend.ip, pend.port, pend.local)
             return
         ip, port, local = pend.ip, pend.port, None
         if header.src_addr is not None and header.src_port is not None:
             ip, port = format_ip(header.src_addr), header.src_port
             if header.dst_addr is not None and header.dst_port is not None:
                 local = (format_ip(header.dst_addr), header.dst_port)
-        pend.conn.setblocking(True)
-        self._after_header(pend.lst, pend.conn, ip, port, local)
+        self._after_header(lst, conn, ip, port, local)
 
     def _after_header(
         self,
@@ -1719,22 +1523,10 @@ class Server:
         if not self._take_slot(lst.state, conn, ip, port, key):
             return
         conn.setblocking(False)
-        hello = PendingHello(self, lst, conn, ip, port, local, key, svc.tls.handshake_timeout)
+        timeout = svc.tls.handshake_timeout
+        hello = PendingHello(self, lst, conn, (ip, port), key, timeout, local)
         self.pending.add(hello)
         hello(0)
-
-    def _hello_failed(self, hello: PendingHello, why: str) -> None:
-        self._leave_stage(hello)
-        self._refuse(hello.lst.state, hello.conn, hello.ip, hello.port, "tls", detail=why)
-
-    def _hello_done(self, hello: PendingHello) -> None:
-        """The ClientHello is here: admit (counted) and fork the relay for the handshake."""
-        self._leave_stage(hello)
-        if self.listeners.get(hello.lst.key) is not hello.lst:
-            hello.conn.close()  # removed by a reload meanwhile
-            return
-        hello.conn.setblocking(True)
-        self._serve_admitted(hello.lst, hello.conn, hello.ip, hello.port, hello.local)
 
     def _serve_admitted(
         self,
