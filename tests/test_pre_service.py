@@ -97,9 +97,12 @@ def echo_service(port: int) -> dict[str, object]:
 # ---------------------------------------------------------------- PROXY
 
 
-def test_proxy_reader_refuses_a_split_bogus_v2_signature_at_once(inetd: Start) -> None:
+@pytest.mark.parametrize("version", ["v2", "any"])
+def test_proxy_reader_refuses_a_split_bogus_v2_signature_at_once(
+    inetd: Start, version: str
+) -> None:
     port = free_port()
-    p = inetd({"services": {"p": proxy_service(port, proxy_protocol="v2", proxy_timeout=30)}})
+    p = inetd({"services": {"p": proxy_service(port, proxy_protocol=version, proxy_timeout=30)}})
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
         s.sendall(b"\r\n\r\n")  # a prefix of the v2 signature: consumed as header bytes
         me = s.getsockname()[1]
