@@ -184,6 +184,7 @@ def tls_files(tmp_path: Path) -> Path:
     server = ca.issue_cert("localhost", "127.0.0.1")
     server.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
     server.private_key_pem.write_to_path(tmp_path / "key.pem")
+    (tmp_path / "key.pem").chmod(0o600)  # as root, a key others may read is refused
     ca.cert_pem.write_to_path(tmp_path / "ca.pem")
     return tmp_path
 
