@@ -317,3 +317,50 @@ def test_a_handler_that_raises_gets_its_connection_closed(
         server._wake_r.close()
         server._wake_w.close()
         server.spawner.close()
+
+
+def test_tls_waiting_for_a_hello_holds_its_place_under_max_connections(
+    inetd: Start, tls_files: Path
+) -> None:
+    """on_limit: queue still queues: a connection waiting for its ClientHello counts, so the
+    next one waits in the backlog instead of being refused when its hello comes second."""
+    import ssl
+    import threading
+
+    port = free_port()
+    inetd(
+        {
+            "services": {
+                "t": {
+                    "listen": f"127.0.0.1:{port}",
+                    "exec": ["/bin/sh", "-c", "echo hi; cat >/dev/null"],
+                    "user": "nobody",
+                    "group": "nogroup",
+                    "tls": {"cert": "cert.pem", "key": "key.pem"},
+                    "max_connections": 1,
+                }
+            }
+        }
+    )
+    ctx = ssl.create_default_context(cafile=str(tls_files / "ca.pem"))
+    a = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    b = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    bport = b.getsockname()[1]
+    got: list[bytes | Exception] = []
+
+    def second() -> None:
+        try:
+            with ctx.wrap_socket(b, server_hostname="localhost") as tb:
+                got.append(tb.recv(100))
+        except (OSError, ssl.SSLError) as exc:
+            got.append(exc)
+
+    with ctx.wrap_socket(a, server_hostname="localhost") as ta:
+        assert ta.recv(100) == b"hi\n"
+        thread = threading.Thread(target=second, daemon=True)
+        thread.start()
+        # B's ClientHello has reached pyinetd's end (queued, or already refused).
+        wait_for(lambda: rx_queue(port, bport) != 0, what="the second ClientHello sent")
+    thread.join(DEADLINE)
+    b.close()
+    assert got == [b"hi\n"]

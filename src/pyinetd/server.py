@@ -115,6 +115,7 @@ class ServiceState:
 
     service: Service
     running: int = 0
+    hellos: int = 0  # TLS connections admitted, their ClientHello due: they hold a place
     accepted: int = 0
     failed_spawns: int = 0
     refused: dict[str, int] = field(default_factory=dict)
@@ -586,7 +587,7 @@ class Server:
             svc.max_connections
             and svc.on_limit == "queue"
             and not svc.wait
-            and lst.state.running >= svc.max_connections
+            and lst.state.running + lst.state.hellos >= svc.max_connections
         ):
             return False  # clients wait in the backlog, like tcpserver -c
         return not (self._full and not svc.is_builtin and svc.on_limit == "queue")
@@ -1347,7 +1348,7 @@ class Server:
         svc = state.service
         if svc.access is not None and not svc.access.permits(ip):
             return "deny", ""
-        if svc.max_connections and state.running >= svc.max_connections:
+        if svc.max_connections and state.running + state.hellos >= svc.max_connections:
             return "limit", ""
         if self._full and not svc.is_builtin:
             return "max_children", ""
@@ -1473,6 +1474,14 @@ class Server:
         if pend in self.pending:
             self.pending.discard(pend)
             self._stage.release(pend.key)
+            if isinstance(pend, PendingHello):
+                # Its place under max_connections goes back: to the fork (stage_done), or to
+                # the next connection (a queued listener may listen again).
+                state = pend.lst.state
+                state.hellos = max(0, state.hellos - 1)
+                for lst in state.listeners:
+                    if not lst.registered:
+                        self._refresh(lst)
 
     def stage_failed(self, pend: Pending, why: str) -> None:
         """No valid PROXY header or ClientHello in time: refused, counted, logged."""
@@ -1526,6 +1535,8 @@ class Server:
         timeout = svc.tls.handshake_timeout
         hello = PendingHello(self, lst, conn, (ip, port), key, timeout, local)
         self.pending.add(hello)
+        lst.state.hellos += 1  # holds its place under max_connections (on_limit: queue)
+        self._instance_started(lst.state)
         hello(0)
 
     def _serve_admitted(
@@ -1592,7 +1603,10 @@ class Server:
         if self._full:
             for lst in self.listeners.values():
                 self._refresh(lst)
-        elif state.service.max_connections and state.running >= state.service.max_connections:
+        elif (
+            state.service.max_connections
+            and state.running + state.hellos >= state.service.max_connections
+        ):
             for lst in state.listeners:
                 self._refresh(lst)
 
