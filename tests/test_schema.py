@@ -366,6 +366,10 @@ def _configs(draw: st.DrawFn) -> dict[str, Any]:
         elif kind == "builtin":
             body["builtin"] = draw(st.sampled_from(sorted(config.BUILTINS)))
         body |= draw(_settings())
+        if body["protocol"] != "tcp" and kind != "exec":
+            # A UDP built-in refuses the limits nothing is counted against (issue 18, item 5).
+            body.pop("max_connections", None)
+            body.pop("per_source", None)
         services[name] = body
     doc: dict[str, Any] = {"services": services}
     defaults = draw(_settings())

@@ -19,6 +19,7 @@ __all__ = [
     "AccessList",
     "LogLimiter",
     "Network",
+    "StageSlots",
     "TokenBucket",
     "parse_access_entry",
     "source_key",
@@ -85,6 +86,48 @@ class TokenBucket:
             self._tokens = max(0.0, self._tokens - 1.0)
             return True
         return False
+
+
+# ---------------------------------------------------------------- pre-service stages
+
+
+class StageSlots:
+    """Slots for connections in a stage before their service starts (a PROXY header or a TLS
+    ClientHello still due, a metrics or control request still being read).
+
+    Such a connection costs an fd and nothing has proven it is a real client yet, so a slowloris
+    that opens many and sends nothing would otherwise pin the parent at its fd limit (issue 14,
+    item 6). ``total`` bounds them all, ``per_source`` those of one source key; the key "" (a
+    trusted proxy, a unix peer) is bounded by ``total`` alone.
+    """
+
+    def __init__(self, total: int, per_source: int) -> None:
+        self.total = total
+        self.per_source = per_source
+        self.used = 0
+        self._by_source: dict[str, int] = {}
+
+    def take(self, key: str) -> str | None:
+        """Take a slot for ``key``: None when taken, else why not ("pending" or
+        "pending_per_source")."""
+        if self.used >= self.total:
+            return "pending"
+        if key and self._by_source.get(key, 0) >= self.per_source:
+            return "pending_per_source"
+        self.used += 1
+        if key:
+            self._by_source[key] = self._by_source.get(key, 0) + 1
+        return None
+
+    def release(self, key: str) -> None:
+        """Give back a slot taken for ``key``."""
+        self.used = max(0, self.used - 1)
+        if key:
+            n = self._by_source.get(key, 0) - 1
+            if n > 0:
+                self._by_source[key] = n
+            else:
+                self._by_source.pop(key, None)
 
 
 # ---------------------------------------------------------------- log throttling

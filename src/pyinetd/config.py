@@ -196,6 +196,10 @@ class Config:
     drain_timeout: float = 30.0
     reload_kills_removed: bool = False
     metrics: str | None = None
+    # Connections before their service starts (PROXY header or TLS ClientHello due): an fd
+    # each and nothing proven yet, so bounded (issue 14, items 5 and 6).
+    max_pending: int = 256
+    max_pending_per_source: int = 16
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -523,6 +527,16 @@ def _build_service(
         for key in ("tls", "proxy_protocol", "redirect"):
             if key in body:
                 errors.append(f"{where}.{key}: only for protocol tcp")
+    if protocol == "udp" and ("builtin" in body or "exec" not in values):
+        # A UDP built-in answers each datagram at once: nothing stays running to count, so
+        # these would be accepted and do nothing (issue 18, item 5). rate does apply.
+        for key in ("max_connections", "per_source"):
+            if key in body:
+                errors.append(
+                    f"{where}.{key}: not for a UDP built-in (each datagram is answered at "
+                    "once, nothing stays running to count); use rate"
+                )
+            values.pop(key, None)  # from `defaults:`, which cover other services too
     if "tls" in values and "exec" not in values and "redirect" not in body:
         errors.append(f"{where}.tls: needs exec or redirect (built-ins run inside pyinetd)")
     no_file = protocol != "unix" or any(a.path.startswith("@") for a in listen)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import selectors
@@ -19,8 +20,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyinetd.admission import StageSlots
+
 REQUEST_MAX = 8192
 CLIENT_DEADLINE = 5.0  # seconds a control or metrics client may take to send its request
+# Clients still sending their request or reading the answer, at most, per server and per source
+# address; more are closed at accept. Each costs the parent an fd for up to CLIENT_DEADLINE, so a
+# slowloris on the metrics port (or the control socket) must not pin the parent at its fd limit
+# (issue 14, item 6).
+MAX_CLIENTS = 32
+MAX_CLIENTS_PER_SOURCE = 8
 
 
 def default_control_path(config_path: str | Path) -> str:
@@ -122,24 +131,41 @@ class RequestServer:
         handle: Handler,
         terminator: bytes,
         call_later: Callable[[float, Callable[[], None]], Any],
+        max_clients: int = MAX_CLIENTS,
+        max_per_source: int = MAX_CLIENTS_PER_SOURCE,
     ) -> None:
         self.sock = sock
         self._sel = selector
         self._handle = handle
         self._term = terminator
         self._call_later = call_later
+        self._slots = StageSlots(max_clients, max_per_source)
+        self.refused = 0  # clients closed at accept because the slots were taken
         selector.register(sock, selectors.EVENT_READ, self._on_accept)
 
     def _on_accept(self, mask: int) -> None:
         for _ in range(16):
             try:
-                conn, _ = self.sock.accept()
+                conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 return
+            # A unix peer has no address: the total alone bounds those.
+            key = str(addr[0]) if isinstance(addr, tuple) else ""
+            if self._slots.take(key) is not None:
+                self.refused += 1
+                conn.close()
+                continue
             conn.setblocking(False)
-            _Exchange(conn, self._sel, self._handle, self._term, self._call_later)
+            Exchange(
+                conn,
+                self._sel,
+                self._handle,
+                self._term,
+                self._call_later,
+                functools.partial(self._slots.release, key),
+            )
 
     def close(self) -> None:
         """Stop accepting and close the socket (and remove a unix socket's file)."""
@@ -151,7 +177,7 @@ class RequestServer:
                 os.unlink(path)
 
 
-class _Exchange:
+class Exchange:
     """One client: read the request (bounded, with a deadline), write the response."""
 
     def __init__(
@@ -161,8 +187,10 @@ class _Exchange:
         handle: Handler,
         term: bytes,
         call_later: Callable[[float, Callable[[], None]], Any],
+        on_close: Callable[[], None] = lambda: None,
     ) -> None:
         self.conn = conn
+        self._on_close = on_close
         self._sel = sel
         self._handle = handle
         self._term = term
@@ -203,6 +231,7 @@ class _Exchange:
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(self.conn)
         self.conn.close()
+        self._on_close()
 
 
 def request(path: str, command: str, timeout: float = 30.0) -> dict[str, Any]:

@@ -779,6 +779,27 @@ KEYS: tuple[Key, ...] = (
         },
         top=True,
     ),
+    Key(
+        "max_pending",
+        _parse_count,
+        (
+            "At most this many connections at once, over all services, waiting for a PROXY "
+            "protocol header or a TLS ClientHello (an fd each, no process yet); more are refused "
+            "at once."
+        ),
+        {**_COUNT, "default": 256},
+        top=True,
+    ),
+    Key(
+        "max_pending_per_source",
+        _parse_count,
+        (
+            "At most this many of those from one source address (IPv6: from one /64); a peer in "
+            "proxy_from counts only toward max_pending. Each process counts its own (workers)."
+        ),
+        {**_COUNT, "default": 16},
+        top=True,
+    ),
 )
 
 SERVICE_KEYS: dict[str, Key] = {k.name: k for k in KEYS if not k.top}

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from pyinetd import builtins, control, fsuser, log, proxyproto, reaper, status, systemd
-from pyinetd.admission import LogLimiter, TokenBucket, source_key
+from pyinetd.admission import LogLimiter, StageSlots, TokenBucket, source_key
 from pyinetd.config import Config, ConfigError, Service, load, parse_listen_item
 from pyinetd.listeners import (
     ListenError,
@@ -49,6 +49,7 @@ from pyinetd.spawn import (
     ignored_signals,
     spawn_relay,
 )
+from pyinetd.stages import PendingHello, PendingProxy, UDPReply
 
 if TYPE_CHECKING:
     import ssl
@@ -63,6 +64,10 @@ STDERR_READS = 16  # reads per wake-up (1 MiB): one chatty child cannot hold the
 THROTTLED_LINES = 100
 LOG_RETRY = 0.25  # seconds between tries to write a log backlog to a stalled reader
 KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
+# A UDP child's reply socket is closed this long after the child is reaped, even when a
+# process it left behind still holds its stdout (issue 14, item 10: 1,050 datagrams to such a
+# service took the parent from 12 to 1,019 fds, outside every limit).
+UDP_REPLY_GRACE = 1.0
 HANDLED_SIGNALS = (
     signal.SIGCHLD,
     signal.SIGHUP,
@@ -70,6 +75,9 @@ HANDLED_SIGNALS = (
     signal.SIGINT,
     signal.SIGUSR1,
 )
+
+
+Pending = PendingProxy["Listener"] | PendingHello["Listener"]
 
 
 def _noop_handler(signum: int, frame: object) -> None:
@@ -107,6 +115,7 @@ class ServiceState:
 
     service: Service
     running: int = 0
+    hellos: int = 0  # TLS connections admitted, their ClientHello due: they hold a place
     accepted: int = 0
     failed_spawns: int = 0
     refused: dict[str, int] = field(default_factory=dict)
@@ -354,119 +363,6 @@ class StderrLog:
         self._w.close()
 
 
-class UDPReply:
-    """Collects a per-datagram UDP child's stdout and sends it to the client as one datagram.
-
-    Output beyond the largest UDP payload (65507 bytes) goes out in datagrams of that size.
-    """
-
-    MAX = 65507
-
-    def __init__(
-        self,
-        sock: socket.socket,
-        listener: socket.socket,
-        peer: object,
-        sel: selectors.BaseSelector,
-    ) -> None:
-        self.sock = sock
-        self._listener = listener
-        self._peer = peer
-        self._sel = sel
-        self._buf = bytearray()
-        sock.setblocking(False)
-        sel.register(sock, selectors.EVENT_READ, self)
-
-    def __call__(self, mask: int) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        self._buf += data
-        while len(self._buf) >= self.MAX or (not data and self._buf):
-            self._send(bytes(self._buf[: self.MAX]))
-            del self._buf[: self.MAX]
-        if not data:
-            self._sel.unregister(self.sock)
-            self.sock.close()
-
-    def _send(self, payload: bytes) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.sendto(payload, self._peer)  # type: ignore[call-overload]
-
-
-class PendingProxy:
-    """A connection whose PROXY protocol header has not fully arrived yet.
-
-    Only header bytes are consumed from the socket (peeked first, then read up to the
-    header's end), so whatever the client sent after the header reaches the service intact.
-    """
-
-    def __init__(self, server: Server, lst: Listener, conn: socket.socket, ip: str, port: int):
-        self.server, self.lst, self.conn, self.ip, self.port = server, lst, conn, ip, port
-        self._buf = b""
-        self._accept = lst.state.service.proxy_protocol or "any"
-        server.sel.register(conn, selectors.EVENT_READ, self)
-        self._timer = server.call_later(
-            lst.state.service.proxy_timeout, lambda: self._fail("no PROXY header in time")
-        )
-
-    def __call__(self, mask: int) -> None:
-        try:
-            peek = self.conn.recv(proxyproto.MAX_HEADER, socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._fail(str(exc))
-            return
-        if not peek:
-            self._fail("connection closed before the PROXY header")
-            return
-        data = self._buf + peek
-        end = _proxy_header_end(data)
-        try:
-            take = len(peek) if end is None else end - len(self._buf)
-            if len(self._buf) + take > proxyproto.MAX_HEADER:
-                raise proxyproto.ProxyError("PROXY header too long")
-            self._buf += self.conn.recv(take)
-            header = proxyproto.parse(self._buf, self._accept)
-            if header is None and end is not None:
-                raise proxyproto.ProxyError("truncated PROXY header")
-        except proxyproto.ProxyError as exc:
-            self._fail(str(exc))
-            return
-        except OSError as exc:
-            self._fail(str(exc))
-            return
-        if header is not None:
-            self._detach()
-            self.server._proxy_done(self, header)
-
-    def _detach(self) -> None:
-        self._timer.cancelled = True
-        with contextlib.suppress(KeyError, ValueError):
-            self.server.sel.unregister(self.conn)
-
-    def _fail(self, why: str) -> None:
-        self._detach()
-        self.server._proxy_failed(self, why)
-
-    def close(self) -> None:
-        self._detach()
-        self.conn.close()
-
-
-def _proxy_header_end(data: bytes) -> int | None:
-    """Where a PROXY header in ``data`` ends, once that can be known."""
-    sig = proxyproto.V2_SIGNATURE
-    if data[: len(sig)] == sig[: len(data)]:  # v2, or not yet known to be anything else
-        return 16 + int.from_bytes(data[14:16], "big") if len(data) >= 16 else None
-    crlf = data.find(b"\r\n")
-    return crlf + 2 if crlf >= 0 else None
-
-
 class Server:
     """One pyinetd instance: listeners, children, the loop."""
 
@@ -498,7 +394,10 @@ class Server:
         self._metrics: control.RequestServer | None = None
         self._pid_file: str | None = None
         self._pid_entry: tuple[int, str, int, int] | None = None  # folder fd, name, dev, inode
-        self.pending: set[PendingProxy] = set()  # connections whose PROXY header is due
+        self.pending: set[Pending] = set()  # connections whose PROXY header/ClientHello is due
+        self._stage = StageSlots(config.max_pending, config.max_pending_per_source)
+        self._loop_ports: frozenset[int] = frozenset()  # ports of our UDP built-ins
+        self._udp_replies: dict[int, UDPReply] = {}  # pid of a UDP nowait child -> its reply
         self._devnull = -1  # `stderr: null`, opened once
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
         self._watcher: reaper.ExitWatcher | None = None  # with many children (reaper.py)
@@ -639,6 +538,34 @@ class Server:
         self._full = self._at_max_children()
         for lst in self.listeners.values():
             self._refresh(lst)
+        self._stage.total = config.max_pending
+        self._stage.per_source = config.max_pending_per_source
+        self._loop_ports = self._builtin_udp_ports(config)
+        for svc in config.enabled_services:
+            if svc.proxy_protocol and svc.proxy_from is None and not self.worker:
+                # Issue 14, item 13: then anyone may claim any address, past allow/deny.
+                event(
+                    logging.WARNING,
+                    f"{svc.name}: proxy_protocol without proxy_from: any client may send a "
+                    "PROXY header and claim any address (allow/deny then decide on that claim)",
+                    event="proxy_untrusted",
+                    service=svc.name,
+                )
+
+    def _builtin_udp_ports(self, config: Config) -> frozenset[int]:
+        """The ports our UDP built-ins answer on: a datagram from one of them is a loop."""
+        ports = {
+            addr.port
+            for svc in config.enabled_services
+            if svc.protocol == "udp" and svc.builtin is not None
+            for addr in svc.listen
+            if addr.port
+        }
+        for lst in self.listeners.values():
+            if lst.key.protocol == "udp" and lst.service.builtin is not None:
+                with contextlib.suppress(OSError):
+                    ports.add(peer_of(lst.family, lst.sock.getsockname())[1])
+        return frozenset(ports)
 
     def _new_listener(self, key: ListenKey, sock: socket.socket, state: ServiceState) -> Listener:
         lst = Listener(key=key, sock=sock, state=state, family=int(sock.family))
@@ -660,7 +587,7 @@ class Server:
             svc.max_connections
             and svc.on_limit == "queue"
             and not svc.wait
-            and lst.state.running >= svc.max_connections
+            and lst.state.running + lst.state.hellos >= svc.max_connections
         ):
             return False  # clients wait in the backlog, like tcpserver -c
         return not (self._full and not svc.is_builtin and svc.on_limit == "queue")
@@ -790,6 +717,7 @@ class Server:
                     except Exception:
                         # A bug in one handler must not take every service down with it.
                         LOG.exception("internal error handling an event; serving on")
+                        self._contain(key)
                     if self._exit:
                         break
         finally:
@@ -798,6 +726,29 @@ class Server:
             finally:
                 log.batching(False)
         return 0
+
+    def _contain(self, key: selectors.SelectorKey) -> None:
+        """After a handler raised: close its connection, or rest its listener, so that a
+        level-triggered fd cannot make it raise again and again (issue 18, item 6: 22,004
+        tracebacks from one connection). Other handlers (signals, the exit watcher, stderr
+        logs) stay as they are."""
+        handler = key.data
+        target = handler.args[0] if isinstance(handler, functools.partial) else None
+        try:
+            if isinstance(target, Listener):
+                self._pause_for(target, EMFILE_PAUSE)
+                return
+            if not isinstance(handler, _CONNECTIONS):
+                return
+            handler.close()
+        except Exception:
+            LOG.exception("internal error closing the connection that raised")
+        with contextlib.suppress(KeyError, ValueError):
+            if self.sel.get_key(key.fileobj).data is handler:
+                self.sel.unregister(key.fileobj)
+        with contextlib.suppress(OSError):
+            if isinstance(key.fileobj, socket.socket):
+                key.fileobj.close()
 
     # ------------------------------------------------------------ operations
     def _start_control(self, path: str | None = None) -> None:
@@ -1257,6 +1208,9 @@ class Server:
                 child.timer.cancelled = True
         state = child.state
         state.drop_source(child.source)
+        reply = self._udp_replies.pop(pid, None)
+        if reply is not None and not reply.closed:
+            self.call_later(UDP_REPLY_GRACE, reply.finish)
         err = self.spawner.exec_error(pid, status)
         if err is None:
             duration = time.monotonic() - child.started
@@ -1383,20 +1337,27 @@ class Server:
                     conn.send(msg.encode(), socket.MSG_DONTWAIT)
             conn.close()
 
-    def _admit(self, state: ServiceState, ip: str) -> tuple[str | None, str]:
-        """(refusal reason or None, per_source key) for a new connection from ``ip``."""
+    def _admit(
+        self, state: ServiceState, ip: str, take_token: bool = True
+    ) -> tuple[str | None, str]:
+        """(refusal reason or None, per_source key) for a new connection from ``ip``.
+
+        Every path asks here: TCP, unix, after a PROXY header, before and after a TLS
+        ClientHello, each UDP datagram (built-in or not).
+        """
         svc = state.service
         if svc.access is not None and not svc.access.permits(ip):
             return "deny", ""
-        if svc.max_connections and state.running >= svc.max_connections:
+        if svc.max_connections and state.running + state.hellos >= svc.max_connections:
             return "limit", ""
         if self._full and not svc.is_builtin:
             return "max_children", ""
         key = source_key(ip, svc.per_source_prefix) if svc.per_source and ip else ""
         if key and svc.per_source and state.sources.get(key, 0) >= svc.per_source:
             return "per_source", key
-        if state.bucket is not None and not state.bucket.take(time.monotonic()):
+        if take_token and state.bucket is not None and not state.bucket.take(time.monotonic()):
             return "rate", key
+
         return None, key
 
     # ------------------------------------------------------------ connections
@@ -1479,31 +1440,104 @@ class Server:
         svc = lst.state.service
         ip, port = peer_of(lst.family, addr)
         if svc.proxy_protocol:
-            if svc.proxy_from is not None and not svc.proxy_from.permits(ip):
-                self._refuse(lst.state, conn, ip, port, "proxy_from")
+            # The socket's peer is checked before a byte is read: only a trusted proxy may
+            # hold a pre-service slot for its header, and it is not counted per source (it
+            # speaks for many clients).
+            key = source_key(ip) if ip else ""
+            if svc.proxy_from is not None:
+                if not svc.proxy_from.permits(ip):
+                    self._refuse(lst.state, conn, ip, port, "proxy_from")
+                    return
+                key = ""
+            if not self._take_slot(lst.state, conn, ip, port, key):
                 return
             conn.setblocking(False)
-            self.pending.add(PendingProxy(self, lst, conn, ip, port))
+            accept = svc.proxy_protocol
+            pend = PendingProxy(self, lst, conn, (ip, port), key, svc.proxy_timeout, accept)
+            self.pending.add(pend)
+            pend(0)  # the header usually came with the connection: no wait, no slot held
             return
-        self._serve_admitted(lst, conn, ip, port, None)
+        self._after_header(lst, conn, ip, port, None)
 
-    def _proxy_failed(self, pend: PendingProxy, why: str) -> None:
-        self.pending.discard(pend)
-        self._refuse(pend.lst.state, pend.conn, pend.ip, pend.port, "proxy", detail=why)
+    def _take_slot(
+        self, state: ServiceState, conn: socket.socket, ip: str, port: int, key: str
+    ) -> bool:
+        """A pre-service slot for this connection, or it is refused (and False)."""
+        reason = self._stage.take(key)
+        if reason is not None:
+            self._refuse(state, conn, ip, port, reason)
+            return False
+        return True
 
-    def _proxy_done(self, pend: PendingProxy, header: proxyproto.ProxyHeader) -> None:
-        """The PROXY header is read: the balancer's client replaces the socket's peer."""
-        self.pending.discard(pend)
-        if self.listeners.get(pend.lst.key) is not pend.lst:
-            pend.conn.close()  # removed by a reload meanwhile
+    def leave_stage(self, pend: Pending) -> None:
+        """``pend`` no longer waits: its slot is free."""
+        if pend in self.pending:
+            self.pending.discard(pend)
+            self._stage.release(pend.key)
+            if isinstance(pend, PendingHello):
+                # Its place under max_connections goes back: to the fork (stage_done), or to
+                # the next connection (a queued listener may listen again).
+                state = pend.lst.state
+                state.hellos = max(0, state.hellos - 1)
+                for lst in state.listeners:
+                    if not lst.registered:
+                        self._refresh(lst)
+
+    def stage_failed(self, pend: Pending, why: str) -> None:
+        """No valid PROXY header or ClientHello in time: refused, counted, logged."""
+        self.leave_stage(pend)
+        reason = "proxy" if isinstance(pend, PendingProxy) else "tls"
+        self._refuse(pend.lst.state, pend.conn, pend.ip, pend.port, reason, detail=why)
+
+    def stage_done(self, pend: Pending, header: proxyproto.ProxyHeader | None) -> None:
+        """A PROXY header is read (the balancer's client replaces the socket's peer), or a
+        ClientHello has arrived (admit, counted, and fork the relay for the handshake)."""
+        self.leave_stage(pend)
+        lst, conn = pend.lst, pend.conn
+        if self.listeners.get(lst.key) is not lst:
+            conn.close()  # removed by a reload meanwhile
             return
-        pend.conn.setblocking(True)
+        conn.setblocking(True)
+        if header is None:
+            self._serve_admitted(lst, conn, pend.ip, pend.port, pend.local)
+            return
         ip, port, local = pend.ip, pend.port, None
         if header.src_addr is not None and header.src_port is not None:
             ip, port = format_ip(header.src_addr), header.src_port
             if header.dst_addr is not None and header.dst_port is not None:
                 local = (format_ip(header.dst_addr), header.dst_port)
-        self._serve_admitted(pend.lst, pend.conn, ip, port, local)
+        self._after_header(lst, conn, ip, port, local)
+
+    def _after_header(
+        self,
+        lst: Listener,
+        conn: socket.socket,
+        ip: str,
+        port: int,
+        local: tuple[str, int] | None,
+    ) -> None:
+        """The client's address is known: a TLS service waits (in the parent, bounded) for
+        the ClientHello before a relay is forked; anything else is admitted now."""
+        svc = lst.state.service
+        if svc.tls is None:
+            self._serve_admitted(lst, conn, ip, port, local)
+            return
+        # Issue 14, item 5: access and limits before any handshake or fork. They are checked
+        # now (no rate token taken: the hello may never come) and again, counted, at the fork.
+        reason, _src = self._admit(lst.state, ip, take_token=False)
+        if reason is not None:
+            self._refuse(lst.state, conn, ip, port, reason)
+            return
+        key = source_key(ip) if ip else ""
+        if not self._take_slot(lst.state, conn, ip, port, key):
+            return
+        conn.setblocking(False)
+        timeout = svc.tls.handshake_timeout
+        hello = PendingHello(self, lst, conn, (ip, port), key, timeout, local)
+        self.pending.add(hello)
+        lst.state.hellos += 1  # holds its place under max_connections (on_limit: queue)
+        self._instance_started(lst.state)
+        hello(0)
 
     def _serve_admitted(
         self,
@@ -1569,7 +1603,10 @@ class Server:
         if self._full:
             for lst in self.listeners.values():
                 self._refresh(lst)
-        elif state.service.max_connections and state.running >= state.service.max_connections:
+        elif (
+            state.service.max_connections
+            and state.running + state.hellos >= state.service.max_connections
+        ):
             for lst in state.listeners:
                 self._refresh(lst)
 
@@ -1746,19 +1783,7 @@ class Server:
                 event(logging.WARNING, f"{svc.name}: recvfrom: {exc}", event="recv_error")
                 return
             ip, port = peer_of(lst.sock.family, addr)
-            if svc.builtin is not None:
-                if builtins.udp_source_is_unsafe(port):
-                    continue
-                if svc.access is not None and not svc.access.permits(ip):
-                    self._refuse(lst.state, None, ip, port, "deny")
-                    continue
-                lst.state.accepted += 1
-                reply = builtins.udp_reply(svc.builtin, data)
-                if reply is not None:
-                    with contextlib.suppress(OSError):
-                        lst.sock.sendto(reply, addr)
-                continue
-            reason, src = self._admit(lst.state, ip)
+            reason, src = self._admit_datagram(lst.state, ip, port)
             if reason is not None:
                 self._refuse(lst.state, None, ip, port, reason)
                 if reason == "rate":
@@ -1766,9 +1791,26 @@ class Server:
                     return
                 continue
             lst.state.accepted += 1
+            if svc.builtin is not None:
+                reply = builtins.udp_reply(svc.builtin, data)
+                if reply is not None:
+                    with contextlib.suppress(OSError):
+                        lst.sock.sendto(reply, addr)
+                continue
             self._spawn_for_datagram(lst, data, addr, ip, port, src)
             if not lst.registered:
                 return
+
+    def _admit_datagram(self, state: ServiceState, ip: str, port: int) -> tuple[str | None, str]:
+        """_admit for one datagram, after the loop guard: a datagram from the port of one of
+        our UDP built-ins is refused (FreeBSD inetd's check_loop; issue 18, item 1: one spoofed
+        datagram from 127.0.0.1:27007 to the echo on 127.0.0.1:27007 echoed itself forever),
+        and a built-in never answers a privileged port (CERT CA-1996-01: echo <-> chargen)."""
+        if port in self._loop_ports or (
+            state.service.builtin is not None and builtins.udp_source_is_unsafe(port)
+        ):
+            return "loop", ""
+        return self._admit(state, ip)
 
     def _spawn_for_datagram(
         self, lst: Listener, data: bytes, addr: object, ip: str, port: int, src: str
@@ -1794,12 +1836,16 @@ class Server:
         finally:
             theirs.close()
         if pid:
-            UDPReply(ours, lst.sock, addr, self.sel)
+            self._udp_replies[pid] = UDPReply(ours, lst.sock, addr, self.sel)
         else:
             ours.close()
 
     def __repr__(self) -> str:
         return f"<Server {len(self.listeners)} listeners, {len(self.children)} children>"
+
+
+# Handlers that own one connection: the loop closes one that raised (Server._contain).
+_CONNECTIONS = (PendingProxy, PendingHello, UDPReply, builtins.Session, control.Exchange)
 
 
 def _worker_serves(svc: Service, key: ListenKey) -> bool:

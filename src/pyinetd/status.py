@@ -8,7 +8,19 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pyinetd.server import Server
 
-REASONS = ("deny", "limit", "max_children", "per_source", "rate", "proxy", "proxy_from")
+REASONS = (
+    "deny",
+    "limit",
+    "max_children",
+    "per_source",
+    "rate",
+    "proxy",
+    "proxy_from",
+    "tls",
+    "pending",
+    "pending_per_source",
+    "loop",
+)
 
 
 def snapshot(server: Server) -> dict[str, Any]:

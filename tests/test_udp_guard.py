@@ -1,0 +1,181 @@
+"""UDP cannot be turned into a loop or an amplifier, and its reply sockets are bounded.
+
+Attacks from issue 18 (items 1 and 5) and issue 14 (item 10), run as root on loopback against
+real pyinetd processes. A spoofed source is forged with a raw socket (IP_HDRINCL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DEADLINE, Pyinetd, free_port, wait_for
+
+Start = Callable[..., Pyinetd]
+
+
+def status_of(p: Pyinetd) -> dict[str, dict[str, Any]]:
+    """Each service's status entry (accepted, refused, ...) from `pyinetd status --json`."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "status", "--json", "-c", str(p.path)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=True,
+    )
+    return {s["name"]: s for s in json.loads(out.stdout)["services"]}
+
+
+def spoof_udp(src_port: int, dst_port: int, payload: bytes, ip: str = "127.0.0.1") -> None:
+    """Send one UDP datagram to ip:dst_port that claims to come from ip:src_port."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (raw socket)")
+    addr = socket.inet_aton(ip)
+    udp_len = 8 + len(payload)
+    # UDP checksum 0: "no checksum" is allowed over IPv4 (RFC 768).
+    udp = struct.pack("!HHHH", src_port, dst_port, udp_len, 0) + payload
+    ip_head = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 0, 0, 64, socket.IPPROTO_UDP, 0, addr, addr
+    )  # the kernel fills in the id and the header checksum (raw(7), IP_HDRINCL)
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.sendto(ip_head + udp, (ip, 0))
+
+
+def echo_round_trip(port: int, data: bytes) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(DEADLINE)
+        s.sendto(data, ("127.0.0.1", port))
+        return s.recv(65535)
+
+
+def test_spoofed_datagram_from_our_own_builtin_port_does_not_loop(inetd: Start) -> None:
+    echo, chargen = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    p = inetd(
+        {
+            "services": {
+                "echo": {"listen": f"127.0.0.1:{echo}", "protocol": "udp", "builtin": "echo"},
+                "chargen": {
+                    "listen": f"127.0.0.1:{chargen}",
+                    "protocol": "udp",
+                    "builtin": "chargen",
+                },
+            }
+        }
+    )
+    spoof_udp(echo, echo, b"loop me")  # echo answering itself, forever
+    spoof_udp(chargen, echo, b"ping-pong")  # echo <-> chargen
+    spoof_udp(echo, chargen, b"pong-ping")
+    # A real datagram behind the spoofed ones on the same sockets: once it is answered, the
+    # spoofed ones were handled before it.
+    assert echo_round_trip(echo, b"real") == b"real"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(DEADLINE)
+        s.sendto(b"", ("127.0.0.1", chargen))
+        s.recv(65535)
+    st = status_of(p)
+    # Looping, each would have been accepted again and again (307,968 datagrams in 3 s).
+    assert st["echo"]["accepted"] == 1, st["echo"]
+    assert st["chargen"]["accepted"] == 1, st["chargen"]
+    assert st["echo"]["refused"] == {"loop": 2}
+    assert st["chargen"]["refused"] == {"loop": 1}
+    p.wait_log(rf"echo: refused 127\.0\.0\.1:{echo}: loop")
+
+
+def test_udp_chargen_rate_bounds_replies_to_a_flood(inetd: Start) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    p = inetd(
+        {
+            "services": {
+                "cg": {
+                    "listen": f"127.0.0.1:{port}",
+                    "protocol": "udp",
+                    "builtin": "chargen",
+                    "rate": "1/s",
+                    "rate_pause": 60,
+                }
+            }
+        }
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        for _ in range(200):
+            s.sendto(b"", ("127.0.0.1", port))
+
+        def handled() -> bool:
+            st = status_of(p)["cg"]
+            return st["accepted"] + sum(st["refused"].values()) >= 200 or "rate" in st["refused"]
+
+        wait_for(handled, what="the datagrams handled, or the service paused by its rate")
+        # Every reply sent so far is in our buffer already (loopback delivers at sendto).
+        s.setblocking(False)
+        replies = 0
+        while True:
+            try:
+                s.recv(65535)
+            except BlockingIOError:
+                break
+            replies += 1
+    # Unlimited, it was 200 replies, 51,236 bytes: a 10-19 x amplifier toward a spoofed source.
+    assert replies <= 2, replies
+    p.wait_log(r"cg: over the rate of 1/s")
+
+
+def test_udp_builtin_refuses_limits_it_cannot_count(tmp_path: Path) -> None:
+    path = tmp_path / "inetd.yaml"
+    path.write_text(
+        "services:\n  cg:\n    listen: 127.0.0.1:7019\n    protocol: udp\n"
+        "    builtin: chargen\n    per_source: 2\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "--check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert out.returncode == 2
+    assert f"{path}: services.cg.per_source: not for a UDP built-in" in out.stderr
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_udp_reply_sockets_do_not_leak_behind_background_processes(
+    inetd: Start, tmp_path: Path
+) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    p = inetd(
+        {
+            "services": {
+                "bg": {
+                    "listen": f"127.0.0.1:{port}",
+                    "protocol": "udp",
+                    # The background sleep keeps the reply socket (its stdout) open after
+                    # the service itself has exited and been reaped.
+                    "exec": ["/bin/sh", "-c", "echo hi; sleep 4 &"],
+                    "user": "nobody",
+                    "group": "nogroup",
+                }
+            }
+        }
+    )
+    base = fd_count(p.pid)
+    n = 40
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _ in range(n):
+            s.sendto(b"x", ("127.0.0.1", port))
+        p.wait_log(r"bg: pid \d+ ended", count=n)
+        # Each reaped child's reply socket goes after a short grace, not when the last
+        # process holding it ends (1,050 datagrams: 12 -> 1,019 fds, then EMFILE).
+        wait_for(lambda: fd_count(p.pid) <= base + 2, timeout=3.0, what="reply sockets closed")
+        s.settimeout(DEADLINE)
+        replies = [s.recv(100) for _ in range(n)]
+    assert replies == [b"hi\n"] * n
