@@ -363,3 +363,40 @@ def test_argv0_is_for_services_that_start_a_program(tmp_path: Path) -> None:
     assert errors_of(tmp_path, "services:\n  e: {listen: 7007, builtin: echo, argv0: x}\n") == [
         "inetd.yaml: services.e.argv0: only with exec (the argv[0] of the program it starts)"
     ]
+
+
+def test_interface_access_times_load_and_socket_option_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "defaults: {keepalive: true, nodelay: true, interface: lo}\n"
+        "services:\n"
+        "  t:\n"
+        "    listen: 127.0.0.1:7010\n"
+        "    access_times: '08:00-12:00 22:00-02:00'\n"
+        "    max_load: 4\n"
+        "    send_buffer: 256k\n"
+        "    receive_buffer: 65536\n"
+        "  u: {listen: 127.0.0.1:7011, protocol: udp}\n"
+        "  x: {listen: x.sock, protocol: unix}\n",
+    )
+    t, u, x = load(path).services
+    assert (t.interface, t.access_times, t.max_load) == ("lo", ((480, 720), (1320, 120)), 4.0)
+    assert (t.keepalive, t.nodelay, t.send_buffer, t.receive_buffer) == (True, True, 262144, 65536)
+    # From defaults, what does not apply to a protocol is left out; given there, it is an error.
+    assert (u.interface, u.keepalive, u.nodelay) == ("lo", False, False)
+    assert (x.interface, x.keepalive) == (None, False)
+    assert errors_of(
+        tmp_path,
+        "services:\n"
+        "  u: {listen: 7012, protocol: udp, nodelay: true, access_times: '8:00-9:00 9:60-10:00'}\n"
+        "  t: {listen: 7013, interface: 'a/b', max_load: 0, send_buffer: 1T, keepalive: 1}\n",
+    ) == [
+        "inetd.yaml: services.u.access_times: '9:60-10:00': expected HH:MM-HH:MM, 00:00 to 24:00",
+        "inetd.yaml: services.u.nodelay: only for protocol tcp",
+        "inetd.yaml: services.t.interface: 'a/b': expected a network interface name such as lo "
+        "or eth0",
+        "inetd.yaml: services.t.max_load: 0: expected a load average such as 4 or 2.5",
+        "inetd.yaml: services.t.send_buffer: '1T': expected a size in bytes such as 65536 or "
+        "'256k'",
+        "inetd.yaml: services.t.keepalive: 1: expected true or false",
+    ]

@@ -18,6 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyinetd.config import load
 from pyinetd.convert import (
     Conversion,
     ConvertWarning,
@@ -419,10 +420,16 @@ def test_inetd_unsupported_lines_warn_with_line_numbers(tmp_path: Path) -> None:
     assert "TCPMUX" in conv.warnings[7].message
 
 
-def test_inetd_socket_buffer_options_warn(tmp_path: Path) -> None:
-    conv = inetd(tmp_path, "echo stream tcp,rcvbuf=64k,sndbuf=1m nowait root internal\n")
-    assert svc(conv, "echo")["protocol"] == "tcp"
-    assert len(lines_with(conv, "socket option")) == 2
+def test_inetd_socket_buffer_options_become_buffer_keys(tmp_path: Path) -> None:
+    conv = inetd(
+        tmp_path,
+        "echo stream tcp,rcvbuf=64k,sndbuf=1m nowait root internal\n"
+        "discard stream tcp,rcvbuf=lots,other=1 nowait root internal\n",
+    )
+    echo = svc(conv, "echo")
+    assert (echo["protocol"], echo["receive_buffer"], echo["send_buffer"]) == ("tcp", "64k", "1m")
+    assert "receive_buffer" not in svc(conv, "discard")
+    assert lines_with(conv, "socket option") == [2, 2]
 
 
 def test_inetd_same_service_on_two_protocols_named_apart(tmp_path: Path) -> None:
@@ -667,10 +674,12 @@ def test_xinetd_attribute_mapping(tmp_path: Path) -> None:
         "nice": -5,
         "rlimits": {"as": "8M", "cpu": 20, "data": 524288, "stack": "8M"},
         "banner": "/etc/issue.net",
+        "access_times": "2:00-9:00 12:00-24:00",
+        "nodelay": True,
     }
     warned = sorted(w.line for w in conv.warnings)
-    # passenv, rlimit_rss, log_type, log_on_success, log_on_failure, access_times, NODELAY
-    assert warned == [15, 21, 24, 25, 26, 27, 29]
+    # passenv, rlimit_rss, log_type, log_on_success, log_on_failure
+    assert warned == [15, 21, 24, 25, 26]
     assert all(w.file == str(tmp_path / "xinetd.conf") for w in conv.warnings)
 
 
@@ -1381,3 +1390,39 @@ def test_include_of_something_not_a_file_is_skipped(tmp_path: Path, target: str)
     ]
     with pytest.raises(OSError, match="not a regular file"):
         convert_file(Path(target))
+
+
+def test_xinetd_bind_to_an_interface_access_times_load_and_socket_options(tmp_path: Path) -> None:
+    # Issue 16: `bind = lo` became listen: lo:7, which --check then refused; access_times,
+    # max_load, KEEPALIVE, NODELAY, rcvbuf and sndbuf were dropped with a warning.
+    conv = xinetd(
+        tmp_path,
+        service_block(
+            "type = INTERNAL\nsocket_type = stream\nwait = no\nbind = lo\n"
+            "access_times = 08:00-12:00 13:00-17:00\nmax_load = 2.5\nflags = KEEPALIVE NODELAY\n"
+            "rcvbuf = 65536\nsndbuf = 128k",
+            "echo",
+        )
+        + service_block(
+            "type = INTERNAL\nsocket_type = dgram\nprotocol = udp\nwait = yes\n"
+            "access_times = 25:00-26:00\nflags = NODELAY",
+            "time",
+        ),
+    )
+    echo = svc(conv, "echo")
+    assert (echo["listen"], echo["interface"]) == ("0.0.0.0:7", "lo")
+    assert (echo["access_times"], echo["max_load"]) == ("08:00-12:00 13:00-17:00", 2.5)
+    assert (echo["keepalive"], echo["nodelay"]) == (True, True)
+    assert (echo["receive_buffer"], echo["send_buffer"]) == ("65536", "128k")
+    time = svc(conv, "time")
+    assert not {"access_times", "nodelay"} & set(time)
+    assert [w.message.split(": ", 1)[1] for w in conv.warnings] == [
+        "bad access_times '25:00-26:00'; ignored",
+        "flag NODELAY is for tcp; ignored",
+    ]
+    # What convert writes passes --check.
+    out = tmp_path / "converted.yaml"
+    out.write_text(dump(conv, "yaml"))
+    cfg = load(out)
+    assert [s.interface for s in cfg.services] == ["lo", None]
+    assert cfg.services[0].access_times == ((480, 720), (780, 1020))

@@ -493,11 +493,7 @@ def test_cli_print_config_in_each_format(
         "json": json.loads,
     }
     parsed = readers[fmt](out)
-    assert parsed == {
-        "services": {
-            "e": {"listen": "7007", "exec": ["/bin/cat"], "wait": True}
-        }
-    }
+    assert parsed == {"services": {"e": {"listen": "7007", "exec": ["/bin/cat"], "wait": True}}}
 
 
 def test_cli_print_config_of_a_bad_file_exits_2(tmp_path: Path) -> None:

@@ -155,6 +155,14 @@ class Service:
     socket_mode: int | None = None
     socket_user: tuple[str, int, int] | None = None
     socket_group: int | None = None
+    # where and when (xinetd's bind = IFACE, access_times, max_load) and socket options
+    interface: str | None = None
+    access_times: tuple[tuple[int, int], ...] = ()  # (first, last) minute of the day
+    max_load: float | None = None
+    keepalive: bool = False
+    nodelay: bool = False
+    send_buffer: int | None = None
+    receive_buffer: int | None = None
     source: str = ""  # file the service was defined in
 
     @property
@@ -537,6 +545,15 @@ def _build_service(
                     "once, nothing stays running to count); use rate"
                 )
             values.pop(key, None)  # from `defaults:`, which cover other services too
+    for key, protocols in (("interface", ("tcp", "udp")), ("keepalive", ("tcp",))):
+        if protocol not in protocols:
+            if key in body:
+                errors.append(f"{where}.{key}: only for protocol {' or '.join(protocols)}")
+            values.pop(key, None)  # from `defaults:`, which cover other services too
+    if protocol != "tcp":
+        if "nodelay" in body:
+            errors.append(f"{where}.nodelay: only for protocol tcp")
+        values.pop("nodelay", None)
     if "tls" in values and "exec" not in values and "redirect" not in body:
         errors.append(f"{where}.tls: needs exec or redirect (built-ins run inside pyinetd)")
     no_file = protocol != "unix" or any(a.path.startswith("@") for a in listen)

@@ -24,7 +24,7 @@ import tomli_w
 import yaml
 
 from pyinetd.keys import SERVICE_KEYS
-from pyinetd.parsers import BUILTINS
+from pyinetd.parsers import BUILTINS, _parse_access_times, _parse_buffer, _parse_load, number
 
 __all__ = [
     "Conversion",
@@ -284,8 +284,18 @@ def _convert_inetd_line(
         warn(file, line, f"protocol {proto_field!r} is not supported; entry skipped")
         return None
     protocol, family = _INETD_PROTOCOLS[proto_name]
+    buffers: dict[str, str] = {}
     for opt in proto_opts:
-        warn(file, line, f"socket option {opt!r} not carried over")
+        # FreeBSD/NetBSD inetd: tcp,rcvbuf=SIZE,sndbuf=SIZE (SO_RCVBUF, SO_SNDBUF).
+        name, _, size = opt.partition("=")
+        key = {"rcvbuf": "receive_buffer", "sndbuf": "send_buffer"}.get(name)
+        try:
+            if key is None:
+                raise ValueError(opt)
+            _parse_buffer(size, Path())
+            buffers[key] = size
+        except ValueError:
+            warn(file, line, f"socket option {opt!r} not carried over")
     if sock_type != _SOCKET_FOR[protocol]:
         warn(
             file,
@@ -321,6 +331,7 @@ def _convert_inetd_line(
         name = svc_field
         svc["listen"] = _inetd_listen(hosts, family, port, file, line, warn)
     svc["protocol"] = protocol
+    svc.update(buffers)
 
     if server == "internal":
         if official not in _BUILTINS:
@@ -472,6 +483,8 @@ _X_SERVICE_ATTRS: dict[str, int] = {
     "umask": 1,
     "mdns": 1,
     "libwrap": 1,
+    "rcvbuf": 1,
+    "sndbuf": 1,
 }
 _X_DEFAULT_ATTRS: dict[str, int] = {
     "log_type": -2,
@@ -505,25 +518,23 @@ _X_NOT_CARRIED: dict[str, str] = {
     "log_type": "pyinetd does its own logging",
     "log_on_success": "pyinetd does its own logging",
     "log_on_failure": "pyinetd does its own logging",
-    "access_times": "pyinetd has no time-of-day access control",
     "passenv": "pyinetd cannot pass selected variables; use env (and env_clear)",
     "banner_success": "only banner is supported",
     "banner_fail": "only banner is supported",
     "groups": "supplementary groups are not configurable",
-    "max_load": "pyinetd has no load-average limit",
     "deny_time": "pyinetd has no SENSOR",
     "libwrap": "pyinetd does not use libwrap",
     "rpc_version": "RPC services are not supported",
     "rpc_number": "RPC services are not supported",
     "rlimit_rss": "pyinetd has no rss limit (Linux ignores RLIMIT_RSS)",
 }
-_X_FLAGS_OK = frozenset({"REUSE", "IPv4", "IPv6", "NAMEINARGS", "NOLIBWRAP"})
+_X_FLAGS_OK = frozenset(
+    {"REUSE", "IPv4", "IPv6", "NAMEINARGS", "NOLIBWRAP", "KEEPALIVE", "NODELAY"}
+)
 _X_FLAGS_KNOWN = _X_FLAGS_OK | {
     "INTERCEPT",
     "NORETRY",
     "IDONLY",
-    "NODELAY",
-    "KEEPALIVE",
     "SENSOR",
     "LABELED",
 }
@@ -893,7 +904,7 @@ class _XinetdAttributes:
         bind = source.value("bind")
         v6only_src = e if "v6only" in e.single else self.defaults
         v6only = v6only_src.value("v6only") == "yes"
-        if bind is not None:
+        if bind is not None and not _is_interface(bind):
             if not _is_ip(bind):
                 file, line = source.where("bind")
                 self.warn(
@@ -908,6 +919,11 @@ class _XinetdAttributes:
             return f"[::]:{port}" if v6only else port
         # Without IPv6 flag or bind address xinetd listens on IPv4 only (confparse.c).
         return f"0.0.0.0:{port}"
+
+    def interface(self, e: _XEntry) -> str | None:
+        """`bind = lo` (an interface, not an address): the interface key (SO_BINDTODEVICE)."""
+        bind = (e if "bind" in e.single else self.defaults).value("bind")
+        return bind if bind is not None and _is_interface(bind) else None
 
     def redirect(self, e: _XEntry, sid: str, values: tuple[str, ...]) -> str | None:
         host, port_text = values
@@ -1183,6 +1199,8 @@ class _XinetdConverter(_XinetdAttributes):
             if port is None:
                 return None
             svc: dict[str, Any] = {"listen": self.listen(e, sid, port, flags)}
+            if interface := self.interface(e):
+                svc["interface"] = interface
             svc["protocol"] = protocol
             self.program(e, sid, svc, types, flags)
         except _Skip:
@@ -1190,6 +1208,7 @@ class _XinetdConverter(_XinetdAttributes):
         self.identity(e, sid, svc, v)
         self.switches(e, v, sid)
         self.settings(e, sid, svc, v)
+        self.socket_options(e, sid, svc, flags)
         for file, line, why in v.reasons:
             self.warn(file, line, f"service {sid}: {why}; xinetd disables it: enabled: false")
         if not v.enabled:
@@ -1326,6 +1345,30 @@ class _XinetdConverter(_XinetdAttributes):
         if self.enabled_ids is not None and sid not in self.enabled_ids:
             v.enabled = False
 
+    def socket_options(self, e: _XEntry, sid: str, svc: dict[str, Any], flags: set[str]) -> None:
+        """access_times, max_load, flags KEEPALIVE and NODELAY, rcvbuf and sndbuf."""
+        for attr, key, parse in (
+            ("access_times", "access_times", lambda v: _parse_access_times(v, Path())),
+            ("max_load", "max_load", lambda v: _parse_load(float(v), Path())),
+            ("rcvbuf", "receive_buffer", lambda v: _parse_buffer(v, Path())),
+            ("sndbuf", "send_buffer", lambda v: _parse_buffer(v, Path())),
+        ):
+            text = " ".join(e.values(attr) or ())
+            if not text:
+                continue
+            try:
+                parse(text)
+                svc[key] = number(float(text)) if key == "max_load" else text
+            except (ValueError, TypeError):
+                file, line = e.where(attr)
+                self.warn(file, line, f"service {sid}: bad {attr} {text!r}; ignored")
+        for flag in ("KEEPALIVE", "NODELAY"):
+            if flag in flags and svc["protocol"] == "tcp":
+                svc[flag.lower()] = True
+            elif flag in flags:
+                file, line = e.where("flags")
+                self.warn(file, line, f"service {sid}: flag {flag} is for tcp; ignored")
+
     def settings(self, e: _XEntry, sid: str, svc: dict[str, Any], v: _Verdict) -> None:
         """Limits, access lists, the process settings; a warning for what has no key."""
         self.limits(e, svc, sid)
@@ -1391,6 +1434,11 @@ def _xinetd_address(token: str) -> list[str] | None:
             break
         zeros += 1
     return [_net(f"{addr}/{32 - 8 * zeros}")]
+
+
+def _is_interface(name: str) -> bool:
+    """A bind value that names a network interface (lo, eth0), not an address or a host."""
+    return name != "localhost" and re.fullmatch(r"[A-Za-z][\w-]{0,14}", name) is not None
 
 
 def _net(text: str) -> str:

@@ -53,6 +53,10 @@ DURATION_PATTERN = rf"^\s*{_NUMBER}\s*(?:{_alternatives(k for k in DURATION_UNIT
 RATE_PATTERN = rf"^\s*(?=[0.]*[1-9]){_NUMBER}\s*(?:/\s*(?:{_alternatives(RATE_UNITS)}))?\s*$"
 _UNLIMITED = _alternatives(["unlimited", "infinity"])
 BYTE_RATE_PATTERN = rf"^\s*{_NUMBER}\s*[kmgtpKMGTP]?(?:[iI]?[bB])?\s*(?:/\s*[a-zA-Z]+)?\s*$"
+# RLIMIT_CPU: a duration, or unlimited (parsers._cpu_seconds takes both).
+_DURATION_WORDS = _alternatives(k for k in DURATION_UNITS if k)
+CPU_PATTERN = rf"^\s*(?:{_NUMBER}\s*(?:{_DURATION_WORDS})?|(?:{_UNLIMITED}))\s*$"
+BUFFER_PATTERN = rf"^\s*{_NUMBER}\s*[kmgKMG]?(?:[iI]?[bB])?\s*$"
 SIZE_PATTERN = rf"^\s*(?:{_NUMBER}\s*[kmgtpKMGTP]?(?:[iI]?[bB])?|(?:{_UNLIMITED}))\s*$"
 
 

@@ -15,6 +15,7 @@ import ipaddress
 import math
 import os
 import pwd
+import re
 import resource
 import shlex
 import stat
@@ -213,6 +214,63 @@ def _parse_argv0(value: Any, _base: Path) -> str:
     if isinstance(value, str) and value and "\0" not in value:
         return value
     raise _KeyError(f"{value!r}: expected text (the program's argv[0])")
+
+
+# IFNAMSIZ is 16 with its NUL: longer names are refused by SO_BINDTODEVICE (EINVAL).
+_IFNAMSIZ = 16
+
+
+def _parse_interface(value: Any, _base: Path) -> str:
+    # A name only: whether it exists is the kernel's answer at bind (ENODEV), as an interface
+    # may come up after pyinetd (ppp, wg); config.py opens no sockets to ask.
+    if (
+        isinstance(value, str)
+        and 0 < len(value.encode()) < _IFNAMSIZ
+        and value not in (".", "..")
+        and not any(c in value for c in "/: \t\n\0")
+    ):
+        return value
+    raise _KeyError(f"{value!r}: expected a network interface name such as lo or eth0")
+
+
+_TIME_RANGE = re.compile(r"(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})")
+
+
+def _parse_access_times(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
+    """xinetd's access_times: 'HH:MM-HH:MM ...' -> (first, last) minutes of the day, both
+    included (xinetd: 08:00-12:00 admits 12:00 and refuses 12:01); a range may pass midnight."""
+    items = value.split() if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise _KeyError(f"{value!r}: expected time ranges such as '08:00-12:00 13:00-17:00'")
+    out, bad = [], []
+    for item in items:
+        m = _TIME_RANGE.fullmatch(item) if isinstance(item, str) else None
+        h1, m1, h2, m2 = (int(g) for g in m.groups()) if m else (99, 0, 0, 0)
+        if h1 > 24 or h2 > 24 or m1 > 59 or m2 > 59 or (24 in (h1, h2) and (m1 or m2)):
+            bad.append(f"{item!r}: expected HH:MM-HH:MM, 00:00 to 24:00")
+            continue
+        out.append((h1 * 60 + m1, h2 * 60 + m2))
+    if bad:
+        raise _KeyError(*bad)
+    return tuple(out)
+
+
+def _parse_load(value: Any, _base: Path) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1e6:
+        return float(value)
+    raise _KeyError(f"{value!r}: expected a load average such as 4 or 2.5")
+
+
+def _parse_buffer(value: Any, _base: Path) -> int:
+    # SO_SNDBUF / SO_RCVBUF take a C int; the kernel doubles it and caps it at wmem_max /
+    # rmem_max (socket(7)), so a larger value is no error, only capped.
+    try:
+        n = parse_size(value)
+    except ValueError:
+        n = -1
+    if not 0 < n < 2**31:
+        raise _KeyError(f"{value!r}: expected a size in bytes such as 65536 or '256k'")
+    return n
 
 
 def parse_listen_item(item: Any, protocol: str, base: Path) -> ListenAddress:
@@ -592,6 +650,10 @@ def _listen_out(name: str, value: tuple[Any, ...]) -> dict[str, Any]:
 
 def _argv_out(name: str, value: tuple[str, ...]) -> dict[str, Any]:
     return {name: list(getattr(value, "given", value))}
+
+
+def _access_times_out(name: str, value: tuple[tuple[int, int], ...]) -> dict[str, Any]:
+    return {name: " ".join(f"{a // 60:02}:{a % 60:02}-{b // 60:02}:{b % 60:02}" for a, b in value)}
 
 
 def _group_out(name: str, value: int) -> dict[str, Any]:

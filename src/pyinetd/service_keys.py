@@ -9,10 +9,11 @@ from __future__ import annotations
 from pyinetd.keyspec import (
     ADDRESSES,
     BOOLEAN,
+    BUFFER_PATTERN,
     BYTE_RATE_PATTERN,
     COUNT,
+    CPU_PATTERN,
     DURATION,
-    DURATION_PATTERN,
     FILE_PATH,
     RATE_PATTERN,
     SIZE,
@@ -23,6 +24,7 @@ from pyinetd.keyspec import (
 from pyinetd.parsers import (
     BUILTINS,
     _access_out,
+    _access_times_out,
     _argv_out,
     _banner_out,
     _dict_out,
@@ -31,11 +33,13 @@ from pyinetd.parsers import (
     _name_out,
     _number_out,
     _octal_out,
+    _parse_access_times,
     _parse_addr_list,
     _parse_argv0,
     _parse_banner_file,
     _parse_banner_text,
     _parse_bool,
+    _parse_buffer,
     _parse_builtin,
     _parse_choice,
     _parse_count,
@@ -43,6 +47,8 @@ from pyinetd.parsers import (
     _parse_env,
     _parse_exec,
     _parse_group,
+    _parse_interface,
+    _parse_load,
     _parse_nice,
     _parse_prefix,
     _parse_protocol,
@@ -67,6 +73,15 @@ from pyinetd.units import (
 )
 
 __all__ = ["SERVICE_KEY_LIST"]
+
+_BUFFER = {
+    "type": ["integer", "string"],
+    "minimum": 1,
+    "maximum": 2**31 - 1,
+    "pattern": BUFFER_PATTERN,
+    "examples": [65536, "256k"],
+    "errorMessage": "expected a size in bytes such as 65536 or '256k'",
+}
 
 SERVICE_KEY_LIST: tuple[Key, ...] = (
     Key(
@@ -334,11 +349,11 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
                     "description": "RLIMIT_CORE: largest core file in bytes (0: none).",
                 },
                 "cpu": {
-                    "description": "RLIMIT_CPU: CPU time in seconds (or '10s', '5m').",
+                    "description": "RLIMIT_CPU: CPU time in seconds (or '10s', '5m', 'unlimited').",
                     "type": ["integer", "string"],
                     "minimum": 0,
                     "maximum": 9223372036854775807,
-                    "pattern": DURATION_PATTERN,
+                    "pattern": CPU_PATTERN,
                     "errorMessage": "expected CPU seconds such as 10, '10s' or '5m'",
                 },
                 "data": {**SIZE, "description": "RLIMIT_DATA: data segment (heap) in bytes."},
@@ -591,5 +606,73 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
             "errorMessage": "expected a group name or number",
         },
         out=_group_out,
+    ),
+    Key(
+        "interface",
+        _parse_interface,
+        (
+            "Accept only what arrives on this network interface (SO_BINDTODEVICE), whatever the "
+            "listen address; xinetd's bind = lo. tcp and udp."
+        ),
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 15,
+            "examples": ["lo", "eth0"],
+            "errorMessage": "expected a network interface name such as lo or eth0",
+        },
+    ),
+    Key(
+        "access_times",
+        _parse_access_times,
+        (
+            "Serve only in these times of day (local time), as xinetd's access_times: "
+            "'08:00-12:00 13:00-17:00' (both ends included); outside them a connection is "
+            "refused."
+        ),
+        {
+            "type": ["string", "array"],
+            "minLength": 1,
+            "items": {"type": "string", "errorMessage": "expected HH:MM-HH:MM"},
+            "examples": ["08:00-12:00 13:00-17:00"],
+            "errorMessage": "expected time ranges such as '08:00-12:00 13:00-17:00'",
+        },
+        out=_access_times_out,
+    ),
+    Key(
+        "max_load",
+        _parse_load,
+        "Refuse connections while the 1-minute load average is above this (xinetd's max_load).",
+        {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "examples": [4],
+            "errorMessage": "expected a load average such as 4 or 2.5",
+        },
+        out=_number_out,
+    ),
+    Key(
+        "keepalive",
+        _parse_bool,
+        "TCP keepalive probes on each connection (SO_KEEPALIVE; xinetd's flags = KEEPALIVE).",
+        {**BOOLEAN, "default": False},
+    ),
+    Key(
+        "nodelay",
+        _parse_bool,
+        "Send small writes at once (TCP_NODELAY, no Nagle delay; xinetd's flags = NODELAY).",
+        {**BOOLEAN, "default": False},
+    ),
+    Key(
+        "send_buffer",
+        _parse_buffer,
+        "The socket's send buffer size in bytes (SO_SNDBUF; xinetd's sndbuf, inetd's sndbuf=).",
+        _BUFFER,
+    ),
+    Key(
+        "receive_buffer",
+        _parse_buffer,
+        "The socket's receive buffer in bytes (SO_RCVBUF; xinetd's rcvbuf, inetd's rcvbuf=).",
+        _BUFFER,
     ),
 )
