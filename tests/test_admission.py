@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from pyinetd.admission import (
     AccessList,
-    LogLimiter,
     Network,
     TokenBucket,
     parse_access_entry,
@@ -23,6 +22,7 @@ from pyinetd.admission import (
     parse_size,
     source_key,
 )
+from pyinetd.log import LogLimiter
 
 # ---------------------------------------------------------------- AccessList: parsing
 
