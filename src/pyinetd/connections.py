@@ -332,7 +332,7 @@ class Connections:
             env.append(proto + b"LOCALIP=" + lst.local_ip.encode())
             env.append(proto + b"LOCALPORT=%d" % lst.local_port)
         lst.state.accepted += 1
-        lst.waiting_on = -1  # set before spawning: _refresh must not re-register meanwhile
+        lst.waiting_on = -1  # set before spawning: Services.refresh must not re-register meanwhile
         pid = self._children.start(lst.state, fd, fd, None, env, "wait", listener=lst)
         lst.waiting_on = pid
         if not pid:

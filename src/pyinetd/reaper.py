@@ -10,11 +10,13 @@ parent writes each child's pid to it, it opens a pidfd (any process may watch an
 the parent can reap, so the pid cannot be reused meanwhile) and writes the pid back once
 the child has exited; the parent then reaps exactly that pid.
 
-The server starts a watcher when WATCH_FROM children are alive and stops it below a quarter
-of that (the plain loop is cheaper with few children); while it runs, a full
-``waitpid(-1)`` sweep every SWEEP_EVERY seconds backs it up, and if it dies the server goes
-back to the plain loop at once. Pids travel as native 4-byte ints; a pid of 0 from the
-watcher means it cannot watch any more (out of fds) and should be stopped.
+The children table (children.py) starts a watcher when WATCH_FROM children are alive and
+stops it below a quarter of that (the plain loop is cheaper with few children); while it
+runs, a full ``waitpid(-1)`` sweep every SWEEP_EVERY seconds backs it up, and if it dies the
+table goes back to the plain loop at once. Pids travel as native 4-byte ints; a pid of 0
+from the watcher means it cannot watch any more (out of fds) and should be stopped. The two
+ways of reaping are two strategies behind one small interface (WaitpidReaping,
+WatcherReaping), as CPython's asyncio child watchers.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import signal
 import struct
 from collections.abc import Callable, Iterable
 
-from pyinetd.loop import HANDLED_SIGNALS, Timer
+from pyinetd.loop import HANDLED_SIGNALS, PYTHON_IGNORED, Timer
 
 # Environment overrides are for the tests (a low threshold; no sweep to hide a silent watcher).
 WATCH_FROM = int(os.environ.get("PYINETD_WATCH_FROM", "512"))
@@ -56,7 +58,7 @@ class ExitWatcher:
                 "from pyinetd.reaper import main; main()",
                 [],
                 os.environ,
-                sigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                sigdef=PYTHON_IGNORED,
                 dup2=((to_r, 0), (from_w, 1)),
             )
         except OSError:

@@ -24,7 +24,7 @@ from pyinetd.config import Config, ConfigError, load
 from pyinetd.connections import Connections, Sessions
 from pyinetd.listeners import ListenError, ListenKey
 from pyinetd.log import ThrottledLog, event
-from pyinetd.loop import HANDLED_SIGNALS, Loop, Timer
+from pyinetd.loop import HANDLED_SIGNALS, PYTHON_IGNORED, Loop, Timer
 from pyinetd.metrics import Metrics
 from pyinetd.services import Services
 from pyinetd.spawn import C_MODULE_BUILT, Spawner, ignored_signals
@@ -98,7 +98,7 @@ class Server:
         # SIGQUIT) stay ignored for pyinetd, through a handler that does nothing: exec resets
         # caught signals to their default, so no service inherits an ignored signal. Python's
         # own SIGPIPE and SIGXFSZ are reset by the spawn primitive.
-        inherited = [s for s in ignored_signals() if s not in (signal.SIGPIPE, signal.SIGXFSZ)]
+        inherited = [s for s in ignored_signals() if s not in PYTHON_IGNORED]
         self.loop.install_signals((*HANDLED_SIGNALS, *inherited), self._on_signals)
         self.spawner.refresh_signals()
         prim = self.spawner.primitive

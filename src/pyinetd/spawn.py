@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING
 
 from pyinetd import log
 from pyinetd.config import Service
+from pyinetd.loop import PYTHON_IGNORED
 
 if TYPE_CHECKING:
     import ssl
@@ -292,7 +293,7 @@ class Spawner:
             # posix_spawn is told both explicitly. Use it only where that is the same.
             return (
                 _FORK_EXEC is not None
-                and set(self._sigdef) <= {signal.SIGPIPE, signal.SIGXFSZ}
+                and set(self._sigdef) <= set(PYTHON_IGNORED)
                 and not signal.pthread_sigmask(signal.SIG_BLOCK, [])
             )
         return True
@@ -555,7 +556,7 @@ def _start_behind_relay(
         env,
         file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1)],
         setsigmask=(),
-        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+        setsigdef=PYTHON_IGNORED,
     )
 
 
