@@ -167,6 +167,7 @@ class Children:
         return pid
 
     def log_exec_error(self, svc: Service, why: str, peer: str) -> None:
+        """Log a program that could not start."""
         event(
             logging.ERROR,
             f"{svc.name}: cannot start {svc.argv[0]}: {why}; closing {peer}",
@@ -273,6 +274,7 @@ class Children:
         watcher.close(reap)
 
     def handle_exited(self, exited: list[tuple[int, int]]) -> None:
+        """Account for reaped (pid, status) pairs: stderr first, then each end."""
         if not exited:
             return
         # What the children wrote to stderr before they exited is logged before their end.
@@ -289,6 +291,7 @@ class Children:
             self.exited(pid, wstatus)
 
     def exited(self, pid: int, status: int) -> None:
+        """``pid`` was reaped: free its slot, account for its end, tell whoever waits."""
         if self._other_exited(pid, status):
             return  # a worker
         child = self.table.pop(pid, None)
@@ -334,6 +337,7 @@ class Children:
         )
 
     def on_timeout(self, pid: int) -> None:
+        """A child's timeout (or its escalation) is due: SIGTERM, then SIGKILL, then say so."""
         child = self.table.get(pid)
         if child is None:
             if pid in self._orphan_groups:

@@ -51,10 +51,12 @@ class Sessions:
         return len(self.table)
 
     def close_all(self) -> None:
+        """Close every session (drain timeout, exit)."""
         for sess in list(self.table):
             sess.close()
 
     def start(self, state: ServiceState, conn: socket.socket, kind: str, src: str) -> None:
+        """Run built-in ``kind`` on ``conn`` in the loop; it holds a slot until it closes."""
         state.add_source(src)
         sess = builtins.Session(kind, conn, self._loop.sel, self._closed)
         if sess.closed:
@@ -111,6 +113,7 @@ class Connections:
         self.stage.per_source = config.max_pending_per_source
 
     def close_pending(self) -> None:
+        """Drop every connection still in a pre-service stage (exit)."""
         for pend in list(self.pending):
             pend.close()
 
@@ -145,6 +148,7 @@ class Connections:
             conn.close()
 
     def on_accept(self, lst: Listener, mask: int = 0) -> None:
+        """A stream listener is readable: accept a batch, or start its wait-mode child."""
         if lst.state.service.wait:
             self._start_wait_child(lst)
             return
@@ -186,6 +190,7 @@ class Connections:
             event(logging.WARNING, f"{lst.state.service.name}: accept: {exc}", event="accept_error")
 
     def serve_stream(self, lst: Listener, conn: socket.socket, addr: object) -> None:
+        """An accepted connection: a PROXY header first if the service wants one."""
         svc = lst.state.service
         ip, port = peer_of(lst.family, addr)
         if svc.proxy_protocol:
@@ -341,6 +346,7 @@ class Connections:
             self._services.pause_for(lst, 1.0)
 
     def on_datagram(self, lst: Listener, mask: int = 0) -> None:
+        """A UDP listener is readable: admit and answer (built-in) or start a child per datagram."""
         svc = lst.state.service
         if svc.wait:
             self._start_wait_child(lst)

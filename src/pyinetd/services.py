@@ -69,11 +69,13 @@ class ServiceState:
         self.tls_context = tls_context
 
     def add_source(self, key: str) -> None:
+        """An instance started: one more running, and one more for its source."""
         self.running += 1
         if key:
             self.sources[key] = self.sources.get(key, 0) + 1
 
     def drop_source(self, key: str) -> None:
+        """An instance ended (reaped, or its session closed): its slot is free."""
         self.running -= 1
         if key:
             n = self.sources.get(key, 0) - 1
@@ -288,6 +290,7 @@ class Services:
 
     # ------------------------------------------------------------ listener state
     def should_listen(self, lst: Listener) -> bool:
+        """Whether ``lst`` is watched now: not stopping, not paused, not at a queueing limit."""
         if self.stopping or lst.waiting_on or self.listeners.get(lst.key) is not lst:
             return False
         if lst.paused_until and time.monotonic() < lst.paused_until:
@@ -316,6 +319,7 @@ class Services:
             self.pause(lst)
 
     def pause(self, lst: Listener) -> None:
+        """Stop watching ``lst`` (the socket stays open; clients wait in its backlog)."""
         if lst.registered:
             self._loop.sel.unregister(lst.sock)
             lst.registered = False
@@ -329,6 +333,7 @@ class Services:
         lst.resume_timer = self._loop.call_later(seconds, functools.partial(self.resume, lst))
 
     def resume(self, lst: Listener) -> None:
+        """A pause is over: watch ``lst`` again if its limits allow."""
         lst.paused_until = 0.0
         lst.resume_timer = None
         self.refresh(lst)
@@ -341,10 +346,12 @@ class Services:
             )
 
     def at_max_children(self) -> bool:
+        """At the global max_children: exec services take no new connection."""
         limit = self.config.max_children
         return limit is not None and len(self._children) >= limit
 
     def serves(self, svc: Service, key: ListenKey) -> bool:
+        """Whether this process serves ``key`` (a worker leaves some to the first process)."""
         return not self.worker or worker_serves(svc, key)
 
     # ------------------------------------------------------------ by limits
@@ -367,6 +374,7 @@ class Services:
                 self.refresh(lst)
 
     def rate_pause(self, state: ServiceState) -> None:
+        """Over the service's rate: rest all its listeners for `rate_pause` seconds."""
         svc = state.service
         event(
             logging.WARNING,

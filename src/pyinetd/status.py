@@ -264,11 +264,13 @@ class Operations:
                 )
 
     def close(self) -> None:
+        """Close the control socket and the metrics port."""
         for server in self.servers:
             server.close()
         self.servers.clear()
 
     def on_control(self, request: bytes) -> bytes:
+        """Answer one control request (status, reload, stop) as a JSON line."""
         words = request.decode("utf-8", "replace").split()
         cmd = words[0] if words else ""
         answer: dict[str, object]
@@ -285,6 +287,7 @@ class Operations:
         return json.dumps(answer).encode() + b"\n"
 
     def on_metrics(self, request: bytes) -> bytes:
+        """Answer one HTTP request for /metrics."""
         line = request.split(b"\r\n", 1)[0].split()
         if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] in (b"/metrics", b"/"):
             body = render_prometheus(self._snapshot()).encode()

@@ -41,6 +41,7 @@ class Workers:
         return self._services.config
 
     def start(self) -> None:
+        """Start the configured workers not running yet."""
         for number in range(1, self._config.workers):
             if number not in self.table.values():
                 self._spawn(number)
