@@ -77,7 +77,7 @@ class Children:
         self._devnull = -1  # `stderr: null`, opened once
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
         self._reaping: reaper.WaitpidReaping | reaper.WatcherReaping = reaper.WaitpidReaping(
-            self.handle_exited
+            self.on_reaped
         )
         self._watcher_retry = 0.0  # no new watcher before this (monotonic), after a failure
 
@@ -234,7 +234,7 @@ class Children:
             watcher = reaper.WatcherReaping(
                 loop.sel,
                 loop.call_later,
-                self.handle_exited,
+                self.on_reaped,
                 (*self.table, *self._other_pids()),
                 self._fewer,
                 self._watcher_gone,
@@ -270,10 +270,10 @@ class Children:
         watcher = self._reaping
         if not isinstance(watcher, reaper.WatcherReaping):
             return
-        self._reaping = reaper.WaitpidReaping(self.handle_exited)
+        self._reaping = reaper.WaitpidReaping(self.on_reaped)
         watcher.close(reap)
 
-    def handle_exited(self, exited: list[tuple[int, int]]) -> None:
+    def on_reaped(self, exited: list[tuple[int, int]]) -> None:
         """Account for reaped (pid, status) pairs: stderr first, then each end."""
         if not exited:
             return
@@ -288,9 +288,9 @@ class Children:
                     stderr_log.drain()
                 stderr_log.ended(pid)
         for pid, wstatus in exited:
-            self.exited(pid, wstatus)
+            self._account(pid, wstatus)
 
-    def exited(self, pid: int, status: int) -> None:
+    def _account(self, pid: int, status: int) -> None:
         """``pid`` was reaped: free its slot, account for its end, tell whoever waits."""
         if self._other_exited(pid, status):
             return  # a worker
