@@ -14,7 +14,8 @@ import pytest
 from conftest import DEADLINE, wait_for
 
 from pyinetd import reaper
-from pyinetd.loop import HANDLED_SIGNALS, Loop
+from pyinetd.loop import Loop
+from pyinetd.signals import HANDLED_SIGNALS
 
 
 @pytest.fixture

@@ -20,20 +20,9 @@ from dataclasses import dataclass, field
 from pyinetd import log
 from pyinetd.log import LOG
 
+__all__ = ["Loop", "Timer"]
+
 LOG_RETRY = 0.25  # seconds between tries to write a log backlog to a stalled reader
-# The signal lists, in one home. HANDLED_SIGNALS: what pyinetd catches (through the wake-up
-# fd); a process pyinetd forks without exec (a relay) resets them to their default, and the
-# exit watcher ignores those a terminal sends to the whole group. PYTHON_IGNORED: what
-# CPython ignores at start-up; every process pyinetd starts gets them back at their default
-# (spawn.py), or ``yes | head`` in a shell service would spin on EPIPE instead of dying.
-HANDLED_SIGNALS = (
-    signal.SIGCHLD,
-    signal.SIGHUP,
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGUSR1,
-)
-PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 @dataclass(order=True)

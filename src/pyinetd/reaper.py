@@ -30,8 +30,12 @@ import selectors
 import signal
 import struct
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-from pyinetd.loop import HANDLED_SIGNALS, PYTHON_IGNORED, Timer
+from pyinetd.signals import HANDLED_SIGNALS, PYTHON_IGNORED
+
+if TYPE_CHECKING:
+    from pyinetd.loop import Timer
 
 # Environment overrides are for the tests (a low threshold; no sweep to hide a silent watcher).
 WATCH_FROM = int(os.environ.get("PYINETD_WATCH_FROM", "512"))

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pyinetd.loop import HANDLED_SIGNALS
+from pyinetd.signals import HANDLED_SIGNALS
 
 if TYPE_CHECKING:
     from pyinetd.config import Service

@@ -24,9 +24,10 @@ from pyinetd.config import Config, ConfigError, load
 from pyinetd.connections import Connections, Sessions
 from pyinetd.listeners import ListenError, ListenKey
 from pyinetd.log import ThrottledLog, event
-from pyinetd.loop import HANDLED_SIGNALS, PYTHON_IGNORED, Loop, Timer
+from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
 from pyinetd.services import Services
+from pyinetd.signals import HANDLED_SIGNALS, PYTHON_IGNORED
 from pyinetd.spawn import C_MODULE_BUILT, Spawner, ignored_signals
 from pyinetd.status import Operations, render_table, snapshot
 from pyinetd.workers import Workers

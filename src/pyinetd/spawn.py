@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 
 from pyinetd import log
 from pyinetd.config import Service
-from pyinetd.loop import PYTHON_IGNORED
+from pyinetd.signals import PYTHON_IGNORED
 
 if TYPE_CHECKING:
     import ssl
