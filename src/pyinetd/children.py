@@ -85,7 +85,7 @@ class Children:
         return len(self.table)
 
     # ------------------------------------------------------------ start
-    def _stderr_fd(self, state: ServiceState, conn: socket.socket | None) -> tuple[int, bool]:
+    def stderr_fd(self, state: ServiceState, conn: socket.socket | None) -> tuple[int, bool]:
         """The fd for the child's stderr, and whether it is ours to close after the spawn.
 
         Only a `stderr: FILE` opens anything per connection (so that a rotated log file is
@@ -125,7 +125,7 @@ class Children:
         """Spawn the service's program; returns the pid, or 0 when it could not start."""
         svc = state.service
         try:
-            err_fd, owned = self._stderr_fd(state, conn)
+            err_fd, owned = self.stderr_fd(state, conn)
         except OSError as exc:
             state.failed_spawns += 1
             self.spawn_error(svc, peer, f"stderr {svc.stderr}: {exc.strerror or exc}")
