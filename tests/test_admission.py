@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 from pyinetd.admission import (
     AccessList,
-    LogLimiter,
     Network,
     TokenBucket,
     parse_access_entry,
     source_key,
 )
+from pyinetd.log import LogLimiter
 from pyinetd.units import parse_duration, parse_rate, parse_size
 
 # ---------------------------------------------------------------- AccessList: parsing
@@ -716,3 +716,76 @@ def test_log_limiter_max_lines_holds_a_due_key_until_there_is_room() -> None:
     assert limiter.should_log("b", 10.0) == (True, 0)  # a new interval: room for one
     assert limiter.should_log("a", 10.5) == (False, 1)  # due, but no room: suppressed
     assert limiter.should_log("a", 20.0) == (True, 1)
+
+
+# ---------------------------------------------------------------- admit(): the one decision
+
+
+def _state(svc: dict[str, object]) -> object:
+    """A real ServiceState for a service built from ``svc`` (no loop, no sockets)."""
+    from pathlib import Path
+
+    from pyinetd.config import build
+    from pyinetd.services import ServiceState
+
+    config = build({"services": {"s": {"listen": "127.0.0.1:7", **svc}}}, Path("/x/inetd.yaml"))
+    state = ServiceState(config.services[0])
+    state.set_service(config.services[0])
+    return state
+
+
+def test_admit_checks_in_order_deny_limit_max_children_per_source_rate() -> None:
+    from pyinetd.admission import admit
+    from pyinetd.services import ServiceState
+
+    state = _state(
+        {
+            "exec": "/bin/cat",
+            "deny": ["10.0.0.0/8"],
+            "max_connections": 2,
+            "per_source": 1,
+            "rate": "1/s",
+        }
+    )
+    assert isinstance(state, ServiceState)
+    svc = state.service
+    assert admit(svc, state, "10.1.2.3", False, 0.0) == ("deny", "")
+    assert admit(svc, state, "192.0.2.1", True, 0.0) == ("max_children", "")
+    assert admit(svc, state, "192.0.2.1", False, 0.0) == (None, "192.0.2.1")
+    state.add_source("192.0.2.1")
+    assert admit(svc, state, "192.0.2.1", False, 0.0) == ("per_source", "192.0.2.1")
+    assert admit(svc, state, "192.0.2.2", False, 0.0) == ("rate", "192.0.2.2")
+    assert admit(svc, state, "192.0.2.2", False, 5.0) == (None, "192.0.2.2")
+    state.add_source("192.0.2.2")
+    assert admit(svc, state, "192.0.2.3", False, 9.0) == ("limit", "")
+
+
+def test_admit_without_a_token_leaves_the_bucket_alone() -> None:
+    """A TLS connection is checked before its ClientHello without taking a rate token (the
+    hello may never come), then admitted with one at the fork."""
+    from pyinetd.admission import admit
+    from pyinetd.services import ServiceState
+
+    state = _state({"exec": "/bin/cat", "rate": "1/s"})
+    assert isinstance(state, ServiceState)
+    for _ in range(3):
+        assert admit(state.service, state, "192.0.2.1", False, 0.0, take_token=False)[0] is None
+    assert admit(state.service, state, "192.0.2.1", False, 0.0)[0] is None
+    assert admit(state.service, state, "192.0.2.1", False, 0.0)[0] == "rate"
+
+
+def test_admit_refuses_datagrams_that_would_loop() -> None:
+    """From one of our UDP built-ins' ports (issue 18.1), or from a privileged port to a
+    built-in (CERT CA-1996-01); an exec service may answer a privileged port."""
+    from pyinetd.admission import admit
+    from pyinetd.services import ServiceState
+
+    echo = _state({"protocol": "udp", "builtin": "echo"})
+    cat = _state({"protocol": "udp", "exec": "/bin/cat"})
+    assert isinstance(echo, ServiceState) and isinstance(cat, ServiceState)
+    ours = frozenset({7007})
+    assert admit(echo.service, echo, "127.0.0.1", False, 0.0, True, 7007, ours)[0] == "loop"
+    assert admit(cat.service, cat, "127.0.0.1", False, 0.0, True, 7007, ours)[0] == "loop"
+    assert admit(echo.service, echo, "127.0.0.1", False, 0.0, True, 19, ours)[0] == "loop"
+    assert admit(cat.service, cat, "127.0.0.1", False, 0.0, True, 19, ours)[0] is None
+    assert admit(echo.service, echo, "127.0.0.1", False, 0.0, True, 40000, ours)[0] is None

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -210,11 +209,11 @@ BOMB = 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n'
 def test_billion_laughs_is_refused_at_once(tmp_path: Path) -> None:
     cfg = tmp_path / "inetd.yaml"
     cfg.write_text(BOMB + echo_config())
-    start = time.monotonic()
-    r = check(cfg)
+    # Bounded, not timed: the loader stops counting at MAX_NODES (the message says so); the
+    # subprocess deadline only keeps a regression from hanging the suite (it took 51 s, 386 MB).
+    r = check(cfg, timeout=DEADLINE)
     assert r.returncode == 2
     assert r.stderr == (f"{cfg}: more than {MAX_NODES} values (aliases expanded); refusing it\n")
-    assert time.monotonic() - start < 5  # was 51 s and 386 MB
 
 
 def test_alias_to_itself_is_refused(tmp_path: Path) -> None:
@@ -277,9 +276,7 @@ def test_many_env_keys_are_refused(tmp_path: Path) -> None:
 def test_many_values_are_refused_quickly(tmp_path: Path) -> None:
     cfg = tmp_path / "inetd.yaml"
     cfg.write_text(echo_config() + "x: [" + ",".join(["1"] * 300_000) + "]\n")
-    start = time.monotonic()
     assert "more than 50000 values" in refused(cfg)
-    assert time.monotonic() - start < 2
 
 
 def test_error_lines_are_short(tmp_path: Path) -> None:
@@ -293,10 +290,8 @@ def test_alias_bomb_reload_keeps_serving(tmp_path: Path, inetd: Callable[..., Py
     port = free_port()
     p = inetd(echo_config(port))
     p.path.write_text(BOMB + echo_config(port))
-    start = time.monotonic()
     p.signal(signal.SIGHUP)
-    p.wait_log("reload failed.*aliases expanded")
-    assert time.monotonic() - start < 3  # every service froze for 31 s
+    p.wait_log("reload failed.*aliases expanded")  # (it froze every service for 31 s)
     assert tcp_talk(port, b"still here\n") == b"still here\n"
 
 

@@ -1,4 +1,4 @@
-"""Admission: allow/deny, per-source keys, rate limiting, log throttling. Pure.
+"""Admission: allow/deny, per-source keys, rate limiting, the one admit() decision. Pure.
 
 A connection's peer address and the current time go in, a decision comes out. Nothing here opens a
 socket, starts a process, logs or reads the clock: ``now`` is always passed in (a
@@ -11,25 +11,23 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections import OrderedDict
+from typing import Protocol
 
 from pyinetd.access import AccessList, Network, parse_access_entry, parse_peer
+from pyinetd.builtins import udp_source_is_unsafe
 
 __all__ = [
     "AccessList",
-    "LogLimiter",
     "Network",
     "StageSlots",
     "TokenBucket",
+    "admit",
     "parse_access_entry",
     "source_key",
 ]
 
 # AccessList and its entries live in access.py (config builds them); re-exported here, where
-# admission's users look for them.
-
-
-# ---------------------------------------------------------------- per-source keys
+# admission's users look for them. The value parsers live in units.py.
 
 
 def source_key(addr: str, v6_prefix: int = 64) -> str:
@@ -130,86 +128,69 @@ class StageSlots:
                 self._by_source.pop(key, None)
 
 
-# ---------------------------------------------------------------- log throttling
+# ---------------------------------------------------------------- the decision
 
 
-class _Seen:
-    """What a LogLimiter remembers about one key."""
+class Counts(Protocol):
+    """What admit() reads of a service's running state (services.ServiceState)."""
 
-    __slots__ = ("logged_at", "suppressed")
+    running: int
+    hellos: int
+    sources: dict[str, int]
+    bucket: TokenBucket | None
 
-    def __init__(self, logged_at: float) -> None:
-        self.logged_at = logged_at
-        self.suppressed = 0
+
+class Admitted(Protocol):
+    """What admit() reads of a service's definition (config.Service)."""
+
+    @property
+    def access(self) -> AccessList | None: ...
+    @property
+    def max_connections(self) -> int | None: ...
+    @property
+    def is_builtin(self) -> bool: ...
+    @property
+    def builtin(self) -> str | None: ...
+    @property
+    def per_source(self) -> int | None: ...
+    @property
+    def per_source_prefix(self) -> int: ...
 
 
-class LogLimiter:
-    """Log a repeated event (a denied peer) at most once per key per `interval` seconds, and
-    at most `max_lines` events in all per interval.
+def admit(
+    svc: Admitted,
+    counts: Counts,
+    ip: str,
+    full: bool,
+    now: float,
+    take_token: bool = True,
+    datagram_port: int | None = None,
+    loop_ports: frozenset[int] = frozenset(),
+) -> tuple[str | None, str]:
+    """(refusal reason or None, per_source key) for a new connection from ``ip``.
 
-    The per-key memory is bounded (`max_keys`, least recently seen evicted), so sources that
-    rotate through more addresses than that are each new again: 5,000 rotating sources gave
-    15,000 "refused" lines (issue 18, item 11). `max_lines` bounds what any flood can log;
-    the events it holds back are counted, for ``take_overflow()`` to report. The server keeps
-    one LogLimiter per service, so that one service's flood evicts no other's keys.
+    Every path asks here: TCP, unix, after a PROXY header, before (``take_token`` False: the
+    hello may never come) and after a TLS ClientHello, each UDP datagram (built-in or not).
+    ``full``: at the global max_children. A datagram (``datagram_port``, its source port) from
+    the port of one of our UDP built-ins (``loop_ports``) is refused (FreeBSD inetd's
+    check_loop; issue 18, item 1: one spoofed datagram from 127.0.0.1:27007 to the echo on
+    127.0.0.1:27007 echoed itself forever), and a built-in never answers a privileged port
+    (CERT CA-1996-01: echo <-> chargen).
     """
-
-    def __init__(
-        self, interval: float = 60.0, max_keys: int = 4096, max_lines: int | None = None
-    ) -> None:
-        if not (math.isfinite(interval) and interval >= 0):
-            raise ValueError(f"{interval!r}: interval must be a number >= 0")
-        if max_keys < 1:
-            raise ValueError(f"{max_keys!r}: max_keys must be >= 1")
-        if max_lines is not None and max_lines < 1:
-            raise ValueError(f"{max_lines!r}: max_lines must be >= 1")
-        self.interval = float(interval)
-        self.max_keys = max_keys
-        self.max_lines = max_lines
-        self._seen: OrderedDict[str, _Seen] = OrderedDict()  # least recently seen first
-        self._window = -math.inf  # when the current interval of max_lines began
-        self._lines = 0  # events logged in it
-        self._overflow = 0  # events of new keys held back by max_lines, not yet reported
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def _room(self, now: float) -> bool:
-        """One more line fits in this interval's max_lines (and is counted)."""
-        if self.max_lines is None:
-            return True
-        if not self._window <= now < self._window + self.interval:
-            self._window, self._lines = now, 0  # a new interval (or the clock stepped back)
-        if self._lines >= self.max_lines:
-            return False
-        self._lines += 1
-        return True
-
-    def should_log(self, key: str, now: float) -> tuple[bool, int]:
-        """(log this one?, events suppressed for `key` since its last logged one)."""
-        seen = self._seen.get(key)
-        if seen is None:
-            if not self._room(now):
-                self._overflow += 1
-                return False, 0
-            self._seen[key] = _Seen(now)
-            # Bounded memory: a flood from ever-new addresses evicts the least recently seen key,
-            # which at worst gets logged once more if it comes back (max_lines bounds that).
-            if len(self._seen) > self.max_keys:
-                self._seen.popitem(last=False)
-            return True, 0
-        self._seen.move_to_end(key)
-        if now - seen.logged_at >= self.interval and self._room(now):
-            suppressed, seen.logged_at, seen.suppressed = seen.suppressed, now, 0
-            return True, suppressed
-        if now < seen.logged_at:
-            # The clock stepped back: restart the interval from here rather than stay silent until
-            # the old time comes round again. Still suppressed, so this cannot flood either.
-            seen.logged_at = now
-        seen.suppressed += 1
-        return False, seen.suppressed
-
-    def take_overflow(self) -> int:
-        """Events of new keys that max_lines held back since the last call."""
-        out, self._overflow = self._overflow, 0
-        return out
+    if datagram_port is not None and (
+        datagram_port in loop_ports
+        or (svc.builtin is not None and udp_source_is_unsafe(datagram_port))
+    ):
+        return "loop", ""
+    if svc.access is not None and not svc.access.permits(ip):
+        return "deny", ""
+    if svc.max_connections and counts.running + counts.hellos >= svc.max_connections:
+        return "limit", ""
+    if full and not svc.is_builtin:
+        return "max_children", ""
+    key = source_key(ip, svc.per_source_prefix) if svc.per_source and ip else ""
+    if key and svc.per_source and counts.sources.get(key, 0) >= svc.per_source:
+        return "per_source", key
+    if take_token and counts.bucket is not None and not counts.bucket.take(now):
+        return "rate", key
+    return None, key

@@ -226,3 +226,26 @@ def close_listener(sock: socket.socket) -> None:
     sock.close()
     if made is not None:
         made.remove()
+
+
+# ---------------------------------------------------------------- peer addresses
+
+
+def format_ip(addr: str) -> str:
+    """Unmap v4-mapped IPv6 addresses (::ffff:1.2.3.4 -> 1.2.3.4); drop a scope suffix."""
+    if addr.startswith("::ffff:") and "." in addr:
+        return addr[7:]
+    return addr
+
+
+def peer_of(family: int, addr: object) -> tuple[str, int]:
+    """(ip, port) of a socket address; ("", 0) for unix sockets."""
+    if family in (socket.AF_INET, socket.AF_INET6) and isinstance(addr, tuple):
+        return format_ip(str(addr[0])), int(addr[1])
+    return "", 0
+
+
+def peer_text(ip: str, port: int) -> str:
+    if not ip:
+        return "unix"
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import select
 import socket
 import sys
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -420,3 +422,124 @@ class StderrBudget:
         out = (self.dropped_lines, self.dropped_bytes)
         self.dropped_lines = self.dropped_bytes = 0
         return out
+
+
+# ---------------------------------------------------------------- log throttling
+
+
+class _Seen:
+    """What a LogLimiter remembers about one key."""
+
+    __slots__ = ("logged_at", "suppressed")
+
+    def __init__(self, logged_at: float) -> None:
+        self.logged_at = logged_at
+        self.suppressed = 0
+
+
+class LogLimiter:
+    """Log a repeated event (a denied peer) at most once per key per `interval` seconds, and
+    at most `max_lines` events in all per interval.
+
+    The per-key memory is bounded (`max_keys`, least recently seen evicted), so sources that
+    rotate through more addresses than that are each new again: 5,000 rotating sources gave
+    15,000 "refused" lines (issue 18, item 11). `max_lines` bounds what any flood can log;
+    the events it holds back are counted, for ``take_overflow()`` to report. The server keeps
+    one LogLimiter per service, so that one service's flood evicts no other's keys.
+    """
+
+    def __init__(
+        self, interval: float = 60.0, max_keys: int = 4096, max_lines: int | None = None
+    ) -> None:
+        if not (math.isfinite(interval) and interval >= 0):
+            raise ValueError(f"{interval!r}: interval must be a number >= 0")
+        if max_keys < 1:
+            raise ValueError(f"{max_keys!r}: max_keys must be >= 1")
+        if max_lines is not None and max_lines < 1:
+            raise ValueError(f"{max_lines!r}: max_lines must be >= 1")
+        self.interval = float(interval)
+        self.max_keys = max_keys
+        self.max_lines = max_lines
+        self._seen: OrderedDict[str, _Seen] = OrderedDict()  # least recently seen first
+        self._window = -math.inf  # when the current interval of max_lines began
+        self._lines = 0  # events logged in it
+        self._overflow = 0  # events of new keys held back by max_lines, not yet reported
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def _room(self, now: float) -> bool:
+        """One more line fits in this interval's max_lines (and is counted)."""
+        if self.max_lines is None:
+            return True
+        if not self._window <= now < self._window + self.interval:
+            self._window, self._lines = now, 0  # a new interval (or the clock stepped back)
+        if self._lines >= self.max_lines:
+            return False
+        self._lines += 1
+        return True
+
+    def should_log(self, key: str, now: float) -> tuple[bool, int]:
+        """(log this one?, events suppressed for `key` since its last logged one)."""
+        seen = self._seen.get(key)
+        if seen is None:
+            if not self._room(now):
+                self._overflow += 1
+                return False, 0
+            self._seen[key] = _Seen(now)
+            # Bounded memory: a flood from ever-new addresses evicts the least recently seen key,
+            # which at worst gets logged once more if it comes back (max_lines bounds that).
+            if len(self._seen) > self.max_keys:
+                self._seen.popitem(last=False)
+            return True, 0
+        self._seen.move_to_end(key)
+        if now - seen.logged_at >= self.interval and self._room(now):
+            suppressed, seen.logged_at, seen.suppressed = seen.suppressed, now, 0
+            return True, suppressed
+        if now < seen.logged_at:
+            # The clock stepped back: restart the interval from here rather than stay silent until
+            # the old time comes round again. Still suppressed, so this cannot flood either.
+            seen.logged_at = now
+        seen.suppressed += 1
+        return False, seen.suppressed
+
+    def take_overflow(self) -> int:
+        """Events of new keys that max_lines held back since the last call."""
+        out, self._overflow = self._overflow, 0
+        return out
+
+
+# Throttled events (refusals, spawn errors) logged per service a minute at most, whatever the
+# number of sources: beyond, they are counted and the count logged with the next one.
+THROTTLED_LINES = 100
+
+
+class ThrottledLog:
+    """Refusals and start errors: one LogLimiter per service, so that one service's flood
+    resets no other's keys, and one for events of no service."""
+
+    def __init__(self) -> None:
+        self._refusals = LogLimiter(60.0, max_lines=THROTTLED_LINES)  # events of no service
+        self._limiters: dict[str, LogLimiter] = {}  # per service
+
+    def __call__(self, key: str, level: int, msg: str, **fields: object) -> None:
+        """Log an event at most once a minute per ``key``, saying how many were suppressed,
+        and at most THROTTLED_LINES such events a minute per service."""
+        service = str(fields.get("service", ""))
+        limiter = self._limiters.get(service) if service else self._refusals
+        if limiter is None:
+            limiter = self._limiters[service] = LogLimiter(60.0, max_lines=THROTTLED_LINES)
+        show, suppressed = limiter.should_log(key, time.monotonic())
+        if show:
+            held = limiter.take_overflow()
+            if held:
+                event(
+                    level,
+                    f"{service or 'pyinetd'}: {held} more refusals or errors not logged: "
+                    f"over {THROTTLED_LINES} a minute",
+                    event="log_overflow",
+                    service=service,
+                    suppressed=held,
+                )
+            more = f" ({suppressed} more since last logged)" if suppressed else ""
+            event(level, msg + more, suppressed=suppressed, **fields)

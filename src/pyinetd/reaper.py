@@ -10,11 +10,13 @@ parent writes each child's pid to it, it opens a pidfd (any process may watch an
 the parent can reap, so the pid cannot be reused meanwhile) and writes the pid back once
 the child has exited; the parent then reaps exactly that pid.
 
-The server starts a watcher when WATCH_FROM children are alive and stops it below a quarter
-of that (the plain loop is cheaper with few children); while it runs, a full
-``waitpid(-1)`` sweep every SWEEP_EVERY seconds backs it up, and if it dies the server goes
-back to the plain loop at once. Pids travel as native 4-byte ints; a pid of 0 from the
-watcher means it cannot watch any more (out of fds) and should be stopped.
+The children table (children.py) starts a watcher when WATCH_FROM children are alive and
+stops it below a quarter of that (the plain loop is cheaper with few children); while it
+runs, a full ``waitpid(-1)`` sweep every SWEEP_EVERY seconds backs it up, and if it dies the
+table goes back to the plain loop at once. Pids travel as native 4-byte ints; a pid of 0
+from the watcher means it cannot watch any more (out of fds) and should be stopped. The two
+ways of reaping are two strategies behind one small interface (WaitpidReaping,
+WatcherReaping), as CPython's asyncio child watchers.
 """
 
 from __future__ import annotations
@@ -24,9 +26,16 @@ import errno
 import os
 import resource
 import select
+import selectors
 import signal
 import struct
-import sys
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from pyinetd.signals import HANDLED_SIGNALS, PYTHON_IGNORED
+
+if TYPE_CHECKING:
+    from pyinetd.loop import Timer
 
 # Environment overrides are for the tests (a low threshold; no sweep to hide a silent watcher).
 WATCH_FROM = int(os.environ.get("PYINETD_WATCH_FROM", "512"))
@@ -46,17 +55,15 @@ class ExitWatcher:
     def __init__(self) -> None:
         to_r, self._to_w = os.pipe2(os.O_CLOEXEC)
         self._from_r, from_w = os.pipe2(os.O_CLOEXEC)
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        code = f"import sys; sys.path.insert(0, {root!r}); from pyinetd.reaper import main; main()"
-        argv = [sys.executable, "-c", code]
+        from pyinetd.spawn import start_python  # (the watcher process itself needs none of it)
+
         try:
-            self.pid = os.posix_spawn(
-                argv[0],
-                argv,
+            self.pid = start_python(
+                "from pyinetd.reaper import main; main()",
+                [],
                 os.environ,
-                file_actions=[(os.POSIX_SPAWN_DUP2, to_r, 0), (os.POSIX_SPAWN_DUP2, from_w, 1)],
-                setsigmask=(),
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                sigdef=PYTHON_IGNORED,
+                dup2=((to_r, 0), (from_w, 1)),
             )
         except OSError:
             for fd in (self._to_w, self._from_r):
@@ -115,8 +122,9 @@ class ExitWatcher:
 
 def main() -> None:
     """The watcher process: stdin brings pids to watch, stdout takes back those that exited."""
-    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)  # the parent's group signals are the parent's
+    for sig in HANDLED_SIGNALS:
+        if sig != signal.SIGCHLD:  # the parent's group signals are the parent's
+            signal.signal(sig, signal.SIG_IGN)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -151,3 +159,116 @@ def main() -> None:
             out = memoryview(b"".join(PID.pack(pid) for pid in done))
             while out:
                 out = out[os.write(1, out) :]
+
+
+# ---------------------------------------------------------------- the two reaping strategies
+# One small interface, as CPython's asyncio child watchers: watch(pid) when a child starts,
+# on_wakeup() at every loop wake-up (SIGCHLD), flush() before each select (False: the
+# strategy failed), close(reap). Both hand the (pid, wait status) pairs they reaped to
+# ``handle``.
+
+Exited = list[tuple[int, int]]
+
+
+def reap_all() -> Exited:
+    """Every exited child: waitpid(-1, WNOHANG) until it says none are left (SIGCHLD
+    coalesces)."""
+    exited: Exited = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        exited.append((pid, status))
+    return exited
+
+
+class WaitpidReaping:
+    """The plain strategy: a waitpid(-1) loop at each wake-up; cheapest with few children."""
+
+    def __init__(self, handle: Callable[[Exited], None]) -> None:
+        self._handle = handle
+
+    def watch(self, pid: int) -> None:
+        """Nothing to do: waitpid(-1) finds every child."""
+
+    def on_wakeup(self) -> None:
+        self._handle(reap_all())
+
+    def flush(self) -> bool:
+        return True
+
+    def close(self, reap: bool = True) -> None:
+        """Nothing held."""
+
+
+class WatcherReaping:
+    """The exit watcher's strategy: it says which pids exited, each is reaped with
+    waitpid(pid); a full waitpid(-1) sweep every SWEEP_EVERY seconds backs it up.
+    OSError at construction when the watcher cannot start."""
+
+    def __init__(
+        self,
+        sel: selectors.BaseSelector,
+        call_later: Callable[[float, Callable[[], None]], Timer],
+        handle: Callable[[Exited], None],
+        pids: Iterable[int],
+        after: Callable[[], None],
+        gone: Callable[[], None],
+    ) -> None:
+        self._watcher = ExitWatcher()
+        self.pid = self._watcher.pid
+        self._sel, self._call_later = sel, call_later
+        self._handle, self._after, self._gone = handle, after, gone
+        self._closed = False
+        for pid in pids:
+            self._watcher.watch(pid)
+        sel.register(self._watcher.fileno(), selectors.EVENT_READ, self._on_readable)
+        self._sweep_timer: Timer | None = call_later(SWEEP_EVERY, self._sweep)
+
+    def watch(self, pid: int) -> None:
+        self._watcher.watch(pid)
+
+    def on_wakeup(self) -> None:
+        """Nothing to do: the watcher reports exits through its pipe."""
+
+    def flush(self) -> bool:
+        return self._watcher.flush()
+
+    def _on_readable(self, mask: int) -> None:
+        if self._closed:
+            return
+        pids = self._watcher.exited()
+        if pids is None:
+            self._gone()
+            return
+        exited: Exited = []
+        for pid in pids:
+            try:
+                got, wstatus = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue  # reaped by a sweep meanwhile
+            if got:
+                exited.append((got, wstatus))
+        self._handle(exited)
+        self._after()
+
+    def _sweep(self) -> None:
+        """The watcher's backup: a full waitpid(-1) loop every few seconds."""
+        self._handle(reap_all())
+        if not self._closed:
+            self._sweep_timer = self._call_later(SWEEP_EVERY, self._sweep)
+
+    def close(self, reap: bool = True) -> None:
+        """Stop the watcher (it exits when its pipe closes); with ``reap``, reap at once what
+        exited before it could say."""
+        self._closed = True
+        self._sel.unregister(self._watcher.fileno())
+        self._watcher.close()
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancelled = True
+            self._sweep_timer = None
+        if reap:
+            self._handle(reap_all())

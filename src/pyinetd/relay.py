@@ -9,12 +9,22 @@ from __future__ import annotations
 import contextlib
 import os
 import selectors
+import signal
 import socket
 import ssl
 import stat
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-__all__ = ["LINGER", "relay"]
+from pyinetd.signals import HANDLED_SIGNALS
+
+if TYPE_CHECKING:
+    from pyinetd.config import Service
+
+Environ = dict[bytes, bytes]
+
+__all__ = ["LINGER", "relay", "serve_connection"]
 
 # RFC 8446 5.1 / RFC 5246 6.2.1: a TLS record carries at most 2**14 plaintext bytes. Writes to
 # a TLS client are cut to this size because OpenSSL (without SSL_MODE_ENABLE_PARTIAL_WRITE, which
@@ -437,3 +447,75 @@ class _Relay:
         self.a.close()
         self.b_in.close()
         self.b_out.close()
+
+
+def serve_connection(
+    service: Service,
+    conn: int,
+    stderr: int,
+    env: Environ,
+    ctx: ssl.SSLContext | None,
+    peer: str,
+    settle: Callable[[Service], None],
+    start: Callable[[Service, Environ, int, int], int],
+) -> int:  # pragma: no cover - runs in the forked relay process
+    """The body of a TLS or redirect service's relay process (spawn.spawn_relay forks it):
+    close what the parent had open, take the service's process settings (``settle``) before
+    a byte is read, handshake, then relay to the service's program (started by ``start``
+    on a pair of pipes) or the redirect target. Returns the exit code."""
+    from pyinetd import tlsconf  # imported by the caller, before the privileges go
+
+    signal.set_wakeup_fd(-1)
+    os.dup2(stderr, 2)
+    # Everything else the parent had open (listeners, other clients, its loop) is closed
+    # here: a relay must not keep a closed port or another client's connection alive.
+    keep = {0, 1, 2, conn}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    for sig in HANDLED_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    # The service's session, limits and identity before the first byte from the client: the
+    # handshake parses what a stranger sends, and the relay holds nothing that needs root
+    # (the key is already loaded in ``ctx``). The program it starts inherits all of it.
+    settle(service)
+    sock = socket.socket(fileno=conn)
+    sock.setblocking(True)
+    client: socket.socket = sock
+    if service.tls is not None and ctx is None:
+        # Fail closed (issue 18.2): a TLS service never serves a client without its handshake.
+        os.write(2, f"TLS service without a TLS context: refusing {peer}\n".encode())
+        return 1
+    if ctx is not None and service.tls is not None:
+        try:
+            client = tlsconf.handshake(ctx, sock, service.tls.handshake_timeout)
+        except (OSError, ValueError) as exc:
+            os.write(2, f"TLS handshake with {peer} failed: {exc}\n".encode(errors="replace"))
+            return 1
+
+        def warn(msg: str) -> None:
+            os.write(2, f"TLS from {peer}: {msg}\n".encode(errors="replace"))
+
+        tls_env = tlsconf.tls_environ(client, warn)
+        env = {**env, **{k.encode(): v.encode() for k, v in tls_env.items()}}
+    if service.redirect is not None:
+        host, port = service.redirect
+        try:
+            target = socket.create_connection((host, port), timeout=10)
+        except OSError as exc:
+            os.write(2, f"redirect {peer} -> {host}:{port}: {exc}\n".encode(errors="replace"))
+            client.close()
+            return 1
+        relay(client, target, idle_timeout=service.timeout)
+        return 0
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    pid = start(service, env, in_r, out_w)
+    os.close(in_r)
+    os.close(out_w)
+    relay(client, in_w, out_r)
+    _, status = os.waitpid(pid, 0)
+    return max(0, os.waitstatus_to_exitcode(status)) if os.WIFEXITED(status) else 1

@@ -46,14 +46,14 @@ import pwd
 import resource
 import select
 import signal
-import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from pyinetd import log
 from pyinetd.config import Service
+from pyinetd.signals import PYTHON_IGNORED
 
 if TYPE_CHECKING:
     import ssl
@@ -293,7 +293,7 @@ class Spawner:
             # posix_spawn is told both explicitly. Use it only where that is the same.
             return (
                 _FORK_EXEC is not None
-                and set(self._sigdef) <= {signal.SIGPIPE, signal.SIGXFSZ}
+                and set(self._sigdef) <= set(PYTHON_IGNORED)
                 and not signal.pthread_sigmask(signal.SIG_BLOCK, [])
             )
         return True
@@ -515,7 +515,17 @@ def spawn_relay(
     def child() -> None:  # pragma: no cover - runs in the forked relay process
         code = 1
         try:
-            code = _relay_child(service, conn, stderr, env, ctx, peer)
+            # Every import happens here, before the privileges go: as the service's user,
+            # Python's own library may be out of reach (an interpreter under /root), and a
+            # lazy import would fail mid-connection; socket.create_connection encodes host
+            # names with the idna codec, imported on first use.
+            import encodings.idna  # noqa: F401
+
+            from pyinetd import relay, tlsconf  # noqa: F401
+
+            code = relay.serve_connection(
+                service, conn, stderr, env, ctx, peer, _settle_relay, _start_behind_relay
+            )
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.write(2, f"relay for {peer}: {exc!r}\n".encode(errors="replace"))
@@ -523,6 +533,53 @@ def spawn_relay(
             os._exit(code)
 
     return _fork(child)
+
+
+def _settle_relay(service: Service) -> None:  # pragma: no cover - in the relay process
+    """The service's session, limits and identity for a relay, and no core dumps: the relay
+    holds the TLS key in its memory, so that no other process of the service's user may
+    ptrace it or read /proc/PID/mem. (The kernel does this on the uid change anyway unless
+    fs.suid_dumpable says otherwise; a relay that keeps root's uid is covered too.) The
+    program the relay execs is dumpable again, and holds no key."""
+    apply_process_settings(service)
+    prctl(PR_SET_DUMPABLE, 0)
+
+
+def _start_behind_relay(
+    service: Service, env: Environ, stdin: int, stdout: int
+) -> int:  # pragma: no cover - in the relay process
+    """The relay's service program, on the relay's pipes; it inherits the relay's settings."""
+    argv = service.argv
+    return os.posix_spawn(
+        argv[0],
+        argv,
+        env,
+        file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1)],
+        setsigmask=(),
+        setsigdef=PYTHON_IGNORED,
+    )
+
+
+def _own_code(statement: str) -> str:
+    """``python -c`` code running ``statement`` with the same pyinetd code as ours, whatever
+    the new interpreter's import path would find."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return f"import sys; sys.path.insert(0, {root!r}); {statement}"
+
+
+def start_python(
+    statement: str,
+    args: list[str],
+    env: Mapping[str, str],
+    sigdef: tuple[int, ...],
+    dup2: tuple[tuple[int, int], ...] = (),
+) -> int:
+    """Start pyinetd's own code in a fresh interpreter (a worker, the exit watcher); returns
+    its pid. posix_spawn: no fork of the parent's memory, an empty signal mask, ``sigdef`` at
+    their default, ``dup2`` as (from, to) fd pairs. OSError if it cannot start."""
+    argv = [sys.executable, "-c", _own_code(statement), *args]
+    actions = [(os.POSIX_SPAWN_DUP2, src, dst) for src, dst in dup2]
+    return os.posix_spawn(argv[0], argv, env, file_actions=actions, setsigmask=(), setsigdef=sigdef)
 
 
 def _fork(child: Callable[[], None]) -> int:
@@ -544,86 +601,6 @@ def _fork(child: Callable[[], None]) -> int:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     return pid
-
-
-def _relay_child(
-    service: Service, conn: int, stderr: int, env: Environ, ctx: ssl.SSLContext | None, peer: str
-) -> int:  # pragma: no cover - runs in the forked relay process
-    # Only relay processes need these. Every import happens here, before the privileges go:
-    # as the service's user, Python's own library may be out of reach (an interpreter under
-    # /root), and a lazy import would fail mid-connection; socket.create_connection encodes
-    # host names with the idna codec, imported on first use.
-    import encodings.idna  # noqa: F401
-
-    from pyinetd import relay, tlsconf
-
-    signal.set_wakeup_fd(-1)
-    os.dup2(stderr, 2)
-    # Everything else the parent had open (listeners, other clients, its loop) is closed
-    # here: a relay must not keep a closed port or another client's connection alive.
-    keep = {0, 1, 2, conn}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    # The service's session, limits and identity before the first byte from the client: the
-    # handshake parses what a stranger sends, and the relay holds nothing that needs root
-    # (the key is already loaded in ``ctx``). The program it starts inherits all of it.
-    apply_process_settings(service)
-    # The relay holds the TLS key in its memory: not dumpable, so that no other process of
-    # the service's user may ptrace it or read /proc/PID/mem. (The kernel does this on the
-    # uid change anyway unless fs.suid_dumpable says otherwise; a relay that keeps root's
-    # uid is covered too.) The program the relay execs is dumpable again, and holds no key.
-    prctl(PR_SET_DUMPABLE, 0)
-    sock = socket.socket(fileno=conn)
-    sock.setblocking(True)
-    client: socket.socket = sock
-    if service.tls is not None and ctx is None:
-        # Fail closed (issue 18.2): a TLS service never serves a client without its handshake.
-        os.write(2, f"TLS service without a TLS context: refusing {peer}\n".encode())
-        return 1
-    if ctx is not None and service.tls is not None:
-        try:
-            client = tlsconf.handshake(ctx, sock, service.tls.handshake_timeout)
-        except (OSError, ValueError) as exc:
-            os.write(2, f"TLS handshake with {peer} failed: {exc}\n".encode(errors="replace"))
-            return 1
-
-        def warn(msg: str) -> None:
-            os.write(2, f"TLS from {peer}: {msg}\n".encode(errors="replace"))
-
-        tls_env = tlsconf.tls_environ(client, warn)
-        env = {**env, **{k.encode(): v.encode() for k, v in tls_env.items()}}
-    if service.redirect is not None:
-        host, port = service.redirect
-        try:
-            target = socket.create_connection((host, port), timeout=10)
-        except OSError as exc:
-            os.write(2, f"redirect {peer} -> {host}:{port}: {exc}\n".encode(errors="replace"))
-            client.close()
-            return 1
-        relay.relay(client, target, idle_timeout=service.timeout)
-        return 0
-    in_r, in_w = os.pipe()
-    out_r, out_w = os.pipe()
-    argv = service.argv
-    pid = os.posix_spawn(
-        argv[0],
-        argv,
-        env,
-        file_actions=[(os.POSIX_SPAWN_DUP2, in_r, 0), (os.POSIX_SPAWN_DUP2, out_w, 1)],
-        setsigmask=(),
-        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-    )
-    os.close(in_r)
-    os.close(out_w)
-    relay.relay(client, in_w, out_r)
-    _, status = os.waitpid(pid, 0)
-    return max(0, os.waitstatus_to_exitcode(status)) if os.WIFEXITED(status) else 1
 
 
 def _child_exec(

@@ -3,7 +3,7 @@
 A connection whose PROXY header (PendingProxy) or TLS ClientHello (PendingHello) is still due
 costs the parent an fd, and nothing has proven it is a real client yet: each holds a slot
 (admission.StageSlots) and a deadline, consumes only what it must, and reports back through
-the ``Gate`` it was given (the server). They know no services and start nothing.
+the ``Gate`` it was given (connections.Connections). They know no services and start nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class _Timer(Protocol):
 
 
 class Gate(Protocol):
-    """What a pending connection needs from the server."""
+    """What a pending connection needs from the connection path (connections.Connections)."""
 
     @property
     def sel(self) -> selectors.BaseSelector: ...

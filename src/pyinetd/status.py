@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import selectors
 import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pyinetd import control
+from pyinetd.config import parse_listen_item
+from pyinetd.listeners import bind_listener
+from pyinetd.log import event
+
 if TYPE_CHECKING:
-    from pyinetd.server import Server
+    from pyinetd.children import Child
+    from pyinetd.config import Config
+    from pyinetd.loop import Timer
+    from pyinetd.metrics import Metrics
+    from pyinetd.services import ServiceState
 
 REASONS = (
     "deny",
@@ -23,12 +37,25 @@ REASONS = (
 )
 
 
-def snapshot(server: Server) -> dict[str, Any]:
-    """The state of every configured service and of its children, as plain data."""
+def snapshot(
+    config: Config,
+    states: Mapping[str, ServiceState],
+    children: Iterable[Child],
+    session_states: Iterable[ServiceState],
+    metrics: Metrics,
+    pid: int,
+    started: float,
+    workers: Iterable[int],
+) -> dict[str, Any]:
+    """The state of every configured service and of its children, as plain data: from the
+    service states, the children, the state of each built-in session and the ended
+    children's metrics it is handed."""
     now = time.monotonic()
     services = []
-    for svc in server.config.services:
-        state = server.states.get(svc.name)
+    children = list(children)
+    session_states = list(session_states)
+    for svc in config.services:
+        state = states.get(svc.name)
         listeners = state.listeners if state else []
         if not svc.enabled:
             status = "disabled"
@@ -45,11 +72,11 @@ def snapshot(server: Server) -> dict[str, Any]:
             status = "listening"
         kids = [
             {"pid": c.pid, "peer": c.peer, "age": round(now - c.started, 3)}
-            for c in server.children.values()
+            for c in children
             if c.state is state
         ]
-        sessions = sum(1 for st, _, _ in server.sessions.values() if st is state)
-        ended = server.child_metrics.of(svc.name)
+        sessions = sum(1 for st in session_states if st is state)
+        ended = metrics.of(svc.name)
         services.append(
             {
                 "name": svc.name,
@@ -72,12 +99,12 @@ def snapshot(server: Server) -> dict[str, Any]:
             }
         )
     return {
-        "pid": server.pid,
-        "config": str(server.config.path),
-        "uptime": round(now - server.started, 3),
-        "children": len(server.children),
+        "pid": pid,
+        "config": str(config.path),
+        "uptime": round(now - started, 3),
+        "children": len(children),
         # `workers: N`: the other accept loops; their children and counts are their own
-        "workers": sorted(server.workers),
+        "workers": sorted(workers),
         "services": services,
     }
 
@@ -184,3 +211,85 @@ def render_prometheus(snap: dict[str, Any]) -> str:
                 f'pyinetd_process_exits_total{{service="{_label(s["name"])}",class="{how}"}} {n}'
             )
     return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------- control socket and metrics
+
+
+class Operations:
+    """The control socket's commands and the metrics page, over the callables handed in."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], dict[str, Any]],
+        reload: Callable[[], list[str]],
+        stop: Callable[[str], None],
+    ) -> None:
+        self._snapshot, self._reload, self._stop = snapshot, reload, stop
+        self.servers: list[control.RequestServer] = []
+
+    def start(
+        self,
+        config: Config,
+        path: str | None,
+        sel: selectors.BaseSelector,
+        call_later: Callable[[float, Callable[[], None]], Timer],
+    ) -> None:
+        """Open the control socket (`--control`, else the config's) and the metrics port."""
+        path = path or config.control_socket or control.default_control_path(config.path)
+        try:
+            sock = control.bind_control(path)
+        except OSError as exc:
+            event(
+                logging.WARNING,
+                f"control socket {path}: {exc.strerror or exc}; "
+                "`pyinetd status/reload/stop` will not reach this instance",
+                event="control_error",
+            )
+        else:
+            self.servers.append(
+                control.RequestServer(sock, sel, self.on_control, b"\n", call_later)
+            )
+        if config.metrics:
+            addr = parse_listen_item(config.metrics, "tcp", Path("."))
+            try:
+                msock = bind_listener("tcp", addr)
+            except OSError as exc:
+                event(
+                    logging.WARNING, f"metrics {addr}: {exc.strerror or exc}", event="metrics_error"
+                )
+            else:
+                self.servers.append(
+                    control.RequestServer(msock, sel, self.on_metrics, b"\r\n\r\n", call_later)
+                )
+
+    def close(self) -> None:
+        """Close the control socket and the metrics port."""
+        for server in self.servers:
+            server.close()
+        self.servers.clear()
+
+    def on_control(self, request: bytes) -> bytes:
+        """Answer one control request (status, reload, stop) as a JSON line."""
+        words = request.decode("utf-8", "replace").split()
+        cmd = words[0] if words else ""
+        answer: dict[str, object]
+        if cmd == "status":
+            answer = {"ok": True, "status": self._snapshot()}
+        elif cmd == "reload":
+            errors = self._reload()
+            answer = {"ok": not errors, "errors": errors}
+        elif cmd == "stop":
+            self._stop("control socket")
+            answer = {"ok": True}
+        else:
+            answer = {"ok": False, "errors": [f"unknown command {cmd!r}"]}
+        return json.dumps(answer).encode() + b"\n"
+
+    def on_metrics(self, request: bytes) -> bytes:
+        """Answer one HTTP request for /metrics."""
+        line = request.split(b"\r\n", 1)[0].split()
+        if len(line) >= 2 and line[0] == b"GET" and line[1].split(b"?")[0] in (b"/metrics", b"/"):
+            body = render_prometheus(self._snapshot()).encode()
+            return control.http_response("200 OK", body, "text/plain; version=0.0.4")
+        return control.http_response("404 Not Found", b"not found\n", "text/plain")

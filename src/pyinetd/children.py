@@ -1,0 +1,419 @@
+"""The children table: starting a service's program, its timeout and their escalation,
+exit accounting, and reaping through one of two strategies (reaper.py).
+
+A child is started here (through spawn.py) for a connection, a datagram or a wait-mode
+listener; what follows its end (a listener resumes, the drain ends) is told to the callables
+handed in at construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pyinetd import fsuser, reaper
+from pyinetd.config import Service
+from pyinetd.log import LOG, ThrottledLog, event
+from pyinetd.loop import Loop, Timer
+from pyinetd.metrics import Metrics
+from pyinetd.services import Listener, Services, ServiceState
+from pyinetd.spawn import Spawner, UserGone, env_dict, spawn_relay
+from pyinetd.stages import UDPReply
+from pyinetd.stderrlog import StderrLog
+
+KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
+# A UDP child's reply socket is closed this long after the child is reaped, even when a
+# process it left behind still holds its stdout (issue 14, item 10: 1,050 datagrams to such a
+# service took the parent from 12 to 1,019 fds, outside every limit).
+UDP_REPLY_GRACE = 1.0
+
+
+@dataclass
+class Child:
+    """A running service process."""
+
+    pid: int
+    state: ServiceState
+    peer: str
+    started: float
+    listener: Listener | None = None  # wait mode: the listener to resume when this exits
+    source: str = ""  # per_source key
+    timer: Timer | None = None  # timeout
+    killed: bool = False  # SIGTERM sent
+    sigkilled: bool = False  # SIGKILL sent too
+
+
+class Children:
+    """Every running service process, by pid."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        spawner: Spawner,
+        services: Services,
+        metrics: Metrics,
+        throttled: ThrottledLog,
+        table: dict[int, Child],
+        ended: Callable[[Child], None],
+        other_exited: Callable[[int, int], bool],
+        other_pids: Callable[[], Iterable[int]],
+    ) -> None:
+        self._loop = loop
+        self._spawner = spawner
+        self._services = services
+        self._metrics = metrics  # durations and exit classes, by service name
+        self._throttled = throttled
+        self._ended = ended  # after a child's end is accounted for
+        self._other_exited = other_exited  # a pid that is no child of ours (a worker)?
+        self._other_pids = other_pids  # pids the exit watcher must watch too (workers)
+        self.table = table  # shared with Services, which counts it for max_children
+        self._udp_replies: dict[int, UDPReply] = {}  # pid of a UDP nowait child -> its reply
+        self._devnull = -1  # `stderr: null`, opened once
+        self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
+        self._reaping: reaper.WaitpidReaping | reaper.WatcherReaping = reaper.WaitpidReaping(
+            self.on_reaped
+        )
+        self._watcher_retry = 0.0  # no new watcher before this (monotonic), after a failure
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    # ------------------------------------------------------------ start
+    def stderr_fd(self, state: ServiceState, conn: socket.socket | None) -> tuple[int, bool]:
+        """The fd for the child's stderr, and whether it is ours to close after the spawn.
+
+        Only a `stderr: FILE` opens anything per connection (so that a rotated log file is
+        followed); `log` and `null` use fds made once, `socket` the connection itself.
+        """
+        mode = state.service.stderr
+        if mode == "log":
+            if state.stderr_log is None:
+                svc = state.service
+                state.stderr_log = StderrLog(
+                    svc.name, self._loop.sel, svc.stderr_rate, self._loop.call_later
+                )
+            return state.stderr_log.fileno(), False
+        if mode == "socket" and conn is not None:
+            return conn.fileno(), False
+        if mode in ("null", "socket"):
+            if self._devnull < 0:
+                self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            return self._devnull, False
+        # Opened with the service user's rights: that user may own the folder and swap the
+        # file for a symlink to a root file, which root would append to (issue 14.3).
+        svc = state.service
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        return fsuser.open_as(svc.user, svc.group, mode, flags, 0o640), True
+
+    def start(
+        self,
+        state: ServiceState,
+        stdin: int,
+        stdout: int,
+        conn: socket.socket | None,
+        env: list[bytes],
+        peer: str,
+        listener: Listener | None = None,
+        src: str = "",
+    ) -> int:
+        """Spawn the service's program; returns the pid, or 0 when it could not start."""
+        svc = state.service
+        try:
+            err_fd, owned = self.stderr_fd(state, conn)
+        except OSError as exc:
+            state.failed_spawns += 1
+            self.spawn_error(svc, peer, f"stderr {svc.stderr}: {exc.strerror or exc}")
+            return 0
+        try:
+            if svc.needs_relay:
+                full_env = {**self._spawner.base_environ(svc), **env_dict(env)}
+                pid = spawn_relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
+            else:
+                pid = self._spawner.spawn(svc, stdin, stdout, err_fd, env)
+        except UserGone as exc:
+            # Deleted after load: one line a minute, not a traceback per connection (18.16).
+            state.failed_spawns += 1
+            self.spawn_error(svc, peer, f"cannot start: {exc.strerror}")
+            return 0
+        except OSError as exc:
+            state.failed_spawns += 1
+            self.log_exec_error(svc, exc.strerror or str(exc), peer)
+            return 0
+        finally:
+            if owned:
+                os.close(err_fd)
+        state.add_source(src)
+        child = Child(pid, state, peer, time.monotonic(), listener, src)
+        if svc.timeout:
+            child.timer = self._loop.call_later(svc.timeout, lambda: self.on_timeout(pid))
+        self.table[pid] = child
+        self.track(pid)
+        self._services.child_started(state)
+        if LOG.isEnabledFor(logging.INFO):
+            event(
+                logging.INFO,
+                f"{svc.name}: {peer} -> pid {pid}",
+                event="start",
+                service=svc.name,
+                peer=peer,
+                pid=pid,
+            )
+        return pid
+
+    def log_exec_error(self, svc: Service, why: str, peer: str) -> None:
+        """Log a program that could not start."""
+        event(
+            logging.ERROR,
+            f"{svc.name}: cannot start {svc.argv[0]}: {why}; closing {peer}",
+            event="spawn_error",
+            service=svc.name,
+            peer=peer,
+            error=why,
+        )
+
+    def spawn_error(self, svc: Service, peer: str, what: str) -> None:
+        """Log a failed start; the same failure repeating is logged once a minute."""
+        self._throttled(
+            f"{svc.name} spawn {what}",
+            logging.ERROR,
+            f"{svc.name}: {what}; closing {peer}",
+            event="spawn_error",
+            service=svc.name,
+            peer=peer,
+            error=what,
+        )
+
+    def hold_reply(self, pid: int, reply: UDPReply) -> None:
+        """``reply`` sends what UDP child ``pid`` writes; closed soon after its end."""
+        self._udp_replies[pid] = reply
+
+    def signal_all(self, sig: int) -> None:
+        """Send ``sig`` to every child and its group (drain timeout, stop)."""
+        for pid in list(self.table):
+            _kill_group(pid, sig)
+
+    def kill_removed(self, enabled: set[str]) -> None:
+        """`reload_kills_removed`: SIGTERM to the children of services no longer enabled."""
+        for child in list(self.table.values()):
+            if child.state.service.name not in enabled:
+                _kill_group(child.pid, signal.SIGTERM)
+
+    def close(self) -> None:
+        """At exit: the fds held for children; the exit watcher exits when its pipe closes."""
+        if self._devnull >= 0:
+            os.close(self._devnull)
+            self._devnull = -1
+        self._stop_watcher(reap=False)
+
+    # ------------------------------------------------------------ reaping
+    def reap(self) -> None:
+        """At every wake-up (SIGCHLD coalesces): reap, unless the exit watcher reports."""
+        self._reaping.on_wakeup()
+
+    def flush(self) -> None:
+        """Before each select: pids to the exit watcher; back to waitpid(-1) if it is gone."""
+        if not self._reaping.flush():
+            self._watcher_gone()
+
+    def track(self, pid: int) -> None:
+        """A child started: give its pid to the watcher, or start one if they are many."""
+        if isinstance(self._reaping, reaper.WatcherReaping):
+            self._reaping.watch(pid)
+        elif len(self.table) >= reaper.WATCH_FROM and time.monotonic() >= self._watcher_retry:
+            self._start_watcher()
+
+    def _start_watcher(self) -> None:
+        loop = self._loop
+        try:
+            watcher = reaper.WatcherReaping(
+                loop.sel,
+                loop.call_later,
+                self.on_reaped,
+                (*self.table, *self._other_pids()),
+                self._fewer,
+                self._watcher_gone,
+            )
+        except OSError as exc:
+            self._watcher_retry = time.monotonic() + 60.0
+            event(logging.WARNING, f"cannot start the exit watcher: {exc}", event="watcher")
+            return
+        self._reaping = watcher
+        event(
+            logging.INFO,
+            f"{len(self.table)} children: exit watcher started (pid {watcher.pid})",
+            event="watcher",
+            pid=watcher.pid,
+        )
+
+    def _fewer(self) -> None:
+        if len(self.table) < reaper.WATCH_FROM // 4:
+            self._stop_watcher()
+
+    def _watcher_gone(self) -> None:
+        """The watcher died (EOF, EPIPE) or gave up: back to waitpid(-1) now, said once."""
+        self._watcher_retry = time.monotonic() + 60.0
+        event(
+            logging.WARNING,
+            "exit watcher gone (it exited, or ran out of file descriptors); "
+            "reaping with waitpid(-1)",
+            event="watcher",
+        )
+        self._stop_watcher()  # reaps at once what exited before the watcher could say
+
+    def _stop_watcher(self, reap: bool = True) -> None:
+        watcher = self._reaping
+        if not isinstance(watcher, reaper.WatcherReaping):
+            return
+        self._reaping = reaper.WaitpidReaping(self.on_reaped)
+        watcher.close(reap)
+
+    def on_reaped(self, exited: list[tuple[int, int]]) -> None:
+        """Account for reaped (pid, status) pairs: stderr first, then each end."""
+        if not exited:
+            return
+        # What the children wrote to stderr before they exited is logged before their end.
+        drained: set[StderrLog] = set()
+        for pid, _status in exited:
+            child = self.table.get(pid)
+            stderr_log = child.state.stderr_log if child is not None else None
+            if stderr_log is not None:
+                if stderr_log not in drained:
+                    drained.add(stderr_log)
+                    stderr_log.drain()
+                stderr_log.ended(pid)
+        for pid, wstatus in exited:
+            self._account(pid, wstatus)
+
+    def _account(self, pid: int, status: int) -> None:
+        """``pid`` was reaped: free its slot, account for its end, tell whoever waits."""
+        if self._other_exited(pid, status):
+            return  # a worker
+        child = self.table.pop(pid, None)
+        if child is None:
+            LOG.debug("reaped unknown pid %d", pid)  # gunicorn #3566: not an error
+            return
+        if child.timer is not None:
+            if _group_alive(pid):
+                # The service left processes behind in its group (a grandchild still holding
+                # the connection): the timeout still applies to them.
+                self._orphan_groups.add(pid)
+            else:
+                child.timer.cancelled = True
+        state = child.state
+        state.drop_source(child.source)
+        reply = self._udp_replies.pop(pid, None)
+        if reply is not None and not reply.closed:
+            self._loop.call_later(UDP_REPLY_GRACE, reply.finish)
+        err = self._spawner.exec_error(pid, status)
+        if err is None:
+            duration = time.monotonic() - child.started
+            self._metrics.child_ended(state.service.name, duration, status, child.killed)
+        if err is not None:  # started by the clone primitive, which reports exec errors late
+            state.failed_spawns += 1
+            self.log_exec_error(state.service, os.strerror(err), child.peer)
+        elif LOG.isEnabledFor(logging.INFO):  # formatting costs even when nothing is logged
+            self._log_end(child, pid, status)
+        self._ended(child)
+
+    def _log_end(self, child: Child, pid: int, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        how = f"exit {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        duration = time.monotonic() - child.started
+        event(
+            logging.INFO,
+            f"{child.state.service.name}: pid {pid} ended ({how}) after {duration:.3f}s",
+            event="end",
+            service=child.state.service.name,
+            pid=pid,
+            peer=child.peer,
+            status=code,
+            duration=round(duration, 6),
+        )
+
+    def on_timeout(self, pid: int) -> None:
+        """A child's timeout (or its escalation) is due: SIGTERM, then SIGKILL, then say so."""
+        child = self.table.get(pid)
+        if child is None:
+            if pid in self._orphan_groups:
+                self._orphan_groups.discard(pid)
+                if _group_alive(pid):
+                    event(
+                        logging.WARNING,
+                        f"timeout: process group {pid} outlived its "
+                        "service; sending SIGTERM, then SIGKILL",
+                        event="timeout_group",
+                    )
+                    with contextlib.suppress(OSError):  # the leader is reaped: the group only
+                        os.killpg(pid, signal.SIGTERM)
+                    self._loop.call_later(KILL_GRACE, lambda: _kill_orphan(pid, self.table))
+            return
+        name = child.state.service.name
+        if not child.killed:
+            child.killed = True
+            event(
+                logging.WARNING,
+                f"{name}: pid {pid} timed out after "
+                f"{child.state.service.timeout}s; sending SIGTERM",
+                event="timeout",
+                service=name,
+                pid=pid,
+                peer=child.peer,
+            )
+            _kill_group(pid, signal.SIGTERM)
+            child.timer = self._loop.call_later(KILL_GRACE, lambda: self.on_timeout(pid))
+        elif not child.sigkilled:
+            child.sigkilled = True
+            event(
+                logging.WARNING,
+                f"{name}: pid {pid} still running {KILL_GRACE}s after SIGTERM; sending SIGKILL",
+                event="timeout_kill",
+                service=name,
+                pid=pid,
+            )
+            _kill_group(pid, signal.SIGKILL)
+            # Check that it died (issue 18.3: a service that had left its group survived a
+            # killpg while "sending SIGKILL" was logged, and kept its max_connections slot).
+            child.timer = self._loop.call_later(KILL_GRACE, lambda: self.on_timeout(pid))
+        else:
+            # Still not reaped: stuck in the kernel (state D) or a pid we cannot signal.
+            event(
+                logging.ERROR,
+                f"{name}: pid {pid} survived SIGKILL for {KILL_GRACE}s; its slot stays taken",
+                event="timeout_unkillable",
+                service=name,
+                pid=pid,
+            )
+            child.timer = None
+
+
+def _group_alive(pgid: int) -> bool:
+    """True when process group ``pgid`` still has members."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _kill_orphan(pgid: int, children: dict[int, Child]) -> None:
+    # A pid in use is never handed out as a new pgid, but once the group is empty the
+    # number may lead a new child's group: leave that one alone.
+    if pgid not in children:
+        with contextlib.suppress(OSError):  # (its leader is reaped: never kill(pgid) here)
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    """Signal a live (unreaped) service child and everything it started: its group (it leads
+    its own session), and its pid itself, which the group misses when the child left it
+    (setpgid elsewhere) or has not reached its setsid yet (the clone primitive)."""
+    with contextlib.suppress(OSError):  # ESRCH: the group is empty; EPERM: not ours
+        os.killpg(pid, sig)
+    with contextlib.suppress(OSError):  # (a zombie until reaped: the pid is not reused)
+        os.kill(pid, sig)

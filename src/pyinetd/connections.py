@@ -1,0 +1,471 @@
+"""An arrival becomes a child, a built-in session, or a refusal.
+
+An arrival is an accepted connection, a datagram, or a wait-mode listener turning readable.
+A connection may first wait in a pre-service stage (stages.py: its PROXY header, its TLS
+ClientHello); then admission.admit() decides, and the connection goes to the children table
+(children.py, which starts the program through spawn.py) or to a built-in session
+(builtins.py). The connection environment (UCSPI variables) is made here.
+"""
+
+from __future__ import annotations
+
+import _socket
+import contextlib
+import errno
+import functools
+import logging
+import os
+import selectors
+import socket
+import struct
+import time
+from collections.abc import Callable
+from typing import cast
+
+from pyinetd import builtins, control, proxyproto
+from pyinetd.admission import StageSlots, admit, source_key
+from pyinetd.children import Children
+from pyinetd.config import Config
+from pyinetd.listeners import format_ip, peer_of, peer_text
+from pyinetd.log import LOG, ThrottledLog, event
+from pyinetd.loop import Loop, Timer
+from pyinetd.services import Listener, Services, ServiceState
+from pyinetd.stages import PendingHello, PendingProxy, UDPReply
+
+ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
+EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
+
+Pending = PendingProxy[Listener] | PendingHello[Listener]
+
+
+class Sessions:
+    """The built-in sessions (echo, chargen...) running in the loop, with their slot and timer."""
+
+    def __init__(self, loop: Loop, services: Services, drained: Callable[[], None]) -> None:
+        self._loop = loop
+        self._services = services
+        self._drained = drained  # a session ended while stopping
+        self.table: dict[builtins.Session, tuple[ServiceState, str, Timer | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def close_all(self) -> None:
+        """Close every session (drain timeout, exit)."""
+        for sess in list(self.table):
+            sess.close()
+
+    def start(self, state: ServiceState, conn: socket.socket, kind: str, src: str) -> None:
+        """Run built-in ``kind`` on ``conn`` in the loop; it holds a slot until it closes."""
+        state.add_source(src)
+        sess = builtins.Session(kind, conn, self._loop.sel, self._closed)
+        if sess.closed:
+            state.drop_source(src)
+            return
+        timer = None
+        if state.service.timeout:
+            timer = self._loop.call_later(state.service.timeout, sess.close)
+        self.table[sess] = (state, src, timer)
+        self._services.instance_started(state)
+
+    def _closed(self, sess: builtins.Session) -> None:
+        entry = self.table.pop(sess, None)
+        if entry is None:
+            return  # closed while starting: start drops the slot
+        state, src, timer = entry
+        if timer is not None:
+            timer.cancelled = True
+        state.drop_source(src)
+        if self._services.stopping:
+            self._drained()
+            return
+        self._services.refresh_paused(state)
+
+
+class Connections:
+    """The arrival handlers of every listener, and the connections in a pre-service stage."""
+
+    def __init__(
+        self,
+        config: Config,
+        loop: Loop,
+        services: Services,
+        children: Children,
+        sessions: Sessions,
+        throttled: ThrottledLog,
+    ) -> None:
+        self._loop = loop
+        self.sel = loop.sel
+        self.call_later = loop.call_later
+        self._services = services
+        self._children = children
+        self.sessions = sessions
+        self._throttled = throttled
+        self._emfile_logged = False
+        self.pending: set[Pending] = set()  # connections whose PROXY header/ClientHello is due
+        self.stage = StageSlots(config.max_pending, config.max_pending_per_source)
+        services.on_accept = self.on_accept
+        services.on_datagram = self.on_datagram
+
+    def configure(self, config: Config) -> None:
+        """A (re)loaded configuration's bounds on the pre-service stages."""
+        self.stage.total = config.max_pending
+        self.stage.per_source = config.max_pending_per_source
+
+    def close_pending(self) -> None:
+        """Drop every connection still in a pre-service stage (exit)."""
+        for pend in list(self.pending):
+            pend.close()
+
+    def _refuse(
+        self,
+        state: ServiceState,
+        conn: socket.socket | None,
+        ip: str,
+        port: int,
+        reason: str,
+        detail: str = "",
+    ) -> None:
+        """Count, log (throttled per address) and answer a refused connection, then close it."""
+        svc = state.service
+        state.refused[reason] = state.refused.get(reason, 0) + 1
+        src = source_key(ip, svc.per_source_prefix) if ip else "unix"
+        why = f" ({detail})" if detail else ""
+        self._throttled(
+            f"{svc.name} {reason} {src}",
+            logging.WARNING,
+            f"{svc.name}: refused {peer_text(ip, port)}: {reason}{why}",
+            event="refused",
+            service=svc.name,
+            peer=peer_text(ip, port),
+            reason=reason,
+        )
+        if conn is not None:
+            msg = svc.deny_message if reason == "deny" else svc.busy_message
+            if msg:
+                with contextlib.suppress(OSError):
+                    conn.send(msg.encode(), socket.MSG_DONTWAIT)
+            conn.close()
+
+    def on_accept(self, lst: Listener, mask: int = 0) -> None:
+        """A stream listener is readable: accept a batch, or start its wait-mode child."""
+        if lst.state.service.wait:
+            self._start_wait_child(lst)
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                # The C-level accept and socket type: socket.socket.accept() builds a Python
+                # subclass object and converts enums per connection, ~10% of the parent's
+                # time per connection in the profile (bench/README.md).
+                fd, addr = lst.sock._accept()  # type: ignore[attr-defined]
+                conn = cast(socket.socket, _socket.socket(lst.family, socket.SOCK_STREAM, 0, fd))
+            except BlockingIOError:
+                if self._emfile_logged:
+                    # The episode ends when the backlog has drained, not at the first slot.
+                    event(logging.WARNING, "accepting again: file descriptors available")
+                    self._emfile_logged = False
+                return
+            except OSError as exc:
+                self._accept_failed(lst, exc)
+                return
+            self.serve_stream(lst, conn, addr)
+            if not lst.registered:
+                return
+
+    def _accept_failed(self, lst: Listener, exc: OSError) -> None:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            # Level-triggered: the listener would wake us again at once. Rest it briefly
+            # and log once per episode, not once per try.
+            if not self._emfile_logged:
+                event(
+                    logging.ERROR,
+                    f"{lst.state.service.name}: accept: {exc.strerror}; pausing accepts "
+                    f"for {EMFILE_PAUSE}s at a time until descriptors free up",
+                    event="accept_error",
+                    service=lst.state.service.name,
+                )
+                self._emfile_logged = True
+            self._services.pause_for(lst, EMFILE_PAUSE)
+        elif exc.errno not in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+            event(logging.WARNING, f"{lst.state.service.name}: accept: {exc}", event="accept_error")
+
+    def serve_stream(self, lst: Listener, conn: socket.socket, addr: object) -> None:
+        """An accepted connection: a PROXY header first if the service wants one."""
+        svc = lst.state.service
+        ip, port = peer_of(lst.family, addr)
+        if svc.proxy_protocol:
+            # The socket's peer is checked before a byte is read: only a trusted proxy may
+            # hold a pre-service slot for its header, and it is not counted per source (it
+            # speaks for many clients).
+            key = source_key(ip) if ip else ""
+            if svc.proxy_from is not None:
+                if not svc.proxy_from.permits(ip):
+                    self._refuse(lst.state, conn, ip, port, "proxy_from")
+                    return
+                key = ""
+            if not self._take_slot(lst.state, conn, ip, port, key):
+                return
+            conn.setblocking(False)
+            accept = svc.proxy_protocol
+            pend = PendingProxy(self, lst, conn, (ip, port), key, svc.proxy_timeout, accept)
+            self.pending.add(pend)
+            pend(0)  # the header usually came with the connection: no wait, no slot held
+            return
+        self._after_header(lst, conn, ip, port, None)
+
+    def _take_slot(
+        self, state: ServiceState, conn: socket.socket, ip: str, port: int, key: str
+    ) -> bool:
+        """A pre-service slot for this connection, or it is refused (and False)."""
+        reason = self.stage.take(key)
+        if reason is not None:
+            self._refuse(state, conn, ip, port, reason)
+            return False
+        return True
+
+    def leave_stage(self, pend: Pending) -> None:
+        """``pend`` no longer waits: its slot is free."""
+        if pend in self.pending:
+            self.pending.discard(pend)
+            self.stage.release(pend.key)
+            if isinstance(pend, PendingHello):
+                # Its place under max_connections goes back: to the fork (stage_done), or to
+                # the next connection (a queued listener may listen again).
+                state = pend.lst.state
+                state.hellos = max(0, state.hellos - 1)
+                self._services.refresh_paused(state)
+
+    def stage_failed(self, pend: Pending, why: str) -> None:
+        """No valid PROXY header or ClientHello in time: refused, counted, logged."""
+        self.leave_stage(pend)
+        reason = "proxy" if isinstance(pend, PendingProxy) else "tls"
+        self._refuse(pend.lst.state, pend.conn, pend.ip, pend.port, reason, detail=why)
+
+    def stage_done(self, pend: Pending, header: proxyproto.ProxyHeader | None) -> None:
+        """A PROXY header is read (the balancer's client replaces the socket's peer), or a
+        ClientHello has arrived (admit, counted, and fork the relay for the handshake)."""
+        self.leave_stage(pend)
+        lst, conn = pend.lst, pend.conn
+        if self._services.listeners.get(lst.key) is not lst:
+            conn.close()  # removed by a reload meanwhile
+            return
+        conn.setblocking(True)
+        if header is None:
+            self._serve_admitted(lst, conn, pend.ip, pend.port, pend.local)
+            return
+        ip, port, local = pend.ip, pend.port, None
+        if header.src_addr is not None and header.src_port is not None:
+            ip, port = format_ip(header.src_addr), header.src_port
+            if header.dst_addr is not None and header.dst_port is not None:
+                local = (format_ip(header.dst_addr), header.dst_port)
+        self._after_header(lst, conn, ip, port, local)
+
+    def _after_header(
+        self,
+        lst: Listener,
+        conn: socket.socket,
+        ip: str,
+        port: int,
+        local: tuple[str, int] | None,
+    ) -> None:
+        """The client's address is known: a TLS service waits (in the parent, bounded) for
+        the ClientHello before a relay is forked; anything else is admitted now."""
+        svc = lst.state.service
+        if svc.tls is None:
+            self._serve_admitted(lst, conn, ip, port, local)
+            return
+        # Issue 14, item 5: access and limits before any handshake or fork. They are checked
+        # now (no rate token taken: the hello may never come) and again, counted, at the fork.
+        reason, _src = admit(svc, lst.state, ip, self._services.full, 0.0, take_token=False)
+        if reason is not None:
+            self._refuse(lst.state, conn, ip, port, reason)
+            return
+        key = source_key(ip) if ip else ""
+        if not self._take_slot(lst.state, conn, ip, port, key):
+            return
+        conn.setblocking(False)
+        timeout = svc.tls.handshake_timeout
+        hello = PendingHello(self, lst, conn, (ip, port), key, timeout, local)
+        self.pending.add(hello)
+        lst.state.hellos += 1  # holds its place under max_connections (on_limit: queue)
+        self._services.instance_started(lst.state)
+        hello(0)
+
+    def _serve_admitted(
+        self,
+        lst: Listener,
+        conn: socket.socket,
+        ip: str,
+        port: int,
+        local: tuple[str, int] | None,
+    ) -> None:
+        state = lst.state
+        svc = state.service
+        reason, src = admit(svc, state, ip, self._services.full, time.monotonic())
+        if reason is not None:
+            self._refuse(state, conn, ip, port, reason)
+            if reason == "rate":
+                self._services.rate_pause(state)
+            return
+        state.accepted += 1
+        if svc.banner:
+            with contextlib.suppress(OSError):
+                conn.send(svc.banner, socket.MSG_DONTWAIT)
+        if svc.builtin is not None:
+            conn.setblocking(False)
+            self.sessions.start(state, conn, svc.builtin, src)
+            return
+        try:
+            if local is not None:
+                env = ip_env(b"TCP", ip, port, *local)
+            else:
+                env = connection_env(lst, conn, ip, port)
+            self._children.start(
+                state, conn.fileno(), conn.fileno(), conn, env, peer_text(ip, port), src=src
+            )
+        finally:
+            conn.close()
+
+    def _start_wait_child(self, lst: Listener) -> None:
+        """inetd wait mode: the child gets the listening socket itself; we stop watching it."""
+        self._services.pause(lst)
+        fd = lst.sock.fileno()
+        lst.sock.setblocking(True)  # the service expects a blocking socket, as from inetd
+        proto = b"UDP" if lst.key.protocol == "udp" else b"TCP"
+        env = [b"PROTO=" + proto]
+        if lst.local_ip:
+            env.append(proto + b"LOCALIP=" + lst.local_ip.encode())
+            env.append(proto + b"LOCALPORT=%d" % lst.local_port)
+        lst.state.accepted += 1
+        lst.waiting_on = -1  # set before spawning: Services.refresh must not re-register meanwhile
+        pid = self._children.start(lst.state, fd, fd, None, env, "wait", listener=lst)
+        lst.waiting_on = pid
+        if not pid:
+            lst.sock.setblocking(False)
+            # Do not spin on a readable socket whose service cannot start.
+            self._services.pause_for(lst, 1.0)
+
+    def on_datagram(self, lst: Listener, mask: int = 0) -> None:
+        """A UDP listener is readable: admit and answer (built-in) or start a child per datagram."""
+        svc = lst.state.service
+        if svc.wait:
+            self._start_wait_child(lst)
+            return
+        for _ in range(ACCEPT_BATCH):
+            try:
+                data, addr = lst.sock.recvfrom(65535)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                event(logging.WARNING, f"{svc.name}: recvfrom: {exc}", event="recv_error")
+                return
+            ip, port = peer_of(lst.sock.family, addr)
+            services = self._services
+            reason, src = admit(
+                svc, lst.state, ip, services.full, time.monotonic(), True, port, services.loop_ports
+            )
+            if reason is not None:
+                self._refuse(lst.state, None, ip, port, reason)
+                if reason == "rate":
+                    self._services.rate_pause(lst.state)
+                    return
+                continue
+            lst.state.accepted += 1
+            if svc.builtin is not None:
+                reply = builtins.udp_reply(svc.builtin, data)
+                if reply is not None:
+                    with contextlib.suppress(OSError):
+                        lst.sock.sendto(reply, addr)
+                continue
+            self._spawn_for_datagram(lst, data, addr, ip, port, src)
+            if not lst.registered:
+                return
+
+    def _spawn_for_datagram(
+        self, lst: Listener, data: bytes, addr: object, ip: str, port: int, src: str
+    ) -> None:
+        """nowait UDP: the child's stdin and stdout are one end of a stream socketpair. It
+        reads the datagram then EOF; what it writes until it closes stdout goes back to the
+        sender as one datagram (so a shell script's several echos make one reply)."""
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # out of fds: this datagram is dropped, as UDP allows
+            lst.state.failed_spawns += 1
+            self._children.spawn_error(lst.state.service, peer_text(ip, port), f"socketpair: {exc}")
+            return
+        try:
+            ours.sendall(data)  # <= 65507 bytes: fits an empty unix socket buffer at once
+            ours.shutdown(socket.SHUT_WR)
+            lip, lport = lst.local_ip, lst.local_port
+            if not lip:
+                lip, lport = peer_of(lst.sock.family, lst.sock.getsockname())
+            env = ip_env(b"UDP", ip, port, lip, lport)
+            fd = theirs.fileno()
+            pid = self._children.start(lst.state, fd, fd, None, env, peer_text(ip, port), src=src)
+        finally:
+            theirs.close()
+        if pid:
+            self._children.hold_reply(pid, UDPReply(ours, lst.sock, addr, self.sel))
+        else:
+            ours.close()
+
+    def contain(self, key: selectors.SelectorKey) -> None:
+        """After a handler raised: close its connection, or rest its listener, so that a
+        level-triggered fd cannot make it raise again and again (issue 18, item 6: 22,004
+        tracebacks from one connection). Other handlers (signals, the exit watcher, stderr
+        logs) stay as they are."""
+        handler = key.data
+        target = handler.args[0] if isinstance(handler, functools.partial) else None
+        try:
+            if isinstance(target, Listener):
+                self._services.pause_for(target, EMFILE_PAUSE)
+                return
+            if not isinstance(handler, _CONNECTIONS):
+                return
+            handler.close()
+        except Exception:
+            LOG.exception("internal error closing the connection that raised")
+        with contextlib.suppress(KeyError, ValueError):
+            if self.sel.get_key(key.fileobj).data is handler:
+                self.sel.unregister(key.fileobj)
+        with contextlib.suppress(OSError):
+            if isinstance(key.fileobj, socket.socket):
+                key.fileobj.close()
+
+
+# Handlers that own one connection: the loop closes one that raised (Connections.contain).
+_CONNECTIONS = (PendingProxy, PendingHello, UDPReply, builtins.Session, control.Exchange)
+
+
+def connection_env(lst: Listener, conn: socket.socket, ip: str, port: int) -> list[bytes]:
+    """The UCSPI variables of a stream connection (TCP, or IPC for a unix socket)."""
+    if lst.key.protocol == "unix":
+        env = [b"PROTO=IPC", b"IPCLOCALPATH=" + os.fsencode(str(lst.key.address))]
+        with contextlib.suppress(OSError):
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            pid, uid, gid = struct.unpack("3i", creds)
+            env += [b"IPCREMOTEPID=%d" % pid, b"IPCREMOTEEUID=%d" % uid]
+            env.append(b"IPCREMOTEEGID=%d" % gid)
+        return env
+    if lst.local_ip:
+        lip, lport = lst.local_ip, lst.local_port
+    else:
+        try:
+            lip, lport = peer_of(lst.family, conn.getsockname())
+        except OSError:
+            lip, lport = "", 0
+    return ip_env(b"TCP", ip, port, lip, lport)
+
+
+def ip_env(proto: bytes, ip: str, port: int, lip: str, lport: int) -> list[bytes]:
+    """The UCSPI variables and REMOTE_ADDR/REMOTE_PORT, as KEY=value entries."""
+    bip, sport = ip.encode(), b"%d" % port
+    return [
+        b"PROTO=" + proto,
+        b"REMOTE_ADDR=" + bip,
+        b"REMOTE_PORT=" + sport,
+        proto + b"REMOTEIP=" + bip,
+        proto + b"REMOTEPORT=" + sport,
+        proto + b"LOCALIP=" + lip.encode(),
+        proto + b"LOCALPORT=%d" % lport,
+    ]

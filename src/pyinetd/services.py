@@ -1,0 +1,453 @@
+"""Per-service state and the listening sockets: what survives a reload.
+
+Binding (or adopting, from systemd or the first process) every service's listeners,
+applying a new configuration all at once, and watching or resting each listener according to
+its limits and pauses. The handlers of arrivals (connections.py) are handed in; this module
+starts nothing and knows no connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import selectors
+import socket
+import time
+from collections.abc import Callable, Sized
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pyinetd import systemd
+from pyinetd.admission import TokenBucket
+from pyinetd.config import Config, ConfigError, Service
+from pyinetd.listeners import ListenKey, bind_service, close_listener, peer_of
+from pyinetd.log import event
+from pyinetd.loop import Loop, Timer
+from pyinetd.spawn import Spawner
+from pyinetd.stderrlog import StderrLog
+
+if TYPE_CHECKING:
+    import ssl
+
+Handler = Callable[["Listener", int], None]
+
+
+@dataclass
+class ServiceState:
+    """Runtime state of a service that lives across reloads, pauses and resumes.
+
+    ``running`` and ``sources`` are kept by the children table and the built-in sessions
+    only: a slot is freed when its process is reaped or its session closes, whatever the
+    reason (exit, crash, timeout kill), and nothing else ever resets them.
+    """
+
+    service: Service
+    running: int = 0
+    hellos: int = 0  # TLS connections admitted, their ClientHello due: they hold a place
+    accepted: int = 0
+    failed_spawns: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)
+    bucket: TokenBucket | None = None
+    listeners: list[Listener] = field(default_factory=list)
+    tls_context: ssl.SSLContext | None = None
+    stderr_log: StderrLog | None = None  # made at the first child with `stderr: log`
+
+    def set_service(self, service: Service, tls_context: ssl.SSLContext | None = None) -> None:
+        """Apply a (re)loaded definition with its TLS context, built by Services.prepare before
+        anything changed (it cannot fail here); counts stay, the bucket follows the settings."""
+        old = self.service
+        self.service = service
+        if self.stderr_log is not None:
+            self.stderr_log.budget.set_rate(*service.stderr_rate)
+        if service.rate is None:
+            self.bucket = None
+        elif self.bucket is None or old.rate != service.rate:
+            self.bucket = TokenBucket(*service.rate)
+        self.tls_context = tls_context
+
+    def add_source(self, key: str) -> None:
+        """An instance started: one more running, and one more for its source."""
+        self.running += 1
+        if key:
+            self.sources[key] = self.sources.get(key, 0) + 1
+
+    def drop_source(self, key: str) -> None:
+        """An instance ended (reaped, or its session closed): its slot is free."""
+        self.running -= 1
+        if key:
+            n = self.sources.get(key, 0) - 1
+            if n > 0:
+                self.sources[key] = n
+            else:
+                self.sources.pop(key, None)
+
+
+@dataclass
+class Listener:
+    """A bound socket serving one service."""
+
+    key: ListenKey
+    sock: socket.socket
+    state: ServiceState
+    local_ip: str = ""
+    local_port: int = 0
+    registered: bool = False
+    waiting_on: int = 0  # pid of the wait-mode child that owns the socket
+    paused_until: float = 0.0  # rate limit or fd exhaustion: resume at this monotonic time
+    resume_timer: Timer | None = None
+    family: int = socket.AF_INET
+
+    @property
+    def service(self) -> Service:
+        return self.state.service
+
+
+class Services:
+    """Every service's state and listeners, and whether each listener is watched."""
+
+    def __init__(self, config: Config, loop: Loop, spawner: Spawner, worker: int, children: Sized):
+        self.config = config
+        self._loop = loop
+        self._spawner = spawner
+        self.worker = worker  # 0: the first process; N: worker N, which serves a subset
+        self._children = children  # the children table (its size, for max_children)
+        self.states: dict[str, ServiceState] = {}
+        self.listeners: dict[ListenKey, Listener] = {}
+        self._activated: dict[ListenKey, socket.socket] = {}
+        self.stopping = False  # no listener is watched any more
+        self.full = False  # at the global max_children: exec listeners are paused
+        self.loop_ports: frozenset[int] = frozenset()  # ports of our UDP built-ins
+        self.on_accept: Handler = _unset
+        self.on_datagram: Handler = _unset
+
+    # ------------------------------------------------------------ bind, adopt, apply
+    def bind(self, config: Config) -> None:
+        """Bind every enabled service's listeners; ListenError (nothing left bound) on failure.
+
+        Sockets handed over by systemd socket activation are adopted instead of bound.
+        """
+        inherited = worker_fds() if self.worker else systemd.listen_fds()
+        for sock, _name in inherited:
+            key = systemd.key_of(sock)
+            if key is None:
+                sock.close()
+                continue
+            self._activated[key] = sock
+        contexts = self.prepare(config)
+        self.apply(config, self.bind_new(config, {}), contexts)
+        for key, sock in self._activated.items():
+            event(
+                logging.WARNING,
+                f"socket activation: no service listens on {key.protocol} "
+                f"{key.address}; closing it",
+                event="activation_unused",
+            )
+            sock.close()
+        self._activated.clear()
+
+    def _adopt(self, key: ListenKey) -> socket.socket | None:
+        """An activated socket for ``key``: exact address, or any-address for PORT alone."""
+        sock = self._activated.pop(key, None)
+        if sock is None and not key.address.host and not key.address.path:
+            for host in ("0.0.0.0", "::"):
+                alt = ListenKey(key.protocol, type(key.address)(host=host, port=key.address.port))
+                sock = self._activated.pop(alt, None)
+                if sock is not None:
+                    break
+        if sock is not None and not self.worker:
+            event(
+                logging.INFO,
+                f"socket activation: adopted {key.protocol} {key.address}",
+                event="activation",
+            )
+        return sock
+
+    def bind_new(
+        self, config: Config, keep: dict[ListenKey, Listener]
+    ) -> dict[ListenKey, socket.socket]:
+        """Bind every listen address of ``config`` not in ``keep``; all or nothing."""
+        fresh: dict[ListenKey, socket.socket] = {}
+        reuseport = config.workers > 1
+        try:
+            for svc in config.enabled_services:
+                skip: dict[ListenKey, object] = {**keep, **fresh}
+                for addr in svc.listen:
+                    key = ListenKey(svc.protocol, addr)
+                    if not self.serves(svc, key):
+                        skip[key] = None
+                    elif key not in keep and (sock := self._adopt(key)) is not None:
+                        fresh[key] = skip[key] = sock
+                for key, sock in bind_service(svc, skip=skip, reuseport=reuseport):
+                    fresh[key] = sock
+        except Exception:
+            for sock in fresh.values():
+                close_listener(sock)
+            raise
+        return fresh
+
+    @staticmethod
+    def prepare(config: Config) -> dict[str, ssl.SSLContext]:
+        """Everything a (re)load needs that can fail, before anything changes: each TLS
+        context, built once from the files as they are now (issue 18.2: read again at apply,
+        a key swapped in between left a TLS service serving plaintext). ConfigError if any
+        fails."""
+        if not any(svc.tls for svc in config.services):
+            return {}
+        from pyinetd.tlsconf import build_contexts  # ssl only where tls is used
+
+        contexts, errors = build_contexts((s.name, s.source, s.tls) for s in config.services)
+        if errors:
+            raise ConfigError(errors)
+        return contexts
+
+    def apply(
+        self,
+        config: Config,
+        fresh: dict[ListenKey, socket.socket],
+        contexts: dict[str, ssl.SSLContext],
+    ) -> None:
+        """Switch to ``config``: reuse kept sockets, add fresh ones, close the rest. Nothing
+        here may fail: what can was done by prepare and bind_new."""
+        self.config = config
+        self._spawner.forget()
+        wanted: dict[ListenKey, Service] = {}
+        for svc in config.enabled_services:
+            for addr in svc.listen:
+                key = ListenKey(svc.protocol, addr)
+                if self.serves(svc, key):
+                    wanted[key] = svc
+        for state in self.states.values():
+            state.listeners.clear()
+        for svc in config.services:
+            known = self.states.get(svc.name)
+            if (known is None or known.service != svc) and not self.worker:
+                _warn_if_root(svc)  # once per service and load, not per connection
+            if svc.name not in self.states:
+                self.states[svc.name] = ServiceState(svc)
+            self.states[svc.name].set_service(svc, contexts.get(svc.name))
+        closed = False
+        for key, lst in list(self.listeners.items()):
+            if key not in wanted:
+                self.pause(lst)
+                if lst.resume_timer:
+                    lst.resume_timer.cancelled = True
+                del self.listeners[key]
+                if lst.waiting_on:
+                    lst.sock.close()  # the wait-mode child keeps its own reference
+                else:
+                    close_listener(lst.sock)
+                closed = True
+        if closed:
+            self._spawner.settle()  # no child still holds them: the next reload may rebind
+        for key, svc in wanted.items():
+            state = self.states[svc.name]
+            existing = self.listeners.get(key)
+            lst = existing if existing is not None else self._new_listener(key, fresh[key], state)
+            lst.state = state
+            state.listeners.append(lst)
+            self.refresh(lst)
+        self.full = self.at_max_children()
+        for lst in self.listeners.values():
+            self.refresh(lst)
+        self.loop_ports = self._builtin_udp_ports(config)
+        for svc in config.enabled_services:
+            if svc.proxy_protocol and svc.proxy_from is None and not self.worker:
+                # Issue 14, item 13: then anyone may claim any address, past allow/deny.
+                event(
+                    logging.WARNING,
+                    f"{svc.name}: proxy_protocol without proxy_from: any client may send a "
+                    "PROXY header and claim any address (allow/deny then decide on that claim)",
+                    event="proxy_untrusted",
+                    service=svc.name,
+                )
+
+    def _builtin_udp_ports(self, config: Config) -> frozenset[int]:
+        """The ports our UDP built-ins answer on: a datagram from one of them is a loop."""
+        ports = {
+            addr.port
+            for svc in config.enabled_services
+            if svc.protocol == "udp" and svc.builtin is not None
+            for addr in svc.listen
+            if addr.port
+        }
+        for lst in self.listeners.values():
+            if lst.key.protocol == "udp" and lst.service.builtin is not None:
+                with contextlib.suppress(OSError):
+                    ports.add(peer_of(lst.family, lst.sock.getsockname())[1])
+        return frozenset(ports)
+
+    def _new_listener(self, key: ListenKey, sock: socket.socket, state: ServiceState) -> Listener:
+        lst = Listener(key=key, sock=sock, state=state, family=int(sock.family))
+        if key.address.host and sock.family != socket.AF_UNIX:
+            # Bound to one address: the local end of every connection is known without
+            # a getsockname() per connection.
+            lst.local_ip, lst.local_port = peer_of(sock.family, sock.getsockname())
+        self.listeners[key] = lst
+        return lst
+
+    # ------------------------------------------------------------ listener state
+    def should_listen(self, lst: Listener) -> bool:
+        """Whether ``lst`` is watched now: not stopping, not paused, not at a queueing limit."""
+        if self.stopping or lst.waiting_on or self.listeners.get(lst.key) is not lst:
+            return False
+        if lst.paused_until and time.monotonic() < lst.paused_until:
+            return False
+        svc = lst.state.service
+        if (
+            svc.max_connections
+            and svc.on_limit == "queue"
+            and not svc.wait
+            and lst.state.running + lst.state.hellos >= svc.max_connections
+        ):
+            return False  # clients wait in the backlog, like tcpserver -c
+        return not (self.full and not svc.is_builtin and svc.on_limit == "queue")
+
+    def refresh(self, lst: Listener) -> None:
+        """Watch or stop watching a listener according to its limits and pauses."""
+        if self.should_listen(lst):
+            if not lst.registered:
+                if lst.key.protocol == "udp":
+                    handler = functools.partial(self.on_datagram, lst)
+                else:
+                    handler = functools.partial(self.on_accept, lst)
+                self._loop.sel.register(lst.sock, selectors.EVENT_READ, handler)
+                lst.registered = True
+        else:
+            self.pause(lst)
+
+    def pause(self, lst: Listener) -> None:
+        """Stop watching ``lst`` (the socket stays open; clients wait in its backlog)."""
+        if lst.registered:
+            self._loop.sel.unregister(lst.sock)
+            lst.registered = False
+
+    def pause_for(self, lst: Listener, seconds: float) -> None:
+        """Stop accepting on ``lst`` for a while; the socket stays open and bound."""
+        lst.paused_until = time.monotonic() + seconds
+        self.pause(lst)
+        if lst.resume_timer:
+            lst.resume_timer.cancelled = True
+        lst.resume_timer = self._loop.call_later(seconds, functools.partial(self.resume, lst))
+
+    def resume(self, lst: Listener) -> None:
+        """A pause is over: watch ``lst`` again if its limits allow."""
+        lst.paused_until = 0.0
+        lst.resume_timer = None
+        self.refresh(lst)
+        if lst.registered:
+            event(
+                logging.INFO,
+                f"{lst.state.service.name}: {lst.key.address}: accepting again",
+                event="resume",
+                service=lst.state.service.name,
+            )
+
+    def at_max_children(self) -> bool:
+        """At the global max_children: exec services take no new connection."""
+        limit = self.config.max_children
+        return limit is not None and len(self._children) >= limit
+
+    def serves(self, svc: Service, key: ListenKey) -> bool:
+        """Whether this process serves ``key`` (a worker leaves some to the first process)."""
+        return not self.worker or worker_serves(svc, key)
+
+    # ------------------------------------------------------------ by limits
+    def child_started(self, state: ServiceState) -> None:
+        """A child started: at the global max_children, exec listeners pause."""
+        if self.config.max_children is not None and not self.full:
+            self.full = self.at_max_children()
+        self.instance_started(state)
+
+    def instance_started(self, state: ServiceState) -> None:
+        """A child or session started: at a limit, stop accepting (queue) until one ends."""
+        if self.full:
+            for lst in self.listeners.values():
+                self.refresh(lst)
+        elif (
+            state.service.max_connections
+            and state.running + state.hellos >= state.service.max_connections
+        ):
+            for lst in state.listeners:
+                self.refresh(lst)
+
+    def rate_pause(self, state: ServiceState) -> None:
+        """Over the service's rate: rest all its listeners for `rate_pause` seconds."""
+        svc = state.service
+        event(
+            logging.WARNING,
+            f"{svc.name}: over the rate of {svc.rate[0] if svc.rate else 0:g}/s; "
+            f"pausing for {svc.rate_pause:g}s (the port stays open)",
+            event="rate_pause",
+            service=svc.name,
+        )
+        for lst in state.listeners:
+            self.pause_for(lst, svc.rate_pause)
+
+    def child_ended(self, state: ServiceState, listener: Listener | None) -> None:
+        """A child was reaped: its wait-mode listener is free again; below the limits, the
+        paused listeners listen again."""
+        if listener is not None:
+            lst = listener
+            lst.waiting_on = 0
+            if self.listeners.get(lst.key) is lst:
+                lst.sock.setblocking(False)
+        if self.full and not self.at_max_children():
+            self.full = False
+            for lst in self.listeners.values():
+                self.refresh(lst)
+        else:
+            self.refresh_paused(state)
+
+    def refresh_paused(self, state: ServiceState) -> None:
+        """An instance of ``state`` ended: its queued listeners may listen again."""
+        for lst in state.listeners:
+            if not lst.registered:
+                self.refresh(lst)
+
+    def close_all(self) -> None:
+        """Stop: no listener is watched any more, every socket is closed."""
+        self.stopping = True
+        for lst in list(self.listeners.values()):
+            self.pause(lst)
+            if lst.resume_timer:
+                lst.resume_timer.cancelled = True
+            if lst.waiting_on:
+                lst.sock.close()  # the wait-mode child still holds it
+            else:
+                close_listener(lst.sock)
+        self.listeners.clear()
+        self._spawner.settle()  # the ports are free for a new pyinetd once this one stops
+
+
+def _unset(lst: Listener, mask: int) -> None:
+    raise RuntimeError("Services: no arrival handler set")
+
+
+def worker_serves(svc: Service, key: ListenKey) -> bool:
+    """Workers leave unix sockets, wait-mode services and services with a counted limit to
+    the first process (a wait service's socket belongs to one child at a time; a unix path
+    to one binder; max_connections, per_source and rate are counted in one place)."""
+    return key.protocol != "unix" and not svc.wait and not svc.counts_connections
+
+
+def worker_fds() -> list[tuple[socket.socket, str]]:
+    """In a worker: the listening sockets the first process passed down."""
+    value = os.environ.pop("PYINETD_LISTEN_FDS", "")
+    return [(systemd.adopt_fd(int(text)), "") for text in filter(None, value.split(","))]
+
+
+def _warn_if_root(svc: Service) -> None:
+    """A service without `user:` runs its programs as root when pyinetd is root (xinetd
+    refuses such services): say so, once, at load."""
+    if os.geteuid() == 0 and svc.user is None and svc.enabled and not svc.is_builtin:
+        what = "its relay runs" if svc.redirect is not None else "its programs run"
+        event(
+            logging.WARNING,
+            f"{svc.name}: no user: set, so {what} as root "
+            "(set user:, or a default for every service: defaults: {user: nobody})",
+            event="runs_as_root",
+            service=svc.name,
+        )

@@ -1,0 +1,121 @@
+"""The loop (loop.py) and the two reaping strategies (reaper.py), without a server: real
+timers, a real signal through the wake-up fd, real children."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from conftest import DEADLINE, wait_for
+
+from pyinetd import reaper
+from pyinetd.loop import Loop
+from pyinetd.signals import HANDLED_SIGNALS
+
+
+@pytest.fixture
+def loop() -> Iterator[Loop]:
+    lp = Loop()
+    old = {sig: signal.getsignal(sig) for sig in HANDLED_SIGNALS}
+    try:
+        yield lp
+    finally:
+        lp.close()
+        for sig, how in old.items():
+            signal.signal(sig, how)
+
+
+def test_timers_run_in_order_and_a_cancelled_one_never_runs(loop: Loop) -> None:
+    ran: list[str] = []
+    loop.call_later(0.02, lambda: ran.append("late"))
+    loop.call_later(0.0, lambda: ran.append("now"))
+    loop.call_later(0.0, lambda: ran.append("cancelled")).cancelled = True
+    loop.call_later(0.01, lambda: ran.append("soon"))
+    wait_for(lambda: loop.run_timers() is None, what="every timer ran")
+    assert ran == ["now", "soon", "late"]
+
+
+def test_a_signal_reaches_the_dispatch_through_the_wakeup_fd(loop: Loop) -> None:
+    got: list[set[int]] = []
+
+    def on_signals(signums: set[int]) -> None:
+        got.append(signums)
+        loop.exit = True
+
+    loop.install_signals(HANDLED_SIGNALS, on_signals)
+    loop.call_later(0.0, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    loop.call_later(DEADLINE, lambda: setattr(loop, "exit", True))  # bounded
+    loop.run(lambda: None, lambda key: None)
+    assert got == [{signal.SIGUSR1}]
+
+
+def test_a_handler_that_raises_is_contained_and_the_loop_serves_on(loop: Loop) -> None:
+    """Issue 18, item 6: one handler's bug must not stop the loop; ``contain`` gets its key."""
+    a, b = socket.socketpair()
+    contained: list[object] = []
+
+    def broken(mask: int) -> None:
+        raise ValueError("a bug")
+
+    def contain(key: selectors.SelectorKey) -> None:
+        contained.append(key.fileobj)
+        loop.sel.unregister(key.fileobj)
+        loop.exit = True
+
+    with a, b:
+        loop.sel.register(a, selectors.EVENT_READ, broken)
+        b.send(b"x")
+        loop.call_later(DEADLINE, lambda: setattr(loop, "exit", True))  # bounded
+        loop.run(lambda: None, contain)
+    assert contained == [a]
+
+
+def _exits(n: int) -> list[int]:
+    """Start ``n`` children that exit at once (status 3); their pids. Popen is used only to
+    start them: the strategies under test reap them with waitpid."""
+    pids = []
+    for _ in range(n):
+        proc = subprocess.Popen(["/bin/sh", "-c", "exit 3"])
+        proc.returncode = 0  # Popen must not reap it itself (its __del__ would try)
+        pids.append(proc.pid)
+    return pids
+
+
+def test_the_waitpid_strategy_reaps_every_exited_child() -> None:
+    reaped: list[tuple[int, int]] = []
+    strategy = reaper.WaitpidReaping(reaped.extend)
+    pids = _exits(3)
+
+    def all_reaped() -> bool:
+        strategy.on_wakeup()
+        return len(reaped) == 3
+
+    wait_for(all_reaped, what="three children reaped")
+    assert sorted(pid for pid, _ in reaped) == sorted(pids)
+    assert {os.waitstatus_to_exitcode(status) for _, status in reaped} == {3}
+
+
+def test_the_watcher_strategy_reaps_exactly_the_pids_it_reports(loop: Loop) -> None:
+    reaped: list[tuple[int, int]] = []
+    pids = _exits(3)
+    strategy = reaper.WatcherReaping(
+        loop.sel, loop.call_later, reaped.extend, pids, lambda: None, lambda: None
+    )
+    try:
+        assert strategy.flush()
+
+        def all_reported() -> bool:
+            for key, mask in loop.sel.select(0.05):
+                key.data(mask)
+            return len(reaped) == 3
+
+        wait_for(all_reported, what="three children reported by the watcher")
+        assert sorted(pid for pid, _ in reaped) == sorted(pids)
+    finally:
+        strategy.close(reap=False)
+    os.waitpid(strategy.pid, 0)  # the watcher exits when its pipe closes
