@@ -167,7 +167,13 @@ class Service:
 
     @property
     def argv(self) -> tuple[str, ...]:
-        return self.exec
+        """The program's argv: argv0 (when given) in place of the program's path."""
+        return self.exec if self.argv0 is None else (self.argv0, *self.exec[1:])
+
+    @property
+    def program(self) -> str:
+        """The path that is executed (exec's first word, resolved)."""
+        return self.exec[0]
 
     @property
     def is_builtin(self) -> bool:
