@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,3 +111,38 @@ def test_a_reload_gives_a_kept_listener_the_new_options(inetd: Start, tmp_path: 
     p.signal(signal.SIGHUP)
     p.wait_log(r"reloaded")
     assert tcp_talk(port).split()[1:3] == [b"1", b"1"]
+
+
+def window(offset_min: int, length_min: int) -> str:
+    now = time.localtime()
+    start = (now.tm_hour * 60 + now.tm_min + offset_min) % 1440
+    end = (start + length_min) % 1440
+    return f"{start // 60:02}:{start % 60:02}-{end // 60:02}:{end % 60:02}"
+
+
+def test_access_times_refuse_outside_the_window(inetd: Start) -> None:
+    open_now, closed_now = free_port(), free_port()
+    p = inetd({"services": {
+        "open": {"listen": f"127.0.0.1:{open_now}", "builtin": "echo",
+                 "access_times": window(-60, 120)},
+        "closed": {"listen": f"127.0.0.1:{closed_now}", "builtin": "echo",
+                   "access_times": f"{window(120, 60)} {window(-300, 60)}",
+                   "deny_message": "closed now\n"},
+    }})  # fmt: skip
+    assert tcp_talk(open_now, b"hi\n") == b"hi\n"
+    assert tcp_talk(closed_now) == b"closed now\n"
+    p.wait_log(r"closed: refused .*: access_times")
+
+
+def test_max_load_refuses_while_the_load_is_above_it(inetd: Start) -> None:
+    if os.getloadavg()[0] < 0.05:
+        pytest.skip("the machine is idle: its load is below any useful max_load")
+    low, high = free_port(), free_port()
+    p = inetd({"services": {
+        "low": {"listen": f"127.0.0.1:{low}", "builtin": "echo", "max_load": 0.01,
+                "busy_message": "busy\n"},
+        "high": {"listen": f"127.0.0.1:{high}", "builtin": "echo", "max_load": 10000},
+    }})  # fmt: skip
+    assert tcp_talk(high, b"hi\n") == b"hi\n"
+    assert tcp_talk(low) == b"busy\n"
+    p.wait_log(r"low: refused .*: max_load")

@@ -22,6 +22,7 @@ __all__ = [
     "StageSlots",
     "TokenBucket",
     "admit",
+    "in_access_times",
     "parse_access_entry",
     "source_key",
 ]
@@ -155,6 +156,16 @@ class Admitted(Protocol):
     def per_source(self) -> int | None: ...
     @property
     def per_source_prefix(self) -> int: ...
+    @property
+    def access_times(self) -> tuple[tuple[int, int], ...]: ...
+    @property
+    def max_load(self) -> float | None: ...
+
+
+def in_access_times(times: tuple[tuple[int, int], ...], minute: int) -> bool:
+    """Whether ``minute`` of the day is in one of the (first, last) ranges, both ends included
+    as xinetd's access_times; a range whose first minute is after its last passes midnight."""
+    return any(a <= minute <= b if a <= b else minute >= a or minute <= b for a, b in times)
 
 
 def admit(
@@ -166,6 +177,8 @@ def admit(
     take_token: bool = True,
     datagram_port: int | None = None,
     loop_ports: frozenset[int] = frozenset(),
+    minute: int = -1,
+    load: float = 0.0,
 ) -> tuple[str | None, str]:
     """(refusal reason or None, per_source key) for a new connection from ``ip``.
 
@@ -184,6 +197,12 @@ def admit(
         return "loop", ""
     if svc.access is not None and not svc.access.permits(ip):
         return "deny", ""
+    # ``minute`` (local minute of the day) and ``load`` (1-minute load average): read by the
+    # caller, only for a service with these keys (connections.conditions).
+    if svc.access_times and not in_access_times(svc.access_times, minute):
+        return "access_times", ""
+    if svc.max_load is not None and load > svc.max_load:
+        return "max_load", ""
     if svc.max_connections and counts.running + counts.hellos >= svc.max_connections:
         return "limit", ""
     if full and not svc.is_builtin:
