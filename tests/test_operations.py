@@ -98,7 +98,7 @@ def test_bad_reload_keeps_the_old_config_serving(inetd: Start) -> None:
     p.path.write_text("services:\n  e: {listen: '127.0.0.1:70000'}\n")
     p.signal(signal.SIGHUP)
     p.wait_log(
-        r"reload failed, keeping the running configuration: .*inetd\.yaml: "
+        r"reload failed, keeping the running configuration: .*inetd\.yaml:2:7: "
         r"services\.e\.listen: '127\.0\.0\.1:70000': port must be 1-65535"
     )
     assert tcp_talk(port, b"still") == b"still"
