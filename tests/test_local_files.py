@@ -276,8 +276,8 @@ def test_socket_keys_refused_where_there_is_no_socket_file(tmp_path: Path) -> No
     assert out.stderr.splitlines() == [
         f"{conf}:2:64: services.a.socket_mode: only for a unix socket file (an abstract @name has "
         "no file and any local user can connect to it)",
-        f"{conf}:3:{len(str(port)) + 33}: services.t.socket_group: only for a unix socket file (an abstract @name has "
-        "no file and any local user can connect to it)",
+        f"{conf}:3:{len(str(port)) + 33}: services.t.socket_group: only for a unix socket file "
+        "(an abstract @name has no file and any local user can connect to it)",
     ]
 
 

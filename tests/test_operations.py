@@ -180,7 +180,7 @@ def test_include_merges_drop_ins_and_names_both_files_on_a_clash(
     )
     out = cli("-c", str(p.path), "--check")
     assert out.returncode == 2
-    assert out.stderr == (f"{tmp_path}/conf.d/c.yaml:2:3: services.a: already defined in {p.path}\n")
+    assert out.stderr == f"{tmp_path}/conf.d/c.yaml:2:3: services.a: already defined in {p.path}\n"
 
 
 def test_control_status_json_and_table(inetd: Start) -> None:

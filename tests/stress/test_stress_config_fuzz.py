@@ -6,8 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import re
 import random
+import re
 import string
 import subprocess
 import sys
