@@ -374,3 +374,57 @@ def test_landlock_abi_probe_matches_the_kernel() -> None:
     assert sandbox.landlock_abi() == max(0, got)
     if got < 0:
         assert ctypes.get_errno() in (errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+# ---------------------------------------------------------------- pyinetd security
+
+
+def test_security_shows_what_contains_each_service(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "inetd.yaml"
+    doc = {
+        "services": {
+            "boxed": {
+                "listen": "127.0.0.1:7998",
+                "exec": ["/bin/cat"],
+                "user": "nobody",
+                "sandbox": {
+                    "read": list(SYSTEM),
+                    "write": ["/dev/null"],
+                    "network": "none",
+                    "private_tmp": True,
+                    "syscalls": "default",
+                },
+            },
+            "bare": {"listen": "127.0.0.1:7997", "exec": ["/bin/cat"]},
+        }
+    }
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["security", "-c", str(path)]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()}
+    assert "1.0 OK" in lines["boxed"] and "user=nobody" in lines["boxed"]
+    for col in ("no_new_privs=yes", "network=none", "syscalls=filtered", "tmp=private"):
+        assert col in lines["boxed"]
+    assert "filesystem=read /usr,/lib" in lines["boxed"] and "write /dev/null" in lines["boxed"]
+    assert "10.0 UNSAFE" in lines["bare"] and "user=root" in lines["bare"]
+    assert "no_new_privs=no" in lines["bare"] and "filesystem=all" in lines["bare"]
+
+
+def test_env_shebang_interpreter_found_on_path_must_be_under_read(tmp_path: Path) -> None:
+    """#!/usr/bin/env python3 runs whatever python3 the service's PATH finds first."""
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "python3"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    app = tmp_path / "app.py"
+    app.write_text("#!/usr/bin/env python3\n")
+    app.chmod(0o755)
+    path = tmp_path / "inetd.yaml"
+    box_cfg = {"read": [*SYSTEM, str(app)]}
+    svc = {"listen": "127.0.0.1:7996", "exec": [str(app)], "sandbox": box_cfg}
+    doc = {"services": {"app": {**svc, "env": {"PATH": f"{tmp_path}/bin:/usr/bin"}}}}
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert f"'{fake}' is not under read" in "\n".join(info.value.errors)

@@ -1083,7 +1083,7 @@ def _build_service(
         except ValueError as exc:
             errors.append(f"{where}.exec: {exc} (the service runs as root)")
     _check_stderr_file(values, where, errors)
-    _check_sandbox(values, where, errors)
+    _check_sandbox(values, where, errors, explicit="sandbox" in body)
     if len(errors) > n_before:
         return None
     return Service(name=name, listen=tuple(listen), source=label, **values)
@@ -1109,19 +1109,26 @@ def _check_stderr_file(values: dict[str, Any], where: str, errors: list[str]) ->
         )
 
 
-def _check_sandbox(values: dict[str, Any], where: str, errors: list[str]) -> None:
+def _check_sandbox(values: dict[str, Any], where: str, errors: list[str], explicit: bool) -> None:
     """What execve reads (the program, its shebang interpreter, the loader) must be under
     sandbox.read: said at load and by --check, not by a service failing at each connection."""
     box = values.get("sandbox")
     if box is None:
         return
+    if not explicit and values.get("builtin") is not None:
+        values.pop("sandbox")  # from defaults: meant for the programs among them
+        return
     if values.get("no_new_privs") is False:
         errors.append(f"{where}.no_new_privs: false: a sandbox implies no_new_privs")
+    if values.get("redirect") is not None and box.network == "none":
+        errors.append(f"{where}.sandbox.network: none: a redirect must connect to its target")
     if not values.get("exec"):
         if values.get("builtin") is not None:
             errors.append(f"{where}.sandbox: needs exec (built-ins run inside pyinetd)")
         return
-    for path in sandbox.unreadable_exec_paths(box, values["exec"][0]):
+    env = dict(values.get("env", ()))
+    search = env.get("PATH") or os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    for path in sandbox.unreadable_exec_paths(box, values["exec"][0], search):
         errors.append(
             f"{where}.sandbox.read: {path!r} is not under read, and exec needs it "
             f"to start {values['exec'][0]!r}"

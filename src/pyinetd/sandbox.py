@@ -33,6 +33,7 @@ import ctypes
 import errno
 import os
 import platform
+import shutil
 import signal
 import struct
 from dataclasses import dataclass
@@ -180,6 +181,9 @@ def check_kernel(s: SandboxSettings) -> None:
         # Landlock (ABI 4) filters TCP by port only; telling the host's loopback from other
         # addresses needs a cgroup connect4/6 + sendmsg4/6 BPF hook, not built yet.
         raise SandboxError("network: 'loopback' is not supported yet; use none or any")
+    if (s.network == "none" or s.private_tmp) and os.geteuid() != 0:
+        key = "network: none" if s.network == "none" else "private_tmp"
+        raise SandboxError(f"{key}: needs pyinetd to run as root (it prepares a namespace)")
     if s.network == "none" and not _have_ns("net"):
         raise SandboxError(f"network: none needs network namespaces, which this kernel lacks; "
                            f"{refused}")  # fmt: skip
@@ -218,30 +222,43 @@ def _elf_interpreter(path: str) -> str | None:
     return None
 
 
-def _shebang(path: str) -> str | None:
+def _shebang(path: str, search: str | None) -> list[str]:
+    """The interpreter a ``#!`` line names, and for ``#!/usr/bin/env NAME`` also the NAME
+    that env will find on the service's PATH (``search``)."""
     try:
         with open(path, "rb") as f:
             line = f.readline(256)
     except OSError:
-        return None
+        return []
     if not line.startswith(b"#!"):
-        return None
-    words = line[2:].split()
-    return os.fsdecode(words[0]) if words else None
+        return []
+    words = [os.fsdecode(w) for w in line[2:].split()]
+    if not words:
+        return []
+    out = [words[0]]
+    if os.path.basename(words[0]) == "env":
+        names = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+        found = shutil.which(names[0], path=search) if names else None
+        if found is not None:
+            out.append(os.path.abspath(found))
+    return out
 
 
-def exec_paths(program: str) -> list[str]:
+def exec_paths(program: str, search: str | None = None) -> list[str]:
     """The program, its shebang interpreter(s) and the ELF loader: what execve must read."""
     out: list[str] = []
-    path: str | None = program
-    while path is not None and path not in out and len(out) < 4:
+    todo = [program]
+    while todo and len(out) < 8:
+        path = todo.pop(0)
+        if path in out:
+            continue
         out.append(path)
-        interp = _shebang(path)
-        if interp is None:
+        interps = _shebang(path, search)
+        if not interps:
             loader = _elf_interpreter(path)
-            if loader is not None and loader not in out:
-                out.append(loader)
-        path = interp
+            if loader is not None:
+                todo.append(loader)
+        todo += interps
     return out
 
 
@@ -254,12 +271,13 @@ def _under(path: str, roots: tuple[str, ...]) -> bool:
     return False
 
 
-def unreadable_exec_paths(s: SandboxSettings, program: str) -> list[str]:
-    """Paths execve needs (program, interpreter, loader) that ``read`` does not cover."""
+def unreadable_exec_paths(s: SandboxSettings, program: str, search: str | None) -> list[str]:
+    """Paths execve needs (program, interpreter, loader) that ``read`` does not cover;
+    ``search``: the service's PATH, where ``#!/usr/bin/env NAME`` finds NAME."""
     if s.read is None:
         return []
     allowed = s.read + (s.write or ())
-    return [p for p in exec_paths(program) if not _under(p, allowed)]
+    return [p for p in exec_paths(program, search) if not _under(p, allowed)]
 
 
 # ---------------------------------------------------------------- seccomp
@@ -561,34 +579,33 @@ class _SockFprog(ctypes.Structure):
 # ---------------------------------------------------------------- pyinetd security
 
 
-def describe(user: str, s: SandboxSettings | None) -> dict[str, str]:
-    """What contains a service, column by column, and an exposure grade (as systemd-analyze
-    security grades units: the more a remote code execution in the service reaches, the
-    higher): 0.0 (contained) to 10.0 (root, nothing contains it)."""
+def describe(user: str, nnp: bool, s: SandboxSettings | None) -> dict[str, str]:
+    """What contains a service, column by column, and an exposure grade, as
+    ``systemd-analyze security`` grades units: how much a remote code execution in the
+    service reaches, from 0.0 (contained) to 10.0 (root, nothing contains it)."""
     root = user == "root"
     if s is None:
-        fs = "unrestricted"
-        net, sys_, tmp, nnp = "any", "all", "shared", "no"
+        fs, net, sys_, tmp = "all", "any", "all", "shared"
     else:
         fs = "read " + (",".join(s.read) if s.read is not None else "all")
-        fs += "; write " + (",".join(s.write) if s.write is not None else "all")
-        net, tmp, nnp = s.network, "private" if s.private_tmp else "shared", "yes"
+        fs += " write " + (",".join(s.write) if s.write is not None else "all")
+        net, tmp = s.network, "private" if s.private_tmp else "shared"
         sys_ = "filtered" if s.syscalls == "default" else "all"
-    score = 3.0 if root else 1.0  # a service user still holds its own files and processes
-    score += 0.5 if nnp == "no" else 0.0
-    if s is None or s.read is None:
-        score += 1.5
-    if s is None or s.write is None:
-        score += 2.0 if root else 1.0
-    score += {"any": 1.5, "loopback": 0.8, "none": 0.0}[net]
-    score += 1.5 if sys_ == "all" else 0.0
-    score += 0.5 if tmp == "shared" else 0.0
+        nnp = True
+    score = 3.0 if root else 1.0  # its own user still has its own files and processes
+    score += 0.0 if nnp else 0.5 if not root else 0.0  # a user can regain root by setuid
+    score += 1.5 if s is None or s.read is None else 0.0  # every secret its user may read
+    score += (2.0 if root else 1.0) if s is None or s.write is None else 0.0
+    score += 1.5 if net == "any" else 0.0  # a foothold to scan and attack the network
+    score += 1.5 if sys_ == "all" else 0.0  # the whole kernel as attack surface
+    score += 0.5 if tmp == "shared" else 0.0  # other services' temporary files
     score = min(10.0, score)
-    grade = ("OK" if score < 2.5 else "MEDIUM" if score < 5.0 else
-             "EXPOSED" if score < 8.0 else "UNSAFE")  # fmt: skip
+    grade = (
+        "OK" if score < 2.5 else "MEDIUM" if score < 5.0 else "EXPOSED" if score < 8.0 else "UNSAFE"
+    )
     return {
         "user": user,
-        "no_new_privs": nnp,
+        "no_new_privs": "yes" if nnp else "no",
         "filesystem": fs,
         "network": net,
         "syscalls": sys_,
