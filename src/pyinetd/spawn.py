@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING
 
 from pyinetd import log
 from pyinetd.config import Service
-from pyinetd.sandbox import Prepared
+from pyinetd.sandbox import Prepared, SandboxError
 from pyinetd.signals import PYTHON_IGNORED
 
 if TYPE_CHECKING:
@@ -432,7 +432,12 @@ class Spawner:
         clone child that cannot exec exits 127 and ``exec_error(pid)`` tells why.
         """
         fork = self._uses_fork(service)
-        box = self.prepare(service) if service.sandbox is not None else None
+        box = None
+        if service.sandbox is not None:
+            try:
+                box = self.prepare(service)
+            except SandboxError as exc:  # (a kernel that refuses now what it offered at load)
+                raise OSError(errno.EPERM, f"sandbox: {exc}", service.argv[0]) from None
         flags = NO_NEW_PRIVS if service.nnp else 0
         if self.primitive == "clone" and not fork:
             bargv, envl = self._exec_lists(service)
