@@ -52,11 +52,11 @@ import select
 import signal
 import struct
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from pyinetd import log
-from pyinetd.config import Service
+from pyinetd.config import ConfigError, Service
 from pyinetd.sandbox import Prepared, SandboxError
 from pyinetd.signals import PYTHON_IGNORED
 
@@ -402,6 +402,35 @@ class Spawner:
             box = self._sandboxes[service.name] = Prepared(service.sandbox)
         return box
 
+    def _box(self, service: Service) -> Prepared | None:
+        """prepare(), where a failure is an OSError for this connection: a kernel that
+        refuses now what it offered at load is logged, not raised out of the loop."""
+        if service.sandbox is None:
+            return None
+        try:
+            return self.prepare(service)
+        except SandboxError as exc:
+            raise OSError(errno.EPERM, f"sandbox: {exc}", service.argv[0]) from None
+
+    def relay(
+        self,
+        service: Service,
+        conn: int,
+        stderr: int,
+        env: Environ,
+        ctx: ssl.SSLContext | None,
+        peer: str,
+    ) -> int:
+        """spawn_relay() with the service's sandbox: it contains the relay (which parses
+        the client's handshake) and so the program the relay starts."""
+        return spawn_relay(service, conn, stderr, env, ctx, peer, self._box(service))
+
+    def install_sandboxes(self, boxes: dict[str, Prepared]) -> None:
+        """Use ``boxes`` (from prepare_sandboxes, at a (re)load) from now on; the previous
+        ones are closed once no child is before its exec."""
+        self._close_sandboxes()
+        self._sandboxes.update(boxes)
+
     def _close_sandboxes(self) -> None:
         if self._sandboxes:
             self.settle()  # a clone child before its exec may still setns to these fds
@@ -432,12 +461,7 @@ class Spawner:
         clone child that cannot exec exits 127 and ``exec_error(pid)`` tells why.
         """
         fork = self._uses_fork(service)
-        box = None
-        if service.sandbox is not None:
-            try:
-                box = self.prepare(service)
-            except SandboxError as exc:  # (a kernel that refuses now what it offered at load)
-                raise OSError(errno.EPERM, f"sandbox: {exc}", service.argv[0]) from None
+        box = self._box(service)
         flags = NO_NEW_PRIVS if service.nnp else 0
         if self.primitive == "clone" and not fork:
             bargv, envl = self._exec_lists(service)
@@ -550,6 +574,26 @@ class Spawner:
     ) -> int:
         sigdef = self._sigdef
         return _fork(lambda: _child_exec(service, argv, env, stdin, stdout, stderr, sigdef, box))
+
+
+def prepare_sandboxes(services: Iterable[Service]) -> dict[str, Prepared]:
+    """Each sandboxed service's sandbox, built before a (re)load changes anything, so that one
+    the kernel refuses (no namespaces for pyinetd's user, a path gone) refuses the
+    configuration: ConfigError naming file, service and key; nothing stays open then."""
+    boxes: dict[str, Prepared] = {}
+    errors: list[str] = []
+    for svc in services:
+        if svc.sandbox is None or not svc.enabled or svc.is_builtin:
+            continue
+        try:
+            boxes[svc.name] = Prepared(svc.sandbox)
+        except (SandboxError, OSError) as exc:
+            errors.append(f"{svc.source}: services.{svc.name}.sandbox: cannot prepare: {exc}")
+    if errors:
+        for box in boxes.values():
+            box.close()
+        raise ConfigError(errors)
+    return boxes
 
 
 def spawn_relay(
