@@ -462,3 +462,22 @@ def test_env_shebang_interpreter_found_on_path_must_be_under_read(tmp_path: Path
     with pytest.raises(ConfigError) as info:
         load(path)
     assert f"'{fake}' is not under read" in "\n".join(info.value.errors)
+
+
+def test_a_namespace_the_kernel_refuses_to_prepare_refuses_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Accepted by the feature checks, refused by unshare (a container): prepare_sandboxes
+    says which file, service and key, and leaves nothing open."""
+    from pyinetd.spawn import prepare_sandboxes
+
+    monkeypatch.setenv("PYINETD_TEST_UNSHARE_FAILS", "1")
+    cfg = load(write_config(tmp_path, {"read": list(SYSTEM), "private_tmp": True}))
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(ConfigError) as info:
+        prepare_sandboxes(cfg.services)
+    (err,) = info.value.errors
+    assert (
+        err.startswith(f"{cfg.path}: services.app.sandbox: cannot prepare: ") and "unshare" in err
+    )
+    assert set(os.listdir("/proc/self/fd")) <= before  # the ruleset fd was closed too

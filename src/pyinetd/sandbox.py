@@ -23,7 +23,9 @@ Three stages, so that a connection pays only for the few system calls that apply
   ``Prepared.restrict()``/``enter()`` do the same through ctypes on the fork path.
 
 Tests simulate a kernel without a feature with ``PYINETD_TEST_NO_LANDLOCK=1``,
-``PYINETD_TEST_LANDLOCK_ABI=N``, ``PYINETD_TEST_NO_NETNS=1``, ``PYINETD_TEST_NO_SECCOMP=1``.
+``PYINETD_TEST_LANDLOCK_ABI=N``, ``PYINETD_TEST_NO_NETNS=1``, ``PYINETD_TEST_NO_SECCOMP=1``,
+and one that refuses namespaces at preparation (a container) with
+``PYINETD_TEST_UNSHARE_FAILS=1``.
 """
 
 from __future__ import annotations
@@ -478,7 +480,9 @@ def _namespace_helper(flags: int, private_tmp: bool) -> tuple[int, int]:
             try:
                 os.close(ready_r)
                 os.close(done_w)
-                if libc.unshare(flags) < 0:
+                if os.environ.get("PYINETD_TEST_UNSHARE_FAILS") == "1":
+                    raise OSError(errno.EPERM, "unshare (PYINETD_TEST_UNSHARE_FAILS)")
+                if libc.unshare(flags) < 0:  # EPERM in a container that forbids it
                     raise OSError(ctypes.get_errno(), "unshare")
                 if private_tmp:
                     # Our mounts must not reach the host: its mounts still reach us (slave).
