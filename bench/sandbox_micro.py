@@ -46,8 +46,9 @@ def one_round(how: str, settings: SandboxSettings | None, n: int) -> list[float]
     reset = handled_signals()
     argv, env = [b"/bin/true"], [b"PATH=/usr/bin:/bin"]
     spawner = Spawner()
-    spawner.primitive = "posix_spawn"  # a sandboxed service then takes the fork path
-    svc = Service(name="b", listen=(), exec=("/bin/true",), sandbox=settings, no_new_privs=False)
+    spawner.primitive = "posix_spawn"
+    # umask: every row on the fork path (os.fork + Python), the baseline too
+    svc = Service(name="b", listen=(), exec=("/bin/true",), sandbox=settings, umask=0o022)
     out = []
     try:
         for _ in range(n):
