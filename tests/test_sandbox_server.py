@@ -194,3 +194,108 @@ def test_shipped_config_services_work_sandboxed(inetd: Start, tmp_path: Path) ->
     assert b"service:  whoami" in tcp_talk(ports["whoami"])
     assert tcp_talk(ports["timeofday"]).decode().startswith("20")
     assert tcp_talk(ports["hello"], b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    server.private_key_pem.write_to_path(tmp_path / "key.pem")
+    (tmp_path / "key.pem").chmod(0o600)
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    return tmp_path
+
+
+def test_pyinetd_serves_a_sandboxed_tls_service_confined(
+    inetd: Start, box: Path, target: int, host_marker: None, pki: Path
+) -> None:
+    """The TLS relay applies the sandbox before the handshake; the program inherits it."""
+    import ssl
+
+    port = free_port()
+    svc = {
+        "listen": f"127.0.0.1:{port}",
+        "exec": probe(box, target),
+        "tls": {"cert": "cert.pem", "key": "key.pem"},
+        "sandbox": sandbox_of(box),
+        "user": "nobody",
+    }
+    p = inetd({"services": {"boxed": svc}})
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as s,
+    ):
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert answers(out) == FULL, p.log()
+
+
+def test_a_sandboxed_redirect_relay_still_reaches_its_target(inetd: Start, box: Path) -> None:
+    """A redirect's relay runs inside the sandbox (syscalls, Landlock) and still connects."""
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        port = free_port()
+        svc = {
+            "listen": f"127.0.0.1:{port}",
+            "redirect": f"127.0.0.1:{upstream.getsockname()[1]}",
+            "sandbox": {"read": SYSTEM, "write": ["/dev/null"], "syscalls": "default"},
+        }
+        p = inetd({"services": {"r": svc}})
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
+            upstream.settimeout(DEADLINE)
+            try:
+                conn, _ = upstream.accept()
+            except TimeoutError:
+                raise AssertionError(f"the relay did not connect:\n{p.log()}") from None
+            with conn:
+                conn.sendall(b"pong\n")
+                client.settimeout(DEADLINE)
+                assert client.recv(100) == b"pong\n"
+                relay = [pid for pid, _ in __import__("conftest").children_of(p.pid)]
+                assert len(relay) == 1
+                status = Path(f"/proc/{relay[0]}/status").read_text()
+                assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status, status
+
+
+def test_redirect_with_network_none_is_a_config_error(tmp_path: Path) -> None:
+    from pyinetd.config import ConfigError, load
+
+    path = tmp_path / "inetd.yaml"
+    svc = {"listen": "127.0.0.1:7995", "redirect": "127.0.0.1:7994", "sandbox": {"network": "none"}}
+    path.write_text(yaml.safe_dump({"services": {"r": svc}}))
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert "services.r.sandbox.network: none: a redirect must connect to its target" in str(
+        info.value
+    )
+
+
+def test_a_reload_whose_sandbox_cannot_be_prepared_keeps_the_old_config(
+    inetd: Start, tmp_path: Path
+) -> None:
+    """Namespaces refused at preparation (a container): the reload fails as a whole, naming
+    the service, and the running configuration keeps serving."""
+    import signal
+
+    port, new_port = free_port(), free_port()
+    old = {"services": {"echo": {"listen": f"127.0.0.1:{port}", "builtin": "echo"}}}
+    p = inetd(old, env={"PYINETD_TEST_UNSHARE_FAILS": "1"})
+    new = {
+        "services": {
+            **old["services"],
+            "boxed": {
+                "listen": f"127.0.0.1:{new_port}",
+                "exec": "/bin/cat",
+                "sandbox": {"network": "none"},
+            },
+        }
+    }
+    p.path.write_text(yaml.safe_dump(new))
+    p.signal(signal.SIGHUP)
+    p.wait_log(r"reload failed.*services\.boxed\.sandbox: cannot prepare: .*unshare")
+    assert tcp_talk(port, b"still\n") == b"still\n"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", new_port), timeout=DEADLINE).close()

@@ -510,7 +510,7 @@ def _namespace_helper(flags: int, private_tmp: bool) -> tuple[int, int]:
     try:
         answer = os.read(ready_r, 512)
         if answer != b"1":
-            raise SandboxError(f"cannot prepare namespaces: {answer[1:].decode(errors='replace')}")
+            raise SandboxError(f"namespaces: {answer[1:].decode(errors='replace')}")
         if flags & _CLONE_NEWNET:
             net = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         if flags & _CLONE_NEWNS:
