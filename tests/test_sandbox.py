@@ -137,13 +137,14 @@ def test_landlock_write_outside_write_is_refused(box: Path, primitive: str, user
     script = probe(box, TRY + f"echo rw=$(r sh -c 'echo x > {box}/rw/new')\n"
                               f"echo ro=$(r sh -c 'echo x > {box}/ro/new')\n"
                               f"echo trunc=$(r truncate -s0 {box}/ro/ok.txt)\n"
-                              f"echo rm=$(r rm -f {box}/ro/ok.txt)\n")  # fmt: skip
+                              f"echo rm=$(r rm -f {box}/ro/ok.txt)\n"
+                              f"echo mknod=$(r mknod {box}/rw/disk b 7 0)\n")  # fmt: skip
     (box / "ro" / "ok.txt").chmod(0o666)
     settings = SandboxSettings(write=(f"{box}/rw", "/dev/null"))
     _, out = run([script], settings, primitive, user)
     got = answers(out)
     assert got["rw"] == "yes", out
-    for attack in ("ro", "trunc", "rm"):
+    for attack in ("ro", "trunc", "rm", "mknod"):
         assert got[attack].startswith("no:") and "ermission denied" in got[attack], out
     assert (box / "ro" / "ok.txt").read_text() == "allowed\n"
     assert not (box / "ro" / "new").exists()
@@ -237,6 +238,7 @@ call("bpf", 321 if x86 else 280, 0, None, 0)
 call("io_uring_setup", 425, 1, None)
 call("personality_exec", 135 if x86 else 92, 0x0400000)  # READ_IMPLIES_EXEC
 call("personality_query", 135 if x86 else 92, 0xFFFFFFFF)
+call("sethostname", 170 if x86 else 161, b"x", 1000)  # EINVAL unfiltered: no change
 call("getpid", 39 if x86 else 172)
 if x86:
     call("x32_getpid", 0x40000000 | 39)
@@ -250,7 +252,16 @@ def test_syscalls_default_refuses_ptrace_mount_unshare(
     script = probe(box, SYSCALL_PROBE, shell="/usr/bin/python3")
     _, out = run([script], SandboxSettings(syscalls="default"), primitive, user)
     got = answers(out)
-    for name in ("ptrace", "mount", "unshare", "bpf", "io_uring_setup", "personality_exec"):
+    denied = (
+        "ptrace",
+        "mount",
+        "unshare",
+        "bpf",
+        "io_uring_setup",
+        "personality_exec",
+        "sethostname",
+    )
+    for name in denied:
         assert got[name] == "EPERM", out
     assert got["getpid"] == "ok" and got["personality_query"] == "ok", out
     if platform.machine() == "x86_64":

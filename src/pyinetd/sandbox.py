@@ -90,6 +90,9 @@ _FS_EXECUTE, _FS_WRITE_FILE, _FS_READ_FILE, _FS_READ_DIR = 1 << 0, 1 << 1, 1 << 
 _FS_WRITE_DIR = sum(1 << b for b in range(4, 13))  # remove, make char/dir/reg/sock/fifo/blk/sym
 _FS_REFER, _FS_TRUNCATE, _FS_IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15  # ABI 2, 3, 5
 _READ_RIGHTS = _FS_EXECUTE | _FS_READ_FILE | _FS_READ_DIR
+# Handled with the other write rights but granted nowhere: a root service that may make a
+# block device node in a writable folder reads the raw disk beneath every rule.
+_FS_MAKE_DEVICE = 1 << 6 | 1 << 11  # MAKE_CHAR, MAKE_BLOCK
 _FILE_RIGHTS = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS_IOCTL_DEV
 # Truncation is a write only Landlock ABI 3 can refuse: below it, `write` would leave every
 # readable file truncatable, so it needs 3. `read` needs 1.
@@ -305,6 +308,7 @@ _DENIED: dict[str, tuple[int | None, int | None]] = {  # name: (x86_64, aarch64)
     "open_by_handle_at": (304, 265), "name_to_handle_at": (303, 264),
     "settimeofday": (164, 170), "clock_settime": (227, 112), "adjtimex": (159, 171),
     "clock_adjtime": (305, 266), "lookup_dcookie": (212, 18),
+    "sethostname": (170, 161), "setdomainname": (171, 162),
     "ioperm": (173, None), "iopl": (172, None), "modify_ldt": (154, None), "uselib": (134, None),
     "_sysctl": (156, None), "create_module": (174, None), "get_kernel_syms": (177, None),
     "query_module": (178, None), "nfsservctl": (180, None),
@@ -438,7 +442,7 @@ def _landlock_ruleset(s: SandboxSettings, abi: int) -> int:
         raise SandboxError(f"landlock_create_ruleset: {os.strerror(e)}")
     # Paths that do not exist get no rule: nothing is allowed there (stricter, never weaker).
     rules = [(p, _READ_RIGHTS) for p in s.read or ()]
-    rules += [(p, write_rights | _READ_RIGHTS) for p in s.write or ()]
+    rules += [(p, (write_rights & ~_FS_MAKE_DEVICE) | _READ_RIGHTS) for p in s.write or ()]
     try:
         for path, rights in rules:
             try:
