@@ -309,6 +309,7 @@ _DENIED: dict[str, tuple[int | None, int | None]] = {  # name: (x86_64, aarch64)
     "settimeofday": (164, 170), "clock_settime": (227, 112), "adjtimex": (159, 171),
     "clock_adjtime": (305, 266), "lookup_dcookie": (212, 18),
     "sethostname": (170, 161), "setdomainname": (171, 162),
+    "fanotify_init": (300, 262),  # root: fds of files opened anywhere, beneath Landlock
     "ioperm": (173, None), "iopl": (172, None), "modify_ldt": (154, None), "uselib": (134, None),
     "_sysctl": (156, None), "create_module": (174, None), "get_kernel_syms": (177, None),
     "query_module": (178, None), "nfsservctl": (180, None),
