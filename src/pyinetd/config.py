@@ -27,9 +27,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # ssl costs the parent ~5 MiB: loaded only for a service with tls
     from pyinetd.tlsconf import TLSSettings
 
-from pyinetd import fsuser, schema, trust
+from pyinetd import fsuser, sandbox, schema, trust
 from pyinetd.admission import AccessList, parse_duration, parse_rate, parse_size
 from pyinetd.document import read_document
+from pyinetd.sandbox import SandboxSettings
 
 PROTOCOLS = ("tcp", "udp", "unix")
 BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
@@ -124,6 +125,7 @@ class Service:
     umask: int | None = None
     nice: int | None = None
     rlimits: tuple[tuple[int, int], ...] = ()
+    sandbox: SandboxSettings | None = None  # issue 17; implies no_new_privs
     banner: bytes = b""
     # protocols in front of the service
     tls: TLSSettings | None = None
@@ -153,6 +155,8 @@ class Service:
     @property
     def nnp(self) -> bool:
         """Whether the child gets PR_SET_NO_NEW_PRIVS (the key, or its default)."""
+        if self.sandbox is not None:
+            return True  # a sandbox implies it (issue 17); _check_sandbox refuses `false`
         return self.user is not None if self.no_new_privs is None else self.no_new_privs
 
     @property
@@ -634,6 +638,13 @@ def _parse_redirect(value: Any, base: Path) -> tuple[str, int]:
     return (host, int(port))
 
 
+def _parse_sandbox(value: Any, base: Path) -> SandboxSettings:
+    try:
+        return sandbox.parse(value, base)
+    except sandbox.SandboxError as exc:
+        raise _KeyError(str(exc)) from None
+
+
 def _parse_proxy_from(value: Any, base: Path) -> AccessList:
     items = _parse_addr_list(value, base)
     return AccessList.parse(items, [])
@@ -671,6 +682,7 @@ SERVICE_KEYS: dict[str, Parser] = {
     "umask": _parse_umask,
     "nice": _parse_nice,
     "rlimits": _parse_rlimits,
+    "sandbox": _parse_sandbox,
     "banner": _parse_banner_file,
     "banner_text": _parse_banner_text,
     "tls": _parse_tls,
@@ -1071,6 +1083,7 @@ def _build_service(
         except ValueError as exc:
             errors.append(f"{where}.exec: {exc} (the service runs as root)")
     _check_stderr_file(values, where, errors)
+    _check_sandbox(values, where, errors, explicit="sandbox" in body)
     if len(errors) > n_before:
         return None
     return Service(name=name, listen=tuple(listen), source=label, **values)
@@ -1093,6 +1106,32 @@ def _check_stderr_file(values: dict[str, Any], where: str, errors: list[str]) ->
         errors.append(
             f"{where}.stderr: {path!r}: user {user[0]!r} may not write it "
             "(the file is opened with the service user's rights)"
+        )
+
+
+def _check_sandbox(values: dict[str, Any], where: str, errors: list[str], explicit: bool) -> None:
+    """What execve reads (the program, its shebang interpreter, the loader) must be under
+    sandbox.read: said at load and by --check, not by a service failing at each connection."""
+    box = values.get("sandbox")
+    if box is None:
+        return
+    if not explicit and values.get("builtin") is not None:
+        values.pop("sandbox")  # from defaults: meant for the programs among them
+        return
+    if values.get("no_new_privs") is False:
+        errors.append(f"{where}.no_new_privs: false: a sandbox implies no_new_privs")
+    if values.get("redirect") is not None and box.network == "none":
+        errors.append(f"{where}.sandbox.network: none: a redirect must connect to its target")
+    if not values.get("exec"):
+        if values.get("builtin") is not None:
+            errors.append(f"{where}.sandbox: needs exec (built-ins run inside pyinetd)")
+        return
+    env = dict(values.get("env", ()))
+    search = env.get("PATH") or os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+    for path in sandbox.unreadable_exec_paths(box, values["exec"][0], search):
+        errors.append(
+            f"{where}.sandbox.read: {path!r} is not under read, and exec needs it "
+            f"to start {values['exec'][0]!r}"
         )
 
 
@@ -1260,6 +1299,7 @@ _SERVICE_OUT: dict[str, Callable[[str, Any], dict[str, Any]]] = {
     "stderr_rate": lambda k, v: {k: {"lines": _number(v[0]), "bytes": _number(v[1])}},
     "socket_mode": lambda k, v: {k: f"{v:04o}"},
     "socket_user": lambda k, v: {k: v[0]},
+    "sandbox": lambda k, v: {k: v.to_dict()},
 }
 
 

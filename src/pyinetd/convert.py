@@ -1383,6 +1383,7 @@ _ORDER = (
     "umask",
     "nice",
     "rlimits",
+    "sandbox",
     "banner",
 )
 
