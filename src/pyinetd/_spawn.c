@@ -43,6 +43,7 @@
 #include <signal.h>
 #include <string.h>
 #include <time.h>
+#include <linux/filter.h>
 #include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -142,6 +143,101 @@ struct kernel_sigaction {
     unsigned long mask;
 };
 
+/* ------------------------------------------------------------------ sandbox (issue 17)
+ * A service's sandbox is prepared once, in the parent (sandbox.py): namespaces held as fds,
+ * a Landlock ruleset fd, a compiled seccomp program. The child only applies it, with raw
+ * system calls, before its exec: setns (while still root), [the user drop, where a path
+ * has one], PR_SET_NO_NEW_PRIVS, landlock_restrict_self, and the seccomp filter last, so
+ * the filter never has to allow the setup calls. */
+#ifndef SYS_landlock_restrict_self
+#define SYS_landlock_restrict_self 446 /* the same number on every architecture (5.13) */
+#endif
+#ifndef SYS_seccomp
+#define SYS_seccomp __NR_seccomp
+#endif
+#define SB_PR_SET_NO_NEW_PRIVS 38
+#define SB_SECCOMP_SET_MODE_FILTER 1
+#define SB_CLONE_NEWNS 0x00020000
+#define SB_CLONE_NEWNET 0x40000000
+#define SB_MAX_FILTER 512 /* instructions; the default filter has about 80 */
+
+struct sandbox {
+    int active;     /* 0: no sandbox (nothing below applies) */
+    int netns_fd;   /* -1: stay in pyinetd's network namespace */
+    int mntns_fd;   /* -1: stay in pyinetd's mount namespace */
+    int ruleset_fd; /* -1: no Landlock ruleset */
+    unsigned short nfilter;     /* 0: no seccomp filter */
+    struct sock_filter *filter; /* the parent's copy (vfork) or the slot's (clone) */
+};
+
+/* In the child, still root: join the prepared namespaces. 0 or -errno. */
+static long
+sandbox_enter(const struct sandbox *sb)
+{
+    long r;
+    if (!sb->active)
+        return 0;
+    if (sb->netns_fd >= 0 && (r = raw_syscall(SYS_setns, sb->netns_fd, SB_CLONE_NEWNET, 0, 0)) < 0)
+        return r;
+    /* Allowed here: a clone or vfork child shares no fs_struct (no CLONE_FS), which setns
+     * into a mount namespace requires (EINVAL otherwise). */
+    if (sb->mntns_fd >= 0 && (r = raw_syscall(SYS_setns, sb->mntns_fd, SB_CLONE_NEWNS, 0, 0)) < 0)
+        return r;
+    return 0;
+}
+
+/* In the child, after any user drop: no_new_privs, Landlock, seccomp. 0 or -errno. */
+static long
+sandbox_restrict(const struct sandbox *sb)
+{
+    long r;
+    if (!sb->active)
+        return 0;
+    /* A setuid binary can no longer raise privileges; also what lets an unprivileged
+     * process install Landlock and seccomp (EPERM otherwise). */
+    if ((r = raw_syscall5(SYS_prctl, SB_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) < 0)
+        return r;
+    if (sb->ruleset_fd >= 0 && (r = raw_syscall(SYS_landlock_restrict_self, sb->ruleset_fd, 0, 0, 0)) < 0)
+        return r;
+    if (sb->nfilter > 0) {
+        struct sock_fprog prog = {.len = sb->nfilter, .filter = sb->filter};
+        if ((r = raw_syscall(SYS_seccomp, SB_SECCOMP_SET_MODE_FILTER, 0, (long)&prog, 0)) < 0)
+            return r;
+    }
+    return 0;
+}
+
+/* sandbox=None or (netns_fd, mntns_fd, ruleset_fd, filter bytes): the filter points into
+ * the bytes object, which the caller keeps alive (vfork); start() copies it into the slot. */
+static int
+parse_sandbox(PyObject *kw, struct sandbox *sb, PyObject **filter_bytes)
+{
+    memset(sb, 0, sizeof *sb);
+    *filter_bytes = NULL;
+    PyObject *o = kw ? PyDict_GetItemString(kw, "sandbox") : NULL;
+    if (kw != NULL && PyDict_GET_SIZE(kw) > (o != NULL)) {
+        PyErr_SetString(PyExc_TypeError, "the only keyword argument is sandbox");
+        return -1;
+    }
+    if (o == NULL || o == Py_None)
+        return 0;
+    PyObject *f;
+    if (!PyArg_ParseTuple(o, "iiiS;sandbox must be (netns_fd, mntns_fd, ruleset_fd, filter)",
+                          &sb->netns_fd, &sb->mntns_fd, &sb->ruleset_fd, &f))
+        return -1;
+    Py_ssize_t n = PyBytes_GET_SIZE(f);
+    if (n % (Py_ssize_t)sizeof(struct sock_filter) != 0 ||
+        n / (Py_ssize_t)sizeof(struct sock_filter) > SB_MAX_FILTER) {
+        PyErr_SetString(PyExc_ValueError, "sandbox filter: not a whole, small sock_filter array");
+        return -1;
+    }
+    sb->active = 1;
+    sb->nfilter = (unsigned short)(n / (Py_ssize_t)sizeof(struct sock_filter));
+    sb->filter = (struct sock_filter *)PyBytes_AS_STRING(f);
+    *filter_bytes = f;
+    return 0;
+}
+
 /* What the child needs, all in memory nobody changes until the child has exec'd. */
 struct child_args {
     char **argv;
@@ -152,6 +248,7 @@ struct child_args {
     int flags;           /* SPAWN_NO_NEW_PRIVS */
     int report_fd;       /* async: where (pid, errno) goes on failure */
     volatile int *error; /* vfork: where errno goes on failure */
+    struct sandbox sb;   /* issue 17: applied before close_range (it needs its fds) */
 };
 
 /* In the child: reset signals, fds 0-2, session, no_new_privs, mask, exec. Never returns. */
@@ -190,6 +287,10 @@ child_exec(struct child_args *a)
         if (r < 0)
             goto fail;
     }
+    /* The sandbox before close_range, which would close its fds. Nothing after it (close_range,
+     * setpgid, rt_sigprocmask, execve) is in the seccomp deny list. */
+    if ((r = sandbox_enter(&a->sb)) < 0 || (r = sandbox_restrict(&a->sb)) < 0)
+        goto fail;
     /* Every other fd is close-on-exec, but the kernel closes those only late in the exec:
      * drop them now, so that a listening socket pyinetd closes meanwhile (a reload, a stop)
      * is really closed once this child is past its exec (see settle()). Kernels before 5.9
@@ -240,6 +341,7 @@ typedef struct {
     int flags;
     int nreset;
     int reset[MAX_RESET];
+    struct sandbox sb; /* from the sandbox= keyword (issue 17) */
 } call_t;
 
 static int
@@ -288,6 +390,7 @@ fill_args(struct child_args *a, const call_t *c)
     a->flags = c->flags;
     a->nreset = c->nreset;
     memcpy(a->reset, c->reset, sizeof(int) * (size_t)c->nreset);
+    a->sb = c->sb;
 }
 
 /* ------------------------------------------------------------------ vfork */
@@ -342,18 +445,24 @@ vfork_exec(const call_t *c)
 }
 
 PyDoc_STRVAR(spawn_doc,
-"spawn(argv, env, extra_env, stdin, stdout, stderr, unused, reset, flags=0) -> pid\n\n"
+"spawn(argv, env, extra_env, stdin, stdout, stderr, unused, reset, flags=0, *,\n"
+"      sandbox=None) -> pid\n\n"
 "vfork and exec argv[0] (a path) with the given fds on 0, 1 and 2, the environment\n"
 "env + extra_env (lists of KEY=value bytes), a new session, an empty signal mask\n"
 "and the signals in reset at their default; flags 1: PR_SET_NO_NEW_PRIVS. Raises\n"
-"OSError, with the child reaped, if the exec failed.");
+"OSError, with the child reaped, if the exec failed. sandbox: (netns_fd, mntns_fd,\n"
+"ruleset_fd, seccomp filter bytes), -1 and b'' for none, applied in the child before its\n"
+"exec (see sandbox.py).");
 
 static PyObject *
-spawn(PyObject *module, PyObject *args)
+spawn(PyObject *module, PyObject *args, PyObject *kw)
 {
     call_t c;
     int unused;
+    PyObject *filter;
     if (parse_call(args, &c, &unused, "O!O!O!iiiiO!|i:spawn") < 0)
+        return NULL;
+    if (parse_sandbox(kw, &c.sb, &filter) < 0)
         return NULL;
     return vfork_exec(&c);
 }
@@ -369,6 +478,7 @@ struct slot {
     char *stack;         /* STACK_SIZE, above a guard page */
     char *arena;         /* copies of argv and the environment, and their pointer arrays */
     struct child_args args;
+    struct sock_filter filter[SB_MAX_FILTER]; /* a copy of the sandbox's seccomp filter */
 };
 
 static struct slot slots[NSLOTS];
@@ -447,20 +557,37 @@ fill_slot(struct slot *s, const call_t *c)
     return 0;
 }
 
+/* The filter into the slot: the child may run after start() returned and the service's
+ * sandbox was replaced (a reload). The fds stay the parent's: Prepared.close() settles
+ * first. */
+static int
+sandbox_to_slot(struct slot *s)
+{
+    if (s->args.sb.nfilter == 0)
+        return 0;
+    memcpy(s->filter, s->args.sb.filter, (size_t)s->args.sb.nfilter * sizeof(struct sock_filter));
+    s->args.sb.filter = s->filter;
+    return 0;
+}
+
 PyDoc_STRVAR(start_doc,
-"start(argv, env, extra_env, stdin, stdout, stderr, report_fd, reset, flags=0) -> pid\n\n"
+"start(argv, env, extra_env, stdin, stdout, stderr, report_fd, reset, flags=0, *,\n"
+"      sandbox=None) -> pid\n\n"
 "As spawn(), without waiting for the exec: a failed exec is written to report_fd as two\n"
 "native ints (pid, errno) and the child exits 127. Where no slot is free, as spawn().");
 
 static PyObject *
-start(PyObject *module, PyObject *args)
+start(PyObject *module, PyObject *args, PyObject *kw)
 {
     call_t c;
     int report_fd;
+    PyObject *filter;
     if (parse_call(args, &c, &report_fd, "O!O!O!iiiiO!|i:start") < 0)
         return NULL;
+    if (parse_sandbox(kw, &c.sb, &filter) < 0)
+        return NULL;
     struct slot *s = free_slot();
-    if (s == NULL || fill_slot(s, &c) < 0)
+    if (s == NULL || fill_slot(s, &c) < 0 || sandbox_to_slot(s) < 0)
         return vfork_exec(&c);
     s->args.report_fd = report_fd;
 
@@ -564,10 +691,10 @@ prctl_(PyObject *module, PyObject *args)
 }
 
 static PyMethodDef methods[] = {
-    {"spawn", spawn, METH_VARARGS, spawn_doc},
+    {"spawn", (PyCFunction)(void (*)(void))spawn, METH_VARARGS | METH_KEYWORDS, spawn_doc},
     {"prctl", prctl_, METH_VARARGS, prctl_doc},
 #if HAVE_ASYNC
-    {"start", start, METH_VARARGS, start_doc},
+    {"start", (PyCFunction)(void (*)(void))start, METH_VARARGS | METH_KEYWORDS, start_doc},
     {"set_slots", set_slots, METH_O, set_slots_doc},
     {"settle", settle, METH_O, settle_doc},
 #endif

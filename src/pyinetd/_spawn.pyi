@@ -9,6 +9,8 @@ def spawn(
     reset: tuple[int, ...],
     flags: int = 0,
     /,
+    *,
+    sandbox: tuple[int, int, int, bytes] | None = None,
 ) -> int: ...
 def start(
     argv: list[bytes],
@@ -21,6 +23,8 @@ def start(
     reset: tuple[int, ...],
     flags: int = 0,
     /,
+    *,
+    sandbox: tuple[int, int, int, bytes] | None = None,
 ) -> int: ...
 def set_slots(n: int, /) -> None: ...
 def settle(timeout: float, /) -> bool: ...

@@ -23,7 +23,7 @@ from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
 from pyinetd.services import Listener, Services, ServiceState
-from pyinetd.spawn import Spawner, UserGone, env_dict, spawn_relay
+from pyinetd.spawn import Spawner, UserGone, env_dict
 from pyinetd.stages import UDPReply
 from pyinetd.stderrlog import StderrLog
 
@@ -133,7 +133,7 @@ class Children:
         try:
             if svc.needs_relay:
                 full_env = {**self._spawner.base_environ(svc), **env_dict(env)}
-                pid = spawn_relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
+                pid = self._spawner.relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
             else:
                 pid = self._spawner.spawn(svc, stdin, stdout, err_fd, env)
         except UserGone as exc:

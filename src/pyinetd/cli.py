@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pwd
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pyinetd import __version__
-from pyinetd.config import ConfigError, load
+from pyinetd.config import Config, ConfigError, load
 from pyinetd.listeners import ListenError
 from pyinetd.log import SYSLOG_SOCKET, setup_logging
 
@@ -58,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="run",
-        choices=["run", "status", "reload", "stop", "convert"],
+        choices=["run", "status", "reload", "stop", "convert", "security"],
         help="run (default): serve; status/reload/stop: talk to the running instance "
-        "through its control socket; convert FILE: translate inetd.conf or xinetd.conf",
+        "through its control socket; convert FILE: translate inetd.conf or xinetd.conf; "
+        "security: what contains each service, and its exposure",
     )
     parser.add_argument("file", nargs="?", help="for convert: the inetd.conf or xinetd.conf")
     parser.add_argument("-c", "--config", default="inetd.yaml", help="configuration file")
@@ -134,6 +136,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.check:
         print(f"{args.config}: ok, {len(config.services)} services")
         return EXIT_OK
+    if args.command == "security":
+        return _security(config)
     _ensure_std_fds()
     try:
         setup_logging(args.log_level, args.log_format, args.syslog)
@@ -160,6 +164,28 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"{args.config}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     return server.run(pid_file=None if worker else args.pid_file, control_path=args.control)
+
+
+def _security(config: Config) -> int:
+    """One line per service: what it runs as, what contains it, its exposure (issue 17)."""
+    from pyinetd.sandbox import describe
+
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    rows = []
+    for svc in config.services:
+        if svc.is_builtin:
+            user, nnp, box = f"{me} (built-in, inside pyinetd)", False, None
+        else:
+            user, nnp, box = (svc.user[0] if svc.user else me), svc.nnp, svc.sandbox
+        cols = describe(user.split(" ")[0], nnp, box)
+        cols["user"] = user
+        rows.append((svc.name, cols))
+    width = max((len(name) for name, _ in rows), default=0)
+    for name, cols in rows:
+        exposure = cols.pop("exposure")
+        rest = "  ".join(f"{k}={v}" for k, v in cols.items())
+        print(f"{name:<{width}}  {exposure:<12}  {rest}")
+    return EXIT_OK
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import functools
 import glob
-import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from pyinetd import fsuser, keys, schema, trust
+from pyinetd import keys, schema, trust
 from pyinetd.access import AccessList
+from pyinetd.checks import check_sandbox, check_stderr_file, check_workers, reaches
 from pyinetd.document import Marks, read_marked
 from pyinetd.parsers import (
     BUILTINS,
@@ -33,6 +33,7 @@ from pyinetd.parsers import (
     number,
     parse_listen_item,
 )
+from pyinetd.sandbox import SandboxSettings
 
 __all__ = [
     "BUILTINS",
@@ -144,6 +145,7 @@ class Service:
     umask: int | None = None
     nice: int | None = None
     rlimits: tuple[tuple[int, int], ...] = ()
+    sandbox: SandboxSettings | None = None  # issue 17; implies no_new_privs
     banner: bytes = b""
     # protocols in front of the service
     tls: TLSSettings | None = None
@@ -187,6 +189,8 @@ class Service:
     @property
     def nnp(self) -> bool:
         """Whether the child gets PR_SET_NO_NEW_PRIVS (the key, or its default)."""
+        if self.sandbox is not None:
+            return True  # a sandbox implies it (issue 17); checks.check_sandbox refuses `false`
         return self.user is not None if self.no_new_privs is None else self.no_new_privs
 
     @property
@@ -219,16 +223,6 @@ class Config:
     @property
     def enabled_services(self) -> tuple[Service, ...]:
         return tuple(s for s in self.services if s.enabled)
-
-
-def _check_workers(workers: int, max_children: int | None, label: str) -> list[str]:
-    """max_children counts every service's children: with several worker processes each
-    would count only its own, so a limit of N would let workers x N through. Refused, not
-    multiplied. (A service with its own counted limit stays with the first process.)"""
-    if workers <= 1 or max_children is None:
-        return []
-    why = f"not with workers: {workers} (each worker process counts only its own children)"
-    return [f"{label}: max_children: {why}"]
 
 
 # Keys a service (or `defaults:`) may carry, and top-level keys (besides `defaults` and
@@ -372,7 +366,7 @@ def _build(doc: Any, path: Path, marks: dict[str, Marks], with_schema: bool) -> 
             services.append(svc)
     _check_duplicates(services, label, errors)
     _check_redirect_loops(services, errors)
-    errors += _check_workers(top.get("workers", 1), top.get("max_children"), label)
+    errors += check_workers(top.get("workers", 1), top.get("max_children"), label)
     errors += flags.rest()
     if errors:
         raise ConfigError(errors, _located(errors, marks))
@@ -603,30 +597,11 @@ def _build_service(
             errors.append(f"{where}.exec: {values['exec'][0]}: {exc.strerror or exc}")
         except ValueError as exc:
             errors.append(f"{where}.exec: {exc} (the service runs as root)")
-    _check_stderr_file(values, where, errors)
+    check_stderr_file(values, where, errors)
+    check_sandbox(values, where, errors, explicit="sandbox" in body)
     if len(errors) > n_before:
         return None
     return Service(name=name, listen=tuple(listen), source=label, **values)
-
-
-def _check_stderr_file(values: dict[str, Any], where: str, errors: list[str]) -> None:
-    """`stderr: FILE` is opened with the service user's rights (issue 14.3): say at load, not
-    at each connection, when that user may not write it (or create it in its folder)."""
-    path, user = values.get("stderr"), values.get("user")
-    if path in (None, "log", "socket", "null") or user is None or user[1] == 0:
-        return
-    if os.geteuid() != 0:
-        return  # the service runs as pyinetd's own user: it opens what pyinetd may
-    with fsuser.user_rights(user, values.get("group")):
-        if os.path.lexists(path):
-            ok = os.access(path, os.W_OK, effective_ids=True)
-        else:
-            ok = os.access(os.path.dirname(path), os.W_OK | os.X_OK, effective_ids=True)
-    if not ok:
-        errors.append(
-            f"{where}.stderr: {path!r}: user {user[0]!r} may not write it "
-            "(the file is opened with the service user's rights)"
-        )
 
 
 def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
@@ -656,32 +631,6 @@ def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
             values[key] += "\r\n"
 
 
-def _local_targets(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
-    """The addresses a connection to ``host`` arrives at, for literals and localhost; None
-    for other names (not resolved at load: config.py opens no sockets)."""
-    if host == "localhost":
-        return {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")}
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if ip.is_unspecified:  # connect() to 0.0.0.0 or :: reaches the loopback address (Linux)
-        return {ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")}
-    return {ip}
-
-
-def _reaches(addr: ListenAddress, host: str, port: int) -> bool:
-    """True when a connection to host:port can arrive at a socket listening on ``addr``."""
-    targets = _local_targets(host)
-    if addr.path or addr.port != port or targets is None:
-        return False
-    if not addr.host or ipaddress.ip_address(addr.host).is_unspecified:
-        # Every address of the host: loopback certainly (other addresses of this machine
-        # are not known at load).
-        return any(t.is_loopback for t in targets)
-    return ipaddress.ip_address(addr.host) in targets
-
-
 def _check_redirect_loops(services: list[Service], errors: list[str]) -> None:
     """A redirect that reaches its own service, directly or through other redirects, is a
     loop: each relay connects to the next without end (a client built a chain of 30 relay
@@ -694,7 +643,7 @@ def _check_redirect_loops(services: list[Service], errors: list[str]) -> None:
         nexts[svc.name] = [
             other.name
             for other in redirects.values()
-            if any(_reaches(addr, host, port) for addr in other.listen)
+            if any(reaches(addr, host, port) for addr in other.listen)
         ]
     for svc in redirects.values():
         assert svc.redirect is not None

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyinetd import fsuser
+from pyinetd import fsuser, sandbox
 from pyinetd.access import AccessList
+from pyinetd.sandbox import SandboxSettings
 from pyinetd.units import format_rate, parse_duration, parse_rate, parse_size
 
 PROTOCOLS = ("tcp", "udp", "unix")
@@ -602,6 +603,17 @@ def _parse_redirect(value: Any, base: Path) -> tuple[str, int]:
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise _KeyError(f"{value!r}: expected HOST:PORT with a port 1-65535")
     return (host, int(port))
+
+
+def _parse_sandbox(value: Any, base: Path) -> SandboxSettings:
+    try:
+        return sandbox.parse(value, base)
+    except sandbox.SandboxError as exc:
+        raise _KeyError(str(exc)) from None
+
+
+def _sandbox_out(name: str, value: SandboxSettings) -> dict[str, Any]:
+    return {name: value.to_dict()}
 
 
 def _parse_proxy_from(value: Any, base: Path) -> AccessList:

@@ -458,6 +458,7 @@ def serve_connection(
     peer: str,
     settle: Callable[[Service], None],
     start: Callable[[Service, Environ, int, int], int],
+    keep: frozenset[int] = frozenset(),
 ) -> int:  # pragma: no cover - runs in the forked relay process
     """The body of a TLS or redirect service's relay process (spawn.spawn_relay forks it):
     close what the parent had open, take the service's process settings (``settle``) before
@@ -469,10 +470,12 @@ def serve_connection(
     os.dup2(stderr, 2)
     # Everything else the parent had open (listeners, other clients, its loop) is closed
     # here: a relay must not keep a closed port or another client's connection alive.
-    keep = {0, 1, 2, conn}
+    # (``keep``: the service's sandbox fds, which ``settle`` applies and which are
+    # close-on-exec.)
+    kept = {0, 1, 2, conn, *keep}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd not in keep:
+        if fd not in kept:
             with contextlib.suppress(OSError):
                 os.close(fd)
     for sig in HANDLED_SIGNALS:

@@ -55,6 +55,7 @@ from pyinetd.parsers import (
     _parse_proxy_from,
     _parse_redirect,
     _parse_rlimits,
+    _parse_sandbox,
     _parse_socket_mode,
     _parse_stderr,
     _parse_stderr_rate,
@@ -64,6 +65,7 @@ from pyinetd.parsers import (
     _parse_user,
     _rate_out,
     _rlimits_out,
+    _sandbox_out,
     _stderr_rate_out,
     _wrap,
 )
@@ -375,6 +377,79 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
             "errorMessage": "expected a mapping such as {nofile: 256, as: 512M}",
         },
         out=_rlimits_out,
+    ),
+    Key(
+        "sandbox",
+        _parse_sandbox,
+        (
+            "Contain the service's program (issue 17): Landlock filesystem rules, no network, a "
+            "private /tmp, a seccomp deny list; implies no_new_privs. Built once per service, "
+            "applied in each child before its exec. A rule this kernel cannot enforce refuses the "
+            "service."
+        ),
+        {
+            "type": "object",
+            "properties": {
+                "read": {
+                    "type": ["array", "string"],
+                    "items": {"type": "string", "minLength": 1},
+                    "minLength": 1,
+                    "errorMessage": "expected a list of paths",
+                    "description": (
+                        "Landlock: the only paths it may read and execute (the program, its "
+                        "interpreter and the loader must be under one). Absent: reads are not "
+                        "restricted."
+                    ),
+                },
+                "write": {
+                    "type": ["array", "string"],
+                    "items": {"type": "string", "minLength": 1},
+                    "minLength": 1,
+                    "errorMessage": "expected a list of paths",
+                    "description": (
+                        "Landlock: the only paths it may write (and read). Absent: writes are not"
+                        " restricted."
+                    ),
+                },
+                "network": {
+                    "description": (
+                        "none: an empty network namespace (no connect, no bind, no loopback); any"
+                        " (default): no rule. loopback is not supported yet."
+                    ),
+                    "enum": ["none", "loopback", "any"],
+                    "errorMessage": "expected none, loopback or any",
+                    "default": "any",
+                },
+                "private_tmp": {
+                    "description": "Its own empty /tmp and /var/tmp (a tmpfs each, per service).",
+                    "type": "boolean",
+                    "errorMessage": "expected true or false",
+                    "default": False,
+                },
+                "syscalls": {
+                    "description": (
+                        "default: seccomp refuses (EPERM) what no network service needs: mount, "
+                        "ptrace, bpf, kexec, module loading, reboot, swap, keyctl, namespaces, "
+                        "io_uring...; off (default): no filter."
+                    ),
+                    "enum": ["default", "off"],
+                    "errorMessage": "expected default or off",
+                    "default": "off",
+                },
+            },
+            "additionalProperties": False,
+            "examples": [
+                {
+                    "read": ["/usr", "/lib", "/srv/app"],
+                    "write": ["/var/lib/app"],
+                    "network": "none",
+                    "private_tmp": True,
+                    "syscalls": "default",
+                }
+            ],
+            "errorMessage": "expected a mapping with read, write, network, private_tmp or syscalls",
+        },
+        out=_sandbox_out,
     ),
     Key(
         "banner",

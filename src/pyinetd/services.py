@@ -32,7 +32,8 @@ from pyinetd.listeners import (
 )
 from pyinetd.log import event
 from pyinetd.loop import Loop, Timer
-from pyinetd.spawn import Spawner
+from pyinetd.sandbox import Prepared
+from pyinetd.spawn import Spawner, prepare_sandboxes
 from pyinetd.stderrlog import StderrLog
 
 if TYPE_CHECKING:
@@ -119,6 +120,7 @@ class Services:
         self.config = config
         self._loop = loop
         self._spawner = spawner
+        self._sandboxes: dict[str, Prepared] = {}  # prepared, not yet applied
         self.worker = worker  # 0: the first process; N: worker N, which serves a subset
         self._children = children  # the children table (its size, for max_children)
         self.states: dict[str, ServiceState] = {}
@@ -204,12 +206,15 @@ class Services:
             raise
         return fresh
 
-    @staticmethod
-    def prepare(config: Config) -> dict[str, ssl.SSLContext]:
+    def prepare(self, config: Config) -> dict[str, ssl.SSLContext]:
         """Everything a (re)load needs that can fail, before anything changes: each TLS
         context, built once from the files as they are now (issue 18.2: read again at apply,
-        a key swapped in between left a TLS service serving plaintext). ConfigError if any
-        fails."""
+        a key swapped in between left a TLS service serving plaintext), and each service's
+        sandbox (issue 17: a kernel that refuses one refuses the load), which apply() hands
+        to the spawner. ConfigError if any fails."""
+        for box in self._sandboxes.values():  # from a prepare whose bind then failed
+            box.close()
+        self._sandboxes = prepare_sandboxes(config.services)
         if not any(svc.tls for svc in config.services):
             return {}
         from pyinetd.tlsconf import build_contexts  # ssl only where tls is used
@@ -229,6 +234,8 @@ class Services:
         here may fail: what can was done by prepare and bind_new."""
         self.config = config
         self._spawner.forget()
+        self._spawner.install_sandboxes(self._sandboxes)
+        self._sandboxes = {}
         wanted: dict[ListenKey, Service] = {}
         for svc in config.enabled_services:
             for addr in svc.listen:

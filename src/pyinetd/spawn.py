@@ -29,6 +29,10 @@ Every one of them gives the child a session of its own. The fork path and the TL
 relay (``spawn_relay``) apply a service's process settings through one function,
 ``apply_process_settings``.
 
+A service's ``sandbox`` (sandbox.py) is prepared once per service (``Spawner.prepare``) and
+applied by the clone and vfork children (``_spawn.c``) or, on every other path, by the fork
+path (fork_exec and posix_spawn cannot apply it): ``_uses_fork`` decides, in one place.
+
 ``PYINETD_SPAWN=clone|vfork|fork_exec|posix_spawn`` picks one (tests, measurements).
 
 In all, the child gets exactly fds 0, 1 and 2: every fd Python opens is close-on-exec
@@ -48,11 +52,12 @@ import select
 import signal
 import struct
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from pyinetd import log
-from pyinetd.config import Service
+from pyinetd.config import ConfigError, Service
+from pyinetd.sandbox import Prepared, SandboxError
 from pyinetd.signals import PYTHON_IGNORED
 
 if TYPE_CHECKING:
@@ -105,7 +110,9 @@ def prctl(option: int, arg: int) -> None:  # pragma: no cover - runs in a forked
         raise OSError(err, os.strerror(err))
 
 
-def apply_process_settings(service: Service) -> None:  # pragma: no cover - forked child
+def apply_process_settings(  # pragma: no cover - forked child
+    service: Service, box: Prepared | None = None
+) -> None:
     """In a forked child, before it execs the service or (a TLS or redirect relay) reads a
     byte from the client: everything a service's process settings say, in one place, for
     every path that starts a service program.
@@ -116,9 +123,13 @@ def apply_process_settings(service: Service) -> None:  # pragma: no cover - fork
     the identity changes: raising them may need root. The identity in the order that can
     work: supplementary groups and gid while still root, the uid last (setuid(2) drops the
     right to change the others). no_new_privs after that (prctl(2)), the folder last, as the
-    service's user, who must be allowed there.
+    service's user, who must be allowed there. A sandbox (``box``, issue 17): its namespaces
+    joined while still root (setns needs CAP_SYS_ADMIN), its no_new_privs, Landlock and
+    seccomp rules last, so that the filter need not allow the setup calls.
     """
     os.setsid()
+    if box is not None:
+        box.enter()
     for res, value in service.rlimits:
         resource.setrlimit(res, (value, value))
     if service.nice is not None:
@@ -142,6 +153,8 @@ def apply_process_settings(service: Service) -> None:  # pragma: no cover - fork
         prctl(PR_SET_NO_NEW_PRIVS, 1)
     if service.cwd:
         os.chdir(service.cwd)
+    if box is not None:
+        box.restrict()
 
 
 SETTLE_TIMEOUT = 1.0  # seconds; a child takes well under a millisecond to reach its exec
@@ -269,6 +282,7 @@ class Spawner:
         self._errpoll = select.poll()
         self._reports: tuple[int, int] | None = None
         self._exec_errors: dict[int, int] = {}
+        self._sandboxes: dict[str, Prepared] = {}
         self.primitive = self._choose_primitive()
 
     def refresh_signals(self) -> None:
@@ -299,6 +313,7 @@ class Spawner:
         return True
 
     def close(self) -> None:
+        self._close_sandboxes()
         if self._errpipe is not None:
             self._errpoll.unregister(self._errpipe[0])
             for fd in self._errpipe:
@@ -371,6 +386,65 @@ class Spawner:
         """Drop cached per-service data (after a reload)."""
         self._base_env.clear()
         self._env_list.clear()
+        self._close_sandboxes()
+
+    def prepare(self, service: Service) -> Prepared | None:
+        """The service's sandbox, built at its first use (or at load, called for each service,
+        so that a kernel that cannot build it refuses the service then). Raises
+        SandboxError."""
+        if service.sandbox is None:
+            return None
+        box = self._sandboxes.get(service.name)
+        if box is None or box.settings != service.sandbox:
+            if box is not None:
+                self.settle()
+                box.close()
+            box = self._sandboxes[service.name] = Prepared(service.sandbox)
+        return box
+
+    def _box(self, service: Service) -> Prepared | None:
+        """prepare(), where a failure is an OSError for this connection: a kernel that
+        refuses now what it offered at load is logged, not raised out of the loop."""
+        if service.sandbox is None:
+            return None
+        try:
+            return self.prepare(service)
+        except SandboxError as exc:
+            raise OSError(errno.EPERM, f"sandbox: {exc}", service.argv[0]) from None
+
+    def relay(
+        self,
+        service: Service,
+        conn: int,
+        stderr: int,
+        env: Environ,
+        ctx: ssl.SSLContext | None,
+        peer: str,
+    ) -> int:
+        """spawn_relay() with the service's sandbox: it contains the relay (which parses
+        the client's handshake) and so the program the relay starts."""
+        return spawn_relay(service, conn, stderr, env, ctx, peer, self._box(service))
+
+    def install_sandboxes(self, boxes: dict[str, Prepared]) -> None:
+        """Use ``boxes`` (from prepare_sandboxes, at a (re)load) from now on; the previous
+        ones are closed once no child is before its exec."""
+        self._close_sandboxes()
+        self._sandboxes.update(boxes)
+
+    def _close_sandboxes(self) -> None:
+        if self._sandboxes:
+            self.settle()  # a clone child before its exec may still setns to these fds
+            for box in self._sandboxes.values():
+                box.close()
+            self._sandboxes.clear()
+
+    def _uses_fork(self, service: Service) -> bool:
+        """The one place that decides: the fork path, or the primitive (``self.primitive``)."""
+        if needs_fork(service):
+            return True
+        # Only pyinetd's own children (_spawn.c) apply a sandbox; fork_exec and posix_spawn
+        # cannot, so a sandboxed service takes the fork path there.
+        return service.sandbox is not None and self.primitive not in ("clone", "vfork")
 
     def spawn(
         self,
@@ -386,7 +460,8 @@ class Spawner:
         knows at once (a vfork parent resumes only after the child exec'd or died); a
         clone child that cannot exec exits 127 and ``exec_error(pid)`` tells why.
         """
-        fork = needs_fork(service)
+        fork = self._uses_fork(service)
+        box = self._box(service)
         flags = NO_NEW_PRIVS if service.nnp else 0
         # The C primitives execute argv[0]: a separate argv0 takes the Python paths.
         native = not fork and service.argv0 is None
@@ -396,11 +471,17 @@ class Spawner:
                 # Both ends non-blocking: a child must never wait on a full pipe.
                 self._reports = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             assert _START is not None
+            if box is not None:
+                return _START(bargv, envl, extra_env, stdin, stdout, stderr, self._reports[1],
+                              self._handled, flags, sandbox=box.c_arg)  # fmt: skip
             return _START(bargv, envl, extra_env, stdin, stdout, stderr, self._reports[1],
                           self._handled, flags)  # fmt: skip
         if self.primitive == "vfork" and native:
             bargv, envl = self._exec_lists(service)
             assert _VFORK is not None
+            if box is not None:
+                return _VFORK(bargv, envl, extra_env, stdin, stdout, stderr, -1, self._handled,
+                              flags, sandbox=box.c_arg)  # fmt: skip
             return _VFORK(bargv, envl, extra_env, stdin, stdout, stderr, -1, self._handled, flags)
         # Neither fork_exec nor posix_spawn can set no_new_privs: the fork path does.
         fork = fork or service.nnp
@@ -413,7 +494,7 @@ class Spawner:
         env.update(env_dict(extra_env))
         argv = service.argv
         if fork:
-            return self._fork_exec(service, argv, env, stdin, stdout, stderr)
+            return self._fork_exec(service, argv, env, stdin, stdout, stderr, box)
         return os.posix_spawn(
             service.program,
             argv,
@@ -491,9 +572,30 @@ class Spawner:
         stdin: int,
         stdout: int,
         stderr: int,
+        box: Prepared | None = None,
     ) -> int:
         sigdef = self._sigdef
-        return _fork(lambda: _child_exec(service, argv, env, stdin, stdout, stderr, sigdef))
+        return _fork(lambda: _child_exec(service, argv, env, stdin, stdout, stderr, sigdef, box))
+
+
+def prepare_sandboxes(services: Iterable[Service]) -> dict[str, Prepared]:
+    """Each sandboxed service's sandbox, built before a (re)load changes anything, so that one
+    the kernel refuses (no namespaces for pyinetd's user, a path gone) refuses the
+    configuration: ConfigError naming file, service and key; nothing stays open then."""
+    boxes: dict[str, Prepared] = {}
+    errors: list[str] = []
+    for svc in services:
+        if svc.sandbox is None or not svc.enabled or svc.is_builtin:
+            continue
+        try:
+            boxes[svc.name] = Prepared(svc.sandbox)
+        except (SandboxError, OSError) as exc:
+            errors.append(f"{svc.source}: services.{svc.name}.sandbox: cannot prepare: {exc}")
+    if errors:
+        for box in boxes.values():
+            box.close()
+        raise ConfigError(errors)
+    return boxes
 
 
 def spawn_relay(
@@ -503,6 +605,7 @@ def spawn_relay(
     env: Environ,
     ctx: ssl.SSLContext | None,
     peer: str,
+    box: Prepared | None = None,
 ) -> int:
     """Fork a relay process for a TLS or redirect service; returns its pid.
 
@@ -526,7 +629,15 @@ def spawn_relay(
             from pyinetd import relay, tlsconf  # noqa: F401
 
             code = relay.serve_connection(
-                service, conn, stderr, env, ctx, peer, _settle_relay, _start_behind_relay
+                service,
+                conn,
+                stderr,
+                env,
+                ctx,
+                peer,
+                lambda svc: _settle_relay(svc, box),
+                _start_behind_relay,
+                keep=_box_fds(box),
             )
         except BaseException as exc:
             with contextlib.suppress(OSError):
@@ -537,13 +648,23 @@ def spawn_relay(
     return _fork(child)
 
 
-def _settle_relay(service: Service) -> None:  # pragma: no cover - in the relay process
+def _box_fds(box: Prepared | None) -> frozenset[int]:
+    """The sandbox's fds, which a relay keeps open until it applies the sandbox."""
+    if box is None:
+        return frozenset()
+    return frozenset(fd for fd in (box.netns_fd, box.mntns_fd, box.ruleset_fd) if fd >= 0)
+
+
+def _settle_relay(
+    service: Service, box: Prepared | None = None
+) -> None:  # pragma: no cover - in the relay process
     """The service's session, limits and identity for a relay, and no core dumps: the relay
     holds the TLS key in its memory, so that no other process of the service's user may
     ptrace it or read /proc/PID/mem. (The kernel does this on the uid change anyway unless
     fs.suid_dumpable says otherwise; a relay that keeps root's uid is covered too.) The
-    program the relay execs is dumpable again, and holds no key."""
-    apply_process_settings(service)
+    program the relay execs is dumpable again, and holds no key. A sandbox contains the
+    relay (it parses the client's handshake) and so the program it starts."""
+    apply_process_settings(service, box)
     prctl(PR_SET_DUMPABLE, 0)
 
 
@@ -612,6 +733,7 @@ def _child_exec(
     stdout: int,
     stderr: int,
     sigdef: tuple[signal.Signals, ...],
+    box: Prepared | None = None,
 ) -> None:  # pragma: no cover - child side
     """In the forked child: set up fds and process settings, exec; never returns."""
     try:
@@ -621,7 +743,7 @@ def _child_exec(
         os.dup2(stderr, 2)
         os.dup2(stdin, 0)
         os.dup2(stdout, 1)
-        apply_process_settings(service)
+        apply_process_settings(service, box)
         for sig in signal.valid_signals():
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
                 with contextlib.suppress(OSError, ValueError):
