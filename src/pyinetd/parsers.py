@@ -9,7 +9,6 @@ may write) through trust.py and fsuser.py, never at the runtime.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import grp
 import ipaddress
 import math
@@ -19,7 +18,7 @@ import re
 import resource
 import shlex
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 from pyinetd import fsuser, sandbox
 from pyinetd.access import AccessList
 from pyinetd.sandbox import SandboxSettings
+from pyinetd.suggest import unknown_key
 from pyinetd.units import format_rate, parse_duration, parse_rate, parse_size
 
 PROTOCOLS = ("tcp", "udp", "unix")
@@ -79,12 +79,6 @@ class TLSSettings:
 
 
 TLS_VERSIONS = ("1.2", "1.3")
-
-
-def unknown_key(key: str, known: Sequence[str]) -> str:
-    """'unknown key', with the nearest known key as a suggestion when there is one."""
-    near = difflib.get_close_matches(key, list(known), n=1)
-    return "unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
 
 
 _unknown = unknown_key

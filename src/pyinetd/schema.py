@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pyinetd import keys
-from pyinetd.parsers import unknown_key
+from pyinetd.suggest import unknown_key
 
 if TYPE_CHECKING:  # jsonschema is imported only when a configuration has an error (config.py)
     from jsonschema import Draft202012Validator, ValidationError
