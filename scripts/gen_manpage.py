@@ -6,7 +6,8 @@
 pyinetd(8) comes from the argparse parser (options, arguments, exit codes) plus the sections a
 daemon's page needs (commands, signals, files, environment); pyinetd.yaml(5) comes from the JSON
 Schema (src/pyinetd/schema.json), the one list of every configuration key with its description,
-default, accepted values and examples. tests/test_packaging.py checks both are current.
+default, accepted values and examples, built from the key declarations (src/pyinetd/keys.py).
+tests/test_packaging.py checks both are current.
 
 Own generator rather than argparse-manpage: that one reflows the YAML example of the description
 (no .nf) and stamps the build date, so the committed page would change on every run.
@@ -24,7 +25,7 @@ from typing import Any
 
 from pyinetd import __version__
 from pyinetd.cli import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, build_parser
-from pyinetd.schema import load_schema
+from pyinetd.schema import build_schema
 from pyinetd.spawn import PRIMITIVES
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
@@ -372,7 +373,7 @@ def pages() -> dict[Path, str]:
     """Each shipped page's path and its current text."""
     return {
         CONTRIB / "pyinetd.8": render(build_parser()),
-        CONTRIB / "pyinetd.yaml.5": render_config(load_schema()),
+        CONTRIB / "pyinetd.yaml.5": render_config(build_schema()),
     }
 
 

@@ -16,13 +16,12 @@ from pyinetd.admission import (
     AccessList,
     Network,
     TokenBucket,
+    in_access_times,
     parse_access_entry,
-    parse_duration,
-    parse_rate,
-    parse_size,
     source_key,
 )
 from pyinetd.log import LogLimiter
+from pyinetd.units import parse_duration, parse_rate, parse_size
 
 # ---------------------------------------------------------------- AccessList: parsing
 
@@ -791,3 +790,15 @@ def test_admit_refuses_datagrams_that_would_loop() -> None:
     assert admit(echo.service, echo, "127.0.0.1", False, 0.0, True, 19, ours)[0] == "loop"
     assert admit(cat.service, cat, "127.0.0.1", False, 0.0, True, 19, ours)[0] is None
     assert admit(echo.service, echo, "127.0.0.1", False, 0.0, True, 40000, ours)[0] is None
+
+
+# ---------------------------------------------------------------- access_times, max_load
+
+
+@pytest.mark.parametrize(
+    ("minute", "inside"),
+    [(479, False), (480, True), (720, True), (721, False), (1320, True), (0, True), (121, False)],
+)
+def test_access_times_include_both_ends_and_may_pass_midnight(minute: int, inside: bool) -> None:
+    # 08:00-12:00 and 22:00-02:00, as xinetd's access_times: 12:00 is in, 12:01 is not.
+    assert in_access_times(((480, 720), (1320, 120)), minute) is inside

@@ -162,7 +162,7 @@ def test_check_exit_codes(tmp_path: Path) -> None:
         [sys.executable, "-m", "pyinetd", "-c", str(bad), "--check"], capture_output=True, text=True
     )
     assert no.returncode == 2
-    assert no.stderr == f"{bad}: services.e.listen: '70000': port must be 1-65535\n"
+    assert no.stderr == f"{bad}:2:7: services.e.listen: '70000': port must be 1-65535\n"
 
 
 def test_shipped_config_is_valid() -> None:
@@ -253,3 +253,150 @@ def test_rlimits_in_range_are_kept(tmp_path: Path) -> None:
         resource.RLIMIT_NOFILE: 64,
         resource.RLIMIT_AS: resource.RLIM_INFINITY,
     }
+
+
+# ---------------------------------------------------------------- errors name file:line:column
+
+
+def lines_of(path: Path) -> list[str]:
+    """The errors as --check prints them, with the folder left out."""
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    return [e.replace(f"{path.parent}/", "") for e in info.value.lines]
+
+
+def test_every_error_names_the_line_and_column_of_its_key_or_list_entry(tmp_path: Path) -> None:
+    # Issue 16: only syntax errors had a position; a wrong type or a bad entry had none.
+    path = write(
+        tmp_path,
+        "services:\n"
+        "  two:\n"
+        "    listen: 127.0.0.1:7302\n"
+        "    exec: [/nonexistent/prog]\n"
+        "  three:\n"
+        "    listen: 127.0.0.1:7303\n"
+        "    allow: [10.0.0.0/33, 192.168.1.300, '::1/129']\n"
+        "    timeout: yes\n"
+        "    env: {A: b, C: [1]}\n",
+    )
+    assert lines_of(path) == [
+        "inetd.yaml:4:12: services.two.exec: /nonexistent/prog: no such file",
+        "inetd.yaml:7:13: services.three.allow: '10.0.0.0/33': not an address or network",
+        "inetd.yaml:7:26: services.three.allow: '192.168.1.300': not an address or network",
+        "inetd.yaml:7:41: services.three.allow: '::1/129': not an address or network",
+        # `yes` is YAML's true: said in the file's terms, not Python's `True`
+        "inetd.yaml:8:5: services.three.timeout: a boolean: expected a duration >= 0 such as "
+        "30, '30s', '500ms' or '5m'",
+        "inetd.yaml:9:17: services.three.env: C: [1]: expected text",
+    ]
+
+
+def test_a_service_given_twice_in_one_file_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    # YAML keeps the last of two equal keys: the first service vanished and --check said ok.
+    path = write(
+        tmp_path,
+        "services:\n"
+        "  one: {listen: 127.0.0.1:7301}\n"
+        "  two: {listen: 127.0.0.1:7302, wait: false, wait: true}\n"
+        "  one: {listen: 127.0.0.1:7304}\n",
+    )
+    assert lines_of(path) == [
+        "inetd.yaml:4:3: services.one: given twice, on lines 2 and 4",
+        "inetd.yaml:3:46: services.two.wait: given twice, on lines 3 and 3",
+    ]
+
+
+def test_errors_in_an_included_file_name_its_lines(tmp_path: Path) -> None:
+    (tmp_path / "conf.d").mkdir()
+    write(
+        tmp_path / "conf.d",
+        "services:\n  x: {listen: 7401}\n  y:\n    listen: 127.0.0.1:7402\n    nice: 40\n"
+        "  x: {listen: 7403}\n",
+        "x.yaml",
+    )
+    path = write(tmp_path, "include: conf.d/*.yaml\n")
+    assert lines_of(path) == [
+        "conf.d/x.yaml:6:3: services.x: given twice, on lines 2 and 6",
+        "conf.d/x.yaml:5:5: services.y.nice: 40: expected a number from -20 to 19",
+    ]
+
+
+def test_toml_errors_name_the_line_found_by_scanning_the_text(tmp_path: Path) -> None:
+    # tomllib gives no positions; a light scan of the text finds the keys and list entries.
+    path = write(
+        tmp_path,
+        'workers = 1\n\n[services.one]\nlisten = "127.0.0.1:7301"\n'
+        'allow = ["10.0.0.0/33", "10.0.0.1", "1.2.3.400"]\n\n'
+        '[services."two"]\nlisten = "127.0.0.1:7302"\nenv = { A = "b", C = true }\n',
+        "inetd.toml",
+    )
+    assert lines_of(path) == [
+        "inetd.toml:5:10: services.one.allow: '10.0.0.0/33': not an address or network",
+        "inetd.toml:5:37: services.one.allow: '1.2.3.400': not an address or network",
+        "inetd.toml:9:18: services.two.env: C: a boolean: expected text",
+    ]
+
+
+def test_check_prints_the_positions(tmp_path: Path) -> None:
+    path = write(tmp_path, "services:\n  e:\n    listen: 7007\n    wait: 'yes'\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "-c", str(path), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert (out.returncode, out.stderr) == (
+        2,
+        f"{path}:4:5: services.e.wait: 'yes': expected true or false\n",
+    )
+
+
+def test_argv0_is_for_services_that_start_a_program(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "defaults: {argv0: httpd}\n"
+        "services:\n"
+        "  www: {listen: 7008, exec: [/bin/cat, -u]}\n"
+        "  echo: {listen: 7009}\n",
+    )
+    www, echo = load(path).services
+    assert (www.exec[1:], www.argv0, echo.argv0) == (("-u",), "httpd", None)
+    assert errors_of(tmp_path, "services:\n  e: {listen: 7007, builtin: echo, argv0: x}\n") == [
+        "inetd.yaml: services.e.argv0: only with exec (the argv[0] of the program it starts)"
+    ]
+
+
+def test_interface_access_times_load_and_socket_option_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "defaults: {keepalive: true, nodelay: true, interface: lo}\n"
+        "services:\n"
+        "  t:\n"
+        "    listen: 127.0.0.1:7010\n"
+        "    access_times: '08:00-12:00 22:00-02:00'\n"
+        "    max_load: 4\n"
+        "    send_buffer: 256k\n"
+        "    receive_buffer: 65536\n"
+        "  u: {listen: 127.0.0.1:7011, protocol: udp}\n"
+        "  x: {listen: x.sock, protocol: unix}\n",
+    )
+    t, u, x = load(path).services
+    assert (t.interface, t.access_times, t.max_load) == ("lo", ((480, 720), (1320, 120)), 4.0)
+    assert (t.keepalive, t.nodelay, t.send_buffer, t.receive_buffer) == (True, True, 262144, 65536)
+    # From defaults, what does not apply to a protocol is left out; given there, it is an error.
+    assert (u.interface, u.keepalive, u.nodelay) == ("lo", False, False)
+    assert (x.interface, x.keepalive) == (None, False)
+    assert errors_of(
+        tmp_path,
+        "services:\n"
+        "  u: {listen: 7012, protocol: udp, nodelay: true, access_times: '8:00-9:00 9:60-10:00'}\n"
+        "  t: {listen: 7013, interface: 'a/b', max_load: 0, send_buffer: 1T, keepalive: 1}\n",
+    ) == [
+        "inetd.yaml: services.u.access_times: '9:60-10:00': expected HH:MM-HH:MM, 00:00 to 24:00",
+        "inetd.yaml: services.u.nodelay: only for protocol tcp",
+        "inetd.yaml: services.t.interface: 'a/b': expected a network interface name such as lo "
+        "or eth0",
+        "inetd.yaml: services.t.max_load: 0: expected a load average such as 4 or 2.5",
+        "inetd.yaml: services.t.send_buffer: '1T': expected a size in bytes such as 65536 or "
+        "'256k'",
+        "inetd.yaml: services.t.keepalive: 1: expected true or false",
+    ]

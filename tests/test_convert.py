@@ -18,6 +18,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyinetd.config import load
 from pyinetd.convert import (
     Conversion,
     ConvertWarning,
@@ -26,52 +27,19 @@ from pyinetd.convert import (
     convert_xinetd_conf,
     dump,
 )
+from pyinetd.keys import SERVICE_KEYS as DECLARED_SERVICE_KEYS
+from pyinetd.parsers import BUILTINS as BUILTIN_NAMES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SERVICES = FIXTURES / "services"
 XINETD_ROOT = FIXTURES / "xinetd-root"
 
-# The configuration keys of pyinetd (HELPERS.md, "The configuration interface").
+# The configuration keys of pyinetd: their declarations (keys.py).
 TOP_KEYS = {"max_children", "include", "defaults", "services"}
-SERVICE_KEYS = {
-    "listen",
-    "protocol",
-    "builtin",
-    "exec",
-    "wait",
-    "enabled",
-    "user",
-    "group",
-    "max_connections",
-    "on_limit",
-    "busy_message",
-    "per_source",
-    "per_source_prefix",
-    "rate",
-    "burst",
-    "rate_pause",
-    "allow",
-    "deny",
-    "deny_message",
-    "timeout",
-    "env",
-    "env_clear",
-    "cwd",
-    "umask",
-    "nice",
-    "rlimits",
-    "banner",
-    "banner_text",
-    "stderr",
-    "redirect",
-    "tls",
-    "proxy_protocol",
-    "proxy_from",
-    "proxy_timeout",
-}
+SERVICE_KEYS = set(DECLARED_SERVICE_KEYS)
 RLIMIT_KEYS = {"as", "cpu", "nofile", "nproc", "core", "fsize", "data", "stack"}
 TLS_KEYS = {"cert", "key", "client_ca", "min_version", "handshake_timeout"}
-BUILTINS = {"echo", "discard", "chargen", "daytime", "time"}
+BUILTINS = set(BUILTIN_NAMES)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -388,19 +356,31 @@ def test_inetd_tcpd_wrapper_is_unwrapped(tmp_path: Path) -> None:
     assert lines_with(conv, "without a program to wrap") == [3]
 
 
-def test_inetd_argv0_dropped_and_warned_when_different(tmp_path: Path) -> None:
+def test_inetd_argv0_kept_as_argv0_when_it_is_not_the_program_name(tmp_path: Path) -> None:
+    # Issue 16: `/bin/busybox httpd -i` became exec: [/bin/busybox, -i]: the applet was gone.
     conv = inetd(
         tmp_path,
         "telnet stream tcp nowait root /usr/sbin/in.telnetd in.telnetd\n"
         "tftp dgram udp wait root /usr/sbin/in.tftpd /usr/sbin/in.tftpd -s /srv/tftp\n"
         "rsync stream tcp nowait root /usr/bin/rsync rsyncd --daemon\n"
-        "finger stream tcp nowait root /usr/sbin/in.fingerd\n",
+        "finger stream tcp nowait root /usr/sbin/in.fingerd\n"
+        "8080 stream tcp nowait root /bin/busybox httpd -i -h /srv/www\n",
     )
     assert svc(conv, "telnet")["exec"] == ["/usr/sbin/in.telnetd"]
     assert svc(conv, "tftp")["exec"] == ["/usr/sbin/in.tftpd", "-s", "/srv/tftp"]
     assert svc(conv, "rsync")["exec"] == ["/usr/bin/rsync", "--daemon"]
+    assert svc(conv, "rsync")["argv0"] == "rsyncd"
     assert svc(conv, "finger")["exec"] == ["/usr/sbin/in.fingerd"]
-    assert lines_with(conv, "argv[0]") == [3]
+    assert svc(conv, "8080")["exec"] == ["/bin/busybox", "-i", "-h", "/srv/www"]
+    assert svc(conv, "8080")["argv0"] == "httpd"
+    assert [s.get("argv0") for s in conv.config["services"].values()] == [
+        None,
+        None,
+        "rsyncd",
+        None,
+        "httpd",
+    ]
+    assert lines_with(conv, "argv[0]") == []
 
 
 def test_inetd_comments_blank_lines_and_update_inetd_off_entries(tmp_path: Path) -> None:
@@ -440,10 +420,16 @@ def test_inetd_unsupported_lines_warn_with_line_numbers(tmp_path: Path) -> None:
     assert "TCPMUX" in conv.warnings[7].message
 
 
-def test_inetd_socket_buffer_options_warn(tmp_path: Path) -> None:
-    conv = inetd(tmp_path, "echo stream tcp,rcvbuf=64k,sndbuf=1m nowait root internal\n")
-    assert svc(conv, "echo")["protocol"] == "tcp"
-    assert len(lines_with(conv, "socket option")) == 2
+def test_inetd_socket_buffer_options_become_buffer_keys(tmp_path: Path) -> None:
+    conv = inetd(
+        tmp_path,
+        "echo stream tcp,rcvbuf=64k,sndbuf=1m nowait root internal\n"
+        "discard stream tcp,rcvbuf=lots,other=1 nowait root internal\n",
+    )
+    echo = svc(conv, "echo")
+    assert (echo["protocol"], echo["receive_buffer"], echo["send_buffer"]) == ("tcp", "64k", "1m")
+    assert "receive_buffer" not in svc(conv, "discard")
+    assert lines_with(conv, "socket option") == [2, 2]
 
 
 def test_inetd_same_service_on_two_protocols_named_apart(tmp_path: Path) -> None:
@@ -505,8 +491,8 @@ def test_inetd_fixture_with_package_lines() -> None:
     ]
     assert lines_with(conv, "tcpd wrapper") == [17, 19, 28, 32, 49, 51]
     assert lines_with(conv, "RPC service rstatd/1-5") == [43]
-    assert lines_with(conv, "argv[0] 'rsyncd'") == [55]
-    assert len(conv.warnings) == 8
+    assert services["rsync"]["argv0"] == "rsyncd"
+    assert len(conv.warnings) == 7
 
 
 # --------------------------------------------------------------------------- xinetd
@@ -688,10 +674,12 @@ def test_xinetd_attribute_mapping(tmp_path: Path) -> None:
         "nice": -5,
         "rlimits": {"as": "8M", "cpu": 20, "data": 524288, "stack": "8M"},
         "banner": "/etc/issue.net",
+        "access_times": "2:00-9:00 12:00-24:00",
+        "nodelay": True,
     }
     warned = sorted(w.line for w in conv.warnings)
-    # passenv, rlimit_rss, log_type, log_on_success, log_on_failure, access_times, NODELAY
-    assert warned == [15, 21, 24, 25, 26, 27, 29]
+    # passenv, rlimit_rss, log_type, log_on_success, log_on_failure
+    assert warned == [15, 21, 24, 25, 26]
     assert all(w.file == str(tmp_path / "xinetd.conf") for w in conv.warnings)
 
 
@@ -846,7 +834,7 @@ def test_xinetd_nameinargs_with_tcpd(tmp_path: Path) -> None:
     assert svc(conv, "telnet")["exec"] == ["/usr/sbin/in.telnetd", "-h"]
     assert svc(conv, "rsync")["exec"] == ["/usr/bin/rsync", "--daemon"]
     assert lines_with(conv, "tcp wrappers") == [8]
-    assert lines_with(conv, "argv[0] 'rsyncd'") == [17]
+    assert svc(conv, "rsync")["argv0"] == "rsyncd"
 
 
 def test_xinetd_tcpd_without_nameinargs(tmp_path: Path) -> None:
@@ -1402,3 +1390,39 @@ def test_include_of_something_not_a_file_is_skipped(tmp_path: Path, target: str)
     ]
     with pytest.raises(OSError, match="not a regular file"):
         convert_file(Path(target))
+
+
+def test_xinetd_bind_to_an_interface_access_times_load_and_socket_options(tmp_path: Path) -> None:
+    # Issue 16: `bind = lo` became listen: lo:7, which --check then refused; access_times,
+    # max_load, KEEPALIVE, NODELAY, rcvbuf and sndbuf were dropped with a warning.
+    conv = xinetd(
+        tmp_path,
+        service_block(
+            "type = INTERNAL\nsocket_type = stream\nwait = no\nbind = lo\n"
+            "access_times = 08:00-12:00 13:00-17:00\nmax_load = 2.5\nflags = KEEPALIVE NODELAY\n"
+            "rcvbuf = 65536\nsndbuf = 128k",
+            "echo",
+        )
+        + service_block(
+            "type = INTERNAL\nsocket_type = dgram\nprotocol = udp\nwait = yes\n"
+            "access_times = 25:00-26:00\nflags = NODELAY",
+            "time",
+        ),
+    )
+    echo = svc(conv, "echo")
+    assert (echo["listen"], echo["interface"]) == ("0.0.0.0:7", "lo")
+    assert (echo["access_times"], echo["max_load"]) == ("08:00-12:00 13:00-17:00", 2.5)
+    assert (echo["keepalive"], echo["nodelay"]) == (True, True)
+    assert (echo["receive_buffer"], echo["send_buffer"]) == ("65536", "128k")
+    time = svc(conv, "time")
+    assert not {"access_times", "nodelay"} & set(time)
+    assert [w.message.split(": ", 1)[1] for w in conv.warnings] == [
+        "bad access_times '25:00-26:00'; ignored",
+        "flag NODELAY is for tcp; ignored",
+    ]
+    # What convert writes passes --check.
+    out = tmp_path / "converted.yaml"
+    out.write_text(dump(conv, "yaml"))
+    cfg = load(out)
+    assert [s.interface for s in cfg.services] == ["lo", None]
+    assert cfg.services[0].access_times == ((480, 720), (780, 1020))

@@ -265,18 +265,19 @@ def test_unix_socket_mode_and_owner_let_that_user_connect(
 
 def test_socket_keys_refused_where_there_is_no_socket_file(tmp_path: Path) -> None:
     conf = tmp_path / "inetd.yaml"
+    port = free_port()
     conf.write_text(
         "services:\n"
         "  a: {listen: '@pyinetd-test', protocol: unix, exec: /bin/cat, socket_mode: '0600'}\n"
-        f"  t: {{listen: {free_port()}, exec: /bin/cat, socket_group: 0}}\n"
+        f"  t: {{listen: {port}, exec: /bin/cat, socket_group: 0}}\n"
     )
     out = cli("-c", str(conf), "--check")
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
-        f"{conf}: services.a.socket_mode: only for a unix socket file (an abstract @name has "
+        f"{conf}:2:64: services.a.socket_mode: only for a unix socket file (an abstract @name has "
         "no file and any local user can connect to it)",
-        f"{conf}: services.t.socket_group: only for a unix socket file (an abstract @name has "
-        "no file and any local user can connect to it)",
+        f"{conf}:3:{len(str(port)) + 33}: services.t.socket_group: only for a unix socket file "
+        "(an abstract @name has no file and any local user can connect to it)",
     ]
 
 
@@ -304,14 +305,16 @@ def test_stderr_file_the_service_user_may_not_write_is_a_load_error(
     logs = tmp_path / "logs"  # root's, 0755: the service's user cannot create err.log there
     logs.mkdir(mode=0o755)
     conf = tmp_path / "inetd.yaml"
-    conf.write_text(
-        f"services:\n  s: {{listen: {free_port()}, exec: /bin/cat, user: {local_user.name}, "
-        f"stderr: {logs}/err.log}}\n"
+    line = (
+        f"  s: {{listen: {free_port()}, exec: /bin/cat, user: {local_user.name}, "
+        f"stderr: {logs}/err.log}}"
     )
+    conf.write_text(f"services:\n{line}\n")
     out = cli("-c", str(conf), "--check")
     assert (out.returncode, out.stderr) == (
         2,
-        f"{conf}: services.s.stderr: '{logs}/err.log': user '{local_user.name}' may not write "
+        f"{conf}:2:{line.index('stderr:') + 1}: services.s.stderr: "
+        f"'{logs}/err.log': user '{local_user.name}' may not write "
         "it (the file is opened with the service user's rights)\n",
     )
 

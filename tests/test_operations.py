@@ -98,7 +98,7 @@ def test_bad_reload_keeps_the_old_config_serving(inetd: Start) -> None:
     p.path.write_text("services:\n  e: {listen: '127.0.0.1:70000'}\n")
     p.signal(signal.SIGHUP)
     p.wait_log(
-        r"reload failed, keeping the running configuration: .*inetd\.yaml: "
+        r"reload failed, keeping the running configuration: .*inetd\.yaml:2:7: "
         r"services\.e\.listen: '127\.0\.0\.1:70000': port must be 1-65535"
     )
     assert tcp_talk(port, b"still") == b"still"
@@ -180,7 +180,7 @@ def test_include_merges_drop_ins_and_names_both_files_on_a_clash(
     )
     out = cli("-c", str(p.path), "--check")
     assert out.returncode == 2
-    assert out.stderr == (f"{tmp_path}/conf.d/c.yaml: services.a: already defined in {p.path}\n")
+    assert out.stderr == f"{tmp_path}/conf.d/c.yaml:2:3: services.a: already defined in {p.path}\n"
 
 
 def test_control_status_json_and_table(inetd: Start) -> None:

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from pyinetd import config, schema
+from pyinetd import config, keys, schema
 from pyinetd.cli import main
 from pyinetd.config import Config, ConfigError, load, to_dict
 from pyinetd.convert import Conversion, dump
@@ -106,7 +106,7 @@ def test_validate_words_errors_like_config_py() -> None:
         "inetd.yaml: services.echo.usr: unknown key (did you mean 'user'?)",
         "inetd.yaml: services.echo.wait: 'yes': expected true or false",
         "inetd.yaml: services.x.env: 'A=B': not a valid environment variable name",
-        "inetd.yaml: services.x.env: C: True: expected text",
+        "inetd.yaml: services.x.env: C: a boolean: expected text",
         "inetd.yaml: services.x.exec: give either exec or builtin, not both",
         "inetd.yaml: services.x.listen: missing (e.g. listen: 127.0.0.1:7007)",
     ]
@@ -125,7 +125,7 @@ def test_validate_nested_keys_and_list_items() -> None:
     }
     assert schema_errors(doc) == [
         "inetd.yaml: include: 3: expected a glob pattern or a list of them",
-        "inetd.yaml: services.t.listen: True: expected HOST:PORT, [IPV6]:PORT or PORT "
+        "inetd.yaml: services.t.listen: a boolean: expected HOST:PORT, [IPV6]:PORT or PORT "
         "(port 1-65535)",
         "inetd.yaml: services.t.rlimits: nofile: 'lots': expected a whole size such as 100, "
         "'64k', '512M', '1G' or 'unlimited'",
@@ -146,6 +146,19 @@ def test_shipped_config_names_the_schema_on_its_first_line() -> None:
     assert first == "# yaml-language-server: $schema=src/pyinetd/schema.json"
     shipped = json.loads((REPO / "src/pyinetd/schema.json").read_text())
     assert shipped == schema.load_schema()
+
+
+def test_shipped_schema_is_generated_from_the_key_declarations() -> None:
+    # schema.json is not edited by hand: `python -m pyinetd.schema > src/pyinetd/schema.json`.
+    shipped = (REPO / "src/pyinetd/schema.json").read_text(encoding="utf-8")
+    assert shipped == schema.schema_text(), "python -m pyinetd.schema > src/pyinetd/schema.json"
+
+
+def test_every_service_field_is_filled_by_a_declared_key() -> None:
+    # Service, the parsers and --print-config agree: each field comes from one declared key.
+    targets = {k.target for k in keys.SERVICE_KEYS.values()}
+    fields = {f.name for f in dataclasses.fields(config.Service)} - {"name", "source"}
+    assert fields == targets - {None}
 
 
 def test_build_reports_schema_errors_in_file_order_among_semantic_ones(tmp_path: Path) -> None:
@@ -415,13 +428,32 @@ def test_print_config_applies_defaults_resolves_paths_and_merges_includes(tmp_pa
                 "listen": "7101",
                 "exec": [str(Path("/bin/cat").resolve())],
                 **common,
-                "rate": 10,
+                "rate": "10/s",
                 "umask": "027",
                 "banner_text": "hello\n",
             },
             "b": {"listen": "7102", "builtin": "echo", **common, "banner_text": "hello\n"},
         }
     }
+
+
+def test_print_config_keeps_names_rate_units_and_unresolved_paths(tmp_path: Path) -> None:
+    # Issue 16: group: nogroup came back as 65534, rate: 100/min as 1.6666666666666667 and
+    # /bin/cat as /usr/bin/cat (a symlink resolved). What runs is still the resolved program.
+    link = tmp_path / "prog"
+    link.symlink_to("/bin/cat")
+    (tmp_path / "inetd.yaml").write_text(
+        "services:\n"
+        "  a: {listen: 7101, exec: [./prog, -u], group: nogroup, rate: 100/min,"
+        " stderr_rate: {lines: 30/min}}\n"
+        "  b: {listen: 7102, exec: /bin/cat, rate: 50, burst: 7, group: 0}\n"
+    )
+    cfg = load(tmp_path / "inetd.yaml")
+    assert cfg.services[0].exec == (str(Path("/bin/cat").resolve()), "-u")
+    a, b = to_dict(cfg)["services"].values()
+    assert (a["exec"], a["group"], a["rate"]) == ([str(link), "-u"], "nogroup", "100/min")
+    assert a["stderr_rate"]["lines"] == "30/min"
+    assert (b["exec"], b["rate"], b["burst"], b["group"]) == (["/bin/cat"], "50/s", 7, "root")
 
 
 def test_yaml_output_keeps_a_next_line_character() -> None:
@@ -461,11 +493,7 @@ def test_cli_print_config_in_each_format(
         "json": json.loads,
     }
     parsed = readers[fmt](out)
-    assert parsed == {
-        "services": {
-            "e": {"listen": "7007", "exec": [str(Path("/bin/cat").resolve())], "wait": True}
-        }
-    }
+    assert parsed == {"services": {"e": {"listen": "7007", "exec": ["/bin/cat"], "wait": True}}}
 
 
 def test_cli_print_config_of_a_bad_file_exits_2(tmp_path: Path) -> None:
@@ -477,7 +505,7 @@ def test_cli_print_config_of_a_bad_file_exits_2(tmp_path: Path) -> None:
         text=True,
     )
     assert (run.returncode, run.stdout) == (2, "")
-    assert run.stderr == f"{bad}: services.e.wait: 'yes': expected true or false\n"
+    assert run.stderr == f"{bad}:2:21: services.e.wait: 'yes': expected true or false\n"
 
 
 def test_man_page_is_current() -> None:

@@ -25,7 +25,7 @@ from conftest import (
     wait_for,
 )
 
-from pyinetd.builtins import CHARGEN_BLOCK, RFC868_OFFSET
+from pyinetd.builtins import CHARGEN_BLOCK, REGISTRY, RFC868_OFFSET
 from pyinetd.listeners import has_ipv6
 
 Start = Callable[..., Pyinetd]
@@ -562,3 +562,12 @@ def test_shipped_services_library(inetd: Start) -> None:
             timeout=DEADLINE,
         )
         assert b"you asked for /c" in out.stdout
+
+
+def test_every_builtin_the_config_accepts_is_in_the_registry() -> None:
+    # One list of names (parsers.BUILTINS, which config and convert use), one registry of what
+    # each does (builtins.REGISTRY): a name in one and not the other is a service that passes
+    # --check and then fails at its first connection.
+    from pyinetd.parsers import BUILTINS
+
+    assert set(REGISTRY) == set(BUILTINS)

@@ -152,7 +152,7 @@ def test_include_folder_others_may_write_is_refused(
     cfg.write_text("include: conf.d/*.yaml\n" + echo_config())
     r = check(cfg)
     assert r.returncode == 2
-    assert r.stderr.startswith(f"{cfg}: include: {conf_d}: {why}"), r.stderr
+    assert r.stderr.startswith(f"{cfg}:1:1: include: {conf_d}: {why}"), r.stderr
 
 
 @needs_root

@@ -141,7 +141,7 @@ def test_udp_builtin_refuses_limits_it_cannot_count(tmp_path: Path) -> None:
         timeout=DEADLINE,
     )
     assert out.returncode == 2
-    assert f"{path}: services.cg.per_source: not for a UDP built-in" in out.stderr
+    assert f"{path}:6:5: services.cg.per_source: not for a UDP built-in" in out.stderr
 
 
 def fd_count(pid: int) -> int:

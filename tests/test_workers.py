@@ -81,7 +81,7 @@ def test_max_children_is_refused_with_workers(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 2
     assert r.stderr.strip() == (
-        f"{path}: max_children: not with workers: 2 (each worker process counts only its own "
+        f"{path}:1:1: max_children: not with workers: 2 (each worker process counts only its own "
         "children)"
     )
 

@@ -13,6 +13,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 CHUNK = 65536
 # RFC 868: seconds between 1900-01-01 and the Unix epoch.
@@ -42,19 +43,37 @@ def time_bytes(now: float | None = None) -> bytes:
     return struct.pack("!I", (int(t) + RFC868_OFFSET) & 0xFFFFFFFF)
 
 
+def _udp_chargen(_data: bytes) -> bytes:
+    # RFC 864, UDP: a datagram of a random number (0-512) of characters.
+    n = random.randint(0, 512)
+    return (CHARGEN_BLOCK * (n // len(CHARGEN_BLOCK) + 1))[:n]
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """What one built-in does: its TCP behaviour and its answer to a datagram."""
+
+    echoes: bool = False  # TCP: send back what is read
+    generates: bool = False  # TCP: send CHARGEN_BLOCK's lines until the client goes
+    greeting: Callable[[], bytes] | None = None  # TCP: send this once, then close
+    udp: Callable[[bytes], bytes | None] = lambda _data: None  # reply to a datagram
+
+
+# The registry: a built-in is one entry (Twisted's inetd does the same). Its names are those
+# the configuration accepts (parsers.BUILTINS; tests/test_protocols.py checks they agree).
+REGISTRY: dict[str, Builtin] = {
+    "echo": Builtin(echoes=True, udp=lambda data: data),
+    "discard": Builtin(),
+    "chargen": Builtin(generates=True, udp=_udp_chargen),
+    "daytime": Builtin(greeting=daytime_bytes, udp=lambda _data: daytime_bytes()),
+    "time": Builtin(greeting=time_bytes, udp=lambda _data: time_bytes()),
+}
+
+
 def udp_reply(kind: str, data: bytes) -> bytes | None:
     """The reply a UDP built-in sends to one datagram, or None for no reply."""
-    if kind == "echo":
-        return data
-    if kind == "chargen":
-        # RFC 864, UDP: a datagram of a random number (0-512) of characters.
-        n = random.randint(0, 512)
-        return (CHARGEN_BLOCK * (n // len(CHARGEN_BLOCK) + 1))[:n]
-    if kind == "daytime":
-        return daytime_bytes()
-    if kind == "time":
-        return time_bytes()
-    return None
+    builtin = REGISTRY.get(kind)
+    return None if builtin is None else builtin.udp(data)
 
 
 def udp_source_is_unsafe(port: int) -> bool:
@@ -73,6 +92,7 @@ class Session:
         on_close: Callable[[Session], None],
     ) -> None:
         self.kind = kind
+        self._does = REGISTRY[kind]
         self.sock = sock
         self.started = time.monotonic()
         self._sel = selector
@@ -82,11 +102,8 @@ class Session:
         self._eof = False
         self._closed = False
         self._events = 0
-        if kind == "daytime":
-            self._out += daytime_bytes()
-            self._eof = True
-        elif kind == "time":
-            self._out += time_bytes()
+        if self._does.greeting is not None:
+            self._out += self._does.greeting()
             self._eof = True
         if self._eof:
             self._flush()  # usually fits the socket buffer at once: no registration at all
@@ -102,7 +119,7 @@ class Session:
         events = 0
         if not self._eof and len(self._out) < CHUNK:
             events |= selectors.EVENT_READ
-        if self._out or self.kind == "chargen":
+        if self._out or self._does.generates:
             events |= selectors.EVENT_WRITE
         return events
 
@@ -129,7 +146,7 @@ class Session:
             self.close()
             return
         if not self._closed:
-            if self._eof and not self._out and self.kind != "chargen":
+            if self._eof and not self._out and not self._does.generates:
                 self.close()
             else:
                 self._update()
@@ -141,14 +158,14 @@ class Session:
             return
         if not data:
             self._eof = True
-            if self.kind == "chargen":
+            if self._does.generates:
                 self.close()  # RFC 864: "until the calling user terminates the connection"
             return
-        if self.kind == "echo":
+        if self._does.echoes:
             self._out += data
 
     def _write(self) -> None:
-        if self.kind == "chargen" and len(self._out) < CHUNK:
+        if self._does.generates and len(self._out) < CHUNK:
             # Keep one chunk ready; the line pattern continues across writes.
             block = CHARGEN_BLOCK
             need = CHUNK - len(self._out)
@@ -167,7 +184,7 @@ class Session:
             self.close()
             return
         del self._out[:sent]
-        if self._eof and not self._out and self.kind != "chargen":
+        if self._eof and not self._out and not self._does.generates:
             self.close()
 
     def close(self) -> None:

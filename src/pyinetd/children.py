@@ -170,7 +170,7 @@ class Children:
         """Log a program that could not start."""
         event(
             logging.ERROR,
-            f"{svc.name}: cannot start {svc.argv[0]}: {why}; closing {peer}",
+            f"{svc.name}: cannot start {svc.program}: {why}; closing {peer}",
             event="spawn_error",
             service=svc.name,
             peer=peer,

@@ -130,7 +130,7 @@ def _main(argv: Sequence[str] | None) -> int:
             if errors:
                 raise ConfigError(errors)
     except ConfigError as exc:
-        for line in exc.errors:
+        for line in exc.lines:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
@@ -157,7 +157,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         server.bind()
     except ConfigError as exc:  # a TLS file, read when the contexts are built
-        for line in exc.errors:
+        for line in exc.lines:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     except ListenError as exc:
@@ -259,7 +259,7 @@ def _print_config(path: str, fmt: str) -> int:
     try:
         resolved = to_dict(load(path))
     except ConfigError as exc:
-        for line in exc.errors:
+        for line in exc.lines:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     except ValueError as exc:  # a value with no text form (a binary banner file)

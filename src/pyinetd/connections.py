@@ -20,12 +20,12 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from pyinetd import builtins, control, proxyproto
 from pyinetd.admission import StageSlots, admit, source_key
 from pyinetd.children import Children
-from pyinetd.config import Config
+from pyinetd.config import Config, Service
 from pyinetd.listeners import format_ip, peer_of, peer_text
 from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
@@ -141,7 +141,7 @@ class Connections:
             reason=reason,
         )
         if conn is not None:
-            msg = svc.deny_message if reason == "deny" else svc.busy_message
+            msg = svc.deny_message if reason in ("deny", "access_times") else svc.busy_message
             if msg:
                 with contextlib.suppress(OSError):
                     conn.send(msg.encode(), socket.MSG_DONTWAIT)
@@ -276,7 +276,9 @@ class Connections:
             return
         # Issue 14, item 5: access and limits before any handshake or fork. They are checked
         # now (no rate token taken: the hello may never come) and again, counted, at the fork.
-        reason, _src = admit(svc, lst.state, ip, self._services.full, 0.0, take_token=False)
+        reason, _src = admit(
+            svc, lst.state, ip, self._services.full, 0.0, take_token=False, **conditions(svc)
+        )
         if reason is not None:
             self._refuse(lst.state, conn, ip, port, reason)
             return
@@ -301,7 +303,9 @@ class Connections:
     ) -> None:
         state = lst.state
         svc = state.service
-        reason, src = admit(svc, state, ip, self._services.full, time.monotonic())
+        reason, src = admit(
+            svc, state, ip, self._services.full, time.monotonic(), **conditions(svc)
+        )
         if reason is not None:
             self._refuse(state, conn, ip, port, reason)
             if reason == "rate":
@@ -362,7 +366,15 @@ class Connections:
             ip, port = peer_of(lst.sock.family, addr)
             services = self._services
             reason, src = admit(
-                svc, lst.state, ip, services.full, time.monotonic(), True, port, services.loop_ports
+                svc,
+                lst.state,
+                ip,
+                services.full,
+                time.monotonic(),
+                True,
+                port,
+                services.loop_ports,
+                **conditions(svc),
             )
             if reason is not None:
                 self._refuse(lst.state, None, ip, port, reason)
@@ -435,6 +447,18 @@ class Connections:
 
 # Handlers that own one connection: the loop closes one that raised (Connections.contain).
 _CONNECTIONS = (PendingProxy, PendingHello, UDPReply, builtins.Session, control.Exchange)
+
+
+def conditions(svc: Service) -> dict[str, Any]:
+    """What admit() needs beyond counts for a service with access_times or max_load: the
+    local minute of the day and the 1-minute load average (nothing read for the others)."""
+    out: dict[str, Any] = {}
+    if svc.access_times:
+        now = time.localtime()
+        out["minute"] = now.tm_hour * 60 + now.tm_min
+    if svc.max_load is not None:
+        out["load"] = os.getloadavg()[0]
+    return out
 
 
 def connection_env(lst: Listener, conn: socket.socket, ip: str, port: int) -> list[bytes]:

@@ -18,10 +18,13 @@ import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import tomli_w
 import yaml
+
+from pyinetd.keys import SERVICE_KEYS
+from pyinetd.parsers import BUILTINS, _parse_access_times, _parse_buffer, _parse_load, number
 
 __all__ = [
     "Conversion",
@@ -35,7 +38,7 @@ __all__ = [
 DEFAULT_SERVICES = Path("/etc/services")
 
 # The services both inetd and pyinetd implement internally.
-_BUILTINS = frozenset({"echo", "discard", "chargen", "daytime", "time"})
+_BUILTINS = frozenset(BUILTINS)
 
 # openbsd-inetd, inetutils and NetBSD inetd stop a service for ten minutes once it exceeds
 # its per-minute invocation limit (RETRYTIME = 60 * 10 in their inetd.c).
@@ -169,14 +172,15 @@ def _exec_argv(server: str, argv: list[str], file: str, line: int, warn: _Sink) 
             "as allow/deny",
         )
         return [wrapped, *argv[1:]]
-    if argv and argv[0] not in (server, posixpath.basename(server)):
-        warn(
-            file,
-            line,
-            f"argv[0] {argv[0]!r} differs from the program name; pyinetd runs {server} "
-            "with its own path as argv[0]",
-        )
     return [server, *argv[1:]]
+
+
+def _argv0(server: str, argv: list[str]) -> str | None:
+    """argv[0] when it is not the program's own name (`/bin/busybox httpd -i`: the applet),
+    for the argv0 key; None when the program's path will do."""
+    if posixpath.basename(server) == "tcpd" or not argv:
+        return None
+    return None if argv[0] in (server, posixpath.basename(server)) else argv[0]
 
 
 # --------------------------------------------------------------------------- inetd.conf
@@ -280,8 +284,18 @@ def _convert_inetd_line(
         warn(file, line, f"protocol {proto_field!r} is not supported; entry skipped")
         return None
     protocol, family = _INETD_PROTOCOLS[proto_name]
+    buffers: dict[str, str] = {}
     for opt in proto_opts:
-        warn(file, line, f"socket option {opt!r} not carried over")
+        # FreeBSD/NetBSD inetd: tcp,rcvbuf=SIZE,sndbuf=SIZE (SO_RCVBUF, SO_SNDBUF).
+        name, _, size = opt.partition("=")
+        key = {"rcvbuf": "receive_buffer", "sndbuf": "send_buffer"}.get(name)
+        try:
+            if key is None:
+                raise ValueError(opt)
+            _parse_buffer(size, Path())
+            buffers[key] = size
+        except ValueError:
+            warn(file, line, f"socket option {opt!r} not carried over")
     if sock_type != _SOCKET_FOR[protocol]:
         warn(
             file,
@@ -317,6 +331,7 @@ def _convert_inetd_line(
         name = svc_field
         svc["listen"] = _inetd_listen(hosts, family, port, file, line, warn)
     svc["protocol"] = protocol
+    svc.update(buffers)
 
     if server == "internal":
         if official not in _BUILTINS:
@@ -328,6 +343,8 @@ def _convert_inetd_line(
         if argv is None:
             return None
         svc["exec"] = argv
+        if argv0 := _argv0(server, args):
+            svc["argv0"] = argv0
 
     m = _WAIT_RE.match(wait_field)
     if m is None:
@@ -466,6 +483,8 @@ _X_SERVICE_ATTRS: dict[str, int] = {
     "umask": 1,
     "mdns": 1,
     "libwrap": 1,
+    "rcvbuf": 1,
+    "sndbuf": 1,
 }
 _X_DEFAULT_ATTRS: dict[str, int] = {
     "log_type": -2,
@@ -499,25 +518,23 @@ _X_NOT_CARRIED: dict[str, str] = {
     "log_type": "pyinetd does its own logging",
     "log_on_success": "pyinetd does its own logging",
     "log_on_failure": "pyinetd does its own logging",
-    "access_times": "pyinetd has no time-of-day access control",
     "passenv": "pyinetd cannot pass selected variables; use env (and env_clear)",
     "banner_success": "only banner is supported",
     "banner_fail": "only banner is supported",
     "groups": "supplementary groups are not configurable",
-    "max_load": "pyinetd has no load-average limit",
     "deny_time": "pyinetd has no SENSOR",
     "libwrap": "pyinetd does not use libwrap",
     "rpc_version": "RPC services are not supported",
     "rpc_number": "RPC services are not supported",
     "rlimit_rss": "pyinetd has no rss limit (Linux ignores RLIMIT_RSS)",
 }
-_X_FLAGS_OK = frozenset({"REUSE", "IPv4", "IPv6", "NAMEINARGS", "NOLIBWRAP"})
+_X_FLAGS_OK = frozenset(
+    {"REUSE", "IPv4", "IPv6", "NAMEINARGS", "NOLIBWRAP", "KEEPALIVE", "NODELAY"}
+)
 _X_FLAGS_KNOWN = _X_FLAGS_OK | {
     "INTERCEPT",
     "NORETRY",
     "IDONLY",
-    "NODELAY",
-    "KEEPALIVE",
     "SENSOR",
     "LABELED",
 }
@@ -765,7 +782,26 @@ def convert_xinetd_conf(
     return Conversion(config, tuple(warnings))
 
 
-class _XinetdConverter:
+class _Skip(Exception):
+    """A service that cannot be carried over; its warning has been given."""
+
+
+@dataclass
+class _Verdict:
+    """Whether a converted service stays enabled, and why not (xinetd would disable it)."""
+
+    enabled: bool = True
+    reasons: list[tuple[str, int, str]] = field(default_factory=list)
+
+    def disable(self, file: str, line: int, why: str) -> None:
+        self.enabled = False
+        self.reasons.append((file, line, why))
+
+
+class _XinetdAttributes:
+    """xinetd's attribute rules and the conversion of single attributes (ports, addresses,
+    limits, environment, rlimits, access lists); _XinetdConverter puts them together."""
+
     def __init__(self, services: _Services, warn: _Sink) -> None:
         self.services = services
         self.warn = warn
@@ -829,260 +865,6 @@ class _XinetdConverter:
             single[name] = _XAttr(name, attr.op, attr.values, attr.file, attr.line)
         return _XEntry(block, single, multi)
 
-    # ---- whole configuration
-
-    def convert(self, blocks: list[_XBlock]) -> dict[str, Any]:
-        defaults_out: dict[str, Any] = {}
-        for block in blocks:
-            if block.kind == "defaults":
-                entry = self.entry(block)
-                if self.defaults.block.file:
-                    # A second defaults entry (another file) adds to the first, as in xinetd.
-                    merged = dict(entry.single)
-                    merged.update(self.defaults.single)
-                    multi = {k: list(v) for k, v in self.defaults.multi.items()}
-                    for k, v in entry.multi.items():
-                        multi.setdefault(k, []).extend(v)
-                    entry = _XEntry(self.defaults.block, merged, multi)
-                self.defaults = entry
-        if self.defaults.block.file:
-            defaults_out = self.convert_defaults(self.defaults)
-
-        entries = [self.entry(b) for b in blocks if b.kind == "service"]
-        name_counts: dict[str, int] = {}
-        for e in entries:
-            name_counts[e.block.name] = name_counts.get(e.block.name, 0) + 1
-        used: set[str] = set()
-        first_use: dict[str, tuple[str, int]] = {}
-        services: dict[str, Any] = {}
-        for e in entries:
-            sid = e.value("id") or e.block.name
-            converted = self.convert_service(e, sid)
-            if converted is None:
-                continue
-            wanted = e.block.name if name_counts[e.block.name] == 1 else sid
-            key = _unique_key(wanted, used)
-            if key != wanted:
-                file, line = first_use[wanted]
-                self.warn(
-                    e.block.file,
-                    e.block.line,
-                    f"service {wanted!r} already defined at {file}:{line} (xinetd accepts "
-                    f"duplicates only while all but one are disabled); named {key!r}",
-                )
-            first_use.setdefault(wanted, (e.block.file, e.block.line))
-            services[key] = converted
-        config: dict[str, Any] = {}
-        if defaults_out:
-            config["defaults"] = defaults_out
-        config["services"] = services
-        return config
-
-    def convert_defaults(self, d: _XEntry) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, attrs in d.multi.items():
-            if name == "disabled":
-                self.disabled_ids.update(v for a in attrs for v in a.values)
-            elif name == "enabled":
-                self.enabled_ids = {v for a in attrs for v in a.values}
-            elif name in _X_NOT_CARRIED:
-                for a in attrs:
-                    self.warn(a.file, a.line, f"{name} not carried over: {_X_NOT_CARRIED[name]}")
-        allow, allow_nobody = self.addresses(d.multi.get("only_from"), [], allow=True)
-        deny, _ = self.addresses(d.multi.get("no_access"), [], allow=False)
-        self.default_allow, self.default_allow_nobody, self.default_deny = (
-            allow,
-            allow_nobody,
-            deny,
-        )
-        if allow:
-            out["allow"] = allow
-        if allow_nobody:
-            file, line = d.multi["only_from"][-1].file, d.multi["only_from"][-1].line
-            self.warn(
-                file,
-                line,
-                "only_from in defaults allows no address: services that do not set their "
-                "own only_from are converted with enabled: false",
-            )
-        if deny:
-            out["deny"] = deny
-        if allow and deny:
-            file, line = d.multi["no_access"][0].file, d.multi["no_access"][0].line
-            self.warn(file, line, _BOTH_LISTS)
-        self.limits(d, out)
-        for name in ("umask", "banner"):
-            self.simple(d, name, out)
-        for name in sorted(d.single):
-            if name in _X_NOT_CARRIED:
-                file, line = d.where(name)
-                self.warn(file, line, f"{name} not carried over: {_X_NOT_CARRIED[name]}")
-        return out
-
-    # ---- one service
-
-    def convert_service(self, e: _XEntry, sid: str) -> dict[str, Any] | None:
-        b = e.block
-        name = b.name
-        svc: dict[str, Any] = {}
-        enabled = True
-        reasons: list[tuple[str, int, str]] = []
-
-        def disable(file: str, line: int, why: str) -> None:
-            nonlocal enabled
-            enabled = False
-            reasons.append((file, line, why))
-
-        def skip(why: str, attr: str | None = None) -> None:
-            file, line = e.where(attr) if attr else (b.file, b.line)
-            self.warn(file, line, f"service {sid}: {why}; skipped")
-
-        types = set(e.values("type") or ())
-        for t in sorted(types - _X_TYPES):
-            skip(f"unknown type {t}", "type")
-            return None
-        for t in ("RPC", "TCPMUX", "TCPMUXPLUS", "SPECIAL"):
-            if t in types:
-                skip(f"type {t} is not supported", "type")
-                return None
-        flags = set(e.values("flags") or ())
-        if "SENSOR" in flags:
-            skip("the SENSOR flag is not supported", "flags")
-            return None
-        for f in sorted(flags - _X_FLAGS_OK):
-            file, line = e.where("flags")
-            if f in _X_FLAGS_KNOWN:
-                self.warn(file, line, f"service {sid}: flag {f} not carried over")
-            else:
-                self.warn(file, line, f"service {sid}: unknown flag {f}; xinetd disables it")
-                enabled = False
-        if {"IPv4", "IPv6"} <= flags:
-            file, line = e.where("flags")
-            disable(file, line, "both IPv4 and IPv6 flags")
-
-        socket_type = e.value("socket_type")
-        protocol = e.value("protocol")
-        if socket_type is not None and socket_type not in ("stream", "dgram"):
-            skip(f"socket_type {socket_type} is not supported", "socket_type")
-            return None
-        if protocol is not None and protocol not in ("tcp", "udp"):
-            skip(f"protocol {protocol} is not supported", "protocol")
-            return None
-        if socket_type is None and protocol is None:
-            skip("neither socket_type nor protocol given")
-            return None
-        if protocol is None:
-            protocol = "tcp" if socket_type == "stream" else "udp"
-        elif socket_type is None:
-            file, line = b.file, b.line
-            disable(file, line, "missing socket_type, which xinetd requires")
-        if socket_type is not None and _SOCKET_FOR[protocol] != socket_type:
-            skip(f"socket_type {socket_type} with protocol {protocol} is not supported")
-            return None
-
-        port = self.port(e, sid, name, protocol, "UNLISTED" in types, disable)
-        if port is None:
-            return None
-        svc["listen"] = self.listen(e, sid, port, flags)
-        svc["protocol"] = protocol
-
-        redirect = e.values("redirect")
-        if redirect is not None:
-            if protocol != "tcp":
-                skip("redirect works for tcp only", "redirect")
-                return None
-            target = self.redirect(e, sid, redirect)
-            if target is None:
-                return None
-            svc["redirect"] = target
-            for attr in ("server", "server_args"):
-                if attr in e.single:
-                    file, line = e.where(attr)
-                    self.warn(file, line, f"service {sid}: {attr} ignored, redirect takes priority")
-        elif "INTERNAL" in types:
-            if name not in _BUILTINS:
-                skip(f"internal service {name!r} has no pyinetd builtin", "type")
-                return None
-            svc["builtin"] = name
-        else:
-            server = e.value("server")
-            if server is None:
-                skip("no server, redirect or type = INTERNAL")
-                return None
-            args = list(e.values("server_args") or ())
-            file, line = e.where("server_args" if "server_args" in e.single else "server")
-            if "NAMEINARGS" in flags:
-                # server_args starts with argv[0] (used to put tcpd in front, as inetd does).
-                argv = _exec_argv(server, args, file, line, self.warn)
-            elif posixpath.basename(server) == "tcpd":
-                # Without NAMEINARGS tcpd gets argv[0] "tcpd" and cannot find its program.
-                self.warn(file, line, f"service {sid}: tcpd without the NAMEINARGS flag")
-                argv = _exec_argv(server, args, file, line, self.warn)
-            else:
-                argv = _exec_argv(
-                    server, [posixpath.basename(server), *args], file, line, self.warn
-                )
-            if argv is None:
-                return None
-            svc["exec"] = argv
-
-        wait = e.value("wait")
-        if wait is None:
-            disable(b.file, b.line, "missing wait, which xinetd requires")
-        elif wait not in ("yes", "no"):
-            file, line = e.where("wait")
-            disable(file, line, f"bad wait value {wait!r}")
-        if "exec" in svc:
-            svc["wait"] = wait == "yes" if wait in ("yes", "no") else protocol == "udp"
-        user = e.value("user")
-        if "builtin" in svc:
-            for attr in ("user", "group", "server_args"):
-                if attr in e.single and not (attr == "user" and user == "root"):
-                    file, line = e.where(attr)
-                    self.warn(file, line, f"service {sid}: {attr} does not apply here; ignored")
-        elif user is None:
-            # confparse.c: every non-INTERNAL service needs user (redirect waives only server).
-            disable(b.file, b.line, "missing user, which xinetd requires")
-        elif "exec" in svc:
-            svc["user"] = _int_or_name(user)
-            group = e.value("group")
-            if group is not None:
-                svc["group"] = _int_or_name(group)
-
-        disable_value = e.value("disable")
-        if disable_value == "yes":
-            enabled = False
-        elif disable_value not in (None, "no"):
-            file, line = e.where("disable")
-            disable(file, line, f"bad disable value {disable_value!r}")
-        if sid in self.disabled_ids:
-            enabled = False
-        if self.enabled_ids is not None and sid not in self.enabled_ids:
-            enabled = False
-
-        self.limits(e, svc, sid)
-        allow_nobody = self.access(e, sid, svc)
-        if allow_nobody:
-            disable(b.file, b.line, "only_from allows no address")
-        self.environment(e, sid, svc)
-        for attr in ("umask", "nice"):
-            self.simple(e, attr, svc, sid)
-        self.rlimits(e, sid, svc)
-        self.simple(e, "banner", svc, sid)
-        for attr in sorted(set(e.single) | set(e.multi)):
-            if attr in _X_NOT_CARRIED:
-                for a in e.multi.get(attr) or [e.single[attr]]:
-                    self.warn(
-                        a.file,
-                        a.line,
-                        f"service {sid}: {attr} not carried over: {_X_NOT_CARRIED[attr]}",
-                    )
-        for file, line, why in reasons:
-            self.warn(file, line, f"service {sid}: {why}; xinetd disables it: enabled: false")
-        if not enabled:
-            svc["enabled"] = False
-        return _ordered(svc)
-
     def port(
         self,
         e: _XEntry,
@@ -1122,7 +904,7 @@ class _XinetdConverter:
         bind = source.value("bind")
         v6only_src = e if "v6only" in e.single else self.defaults
         v6only = v6only_src.value("v6only") == "yes"
-        if bind is not None:
+        if bind is not None and not _is_interface(bind):
             if not _is_ip(bind):
                 file, line = source.where("bind")
                 self.warn(
@@ -1137,6 +919,11 @@ class _XinetdConverter:
             return f"[::]:{port}" if v6only else port
         # Without IPv6 flag or bind address xinetd listens on IPv4 only (confparse.c).
         return f"0.0.0.0:{port}"
+
+    def interface(self, e: _XEntry) -> str | None:
+        """`bind = lo` (an interface, not an address): the interface key (SO_BINDTODEVICE)."""
+        bind = (e if "bind" in e.single else self.defaults).value("bind")
+        return bind if bind is not None and _is_interface(bind) else None
 
     def redirect(self, e: _XEntry, sid: str, values: tuple[str, ...]) -> str | None:
         host, port_text = values
@@ -1308,6 +1095,300 @@ class _XinetdConverter:
         return nobody
 
 
+class _XinetdConverter(_XinetdAttributes):
+    """A whole xinetd configuration -> a pyinetd one: defaults, then each service."""
+
+    # ---- whole configuration
+
+    def convert(self, blocks: list[_XBlock]) -> dict[str, Any]:
+        defaults_out: dict[str, Any] = {}
+        for block in blocks:
+            if block.kind == "defaults":
+                entry = self.entry(block)
+                if self.defaults.block.file:
+                    # A second defaults entry (another file) adds to the first, as in xinetd.
+                    merged = dict(entry.single)
+                    merged.update(self.defaults.single)
+                    multi = {k: list(v) for k, v in self.defaults.multi.items()}
+                    for k, v in entry.multi.items():
+                        multi.setdefault(k, []).extend(v)
+                    entry = _XEntry(self.defaults.block, merged, multi)
+                self.defaults = entry
+        if self.defaults.block.file:
+            defaults_out = self.convert_defaults(self.defaults)
+
+        entries = [self.entry(b) for b in blocks if b.kind == "service"]
+        name_counts: dict[str, int] = {}
+        for e in entries:
+            name_counts[e.block.name] = name_counts.get(e.block.name, 0) + 1
+        used: set[str] = set()
+        first_use: dict[str, tuple[str, int]] = {}
+        services: dict[str, Any] = {}
+        for e in entries:
+            sid = e.value("id") or e.block.name
+            converted = self.convert_service(e, sid)
+            if converted is None:
+                continue
+            wanted = e.block.name if name_counts[e.block.name] == 1 else sid
+            key = _unique_key(wanted, used)
+            if key != wanted:
+                file, line = first_use[wanted]
+                self.warn(
+                    e.block.file,
+                    e.block.line,
+                    f"service {wanted!r} already defined at {file}:{line} (xinetd accepts "
+                    f"duplicates only while all but one are disabled); named {key!r}",
+                )
+            first_use.setdefault(wanted, (e.block.file, e.block.line))
+            services[key] = converted
+        config: dict[str, Any] = {}
+        if defaults_out:
+            config["defaults"] = defaults_out
+        config["services"] = services
+        return config
+
+    def convert_defaults(self, d: _XEntry) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, attrs in d.multi.items():
+            if name == "disabled":
+                self.disabled_ids.update(v for a in attrs for v in a.values)
+            elif name == "enabled":
+                self.enabled_ids = {v for a in attrs for v in a.values}
+            elif name in _X_NOT_CARRIED:
+                for a in attrs:
+                    self.warn(a.file, a.line, f"{name} not carried over: {_X_NOT_CARRIED[name]}")
+        allow, allow_nobody = self.addresses(d.multi.get("only_from"), [], allow=True)
+        deny, _ = self.addresses(d.multi.get("no_access"), [], allow=False)
+        self.default_allow, self.default_allow_nobody, self.default_deny = (
+            allow,
+            allow_nobody,
+            deny,
+        )
+        if allow:
+            out["allow"] = allow
+        if allow_nobody:
+            file, line = d.multi["only_from"][-1].file, d.multi["only_from"][-1].line
+            self.warn(
+                file,
+                line,
+                "only_from in defaults allows no address: services that do not set their "
+                "own only_from are converted with enabled: false",
+            )
+        if deny:
+            out["deny"] = deny
+        if allow and deny:
+            file, line = d.multi["no_access"][0].file, d.multi["no_access"][0].line
+            self.warn(file, line, _BOTH_LISTS)
+        self.limits(d, out)
+        for name in ("umask", "banner"):
+            self.simple(d, name, out)
+        for name in sorted(d.single):
+            if name in _X_NOT_CARRIED:
+                file, line = d.where(name)
+                self.warn(file, line, f"{name} not carried over: {_X_NOT_CARRIED[name]}")
+        return out
+
+    # ---- one service, step by step
+
+    def convert_service(self, e: _XEntry, sid: str) -> dict[str, Any] | None:
+        v = _Verdict()
+        try:
+            types, flags = self.kinds(e, sid, v)
+            protocol = self.transport(e, sid, v)
+            port = self.port(e, sid, e.block.name, protocol, "UNLISTED" in types, v.disable)
+            if port is None:
+                return None
+            svc: dict[str, Any] = {"listen": self.listen(e, sid, port, flags)}
+            if interface := self.interface(e):
+                svc["interface"] = interface
+            svc["protocol"] = protocol
+            self.program(e, sid, svc, types, flags)
+        except _Skip:
+            return None
+        self.identity(e, sid, svc, v)
+        self.switches(e, v, sid)
+        self.settings(e, sid, svc, v)
+        self.socket_options(e, sid, svc, flags)
+        for file, line, why in v.reasons:
+            self.warn(file, line, f"service {sid}: {why}; xinetd disables it: enabled: false")
+        if not v.enabled:
+            svc["enabled"] = False
+        return _ordered(svc)
+
+    def skip(self, e: _XEntry, sid: str, why: str, attr: str | None = None) -> NoReturn:
+        file, line = e.where(attr) if attr else (e.block.file, e.block.line)
+        self.warn(file, line, f"service {sid}: {why}; skipped")
+        raise _Skip
+
+    def kinds(self, e: _XEntry, sid: str, v: _Verdict) -> tuple[set[str], set[str]]:
+        """The service's type and flags, refusing those pyinetd has no counterpart for."""
+        types = set(e.values("type") or ())
+        for t in sorted(types - _X_TYPES):
+            self.skip(e, sid, f"unknown type {t}", "type")
+        for t in ("RPC", "TCPMUX", "TCPMUXPLUS", "SPECIAL"):
+            if t in types:
+                self.skip(e, sid, f"type {t} is not supported", "type")
+        flags = set(e.values("flags") or ())
+        if "SENSOR" in flags:
+            self.skip(e, sid, "the SENSOR flag is not supported", "flags")
+        for f in sorted(flags - _X_FLAGS_OK):
+            file, line = e.where("flags")
+            if f in _X_FLAGS_KNOWN:
+                self.warn(file, line, f"service {sid}: flag {f} not carried over")
+            else:
+                self.warn(file, line, f"service {sid}: unknown flag {f}; xinetd disables it")
+                v.enabled = False
+        if {"IPv4", "IPv6"} <= flags:
+            file, line = e.where("flags")
+            v.disable(file, line, "both IPv4 and IPv6 flags")
+        return types, flags
+
+    def transport(self, e: _XEntry, sid: str, v: _Verdict) -> str:
+        """tcp or udp, from socket_type and protocol."""
+        socket_type = e.value("socket_type")
+        protocol = e.value("protocol")
+        if socket_type is not None and socket_type not in ("stream", "dgram"):
+            self.skip(e, sid, f"socket_type {socket_type} is not supported", "socket_type")
+        if protocol is not None and protocol not in ("tcp", "udp"):
+            self.skip(e, sid, f"protocol {protocol} is not supported", "protocol")
+        if socket_type is None and protocol is None:
+            self.skip(e, sid, "neither socket_type nor protocol given")
+        if protocol is None:
+            protocol = "tcp" if socket_type == "stream" else "udp"
+        elif socket_type is None:
+            v.disable(e.block.file, e.block.line, "missing socket_type, which xinetd requires")
+        if socket_type is not None and _SOCKET_FOR[protocol] != socket_type:
+            self.skip(
+                e, sid, f"socket_type {socket_type} with protocol {protocol} is not supported"
+            )
+        return protocol
+
+    def program(
+        self, e: _XEntry, sid: str, svc: dict[str, Any], types: set[str], flags: set[str]
+    ) -> None:
+        """What answers: redirect, a built-in (INTERNAL) or a program (server, server_args)."""
+        redirect = e.values("redirect")
+        if redirect is not None:
+            if svc["protocol"] != "tcp":
+                self.skip(e, sid, "redirect works for tcp only", "redirect")
+            target = self.redirect(e, sid, redirect)
+            if target is None:
+                raise _Skip
+            svc["redirect"] = target
+            for attr in ("server", "server_args"):
+                if attr in e.single:
+                    file, line = e.where(attr)
+                    self.warn(file, line, f"service {sid}: {attr} ignored, redirect takes priority")
+            return
+        name = e.block.name
+        if "INTERNAL" in types:
+            if name not in _BUILTINS:
+                self.skip(e, sid, f"internal service {name!r} has no pyinetd builtin", "type")
+            svc["builtin"] = name
+            return
+        server = e.value("server")
+        if server is None:
+            self.skip(e, sid, "no server, redirect or type = INTERNAL")
+        args = list(e.values("server_args") or ())
+        file, line = e.where("server_args" if "server_args" in e.single else "server")
+        if "NAMEINARGS" in flags:
+            # server_args starts with argv[0] (used to put tcpd in front, as inetd does).
+            argv = _exec_argv(server, args, file, line, self.warn)
+            if argv0 := _argv0(server, args):
+                svc["argv0"] = argv0
+        elif posixpath.basename(server) == "tcpd":
+            # Without NAMEINARGS tcpd gets argv[0] "tcpd" and cannot find its program.
+            self.warn(file, line, f"service {sid}: tcpd without the NAMEINARGS flag")
+            argv = _exec_argv(server, args, file, line, self.warn)
+        else:
+            argv = _exec_argv(server, [posixpath.basename(server), *args], file, line, self.warn)
+        if argv is None:
+            raise _Skip
+        svc["exec"] = argv
+
+    def identity(self, e: _XEntry, sid: str, svc: dict[str, Any], v: _Verdict) -> None:
+        """wait, user and group."""
+        b = e.block
+        wait = e.value("wait")
+        if wait is None:
+            v.disable(b.file, b.line, "missing wait, which xinetd requires")
+        elif wait not in ("yes", "no"):
+            file, line = e.where("wait")
+            v.disable(file, line, f"bad wait value {wait!r}")
+        if "exec" in svc:
+            svc["wait"] = wait == "yes" if wait in ("yes", "no") else svc["protocol"] == "udp"
+        user = e.value("user")
+        if "builtin" in svc:
+            for attr in ("user", "group", "server_args"):
+                if attr in e.single and not (attr == "user" and user == "root"):
+                    file, line = e.where(attr)
+                    self.warn(file, line, f"service {sid}: {attr} does not apply here; ignored")
+        elif user is None:
+            # confparse.c: every non-INTERNAL service needs user (redirect waives only server).
+            v.disable(b.file, b.line, "missing user, which xinetd requires")
+        elif "exec" in svc:
+            svc["user"] = _int_or_name(user)
+            group = e.value("group")
+            if group is not None:
+                svc["group"] = _int_or_name(group)
+
+    def switches(self, e: _XEntry, v: _Verdict, sid: str) -> None:
+        """disable = yes, and the defaults' disabled / enabled lists."""
+        disable_value = e.value("disable")
+        if disable_value == "yes":
+            v.enabled = False
+        elif disable_value not in (None, "no"):
+            file, line = e.where("disable")
+            v.disable(file, line, f"bad disable value {disable_value!r}")
+        if sid in self.disabled_ids:
+            v.enabled = False
+        if self.enabled_ids is not None and sid not in self.enabled_ids:
+            v.enabled = False
+
+    def socket_options(self, e: _XEntry, sid: str, svc: dict[str, Any], flags: set[str]) -> None:
+        """access_times, max_load, flags KEEPALIVE and NODELAY, rcvbuf and sndbuf."""
+        for attr, key, parse in (
+            ("access_times", "access_times", lambda v: _parse_access_times(v, Path())),
+            ("max_load", "max_load", lambda v: _parse_load(float(v), Path())),
+            ("rcvbuf", "receive_buffer", lambda v: _parse_buffer(v, Path())),
+            ("sndbuf", "send_buffer", lambda v: _parse_buffer(v, Path())),
+        ):
+            text = " ".join(e.values(attr) or ())
+            if not text:
+                continue
+            try:
+                parse(text)
+                svc[key] = number(float(text)) if key == "max_load" else text
+            except (ValueError, TypeError):
+                file, line = e.where(attr)
+                self.warn(file, line, f"service {sid}: bad {attr} {text!r}; ignored")
+        for flag in ("KEEPALIVE", "NODELAY"):
+            if flag in flags and svc["protocol"] == "tcp":
+                svc[flag.lower()] = True
+            elif flag in flags:
+                file, line = e.where("flags")
+                self.warn(file, line, f"service {sid}: flag {flag} is for tcp; ignored")
+
+    def settings(self, e: _XEntry, sid: str, svc: dict[str, Any], v: _Verdict) -> None:
+        """Limits, access lists, the process settings; a warning for what has no key."""
+        self.limits(e, svc, sid)
+        if self.access(e, sid, svc):
+            v.disable(e.block.file, e.block.line, "only_from allows no address")
+        self.environment(e, sid, svc)
+        for attr in ("umask", "nice"):
+            self.simple(e, attr, svc, sid)
+        self.rlimits(e, sid, svc)
+        self.simple(e, "banner", svc, sid)
+        for attr in sorted(set(e.single) | set(e.multi)):
+            if attr in _X_NOT_CARRIED:
+                for a in e.multi.get(attr) or [e.single[attr]]:
+                    self.warn(
+                        a.file,
+                        a.line,
+                        f"service {sid}: {attr} not carried over: {_X_NOT_CARRIED[attr]}",
+                    )
+
+
 _BOTH_LISTS = (
     "both only_from and no_access: xinetd lets the more specific match decide; check that "
     "pyinetd's allow/deny order gives the same result"
@@ -1355,6 +1436,11 @@ def _xinetd_address(token: str) -> list[str] | None:
     return [_net(f"{addr}/{32 - 8 * zeros}")]
 
 
+def _is_interface(name: str) -> bool:
+    """A bind value that names a network interface (lo, eth0), not an address or a host."""
+    return name != "localhost" and re.fullmatch(r"[A-Za-z][\w-]{0,14}", name) is not None
+
+
 def _net(text: str) -> str:
     net = ipaddress.ip_network(text, strict=False)
     if net.prefixlen == net.max_prefixlen:
@@ -1362,30 +1448,9 @@ def _net(text: str) -> str:
     return str(net)
 
 
-_ORDER = (
-    "listen",
-    "protocol",
-    "builtin",
-    "exec",
-    "redirect",
-    "wait",
-    "enabled",
-    "user",
-    "group",
-    "max_connections",
-    "on_limit",
-    "per_source",
-    "rate",
-    "rate_pause",
-    "allow",
-    "deny",
-    "env",
-    "umask",
-    "nice",
-    "rlimits",
-    "sandbox",
-    "banner",
-)
+# A service's keys in the order of their declaration (keys.py), which puts the ones a reader
+# looks for first (listen, what runs, as whom) at the top.
+_ORDER = tuple(SERVICE_KEYS)
 
 
 def _ordered(svc: dict[str, Any]) -> dict[str, Any]:

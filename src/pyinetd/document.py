@@ -9,7 +9,9 @@ most MAX_NODES nodes. An alias is still fine for what people use it for (a `<<: 
 
 from __future__ import annotations
 
+import re
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from yaml.composer import Composer
 
 from pyinetd import trust
 
-__all__ = ["MAX_NODES", "DocumentError", "read_document"]
+__all__ = ["MAX_NODES", "DocumentError", "Marks", "read_document", "read_marked"]
 
 # Nodes in one YAML document with its aliases expanded: a thousand services of 50 keys each.
 MAX_NODES = 50_000
@@ -62,6 +64,139 @@ if _CBase is not None:
     _Loaders.insert(0, _CLoader)
 
 
+# (line, column), both from 1, of a key or a list entry in the file.
+Position = tuple[int, int]
+KeyPath = tuple[str, ...]
+
+
+@dataclass
+class Marks:
+    """Where each key and list entry of a document is in its file, for errors that name the
+    line (issue 16: as haproxy -c does), and the keys a mapping was given twice."""
+
+    keys: dict[KeyPath, Position] = field(default_factory=dict)
+    # A list's scalar entries: (their text, where), by the key path of the list.
+    items: dict[KeyPath, list[tuple[str, Position]]] = field(default_factory=dict)
+    # (key path, first position, position of the repeat): YAML would silently keep the last.
+    duplicates: list[tuple[KeyPath, Position, Position]] = field(default_factory=list)
+
+    def locate(self, key: str, message: str) -> Position | None:
+        """Where the error ``key: message`` points: the list entry the message quotes, the
+        sub-key it names (``env: C: ...``), the key, or the nearest enclosing key."""
+        parts = tuple(key.split(".")) if key else ()
+        sub = message.partition(": ")[0]
+        while parts:
+            best: tuple[str, Position] | None = None
+            for text, pos in self.items.get(parts, ()):
+                if message.startswith((repr(text), text)) and (
+                    not best or len(text) > len(best[0])
+                ):
+                    best = (text, pos)
+            if best:
+                return best[1]
+            if (*parts, sub) in self.keys:
+                return self.keys[(*parts, sub)]
+            if parts in self.keys:
+                return self.keys[parts]
+            parts = parts[:-1]
+        return None
+
+
+def _where(node: yaml.Node) -> Position:
+    return (node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _yaml_marks(root: yaml.Node) -> Marks:
+    """Positions of every key and list entry under ``root`` (aliases followed: the tree was
+    already bounded by _expanded_size), and every key given twice in one mapping."""
+    marks = Marks()
+    stack: list[tuple[yaml.Node, KeyPath, bool]] = [(root, (), False)]
+    while stack:
+        node, path, merged = stack.pop()
+        if isinstance(node, yaml.SequenceNode):
+            entries = marks.items.setdefault(path, [])
+            for i, item in enumerate(node.value):
+                if isinstance(item, yaml.ScalarNode):
+                    entries.append((str(item.value), _where(item)))
+                # A `<<: [*a, *b]` list of mappings merges into the same path.
+                stack.append((item, path if merged else (*path, str(i)), merged))
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[str, Position] = {}
+            for key, value in node.value:
+                if key.tag == _MERGE_TAG:
+                    stack.append((value, path, True))
+                    continue
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+                here = _where(key)
+                if name in seen:
+                    marks.duplicates.append(((*path, name), seen[name], here))
+                seen[name] = here
+                if merged:
+                    marks.keys.setdefault((*path, name), here)  # the mapping's own keys win
+                else:
+                    marks.keys[(*path, name)] = here
+                stack.append((value, (*path, name), False))
+    return marks
+
+
+# TOML: tomllib gives no positions, so a light scan of the text finds where each key is:
+# [table] and [[table]] headers, `key = value` lines (dotted and quoted keys), one level of
+# inline tables, and the quoted or bare entries of arrays. It does not parse TOML (tomllib
+# did that); a key it misses is reported at the nearest key above it that it found.
+_TOML_KEY = r'(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|\'[^\']*\')'
+_TOML_DOTTED = re.compile(rf"\s*({_TOML_KEY}(?:\s*\.\s*{_TOML_KEY})*)\s*=\s*")
+_TOML_HEADER = re.compile(rf"\s*\[\[?\s*({_TOML_KEY}(?:\s*\.\s*{_TOML_KEY})*)\s*\]\]?")
+_TOML_PART = re.compile(_TOML_KEY)
+_TOML_ENTRY = re.compile(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'|[^\s,\[\]{}#]+')
+
+
+def _toml_parts(dotted: str) -> KeyPath:
+    return tuple(p.strip("\"'") for p in _TOML_PART.findall(dotted))
+
+
+def _toml_marks(text: str) -> Marks:
+    marks = Marks()
+    table: KeyPath = ()
+    for n, line in enumerate(text.splitlines(), 1):
+        header = _TOML_HEADER.match(line)
+        if header and not _TOML_DOTTED.match(line):
+            table = _toml_parts(header.group(1))
+            marks.keys.setdefault(table, (n, header.start(1) + 1))
+            continue
+        _toml_line(marks, table, line, n)
+    return marks
+
+
+def _toml_line(marks: Marks, table: KeyPath, line: str, n: int) -> None:
+    """Keys (and array entries) on one line, inside ``table``."""
+    pos, inline = 0, table
+    while pos < len(line):
+        m = _TOML_DOTTED.match(line, pos)
+        if m is None:
+            break
+        path = (*inline, *_toml_parts(m.group(1)))
+        marks.keys.setdefault(path, (n, m.start(1) + 1))
+        pos = m.end()
+        if line.startswith("{", pos):  # an inline table: its keys one level down
+            inline, pos = path, pos + 1
+            continue
+        if line.startswith("[", pos):
+            end = line.find("]", pos)
+            end = len(line) if end < 0 else end
+            entries = marks.items.setdefault(path, [])
+            for e in _TOML_ENTRY.finditer(line, pos + 1, end):
+                entries.append((e.group().strip("\"'"), (n, e.start() + 1)))
+            pos = end + 1
+        # Past this value: the next `key =` of an inline table, if any.
+        comma = line.find(",", pos)
+        if comma < 0:
+            break
+        pos = comma + 1
+
+
 class DocumentError(ValueError):
     """The file cannot be read or parsed; the message is one short line naming the file."""
 
@@ -102,7 +237,7 @@ def _expanded_size(root: yaml.Node, limit: int) -> int:
     return sizes[id(root)]
 
 
-def _load_yaml(data: bytes, name: str) -> Any:
+def _load_yaml(data: bytes, name: str) -> tuple[Any, Marks]:
     try:
         return _load_with(_Loaders[0], data, name)
     except yaml.YAMLError:
@@ -111,7 +246,7 @@ def _load_yaml(data: bytes, name: str) -> Any:
     return _load_with(_Loaders[-1], data, name)  # the same refusal, PyYAML's words
 
 
-def _load_with(cls: Any, data: bytes, name: str) -> Any:
+def _load_with(cls: Any, data: bytes, name: str) -> tuple[Any, Marks]:
     loader = cls(data)
     try:
         try:
@@ -124,7 +259,9 @@ def _load_with(cls: Any, data: bytes, name: str) -> Any:
             raise DocumentError(
                 f"{name}: more than {MAX_NODES} values (aliases expanded); refusing it"
             )
-        return None if node is None else loader.construct_document(node)
+        if node is None:
+            return None, Marks()
+        return loader.construct_document(node), _yaml_marks(node)
     finally:
         loader.dispose()
 
@@ -132,6 +269,11 @@ def _load_with(cls: Any, data: bytes, name: str) -> Any:
 def read_document(path: Path) -> Any:
     """Read a YAML or TOML file; DocumentError (one line) when it cannot be read or parsed,
     trust.UntrustedError when, as root, it is not root's."""
+    return read_marked(path)[0]
+
+
+def read_marked(path: Path) -> tuple[Any, Marks]:
+    """read_document, and where each key and list entry is in the file."""
     name = str(path)
     try:
         data = trust.read_regular(path, "configuration file")
@@ -139,7 +281,8 @@ def read_document(path: Path) -> Any:
         raise DocumentError(f"{name}: {exc.strerror or exc}") from None
     try:
         if path.suffix == ".toml":
-            return tomllib.loads(data.decode("utf-8"))
+            text = data.decode("utf-8")
+            return tomllib.loads(text), _toml_marks(text)
         return _load_yaml(data, name)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark

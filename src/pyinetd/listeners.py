@@ -88,8 +88,34 @@ def _unlink_if_same(dir_fd: int, name: str, dev: int, ino: int) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
+def set_socket_options(sock: socket.socket, service: Service) -> None:
+    """The service's interface and socket options on its listening socket; the connections
+    accepted from it inherit them (Linux copies them to the new socket). Set before bind, so
+    that nothing from another interface is queued meanwhile."""
+    if sock.family == socket.AF_UNIX:
+        return
+    device = (service.interface or "").encode()
+    # Clearing needs CAP_NET_RAW as setting does: only a socket bound to a device is cleared.
+    if device or sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16).strip(b"\0"):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device)
+        except OSError as exc:
+            raise OSError(exc.errno, f"interface {service.interface}: {exc.strerror}") from None
+    if sock.type == socket.SOCK_STREAM:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(service.keepalive))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(service.nodelay))
+    if service.send_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, service.send_buffer)
+    if service.receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, service.receive_buffer)
+
+
 def bind_listener(
-    protocol: str, addr: ListenAddress, reuseport: bool = False, perms: SocketPerms | None = None
+    protocol: str,
+    addr: ListenAddress,
+    reuseport: bool = False,
+    perms: SocketPerms | None = None,
+    service: Service | None = None,
 ) -> socket.socket:
     """Create, bind and (for stream sockets) listen; non-blocking, close-on-exec (PEP 446).
 
@@ -117,6 +143,8 @@ def bind_listener(
         if family == socket.AF_INET6:
             # PORT alone means every address, v4 and v6; an explicit v6 address means v6 only.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if not addr.host else 1)
+        if service is not None:
+            set_socket_options(sock, service)
         sock.bind((host, addr.port))
         if kind == socket.SOCK_STREAM:
             sock.listen(BACKLOG)
@@ -208,7 +236,8 @@ def bind_service(
         if key in skip:
             continue
         try:
-            sock = bind_listener(service.protocol, addr, reuseport, SocketPerms.of(service))
+            perms = SocketPerms.of(service)
+            sock = bind_listener(service.protocol, addr, reuseport, perms, service)
             bound.append((key, sock))
         except OSError as exc:
             for _, sock in bound:

@@ -153,7 +153,7 @@ def parse(value: Any, base: Path) -> SandboxSettings:
                            "private_tmp or syscalls")  # fmt: skip
     for k in value:
         if k not in KEYS:
-            from pyinetd.schema import unknown_key
+            from pyinetd.suggest import unknown_key
 
             raise SandboxError(f"{k}: {unknown_key(str(k), list(KEYS))}")
     read = _paths(value["read"], "read", base) if "read" in value else None

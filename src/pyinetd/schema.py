@@ -1,8 +1,9 @@
 """The JSON Schema of the configuration, and its findings in the project's one-line error form.
 
-``schema.json`` (package data) is what editors use (``# yaml-language-server: $schema=...``);
-config.build() runs it first, so a value of the wrong type or an unknown key reads the same in
-the editor and on the command line::
+``schema.json`` (package data, generated from the key declarations in keys.py by this module:
+``python -m pyinetd.schema > src/pyinetd/schema.json``) is what editors use
+(``# yaml-language-server: $schema=...``); config.build() runs it first, so a value of the wrong
+type or an unknown key reads the same in the editor and on the command line::
 
     inetd.yaml: services.echo.usr: unknown key (did you mean 'user'?)
     inetd.yaml: services.echo.wait: 'yes': expected true or false
@@ -13,16 +14,26 @@ Pure module: no sockets, no processes.
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from pyinetd import keys
+from pyinetd.suggest import unknown_key
+
 if TYPE_CHECKING:  # jsonschema is imported only when a configuration has an error (config.py)
     from jsonschema import Draft202012Validator, ValidationError
 
-__all__ = ["KeyPath", "check", "load_schema", "unknown_key", "validate"]
+__all__ = [
+    "KeyPath",
+    "build_schema",
+    "check",
+    "load_schema",
+    "schema_text",
+    "unknown_key",
+    "validate",
+]
 
 # A key path as people read it: ("max_children",), ("defaults", "timeout"),
 # ("services", "echo", "wait"); shorter for errors about a whole mapping.
@@ -51,12 +62,6 @@ def _validator() -> Draft202012Validator:
     from jsonschema import Draft202012Validator
 
     return Draft202012Validator(_schema())
-
-
-def unknown_key(key: str, known: Sequence[str]) -> str:
-    """'unknown key', with the nearest known key as a suggestion when there is one."""
-    near = difflib.get_close_matches(key, list(known), n=1)
-    return "unknown key" + (f" (did you mean {near[0]!r}?)" if near else "")
 
 
 def check(doc: Any) -> list[tuple[KeyPath, str]]:
@@ -96,9 +101,18 @@ def _render(error: ValidationError) -> Iterator[tuple[list[Any], str]]:
         # A `not` here only ever forbids a key's presence; its value is beside the point.
         yield path, str(schema.get("errorMessage", error.message))
     elif "errorMessage" in schema:
-        yield path, f"{instance!r}: {schema['errorMessage']}"
+        yield path, f"{shown(instance)}: {schema['errorMessage']}"
     else:
         yield path, error.message
+
+
+def shown(value: Any) -> str:
+    """A value in the file's terms: `timeout: yes` is "a boolean" (YAML's yes), not True."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "an empty value"
+    return repr(value)
 
 
 def _missing(key: str, schema: Mapping[str, Any]) -> str:
@@ -137,3 +151,77 @@ def _split(path: Sequence[Any], doc: Any) -> tuple[KeyPath, str]:
         below.append(str(part))
         node = node.get(part)
     return key, "".join(f"{part}: " for part in below)
+
+
+# ---------------------------------------------------------------- generating schema.json
+
+_EXEC_OR_BUILTIN = {
+    "if": {"required": ["builtin"]},
+    "then": {
+        "properties": {"exec": {"not": {}, "errorMessage": "give either exec or builtin, not both"}}
+    },
+}
+
+
+def _service_schema(listen: bool) -> dict[str, Any]:
+    names = [k for k in keys.SERVICE_KEYS if listen or k != "listen"]
+    if listen:
+        head = {
+            "description": "One service: where it listens and what answers (exec or builtin).",
+            "type": ["object", "null"],
+        }
+        tail: dict[str, Any] = {"required": ["listen"]}
+        message = "expected a mapping of settings"
+    else:
+        head = {
+            "description": "Settings applied to every service unless the service sets them "
+            "(not listen).",
+            "type": ["object", "null"],
+        }
+        tail, message = {}, "expected a mapping of service keys"
+    return {
+        **head,
+        "properties": {k: {"$ref": f"#/$defs/{k}"} for k in names},
+        **tail,
+        "additionalProperties": False,
+        **_EXEC_OR_BUILTIN,
+        "errorMessage": message,
+    }
+
+
+def build_schema() -> dict[str, Any]:
+    """The configuration's JSON Schema (draft 2020-12), from the key declarations."""
+    top: dict[str, Any] = {
+        "defaults": {"$ref": "#/$defs/defaults"},
+        "services": {
+            "description": "The services, by name.",
+            "type": ["object", "null"],
+            "additionalProperties": {"$ref": "#/$defs/service"},
+            "errorMessage": "expected a mapping of service name to settings",
+        },
+    }
+    top.update({k.name: {"description": k.doc, **k.schema} for k in keys.TOP_KEYS.values()})
+    defs: dict[str, Any] = {"service": _service_schema(True), "defaults": _service_schema(False)}
+    defs.update({k.name: {"description": k.doc, **k.schema} for k in keys.SERVICE_KEYS.values()})
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "pyinetd configuration",
+        "description": "The configuration file of pyinetd, an inetd-style super-server "
+        "(YAML or TOML).",
+        "type": ["object", "null"],
+        "properties": top,
+        "additionalProperties": False,
+        "errorMessage": "expected a mapping with a 'services' key at the top",
+        "$defs": defs,
+    }
+
+
+def schema_text() -> str:
+    """schema.json as shipped: the schema, indented by two, ending in a newline."""
+    return json.dumps(build_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.stdout.write(schema_text())

@@ -314,7 +314,7 @@ class Server:
             contexts = self.services.prepare(new)
             fresh = self.services.bind_new(new, self.services.listeners)
         except ConfigError as exc:
-            errors = exc.errors
+            errors = exc.lines  # 'file:line:column: key: message' (issue 16)
         except ListenError as exc:
             errors = [f"{self.config.path}: {exc}"]
         else:

@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING
 from pyinetd import systemd
 from pyinetd.admission import TokenBucket
 from pyinetd.config import Config, ConfigError, Service
-from pyinetd.listeners import ListenKey, bind_service, close_listener, peer_of
+from pyinetd.listeners import (
+    ListenError,
+    ListenKey,
+    bind_service,
+    close_listener,
+    peer_of,
+    set_socket_options,
+)
 from pyinetd.log import event
 from pyinetd.loop import Loop, Timer
 from pyinetd.sandbox import Prepared
@@ -175,6 +182,15 @@ class Services:
         reuseport = config.workers > 1
         try:
             for svc in config.enabled_services:
+                if svc.interface and svc.protocol != "unix":
+                    try:
+                        socket.if_nametoindex(svc.interface)
+                    except OSError:
+                        # Checked here, where a reload may still fail, for kept sockets too.
+                        raise ListenError(
+                            f"services.{svc.name}.interface: {svc.interface}: no such network "
+                            "interface"
+                        ) from None
                 skip: dict[ListenKey, object] = {**keep, **fresh}
                 for addr in svc.listen:
                     key = ListenKey(svc.protocol, addr)
@@ -253,6 +269,11 @@ class Services:
             state = self.states[svc.name]
             existing = self.listeners.get(key)
             lst = existing if existing is not None else self._new_listener(key, fresh[key], state)
+            # A socket kept across the reload (or handed over by systemd) takes the options as
+            # they are now; bind_new checked the interface exists (a fresh socket had them
+            # before bind).
+            with contextlib.suppress(OSError):
+                set_socket_options(lst.sock, svc)
             lst.state = state
             state.listeners.append(lst)
             self.refresh(lst)

@@ -463,7 +463,9 @@ class Spawner:
         fork = self._uses_fork(service)
         box = self._box(service)
         flags = NO_NEW_PRIVS if service.nnp else 0
-        if self.primitive == "clone" and not fork:
+        # The C primitives execute argv[0]: a separate argv0 takes the Python paths.
+        native = not fork and service.argv0 is None
+        if self.primitive == "clone" and native:
             bargv, envl = self._exec_lists(service)
             if self._reports is None:
                 # Both ends non-blocking: a child must never wait on a full pipe.
@@ -474,7 +476,7 @@ class Spawner:
                               self._handled, flags, sandbox=box.c_arg)  # fmt: skip
             return _START(bargv, envl, extra_env, stdin, stdout, stderr, self._reports[1],
                           self._handled, flags)  # fmt: skip
-        if self.primitive == "vfork" and not fork:
+        if self.primitive == "vfork" and native:
             bargv, envl = self._exec_lists(service)
             assert _VFORK is not None
             if box is not None:
@@ -494,7 +496,7 @@ class Spawner:
         if fork:
             return self._fork_exec(service, argv, env, stdin, stdout, stderr, box)
         return os.posix_spawn(
-            argv[0],
+            service.program,
             argv,
             env,
             file_actions=[
@@ -546,7 +548,7 @@ class Spawner:
         # allow_vfork. call_setsid: a session of its own (see apply_process_settings).
         assert _FORK_EXEC is not None
         pid = _FORK_EXEC(
-            argv, [argv[0]], True, (err_w,), None,
+            argv, [os.fsencode(service.program)], True, (err_w,), None,
             envl + extra_env,
             stdin, -1, -1, stdout, -1, stderr, err_r, err_w,
             True, True, -1, None, None, None, -1, None, True,
@@ -560,7 +562,7 @@ class Spawner:
             code = int(report.split(b":")[1], 16)
         except (IndexError, ValueError):
             code = errno.ENOEXEC
-        raise OSError(code, os.strerror(code), service.argv[0])
+        raise OSError(code, os.strerror(code), service.program)
 
     def _fork_exec(
         self,
@@ -670,10 +672,9 @@ def _start_behind_relay(
     service: Service, env: Environ, stdin: int, stdout: int
 ) -> int:  # pragma: no cover - in the relay process
     """The relay's service program, on the relay's pipes; it inherits the relay's settings."""
-    argv = service.argv
     return os.posix_spawn(
-        argv[0],
-        argv,
+        service.program,
+        service.argv,
         env,
         file_actions=[(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1)],
         setsigmask=(),
@@ -750,10 +751,10 @@ def _child_exec(
         for sig in sigdef:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        os.execve(argv[0], argv, env)
+        os.execve(service.program, argv, env)
     except BaseException as exc:
         try:
-            msg = f"pyinetd: {service.name}: cannot start {argv[0]}: {exc}\n"
+            msg = f"pyinetd: {service.name}: cannot start {service.program}: {exc}\n"
             os.write(2, msg.encode(errors="replace"))
         finally:
             os._exit(127)

@@ -11,11 +11,11 @@ import ssl
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
 from pyinetd import trust
+from pyinetd.parsers import TLSSettings  # the tls: block, as config.py parsed it
 
 __all__ = [
     "VERSIONS",
@@ -34,17 +34,6 @@ VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 # SNI names seen by make_context()'s sni_callback, per connection; weak so that a closed
 # connection's entry goes away with it.
 _sni_names: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
-
-
-@dataclass(frozen=True)
-class TLSSettings:
-    """A service's ``tls:`` block."""
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
-    min_version: str = "1.2"
-    handshake_timeout: float = 10.0
 
 
 class _EncryptedKey(Exception):

@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import random
+import re
 import string
 import subprocess
 import sys
@@ -47,10 +48,11 @@ def assert_clean(path: Path, code: int, stderr: str) -> None:
 def names_its_file(line: str, path: Path) -> bool:
     """An error line starts with the config file's name, or with the name of a file it
     includes when the error is in that file (hypothesis found `include: /bin/*`)."""
-    if line.startswith(f"{path}: "):
+    # 'file: ...', or 'file:line:column: ...' where the position is known (issue 16).
+    head = re.sub(r":\d+:\d+$", "", line.split(": ", 1)[0])
+    if head == str(path):
         return True
-    head = line.split(": ", 1)[0]
-    return head != str(path) and os.path.isabs(head) and os.path.isfile(head)
+    return os.path.isabs(head) and os.path.isfile(head)
 
 
 # Characters and values that once broke the properties; each has a regression
@@ -213,7 +215,7 @@ def test_banner_that_is_not_a_regular_file_is_refused_quickly(tmp_path: Path) ->
     except subprocess.TimeoutExpired:
         pytest.fail("`pyinetd --check` still reading the banner after 3 s")
     assert out.returncode == 2
-    assert out.stderr.startswith(f"{path}: services.a.banner: banner: ")
+    assert out.stderr.startswith(f"{path}:2:18: services.a.banner: banner: ")
 
 
 # ---------------------------------------------------------------- the real command

@@ -1,0 +1,161 @@
+"""Every configuration key, declared once: name, parser, description, JSON Schema, input form.
+
+The service keys are declared in service_keys.py, the top-level keys here. The rest follows from
+these tables: config.py's validation (the parsers), ``schema.json`` (generated
+from it: ``python -m pyinetd.schema > src/pyinetd/schema.json``; tests/test_schema.py checks the
+shipped file is current), the pyinetd.yaml(5) man page (scripts/gen_manpage.py), ``--print-config``
+(each key's ``out``) and the order in which ``pyinetd convert`` writes a service's keys (the order
+of the table). Pure module: no sockets, no processes.
+"""
+
+from __future__ import annotations
+
+from pyinetd.keyspec import BOOLEAN, COUNT, DURATION, FILE_PATH, Key
+from pyinetd.parsers import (
+    _parse_bool,
+    _parse_choice,
+    _parse_count,
+    _parse_endpoint,
+    _parse_includes,
+    _parse_path,
+    _parse_workers,
+    _wrap,
+)
+from pyinetd.service_keys import SERVICE_KEY_LIST
+from pyinetd.units import (
+    parse_duration,
+)
+
+__all__ = ["KEYS", "SERVICE_KEYS", "TOP_KEYS", "Key"]
+
+# The top-level keys (besides `defaults:` and `services:`).
+TOP_KEY_LIST: tuple[Key, ...] = (
+    Key(
+        "include",
+        _parse_includes,
+        (
+            "More files with a services: mapping, by glob pattern (relative to this file's "
+            "folder), merged in sorted order."
+        ),
+        {
+            "type": ["string", "array"],
+            "minLength": 1,
+            "items": {
+                "type": "string",
+                "minLength": 1,
+                "errorMessage": "expected a glob pattern or a list of them",
+            },
+            "examples": ["conf.d/*.yaml"],
+            "errorMessage": "expected a glob pattern or a list of them",
+        },
+        top=True,
+    ),
+    Key(
+        "max_children",
+        _parse_count,
+        "At most this many service processes at once, over all services.",
+        COUNT,
+        top=True,
+    ),
+    Key(
+        "workers",
+        _parse_workers,
+        (
+            "Accept loops in separate processes sharing the listening sockets (SO_REUSEPORT), to "
+            "use more than one core. The first process alone serves wait-mode and unix-socket "
+            "services and services with max_connections, per_source or rate (counted in one "
+            "place), and the control socket. Not with max_children, which each worker would count"
+            " on its own."
+        ),
+        {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 64,
+            "default": 1,
+            "errorMessage": "expected a whole number from 1 to 64",
+        },
+        top=True,
+    ),
+    Key(
+        "control_socket",
+        _parse_path,
+        "The unix socket `pyinetd status|reload|stop` talks to (relative to this file's folder).",
+        FILE_PATH,
+        top=True,
+    ),
+    Key(
+        "pid_file",
+        _parse_path,
+        "Write pyinetd's pid to this file while it runs.",
+        FILE_PATH,
+        top=True,
+    ),
+    Key(
+        "shutdown",
+        _parse_choice("leave", "drain"),
+        (
+            "On SIGTERM: leave (default) running service processes alone, or drain: wait for them"
+            " up to drain_timeout, then stop them."
+        ),
+        {
+            "enum": ["leave", "drain"],
+            "errorMessage": "expected one of leave, drain",
+            "default": "leave",
+        },
+        top=True,
+    ),
+    Key(
+        "drain_timeout",
+        _wrap(parse_duration),
+        "How long shutdown: drain waits (default 30 seconds).",
+        {**DURATION, "default": 30},
+        top=True,
+    ),
+    Key(
+        "reload_kills_removed",
+        _parse_bool,
+        "On reload, stop the processes of services that were removed (default: let them finish).",
+        {**BOOLEAN, "default": False},
+        top=True,
+    ),
+    Key(
+        "metrics",
+        _parse_endpoint,
+        "Serve Prometheus metrics over HTTP on HOST:PORT (or PORT).",
+        {
+            "type": ["string", "integer"],
+            "minLength": 1,
+            "minimum": 1,
+            "maximum": 65535,
+            "examples": ["127.0.0.1:9107"],
+            "errorMessage": "expected HOST:PORT, [IPV6]:PORT or PORT (port 1-65535)",
+        },
+        top=True,
+    ),
+    Key(
+        "max_pending",
+        _parse_count,
+        (
+            "At most this many connections at once, over all services, waiting for a PROXY "
+            "protocol header or a TLS ClientHello (an fd each, no process yet); more are refused "
+            "at once."
+        ),
+        {**COUNT, "default": 256},
+        top=True,
+    ),
+    Key(
+        "max_pending_per_source",
+        _parse_count,
+        (
+            "At most this many of those from one source address (IPv6: from one /64); a peer in "
+            "proxy_from counts only toward max_pending. Each process counts its own (workers)."
+        ),
+        {**COUNT, "default": 16},
+        top=True,
+    ),
+)
+
+# Service keys first, in the order `pyinetd convert` writes them; then the top-level keys.
+KEYS: tuple[Key, ...] = (*SERVICE_KEY_LIST, *TOP_KEY_LIST)
+SERVICE_KEYS: dict[str, Key] = {k.name: k for k in SERVICE_KEY_LIST}
+TOP_KEYS: dict[str, Key] = {k.name: k for k in TOP_KEY_LIST}
