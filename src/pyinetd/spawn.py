@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import pwd
@@ -759,3 +760,25 @@ def _child_exec(
         finally:
             os._exit(127)
     os._exit(127)
+
+
+ZYGOTE_CTL_FD = 3  # where a warm service's zygote finds its control channel (zygote_main.py)
+
+
+def spawn_zygote(service: Service, argv: list[str], env: Environ, ctl: int, stderr: int) -> int:
+    """Start a warm service's zygote (zygote.py): ``argv`` with the service's process settings
+    (apply_process_settings, through the same child path as every fork-path service), /dev/null
+    on 0 and 1, ``stderr`` on 2 and ``ctl`` on fd 3; returns its pid."""
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    sigdef = ignored_signals()
+
+    def child() -> None:  # pragma: no cover - runs in the forked child
+        # Every source above 3 first, so that no dup2 below lands on a source still needed.
+        hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (ctl, stderr, devnull)]
+        os.dup2(hi[0], ZYGOTE_CTL_FD)  # inheritable: the one fd above 2 the zygote gets
+        _child_exec(service, tuple(argv), env, hi[2], hi[2], hi[1], sigdef)
+
+    try:
+        return _fork(child)
+    finally:
+        os.close(devnull)
