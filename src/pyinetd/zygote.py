@@ -282,8 +282,12 @@ class Zygote:
         self._cold_noted = True
         return f"{self.service.name}: zygote {self.state}: serving by exec"
 
-    def request(self, argv: list[str], env: list[bytes], fds: tuple[int, int, int]) -> int:
-        """Have the zygote fork this connection's process; its pid (pyinetd's child).
+    def request(
+        self, env: list[bytes], fds: tuple[int, int, int], argv: list[str] | None = None
+    ) -> int:
+        """Have the zygote fork this connection's process with ``env`` (KEY=value entries)
+        and ``fds`` on 0, 1, 2; its pid (pyinetd's child). ``argv``: sys.argv, by default
+        the script and its arguments as the service's exec gives them.
 
         Raises ZygoteUnavailable: serve the connection cold (no process was started for it).
         """
@@ -292,6 +296,8 @@ class Zygote:
         sock = self._sock
         if self.state != READY or sock is None:
             raise ZygoteUnavailable(self.state)
+        if argv is None:
+            argv = [self.command.script, *self.command.args]
         msg = b"R" + marshal.dumps((argv, env))
         try:
             sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
