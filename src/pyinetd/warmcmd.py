@@ -40,6 +40,15 @@ class PythonCommand:
     script: str  # the script as the interpreter is given it: sys.argv[0]
     args: tuple[str, ...]  # sys.argv[1:]
     orig_argv: tuple[str, ...]  # sys.orig_argv of a cold start
+    # `#!/usr/bin/env python3`: that env, which finds the interpreter on the service's PATH as
+    # the service's user (directories that user may not search are skipped), as a cold start
+    launcher: str = ""
+
+    def interpreter_argv(self) -> list[str]:
+        """The interpreter and its options, as the zygote is started with them ("--" left
+        out: it would end the options before the zygote's own -c)."""
+        opts = [o for o in self.options if o != "--"]
+        return [*([self.launcher] if self.launcher else []), self.interpreter, *opts]
 
 
 def is_python(program: str) -> bool:
@@ -113,15 +122,17 @@ def from_shebang(argv: tuple[str, ...] | list[str], first_line: bytes) -> Python
             raise ValueError(f"not a Python script: #!{text}")
         name, opts = words[0], words[1:]
         cold = (name, *opts, *argv)
+        launcher = interp
     else:
         name, opts = interp, ([arg] if arg else [])
         cold = (interp, *opts, *argv)
+        launcher = ""
     if not is_python(name):
         raise ValueError(f"not a Python script: #!{text}")
     options, at = parse_options([*opts, argv[0]])
     if at != len(opts):
         raise ValueError(f"#!{text}: the options end before the script")
-    return PythonCommand(name, options, argv[0], tuple(argv[1:]), cold)
+    return PythonCommand(name, options, argv[0], tuple(argv[1:]), cold, launcher)
 
 
 def python_command(argv: tuple[str, ...] | list[str], first_line: bytes) -> PythonCommand:

@@ -25,7 +25,6 @@ import logging
 import marshal
 import os
 import select
-import shutil
 import signal
 import socket
 import struct
@@ -133,17 +132,8 @@ class Zygote:
         if so is None:
             self._fail("pyinetd's C module was not built (it makes the child pyinetd's own)")
             return
-        interp = self.command.interpreter
-        if "/" not in interp:
-            path = self._env.get(b"PATH", spawn.DEFAULT_PATH).decode(errors="surrogateescape")
-            found = shutil.which(interp, path=path)
-            if found is None:
-                self._fail(f"{interp}: not found in the service's PATH")
-                return
-            interp = found
-        # -- never reaches the zygote: it ends the options, and -c must stay an option
-        opts = [o for o in self.command.options if o != "--"]
-        argv = [interp, *opts, "-c", LOADER, "pyinetd-zygote", self.service.name]
+        argv = [*self.command.interpreter_argv(), "-c", LOADER, "pyinetd-zygote"]
+        argv.append(self.service.name)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
