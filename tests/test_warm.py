@@ -43,6 +43,8 @@ def serve(inetd: Callable[..., Pyinetd], folder: Path) -> Start:
     """serve(mode, body, **keys): pyinetd with one service `svc` running the script ``body``
     (warm: its zygote ready first); returns (pyinetd, port)."""
 
+    made: list[str] = []
+
     def start(mode: str, body: str, python: str = "", **keys: object) -> tuple[Pyinetd, int]:
         path = folder / "svc.py"
         path.write_text("#!/usr/bin/env python3\n" + textwrap.dedent(body))
@@ -54,7 +56,8 @@ def serve(inetd: Callable[..., Pyinetd], folder: Path) -> Start:
         svc.update(keys)
         if mode == "warm":
             svc["warm"] = True
-        p = inetd({"services": {"svc": svc}})
+        made.append(mode)
+        p = inetd({"services": {"svc": svc}}, name=f"inetd-{len(made)}.yaml")
         if mode == "warm":
             p.wait_log(READY)
         return p, port
@@ -69,7 +72,7 @@ def talk(port: int, data: bytes = b"") -> bytes:
 PROBE = """\
     import json, os, random, signal, sys
     fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
-    env = {k: v for k, v in os.environ.items() if k not in ("REMOTE_PORT", "TCPREMOTEPORT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("REMOTE_PORT", "TCPREMOTEPORT", "TCPLOCALPORT")}
     sig = {n: str(signal.getsignal(getattr(signal, n)))
            for n in ("SIGPIPE", "SIGINT", "SIGTERM", "SIGHUP", "SIGCHLD", "SIGXFSZ", "SIGUSR1")}
     line = sys.stdin.readline()
@@ -95,6 +98,10 @@ def test_a_warm_connection_sees_what_a_cold_one_sees(serve: Start) -> None:
     warm, again = probe(p, port), probe(p, port)
     assert len({cold.pop("rand"), warm.pop("rand"), again.pop("rand")}) == 3
     cold.pop("pid"), warm.pop("pid"), again.pop("pid")
+    cold_env: dict[str, str] = cold["env"]  # type: ignore[assignment]
+    for d in (warm, again):
+        env: dict[str, str] = d["env"]  # type: ignore[assignment]
+        assert {k: (cold_env.get(k), v) for k, v in env.items() if cold_env.get(k) != v} == {}
     assert warm == cold == again
     assert cold["fds"] == [0, 1, 2, 3] and cold["leader"] is True
     assert cold["argv"][1:] == ["arg 1"]  # type: ignore[index]
@@ -232,7 +239,7 @@ def test_a_killed_zygote_fails_no_connection_and_comes_back(serve: Start) -> Non
         t.join(DEADLINE * 3)
     assert not errors
     assert sorted(results) == sorted(b"C%d-%d" % (n, i) for n in range(4) for i in range(10))
-    p.wait_log(r"svc: zygote: process ended \(signal 9\)")
+    p.wait_log(r"svc: zygote: (process ended \(signal 9\)|control channel closed); serving cold")
     p.wait_log(READY, count=2)  # restarted after its backoff
     assert talk(port, b"again") == b"AGAIN"
 

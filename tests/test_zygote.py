@@ -44,9 +44,7 @@ class Runner:
     def start(self, extra: list[bytes], stdin: int, stdout: int, stderr: int) -> int:
         if self.zygote is None:
             return self.spawner.spawn(self.service, stdin, stdout, stderr, extra)
-        base = self.spawner.base_environ(self.service)
-        entries = [k + b"=" + v for k, v in base.items() if k not in spawn.CONNECTION_KEYS]
-        return self.zygote.request(entries + extra, (stdin, stdout, stderr))
+        return self.zygote.request(extra, (stdin, stdout, stderr))
 
     def run(
         self, data: bytes = b"", extra: list[bytes] | None = None, half_close: bool = True

@@ -46,6 +46,7 @@ def snapshot(
     pid: int,
     started: float,
     workers: Iterable[int],
+    zygote_of: Callable[[str], dict[str, object] | None] = lambda name: None,
 ) -> dict[str, Any]:
     """The state of every configured service and of its children, as plain data: from the
     service states, the children, the state of each built-in session and the ended
@@ -96,6 +97,8 @@ def snapshot(
                     "sum": round(ended.durations.total, 6),
                     "buckets": ended.durations.cumulative(),
                 },
+                # `warm: true`: the zygote (pid, RSS, forks served, state)
+                "zygote": zygote_of(svc.name),
             }
         )
     return {
@@ -142,6 +145,14 @@ def render_table(snap: dict[str, Any]) -> str:
             exits = " ".join(f"{k}={v}" for k, v in s["exits"].items() if v)
             mean = durations["sum"] / durations["count"]
             lines.append(f"  {s['name']}: {durations['count']} ended ({exits}), mean {mean:.3f}s")
+        z = s.get("zygote")
+        if z:
+            rss = f"{z['rss_kib'] / 1024:.1f} MiB" if z.get("rss_kib") else "-"
+            why = f" ({z['reason']})" if z.get("reason") else ""
+            lines.append(
+                f"  {s['name']}: zygote pid {z['pid'] or '-'} {z['state']}{why}, RSS {rss}, "
+                f"{z['forks']} forks served"
+            )
         for c in s["children"]:
             lines.append(f"  {s['name']}: pid {c['pid']} {c['peer']} age {c['age']:.1f}s")
     return "\n".join(lines)

@@ -219,9 +219,13 @@ class Zygote:
             self._backoff(f"process ended ({how})")
         return True
 
+    def now(self) -> float:
+        return self._clock()
+
     def tick(self) -> None:
         """Restart a zygote whose backoff is over (call from the loop's timers)."""
-        if self.state == BACKOFF and self._clock() >= self.retry_at and self.pid is None:
+        if self.state == BACKOFF and self._clock() >= self.retry_at:
+            self.kill()  # (killed already, unless it went on without its channel)
             self.start()
 
     def on_readable(self) -> None:
@@ -231,8 +235,8 @@ class Zygote:
                 msg = self._sock.recv(4096)
             except BlockingIOError:
                 return
-            except OSError as exc:
-                msg = b"F" + str(exc).encode()
+            except OSError:  # ECONNRESET: it died with a message of ours unread
+                msg = b""
             self._handle(msg)
 
     def _handle(self, msg: bytes) -> None:
@@ -275,9 +279,10 @@ class Zygote:
     def request(
         self, env: list[bytes], fds: tuple[int, int, int], argv: list[str] | None = None
     ) -> int:
-        """Have the zygote fork this connection's process with ``env`` (KEY=value entries)
-        and ``fds`` on 0, 1, 2; its pid (pyinetd's child). ``argv``: sys.argv, by default
-        the script and its arguments as the service's exec gives them.
+        """Have the zygote fork this connection's process with ``fds`` on 0, 1, 2 and the
+        connection's variables ``env`` (KEY=value entries) added to the zygote's environment
+        (the service's, given at start); its pid (pyinetd's child). ``argv``: sys.argv, by
+        default the script and its arguments as the service's exec gives them.
 
         Raises ZygoteUnavailable: serve the connection cold (no process was started for it).
         """
@@ -308,8 +313,8 @@ class Zygote:
                     self._died_early(f"no answer in {REPLY_TIMEOUT:g}s")
                     raise ZygoteUnavailable(self.state) from None
                 continue
-            except OSError as exc:
-                data, anc = b"F" + str(exc).encode(), []
+            except OSError:  # ECONNRESET: it died with our request unread
+                data, anc = b"", []
             if data == b"P":
                 pid = _sender(anc)
                 if pid is None or pid == self.pid or _parent_of(pid) != os.getpid():

@@ -16,7 +16,8 @@
 # Control channel (fd 3, a SOCK_SEQPACKET socketpair), one message each:
 #   pyinetd -> zygote: this source; then SETUP = marshal of a dict, with pyinetd's C module's
 #                      fd (SCM_RIGHTS); then per connection REQUEST = b"R" + marshal of
-#                      (argv, env entries), with fds [stdin, stdout, stderr]; b"Q" to stop.
+#                      (argv, the connection's variables as KEY=value), with fds [stdin,
+#                      stdout, stderr]; b"Q" to stop.
 #   zygote -> pyinetd: b"K" ready; b"F" + why (then it exits); b"E" + errno when a fork
 #                      failed. The child sends b"P": pyinetd takes the pid from the kernel's
 #                      SCM_CREDENTIALS, never from the message.
@@ -163,7 +164,8 @@ def _run_child(argv, env, fds):
         if fd > 2:
             os.close(fd)
     os.setsid()  # a session of its own, as every service process (see spawn.py)
-    os.environ.clear()
+    # The zygote's own environment (what pyinetd gave it, as a launcher such as a pyenv shim
+    # changed it, as at a cold start) with the connection's variables
     for entry in env:
         key, _, value = entry.partition(b"=")
         os.environb[key] = value
