@@ -274,3 +274,23 @@ def test_zygotes_stop_with_pyinetd_and_show_in_status(serve: Start) -> None:
     assert re.search(rf"zygote.*{zpid}.*ready", out), out
     p.stop()
     wait_for(lambda: pid_gone(zpid), what="the zygote gone with pyinetd")
+
+
+def test_the_shipped_python_examples_are_served_warm(inetd: Callable[..., Pyinetd]) -> None:
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    shipped = yaml.safe_load((repo / "inetd.yaml").read_text())["services"]
+    services = {}
+    for name in ("upper", "hello"):
+        svc = dict(shipped[name], listen=f"127.0.0.1:{free_port()}")
+        assert svc.get("warm") is True, f"{name} is not warm in inetd.yaml"
+        svc["exec"] = str(repo / svc["exec"])
+        services[name] = svc
+    p = inetd({"services": services})
+    p.wait_log(READY, count=2)
+    port = int(services["upper"]["listen"].rsplit(":", 1)[1])
+    assert talk(port, b"hello\n") == b"HELLO\n"
+    port = int(services["hello"]["listen"].rsplit(":", 1)[1])
+    assert b"you asked for /x" in talk(port, b"GET /x HTTP/1.0\r\n\r\n")
+    assert not [ln for ln in p.lines if "serving by exec" in ln]

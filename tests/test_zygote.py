@@ -464,3 +464,60 @@ def test_warm_on_a_program_that_is_not_python_is_a_config_error(tmp_path: Path) 
     assert "services.echo.warm: true: only for an exec service" in text
     assert "services.pre.preload: only with warm: true" in text
     assert "services.bad.preload: '1x': expected a module name" in text
+
+
+def test_a_zygote_cannot_make_pyinetd_adopt_a_process_that_is_not_its_child(
+    service: Callable[..., Service], folder: Path
+) -> None:
+    """The zygote runs the service's imports as the service's user: a module that forks at
+    import keeps the control channel and answers the next request itself. pyinetd takes the
+    pid from the kernel (SCM_CREDENTIALS), never from the message, and only a child of its own:
+    otherwise it would count, and at a timeout killpg(), a process the service chose."""
+    (folder / "evil.py").write_text(
+        textwrap.dedent("""\
+        import os, time
+        if os.fork() == 0:
+            time.sleep(0.3)  # until the zygote is ready
+            os.write(3, b"P")  # "I am the connection's process"
+            open("sent", "w").close()
+            time.sleep(30)
+            os._exit(0)
+        """)
+    )
+    svc = service("import evil\nprint('served')\n")
+    z = zygote.Zygote(svc, spawn.Spawner().base_environ(svc), 2, say=lambda level, msg: None)
+    z.start()
+    zpid = z.pid
+    assert zpid is not None and z.wait_ready(10)
+    sent = folder / "sent"
+    wait_for_path(sent)
+    liar = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == zpid]
+    ours, theirs = socket.socketpair()
+    try:
+        try:
+            adopted: int | None = z.request([], (theirs.fileno(), theirs.fileno(), 2))
+        except zygote.ZygoteUnavailable:
+            adopted = None
+        assert adopted is None, f"pyinetd took pid {adopted} (parent {_ppid(adopted)})"
+        assert z.state == zygote.BACKOFF and "not a child of pyinetd" in z.reason
+    finally:
+        ours.close()
+        theirs.close()
+        for pid in liar:
+            os.kill(pid, signal.SIGKILL)
+        z.kill()
+        os.waitpid(zpid, 0)
+
+
+def wait_for_path(path: Path) -> None:
+    from tests.conftest import wait_for
+
+    wait_for(path.exists, what=str(path))
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
