@@ -712,6 +712,7 @@ prctl_(PyObject *module, PyObject *args)
  * CLONE_PARENT is refused (EINVAL) to a pid namespace's init, and the child's exit signal is
  * the caller's own (the kernel ignores the one given): pyinetd starts zygotes with SIGCHLD. */
 #include <dlfcn.h>
+#include <sys/socket.h>
 #include <pthread.h>
 #include <stdint.h>
 
@@ -734,13 +735,18 @@ thread_tid_field(void)
 }
 
 PyDoc_STRVAR(fork_parent_doc,
-"fork_parent() -> pid\n\n"
+"fork_parent(notify_fd=-1) -> pid\n\n"
 "As os.fork(), but the child is a child of this process's parent (clone(2) CLONE_PARENT):\n"
-"0 in the child, its pid in the caller. Raises OSError.");
+"0 in the child, its pid in the caller. The child first sends the one-byte message b'P' on\n"
+"notify_fd (a unix socket whose reader learns its pid from SCM_CREDENTIALS), before any\n"
+"Python code runs in it. Raises OSError.");
 
 static PyObject *
-fork_parent(PyObject *module, PyObject *Py_UNUSED(ignored))
+fork_parent(PyObject *module, PyObject *args)
 {
+    int notify_fd = -1;
+    if (!PyArg_ParseTuple(args, "|i:fork_parent", &notify_fd))
+        return NULL;
     if (PySys_Audit("os.fork", NULL) < 0)
         return NULL;
     pid_t *ctid = thread_tid_field();
@@ -757,6 +763,9 @@ fork_parent(PyObject *module, PyObject *Py_UNUSED(ignored))
     long r = raw_syscall5(SYS_clone, flags, 0, 0, 0, (long)ctid);
 #endif
     if (r == 0) {
+        /* pyinetd waits for this to know the pid: say it before PyOS_AfterFork_Child's work */
+        if (notify_fd >= 0)
+            (void)raw_syscall5(SYS_sendto, notify_fd, (long)"P", 1, MSG_NOSIGNAL, 0);
         PyOS_AfterFork_Child();
         return PyLong_FromLong(0);
     }
@@ -771,7 +780,7 @@ fork_parent(PyObject *module, PyObject *Py_UNUSED(ignored))
 static PyMethodDef methods[] = {
     {"spawn", (PyCFunction)(void (*)(void))spawn, METH_VARARGS | METH_KEYWORDS, spawn_doc},
     {"prctl", prctl_, METH_VARARGS, prctl_doc},
-    {"fork_parent", fork_parent, METH_NOARGS, fork_parent_doc},
+    {"fork_parent", fork_parent, METH_VARARGS, fork_parent_doc},
 #if HAVE_ASYNC
     {"start", (PyCFunction)(void (*)(void))start, METH_VARARGS | METH_KEYWORDS, start_doc},
     {"set_slots", set_slots, METH_O, set_slots_doc},

@@ -19,8 +19,8 @@
 #                      (argv, the connection's variables as KEY=value), with fds [stdin,
 #                      stdout, stderr]; b"Q" to stop.
 #   zygote -> pyinetd: b"K" ready; b"F" + why (then it exits); b"E" + errno when a fork
-#                      failed. The child sends b"P": pyinetd takes the pid from the kernel's
-#                      SCM_CREDENTIALS, never from the message.
+#                      failed. The child sends b"P" (fork_parent, first thing): pyinetd takes
+#                      the pid from the kernel's SCM_CREDENTIALS, never from the message.
 # mypy: ignore-errors
 # ruff: noqa: SIM105, SIM115, UP020  (no contextlib: nothing imported that the script did not;
 # io.open as create_stdio calls it)
@@ -151,11 +151,7 @@ def _exit_code(exc):
 
 def _run_child(argv, env, fds):
     """In the forked child: become `python script args` for this connection; never returns."""
-    try:
-        _send(b"P")
-    except OSError:
-        pass
-    _ctl.close()
+    _ctl.close()  # (fork_parent has sent b"P" on it)
     # fds 0, 1 and 2: the connection (or UDP socketpair end) and the service's stderr target
     os.dup2(fds[2], 2)
     os.dup2(fds[0], 0)
@@ -256,7 +252,7 @@ def _serve():
             continue
         argv, env = marshal.loads(msg[1:])
         try:
-            pid = _fork()
+            pid = _fork(_CTL)
         except OSError as exc:
             _send(b"E%d" % (exc.errno or 0))
             pid = -1
