@@ -294,3 +294,16 @@ def test_the_shipped_python_examples_are_served_warm(inetd: Callable[..., Pyinet
     port = int(services["hello"]["listen"].rsplit(":", 1)[1])
     assert b"you asked for /x" in talk(port, b"GET /x HTTP/1.0\r\n\r\n")
     assert not [ln for ln in p.lines if "serving by exec" in ln]
+
+
+def test_a_failed_preload_serves_cold_and_a_reload_tries_again(serve: Start, folder: Path) -> None:
+    # ("cold": serve() waits for no zygote; warm: true is given here)
+    p, port = serve("cold", "print('hi')\n", warm=True, preload=["later_module"])
+    p.wait_log(r"svc: zygote: preload 'later_module': ModuleNotFoundError.*; serving cold")
+    assert talk(port) == b"hi\n"  # served, by exec
+    p.wait_log(r"svc: zygote failed: serving by exec")
+    (folder / "later_module.py").write_text("X = 1\n")
+    p.signal(signal.SIGHUP)
+    p.wait_log(READY)
+    assert talk(port) == b"hi\n"
+    assert p.wait_log(r"svc: 127.0.0.1:\d+ -> pid \d+", count=2)

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from pyinetd import log, spawn
 from pyinetd.config import Service
-from pyinetd.zygote import BACKOFF, Zygote, ZygoteUnavailable, script_id
+from pyinetd.zygote import BACKOFF, FAILED, Zygote, ZygoteUnavailable, script_id
 
 
 class _Timer(Protocol):
@@ -49,11 +49,17 @@ class Zygotes:
     def sync(self, services: Iterable[Service]) -> None:
         """After a (re)load: a zygote for each warm service given; one whose service changed,
         or whose script was edited (inode, mtime), is replaced (its running connections go
-        on); those of services gone are stopped."""
+        on), and one that failed is tried again (a module installed since); those of services
+        gone are stopped."""
         wanted = {svc.name: svc for svc in services if svc.warm and svc.enabled}
         for name, z in list(self._by_name.items()):
             svc = wanted.get(name)
-            if svc is None or svc != z.service or script_id(z.script) != z.script_id:
+            if (
+                svc is None
+                or svc != z.service
+                or script_id(z.script) != z.script_id
+                or z.state == FAILED
+            ):
                 self._retire(z)
         for name, svc in wanted.items():
             if name not in self._by_name:
