@@ -257,7 +257,10 @@ def _serve():
             _send(b"E%d" % (exc.errno or 0))
             pid = -1
         if pid == 0:
-            _run_child(argv, env, fds)
+            try:  # a child never goes back to the zygote's loop, whatever fails
+                _run_child(argv, env, fds)
+            finally:
+                os._exit(1)
         for fd in fds:
             os.close(fd)
         count += 1
