@@ -312,7 +312,7 @@ def _start():
                 __import__(name[0], fromlist=name[1])
             else:
                 __import__(name)
-        except Exception:
+        except BaseException:  # (SystemExit too: a module that exits at import)
             pass
     for name in _setup["preload"]:
         try:
