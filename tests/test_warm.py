@@ -308,3 +308,35 @@ def test_a_failed_preload_serves_cold_and_a_reload_tries_again(serve: Start, fol
     p.wait_log(READY)
     assert talk(port) == b"hi\n"
     assert p.wait_log(r"svc: 127.0.0.1:\d+ -> pid \d+", count=2)
+
+
+def test_zygote_in_status_json_and_metrics(inetd: Callable[..., Pyinetd], folder: Path) -> None:
+    import subprocess
+    import sys
+    import urllib.request
+
+    script = folder / "svc.py"
+    script.write_text("#!/usr/bin/env python3\nprint('hi')\n")
+    script.chmod(0o755)
+    port, mport = free_port(), free_port()
+    p = inetd(
+        {
+            "metrics": f"127.0.0.1:{mport}",
+            "services": {"svc": {"listen": f"127.0.0.1:{port}", "exec": str(script), "warm": True}},
+        }
+    )
+    p.wait_log(READY)
+    assert talk(port) == b"hi\n"
+    out = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "-c", str(p.path), "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=True,
+    ).stdout
+    z = json.loads(out)["services"][0]["zygote"]
+    assert z["state"] == "ready" and z["forks"] == 1 and z["rss_kib"] > 1000
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=DEADLINE) as r:
+        text = r.read().decode()
+    assert 'pyinetd_zygote_ready{service="svc"} 1' in text
+    assert 'pyinetd_zygote_forks_total{service="svc"} 1' in text

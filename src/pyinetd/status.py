@@ -221,6 +221,17 @@ def render_prometheus(snap: dict[str, Any]) -> str:
             out.append(
                 f'pyinetd_process_exits_total{{service="{_label(s["name"])}",class="{how}"}} {n}'
             )
+    warm = [(_label(s["name"]), s["zygote"]) for s in snap["services"] if s.get("zygote")]
+    if warm:
+        family("pyinetd_zygote_ready", "gauge", "1 when a warm service's zygote is ready.")
+        for name, z in warm:
+            out.append(f'pyinetd_zygote_ready{{service="{name}"}} {int(z["state"] == "ready")}')
+        family("pyinetd_zygote_forks_total", "counter", "Processes a warm service's zygote forked.")
+        for name, z in warm:
+            out.append(f'pyinetd_zygote_forks_total{{service="{name}"}} {z["forks"]}')
+        family("pyinetd_zygote_rss_bytes", "gauge", "Resident memory of a warm service's zygote.")
+        for name, z in warm:
+            out.append(f'pyinetd_zygote_rss_bytes{{service="{name}"}} {(z["rss_kib"] or 0) * 1024}')
     return "\n".join(out) + "\n"
 
 
