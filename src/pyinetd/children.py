@@ -84,7 +84,7 @@ class Children:
         # `warm: true` services' zygotes (warm.py): they fork children of ours
         self.zygotes = Zygotes(
             spawner,
-            lambda svc: self._stderr_fd(services.states[svc.name], None),
+            lambda svc: self.stderr_fd(services.states[svc.name], None),
             loop.sel,
             loop.call_later,
             self.track,
