@@ -281,14 +281,20 @@ def test_the_shipped_python_examples_are_served_warm(inetd: Callable[..., Pyinet
     import yaml
 
     repo = Path(__file__).resolve().parent.parent
-    shipped = yaml.safe_load((repo / "inetd.yaml").read_text())["services"]
+    doc = yaml.safe_load((repo / "inetd.yaml").read_text())
+    shipped = doc["services"]
     services = {}
     for name in ("upper", "hello"):
         svc = dict(shipped[name], listen=f"127.0.0.1:{free_port()}")
         assert svc.get("warm") is True, f"{name} is not warm in inetd.yaml"
         svc["exec"] = str(repo / svc["exec"])
         services[name] = svc
-    p = inetd({"services": services})
+    # with the shipped defaults: the zygote (and what it forks) in the shipped sandbox
+    defaults = doc.get("defaults", {})
+    box = defaults.get("sandbox", {})
+    if box.get("read"):
+        box["read"] = [r if r.startswith("/") else str(repo / r) for r in box["read"]]
+    p = inetd({"defaults": defaults, "services": services})
     p.wait_log(READY, count=2)
     port = int(services["upper"]["listen"].rsplit(":", 1)[1])
     assert talk(port, b"hello\n") == b"HELLO\n"
@@ -340,3 +346,18 @@ def test_zygote_in_status_json_and_metrics(inetd: Callable[..., Pyinetd], folder
         text = r.read().decode()
     assert 'pyinetd_zygote_ready{service="svc"} 1' in text
     assert 'pyinetd_zygote_forks_total{service="svc"} 1' in text
+
+
+def test_threads_after_the_imports_are_seen_from_outside_a_sandbox(
+    serve: Start, folder: Path
+) -> None:
+    """Landlock hides /proc from a sandboxed zygote: pyinetd counts its threads itself."""
+    (folder / "spinner.py").write_text(
+        "import threading\nthreading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+    )
+    box = {"read": ["/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", str(folder)]}
+    p, port = serve(
+        "cold", "import spinner\nprint('hi')\n", python=SYSTEM_PYTHON, warm=True, sandbox=box
+    )
+    p.wait_log(r"svc: zygote: 2 threads after the imports: forking then is unsafe; serving cold")
+    assert talk(port) == b"hi\n"

@@ -78,7 +78,7 @@ class Zygotes:
             self._say(logging.WARNING, f"{svc.name}: zygote: stderr: {exc}; serving cold")
             return
         try:
-            z = Zygote(svc, env, err, say=self._say)
+            z = Zygote(svc, env, err, say=self._say, start_process=self._spawner.zygote)
         except (ValueError, OSError) as exc:  # the script changed since the load
             self._say(logging.WARNING, f"{svc.name}: zygote: {exc}; serving cold")
             return

@@ -95,6 +95,9 @@ class Zygote:
         *,
         clock: Callable[[], float] = time.monotonic,
         say: Callable[[int, str], None] | None = None,
+        start_process: Callable[
+            [Service, list[str], spawn.Environ, int, int], int
+        ] = spawn.spawn_zygote,
     ) -> None:
         self.service = service
         self.command = warmcmd.python_command(service.argv, _first_line(service))
@@ -102,6 +105,7 @@ class Zygote:
         self._env = env
         self._stderr = stderr
         self._clock = clock
+        self._start_process = start_process  # Spawner.zygote: with the service's sandbox
         self._say = say or (lambda level, msg: log.event(level, msg, event="zygote"))
         self.state = STOPPED
         self.reason = ""
@@ -137,9 +141,9 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-            so_fd = os.open(so, os.O_RDONLY | os.O_CLOEXEC)
+            so_fd = _module_fd(so)
             try:
-                self.pid = spawn.spawn_zygote(
+                self.pid = self._start_process(
                     self.service, argv, self._env, theirs.fileno(), self._stderr
                 )
                 setup = {
@@ -241,6 +245,11 @@ class Zygote:
 
     def _handle(self, msg: bytes) -> None:
         if msg == b"K" and self.state == STARTING:
+            threads = _threads(self.pid) if self.pid else None
+            if threads is not None and threads > 1:
+                self.kill()
+                self._fail(f"{threads} threads after the imports: forking then is unsafe")
+                return
             self.ready_at = self._clock()
             self._change_state(READY)
             self._say(
@@ -347,6 +356,31 @@ class Zygote:
         return out
 
 
+def _module_fd(path: str) -> int:
+    """An fd on a copy of pyinetd's C module in memory (memfd), for the zygote to load: it may
+    run as a user who cannot open pyinetd's installation, or in a sandbox whose Landlock rules
+    do not cover it (a memfd is no path of the filesystem). The file itself where memfds are
+    not offered."""
+    global _MODULE_BYTES
+    try:
+        if _MODULE_BYTES is None:
+            _MODULE_BYTES = Path(path).read_bytes()
+        fd = os.memfd_create("pyinetd-_spawn", os.MFD_CLOEXEC)
+    except (OSError, AttributeError):
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        view = memoryview(_MODULE_BYTES)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:
+        os.close(fd)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    return fd
+
+
+_MODULE_BYTES: bytes | None = None
+
+
 def _first_line(service: Service) -> bytes:
     """The program's first line (its #!), when argv[0] is not itself a python."""
     if not service.argv or warmcmd.is_python(service.argv[0]):
@@ -382,6 +416,18 @@ def _parent_of(pid: int) -> int | None:
         return int(stat[stat.rindex(b")") + 2 :].split()[1])
     except (ValueError, IndexError):
         return None
+
+
+def _threads(pid: int) -> int | None:
+    """The number of threads of ``pid`` (/proc/PID/status), None when unknown."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Threads:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _rss_kib(pid: int) -> int | None:

@@ -320,7 +320,10 @@ def _start():
         except BaseException as exc:
             _fail(f"preload {name!r}: {type(exc).__name__}: {exc}")
     _loader = sys.modules["_frozen_importlib_external"].SourceFileLoader("__main__", _file)
-    threads = len(os.listdir("/proc/self/task"))
+    try:  # (pyinetd counts them too, from outside: a sandbox may hide /proc)
+        threads = len(os.listdir("/proc/self/task"))
+    except OSError:
+        threads = 1
     if threads > 1:
         _fail(f"{threads} threads after the imports: forking then is unsafe")
     _stdio = [
@@ -336,4 +339,7 @@ def _start():
 
 
 _ctl = _socket.socket(fileno=_CTL)
-_start()
+try:
+    _start()
+except Exception as exc:  # said once, and the service runs cold, instead of a restart loop
+    _fail(f"{type(exc).__name__}: {exc}")
