@@ -454,6 +454,7 @@ def test_warm_on_a_program_that_is_not_python_is_a_config_error(tmp_path: Path) 
         "  cat: {listen: 127.0.0.1:9, exec: /bin/cat, warm: true}\n"
         "  echo: {listen: 127.0.0.1:10, builtin: echo, warm: true}\n"
         "  pre: {listen: 127.0.0.1:11, exec: /bin/cat, preload: [json]}\n"
+        "  a0: {listen: 127.0.0.1:13, exec: [/usr/bin/python3, s.py], argv0: py, warm: true}\n"
         "  bad: {listen: 127.0.0.1:12, exec: [/usr/bin/python3, -m, x], warm: true,"
         " preload: ['1x']}\n"
     )
@@ -463,6 +464,7 @@ def test_warm_on_a_program_that_is_not_python_is_a_config_error(tmp_path: Path) 
     assert f"{cfg}: services.cat.warm: true: /usr/bin/cat: not a Python script: no #! line" in text
     assert "services.echo.warm: true: only for an exec service" in text
     assert "services.pre.preload: only with warm: true" in text
+    assert "services.a0.warm: true: not with argv0" in text
     assert "services.bad.preload: '1x': expected a module name" in text
 
 

@@ -83,6 +83,9 @@ def check_warm(values: dict[str, Any], where: str, errors: list[str]) -> None:
     if not argv or values.get("tls") is not None or values.get("redirect") is not None:
         errors.append(f"{where}.warm: true: only for an exec service without tls or redirect")
         return
+    if values.get("argv0") is not None:
+        errors.append(f"{where}.warm: true: not with argv0 (the interpreter names itself)")
+        return
     first = b""
     if not warmcmd.is_python(argv[0]):
         try:

@@ -739,8 +739,10 @@ def _child_exec(
     stderr: int,
     sigdef: tuple[signal.Signals, ...],
     box: Prepared | None = None,
+    program: str | None = None,
 ) -> None:  # pragma: no cover - child side
-    """In the forked child: set up fds and process settings, exec; never returns."""
+    """In the forked child: set up fds and process settings, exec ``program`` (the service's
+    by default); never returns."""
     try:
         signal.set_wakeup_fd(-1)
         # dup2 order: a source fd may itself be 0, 1 or 2 only if pyinetd was started with
@@ -756,7 +758,7 @@ def _child_exec(
         for sig in sigdef:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        os.execve(service.program, argv, env)
+        os.execve(program or service.program, argv, env)
     except BaseException as exc:
         try:
             msg = f"pyinetd: {service.name}: cannot start {service.program}: {exc}\n"
@@ -788,7 +790,7 @@ def spawn_zygote(
         # Every source above 3 first, so that no dup2 below lands on a source still needed.
         hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (ctl, stderr, devnull)]
         os.dup2(hi[0], ZYGOTE_CTL_FD)  # inheritable: the one fd above 2 the zygote gets
-        _child_exec(service, tuple(argv), env, hi[2], hi[2], hi[1], sigdef, box)
+        _child_exec(service, tuple(argv), env, hi[2], hi[2], hi[1], sigdef, box, argv[0])
 
     try:
         return _fork(child)

@@ -100,7 +100,7 @@ class Zygote:
         ] = spawn.spawn_zygote,
     ) -> None:
         self.service = service
-        self.command = warmcmd.python_command(service.argv, _first_line(service))
+        self.command = warmcmd.python_command(service.exec, _first_line(service))
         self.script = script_path(service, self.command)
         self._env = env
         self._stderr = stderr
@@ -383,9 +383,9 @@ _MODULE_BYTES: bytes | None = None
 
 def _first_line(service: Service) -> bytes:
     """The program's first line (its #!), when argv[0] is not itself a python."""
-    if not service.argv or warmcmd.is_python(service.argv[0]):
+    if not service.exec or warmcmd.is_python(service.exec[0]):
         return b""
-    return read_first_line(service.argv[0])
+    return read_first_line(service.exec[0])
 
 
 def read_first_line(path: str) -> bytes:
