@@ -22,6 +22,8 @@
 #   PYINETD_WORKERS=1        0 leaves out the pyinetd-w2 row (same exec service, `workers: 2`)
 #   PYINETD_PRIMITIVES=1     0 leaves out the via-vfork and via-fork_exec rows (same exec
 #                            service with PYINETD_SPAWN=vfork / fork_exec)
+#   PYINETD_PYROWS=1         0 leaves out py-cold, py-warm and tcpserver-py (an 8-line Python
+#                            echo script: exec'd per connection, `warm: true`, under tcpserver)
 #   SHARED=<repo>/../shared  the shared kit; anchors.sh is $SHARED/bench/anchors.sh
 #   OUTDIR=bench/out/<utc>   configs, logs, results.tsv, anchors.txt
 #   RESULTS_DIR=bench/results  where latest.md and latest.png go
@@ -34,6 +36,10 @@
 # (bench/ref_twoloops.py: pyinetd's spawn primitive in a bare loop, in 1 and 2 processes) on
 # +18 and +19; ref-c and ref-c-2loops (bench/ref_vfork.c, compiled into OUTDIR: the same loop
 # in C with a bare vfork+execve, the floor of any super-server of this design) on +12 and +13.
+# Python services (issue 19): py-cold (pyinetd exec'ing an 8-line Python echo script), py-warm
+# (the same service with `warm: true`: forked from a zygote) and tcpserver-py (tcpserver exec'ing
+# it) on +7, +8 and +9, as shared/checks/bars/perf-python-warm runs them; quick check of the
+# rows alone: ONLY="py-cold py-warm tcpserver-py" SCALE=0 CONNS=600 ROUNDS=1 bench/run.sh
 set -euo pipefail
 export LC_ALL=C
 
@@ -124,6 +130,28 @@ services:
   cat: {listen: "127.0.0.1:$P_W2", exec: [/bin/cat]}
 EOF
 
+PYINETD_PYROWS=${PYINETD_PYROWS:-1}
+if [[ $PYINETD_PYROWS == 1 ]]; then
+    # The script runs under pyinetd's own interpreter: a warm zygote loads pyinetd's C module.
+    PY_ABS=$("$PYINETD_PYTHON" -c 'import sys; print(sys.executable)')
+    cat >"$OUTDIR/echo.py" <<'PY'
+#!/usr/bin/env python3
+import sys
+r = sys.stdin.buffer.raw
+while True:
+    data = r.read(65536)
+    if not data:
+        break
+    sys.stdout.buffer.write(data); sys.stdout.buffer.flush()
+PY
+    for mode in cold warm; do
+        warm=$([[ $mode == warm ]] && echo ", warm: true" || true)
+        port=$((PORT_BASE + $([[ $mode == warm ]] && echo 8 || echo 7)))
+        printf 'services:\n  py: {listen: "127.0.0.1:%s", exec: [%s, %s/echo.py]%s}\n' \
+            "$port" "$PY_ABS" "$OUTDIR" "$warm" >"$OUTDIR/pyinetd-py-$mode.yaml"
+    done
+fi
+
 # The EXTRA file is sourced by anchors.sh, so every word is quoted here with %q.
 read -r -a pyargs <<<"$PYINETD_ARGS"
 q() { printf ' %q' "$@"; }
@@ -145,6 +173,14 @@ EXTRA_FILE=$OUTDIR/pyinetd-extra.sh
     if [[ $PYINETD_WORKERS == 1 ]]; then
         echo "bench_server pyinetd-w2 $P_W2 --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-w2.yaml" ${pyargs[@]+"${pyargs[@]}"})"
     fi
+    if [[ $PYINETD_PYROWS == 1 ]]; then
+        for mode in cold warm; do
+            echo "bench_server py-$mode $((PORT_BASE + $([[ $mode == warm ]] && echo 8 || echo 7))) --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-py-$mode.yaml" --log-level warning)"
+        done
+        if command -v tcpserver >/dev/null; then
+            echo "bench_server tcpserver-py $((PORT_BASE + 9)) --$(q tcpserver -RHl0 -c 1000 -b 128 127.0.0.1 "$((PORT_BASE + 9))" "$PY_ABS" "$OUTDIR/echo.py")"
+        fi
+    fi
     # References, not pyinetd: its exec path with nothing around it, in one loop and in two
     # processes (what a second spawning process could reach; bench/ref_twoloops.py).
     echo "bench_server ref-loop $((PORT_BASE + 18)) --$(q "$PYINETD_PYTHON" "$HERE/ref_twoloops.py" "$((PORT_BASE + 18))" 1)"
@@ -159,7 +195,7 @@ EXTRA_FILE=$OUTDIR/pyinetd-extra.sh
 
 # ---------------------------------------------------------------- run
 CMDLINE="bench/run.sh"
-for v in CONNS WARMUP CONC PAYLOAD ROUNDS FLOOR_N ONLY SKIP PYINETD_ARGS PYINETD_WORKERS PYINETD_PRIMITIVES; do
+for v in CONNS WARMUP CONC PAYLOAD ROUNDS FLOOR_N ONLY SKIP PYINETD_ARGS PYINETD_WORKERS PYINETD_PRIMITIVES PYINETD_PYROWS; do
     [[ -n ${!v:-} ]] && CMDLINE="$v=$(printf '%q' "${!v}") $CMDLINE"
 done
 note "outdir $OUTDIR"

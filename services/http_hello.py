@@ -2,7 +2,7 @@
 """An HTTP/1.0 "hello": reads the request line and headers, answers with a small page.
 
 Enable it in inetd.yaml:
-    hello: {listen: 127.0.0.1:8080, exec: services/http_hello.py}
+    hello: {listen: 127.0.0.1:8080, exec: services/http_hello.py, warm: true}
 Try it: curl http://127.0.0.1:8080/anything
 """
 

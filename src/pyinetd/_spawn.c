@@ -690,9 +690,97 @@ prctl_(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------------ warm services: fork_parent */
+/* fork_parent(): os.fork(), except that the child is the caller's sibling: CLONE_PARENT makes
+ * it a child of the caller's parent. A warm service's zygote (zygote_main.py) is pyinetd's
+ * child and forks each connection's process with it, so that process is pyinetd's own child:
+ * reaped by pyinetd's loop, counted by its limits, killed with its group by a timeout, exactly
+ * as an exec'd one.
+ *
+ * What glibc's fork() does and the plain system call does not, done here the same way:
+ * - the child's copy of its thread descriptor holds the child's thread id (glibc's fork passes
+ *   CLONE_CHILD_SETTID with the address of THREAD_SELF->tid); without it pthread_kill(),
+ *   pthread_setschedparam() and the owner field of error-checking mutexes would name the
+ *   zygote. The field's offset is glibc's own description of it for debuggers
+ *   (_thread_db_pthread_tid, exported since glibc 2.34), checked against gettid() before use;
+ * - Python's side: PyOS_BeforeFork, PyOS_AfterFork_Parent and PyOS_AfterFork_Child, as
+ *   os.fork() calls them (the import lock, the threading module, os.register_at_fork
+ *   callbacks: random's reseeding among them).
+ * What it does not do: run pthread_atfork() handlers of C libraries (glibc offers no way in),
+ * or register the child's robust-mutex list; the caller is single-threaded, so no lock is
+ * held by another thread at the clone.
+ * CLONE_PARENT is refused (EINVAL) to a pid namespace's init, and the child's exit signal is
+ * the caller's own (the kernel ignores the one given): pyinetd starts zygotes with SIGCHLD. */
+#include <dlfcn.h>
+#include <sys/socket.h>
+#include <pthread.h>
+#include <stdint.h>
+
+static pid_t *
+thread_tid_field(void)
+{
+    static int looked;
+    static long offset = -1;
+    if (!looked) {
+        looked = 1;
+        const uint32_t *desc = dlsym(RTLD_DEFAULT, "_thread_db_pthread_tid");
+        /* {size in bits, count, offset} (glibc nptl_db/structs.def, DB_STRUCT_FIELD) */
+        if (desc != NULL && desc[0] == 8 * sizeof(pid_t) && desc[1] == 1 && desc[2] < 4096)
+            offset = (long)desc[2];
+    }
+    if (offset < 0)
+        return NULL;
+    pid_t *field = (pid_t *)((char *)pthread_self() + offset);
+    return *field == (pid_t)syscall(SYS_gettid) ? field : NULL;
+}
+
+PyDoc_STRVAR(fork_parent_doc,
+"fork_parent(notify_fd=-1) -> pid\n\n"
+"As os.fork(), but the child is a child of this process's parent (clone(2) CLONE_PARENT):\n"
+"0 in the child, its pid in the caller. The child first sends the one-byte message b'P' on\n"
+"notify_fd (a unix socket whose reader learns its pid from SCM_CREDENTIALS), before any\n"
+"Python code runs in it. Raises OSError.");
+
+static PyObject *
+fork_parent(PyObject *module, PyObject *args)
+{
+    int notify_fd = -1;
+    if (!PyArg_ParseTuple(args, "|i:fork_parent", &notify_fd))
+        return NULL;
+    if (PySys_Audit("os.fork", NULL) < 0)
+        return NULL;
+    pid_t *ctid = thread_tid_field();
+    long flags = CLONE_PARENT | SIGCHLD;
+    if (ctid != NULL)
+        flags |= CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID;
+    PyOS_BeforeFork();
+    /* No new stack: the child goes on from here on a copy of this one, as after fork(). */
+#if defined(__x86_64__)
+    long r = raw_syscall5(SYS_clone, flags, 0, 0, (long)ctid, 0);
+#elif defined(__aarch64__)
+    long r = raw_syscall5(SYS_clone, flags, 0, 0, 0, (long)ctid); /* tls before child_tid */
+#else
+    long r = raw_syscall5(SYS_clone, flags, 0, 0, 0, (long)ctid);
+#endif
+    if (r == 0) {
+        /* pyinetd waits for this to know the pid: say it before PyOS_AfterFork_Child's work */
+        if (notify_fd >= 0)
+            (void)raw_syscall5(SYS_sendto, notify_fd, (long)"P", 1, MSG_NOSIGNAL, 0);
+        PyOS_AfterFork_Child();
+        return PyLong_FromLong(0);
+    }
+    PyOS_AfterFork_Parent();
+    if (r < 0) {
+        errno = (int)-r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(r);
+}
+
 static PyMethodDef methods[] = {
     {"spawn", (PyCFunction)(void (*)(void))spawn, METH_VARARGS | METH_KEYWORDS, spawn_doc},
     {"prctl", prctl_, METH_VARARGS, prctl_doc},
+    {"fork_parent", fork_parent, METH_VARARGS, fork_parent_doc},
 #if HAVE_ASYNC
     {"start", (PyCFunction)(void (*)(void))start, METH_VARARGS | METH_KEYWORDS, start_doc},
     {"set_slots", set_slots, METH_O, set_slots_doc},

@@ -10,7 +10,7 @@ import ipaddress
 import os
 from typing import Any
 
-from pyinetd import fsuser, sandbox
+from pyinetd import fsuser, sandbox, warmcmd
 from pyinetd.parsers import ListenAddress
 
 __all__ = ["check_sandbox", "check_stderr_file", "check_workers", "reaches"]
@@ -70,6 +70,36 @@ def check_sandbox(values: dict[str, Any], where: str, errors: list[str], explici
             f"{where}.sandbox.read: {path!r} is not under read, and exec needs it "
             f"to start {values['exec'][0]!r}"
         )
+
+
+def check_warm(values: dict[str, Any], where: str, errors: list[str]) -> None:
+    """`warm: true` is for a Python script only (a #! python script, or [python3, script.py]):
+    say at load why another program cannot be served warm."""
+    if not values.get("warm"):
+        if values.get("preload"):
+            errors.append(f"{where}.preload: only with warm: true")
+        return
+    argv = values.get("exec") or ()
+    if not argv or values.get("tls") is not None or values.get("redirect") is not None:
+        errors.append(f"{where}.warm: true: only for an exec service without tls or redirect")
+        return
+    if values.get("argv0") is not None:
+        errors.append(f"{where}.warm: true: not with argv0 (the interpreter names itself)")
+        return
+    first = b""
+    if not warmcmd.is_python(argv[0]):
+        try:
+            # With the service user's rights: a user may have linked the program elsewhere.
+            fd = fsuser.open_as(values.get("user"), values.get("group"), argv[0], os.O_RDONLY)
+            with os.fdopen(fd, "rb") as f:
+                first = f.readline(256)
+        except OSError as exc:
+            errors.append(f"{where}.warm: true: {argv[0]}: {exc.strerror or exc}")
+            return
+    try:
+        warmcmd.python_command(argv, first)
+    except ValueError as exc:
+        errors.append(f"{where}.warm: true: {argv[0]}: {exc}")
 
 
 def _local_targets(host: str) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:

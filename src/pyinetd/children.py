@@ -26,6 +26,7 @@ from pyinetd.services import Listener, Services, ServiceState
 from pyinetd.spawn import Spawner, UserGone, env_dict
 from pyinetd.stages import UDPReply
 from pyinetd.stderrlog import StderrLog
+from pyinetd.warm import Zygotes
 
 KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
 # A UDP child's reply socket is closed this long after the child is reaped, even when a
@@ -80,6 +81,14 @@ class Children:
             self.on_reaped
         )
         self._watcher_retry = 0.0  # no new watcher before this (monotonic), after a failure
+        # `warm: true` services' zygotes (warm.py): they fork children of ours
+        self.zygotes = Zygotes(
+            spawner,
+            lambda svc: self.stderr_fd(services.states[svc.name], None),
+            loop.sel,
+            loop.call_later,
+            self.track,
+        )
 
     def __len__(self) -> int:
         return len(self.table)
@@ -135,7 +144,8 @@ class Children:
                 full_env = {**self._spawner.base_environ(svc), **env_dict(env)}
                 pid = self._spawner.relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
             else:
-                pid = self._spawner.spawn(svc, stdin, stdout, err_fd, env)
+                pid = self.zygotes.spawn(svc, env, (stdin, stdout, err_fd))
+                pid = pid or self._spawner.spawn(svc, stdin, stdout, err_fd, env)
         except UserGone as exc:
             # Deleted after load: one line a minute, not a traceback per connection (18.16).
             state.failed_spawns += 1
@@ -235,7 +245,7 @@ class Children:
                 loop.sel,
                 loop.call_later,
                 self.on_reaped,
-                (*self.table, *self._other_pids()),
+                (*self.table, *self._other_pids(), *self.zygotes.pids()),
                 self._fewer,
                 self._watcher_gone,
             )
@@ -296,6 +306,8 @@ class Children:
             return  # a worker
         child = self.table.pop(pid, None)
         if child is None:
+            if self.zygotes.on_exit(pid, status):
+                return
             LOG.debug("reaped unknown pid %d", pid)  # gunicorn #3566: not an error
             return
         if child.timer is not None:

@@ -18,7 +18,13 @@ from typing import Any
 
 from pyinetd import keys, schema, trust
 from pyinetd.access import AccessList
-from pyinetd.checks import check_sandbox, check_stderr_file, check_workers, reaches
+from pyinetd.checks import (
+    check_sandbox,
+    check_stderr_file,
+    check_warm,
+    check_workers,
+    reaches,
+)
 from pyinetd.document import Marks, read_marked
 from pyinetd.parsers import (
     BUILTINS,
@@ -146,6 +152,9 @@ class Service:
     nice: int | None = None
     rlimits: tuple[tuple[int, int], ...] = ()
     sandbox: SandboxSettings | None = None  # issue 17; implies no_new_privs
+    # a Python script served from a warm interpreter (zygote.py), with these modules imported
+    warm: bool = False
+    preload: tuple[str, ...] = ()
     banner: bytes = b""
     # protocols in front of the service
     tls: TLSSettings | None = None
@@ -599,6 +608,7 @@ def _build_service(
             errors.append(f"{where}.exec: {exc} (the service runs as root)")
     check_stderr_file(values, where, errors)
     check_sandbox(values, where, errors, explicit="sandbox" in body)
+    check_warm(values, where, errors)
     if len(errors) > n_before:
         return None
     return Service(name=name, listen=tuple(listen), source=label, **values)

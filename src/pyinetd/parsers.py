@@ -610,6 +610,18 @@ def _sandbox_out(name: str, value: SandboxSettings) -> dict[str, Any]:
     return {name: value.to_dict()}
 
 
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
+
+
+def _parse_preload(value: Any, _base: Path) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _KeyError(f"{value!r}: expected a list of module names")
+    for name in value:
+        if not _MODULE_NAME.fullmatch(name):
+            raise _KeyError(f"{name!r}: not a module name")
+    return tuple(value)
+
+
 def _parse_proxy_from(value: Any, base: Path) -> AccessList:
     items = _parse_addr_list(value, base)
     return AccessList.parse(items, [])

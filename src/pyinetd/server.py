@@ -121,6 +121,7 @@ class Server:
         """
         self._install_signals()
         self.children.reap()  # children left from before exec (e.g. by a wrapper script)
+        self._sync_zygotes()
         if self.worker:
             event(logging.INFO, f"worker {self.worker}: listening", event="worker_ready")
         else:
@@ -231,6 +232,7 @@ class Server:
             self.pid,
             self.started,
             self._workers.table,
+            self.children.zygotes.describe,
         )
 
     def _status_line(self) -> str:
@@ -256,6 +258,7 @@ class Server:
             return
         systemd.notify("STOPPING=1")
         self.services.close_all()
+        self.children.zygotes.stop()
         self._workers.signal(signal.SIGTERM)  # each stops (leave or drain) as we do
         running = len(self.children) + len(self.sessions)
         if self.config.shutdown != "drain" or not (running or self._workers.table):
@@ -345,6 +348,12 @@ class Server:
             self.children.kill_removed({svc.name for svc in new.enabled_services})
         self.services.apply(new, fresh, contexts)
         self.connections.configure(new)
+        self._sync_zygotes()
+
+    def _sync_zygotes(self) -> None:
+        """A zygote for each warm service this process listens for (warm.py)."""
+        served = {lst.service.name: lst.service for lst in self.services.listeners.values()}
+        self.children.zygotes.sync(served.values())
 
     def _shutdown(self) -> None:
         if not self._stopping:

@@ -51,6 +51,7 @@ from pyinetd.parsers import (
     _parse_load,
     _parse_nice,
     _parse_prefix,
+    _parse_preload,
     _parse_protocol,
     _parse_proxy_from,
     _parse_redirect,
@@ -450,6 +451,34 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
             "errorMessage": "expected a mapping with read, write, network, private_tmp or syscalls",
         },
         out=_sandbox_out,
+    ),
+    Key(
+        "warm",
+        _parse_bool,
+        (
+            "true: serve this Python script (a #! python script, or exec: [python3, script.py, "
+            "...]) from a warm interpreter that has imported what the script imports: each "
+            "connection's process is forked from it instead of starting a new interpreter. Not "
+            "for other programs."
+        ),
+        {**BOOLEAN, "default": False},
+    ),
+    Key(
+        "preload",
+        _parse_preload,
+        (
+            "With warm: modules to import in the warm interpreter besides the script's own "
+            "top-level imports; one that fails to import makes the service run cold."
+        ),
+        {
+            "type": "array",
+            "items": {
+                "type": "string",
+                "pattern": r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$",
+                "errorMessage": "expected a module name",
+            },
+            "errorMessage": "expected a list of module names",
+        },
     ),
     Key(
         "banner",

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import pwd
@@ -425,6 +426,10 @@ class Spawner:
         the client's handshake) and so the program the relay starts."""
         return spawn_relay(service, conn, stderr, env, ctx, peer, self._box(service))
 
+    def zygote(self, service: Service, argv: list[str], env: Environ, ctl: int, err: int) -> int:
+        """spawn_zygote() with the service's sandbox (a warm service's zygote, zygote.py)."""
+        return spawn_zygote(service, argv, env, ctl, err, self._box(service))
+
     def install_sandboxes(self, boxes: dict[str, Prepared]) -> None:
         """Use ``boxes`` (from prepare_sandboxes, at a (re)load) from now on; the previous
         ones are closed once no child is before its exec."""
@@ -734,8 +739,10 @@ def _child_exec(
     stderr: int,
     sigdef: tuple[signal.Signals, ...],
     box: Prepared | None = None,
+    program: str | None = None,
 ) -> None:  # pragma: no cover - child side
-    """In the forked child: set up fds and process settings, exec; never returns."""
+    """In the forked child: set up fds and process settings, exec ``program`` (the service's
+    by default); never returns."""
     try:
         signal.set_wakeup_fd(-1)
         # dup2 order: a source fd may itself be 0, 1 or 2 only if pyinetd was started with
@@ -751,7 +758,7 @@ def _child_exec(
         for sig in sigdef:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        os.execve(service.program, argv, env)
+        os.execve(program or service.program, argv, env)
     except BaseException as exc:
         try:
             msg = f"pyinetd: {service.name}: cannot start {service.program}: {exc}\n"
@@ -759,3 +766,33 @@ def _child_exec(
         finally:
             os._exit(127)
     os._exit(127)
+
+
+ZYGOTE_CTL_FD = 3  # where a warm service's zygote finds its control channel (zygote_main.py)
+
+
+def spawn_zygote(
+    service: Service,
+    argv: list[str],
+    env: Environ,
+    ctl: int,
+    stderr: int,
+    box: Prepared | None = None,
+) -> int:
+    """Start a warm service's zygote (zygote.py): ``argv`` with the service's process settings
+    and sandbox (apply_process_settings, through the same child path as every fork-path
+    service), /dev/null on 0 and 1, ``stderr`` on 2 and ``ctl`` on fd 3; returns its pid. The
+    processes it forks inherit all of it."""
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    sigdef = ignored_signals()
+
+    def child() -> None:  # pragma: no cover - runs in the forked child
+        # Every source above 3 first, so that no dup2 below lands on a source still needed.
+        hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (ctl, stderr, devnull)]
+        os.dup2(hi[0], ZYGOTE_CTL_FD)  # inheritable: the one fd above 2 the zygote gets
+        _child_exec(service, tuple(argv), env, hi[2], hi[2], hi[1], sigdef, box, argv[0])
+
+    try:
+        return _fork(child)
+    finally:
+        os.close(devnull)

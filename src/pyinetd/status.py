@@ -46,6 +46,7 @@ def snapshot(
     pid: int,
     started: float,
     workers: Iterable[int],
+    zygote_of: Callable[[str], dict[str, object] | None] = lambda name: None,
 ) -> dict[str, Any]:
     """The state of every configured service and of its children, as plain data: from the
     service states, the children, the state of each built-in session and the ended
@@ -96,6 +97,8 @@ def snapshot(
                     "sum": round(ended.durations.total, 6),
                     "buckets": ended.durations.cumulative(),
                 },
+                # `warm: true`: the zygote (pid, RSS, forks served, state)
+                "zygote": zygote_of(svc.name),
             }
         )
     return {
@@ -142,6 +145,14 @@ def render_table(snap: dict[str, Any]) -> str:
             exits = " ".join(f"{k}={v}" for k, v in s["exits"].items() if v)
             mean = durations["sum"] / durations["count"]
             lines.append(f"  {s['name']}: {durations['count']} ended ({exits}), mean {mean:.3f}s")
+        z = s.get("zygote")
+        if z:
+            rss = f"{z['rss_kib'] / 1024:.1f} MiB" if z.get("rss_kib") else "-"
+            why = f" ({z['reason']})" if z.get("reason") else ""
+            lines.append(
+                f"  {s['name']}: zygote pid {z['pid'] or '-'} {z['state']}{why}, RSS {rss}, "
+                f"{z['forks']} forks served"
+            )
         for c in s["children"]:
             lines.append(f"  {s['name']}: pid {c['pid']} {c['peer']} age {c['age']:.1f}s")
     return "\n".join(lines)
@@ -210,6 +221,17 @@ def render_prometheus(snap: dict[str, Any]) -> str:
             out.append(
                 f'pyinetd_process_exits_total{{service="{_label(s["name"])}",class="{how}"}} {n}'
             )
+    warm = [(_label(s["name"]), s["zygote"]) for s in snap["services"] if s.get("zygote")]
+    if warm:
+        family("pyinetd_zygote_ready", "gauge", "1 when a warm service's zygote is ready.")
+        for name, z in warm:
+            out.append(f'pyinetd_zygote_ready{{service="{name}"}} {int(z["state"] == "ready")}')
+        family("pyinetd_zygote_forks_total", "counter", "Processes a warm service's zygote forked.")
+        for name, z in warm:
+            out.append(f'pyinetd_zygote_forks_total{{service="{name}"}} {z["forks"]}')
+        family("pyinetd_zygote_rss_bytes", "gauge", "Resident memory of a warm service's zygote.")
+        for name, z in warm:
+            out.append(f'pyinetd_zygote_rss_bytes{{service="{name}"}} {(z["rss_kib"] or 0) * 1024}')
     return "\n".join(out) + "\n"
 
 

@@ -1,0 +1,441 @@
+"""pyinetd's side of a warm service's zygote (issue 19).
+
+A warm service (``warm: true``) keeps one zygote: the interpreter its script would run under,
+started with the service's process settings, that has imported what the script imports (and
+``preload``), compiled the script, frozen its GC and waits on a control channel
+(zygote_main.py is the program it runs). Per connection pyinetd sends it the connection's fds,
+argv and environment; the zygote forks a process that is pyinetd's own child (CLONE_PARENT,
+``_spawn.fork_parent``), which runs the script as a fresh interpreter would. That process tells
+pyinetd its pid, and the kernel vouches for it (SCM_CREDENTIALS): a zygote runs the service's
+code as the service's user, and must not be able to name another process for pyinetd to track
+or signal.
+
+States (one ``_change_state``): starting -> ready; any -> backoff when the process dies or
+misbehaves (restarted later, doubling delays); failed when it cannot work at all (the
+interpreter cannot load pyinetd's C module, preload failed, threads after the imports, the
+script does not compile): the service runs cold until a reload replaces the zygote. Whenever a
+zygote is not ready, connections are served cold by exec, never refused.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import logging
+import marshal
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyinetd import log, spawn, warmcmd
+from pyinetd.config import Service
+
+LOADER = "import os;exec(os.read(3,1<<20))"  # the zygote's -c: run the source pyinetd sends
+SOURCE = (Path(__file__).parent / "zygote_main.py").read_bytes()
+REPLY_TIMEOUT = 2.0  # seconds for a fork's reply; a fork takes about a millisecond
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0
+STABLE_AFTER = 30.0  # a zygote ready this long resets the backoff
+_UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
+
+STARTING, READY, BACKOFF, FAILED, STOPPED = "starting", "ready", "backoff", "failed", "stopped"
+
+
+class ZygoteUnavailable(Exception):
+    """No warm process for this connection; serve it cold."""
+
+
+@dataclass(frozen=True)
+class ScriptId:
+    """What a reload compares to tell an edited script: the file's identity and mtime."""
+
+    dev: int
+    ino: int
+    mtime_ns: int
+    size: int
+
+
+def script_path(service: Service, command: warmcmd.PythonCommand) -> str:
+    """The script's path as the zygote opens it: relative to the service's folder."""
+    base = service.cwd or os.getcwd()
+    return os.path.join(base, command.script)
+
+
+def script_id(path: str) -> ScriptId | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return ScriptId(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def c_module_path() -> str | None:
+    """The file of pyinetd's C module, which the zygote loads for fork_parent."""
+    if not spawn.C_MODULE_BUILT:
+        return None
+    from pyinetd import _spawn
+
+    return getattr(_spawn, "__file__", None)
+
+
+class Zygote:
+    """One warm service's zygote process and its control channel."""
+
+    def __init__(
+        self,
+        service: Service,
+        env: spawn.Environ,
+        stderr: int,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        say: Callable[[int, str], None] | None = None,
+        start_process: Callable[
+            [Service, list[str], spawn.Environ, int, int], int
+        ] = spawn.spawn_zygote,
+    ) -> None:
+        self.service = service
+        self.command = warmcmd.python_command(service.exec, _first_line(service))
+        self.script = script_path(service, self.command)
+        self._env = env
+        self._stderr = stderr
+        self._clock = clock
+        self._start_process = start_process  # Spawner.zygote: with the service's sandbox
+        self._say = say or (lambda level, msg: log.event(level, msg, event="zygote"))
+        self.state = STOPPED
+        self.reason = ""
+        self.pid: int | None = None
+        self.forks = 0
+        self.started_at = 0.0
+        self.ready_at = 0.0
+        self.retry_at = 0.0
+        self.delay = BACKOFF_FIRST
+        self.script_id: ScriptId | None = None
+        self._sock: socket.socket | None = None
+        self._cold_noted = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def _change_state(self, state: str, reason: str = "") -> None:
+        self.state, self.reason = state, reason
+        if state == READY:
+            self._cold_noted = False
+
+    def fileno(self) -> int:
+        """The control channel (-1 when none): readable when the zygote says something."""
+        return self._sock.fileno() if self._sock is not None else -1
+
+    def start(self) -> None:
+        """Start the zygote process; it is ready once ``on_readable`` has seen it say so."""
+        self.script_id = script_id(self.script)
+        so = c_module_path()
+        if so is None:
+            self._fail("pyinetd's C module was not built (it makes the child pyinetd's own)")
+            return
+        argv = [*self.command.interpreter_argv(), "-c", LOADER, "pyinetd-zygote"]
+        argv.append(self.service.name)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            so_fd = _module_fd(so)
+            try:
+                self.pid = self._start_process(
+                    self.service, argv, self._env, theirs.fileno(), self._stderr
+                )
+                setup = {
+                    "script": self.command.script,
+                    "orig_argv": list(self.command.orig_argv),
+                    "preload": list(self.service.preload),
+                }
+                ours.send(SOURCE)
+                ours.sendmsg(
+                    [marshal.dumps(setup)],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [so_fd]))],
+                )
+            finally:
+                os.close(so_fd)
+        except OSError as exc:
+            ours.close()
+            self._died_early(f"cannot start: {exc}")
+            return
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        self.started_at = self._clock()
+        self._change_state(STARTING)
+
+    def _died_early(self, why: str) -> None:
+        self._close()
+        self._backoff(why)
+
+    def _fail(self, why: str) -> None:
+        """For good (until a reload): the service runs cold."""
+        self._close()
+        self._change_state(FAILED, why)
+        self._say(logging.WARNING, f"{self.service.name}: zygote: {why}; serving cold")
+
+    def _backoff(self, why: str) -> None:
+        now = self._clock()
+        if self.ready_at and now - self.ready_at >= STABLE_AFTER:
+            self.delay = BACKOFF_FIRST
+        self.retry_at = now + self.delay
+        self._say(
+            logging.WARNING,
+            f"{self.service.name}: zygote: {why}; serving cold, restart in {self.delay:g}s",
+        )
+        self.delay = min(self.delay * 2, BACKOFF_MAX)
+        self.ready_at = 0.0
+        self._change_state(BACKOFF, why)
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def stop(self) -> None:
+        """Ask the zygote to exit (it also exits at the channel's end); pyinetd reaps it."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.send(b"Q")
+        self._close()
+        self._change_state(STOPPED)
+
+    def kill(self) -> None:
+        """SIGKILL the zygote process (it no longer answers)."""
+        if self.pid is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def on_exit(self, pid: int, status: int) -> bool:
+        """A child was reaped: True if it was this zygote (then restart later, or not)."""
+        if pid != self.pid:
+            return False
+        self.pid = None
+        if self.state in (STARTING, READY):
+            self._close()
+            code = os.waitstatus_to_exitcode(status)
+            how = f"exit {code}" if code >= 0 else f"signal {-code}"
+            self._backoff(f"process ended ({how})")
+        return True
+
+    def now(self) -> float:
+        return self._clock()
+
+    def tick(self) -> None:
+        """Restart a zygote whose backoff is over (call from the loop's timers)."""
+        if self.state == BACKOFF and self._clock() >= self.retry_at:
+            self.kill()  # (killed already, unless it went on without its channel)
+            self.start()
+
+    def on_readable(self) -> None:
+        """Read what the zygote said: ready, or why it cannot serve."""
+        while self._sock is not None:
+            try:
+                msg = self._sock.recv(4096)
+            except BlockingIOError:
+                return
+            except OSError:  # ECONNRESET: it died with a message of ours unread
+                msg = b""
+            self._handle(msg)
+
+    def _handle(self, msg: bytes) -> None:
+        if msg == b"K" and self.state == STARTING:
+            threads = _threads(self.pid) if self.pid else None
+            if threads is not None and threads > 1:
+                self.kill()
+                self._fail(f"{threads} threads after the imports: forking then is unsafe")
+                return
+            self.ready_at = self._clock()
+            self._change_state(READY)
+            self._say(
+                logging.INFO,
+                f"{self.service.name}: zygote {self.pid} ready "
+                f"({self.ready_at - self.started_at:.2f}s)",
+            )
+        elif msg[:1] == b"F":
+            self.kill()
+            self._fail(msg[1:].decode(errors="replace"))
+        elif not msg:  # the channel's end: the process is going; on_exit will say why
+            self._close()
+            if self.state in (STARTING, READY):
+                self.kill()
+                self._backoff("control channel closed")
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until the zygote is ready or failed (tests, and a first connection)."""
+        deadline = time.monotonic() + timeout
+        while self.state == STARTING and self._sock is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            select.select([self._sock], [], [], left)
+            self.on_readable()
+        return self.state == READY
+
+    # ------------------------------------------------------------------ per connection
+    def cold_note(self) -> str | None:
+        """The one log line for a run of connections served cold (None after the first)."""
+        if self._cold_noted:
+            return None
+        self._cold_noted = True
+        return f"{self.service.name}: zygote {self.state}: serving by exec"
+
+    def request(
+        self, env: list[bytes], fds: tuple[int, int, int], argv: list[str] | None = None
+    ) -> int:
+        """Have the zygote fork this connection's process with ``fds`` on 0, 1, 2 and the
+        connection's variables ``env`` (KEY=value entries) added to the zygote's environment
+        (the service's, given at start); its pid (pyinetd's child). ``argv``: sys.argv, by
+        default the script and its arguments as the service's exec gives them.
+
+        Raises ZygoteUnavailable: serve the connection cold (no process was started for it).
+        """
+        if self.state == STARTING:
+            self.on_readable()
+        sock = self._sock
+        if self.state != READY or sock is None:
+            raise ZygoteUnavailable(self.state)
+        if argv is None:
+            argv = [self.command.script, *self.command.args]
+        msg = b"R" + marshal.dumps((argv, env))
+        try:
+            sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        except OSError as exc:
+            self.kill()
+            self._died_early(f"send: {exc}")
+            raise ZygoteUnavailable(self.state) from None
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while True:
+            try:
+                data, anc, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(_UCRED.size))
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([sock], [], [], left)[0]:
+                    if time.monotonic() < deadline:
+                        continue
+                    self.kill()
+                    self._died_early(f"no answer in {REPLY_TIMEOUT:g}s")
+                    raise ZygoteUnavailable(self.state) from None
+                continue
+            except OSError:  # ECONNRESET: it died with our request unread
+                data, anc = b"", []
+            if data == b"P":
+                pid = _sender(anc)
+                if pid is None or pid == self.pid or _parent_of(pid) != os.getpid():
+                    self.kill()
+                    self._died_early(f"a reply from {pid}, not a child of pyinetd")
+                    raise ZygoteUnavailable(self.state)
+                self.forks += 1
+                return pid
+            if data[:1] == b"E":
+                raise ZygoteUnavailable(f"fork failed: {data[1:].decode(errors='replace')}")
+            if data == b"K":
+                continue
+            self._handle(data or b"")
+            if self.state == READY:  # an unexpected message: distrust the channel
+                self.kill()
+                self._died_early(f"unexpected message {data[:20]!r}")
+            raise ZygoteUnavailable(self.state)
+
+    # ------------------------------------------------------------------ status
+    def describe(self) -> dict[str, object]:
+        """For `pyinetd status`: pid, RSS, forks served, state (and why, when not ready)."""
+        out: dict[str, object] = {
+            "pid": self.pid,
+            "rss_kib": _rss_kib(self.pid) if self.pid else None,
+            "forks": self.forks,
+            "state": self.state,
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+
+def _module_fd(path: str) -> int:
+    """An fd on a copy of pyinetd's C module in memory (memfd), for the zygote to load: it may
+    run as a user who cannot open pyinetd's installation, or in a sandbox whose Landlock rules
+    do not cover it (a memfd is no path of the filesystem). The file itself where memfds are
+    not offered."""
+    global _MODULE_BYTES
+    try:
+        if _MODULE_BYTES is None:
+            _MODULE_BYTES = Path(path).read_bytes()
+        fd = os.memfd_create("pyinetd-_spawn", os.MFD_CLOEXEC)
+    except (OSError, AttributeError):
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        view = memoryview(_MODULE_BYTES)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError:
+        os.close(fd)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    return fd
+
+
+_MODULE_BYTES: bytes | None = None
+
+
+def _first_line(service: Service) -> bytes:
+    """The program's first line (its #!), when argv[0] is not itself a python."""
+    if not service.exec or warmcmd.is_python(service.exec[0]):
+        return b""
+    return read_first_line(service.exec[0])
+
+
+def read_first_line(path: str) -> bytes:
+    """Up to 256 bytes of a file's first line; b"" when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.readline(256)
+    except OSError:
+        return b""
+
+
+def _sender(anc: list[tuple[int, int, bytes]]) -> int | None:
+    """The sending process's pid, as the kernel wrote it (SO_PASSCRED)."""
+    for level, kind, data in anc:
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS) and len(data) >= 12:
+            return int(_UCRED.unpack_from(data)[0])
+    return None
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+    try:
+        return int(stat[stat.rindex(b")") + 2 :].split()[1])
+    except (ValueError, IndexError):
+        return None
+
+
+def _threads(pid: int) -> int | None:
+    """The number of threads of ``pid`` (/proc/PID/status), None when unknown."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Threads:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _rss_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None

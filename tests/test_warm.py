@@ -1,0 +1,363 @@
+"""Warm Python services end to end (issue 19): the real pyinetd, real clients, each check run
+with the service cold (exec per connection) and warm (`warm: true`, forked from a zygote)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEADLINE, Pyinetd, free_port, pid_gone, tcp_talk, wait_for
+
+MODES = ("cold", "warm")
+# An interpreter any user may run (the test's own may live under /root), of pyinetd's version.
+SYSTEM_PYTHON = "/usr/bin/python3"
+READY = r"zygote \d+ ready"
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    """A folder any user may read (services with `user:` read their script from it)."""
+    path = Path(tempfile.mkdtemp(prefix="pyinetd-warm-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+Start = Callable[..., tuple[Pyinetd, int]]
+
+
+@pytest.fixture
+def serve(inetd: Callable[..., Pyinetd], folder: Path) -> Start:
+    """serve(mode, body, **keys): pyinetd with one service `svc` running the script ``body``
+    (warm: its zygote ready first); returns (pyinetd, port)."""
+
+    made: list[str] = []
+
+    def start(mode: str, body: str, python: str = "", **keys: object) -> tuple[Pyinetd, int]:
+        path = folder / "svc.py"
+        path.write_text("#!/usr/bin/env python3\n" + textwrap.dedent(body))
+        path.chmod(0o755)
+        proto = str(keys.get("protocol", "tcp"))
+        port = free_port(socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
+        argv = [python, str(path), "arg 1"] if python else [str(path), "arg 1"]
+        svc: dict[str, object] = {"listen": f"127.0.0.1:{port}", "exec": argv}
+        svc.update(keys)
+        if mode == "warm":
+            svc["warm"] = True
+        made.append(mode)
+        p = inetd({"services": {"svc": svc}}, name=f"inetd-{len(made)}.yaml")
+        if mode == "warm":
+            p.wait_log(READY)
+        return p, port
+
+    return start
+
+
+def talk(port: int, data: bytes = b"") -> bytes:
+    return tcp_talk(port, data)
+
+
+PROBE = """\
+    import json, os, random, signal, sys
+    fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
+    env = {k: v for k, v in os.environ.items() if k not in ("REMOTE_PORT", "TCPREMOTEPORT", "TCPLOCALPORT")}
+    sig = {n: str(signal.getsignal(getattr(signal, n)))
+           for n in ("SIGPIPE", "SIGINT", "SIGTERM", "SIGHUP", "SIGCHLD", "SIGXFSZ", "SIGUSR1")}
+    line = sys.stdin.readline()
+    print(json.dumps({
+        "argv": sys.argv, "name": __name__, "file": __file__, "fds": fds, "env": env, "sig": sig,
+        "streams": [(s.encoding, s.errors, s.line_buffering) for s in (sys.stdin, sys.stdout, sys.stderr)],
+        "flags": list(sys.flags), "line": line, "cwd": os.getcwd(), "path0": sys.path[0],
+        "mask": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])), "uid": os.getuid(),
+        "leader": os.getsid(0) == os.getpid() == os.getpgrp(), "rand": random.random(),
+        "pyinetd_child": os.getppid(), "pid": os.getpid()}))
+"""  # noqa: E501
+
+
+def probe(p: Pyinetd, port: int) -> dict[str, object]:
+    out = json.loads(talk(port, "héllo\n".encode()))
+    assert out.pop("pyinetd_child") == p.pid  # reaped, counted and killed by pyinetd itself
+    return out  # type: ignore[no-any-return]
+
+
+def test_a_warm_connection_sees_what_a_cold_one_sees(serve: Start) -> None:
+    cold = probe(*serve("cold", PROBE))
+    p, port = serve("warm", PROBE)
+    warm, again = probe(p, port), probe(p, port)
+    assert len({cold.pop("rand"), warm.pop("rand"), again.pop("rand")}) == 3
+    cold.pop("pid"), warm.pop("pid"), again.pop("pid")
+    cold_env: dict[str, str] = cold["env"]  # type: ignore[assignment]
+    for d in (warm, again):
+        env: dict[str, str] = d["env"]  # type: ignore[assignment]
+        assert {k: (cold_env.get(k), v) for k, v in env.items() if cold_env.get(k) != v} == {}
+    assert warm == cold == again
+    assert cold["fds"] == [0, 1, 2, 3] and cold["leader"] is True
+    assert cold["argv"][1:] == ["arg 1"]  # type: ignore[index]
+    assert p.wait_log(r"svc: pid \d+ ended \(exit 0\)")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_exit_status_traceback_and_stderr_tagging(mode: str, serve: Start) -> None:
+    p, port = serve(
+        mode,
+        """\
+        import os, sys
+        print(os.getpid(), flush=True)
+        sys.stderr.write("to stderr\\n")
+        raise ValueError("boom")
+        """,
+    )
+    pid = int(talk(port))
+    p.wait_log(rf"svc: pid {pid} ended \(exit 1\)")
+    p.wait_log(rf"svc\[{pid}\]: to stderr")
+    p.wait_log(rf"svc\[{pid}\]: ValueError: boom")
+    assert p.wait_log(rf'svc\[{pid}\]:   File ".*svc.py", line 5, in <module>')
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_atexit_a_thread_outliving_main_and_large_output_read_to_eof(
+    mode: str, serve: Start
+) -> None:
+    _, port = serve(
+        mode,
+        """\
+        import atexit, hashlib, sys, threading
+        data = sys.stdin.buffer.read()
+        atexit.register(lambda: sys.stdout.write("atexit\\n"))
+        gate = threading.Event()
+        def late():
+            gate.wait()
+            sys.stdout.write(hashlib.sha256(data).hexdigest() + "\\n")
+        threading.Thread(target=late).start()
+        sys.stdout.buffer.write(data * 2)
+        sys.stdout.flush()
+        gate.set()
+        """,
+    )
+    blob = os.urandom(1 << 20)
+    import hashlib
+
+    out = talk(port, blob)
+    assert out == blob * 2 + hashlib.sha256(blob).hexdigest().encode() + b"\natexit\n"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_udp_nowait(mode: str, serve: Start) -> None:
+    _, port = serve(
+        mode,
+        """\
+        import os
+        os.write(1, os.read(0, 65535).upper())
+        """,
+        protocol="udp",
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(DEADLINE)
+        for word in (b"one", b"two"):
+            s.sendto(word, ("127.0.0.1", port))
+            assert s.recv(100) == word.upper()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_timeout_kills_the_process_group(mode: str, serve: Start) -> None:
+    p, port = serve(
+        mode,
+        """\
+        import os, subprocess, sys
+        helper = subprocess.Popen(["sleep", "60"])
+        print(os.getpid(), helper.pid, flush=True)
+        sys.stdin.read()
+        """,
+        timeout="0.3s",
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+        pid, helper = map(int, s.makefile().readline().split())
+        p.wait_log(rf"svc: pid {pid} timed out")
+        assert s.recv(10) == b""  # closed by the kill
+    wait_for(lambda: pid_gone(pid) and pid_gone(helper), what="the group killed")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_max_connections_counts_warm_children(mode: str, serve: Start) -> None:
+    _, port = serve(
+        mode,
+        """\
+        import sys
+        print("in", flush=True)
+        sys.stdin.read()
+        """,
+        max_connections=1,
+        on_limit="reject",
+        busy_message="busy",
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+        assert s.makefile().readline() == "in\n"
+        assert talk(port) == b"busy\r\n"
+    wait_for(lambda: talk(port) == b"in\n", what="the slot freed")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_user_drop_as_root(mode: str, serve: Start) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    _, port = serve(mode, PROBE, python=SYSTEM_PYTHON, user="nobody")
+    out = json.loads(talk(port, b"x\n"))
+    assert out["uid"] != 0 and out["env"]["USER"] == "nobody"
+
+
+def test_a_killed_zygote_fails_no_connection_and_comes_back(serve: Start) -> None:
+    p, port = serve("warm", "import sys\nsys.stdout.write(sys.stdin.read().upper())\n")
+    zpid = int(re.findall(r"zygote (\d+) ready", p.wait_log(READY)[0])[0])
+    results: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def client(n: int) -> None:
+        for i in range(10):
+            try:
+                results.append(talk(port, b"c%d-%d" % (n, i)))
+            except OSError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(results) >= 5, what="some answers")
+    os.kill(zpid, signal.SIGKILL)
+    for t in threads:
+        t.join(DEADLINE * 3)
+    assert not errors
+    assert sorted(results) == sorted(b"C%d-%d" % (n, i) for n in range(4) for i in range(10))
+    # (seen as its end, its channel's end, or a request it can no longer read: EPIPE)
+    p.wait_log(r"svc: zygote: .*; serving cold, restart in 1s")
+    p.wait_log(READY, count=2)  # restarted after its backoff
+    assert talk(port, b"again") == b"AGAIN"
+
+
+def test_an_edited_script_is_served_in_its_new_version_after_a_reload(
+    serve: Start, folder: Path
+) -> None:
+    p, port = serve("warm", "print('v1')\n")
+    assert talk(port) == b"v1\n"
+    script = folder / "svc.py"
+    script.write_text("#!/usr/bin/env python3\nprint('v2')\n")  # same inode, new mtime
+    os.utime(script, ns=(time.time_ns(), time.time_ns() + 10**9))
+    p.signal(signal.SIGHUP)
+    p.wait_log(READY, count=2)
+    assert talk(port) == b"v2\n"
+
+
+def test_zygotes_stop_with_pyinetd_and_show_in_status(serve: Start) -> None:
+    p, port = serve("warm", "print('hi')\n")
+    zpid = int(re.findall(r"zygote (\d+) ready", p.wait_log(READY)[0])[0])
+    assert talk(port) == b"hi\n"
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "-c", str(p.path), "status"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=True,
+    ).stdout
+    assert re.search(rf"zygote.*{zpid}.*ready", out), out
+    p.stop()
+    wait_for(lambda: pid_gone(zpid), what="the zygote gone with pyinetd")
+
+
+def test_the_shipped_python_examples_are_served_warm(inetd: Callable[..., Pyinetd]) -> None:
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    doc = yaml.safe_load((repo / "inetd.yaml").read_text())
+    shipped = doc["services"]
+    services = {}
+    for name in ("upper", "hello"):
+        svc = dict(shipped[name], listen=f"127.0.0.1:{free_port()}")
+        assert svc.get("warm") is True, f"{name} is not warm in inetd.yaml"
+        svc["exec"] = str(repo / svc["exec"])
+        services[name] = svc
+    # with the shipped defaults: the zygote (and what it forks) in the shipped sandbox
+    defaults = doc.get("defaults", {})
+    box = defaults.get("sandbox", {})
+    if box.get("read"):
+        box["read"] = [r if r.startswith("/") else str(repo / r) for r in box["read"]]
+    p = inetd({"defaults": defaults, "services": services})
+    p.wait_log(READY, count=2)
+    port = int(services["upper"]["listen"].rsplit(":", 1)[1])
+    assert talk(port, b"hello\n") == b"HELLO\n"
+    port = int(services["hello"]["listen"].rsplit(":", 1)[1])
+    assert b"you asked for /x" in talk(port, b"GET /x HTTP/1.0\r\n\r\n")
+    assert not [ln for ln in p.lines if "serving by exec" in ln]
+
+
+def test_a_failed_preload_serves_cold_and_a_reload_tries_again(serve: Start, folder: Path) -> None:
+    # ("cold": serve() waits for no zygote; warm: true is given here)
+    p, port = serve("cold", "print('hi')\n", warm=True, preload=["later_module"])
+    p.wait_log(r"svc: zygote: preload 'later_module': ModuleNotFoundError.*; serving cold")
+    assert talk(port) == b"hi\n"  # served, by exec
+    p.wait_log(r"svc: zygote failed: serving by exec")
+    (folder / "later_module.py").write_text("X = 1\n")
+    p.signal(signal.SIGHUP)
+    p.wait_log(READY)
+    assert talk(port) == b"hi\n"
+    assert p.wait_log(r"svc: 127.0.0.1:\d+ -> pid \d+", count=2)
+
+
+def test_zygote_in_status_json_and_metrics(inetd: Callable[..., Pyinetd], folder: Path) -> None:
+    import subprocess
+    import sys
+    import urllib.request
+
+    script = folder / "svc.py"
+    script.write_text("#!/usr/bin/env python3\nprint('hi')\n")
+    script.chmod(0o755)
+    port, mport = free_port(), free_port()
+    p = inetd(
+        {
+            "metrics": f"127.0.0.1:{mport}",
+            "services": {"svc": {"listen": f"127.0.0.1:{port}", "exec": str(script), "warm": True}},
+        }
+    )
+    p.wait_log(READY)
+    assert talk(port) == b"hi\n"
+    out = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "-c", str(p.path), "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=True,
+    ).stdout
+    z = json.loads(out)["services"][0]["zygote"]
+    assert z["state"] == "ready" and z["forks"] == 1 and z["rss_kib"] > 1000
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=DEADLINE) as r:
+        text = r.read().decode()
+    assert 'pyinetd_zygote_ready{service="svc"} 1' in text
+    assert 'pyinetd_zygote_forks_total{service="svc"} 1' in text
+
+
+def test_threads_after_the_imports_are_seen_from_outside_a_sandbox(
+    serve: Start, folder: Path
+) -> None:
+    """Landlock hides /proc from a sandboxed zygote: pyinetd counts its threads itself."""
+    (folder / "spinner.py").write_text(
+        "import threading\nthreading.Thread(target=threading.Event().wait, daemon=True).start()\n"
+    )
+    box = {"read": ["/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", str(folder)]}
+    p, port = serve(
+        "cold", "import spinner\nprint('hi')\n", python=SYSTEM_PYTHON, warm=True, sandbox=box
+    )
+    p.wait_log(r"svc: zygote: 2 threads after the imports: forking then is unsafe; serving cold")
+    assert talk(port) == b"hi\n"
