@@ -22,6 +22,8 @@
 #   PYINETD_WORKERS=1        0 leaves out the pyinetd-w2 row (same exec service, `workers: 2`)
 #   PYINETD_PRIMITIVES=1     0 leaves out the via-vfork and via-fork_exec rows (same exec
 #                            service with PYINETD_SPAWN=vfork / fork_exec)
+#   PYINETD_SANDBOX=1        (as root) 0 leaves out pyinetd-sandbox (the /bin/cat service with the full
+#                            sandbox, on PORT_BASE+14)
 #   PYINETD_PYROWS=1         0 leaves out py-cold, py-warm and tcpserver-py (an 8-line Python
 #                            echo script: exec'd per connection, `warm: true`, under tcpserver)
 #   SHARED=<repo>/../shared  the shared kit; anchors.sh is $SHARED/bench/anchors.sh
@@ -130,6 +132,23 @@ services:
   cat: {listen: "127.0.0.1:$P_W2", exec: [/bin/cat]}
 EOF
 
+# The same /bin/cat service with the full sandbox (issue 17): Landlock read/write, an empty
+# network namespace, a private /tmp, the seccomp filter (network and tmp need root).
+PYINETD_SANDBOX=${PYINETD_SANDBOX:-$([[ $(id -u) == 0 ]] && echo 1 || echo 0)}
+P_SBX=$((PORT_BASE + 14))
+cat >"$OUTDIR/pyinetd-sandbox.yaml" <<EOF
+services:
+  cat:
+    listen: "127.0.0.1:$P_SBX"
+    exec: [/bin/cat]
+    sandbox:
+      read: [/usr, /lib, /lib64, /bin]
+      write: [/dev/null]
+      network: none
+      private_tmp: true
+      syscalls: default
+EOF
+
 PYINETD_PYROWS=${PYINETD_PYROWS:-1}
 if [[ $PYINETD_PYROWS == 1 ]]; then
     # The script runs under pyinetd's own interpreter: a warm zygote loads pyinetd's C module.
@@ -170,6 +189,9 @@ EXTRA_FILE=$OUTDIR/pyinetd-extra.sh
             echo "bench_server via-$prim $P_CAT --$(q env "PYINETD_SPAWN=$prim" "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-cat.yaml" ${pyargs[@]+"${pyargs[@]}"})"
         done
     fi
+    if [[ $PYINETD_SANDBOX == 1 ]]; then
+        echo "bench_server pyinetd-sandbox $P_SBX --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-sandbox.yaml" ${pyargs[@]+"${pyargs[@]}"})"
+    fi
     if [[ $PYINETD_WORKERS == 1 ]]; then
         echo "bench_server pyinetd-w2 $P_W2 --$(q "${LAUNCH[@]}" -c "$OUTDIR/pyinetd-w2.yaml" ${pyargs[@]+"${pyargs[@]}"})"
     fi
@@ -195,7 +217,7 @@ EXTRA_FILE=$OUTDIR/pyinetd-extra.sh
 
 # ---------------------------------------------------------------- run
 CMDLINE="bench/run.sh"
-for v in CONNS WARMUP CONC PAYLOAD ROUNDS FLOOR_N ONLY SKIP PYINETD_ARGS PYINETD_WORKERS PYINETD_PRIMITIVES PYINETD_PYROWS; do
+for v in CONNS WARMUP CONC PAYLOAD ROUNDS FLOOR_N ONLY SKIP PYINETD_ARGS PYINETD_WORKERS PYINETD_PRIMITIVES PYINETD_PYROWS PYINETD_SANDBOX; do
     [[ -n ${!v:-} ]] && CMDLINE="$v=$(printf '%q' "${!v}") $CMDLINE"
 done
 note "outdir $OUTDIR"
