@@ -616,3 +616,55 @@ def test_process_durations_and_exit_classes_in_metrics_and_status(
     assert re.search(
         r"^  s: 5 ended \(ok=1 error=1 not_run=1 signal=1 killed=1\), mean 0\.\d{3}s$", table, re.M
     ), table
+
+
+def test_spawn_failures_by_reason_and_dropped_stderr_in_metrics_and_status(
+    inetd: Start, tmp_path: Path
+) -> None:
+    """Metrics said how many processes failed to start, not why, and nothing of the stderr
+    lines stderr_rate dropped (issue 16, Operations)."""
+    port, chatty_port, mport = free_port(), free_port(), free_port()
+    gone = script(tmp_path, "gone.sh", "#!/bin/sh\nexit 0\n")
+    chatty = script(
+        tmp_path, "chatty.sh", "#!/bin/sh\ni=0\nwhile [ $i -lt 50 ]; do echo line $i >&2; "
+        "i=$((i+1)); done\n"
+    )
+    p = inetd(
+        {
+            "metrics": f"127.0.0.1:{mport}",
+            "services": {
+                "gone": {"listen": f"127.0.0.1:{port}", "exec": gone},
+                "chatty": {
+                    "listen": f"127.0.0.1:{chatty_port}",
+                    "exec": chatty,
+                    "stderr_rate": {"lines": "1/s", "bytes": "1k/s"},
+                },
+            },
+        }
+    )
+    os.unlink(gone)  # after load: every start now fails with ENOENT
+    for _ in range(2):
+        tcp_talk(port)
+    tcp_talk(chatty_port)
+
+    def samples() -> dict[str, float]:
+        url = f"http://127.0.0.1:{mport}/metrics"
+        with urllib.request.urlopen(url, timeout=DEADLINE) as r:
+            text = r.read().decode()
+        return {
+            name: float(value)
+            for name, value in (
+                line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#"
+            )
+        }
+
+    failed = 'pyinetd_spawn_failures_by_reason_total{service="gone",reason="ENOENT"}'
+    dropped = 'pyinetd_stderr_dropped_lines_total{service="chatty"}'
+    wait_for(lambda: samples().get(failed) == 2, what="two ENOENT failures counted")
+    # 50 lines at 1 line/s with a burst of one: all but the first few are dropped
+    wait_for(lambda: samples().get(dropped, 0) >= 45, what="the dropped lines counted")
+    assert samples()['pyinetd_spawn_failures_total{service="gone"}'] == 2
+    table = cli("status", "-c", str(p.path)).stdout
+    assert re.search(r"^  gone: failed to start: ENOENT=2$", table, re.M), table
+    assert re.search(r"^  chatty: stderr over stderr_rate: \d+ lines, \d+ bytes dropped$",
+                     table, re.M), table  # fmt: skip

@@ -9,6 +9,7 @@ handed in at construction.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -136,7 +137,7 @@ class Children:
         try:
             err_fd, owned = self.stderr_fd(state, conn)
         except OSError as exc:
-            state.failed_spawns += 1
+            state.spawn_failed("stderr")
             self.spawn_error(svc, peer, f"stderr {svc.stderr}: {exc.strerror or exc}")
             return 0
         try:
@@ -148,11 +149,11 @@ class Children:
                 pid = pid or self._spawner.spawn(svc, stdin, stdout, err_fd, env)
         except UserGone as exc:
             # Deleted after load: one line a minute, not a traceback per connection (18.16).
-            state.failed_spawns += 1
+            state.spawn_failed("user_gone")
             self.spawn_error(svc, peer, f"cannot start: {exc.strerror}")
             return 0
         except OSError as exc:
-            state.failed_spawns += 1
+            state.spawn_failed(errno_name(exc.errno))
             self.log_exec_error(svc, exc.strerror or str(exc), peer)
             return 0
         finally:
@@ -327,7 +328,7 @@ class Children:
             duration = time.monotonic() - child.started
             self._metrics.child_ended(state.service.name, duration, status, child.killed)
         if err is not None:  # started by the clone primitive, which reports exec errors late
-            state.failed_spawns += 1
+            state.spawn_failed(errno_name(err))
             self.log_exec_error(state.service, os.strerror(err), child.peer)
         elif LOG.isEnabledFor(logging.INFO):  # formatting costs even when nothing is logged
             self._log_end(child, pid, status)
@@ -429,3 +430,8 @@ def _kill_group(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     with contextlib.suppress(OSError):  # (a zombie until reaped: the pid is not reused)
         os.kill(pid, sig)
+
+
+def errno_name(number: int | None) -> str:
+    """ENOENT for 2: the reason a spawn failed, as metrics and status count it."""
+    return errno.errorcode.get(number or 0, "error")

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 from pyinetd import builtins, control, proxyproto
 from pyinetd.admission import StageSlots, admit, source_key
-from pyinetd.children import Children
+from pyinetd.children import Children, errno_name
 from pyinetd.config import Config, Service
 from pyinetd.listeners import format_ip, peer_of, peer_text
 from pyinetd.log import LOG, ThrottledLog, event
@@ -402,7 +402,7 @@ class Connections:
         try:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         except OSError as exc:  # out of fds: this datagram is dropped, as UDP allows
-            lst.state.failed_spawns += 1
+            lst.state.spawn_failed(errno_name(exc.errno))
             self._children.spawn_error(lst.state.service, peer_text(ip, port), f"socketpair: {exc}")
             return
         try:

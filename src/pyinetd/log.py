@@ -386,6 +386,9 @@ class StderrBudget:
         self._last: float | None = None
         self.dropped_lines = 0
         self.dropped_bytes = 0
+        # Since the service's first child, for status and metrics (never reset).
+        self.total_dropped_lines = 0
+        self.total_dropped_bytes = 0
 
     def set_rate(self, lines_per_s: float, bytes_per_s: float) -> None:
         """Follow a reload (what is in the bucket stays, within the new burst)."""
@@ -416,6 +419,8 @@ class StderrBudget:
     def drop(self, lines: int, nbytes: int) -> None:
         self.dropped_lines += lines
         self.dropped_bytes += nbytes
+        self.total_dropped_lines += lines
+        self.total_dropped_bytes += nbytes
 
     def take_dropped(self) -> tuple[int, int]:
         """(lines, bytes) dropped since the last call."""

@@ -56,6 +56,7 @@ class ServiceState:
     hellos: int = 0  # TLS connections admitted, their ClientHello due: they hold a place
     accepted: int = 0
     failed_spawns: int = 0
+    spawn_failures: dict[str, int] = field(default_factory=dict)  # by reason (see spawn_failed)
     refused: dict[str, int] = field(default_factory=dict)
     sources: dict[str, int] = field(default_factory=dict)
     bucket: TokenBucket | None = None
@@ -75,6 +76,13 @@ class ServiceState:
         elif self.bucket is None or old.rate != service.rate:
             self.bucket = TokenBucket(*service.rate)
         self.tls_context = tls_context
+
+    def spawn_failed(self, reason: str) -> None:
+        """A process of this service could not start: ``reason`` is an errno name (ENOENT,
+        EACCES, EAGAIN...), ``stderr`` (its stderr target could not be opened) or
+        ``user_gone`` (its user was deleted after load)."""
+        self.failed_spawns += 1
+        self.spawn_failures[reason] = self.spawn_failures.get(reason, 0) + 1
 
     def add_source(self, key: str) -> None:
         """An instance started: one more running, and one more for its source."""

@@ -90,6 +90,10 @@ def snapshot(
                 "accepted": state.accepted if state else 0,
                 "refused": dict(state.refused) if state else {},
                 "failed_spawns": state.failed_spawns if state else 0,
+                # by reason: an errno name, "stderr" or "user_gone" (ServiceState.spawn_failed)
+                "spawn_failures": dict(state.spawn_failures) if state else {},
+                # `stderr: log` lines and bytes dropped over stderr_rate, since start
+                "stderr_dropped": _stderr_dropped(state),
                 # Ended service processes: how (metrics.EXIT_CLASSES), and after how long.
                 "exits": dict(ended.exits),
                 "durations": {
@@ -145,6 +149,15 @@ def render_table(snap: dict[str, Any]) -> str:
             exits = " ".join(f"{k}={v}" for k, v in s["exits"].items() if v)
             mean = durations["sum"] / durations["count"]
             lines.append(f"  {s['name']}: {durations['count']} ended ({exits}), mean {mean:.3f}s")
+        why = " ".join(f"{k}={v}" for k, v in sorted(s.get("spawn_failures", {}).items()))
+        if why:
+            lines.append(f"  {s['name']}: failed to start: {why}")
+        dropped = s.get("stderr_dropped", {})
+        if dropped.get("lines"):
+            lines.append(
+                f"  {s['name']}: stderr over stderr_rate: {dropped['lines']} lines, "
+                f"{dropped['bytes']} bytes dropped"
+            )
         z = s.get("zygote")
         if z:
             rss = f"{z['rss_kib'] / 1024:.1f} MiB" if z.get("rss_kib") else "-"
@@ -156,6 +169,13 @@ def render_table(snap: dict[str, Any]) -> str:
         for c in s["children"]:
             lines.append(f"  {s['name']}: pid {c['pid']} {c['peer']} age {c['age']:.1f}s")
     return "\n".join(lines)
+
+
+def _stderr_dropped(state: ServiceState | None) -> dict[str, int]:
+    log = state.stderr_log if state else None
+    if log is None:
+        return {"lines": 0, "bytes": 0}
+    return {"lines": log.budget.total_dropped_lines, "bytes": log.budget.total_dropped_bytes}
 
 
 def _label(value: str) -> str:
@@ -196,6 +216,33 @@ def render_prometheus(snap: dict[str, Any]) -> str:
         out.append(
             f'pyinetd_spawn_failures_total{{service="{_label(s["name"])}"}} {s["failed_spawns"]}'
         )
+    family(
+        "pyinetd_spawn_failures_by_reason_total",
+        "counter",
+        "Service processes that failed to start, by reason (errno name, stderr, user_gone).",
+    )
+    for s in snap["services"]:
+        for reason, n in sorted(s.get("spawn_failures", {}).items()):
+            out.append(
+                f'pyinetd_spawn_failures_by_reason_total{{service="{_label(s["name"])}",'
+                f'reason="{_label(reason)}"}} {n}'
+            )
+    family(
+        "pyinetd_stderr_dropped_lines_total",
+        "counter",
+        "Lines of service stderr dropped over stderr_rate.",
+    )
+    for s in snap["services"]:
+        n = s.get("stderr_dropped", {}).get("lines", 0)
+        out.append(f'pyinetd_stderr_dropped_lines_total{{service="{_label(s["name"])}"}} {n}')
+    family(
+        "pyinetd_stderr_dropped_bytes_total",
+        "counter",
+        "Bytes of service stderr dropped over stderr_rate.",
+    )
+    for s in snap["services"]:
+        n = s.get("stderr_dropped", {}).get("bytes", 0)
+        out.append(f'pyinetd_stderr_dropped_bytes_total{{service="{_label(s["name"])}"}} {n}')
     family(
         "pyinetd_process_duration_seconds",
         "histogram",
