@@ -34,8 +34,6 @@ import contextlib
 import ctypes
 import errno
 import os
-import platform
-import shutil
 import signal
 import struct
 from dataclasses import dataclass
@@ -198,7 +196,7 @@ def check_kernel(s: SandboxSettings) -> None:
         )
     if s.syscalls == "default" and (_arch() is None or not _have_seccomp()):
         raise SandboxError(
-            f"syscalls: default needs seccomp on x86_64 or aarch64 ({platform.machine()} here); "
+            f"syscalls: default needs seccomp on x86_64 or aarch64 ({os.uname().machine} here); "
             f"{refused}"
         )
 
@@ -243,6 +241,8 @@ def _shebang(path: str, search: str | None) -> list[str]:
     out = [words[0]]
     if os.path.basename(words[0]) == "env":
         names = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
+        import shutil  # here, not at the top: with bz2 and lzma it is 1.8 MiB of the parent's RSS
+
         found = shutil.which(names[0], path=search) if names else None
         if found is not None:
             out.append(os.path.abspath(found))
@@ -329,7 +329,7 @@ _RET_ERRNO = 0x00050000
 
 
 def _arch() -> str | None:
-    machine = platform.machine()
+    machine = os.uname().machine
     return machine if machine in _AUDIT_ARCH else None
 
 
@@ -587,7 +587,7 @@ class Prepared:
         if self.filter:
             buf = ctypes.create_string_buffer(self.filter, len(self.filter))
             prog = _SockFprog(len(self.filter) // 8, ctypes.cast(buf, ctypes.c_void_p))
-            if libc.syscall(_SYS_SECCOMP[platform.machine()], 1, 0, ctypes.byref(prog)) < 0:
+            if libc.syscall(_SYS_SECCOMP[os.uname().machine], 1, 0, ctypes.byref(prog)) < 0:
                 raise OSError(ctypes.get_errno(), "seccomp")
 
 
