@@ -9,6 +9,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -571,3 +572,33 @@ def test_every_builtin_the_config_accepts_is_in_the_registry() -> None:
     from pyinetd.parsers import BUILTINS
 
     assert set(REGISTRY) == set(BUILTINS)
+
+
+@pytest.mark.parametrize("primitive", PRIMITIVES)
+def test_a_program_sees_its_path_as_written_in_argv0(
+    inetd: Callable[..., Pyinetd], tmp_path: Path, primitive: str
+) -> None:
+    """pyinetd ran a symlinked program with its resolved path as argv[0]: a venv's python
+    (a symlink to the base interpreter) lost its venv, since CPython finds pyvenv.cfg from
+    argv[0], and a multi-call binary (busybox) did not know its applet. The resolved path
+    is still what runs (what trust.py checked); argv[0] is the path as written."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("no busybox (apt-get install busybox)")
+    port, vport = free_port(), free_port()
+    applet = tmp_path / "echo"
+    applet.symlink_to(busybox)
+    venv_probe = "import sys; print(sys.prefix != sys.base_prefix, sys.executable)"
+    inetd(
+        {
+            "services": {
+                "applet": {"listen": f"127.0.0.1:{port}", "exec": [str(applet), "hello"]},
+                # the interpreter running these tests: a venv's (CI's scripts/test.sh makes one)
+                "py": {"listen": f"127.0.0.1:{vport}", "exec": [sys.executable, "-c", venv_probe]},
+            }
+        },
+        env={"PYINETD_SPAWN": primitive},
+    )
+    assert tcp_talk(port) == b"hello\n"
+    in_venv = sys.prefix != sys.base_prefix
+    assert tcp_talk(vport).decode().split() == [str(in_venv), sys.executable]

@@ -54,6 +54,10 @@
 #define MAX_RESET 128
 /* flags for spawn()/start() */
 #define SPAWN_NO_NEW_PRIVS 1
+/* argv[0] of the list is the path to execute and the program's argv follows it: the program
+ * runs from its resolved path (what trust.py checked) and sees argv[0] as written (a venv's
+ * python finds its pyvenv.cfg from argv[0]; a multi-call binary picks its applet by it). */
+#define SPAWN_PATH_FIRST 2
 #ifndef PR_SET_NO_NEW_PRIVS
 #define PR_SET_NO_NEW_PRIVS 38 /* <linux/prctl.h>, Linux 3.5 */
 #endif
@@ -240,6 +244,7 @@ parse_sandbox(PyObject *kw, struct sandbox *sb, PyObject **filter_bytes)
 
 /* What the child needs, all in memory nobody changes until the child has exec'd. */
 struct child_args {
+    char *path; /* what execve runs: argv[0] unless SPAWN_PATH_FIRST */
     char **argv;
     char **envp;
     int fds[3];
@@ -321,7 +326,7 @@ child_exec(struct child_args *a)
     r = raw_syscall(SYS_rt_sigprocmask, SIG_SETMASK, (long)&empty, 0, sizeof empty);
     if (r < 0)
         goto fail;
-    r = raw_syscall(SYS_execve, (long)a->argv[0], (long)a->argv, (long)a->envp, 0);
+    r = raw_syscall(SYS_execve, (long)a->path, (long)a->argv, (long)a->envp, 0);
 fail:
     if (a->error != NULL) {
         *a->error = (int)-r;
@@ -353,11 +358,11 @@ parse_call(PyObject *args, call_t *c, int *extra_fd, const char *fmt)
                           &c->extra, &c->fds[0], &c->fds[1], &c->fds[2], extra_fd,
                           &PyTuple_Type, &reset_o, &c->flags))
         return -1;
-    if (c->flags & ~SPAWN_NO_NEW_PRIVS) {
+    if (c->flags & ~(SPAWN_NO_NEW_PRIVS | SPAWN_PATH_FIRST)) {
         PyErr_SetString(PyExc_ValueError, "unknown flags");
         return -1;
     }
-    if (PyList_GET_SIZE(c->argv) < 1) {
+    if (PyList_GET_SIZE(c->argv) < ((c->flags & SPAWN_PATH_FIRST) ? 2 : 1)) {
         PyErr_SetString(PyExc_ValueError, "argv must not be empty");
         return -1;
     }
@@ -391,6 +396,9 @@ fill_args(struct child_args *a, const call_t *c)
     a->nreset = c->nreset;
     memcpy(a->reset, c->reset, sizeof(int) * (size_t)c->nreset);
     a->sb = c->sb;
+    a->path = a->argv[0];
+    if (c->flags & SPAWN_PATH_FIRST)
+        a->argv++;
 }
 
 /* ------------------------------------------------------------------ vfork */

@@ -178,8 +178,13 @@ class Service:
 
     @property
     def argv(self) -> tuple[str, ...]:
-        """The program's argv: argv0 (when given) in place of the program's path."""
-        return self.exec if self.argv0 is None else (self.argv0, *self.exec[1:])
+        """The program's argv: argv0 when given, else its path as written (absolute, symlinks
+        kept: a venv's python finds its pyvenv.cfg from argv[0], a multi-call binary picks its
+        applet by it); ``program``, the resolved path, is what is executed."""
+        if self.argv0 is not None:
+            return (self.argv0, *self.exec[1:])
+        given = getattr(self.exec, "given", None)
+        return (given[0], *self.exec[1:]) if given else self.exec
 
     @property
     def program(self) -> str:

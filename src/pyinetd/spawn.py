@@ -94,6 +94,7 @@ except ImportError:  # pragma: no cover - installed without a C compiler
     _VFORK = _START = _SETTLE = None
 C_MODULE_BUILT = _VFORK is not None
 NO_NEW_PRIVS = 1  # _spawn.c's flag: prctl(PR_SET_NO_NEW_PRIVS, 1) in the child
+PATH_FIRST = 2  # _spawn.c's flag: argv's first item is the path to execute, argv follows
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 PR_SET_NO_NEW_PRIVS = 38
 
@@ -467,9 +468,8 @@ class Spawner:
         """
         fork = self._uses_fork(service)
         box = self._box(service)
-        flags = NO_NEW_PRIVS if service.nnp else 0
-        # The C primitives execute argv[0]: a separate argv0 takes the Python paths.
-        native = not fork and service.argv0 is None
+        flags = (NO_NEW_PRIVS if service.nnp else 0) | PATH_FIRST
+        native = not fork
         if self.primitive == "clone" and native:
             bargv, envl = self._exec_lists(service)
             if self._reports is None:
@@ -522,7 +522,8 @@ class Spawner:
         if cached is None:
             base = self.base_environ(service)
             envl = [k + b"=" + v for k, v in base.items() if k not in CONNECTION_KEYS]
-            cached = ([os.fsencode(a) for a in service.argv], envl)
+            # The path to execute, then argv (the C module's PATH_FIRST flag).
+            cached = ([os.fsencode(a) for a in (service.program, *service.argv)], envl)
             self._env_list[service.name] = cached
         return cached
 
@@ -544,7 +545,8 @@ class Spawner:
         stderr: int,
         extra_env: EnvEntries,
     ) -> int:
-        argv, envl = self._exec_lists(service)
+        path_argv, envl = self._exec_lists(service)
+        argv = path_argv[1:]  # fork_exec takes the path apart (executable_list)
         err_r, err_w = self._error_pipe()
         # Positional, as subprocess.Popen calls it (CPython 3.11-3.14): args,
         # executable_list, close_fds, pass_fds, cwd, env, p2cread, p2cwrite, c2pread,

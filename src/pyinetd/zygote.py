@@ -100,7 +100,11 @@ class Zygote:
         ] = spawn.spawn_zygote,
     ) -> None:
         self.service = service
-        self.command = warmcmd.python_command(service.exec, _first_line(service))
+        # As a cold start: `exec: [python, ...]` runs the interpreter with argv[0] as written
+        # (a venv's python finds its venv from it); a #! script is run by the kernel from
+        # its resolved path, which the interpreter then sees.
+        given = service.argv if warmcmd.is_python(service.argv[0]) else service.exec
+        self.command = warmcmd.python_command(given, _first_line(service))
         self.script = script_path(service, self.command)
         self._env = env
         self._stderr = stderr
