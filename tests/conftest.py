@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -336,3 +338,15 @@ def local_user() -> Iterator[LocalUser]:
         subprocess.run(
             ["userdel", "--remove", "--force", name], capture_output=True, timeout=DEADLINE
         )
+
+
+def status_of(p: Pyinetd) -> dict[str, dict[str, Any]]:
+    """Each service's status entry (accepted, refused, ...) from `pyinetd status --json`."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "status", "--json", "-c", str(p.path)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=True,
+    )
+    return {s["name"]: s for s in json.loads(out.stdout)["services"]}

@@ -6,32 +6,17 @@ loopback against real pyinetd processes.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import DEADLINE, Pyinetd, children_of, free_port, tcp_talk, wait_for
+from conftest import DEADLINE, Pyinetd, children_of, free_port, status_of, tcp_talk, wait_for
 
 Start = Callable[..., Pyinetd]
 ATTACKER = "127.0.0.2"  # the slowloris' source; 127.0.0.1 is everyone else
 PER_SOURCE = 16  # max_pending_per_source's default
-
-
-def status_of(p: Pyinetd) -> dict[str, dict[str, Any]]:
-    out = subprocess.run(
-        [sys.executable, "-m", "pyinetd", "status", "--json", "-c", str(p.path)],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=True,
-    )
-    return {s["name"]: s for s in json.loads(out.stdout)["services"]}
 
 
 def fd_count(pid: int) -> int:

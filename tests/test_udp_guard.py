@@ -6,7 +6,6 @@ real pyinetd processes. A spoofed source is forged with a raw socket (IP_HDRINCL
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
@@ -14,24 +13,11 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import DEADLINE, Pyinetd, free_port, wait_for
+from conftest import DEADLINE, Pyinetd, free_port, status_of, wait_for
 
 Start = Callable[..., Pyinetd]
-
-
-def status_of(p: Pyinetd) -> dict[str, dict[str, Any]]:
-    """Each service's status entry (accepted, refused, ...) from `pyinetd status --json`."""
-    out = subprocess.run(
-        [sys.executable, "-m", "pyinetd", "status", "--json", "-c", str(p.path)],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=True,
-    )
-    return {s["name"]: s for s in json.loads(out.stdout)["services"]}
 
 
 def spoof_udp(src_port: int, dst_port: int, payload: bytes, ip: str = "127.0.0.1") -> None:
