@@ -469,8 +469,7 @@ class Spawner:
         fork = self._uses_fork(service)
         box = self._box(service)
         flags = (NO_NEW_PRIVS if service.nnp else 0) | PATH_FIRST
-        native = not fork
-        if self.primitive == "clone" and native:
+        if self.primitive == "clone" and not fork:
             bargv, envl = self._exec_lists(service)
             if self._reports is None:
                 # Both ends non-blocking: a child must never wait on a full pipe.
@@ -481,7 +480,7 @@ class Spawner:
                               self._handled, flags, sandbox=box.c_arg)  # fmt: skip
             return _START(bargv, envl, extra_env, stdin, stdout, stderr, self._reports[1],
                           self._handled, flags)  # fmt: skip
-        if self.primitive == "vfork" and native:
+        if self.primitive == "vfork" and not fork:
             bargv, envl = self._exec_lists(service)
             assert _VFORK is not None
             if box is not None:

@@ -227,22 +227,12 @@ def render_prometheus(snap: dict[str, Any]) -> str:
                 f'pyinetd_spawn_failures_by_reason_total{{service="{_label(s["name"])}",'
                 f'reason="{_label(reason)}"}} {n}'
             )
-    family(
-        "pyinetd_stderr_dropped_lines_total",
-        "counter",
-        "Lines of service stderr dropped over stderr_rate.",
-    )
-    for s in snap["services"]:
-        n = s.get("stderr_dropped", {}).get("lines", 0)
-        out.append(f'pyinetd_stderr_dropped_lines_total{{service="{_label(s["name"])}"}} {n}')
-    family(
-        "pyinetd_stderr_dropped_bytes_total",
-        "counter",
-        "Bytes of service stderr dropped over stderr_rate.",
-    )
-    for s in snap["services"]:
-        n = s.get("stderr_dropped", {}).get("bytes", 0)
-        out.append(f'pyinetd_stderr_dropped_bytes_total{{service="{_label(s["name"])}"}} {n}')
+    for unit in ("lines", "bytes"):
+        name = f"pyinetd_stderr_dropped_{unit}_total"
+        family(name, "counter", f"{unit.capitalize()} of service stderr dropped over stderr_rate.")
+        for s in snap["services"]:
+            n = s.get("stderr_dropped", {}).get(unit, 0)
+            out.append(f'{name}{{service="{_label(s["name"])}"}} {n}')
     family(
         "pyinetd_process_duration_seconds",
         "histogram",
