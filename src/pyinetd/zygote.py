@@ -422,24 +422,24 @@ def _parent_of(pid: int) -> int | None:
         return None
 
 
-def _threads(pid: int) -> int | None:
-    """The number of threads of ``pid`` (/proc/PID/status), None when unknown."""
+def _status_number(pid: int, field: bytes) -> int | None:
+    """The number after ``field`` (b"Threads:", b"VmRSS:") in /proc/PID/status; None when
+    unknown."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
-                if line.startswith(b"Threads:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except (OSError, ValueError):
         return None
     return None
 
 
+def _threads(pid: int) -> int | None:
+    """The number of threads of ``pid``, None when unknown."""
+    return _status_number(pid, b"Threads:")
+
+
 def _rss_kib(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        return None
+    return _status_number(pid, b"VmRSS:")
     return None
