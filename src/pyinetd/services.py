@@ -55,7 +55,6 @@ class ServiceState:
     running: int = 0
     hellos: int = 0  # TLS connections admitted, their ClientHello due: they hold a place
     accepted: int = 0
-    failed_spawns: int = 0
     spawn_failures: dict[str, int] = field(default_factory=dict)  # by reason (see spawn_failed)
     refused: dict[str, int] = field(default_factory=dict)
     sources: dict[str, int] = field(default_factory=dict)
@@ -81,8 +80,12 @@ class ServiceState:
         """A process of this service could not start: ``reason`` is an errno name (ENOENT,
         EACCES, EAGAIN...), ``stderr`` (its stderr target could not be opened) or
         ``user_gone`` (its user was deleted after load)."""
-        self.failed_spawns += 1
         self.spawn_failures[reason] = self.spawn_failures.get(reason, 0) + 1
+
+    @property
+    def failed_spawns(self) -> int:
+        """Processes of this service that could not start, whatever the reason."""
+        return sum(self.spawn_failures.values())
 
     def add_source(self, key: str) -> None:
         """An instance started: one more running, and one more for its source."""
