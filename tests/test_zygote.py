@@ -480,7 +480,7 @@ def test_a_zygote_cannot_make_pyinetd_adopt_a_process_that_is_not_its_child(
         import os, time
         if os.fork() == 0:
             time.sleep(0.3)  # until the zygote is ready
-            os.write(3, b"P")  # "I am the connection's process"
+            os.write(3, b"P1")  # "I am the process of request 1"
             open("sent", "w").close()
             time.sleep(30)
             os._exit(0)

@@ -698,8 +698,8 @@ prctl_(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* ------------------------------------------------------------------ warm services: fork_parent */
-/* fork_parent(): os.fork(), except that the child is the caller's sibling: CLONE_PARENT makes
+/* ------------------------------------------------------------------ warm services: serve */
+/* serve()'s fork: os.fork(), except that the child is the caller's sibling: CLONE_PARENT makes
  * it a child of the caller's parent. A warm service's zygote (zygote_main.py) is pyinetd's
  * child and forks each connection's process with it, so that process is pyinetd's own child:
  * reaped by pyinetd's loop, counted by its limits, killed with its group by a timeout, exactly
@@ -742,53 +742,129 @@ thread_tid_field(void)
     return *field == (pid_t)syscall(SYS_gettid) ? field : NULL;
 }
 
-PyDoc_STRVAR(fork_parent_doc,
-"fork_parent(notify_fd=-1) -> pid\n\n"
-"As os.fork(), but the child is a child of this process's parent (clone(2) CLONE_PARENT):\n"
-"0 in the child, its pid in the caller. The child first sends the one-byte message b'P' on\n"
-"notify_fd (a unix socket whose reader learns its pid from SCM_CREDENTIALS), before any\n"
-"Python code runs in it. Raises OSError.");
+PyDoc_STRVAR(serve_doc,
+"serve(ctl_fd, /) -> bytes | None\n\n"
+"A warm service's zygote's loop (zygote_main.py). Per message b'R' + payload with three fds\n"
+"(SCM_RIGHTS) on ctl_fd: fork a child of this process's parent (clone(2) CLONE_PARENT), which\n"
+"first sends b'P<n>' on ctl_fd (n: the request's number, counting b'R' messages from 1; the\n"
+"reader learns its pid from SCM_CREDENTIALS), then puts the fds on 0, 1 and 2, closes them,\n"
+"ctl_fd too, calls setsid() and returns the payload. The zygote closes the fds and reads on; a\n"
+"request it cannot serve is answered b'E<n> <errno>'. Returns None in the zygote at b'Q' or at\n"
+"the channel's end. Raises OSError.");
+
+/* In C rather than a Python loop around fork(): after each fork every page of the zygote is
+ * shared with the child again, so each page the zygote writes before the next fork is copied
+ * (a fault and 4 KiB). A Python loop (recvmsg, the ancillary data, marshal, closing) wrote 62
+ * pages per fork; this one writes its stack, the buffer's first page and what PyOS_*Fork touch. */
+static char serve_buf[1 << 20];
+
+static void
+serve_reply(int ctl, const char *fmt, unsigned long n, int err)
+{
+    char msg[64];
+    int len = snprintf(msg, sizeof msg, fmt, n, err);
+    if (len > 0)
+        (void)send(ctl, msg, (size_t)len, MSG_NOSIGNAL);
+}
 
 static PyObject *
-fork_parent(PyObject *module, PyObject *args)
+serve(PyObject *module, PyObject *args)
 {
-    int notify_fd = -1;
-    if (!PyArg_ParseTuple(args, "|i:fork_parent", &notify_fd))
-        return NULL;
-    if (PySys_Audit("os.fork", NULL) < 0)
+    int ctl;
+    if (!PyArg_ParseTuple(args, "i:serve", &ctl))
         return NULL;
     pid_t *ctid = thread_tid_field();
     long flags = CLONE_PARENT | SIGCHLD;
     if (ctid != NULL)
         flags |= CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID;
-    PyOS_BeforeFork();
-    /* No new stack: the child goes on from here on a copy of this one, as after fork(). */
+    unsigned long seq = 0;
+    for (;;) {
+        union {
+            struct cmsghdr align;
+            char buf[CMSG_SPACE(4 * sizeof(int))];
+        } control;
+        struct iovec iov = {serve_buf, sizeof serve_buf};
+        struct msghdr mh;
+        memset(&mh, 0, sizeof mh);
+        mh.msg_iov = &iov;
+        mh.msg_iovlen = 1;
+        mh.msg_control = control.buf;
+        mh.msg_controllen = sizeof control.buf;
+        ssize_t n = recvmsg(ctl, &mh, MSG_CMSG_CLOEXEC);
+        if (n < 0) {
+            if (errno == EINTR) {
+                if (PyErr_CheckSignals() < 0)
+                    return NULL;
+                continue;
+            }
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        int fds[4], nfds = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c != NULL; c = CMSG_NXTHDR(&mh, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                continue;
+            size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (size_t i = 0; i < k; i++) {
+                int fd;
+                memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+                if (nfds < 4)
+                    fds[nfds++] = fd;
+                else
+                    close(fd);
+            }
+        }
+        if (n == 0 || serve_buf[0] != 'R') {
+            for (int i = 0; i < nfds; i++)
+                close(fds[i]);
+            if (n == 0 || serve_buf[0] == 'Q')
+                Py_RETURN_NONE;
+            continue; /* not a request: not numbered, not answered */
+        }
+        seq++;
+        if (nfds != 3 || (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+            for (int i = 0; i < nfds; i++)
+                close(fds[i]);
+            serve_reply(ctl, "E%lu %d", seq, EBADMSG);
+            continue;
+        }
+        if (PySys_Audit("os.fork", NULL) < 0)
+            return NULL;
+        PyOS_BeforeFork();
+        /* No new stack: the child goes on from here on a copy of this one, as after fork(). */
 #if defined(__x86_64__)
-    long r = raw_syscall5(SYS_clone, flags, 0, 0, (long)ctid, 0);
+        long r = raw_syscall5(SYS_clone, flags, 0, 0, (long)ctid, 0);
 #elif defined(__aarch64__)
-    long r = raw_syscall5(SYS_clone, flags, 0, 0, 0, (long)ctid); /* tls before child_tid */
+        long r = raw_syscall5(SYS_clone, flags, 0, 0, 0, (long)ctid); /* tls before child_tid */
 #else
-    long r = raw_syscall5(SYS_clone, flags, 0, 0, 0, (long)ctid);
+        long r = raw_syscall5(SYS_clone, flags, 0, 0, 0, (long)ctid);
 #endif
-    if (r == 0) {
-        /* pyinetd waits for this to know the pid: say it before PyOS_AfterFork_Child's work */
-        if (notify_fd >= 0)
-            (void)raw_syscall5(SYS_sendto, notify_fd, (long)"P", 1, MSG_NOSIGNAL, 0);
-        PyOS_AfterFork_Child();
-        return PyLong_FromLong(0);
+        if (r == 0) {
+            /* pyinetd waits for this to know the pid: said before any other work */
+            serve_reply(ctl, "P%lu", seq, 0);
+            PyOS_AfterFork_Child();
+            /* The received fds are above 3 (0-2 and ctl are open), so no dup2 lands on one
+             * still to be read; dup2 leaves the new fds without O_CLOEXEC. */
+            dup2(fds[2], 2);
+            dup2(fds[0], 0);
+            dup2(fds[1], 1);
+            for (int i = 0; i < 3; i++)
+                close(fds[i]);
+            close(ctl);
+            setsid(); /* a session of its own, as every service process (spawn.py) */
+            return PyBytes_FromStringAndSize(serve_buf + 1, n - 1);
+        }
+        PyOS_AfterFork_Parent();
+        for (int i = 0; i < 3; i++)
+            close(fds[i]);
+        if (r < 0)
+            serve_reply(ctl, "E%lu %d", seq, (int)-r);
     }
-    PyOS_AfterFork_Parent();
-    if (r < 0) {
-        errno = (int)-r;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    return PyLong_FromLong(r);
 }
 
 static PyMethodDef methods[] = {
     {"spawn", (PyCFunction)(void (*)(void))spawn, METH_VARARGS | METH_KEYWORDS, spawn_doc},
     {"prctl", prctl_, METH_VARARGS, prctl_doc},
-    {"fork_parent", fork_parent, METH_VARARGS, fork_parent_doc},
+    {"serve", serve, METH_VARARGS, serve_doc},
 #if HAVE_ASYNC
     {"start", (PyCFunction)(void (*)(void))start, METH_VARARGS | METH_KEYWORDS, start_doc},
     {"set_slots", set_slots, METH_O, set_slots_doc},

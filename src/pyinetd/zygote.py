@@ -5,7 +5,7 @@ started with the service's process settings, that has imported what the script i
 ``preload``), compiled the script, frozen its GC and waits on a control channel
 (zygote_main.py is the program it runs). Per connection pyinetd sends it the connection's fds,
 argv and environment; the zygote forks a process that is pyinetd's own child (CLONE_PARENT,
-``_spawn.fork_parent``), which runs the script as a fresh interpreter would. That process tells
+``_spawn.serve``), which runs the script as a fresh interpreter would. That process tells
 pyinetd its pid, and the kernel vouches for it (SCM_CREDENTIALS): a zygote runs the service's
 code as the service's user, and must not be able to name another process for pyinetd to track
 or signal.
@@ -76,7 +76,7 @@ def script_id(path: str) -> ScriptId | None:
 
 
 def c_module_path() -> str | None:
-    """The file of pyinetd's C module, which the zygote loads for fork_parent."""
+    """The file of pyinetd's C module, which the zygote loads for its loop (serve)."""
     if not spawn.C_MODULE_BUILT:
         return None
     from pyinetd import _spawn
@@ -121,6 +121,7 @@ class Zygote:
         self.delay = BACKOFF_FIRST
         self.script_id: ScriptId | None = None
         self._sock: socket.socket | None = None
+        self._seq = 0  # requests sent to this process (its replies are numbered)
         self._cold_noted = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -154,6 +155,8 @@ class Zygote:
                     "script": self.command.script,
                     "orig_argv": list(self.command.orig_argv),
                     "preload": list(self.service.preload),
+                    # a child's fd 2 is then its connection (the zygote's: /dev/null)
+                    "stderr_socket": self.service.stderr == "socket",
                 }
                 ours.send(SOURCE)
                 ours.sendmsg(
@@ -170,6 +173,7 @@ class Zygote:
             theirs.close()
         ours.setblocking(False)
         self._sock = ours
+        self._seq = 0
         self.started_at = self._clock()
         self._change_state(STARTING)
 
@@ -313,6 +317,8 @@ class Zygote:
             self.kill()
             self._died_early(f"send: {exc}")
             raise ZygoteUnavailable(self.state) from None
+        self._seq += 1
+        number = b"%d" % self._seq
         deadline = time.monotonic() + REPLY_TIMEOUT
         while True:
             try:
@@ -328,7 +334,7 @@ class Zygote:
                 continue
             except OSError:  # ECONNRESET: it died with our request unread
                 data, anc = b"", []
-            if data == b"P":
+            if data[:1] == b"P" and data[1:] == number:
                 pid = _sender(anc)
                 if pid is None or pid == self.pid or _parent_of(pid) != os.getpid():
                     self.kill()
@@ -336,8 +342,10 @@ class Zygote:
                     raise ZygoteUnavailable(self.state)
                 self.forks += 1
                 return pid
-            if data[:1] == b"E":
-                raise ZygoteUnavailable(f"fork failed: {data[1:].decode(errors='replace')}")
+            if data[:1] == b"E" and data[1:].split(b" ")[0] == number:
+                why = data[1:].split(b" ")[-1]
+                err = int(why) if why.isdigit() else 0
+                raise ZygoteUnavailable(f"fork failed: {os.strerror(err) if err else why!r}")
             if data == b"K":
                 continue
             self._handle(data or b"")

@@ -9,18 +9,20 @@
 #
 # The zygote: reads the script, imports the modules the script imports at top level (found
 # by parsing it, never by running it) and those `preload` names, compiles the script once,
-# freezes the GC, tells pyinetd it is ready, and then per request forks (fork_parent: the child
-# is pyinetd's, CLONE_PARENT) a process that becomes, as far as the script can tell, a fresh
-# `python script.py args` with the connection on stdin and stdout.
+# freezes the GC, tells pyinetd it is ready, and then serves requests in pyinetd's C module
+# (_spawn.serve: the loop, and per request a fork whose child is pyinetd's, CLONE_PARENT), each
+# child becoming, as far as the script can tell, a fresh `python script.py args` with the
+# connection on stdin and stdout.
 #
 # Control channel (fd 3, a SOCK_SEQPACKET socketpair), one message each:
 #   pyinetd -> zygote: this source; then SETUP = marshal of a dict, with pyinetd's C module's
 #                      fd (SCM_RIGHTS); then per connection REQUEST = b"R" + marshal of
 #                      (argv, the connection's variables as KEY=value), with fds [stdin,
 #                      stdout, stderr]; b"Q" to stop.
-#   zygote -> pyinetd: b"K" ready; b"F" + why (then it exits); b"E" + errno when a fork
-#                      failed. The child sends b"P" (fork_parent, first thing): pyinetd takes
-#                      the pid from the kernel's SCM_CREDENTIALS, never from the message.
+#   zygote -> pyinetd: b"K" ready; b"F" + why (then it exits); b"E<n> <errno>" when request n
+#                      (counted from 1) got no process. The child sends b"P<n>" (first thing
+#                      after the fork, from C): pyinetd takes its pid from the kernel's
+#                      SCM_CREDENTIALS, never from the message.
 # mypy: ignore-errors
 # ruff: noqa: SIM105, SIM115, UP020  (no contextlib: nothing imported that the script did not;
 # io.open as create_stdio calls it)
@@ -81,33 +83,52 @@ def _imports(tree):
     return names
 
 
-def _set_stdio():
-    """New sys.stdin/stdout/stderr on fds 0, 1, 2, as CPython's create_stdio() makes them at
-    start-up (Python/pylifecycle.c): same encodings and errors, stdin buffered, stdout and
-    stdout unbuffered under -u, line buffering only on a tty (stderr: always), no closefd."""
+def _make_stdio(stdio, socket_fds):
+    """sys.stdin/stdout/stderr for the children, made once, here, on fds 0, 1, 2 as CPython's
+    create_stdio() makes them at start-up (Python/pylifecycle.c): same encodings and errors,
+    stdin buffered, stdout and stderr unbuffered under -u, line buffering only on a tty
+    (stderr: always), no closefd. Each child takes its pristine copy instead of building its
+    own: building them touched (and so copied) 113 of the zygote's pages per connection.
+
+    What the objects learn from their fd at creation (fstat's block size, seekable, isatty)
+    must be what they would learn in a child: fds 0 and 1 are a socket there (the connection,
+    or a UDP child's socketpair), and so is 2 with `stderr: socket` (``socket_fds``), so a
+    socket stands on those fds while they are made; fd 2 is otherwise the service's stderr
+    target of the same kind as a child's (the log socket, /dev/null, the file)."""
     import io
 
-    unbuffered = _stdio[1][2]
-    for fd, name, (encoding, errors, _wt) in zip(
-        (0, 1, 2), ("stdin", "stdout", "stderr"), _stdio, strict=True
-    ):
-        write = fd != 0
-        buffering = 0 if unbuffered and write else -1
-        buf = io.open(fd, "wb" if write else "rb", buffering, None, None, None, False)
-        raw = buf if buffering == 0 else buf.raw
-        raw.name = f"<{name}>"
-        tty = raw.isatty()
-        stream = io.TextIOWrapper(
-            buf,
-            encoding,
-            errors,
-            "\n",
-            not unbuffered and (tty or fd == 2),
-            unbuffered,
-        )
-        stream.mode = "w" if write else "r"
-        setattr(sys, name, stream)
-        setattr(sys, f"__{name}__", stream)
+    ours, peer = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    saved = {fd: os.dup(fd) for fd in socket_fds}
+    try:
+        for fd in socket_fds:
+            os.dup2(ours.fileno(), fd)
+        unbuffered = stdio[1][2]
+        made = []
+        for fd, name, (encoding, errors, _wt) in zip(
+            (0, 1, 2), ("stdin", "stdout", "stderr"), stdio, strict=True
+        ):
+            write = fd != 0
+            buffering = 0 if unbuffered and write else -1
+            buf = io.open(fd, "wb" if write else "rb", buffering, None, None, None, False)
+            raw = buf if buffering == 0 else buf.raw
+            raw.name = f"<{name}>"
+            tty = raw.isatty()
+            stream = io.TextIOWrapper(
+                buf, encoding, errors, "\n", not unbuffered and (tty or fd == 2), unbuffered
+            )
+            stream.mode = "w" if write else "r"
+            made.append(stream)
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        ours.close()
+        peer.close()
+    return made
+
+
+def _std_streams():
+    return (sys.stdin, sys.stdout, sys.stderr)
 
 
 def _flush_std():
@@ -149,17 +170,12 @@ def _exit_code(exc):
     return 1
 
 
-def _run_child(argv, env, fds):
-    """In the forked child: become `python script args` for this connection; never returns."""
-    _ctl.close()  # (fork_parent has sent b"P" on it)
-    # fds 0, 1 and 2: the connection (or UDP socketpair end) and the service's stderr target
-    os.dup2(fds[2], 2)
-    os.dup2(fds[0], 0)
-    os.dup2(fds[1], 1)
-    for fd in set(fds):
-        if fd > 2:
-            os.close(fd)
-    os.setsid()  # a session of its own, as every service process (see spawn.py)
+def _run_child(payload):
+    """In the forked child, where _serve has put the connection (or UDP socketpair end) on
+    fds 0 and 1, the service's stderr target on 2, closed the channel and called setsid():
+    become `python script args` for this connection; never returns."""
+    _ctl.detach()  # (closed already: its number may be reused by the script)
+    argv, env = marshal.loads(payload)
     # The zygote's own environment (what pyinetd gave it, as a launcher such as a pyenv shim
     # changed it, as at a cold start) with the connection's variables
     for entry in env:
@@ -167,7 +183,7 @@ def _run_child(argv, env, fds):
         os.environb[key] = value
     sys.argv = [os.fsdecode(a) for a in argv]
     sys.orig_argv = list(_setup["orig_argv"])
-    _set_stdio()
+    sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = _stdio
     if _gc_was_enabled:
         gc.enable()
     # __main__'s names in the order a cold start makes them (pylifecycle.c, pythonrun.c)
@@ -241,29 +257,13 @@ def _finalize(status):
 
 
 def _serve():
-    count = 0
-    while True:
-        msg, fds = _recv_fds(1 << 20)
-        if not msg or msg[:1] == b"Q":
-            os._exit(0)
-        if msg[:1] != b"R" or len(fds) != 3:
-            for fd in fds:
-                os.close(fd)
-            continue
-        argv, env = marshal.loads(msg[1:])
-        try:
-            pid = _fork(_CTL)
-        except OSError as exc:
-            _send(b"E%d" % (exc.errno or 0))
-            pid = -1
-        if pid == 0:
-            try:  # a child never goes back to the zygote's loop, whatever fails
-                _run_child(argv, env, fds)
-            finally:
-                os._exit(1)
-        for fd in fds:
-            os.close(fd)
-        count += 1
+    payload = _serve_c(_CTL)  # returns in each child; in the zygote only at the end
+    if payload is None:
+        os._exit(0)
+    try:  # a child never goes back to the zygote's loop, whatever fails
+        _run_child(payload)
+    finally:
+        os._exit(1)
 
 
 def _load_spawn(fd):
@@ -275,11 +275,11 @@ def _load_spawn(fd):
     spec = sys.modules["_frozen_importlib"].ModuleSpec("_spawn", None, origin=f"/proc/self/fd/{fd}")
     module = _imp.create_dynamic(spec)
     os.close(fd)
-    return module.fork_parent
+    return module.serve
 
 
 def _start():
-    global _setup, _file, _code, _loader, _fork, _stdio, _gc_was_enabled
+    global _setup, _file, _code, _loader, _serve_c, _stdio, _gc_was_enabled
     _gc_was_enabled = gc.isenabled()
     gc.disable()  # no holes in pages the children share (gc.freeze's documentation)
     msg, fds = _recv_fds(1 << 20)
@@ -287,7 +287,7 @@ def _start():
     if len(fds) != 1:
         _fail("no C module fd")
     try:
-        _fork = _load_spawn(fds[0])
+        _serve_c = _load_spawn(fds[0])
     except Exception as exc:
         _fail(
             f"cannot load pyinetd's C module into {sys.executable} {sys.version.split()[0]}: {exc}"
@@ -326,12 +326,15 @@ def _start():
         threads = 1
     if threads > 1:
         _fail(f"{threads} threads after the imports: forking then is unsafe")
-    _stdio = [
-        (s.encoding, s.errors, getattr(s, "write_through", False))
-        for s in (sys.stdin, sys.stdout, sys.stderr)
-    ]
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+    _stdio = _make_stdio(
+        [(s.encoding, s.errors, getattr(s, "write_through", False)) for s in _std_streams()],
+        (0, 1, 2) if _setup.get("stderr_socket") else (0, 1),
+    )
+    for stream in _std_streams():
+        try:  # (a module that printed at import: to /dev/null, or to a closed pipe)
+            stream.flush()
+        except OSError:
+            pass
     gc.collect()
     gc.freeze()  # the children's collections never touch (and copy) these objects' pages
     _send(b"K")
