@@ -306,8 +306,13 @@ class LocalUser:
     ) -> subprocess.CompletedProcess[bytes]:
         """Run ``argv`` as this user (setpriv: its uid, gid, no supplementary groups)."""
         cmd = [
-            "setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
-            "--inh-caps=-all", "--", *argv,
+            "setpriv",
+            f"--reuid={self.uid}",
+            f"--regid={self.gid}",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+            *argv,
         ]
         return subprocess.run(  # type: ignore[call-overload, no-any-return]
             cmd, check=check, timeout=timeout, capture_output=True, **kw
@@ -325,9 +330,19 @@ def local_user() -> Iterator[LocalUser]:
     name = "pyi" + uuid.uuid4().hex[:8]
     home = Path("/home") / name
     subprocess.run(
-        ["useradd", "--create-home", "--home-dir", str(home), "--shell", "/bin/sh",
-         "--user-group", name],
-        check=True, capture_output=True, timeout=DEADLINE,
+        [
+            "useradd",
+            "--create-home",
+            "--home-dir",
+            str(home),
+            "--shell",
+            "/bin/sh",
+            "--user-group",
+            name,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=DEADLINE,
     )
     try:
         pw = pwd.getpwnam(name)

@@ -626,8 +626,9 @@ def test_spawn_failures_by_reason_and_dropped_stderr_in_metrics_and_status(
     port, chatty_port, mport = free_port(), free_port(), free_port()
     gone = script(tmp_path, "gone.sh", "#!/bin/sh\nexit 0\n")
     chatty = script(
-        tmp_path, "chatty.sh", "#!/bin/sh\ni=0\nwhile [ $i -lt 50 ]; do echo line $i >&2; "
-        "i=$((i+1)); done\n"
+        tmp_path,
+        "chatty.sh",
+        "#!/bin/sh\ni=0\nwhile [ $i -lt 50 ]; do echo line $i >&2; i=$((i+1)); done\n",
     )
     p = inetd(
         {
