@@ -177,11 +177,18 @@ def _run_child(payload):
     _ctl.detach()  # (closed already: its number may be reused by the script)
     argv, env = marshal.loads(payload)
     # The zygote's own environment (what pyinetd gave it, as a launcher such as a pyenv shim
-    # changed it, as at a cold start) with the connection's variables
+    # changed it, as at a cold start) with the connection's variables. posix.putenv and the
+    # dict behind os.environ and os.environb, not os.environb[key] = value: that runs the os
+    # module's Python code, whose first run in each child writes its (frozen) code objects.
+    data = _environ_data
     for entry in env:
         key, _, value = entry.partition(b"=")
-        os.environb[key] = value
-    sys.argv = [os.fsdecode(a) for a in argv]
+        os.putenv(key, value)
+        if data is not None:
+            data[key] = value
+        else:
+            os.environb[key] = value
+    sys.argv = [a if type(a) is str else os.fsdecode(a) for a in argv]
     sys.orig_argv = list(_setup["orig_argv"])
     sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = _stdio
     if _gc_was_enabled:
@@ -238,9 +245,9 @@ def _finalize(status):
             threading._shutdown()
         except BaseException as exc:
             sys.unraisablehook(_unraisable(exc, threading._shutdown))
-    import atexit
-
-    atexit._run_exitfuncs()
+    atexit = sys.modules.get("atexit")  # (no handler without it; importing it costs)
+    if atexit is not None:
+        atexit._run_exitfuncs()
     if _flush_std():
         status = 120
     main = sys.modules.get("__main__")
@@ -279,7 +286,7 @@ def _load_spawn(fd):
 
 
 def _start():
-    global _setup, _file, _code, _loader, _serve_c, _stdio, _gc_was_enabled
+    global _setup, _file, _code, _loader, _serve_c, _stdio, _gc_was_enabled, _environ_data
     _gc_was_enabled = gc.isenabled()
     gc.disable()  # no holes in pages the children share (gc.freeze's documentation)
     msg, fds = _recv_fds(1 << 20)
@@ -319,6 +326,9 @@ def _start():
             __import__(name)
         except BaseException as exc:
             _fail(f"preload {name!r}: {type(exc).__name__}: {exc}")
+    # the dict behind os.environ and os.environb (bytes -> bytes on POSIX), if it is one
+    data = getattr(os.environ, "_data", None)
+    _environ_data = data if data is getattr(os.environb, "_data", ()) else None
     _loader = sys.modules["_frozen_importlib_external"].SourceFileLoader("__main__", _file)
     try:  # (pyinetd counts them too, from outside: a sandbox may hide /proc)
         threads = len(os.listdir("/proc/self/task"))
