@@ -3,6 +3,7 @@ with the service cold (exec per connection) and warm (`warm: true`, forked from 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEADLINE, Pyinetd, free_port, pid_gone, tcp_talk, wait_for
+from tests.conftest import (
+    DEADLINE,
+    Pyinetd,
+    free_port,
+    pid_gone,
+    status_of,
+    tcp_talk,
+    wait_for,
+)
 
 MODES = ("cold", "warm")
 # An interpreter any user may run (the test's own may live under /root), of pyinetd's version.
@@ -243,6 +252,63 @@ def test_a_killed_zygote_fails_no_connection_and_comes_back(serve: Start) -> Non
     p.wait_log(r"svc: zygote: .*; serving cold, restart in 1s")
     p.wait_log(READY, count=2)  # restarted after its backoff
     assert talk(port, b"again") == b"AGAIN"
+
+
+def test_a_stopped_zygote_does_not_freeze_the_other_services(
+    inetd: Callable[..., Pyinetd], folder: Path
+) -> None:
+    """The service's own code runs as the zygote's user and may SIGSTOP it. pyinetd once
+    waited for the zygote's answer in its loop (up to 2 s per request, again after every
+    restart): every service froze. Now the request is answered later, the other services are
+    served meanwhile, and the connection is served cold once no answer came."""
+    script = folder / "up.py"
+    script.write_text("#!/usr/bin/env python3\nimport sys\nprint(sys.stdin.readline().upper())\n")
+    script.chmod(0o755)
+    warm, echo = free_port(), free_port()
+    p = inetd(
+        {
+            "services": {
+                "up": {"listen": f"127.0.0.1:{warm}", "exec": [str(script)], "warm": True},
+                "echo": {"listen": f"127.0.0.1:{echo}", "builtin": "echo"},
+            }
+        }
+    )
+    zpid = int(re.findall(r"zygote (\d+) ready", p.wait_log(READY)[0])[0])
+    os.kill(zpid, signal.SIGSTOP)
+    try:
+        with socket.create_connection(("127.0.0.1", warm), timeout=DEADLINE) as w:
+            w.sendall(b"late\n")
+            # Bounded below the freeze it guards against: the loop was blocked for the whole
+            # REPLY_TIMEOUT (2 s) before it took the next connection.
+            with socket.create_connection(("127.0.0.1", echo), timeout=1.5) as e:
+                e.sendall(b"now")
+                assert e.recv(10) == b"now"
+            assert w.makefile("rb").readline() == b"LATE\n"  # cold, after REPLY_TIMEOUT
+        p.wait_log(r"up: zygote: no answer in 2s; serving cold")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(zpid, signal.SIGKILL)
+            os.kill(zpid, signal.SIGCONT)
+    p.wait_log(READY, count=2)  # restarted after its backoff
+    assert talk(warm, b"again\n") == b"AGAIN\n\n"
+
+
+def test_children_that_end_before_their_pid_is_read_free_their_slot(serve: Start) -> None:
+    """A warm child says its pid through the zygote's channel; it may end, and be reaped,
+    before pyinetd reads it (a burst of connections keeps the loop busy for longer than such
+    a child lives): it is still pyinetd's (not a stranger's pid, for which the zygote would be
+    killed), and its slot is freed (max_connections)."""
+    p, port = serve("warm", "pass\n", max_connections=200, on_limit="queue")
+    for _ in range(5):
+        clients = [
+            socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) for _ in range(60)
+        ]
+        for c in clients:
+            assert c.recv(10) == b""
+            c.close()
+    wait_for(lambda: status_of(p)["svc"]["running"] == 0, what="every slot free")
+    assert talk(port) == b""  # still accepting
+    assert not [ln for ln in p.lines if "serving cold" in ln]  # its zygote was trusted
 
 
 def test_an_edited_script_is_served_in_its_new_version_after_a_reload(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import signal
@@ -27,13 +28,16 @@ from pyinetd.services import Listener, Services, ServiceState
 from pyinetd.spawn import Spawner, UserGone, env_dict
 from pyinetd.stages import UDPReply
 from pyinetd.stderrlog import StderrLog
-from pyinetd.warm import Zygotes
+from pyinetd.warm import Ticket, Zygotes
 
 KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
 # A UDP child's reply socket is closed this long after the child is reaped, even when a
 # process it left behind still holds its stdout (issue 14, item 10: 1,050 datagrams to such a
 # service took the parent from 12 to 1,019 fds, outside every limit).
 UDP_REPLY_GRACE = 1.0
+
+
+PENDING = -1  # start(): a zygote was asked for the process; its pid comes later
 
 
 @dataclass
@@ -49,6 +53,17 @@ class Child:
     timer: Timer | None = None  # timeout
     killed: bool = False  # SIGTERM sent
     sigkilled: bool = False  # SIGKILL sent too
+
+
+@dataclass
+class Awaiting:
+    """A connection whose process was asked of a zygote, until its answer."""
+
+    child: Child  # pid 0 until then
+    held: int  # our copy of the connection's fd (its stdin and stdout), for a cold start
+    conn: bool  # it is a connection (stderr: socket writes to it)
+    env: list[bytes]
+    reply: UDPReply | None
 
 
 class Children:
@@ -90,12 +105,17 @@ class Children:
             loop.call_later,
             self.track,
         )
+        self.zygotes.replied = self._warm_replied
+        self.zygotes.is_ours = self._is_reaped_child
+        self._awaiting: dict[Ticket, Awaiting] = {}  # asked of a zygote, no pid yet
+        self._reaped_early: dict[int, int] = {}  # pid -> status: reaped before its pid came
 
     def __len__(self) -> int:
-        return len(self.table)
+        """Running children, and those asked of a zygote whose pid has not come yet."""
+        return len(self.table) + len(self._awaiting)
 
     # ------------------------------------------------------------ start
-    def stderr_fd(self, state: ServiceState, conn: socket.socket | None) -> tuple[int, bool]:
+    def stderr_fd(self, state: ServiceState, conn: int | None) -> tuple[int, bool]:
         """The fd for the child's stderr, and whether it is ours to close after the spawn.
 
         Only a `stderr: FILE` opens anything per connection (so that a rotated log file is
@@ -110,7 +130,7 @@ class Children:
                 )
             return state.stderr_log.fileno(), False
         if mode == "socket" and conn is not None:
-            return conn.fileno(), False
+            return conn, False
         if mode in ("null", "socket"):
             if self._devnull < 0:
                 self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
@@ -131,11 +151,39 @@ class Children:
         peer: str,
         listener: Listener | None = None,
         src: str = "",
+        reply: UDPReply | None = None,
     ) -> int:
-        """Spawn the service's program; returns the pid, or 0 when it could not start."""
+        """Spawn the service's program: its pid; PENDING when the service's zygote was asked
+        for it (its pid comes with the answer, ``_warm_replied``; the slot is held from now);
+        0 when it could not start. ``reply``: a UDP nowait child's reply, closed soon after
+        the child's end (at once when there is no child)."""
+        svc = state.service
+        conn_fd = conn.fileno() if conn is not None else None
+        if svc.warm and self._ask_zygote(state, stdin, conn_fd, env, peer, listener, src, reply):
+            return PENDING
+        pid = self._spawn(state, stdin, stdout, conn_fd, env, peer)
+        if not pid:
+            if reply is not None:
+                reply.close()
+            return 0
+        state.add_source(src)
+        self._running(Child(pid, state, peer, time.monotonic(), listener, src), reply)
+        self._services.child_started(state)
+        return pid
+
+    def _spawn(
+        self,
+        state: ServiceState,
+        stdin: int,
+        stdout: int,
+        conn_fd: int | None,
+        env: list[bytes],
+        peer: str,
+    ) -> int:
+        """Start the program (by exec, or the relay); its pid, or 0 (said and counted)."""
         svc = state.service
         try:
-            err_fd, owned = self.stderr_fd(state, conn)
+            err_fd, owned = self.stderr_fd(state, conn_fd)
         except OSError as exc:
             state.spawn_failed("stderr")
             self.spawn_error(svc, peer, f"stderr {svc.stderr}: {exc.strerror or exc}")
@@ -143,10 +191,8 @@ class Children:
         try:
             if svc.needs_relay:
                 full_env = {**self._spawner.base_environ(svc), **env_dict(env)}
-                pid = self._spawner.relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
-            else:
-                pid = self.zygotes.spawn(svc, env, (stdin, stdout, err_fd))
-                pid = pid or self._spawner.spawn(svc, stdin, stdout, err_fd, env)
+                return self._spawner.relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
+            return self._spawner.spawn(svc, stdin, stdout, err_fd, env)
         except UserGone as exc:
             # Deleted after load: one line a minute, not a traceback per connection (18.16).
             state.spawn_failed("user_gone")
@@ -159,23 +205,93 @@ class Children:
         finally:
             if owned:
                 os.close(err_fd)
-        state.add_source(src)
-        child = Child(pid, state, peer, time.monotonic(), listener, src)
+
+    def _running(self, child: Child, reply: UDPReply | None) -> None:
+        """``child`` has its pid: into the table, its timeout set, its reaping arranged."""
+        pid = child.pid
+        svc = child.state.service
         if svc.timeout:
             child.timer = self._loop.call_later(svc.timeout, lambda: self.on_timeout(pid))
         self.table[pid] = child
+        if reply is not None:
+            self._udp_replies[pid] = reply
+        if child.listener is not None:
+            child.listener.waiting_on = pid
         self.track(pid)
-        self._services.child_started(state)
         if LOG.isEnabledFor(logging.INFO):
             event(
                 logging.INFO,
-                f"{svc.name}: {peer} -> pid {pid}",
+                f"{svc.name}: {child.peer} -> pid {pid}",
                 event="start",
                 service=svc.name,
-                peer=peer,
+                peer=child.peer,
                 pid=pid,
             )
-        return pid
+
+    # ------------------------------------------------------------ warm: the zygote's answers
+    def _ask_zygote(
+        self,
+        state: ServiceState,
+        fd: int,
+        conn_fd: int | None,
+        env: list[bytes],
+        peer: str,
+        listener: Listener | None,
+        src: str,
+        reply: UDPReply | None,
+    ) -> bool:
+        """Ask the service's zygote for the connection's process (``fd`` on its stdin and
+        stdout) and hold its slot until the answer; False when there is no zygote ready
+        (start it cold now)."""
+        try:
+            err_fd, owned = self.stderr_fd(state, conn_fd)
+        except OSError:
+            return False  # the cold start meets the same error, and says it
+        try:
+            ticket = self.zygotes.ask(state.service, env, (fd, fd, err_fd))
+        finally:
+            if owned:
+                os.close(err_fd)
+        if ticket is None:
+            return False
+        # Our own copy of the connection, for a cold start if no process comes of the request.
+        try:
+            held = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        except OSError:
+            held = -1  # (out of fds: then the client is closed if the zygote fails it)
+        child = Child(0, state, peer, time.monotonic(), listener, src)
+        self._awaiting[ticket] = Awaiting(child, held, conn_fd is not None, env, reply)
+        state.add_source(src)
+        self._services.child_started(state)
+        return True
+
+    def _warm_replied(self, ticket: Ticket, pid: int | None, why: str) -> None:
+        """The zygote answered a request: the process's pid, or None (then start it cold)."""
+        entry = self._awaiting.pop(ticket, None)
+        if entry is None:
+            return
+        child, held = entry.child, entry.held
+        if pid is None:
+            self.zygotes.note_cold(ticket[0], why)
+            if held >= 0:
+                conn_fd = held if entry.conn else None
+                pid = self._spawn(child.state, held, held, conn_fd, entry.env, child.peer)
+        if held >= 0:
+            os.close(held)
+        if not pid:  # the slot taken at the request is given back, as at a child's end
+            child.state.drop_source(child.source)
+            if entry.reply is not None:
+                entry.reply.close()
+            self._ended(child)
+            return
+        child.pid = pid
+        self._running(child, entry.reply)
+        status = self._reaped_early.pop(pid, None)
+        if status is not None:  # it ended before its pid was read
+            self.on_reaped([(pid, status)])
+
+    def _is_reaped_child(self, pid: int) -> bool:
+        return pid in self._reaped_early
 
     def log_exec_error(self, svc: Service, why: str, peer: str) -> None:
         """Log a program that could not start."""
@@ -199,10 +315,6 @@ class Children:
             peer=peer,
             error=what,
         )
-
-    def hold_reply(self, pid: int, reply: UDPReply) -> None:
-        """``reply`` sends what UDP child ``pid`` writes; closed soon after its end."""
-        self._udp_replies[pid] = reply
 
     def signal_all(self, sig: int) -> None:
         """Send ``sig`` to every child and its group (drain timeout, stop)."""
@@ -308,6 +420,11 @@ class Children:
         child = self.table.pop(pid, None)
         if child is None:
             if self.zygotes.on_exit(pid, status):
+                return
+            if self._awaiting:  # a zygote's fork whose pid is not read yet (warm.py)
+                if len(self._reaped_early) >= len(self._awaiting) + 64:
+                    del self._reaped_early[next(iter(self._reaped_early))]
+                self._reaped_early[pid] = status
                 return
             LOG.debug("reaped unknown pid %d", pid)  # gunicorn #3566: not an error
             return

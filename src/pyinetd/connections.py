@@ -413,13 +413,12 @@ class Connections:
                 lip, lport = peer_of(lst.sock.family, lst.sock.getsockname())
             env = ip_env(b"UDP", ip, port, lip, lport)
             fd = theirs.fileno()
-            pid = self._children.start(lst.state, fd, fd, None, env, peer_text(ip, port), src=src)
+            reply = UDPReply(ours, lst.sock, addr, self.sel)  # (closed if no child comes)
+            self._children.start(
+                lst.state, fd, fd, None, env, peer_text(ip, port), src=src, reply=reply
+            )
         finally:
             theirs.close()
-        if pid:
-            self._children.hold_reply(pid, UDPReply(ours, lst.sock, addr, self.sel))
-        else:
-            ours.close()
 
     def contain(self, key: selectors.SelectorKey) -> None:
         """After a handler raised: close its connection, or rest its listener, so that a

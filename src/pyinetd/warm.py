@@ -3,8 +3,9 @@ its service, asked for each connection's process.
 
 The server hands in what a zygote needs when this is built (a service's base environment, its
 stderr fd, the selector, ``call_later``, a way to tell the exit watcher about a pid) and calls
-four things: ``sync`` after a (re)load, ``spawn`` per connection (0: serve it cold), ``on_exit``
-for a reaped pid it does not know, ``stop`` at shutdown.
+four things: ``sync`` after a (re)load, ``ask`` per connection (None: serve it cold), ``on_exit``
+for a reaped pid it does not know, ``stop`` at shutdown. The answer to ``ask`` comes later, to
+``replied``: the loop never waits for a zygote.
 """
 
 from __future__ import annotations
@@ -17,11 +18,22 @@ from typing import Protocol
 
 from pyinetd import log, spawn
 from pyinetd.config import Service
-from pyinetd.zygote import BACKOFF, FAILED, Zygote, ZygoteUnavailable, script_id
+from pyinetd.zygote import (
+    BACKOFF,
+    FAILED,
+    REPLY_TIMEOUT,
+    Zygote,
+    ZygoteUnavailable,
+    is_child,
+    script_id,
+)
 
 
 class _Timer(Protocol):
     cancelled: bool
+
+
+Ticket = tuple[Zygote, int]  # a request: the zygote asked, and the request's number
 
 
 class Zygotes:
@@ -44,6 +56,11 @@ class Zygotes:
         self._by_pid: dict[int, Zygote] = {}  # every zygote process not reaped yet
         self._fds: dict[Zygote, int] = {}  # channels registered with the selector
         self._timers: dict[Zygote, _Timer] = {}
+        self._expiry: dict[Zygote, _Timer] = {}  # zygotes with requests not answered yet
+        # where the answers to ``ask`` go: (ticket, pid or None: serve it cold, why)
+        self.replied: Callable[[Ticket, int | None, str], None] = lambda t, pid, why: None
+        # whether a pid is pyinetd's child (the children table knows those reaped early)
+        self.is_ours: Callable[[int], bool] = lambda pid: False
 
     # ------------------------------------------------------------------ lifecycle
     def sync(self, services: Iterable[Service]) -> None:
@@ -82,6 +99,8 @@ class Zygotes:
         except (ValueError, OSError) as exc:  # the script changed since the load
             self._say(logging.WARNING, f"{svc.name}: zygote: {exc}; serving cold")
             return
+        z.replied = lambda n, pid, why: self.replied((z, n), pid, why)
+        z.is_ours = lambda pid: self.is_ours(pid) or is_child(pid)
         self._by_name[svc.name] = z
         try:
             z.start()
@@ -92,9 +111,10 @@ class Zygotes:
 
     def _retire(self, z: Zygote) -> None:
         self._by_name.pop(z.service.name, None)
-        timer = self._timers.pop(z, None)
-        if timer is not None:
-            timer.cancelled = True
+        for timers in (self._timers, self._expiry):
+            timer = timers.pop(z, None)
+            if timer is not None:
+                timer.cancelled = True
         self._unregister(z)
         z.stop()  # it exits at the Q (or at the channel's end); on_exit reaps it
 
@@ -144,21 +164,38 @@ class Zygotes:
         return True
 
     # ------------------------------------------------------------------ per connection
-    def spawn(self, svc: Service, env: list[bytes], fds: tuple[int, int, int]) -> int:
-        """The connection's process forked by the service's zygote; 0 when there is none
-        ready (serve it cold: one log line per outage, never a refusal)."""
+    def ask(self, svc: Service, env: list[bytes], fds: tuple[int, int, int]) -> Ticket | None:
+        """Ask the service's zygote for the connection's process, without waiting: its pid
+        comes to ``replied`` with the returned ticket (or None there: serve it cold then).
+        None here when no zygote is ready (serve it cold now: one log line per outage,
+        never a refusal)."""
         z = self._by_name.get(svc.name)
         if z is None:
-            return 0
+            return None
         try:
-            return z.request(env, fds)
+            number = z.send(env, fds)
         except ZygoteUnavailable as exc:
-            note = z.cold_note()
-            if note is not None:
-                self._say(logging.INFO, f"{note} ({exc})")
-            return 0
+            self.note_cold(z, str(exc))
+            return None
         finally:
             self._after(z)
+        if z not in self._expiry:
+            self._expiry[z] = self._call_later(REPLY_TIMEOUT, lambda: self._expire(z))
+        return (z, number)
+
+    def note_cold(self, z: Zygote, why: str) -> None:
+        note = z.cold_note()
+        if note is not None:
+            self._say(logging.INFO, f"{note} ({why})")
+
+    def _expire(self, z: Zygote) -> None:
+        self._expiry.pop(z, None)
+        z.expire()
+        self._after(z)
+        due = z.next_deadline()
+        if due is not None:
+            delay = max(0.0, due - z.now())
+            self._expiry[z] = self._call_later(delay, lambda: self._expire(z))
 
     def pids(self) -> list[int]:
         """The zygote processes not reaped yet (the exit watcher watches them too)."""

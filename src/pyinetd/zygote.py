@@ -39,6 +39,7 @@ from pyinetd.config import Service
 LOADER = "import os;exec(os.read(3,1<<20))"  # the zygote's -c: run the source pyinetd sends
 SOURCE = (Path(__file__).parent / "zygote_main.py").read_bytes()
 REPLY_TIMEOUT = 2.0  # seconds for a fork's reply; a fork takes about a millisecond
+STOP_WAIT = 0.5  # seconds a retired zygote's forks have to report their pids
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 STABLE_AFTER = 30.0  # a zygote ready this long resets the backoff
@@ -122,6 +123,12 @@ class Zygote:
         self.script_id: ScriptId | None = None
         self._sock: socket.socket | None = None
         self._seq = 0  # requests sent to this process (its replies are numbered)
+        self._ended = ""  # how the process ended, once reaped
+        self._pending: dict[int, float] = {}  # request number -> when its answer is due
+        # where answers go: (request number, pid or None, why not)
+        self.replied: Callable[[int, int | None, str], None] = lambda n, pid, why: None
+        # whether a pid is a child of pyinetd's (one reaped before its b"P" was read is)
+        self.is_ours: Callable[[int], bool] = is_child
         self._cold_noted = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -174,6 +181,7 @@ class Zygote:
         ours.setblocking(False)
         self._sock = ours
         self._seq = 0
+        self._ended = ""
         self.started_at = self._clock()
         self._change_state(STARTING)
 
@@ -204,12 +212,19 @@ class Zygote:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._answer_all(self.reason or "zygote gone")
 
     def stop(self) -> None:
-        """Ask the zygote to exit (it also exits at the channel's end); pyinetd reaps it."""
+        """Ask the zygote to exit (it also exits at the channel's end); pyinetd reaps it.
+        The answers to requests sent before are read first (for at most STOP_WAIT): a process
+        it forked for one must not be started a second time, cold."""
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.send(b"Q")
+            deadline = self._clock() + STOP_WAIT
+            while self._pending and self._sock is not None and self._clock() < deadline:
+                select.select([self._sock], [], [], max(0.0, deadline - self._clock()))
+                self.on_readable()
         self._close()
         self._change_state(STOPPED)
 
@@ -225,10 +240,13 @@ class Zygote:
             return False
         self.pid = None
         if self.state in (STARTING, READY):
-            self._close()
             code = os.waitstatus_to_exitcode(status)
             how = f"exit {code}" if code >= 0 else f"signal {-code}"
-            self._backoff(f"process ended ({how})")
+            self._ended = f"process ended ({how})"
+            self.on_readable()  # the pids its last forks sent, before the channel goes
+            if self.state in (STARTING, READY):
+                self._close()
+                self._backoff(self._ended)
         return True
 
     def now(self) -> float:
@@ -241,18 +259,26 @@ class Zygote:
             self.start()
 
     def on_readable(self) -> None:
-        """Read what the zygote said: ready, or why it cannot serve."""
+        """Read what the zygote and its children said: ready, why it cannot serve, the pids
+        of the processes it forked."""
         while self._sock is not None:
             try:
-                msg = self._sock.recv(4096)
+                msg, anc, _flags, _addr = self._sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
             except BlockingIOError:
                 return
             except OSError:  # ECONNRESET: it died with a message of ours unread
-                msg = b""
-            self._handle(msg)
+                msg, anc = b"", []
+            self._handle(msg, anc)
 
-    def _handle(self, msg: bytes) -> None:
-        if msg == b"K" and self.state == STARTING:
+    def _handle(self, msg: bytes, anc: list[tuple[int, int, bytes]]) -> None:
+        if msg[:1] == b"P" and self.state == READY:
+            self._started(msg[1:], _sender(anc))
+        elif msg[:1] == b"E" and self.state == READY:
+            number, _, err = msg[1:].partition(b" ")
+            why = os.strerror(int(err)) if err.isdigit() else err.decode(errors="replace")
+            if number.isdigit():
+                self._answer(int(number), None, f"fork failed: {why}")
+        elif msg == b"K" and self.state == STARTING:
             threads = _threads(self.pid) if self.pid else None
             if threads is not None and threads > 1:
                 self.kill()
@@ -272,7 +298,22 @@ class Zygote:
             self._close()
             if self.state in (STARTING, READY):
                 self.kill()
-                self._backoff("control channel closed")
+                self._backoff(self._ended or "control channel closed")
+        elif self.state == READY:  # an unexpected message: distrust the channel
+            self.kill()
+            self._died_early(f"unexpected message {msg[:20]!r}")
+
+    def _started(self, number: bytes, pid: int | None) -> None:
+        """A forked process said b"P<n>": request n's process is ``pid`` (the kernel's word).
+        Only a child of pyinetd's own is taken: the zygote runs the service's code as its user
+        and could otherwise have pyinetd count, and at a timeout killpg(), a process it chose."""
+        n = int(number) if number.isdigit() else -1
+        if n not in self._pending or pid is None or pid == self.pid or not self.is_ours(pid):
+            self.kill()
+            self._died_early(f"a reply from {pid}, not a child of pyinetd")
+            return
+        self.forks += 1
+        self._answer(n, pid)
 
     def wait_ready(self, timeout: float) -> bool:
         """Block until the zygote is ready or failed (tests, and a first connection)."""
@@ -293,15 +334,19 @@ class Zygote:
         self._cold_noted = True
         return f"{self.service.name}: zygote {self.state}: serving by exec"
 
-    def request(
+    def send(
         self, env: list[bytes], fds: tuple[int, int, int], argv: list[str] | None = None
     ) -> int:
-        """Have the zygote fork this connection's process with ``fds`` on 0, 1, 2 and the
+        """Ask the zygote to fork this connection's process with ``fds`` on 0, 1, 2 and the
         connection's variables ``env`` (KEY=value entries) added to the zygote's environment
-        (the service's, given at start); its pid (pyinetd's child). ``argv``: sys.argv, by
-        default the script and its arguments as the service's exec gives them.
+        (the service's, given at start); ``argv``: sys.argv, by default the script and its
+        arguments as the service's exec gives them. Returns the request's number at once:
+        pyinetd's loop never waits for a zygote (one stopped with SIGSTOP by the service's
+        own code would freeze every service). The answer comes to ``replied`` from
+        ``on_readable``: the pid (pyinetd's child), or None when no process came of the
+        request (then serve the connection cold), within REPLY_TIMEOUT (``expire``).
 
-        Raises ZygoteUnavailable: serve the connection cold (no process was started for it).
+        Raises ZygoteUnavailable: serve the connection cold (nothing was asked).
         """
         if self.state == STARTING:
             self.on_readable()
@@ -318,41 +363,63 @@ class Zygote:
             self._died_early(f"send: {exc}")
             raise ZygoteUnavailable(self.state) from None
         self._seq += 1
-        number = b"%d" % self._seq
-        deadline = time.monotonic() + REPLY_TIMEOUT
-        while True:
-            try:
-                data, anc, _flags, _addr = sock.recvmsg(64, socket.CMSG_SPACE(_UCRED.size))
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([sock], [], [], left)[0]:
-                    if time.monotonic() < deadline:
-                        continue
-                    self.kill()
-                    self._died_early(f"no answer in {REPLY_TIMEOUT:g}s")
-                    raise ZygoteUnavailable(self.state) from None
-                continue
-            except OSError:  # ECONNRESET: it died with our request unread
-                data, anc = b"", []
-            if data[:1] == b"P" and data[1:] == number:
-                pid = _sender(anc)
-                if pid is None or pid == self.pid or _parent_of(pid) != os.getpid():
-                    self.kill()
-                    self._died_early(f"a reply from {pid}, not a child of pyinetd")
-                    raise ZygoteUnavailable(self.state)
-                self.forks += 1
-                return pid
-            if data[:1] == b"E" and data[1:].split(b" ")[0] == number:
-                why = data[1:].split(b" ")[-1]
-                err = int(why) if why.isdigit() else 0
-                raise ZygoteUnavailable(f"fork failed: {os.strerror(err) if err else why!r}")
-            if data == b"K":
-                continue
-            self._handle(data or b"")
-            if self.state == READY:  # an unexpected message: distrust the channel
+        self._pending[self._seq] = self._clock() + REPLY_TIMEOUT
+        return self._seq
+
+    def pending(self) -> int:
+        """Requests not answered yet."""
+        return len(self._pending)
+
+    def next_deadline(self) -> float | None:
+        """When the oldest request not answered is due (the clock's time), None without one."""
+        return min(self._pending.values()) if self._pending else None
+
+    def expire(self) -> None:
+        """A request not answered in REPLY_TIMEOUT: the zygote is killed (restarted after a
+        backoff) and every request still open is answered None (served cold). What it said
+        before is read first, so that a process it forked is not started a second time."""
+        now = self._clock()
+        if any(due <= now for due in self._pending.values()):
+            self.on_readable()
+            if any(due <= now for due in self._pending.values()):
                 self.kill()
-                self._died_early(f"unexpected message {data[:20]!r}")
-            raise ZygoteUnavailable(self.state)
+                self._died_early(f"no answer in {REPLY_TIMEOUT:g}s")
+
+    def _answer(self, number: int, pid: int | None, why: str = "") -> None:
+        if self._pending.pop(number, None) is not None:
+            self.replied(number, pid, why)
+
+    def _answer_all(self, why: str) -> None:
+        for number in sorted(self._pending):
+            self._answer(number, None, why)
+
+    def request(
+        self, env: list[bytes], fds: tuple[int, int, int], argv: list[str] | None = None
+    ) -> int:
+        """``send``, then wait (up to REPLY_TIMEOUT) for the pid: for tests and tools, never
+        pyinetd's loop. Raises ZygoteUnavailable when no process came of it."""
+        number = self.send(env, fds, argv)
+        answers: dict[int, tuple[int | None, str]] = {}
+        replied = self.replied
+        self.replied = lambda n, pid, why: answers.__setitem__(n, (pid, why))
+        try:
+            while number not in answers:
+                due = self.next_deadline()
+                if self._sock is None or due is None:
+                    self._answer_all(self.reason or self.state)
+                    continue
+                select.select([self._sock], [], [], max(0.0, due - self._clock()))
+                self.on_readable()
+                self.expire()
+        finally:
+            self.replied = replied
+        for n, (pid, why) in answers.items():
+            if n != number:
+                replied(n, pid, why)
+        pid, why = answers[number]
+        if pid is None:
+            raise ZygoteUnavailable(why)
+        return pid
 
     # ------------------------------------------------------------------ status
     def describe(self) -> dict[str, object]:
@@ -415,6 +482,11 @@ def _sender(anc: list[tuple[int, int, bytes]]) -> int | None:
         if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS) and len(data) >= 12:
             return int(_UCRED.unpack_from(data)[0])
     return None
+
+
+def is_child(pid: int) -> bool:
+    """Whether ``pid`` is a child of this process (running, or a zombie not reaped)."""
+    return _parent_of(pid) == os.getpid()
 
 
 def _parent_of(pid: int) -> int | None:
