@@ -124,7 +124,8 @@ class Zygote:
         self._sock: socket.socket | None = None
         self._seq = 0  # requests sent to this process (its replies are numbered)
         self._ended = ""  # how the process ended, once reaped
-        self._pending: dict[int, float] = {}  # request number -> when its answer is due
+        self._pending: dict[int, float] = {}  # request number -> when it was sent
+        self._heard_at = 0.0  # when the zygote last answered, or was asked with none open
         # where answers go: (request number, pid or None, why not)
         self.replied: Callable[[int, int | None, str], None] = lambda n, pid, why: None
         # whether a pid is a child of pyinetd's (one reaped before its b"P" was read is)
@@ -363,7 +364,10 @@ class Zygote:
             self._died_early(f"send: {exc}")
             raise ZygoteUnavailable(self.state) from None
         self._seq += 1
-        self._pending[self._seq] = self._clock() + REPLY_TIMEOUT
+        now = self._clock()
+        if not self._pending:
+            self._heard_at = now
+        self._pending[self._seq] = now
         return self._seq
 
     def pending(self) -> int:
@@ -371,21 +375,26 @@ class Zygote:
         return len(self._pending)
 
     def next_deadline(self) -> float | None:
-        """When the oldest request not answered is due (the clock's time), None without one."""
-        return min(self._pending.values()) if self._pending else None
+        """When the zygote is due to have answered something (the clock's time), None when
+        nothing is asked of it."""
+        return self._heard_at + REPLY_TIMEOUT if self._pending else None
 
     def expire(self) -> None:
-        """A request not answered in REPLY_TIMEOUT: the zygote is killed (restarted after a
-        backoff) and every request still open is answered None (served cold). What it said
-        before is read first, so that a process it forked is not started a second time."""
-        now = self._clock()
-        if any(due <= now for due in self._pending.values()):
+        """Nothing answered for REPLY_TIMEOUT while requests wait: the zygote is killed
+        (restarted after a backoff) and every request still open is answered None (served
+        cold). It is its progress that is timed, not each request's wait: under a load that
+        queues hundreds of requests before it, a zygote that keeps forking is not killed.
+        What it said before is read first, so that a process it forked is not started twice."""
+        due = self.next_deadline()
+        if due is not None and due <= self._clock():
             self.on_readable()
-            if any(due <= now for due in self._pending.values()):
+            due = self.next_deadline()
+            if due is not None and due <= self._clock():
                 self.kill()
                 self._died_early(f"no answer in {REPLY_TIMEOUT:g}s")
 
     def _answer(self, number: int, pid: int | None, why: str = "") -> None:
+        self._heard_at = self._clock()
         if self._pending.pop(number, None) is not None:
             self.replied(number, pid, why)
 
