@@ -79,8 +79,11 @@ def talk(port: int, data: bytes = b"") -> bytes:
 
 
 PROBE = """\
-    import json, os, random, signal, sys
+    import json, os, random, signal, subprocess, sys
     fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
+    # the C library's environment, which a program it starts inherits, as os.environ is
+    c_env = subprocess.run(["/usr/bin/env", "-0"], capture_output=True, stdin=subprocess.DEVNULL).stdout
+    c_env = dict(e.split("=", 1) for e in c_env.decode().split("\\0") if e)
     env = {k: v for k, v in os.environ.items() if k not in ("REMOTE_PORT", "TCPREMOTEPORT", "TCPLOCALPORT")}
     sig = {n: str(signal.getsignal(getattr(signal, n)))
            for n in ("SIGPIPE", "SIGINT", "SIGTERM", "SIGHUP", "SIGCHLD", "SIGXFSZ", "SIGUSR1")}
@@ -91,7 +94,8 @@ PROBE = """\
         "flags": list(sys.flags), "line": line, "cwd": os.getcwd(), "path0": sys.path[0],
         "mask": sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])), "uid": os.getuid(),
         "leader": os.getsid(0) == os.getpid() == os.getpgrp(), "rand": random.random(),
-        "pyinetd_child": os.getppid(), "pid": os.getpid()}))
+        "pyinetd_child": os.getppid(), "pid": os.getpid(),
+        "c_env_is_os_environ": {k: v for k, v in c_env.items() if k != "_"} == {k: v for k, v in os.environ.items() if k != "_"}}))
 """  # noqa: E501
 
 
@@ -113,6 +117,7 @@ def test_a_warm_connection_sees_what_a_cold_one_sees(serve: Start) -> None:
         assert {k: (cold_env.get(k), v) for k, v in env.items() if cold_env.get(k) != v} == {}
     assert warm == cold == again
     assert cold["fds"] == [0, 1, 2, 3] and cold["leader"] is True
+    assert cold["c_env_is_os_environ"] is True and "TCPREMOTEIP" in cold_env
     assert cold["argv"][1:] == ["arg 1"]  # type: ignore[index]
     assert p.wait_log(r"svc: pid \d+ ended \(exit 0\)")
 

@@ -743,14 +743,16 @@ thread_tid_field(void)
 }
 
 PyDoc_STRVAR(serve_doc,
-"serve(ctl_fd, /) -> bytes | None\n\n"
-"A warm service's zygote's loop (zygote_main.py). Per message b'R' + payload with three fds\n"
-"(SCM_RIGHTS) on ctl_fd: fork a child of this process's parent (clone(2) CLONE_PARENT), which\n"
-"first sends b'P<n>' on ctl_fd (n: the request's number, counting b'R' messages from 1; the\n"
-"reader learns its pid from SCM_CREDENTIALS), then puts the fds on 0, 1 and 2, closes them,\n"
-"ctl_fd too, calls setsid() and returns the payload. The zygote closes the fds and reads on; a\n"
-"request it cannot serve is answered b'E<n> <errno>'. Returns None in the zygote at b'Q' or at\n"
-"the channel's end. Raises OSError.");
+"serve(ctl_fd, environ_data, /) -> bool\n\n"
+"A warm service's zygote's loop (zygote_main.py). Per message b'R' + the connection's\n"
+"variables (KEY=value, NUL between them) with three fds (SCM_RIGHTS) on ctl_fd: fork a child\n"
+"of this process's parent (clone(2) CLONE_PARENT), which first sends b'P<n>' on ctl_fd (n: the\n"
+"request's number, counting b'R' messages from 1; the reader learns its pid from\n"
+"SCM_CREDENTIALS), then puts the fds on 0, 1 and 2, closes them, ctl_fd too, calls setsid(),\n"
+"adds the variables to its environment (environ, and environ_data: the dict behind os.environ,\n"
+"bytes to bytes, or None) and returns True. The zygote closes the fds and reads on; a request\n"
+"it cannot serve is answered b'E<n> <errno>'. Returns False in the zygote at b'Q' or at the\n"
+"channel's end. Raises OSError.");
 
 /* In C rather than a Python loop around fork(): after each fork every page of the zygote is
  * shared with the child again, so each page the zygote writes before the next fork is copied
@@ -767,12 +769,65 @@ serve_reply(int ctl, const char *fmt, unsigned long n, int err)
         (void)send(ctl, msg, (size_t)len, MSG_NOSIGNAL);
 }
 
+/* In the child: the connection's variables (n bytes of "KEY=value\0KEY=value", in serve_buf,
+ * which no one else uses in the child) into environ, in one new array whose entries point into
+ * the buffer (glibc's setenv() copies 2 mallocs and a search tree per variable; a later one
+ * by the script copies this array as any foreign one), and into os.environ's dict. */
+static int
+child_environ(char *vars, size_t n, PyObject *data)
+{
+    extern char **environ;
+    size_t old = 0, add = 0;
+    for (char **e = environ; e != NULL && *e != NULL; e++)
+        old++;
+    for (size_t i = 0; i < n; i++)
+        add += vars[i] == '\0';
+    char **env = malloc((old + add + 2) * sizeof *env);
+    if (env == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < old; i++)
+        env[k++] = environ[i];
+    for (char *v = vars; v < vars + n; v += strlen(v) + 1) {
+        char *eq = strchr(v, '=');
+        if (eq == NULL || eq == v)
+            continue;
+        size_t klen = (size_t)(eq - v) + 1; /* with the '=' */
+        for (size_t i = 0; i < k; i++) {    /* the same name given again: it replaces */
+            if (strncmp(env[i], v, klen) == 0) {
+                env[i] = env[--k];
+                break;
+            }
+        }
+        env[k++] = v;
+        if (data != NULL && data != Py_None) {
+            PyObject *key = PyBytes_FromStringAndSize(v, (Py_ssize_t)(klen - 1));
+            PyObject *value = PyBytes_FromString(eq + 1);
+            int r = (key == NULL || value == NULL) ? -1 : PyDict_SetItem(data, key, value);
+            Py_XDECREF(key);
+            Py_XDECREF(value);
+            if (r < 0)
+                return -1;
+        }
+    }
+    env[k] = NULL;
+    environ = env;
+    return 0;
+}
+
 static PyObject *
 serve(PyObject *module, PyObject *args)
 {
     int ctl;
-    if (!PyArg_ParseTuple(args, "i:serve", &ctl))
+    PyObject *data;
+    if (!PyArg_ParseTuple(args, "iO:serve", &ctl, &data))
         return NULL;
+    if (data != Py_None && !PyDict_Check(data)) {
+        PyErr_SetString(PyExc_TypeError, "serve: environ_data must be a dict or None");
+        return NULL;
+    }
     pid_t *ctid = thread_tid_field();
     long flags = CLONE_PARENT | SIGCHLD;
     if (ctid != NULL)
@@ -783,7 +838,7 @@ serve(PyObject *module, PyObject *args)
             struct cmsghdr align;
             char buf[CMSG_SPACE(4 * sizeof(int))];
         } control;
-        struct iovec iov = {serve_buf, sizeof serve_buf};
+        struct iovec iov = {serve_buf, sizeof serve_buf - 1}; /* room for a last NUL */
         struct msghdr mh;
         memset(&mh, 0, sizeof mh);
         mh.msg_iov = &iov;
@@ -817,7 +872,7 @@ serve(PyObject *module, PyObject *args)
             for (int i = 0; i < nfds; i++)
                 close(fds[i]);
             if (n == 0 || serve_buf[0] == 'Q')
-                Py_RETURN_NONE;
+                Py_RETURN_FALSE;
             continue; /* not a request: not numbered, not answered */
         }
         seq++;
@@ -851,7 +906,10 @@ serve(PyObject *module, PyObject *args)
                 close(fds[i]);
             close(ctl);
             setsid(); /* a session of its own, as every service process (spawn.py) */
-            return PyBytes_FromStringAndSize(serve_buf + 1, n - 1);
+            serve_buf[n] = '\0';
+            if (n > 1 && child_environ(serve_buf + 1, (size_t)n - 1, data) < 0)
+                return NULL;
+            Py_RETURN_TRUE;
         }
         PyOS_AfterFork_Parent();
         for (int i = 0; i < 3; i++)

@@ -161,6 +161,8 @@ class Zygote:
                 )
                 setup = {
                     "script": self.command.script,
+                    # sys.argv: the script and its arguments as the service's exec gives them
+                    "argv": [self.command.script, *self.command.args],
                     "orig_argv": list(self.command.orig_argv),
                     "preload": list(self.service.preload),
                     # a child's fd 2 is then its connection (the zygote's: /dev/null)
@@ -335,13 +337,10 @@ class Zygote:
         self._cold_noted = True
         return f"{self.service.name}: zygote {self.state}: serving by exec"
 
-    def send(
-        self, env: list[bytes], fds: tuple[int, int, int], argv: list[str] | None = None
-    ) -> int:
+    def send(self, env: list[bytes], fds: tuple[int, int, int]) -> int:
         """Ask the zygote to fork this connection's process with ``fds`` on 0, 1, 2 and the
-        connection's variables ``env`` (KEY=value entries) added to the zygote's environment
-        (the service's, given at start); ``argv``: sys.argv, by default the script and its
-        arguments as the service's exec gives them. Returns the request's number at once:
+        connection's variables ``env`` (KEY=value entries, no NUL in them) added to the
+        zygote's environment (the service's, given at start). Returns the request's number at once:
         pyinetd's loop never waits for a zygote (one stopped with SIGSTOP by the service's
         own code would freeze every service). The answer comes to ``replied`` from
         ``on_readable``: the pid (pyinetd's child), or None when no process came of the
@@ -354,9 +353,7 @@ class Zygote:
         sock = self._sock
         if self.state != READY or sock is None:
             raise ZygoteUnavailable(self.state)
-        if argv is None:
-            argv = [self.command.script, *self.command.args]
-        msg = b"R" + marshal.dumps((argv, env))
+        msg = b"R" + b"\0".join(env)
         try:
             sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
         except OSError as exc:
@@ -402,12 +399,10 @@ class Zygote:
         for number in sorted(self._pending):
             self._answer(number, None, why)
 
-    def request(
-        self, env: list[bytes], fds: tuple[int, int, int], argv: list[str] | None = None
-    ) -> int:
+    def request(self, env: list[bytes], fds: tuple[int, int, int]) -> int:
         """``send``, then wait (up to REPLY_TIMEOUT) for the pid: for tests and tools, never
         pyinetd's loop. Raises ZygoteUnavailable when no process came of it."""
-        number = self.send(env, fds, argv)
+        number = self.send(env, fds)
         answers: dict[int, tuple[int | None, str]] = {}
         replied = self.replied
         self.replied = lambda n, pid, why: answers.__setitem__(n, (pid, why))

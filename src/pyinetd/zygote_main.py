@@ -16,9 +16,9 @@
 #
 # Control channel (fd 3, a SOCK_SEQPACKET socketpair), one message each:
 #   pyinetd -> zygote: this source; then SETUP = marshal of a dict, with pyinetd's C module's
-#                      fd (SCM_RIGHTS); then per connection REQUEST = b"R" + marshal of
-#                      (argv, the connection's variables as KEY=value), with fds [stdin,
-#                      stdout, stderr]; b"Q" to stop.
+#                      fd (SCM_RIGHTS); then per connection REQUEST = b"R" + the
+#                      connection's variables (KEY=value, NUL between them: no marshal in
+#                      the child), with fds [stdin, stdout, stderr]; b"Q" to stop.
 #   zygote -> pyinetd: b"K" ready; b"F" + why (then it exits); b"E<n> <errno>" when request n
 #                      (counted from 1) got no process. The child sends b"P<n>" (first thing
 #                      after the fork, from C): pyinetd takes its pid from the kernel's
@@ -170,26 +170,16 @@ def _exit_code(exc):
     return 1
 
 
-def _run_child(payload):
-    """In the forked child, where _serve has put the connection (or UDP socketpair end) on
-    fds 0 and 1, the service's stderr target on 2, closed the channel and called setsid():
-    become `python script args` for this connection; never returns."""
-    _ctl.detach()  # (closed already: its number may be reused by the script)
-    argv, env = marshal.loads(payload)
+def _run_child():
+    """In the forked child, where _serve_c has put the connection (or UDP socketpair end) on
+    fds 0 and 1, the service's stderr target on 2, closed the channel, called setsid() and
+    added the connection's variables to the environment: become `python script args` for
+    this connection; never returns."""
+    # (_ctl's fd is closed: the object is never freed, so never closes what reuses the number)
     # The zygote's own environment (what pyinetd gave it, as a launcher such as a pyenv shim
-    # changed it, as at a cold start) with the connection's variables. posix.putenv and the
-    # dict behind os.environ and os.environb, not os.environb[key] = value: that runs the os
-    # module's Python code, whose first run in each child writes its (frozen) code objects.
-    data = _environ_data
-    for entry in env:
-        key, _, value = entry.partition(b"=")
-        os.putenv(key, value)
-        if data is not None:
-            data[key] = value
-        else:
-            os.environb[key] = value
-    sys.argv = [a if type(a) is str else os.fsdecode(a) for a in argv]
-    sys.orig_argv = list(_setup["orig_argv"])
+    # changed it, as at a cold start) with the connection's variables: _serve_c added them.
+    sys.argv = _argv
+    sys.orig_argv = _orig_argv
     sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = _stdio
     if _gc_was_enabled:
         gc.enable()
@@ -264,11 +254,11 @@ def _finalize(status):
 
 
 def _serve():
-    payload = _serve_c(_CTL)  # returns in each child; in the zygote only at the end
-    if payload is None:
+    # returns True in each child; in the zygote only at the end
+    if not _serve_c(_CTL, _environ_data):
         os._exit(0)
     try:  # a child never goes back to the zygote's loop, whatever fails
-        _run_child(payload)
+        _run_child()
     finally:
         os._exit(1)
 
@@ -326,9 +316,11 @@ def _start():
             __import__(name)
         except BaseException as exc:
             _fail(f"preload {name!r}: {type(exc).__name__}: {exc}")
-    # the dict behind os.environ and os.environb (bytes -> bytes on POSIX), if it is one
-    data = getattr(os.environ, "_data", None)
-    _environ_data = data if data is getattr(os.environb, "_data", ()) else None
+    # the dict behind os.environ and os.environb (bytes -> bytes on POSIX), which _serve_c
+    # updates in each child
+    _environ_data = getattr(os.environ, "_data", None)
+    if type(_environ_data) is not dict or _environ_data is not getattr(os.environb, "_data", 0):
+        _fail("os.environ is not CPython's (a dict of bytes shared with os.environb)")
     _loader = sys.modules["_frozen_importlib_external"].SourceFileLoader("__main__", _file)
     try:  # (pyinetd counts them too, from outside: a sandbox may hide /proc)
         threads = len(os.listdir("/proc/self/task"))
@@ -345,6 +337,16 @@ def _start():
             stream.flush()
         except OSError:
             pass
+    # What a child replaces (the zygote's stdio, sys.argv, sys.orig_argv, its __main__), kept
+    # alive here: freed in a child, each would write (and so copy) the pages its objects and
+    # their allocator's pools are on, and the streams would run their finalizers: 70 pages.
+    global _kept, _argv, _orig_argv
+    _argv = list(_setup["argv"])
+    _orig_argv = list(_setup["orig_argv"])
+    _kept = (
+        sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__,
+        sys.argv, sys.orig_argv, sys.modules.get("__main__"),
+    )  # fmt: skip
     gc.collect()
     gc.freeze()  # the children's collections never touch (and copy) these objects' pages
     _send(b"K")
