@@ -131,6 +131,18 @@ def _std_streams():
     return (sys.stdin, sys.stdout, sys.stderr)
 
 
+def _new_main():
+    """The script's __main__, made in the zygote (each child made its own: 25 pages): its
+    names in the order a cold start makes them (pylifecycle.c, pythonrun.c)."""
+    main = type(sys)("__main__")
+    main.__annotations__ = {}
+    main.__builtins__ = sys.modules["builtins"]
+    main.__file__ = _file
+    main.__cached__ = None
+    main.__loader__ = _loader
+    return main
+
+
 def _flush_std():
     """CPython's flush_std_files(): a failed flush of stdout makes the exit status 120."""
     status = 0
@@ -183,13 +195,7 @@ def _run_child():
     sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = _stdio
     if _gc_was_enabled:
         gc.enable()
-    # __main__'s names in the order a cold start makes them (pylifecycle.c, pythonrun.c)
-    main = type(sys)("__main__")
-    main.__annotations__ = {}
-    main.__builtins__ = sys.modules["builtins"]
-    main.__file__ = _file
-    main.__cached__ = None
-    main.__loader__ = _loader
+    main = _main
     sys.modules["__main__"] = main
     status = 0
     interrupted = False
@@ -340,7 +346,8 @@ def _start():
     # What a child replaces (the zygote's stdio, sys.argv, sys.orig_argv, its __main__), kept
     # alive here: freed in a child, each would write (and so copy) the pages its objects and
     # their allocator's pools are on, and the streams would run their finalizers: 70 pages.
-    global _kept, _argv, _orig_argv
+    global _kept, _argv, _orig_argv, _main
+    _main = _new_main()
     _argv = list(_setup["argv"])
     _orig_argv = list(_setup["orig_argv"])
     _kept = (
