@@ -24,8 +24,9 @@
 #                            service with PYINETD_SPAWN=vfork / fork_exec)
 #   PYINETD_SANDBOX=1        (as root) 0 leaves out pyinetd-sandbox (the /bin/cat service with the full
 #                            sandbox, on PORT_BASE+14)
-#   PYINETD_PYROWS=1         0 leaves out py-cold, py-warm and tcpserver-py (an 8-line Python
-#                            echo script: exec'd per connection, `warm: true`, under tcpserver)
+#   PYINETD_PYROWS=1         0 leaves out py-cold, py-warm, tcpserver-py and ref-pyfork (an 8-line
+#                            Python echo script: exec'd per connection, `warm: true`, under
+#                            tcpserver, and forked by bench/ref_pyfork.py, on PORT_BASE+22)
 #   SHARED=<repo>/../shared  the shared kit; anchors.sh is $SHARED/bench/anchors.sh
 #   OUTDIR=bench/out/<utc>   configs, logs, results.tsv, anchors.txt
 #   RESULTS_DIR=bench/results  where latest.md and latest.png go
@@ -63,8 +64,8 @@ PORT_BASE=${PORT_BASE:-17001}
 die() { echo "run.sh: $*" >&2; exit 2; }
 note() { echo "run.sh: $*" >&2; }
 
-[[ $PORT_BASE =~ ^[0-9]+$ ]] && (( PORT_BASE >= 1024 && PORT_BASE + 19 <= 65535 )) ||
-    die "PORT_BASE must be an integer in 1024..65516, got '$PORT_BASE'"
+[[ $PORT_BASE =~ ^[0-9]+$ ]] && (( PORT_BASE >= 1024 && PORT_BASE + 23 <= 65535 )) ||
+    die "PORT_BASE must be an integer in 1024..65512, got '$PORT_BASE'"
 [[ -r $ANCHORS ]] || die "shared bench kit not found: $ANCHORS (set SHARED=path/to/shared)"
 
 # ---------------------------------------------------------------- requirements
@@ -202,6 +203,8 @@ EXTRA_FILE=$OUTDIR/pyinetd-extra.sh
         if command -v tcpserver >/dev/null; then
             echo "bench_server tcpserver-py $((PORT_BASE + 9)) --$(q tcpserver -RHl0 -c 1000 -b 128 127.0.0.1 "$((PORT_BASE + 9))" "$PY_ABS" "$OUTDIR/echo.py")"
         fi
+        # The floor: compile once, os.fork() per connection, nothing else (bench/ref_pyfork.py).
+        echo "bench_server ref-pyfork $((PORT_BASE + 22)) --$(q "$PY_ABS" "$HERE/ref_pyfork.py" "$((PORT_BASE + 22))" "$OUTDIR/echo.py")"
     fi
     # References, not pyinetd: its exec path with nothing around it, in one loop and in two
     # processes (what a second spawning process could reach; bench/ref_twoloops.py).
