@@ -11,7 +11,8 @@ code as the service's user, and must not be able to name another process for pyi
 or signal.
 
 States (one ``_change_state``): starting -> ready; any -> backoff when the process dies or
-misbehaves (restarted later, doubling delays); failed when it cannot work at all (the
+misbehaves (restarted later, doubling delays), through ending when it died with requests open
+(their pids may still come on its channel); failed when it cannot work at all (the
 interpreter cannot load pyinetd's C module, preload failed, threads after the imports, the
 script does not compile): the service runs cold until a reload replaces the zygote. Whenever a
 zygote is not ready, connections are served cold by exec, never refused.
@@ -46,6 +47,7 @@ STABLE_AFTER = 30.0  # a zygote ready this long resets the backoff
 _UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
 
 STARTING, READY, BACKOFF, FAILED, STOPPED = "starting", "ready", "backoff", "failed", "stopped"
+ENDING = "ending"  # the process is gone; its channel is read to its end for its last forks' pids
 
 
 class ZygoteUnavailable(Exception):
@@ -247,7 +249,13 @@ class Zygote:
             how = f"exit {code}" if code >= 0 else f"signal {-code}"
             self._ended = f"process ended ({how})"
             self.on_readable()  # the pids its last forks sent, before the channel goes
-            if self.state in (STARTING, READY):
+            if self.state == READY and self._pending:
+                # A process it forked just before it died may not have said its pid yet: were
+                # its connection served cold now, two processes would read it. Every fork
+                # closes the channel after its b"P": its end (or REPLY_TIMEOUT without a word,
+                # expire) says none is left.
+                self._change_state(ENDING, self._ended)
+            elif self.state in (STARTING, READY):
                 self._close()
                 self._backoff(self._ended)
         return True
@@ -274,9 +282,9 @@ class Zygote:
             self._handle(msg, anc)
 
     def _handle(self, msg: bytes, anc: list[tuple[int, int, bytes]]) -> None:
-        if msg[:1] == b"P" and self.state == READY:
+        if msg[:1] == b"P" and self.state in (READY, ENDING):
             self._started(msg[1:], _sender(anc))
-        elif msg[:1] == b"E" and self.state == READY:
+        elif msg[:1] == b"E" and self.state in (READY, ENDING):
             number, _, err = msg[1:].partition(b" ")
             why = os.strerror(int(err)) if err.isdigit() else err.decode(errors="replace")
             if number.isdigit():
@@ -299,10 +307,10 @@ class Zygote:
             self._fail(msg[1:].decode(errors="replace"))
         elif not msg:  # the channel's end: the process is going; on_exit will say why
             self._close()
-            if self.state in (STARTING, READY):
+            if self.state in (STARTING, READY, ENDING):
                 self.kill()
                 self._backoff(self._ended or "control channel closed")
-        elif self.state == READY:  # an unexpected message: distrust the channel
+        elif self.state in (READY, ENDING):  # an unexpected message: distrust the channel
             self.kill()
             self._died_early(f"unexpected message {msg[:20]!r}")
 
