@@ -449,6 +449,7 @@ class Children:
             self.log_exec_error(state.service, os.strerror(err), child.peer)
         elif LOG.isEnabledFor(logging.INFO):  # formatting costs even when nothing is logged
             self._log_end(child, pid, status)
+        self._spawner.sweep_cgroups()  # a replaced sandbox's cgroup, empty now (issue 17)
         self._ended(child)
 
     def _log_end(self, child: Child, pid: int, status: int) -> None:
