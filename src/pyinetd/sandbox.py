@@ -826,6 +826,39 @@ def sweep_cgroups() -> bool:
     return not STALE
 
 
+def settle_cgroups(timeout: float) -> bool:
+    """At exit: wait (at most ``timeout`` seconds) until the stale cgroups are empty and gone,
+    for processes that are leaving (a warm service's zygote told to quit). Woken by the
+    kernel's notification on cgroup.events (POLLPRI), not by polling. True when none is left;
+    one a still-running child holds (shutdown: leave) stays, and its processes stay
+    contained: the programs go only with the folder (the next pyinetd removes it)."""
+    import select
+    import time
+
+    end = time.monotonic() + timeout
+    while not sweep_cgroups():
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        poll = select.poll()
+        fds = []
+        try:
+            populated = False
+            for path in STALE:
+                with contextlib.suppress(OSError):
+                    fd = os.open(os.path.join(path, "cgroup.events"), os.O_RDONLY | os.O_CLOEXEC)
+                    fds.append(fd)
+                    # read once: kernfs reports changes after the last read
+                    populated |= b"populated 1" in os.read(fd, 256)
+                    poll.register(fd, select.POLLPRI)
+            if populated:
+                poll.poll(max(1, int(left * 1000)))
+        finally:
+            for fd in fds:
+                os.close(fd)
+    return True
+
+
 def _sweep_dead(parent: str) -> None:
     """Folders a pyinetd that is gone left (its services' processes outlived it, shutdown:
     leave): removed once empty, at the next start."""

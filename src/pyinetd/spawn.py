@@ -271,6 +271,11 @@ def needs_fork(service: Service) -> bool:
     )
 
 
+# At exit, how long the cgroups of network: loopback services may take to empty (a warm
+# service's zygote leaving) before pyinetd leaves them to the next start.
+CGROUP_EXIT_WAIT = 1.0
+
+
 class Spawner:
     """Starts service children; holds what is computed once rather than per connection."""
 
@@ -316,7 +321,8 @@ class Spawner:
 
     def close(self) -> None:
         self._close_sandboxes()
-        self.sweep_cgroups()
+        if sandbox.STALE:  # network: loopback cgroups still holding processes (issue 17)
+            sandbox.settle_cgroups(CGROUP_EXIT_WAIT)
         if self._errpipe is not None:
             self._errpoll.unregister(self._errpipe[0])
             for fd in self._errpipe:
