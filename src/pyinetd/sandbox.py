@@ -661,7 +661,14 @@ def _is_loopback(base: int, off: int, v6: bool, fail: str, ok: str) -> list[tupl
     ]
 
 
-_VERDICT = [("label", "deny"), ("mov", 0, 0), ("exit",), ("label", "allow"), ("mov", 0, 1), ("exit",)]
+_VERDICT = [
+    ("label", "deny"),
+    ("mov", 0, 0),
+    ("exit",),
+    ("label", "allow"),
+    ("mov", 0, 1),
+    ("exit",),
+]
 
 
 def addr_program(v6: bool) -> bytes:
@@ -747,7 +754,9 @@ def _load(prog_type: int, attach: int, code: bytes) -> int:
         except OSError as exc:
             if log_level or exc.errno not in (errno.EACCES, errno.EINVAL):
                 last = log.value.decode(errors="replace").strip().splitlines()[-1:]
-                raise OSError(exc.errno, f"{exc.strerror}{': ' + last[0] if last else ''}") from None
+                raise OSError(
+                    exc.errno, f"{exc.strerror}{': ' + last[0] if last else ''}"
+                ) from None
     raise AssertionError("unreachable")
 
 
@@ -868,10 +877,11 @@ def _sweep_dead(parent: str) -> None:
         return
     for name in names:
         parts = name.split("-", 2)
-        if parts[0] == "pyinetd" and len(parts) == 3 and parts[1].isdigit():
-            if int(parts[1]) != os.getpid() and not os.path.exists(f"/proc/{parts[1]}"):
-                with contextlib.suppress(OSError):
-                    os.rmdir(os.path.join(parent, name))
+        if not (parts[0] == "pyinetd" and len(parts) == 3 and parts[1].isdigit()):
+            continue
+        if int(parts[1]) != os.getpid() and not os.path.exists(f"/proc/{parts[1]}"):
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(parent, name))
 
 
 def _loopback_cgroup(service: str) -> tuple[str, int, int]:

@@ -636,7 +636,9 @@ def prepare_sandboxes(
     return boxes
 
 
-def discard_sandboxes(boxes: Mapping[str, Prepared], current: Mapping[str, Prepared] | None) -> None:
+def discard_sandboxes(
+    boxes: Mapping[str, Prepared], current: Mapping[str, Prepared] | None
+) -> None:
     """Close the prepared sandboxes that never got used (those of ``current`` stay)."""
     running = {id(b) for b in (current or {}).values()}
     for box in boxes.values():
