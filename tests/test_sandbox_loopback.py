@@ -5,12 +5,14 @@ address of a network namespace the test makes (a veth pair), which the host itse
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -227,13 +229,17 @@ def probe_service(folder: Path, lo_port: int, ns: Netns, **keys: object) -> dict
     return svc
 
 
-def run_probe(port: int, ns: Netns, p: Pyinetd) -> dict[str, str]:
+def run_probe(
+    port: int, ns: Netns, p: Pyinetd, tls: ssl.SSLContext | None = None
+) -> dict[str, str]:
     """Talk to the probe: once it listens without bind, connect to that port from the
     namespace (must not get through), then from loopback (must)."""
     out: dict[str, str] = {}
-    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
-        lines = s.makefile("r")
-        for line in lines:
+    with contextlib.ExitStack() as stack:
+        s = stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=DEADLINE))
+        if tls is not None:
+            s = stack.enter_context(tls.wrap_socket(s, server_hostname="localhost"))
+        for line in stack.enter_context(s.makefile("r")):
             key, _, value = line.strip().partition("=")
             out[key] = value
             if key == "autobound":
@@ -284,6 +290,72 @@ def test_loopback_service_reaches_only_loopback_and_still_answers_its_client(
     assert out["cgroup"] == made  # its own cgroup, born in it or moved there before its code
     p.stop()
     assert cgroups_of(p.pid) == []  # removed at the stop
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    server.private_key_pem.write_to_path(tmp_path / "key.pem")
+    (tmp_path / "key.pem").chmod(0o600)
+    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
+    return tmp_path
+
+
+def test_a_tls_services_relay_and_program_are_contained(
+    inetd: Start, folder: Path, netns: Netns, lo_target: int, pki: Path
+) -> None:
+    """The TLS relay joins the cgroup before the handshake; the program it starts inherits
+    it; the client's connection (the relay's fd) still carries every answer."""
+    port = free_port()
+    svc = probe_service(folder, lo_target, netns, listen=f"127.0.0.1:{port}", user="nobody")
+    svc["tls"] = {"cert": "cert.pem", "key": "key.pem"}
+    p = inetd({"services": {"probe": svc}})
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    out = run_probe(port, netns, p, ctx)
+    assert {k: out[k] for k in ALLOWED_REFUSED} == ALLOWED_REFUSED, out
+    assert out["from_ns"] == "timeout"
+    (made,) = cgroups_of(p.pid)
+    assert out["cgroup"] == made
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_the_socket_pyinetd_hands_it_still_reaches_a_client_outside_loopback(
+    inetd: Start, folder: Path, netns: Netns, protocol: str
+) -> None:
+    """Beyond its fds: the connection (tcp) or the socket (udp) pyinetd made is not the
+    service's, and answers a client in the namespace, while the service's own connect to
+    that same client's address is refused."""
+    kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
+    port = free_port(kind, netns.host_ip)
+    path = folder / "answer.sh"
+    path.write_text(
+        "#!/bin/bash\n"
+        "read -r line\n"
+        f"if exec 3<>/dev/tcp/{netns.ns_ip}/{netns.ns_port}; then r=yes; else r=no; fi"
+        " 2>/dev/null\n"
+        'echo "got=$line connect_ns=$r"\n'
+    )
+    path.chmod(0o755)
+    svc = {
+        "listen": f"{netns.host_ip}:{port}",
+        "protocol": protocol,
+        "exec": [str(path)],
+        "user": "nobody",
+        "sandbox": {"network": "loopback"},
+    }
+    inetd({"services": {"answer": svc}})
+    out = netns.run(
+        "import socket\n"
+        f"s = socket.socket(socket.AF_INET, {int(kind)})\n"
+        f"s.settimeout({DEADLINE})\n"
+        f"s.connect(({netns.host_ip!r}, {port}))\n"
+        "s.send(b'hi\\n')\n"
+        "print(s.recv(100).decode().strip())\n"
+    )
+    assert out == "got=hi connect_ns=no", out
 
 
 def test_a_warm_services_child_is_contained_too(

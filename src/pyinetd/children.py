@@ -412,6 +412,9 @@ class Children:
                 stderr_log.ended(pid)
         for pid, wstatus in exited:
             self._account(pid, wstatus)
+        # A replaced sandbox's cgroup (network: loopback), removed once its last process (a
+        # child, a zygote) has gone.
+        self._spawner.sweep_cgroups()
 
     def _account(self, pid: int, status: int) -> None:
         """``pid`` was reaped: free its slot, account for its end, tell whoever waits."""
@@ -449,7 +452,6 @@ class Children:
             self.log_exec_error(state.service, os.strerror(err), child.peer)
         elif LOG.isEnabledFor(logging.INFO):  # formatting costs even when nothing is logged
             self._log_end(child, pid, status)
-        self._spawner.sweep_cgroups()  # a replaced sandbox's cgroup, empty now (issue 17)
         self._ended(child)
 
     def _log_end(self, child: Child, pid: int, status: int) -> None:
