@@ -475,8 +475,9 @@ PyDoc_STRVAR(spawn_doc,
 "env + extra_env (lists of KEY=value bytes), a new session, an empty signal mask\n"
 "and the signals in reset at their default; flags 1: PR_SET_NO_NEW_PRIVS. Raises\n"
 "OSError, with the child reaped, if the exec failed. sandbox: (netns_fd, mntns_fd,\n"
-"ruleset_fd, seccomp filter bytes), -1 and b'' for none, applied in the child before its\n"
-"exec (see sandbox.py).");
+"ruleset_fd, seccomp filter bytes[, cgroup_fd, cgroup_procs_fd]), -1 and b'' for none,\n"
+"applied in the child before its exec (see sandbox.py); the child moves itself into the\n"
+"cgroup (start() has it born there, where clone3 can).");
 
 static PyObject *
 spawn(PyObject *module, PyObject *args, PyObject *kw)
