@@ -578,9 +578,8 @@ def _host(octets: bytes) -> int:
 
 _FIRST_MASK, _FIRST_127 = _host(b"\xff\0\0\0"), _host(b"\x7f\0\0\0")  # the first octet, 127
 _V6_ONE, _V6_MAPPED = _host(b"\0\0\0\x01"), _host(b"\0\0\xff\xff")  # ::1, ::ffff:0:0/96
-_ETH_P_IP, _ETH_P_IPV6 = _host(b"\x08\x00\0\0") & 0xFFFF, _host(b"\x86\xdd\0\0") & 0xFFFF
-if sys.byteorder == "big":  # __sk_buff.protocol: the 16-bit field, read as a number
-    _ETH_P_IP, _ETH_P_IPV6 = 0x0800, 0x86DD
+# __sk_buff.protocol: skb->protocol, a big-endian 16-bit field, read as a number
+_ETH_P_IP, _ETH_P_IPV6 = _host(b"\x08\x00"), _host(b"\x86\xdd")
 
 # eBPF opcodes (include/uapi/linux/bpf.h, bpf_common.h)
 _OPS = {

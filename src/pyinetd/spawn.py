@@ -617,14 +617,12 @@ def prepare_sandboxes(
     a reload that changes nothing rebuilds nothing."""
     boxes: dict[str, Prepared] = {}
     errors: list[str] = []
-    reused: set[int] = set()
     for svc in services:
         if svc.sandbox is None or not svc.enabled or svc.is_builtin:
             continue
         old = (current or {}).get(svc.name)
         if old is not None and old.settings == svc.sandbox:
             boxes[svc.name] = old
-            reused.add(id(old))
             continue
         try:
             boxes[svc.name] = Prepared(svc.sandbox, svc.name)
