@@ -560,3 +560,25 @@ def test_a_cgroup_a_gone_pyinetd_left_is_removed_at_the_next_start(inetd: Start)
     finally:
         with contextlib.suppress(OSError):
             os.rmdir(left)
+
+
+def test_a_loopback_redirect_relay_reaches_its_loopback_target_from_its_cgroup(
+    inetd: Start,
+) -> None:
+    """The redirect relay joins the cgroup before it connects: a loopback target is allowed."""
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        port = free_port()
+        target = f"127.0.0.1:{upstream.getsockname()[1]}"
+        svc = {"listen": f"127.0.0.1:{port}", "redirect": target,
+               "sandbox": {"network": "loopback"}}  # fmt: skip
+        p = inetd({"services": {"r": svc}})
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
+            upstream.settimeout(DEADLINE)
+            conn, _ = upstream.accept()
+            with conn:
+                conn.sendall(b"pong\n")
+                client.settimeout(DEADLINE)
+                assert client.recv(100) == b"pong\n"
+                (made,) = cgroups_of(p.pid)
+                procs = Path(_own_cgroup(), made, "cgroup.procs").read_text().split()
+                assert len(procs) == 1  # the relay
