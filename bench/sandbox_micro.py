@@ -30,6 +30,8 @@ RULES: dict[str, SandboxSettings | None] = {
     "read (Landlock)": SandboxSettings(read=SYSTEM),
     "write (Landlock)": SandboxSettings(write=("/dev/null",)),
     "network: none (setns)": SandboxSettings(network="none"),
+    # start: born in the cgroup (clone3); spawn and fork: the child moves itself there
+    "network: loopback (cgroup BPF)": SandboxSettings(network="loopback"),
     "private_tmp (setns)": SandboxSettings(private_tmp=True),
     "syscalls: default (seccomp)": SandboxSettings(syscalls="default"),
     "all of them": SandboxSettings(
@@ -42,7 +44,7 @@ def one_round(how: str, settings: SandboxSettings | None, n: int) -> list[float]
     """n spawn-to-exit times in microseconds."""
     null = os.open(os.devnull, os.O_RDWR)
     report_r, report_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    box = Prepared(settings) if settings is not None else None
+    box = Prepared(settings, "bench") if settings is not None else None
     reset = handled_signals()
     argv, env = [b"/bin/true"], [b"PATH=/usr/bin:/bin"]
     spawner = Spawner()
@@ -94,7 +96,7 @@ def main() -> int:
         med = statistics.median(results[name])
         if name.startswith("none"):
             base = med
-        print(f"  {name:<34} {med:8.1f} us   {med - base:+7.1f} us")
+        print(f"  {name:<36} {med:8.1f} us   {med - base:+7.1f} us")
     return 0
 
 

@@ -349,7 +349,7 @@ def write_config(tmp_path: Path, box_cfg: object, exec_: str = "/bin/cat") -> Pa
         ({"PYINETD_TEST_LANDLOCK_ABI": "2"}, {"write": ["/var"]}, "sandbox: write: this kernel has Landlock ABI 2, write needs 3"),  # noqa: E501
         ({"PYINETD_TEST_NO_NETNS": "1"}, {"network": "none"}, "sandbox: network: none needs network namespaces"),  # noqa: E501
         ({"PYINETD_TEST_NO_SECCOMP": "1"}, {"syscalls": "default"}, "sandbox: syscalls: default needs seccomp"),  # noqa: E501
-        ({}, {"network": "loopback"}, "sandbox: network: 'loopback' is not supported yet"),
+        ({"PYINETD_TEST_NO_CGROUP_BPF": "1"}, {"network": "loopback"}, "sandbox: network: loopback: needs a cgroup v2"),  # noqa: E501
     ],
 )  # fmt: skip
 def test_a_rule_the_kernel_cannot_enforce_refuses_the_service(

@@ -41,6 +41,7 @@
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdint.h>
 #include <string.h>
 #include <time.h>
 #include <linux/filter.h>
@@ -172,6 +173,9 @@ struct sandbox {
     int ruleset_fd; /* -1: no Landlock ruleset */
     unsigned short nfilter;     /* 0: no seccomp filter */
     struct sock_filter *filter; /* the parent's copy (vfork) or the slot's (clone) */
+    int cgroup_fd;  /* -1: stay in pyinetd's cgroup; else network: loopback's cgroup folder */
+    int procs_fd;   /* its cgroup.procs, open for writing */
+    int joined;     /* 1: born in it (clone3 CLONE_INTO_CGROUP), no migration to do */
 };
 
 /* In the child, still root: join the prepared namespaces. 0 or -errno. */
@@ -181,6 +185,10 @@ sandbox_enter(const struct sandbox *sb)
     long r;
     if (!sb->active)
         return 0;
+    /* network: loopback: the service's cgroup, whose BPF programs judge every socket made in
+     * it. Where the child was not born in it, it moves itself ("0": the writer; cgroup v2). */
+    if (sb->procs_fd >= 0 && !sb->joined && (r = raw_syscall(SYS_write, sb->procs_fd, (long)"0", 1, 0)) < 0)
+        return r;
     if (sb->netns_fd >= 0 && (r = raw_syscall(SYS_setns, sb->netns_fd, SB_CLONE_NEWNET, 0, 0)) < 0)
         return r;
     /* Allowed here: a clone or vfork child shares no fs_struct (no CLONE_FS), which setns
@@ -211,8 +219,9 @@ sandbox_restrict(const struct sandbox *sb)
     return 0;
 }
 
-/* sandbox=None or (netns_fd, mntns_fd, ruleset_fd, filter bytes): the filter points into
- * the bytes object, which the caller keeps alive (vfork); start() copies it into the slot. */
+/* sandbox=None or (netns_fd, mntns_fd, ruleset_fd, filter bytes[, cgroup_fd, procs_fd]): the
+ * filter points into the bytes object, which the caller keeps alive (vfork); start() copies it
+ * into the slot. */
 static int
 parse_sandbox(PyObject *kw, struct sandbox *sb, PyObject **filter_bytes)
 {
@@ -226,9 +235,16 @@ parse_sandbox(PyObject *kw, struct sandbox *sb, PyObject **filter_bytes)
     if (o == NULL || o == Py_None)
         return 0;
     PyObject *f;
-    if (!PyArg_ParseTuple(o, "iiiS;sandbox must be (netns_fd, mntns_fd, ruleset_fd, filter)",
-                          &sb->netns_fd, &sb->mntns_fd, &sb->ruleset_fd, &f))
+    sb->cgroup_fd = sb->procs_fd = -1;
+    if (!PyArg_ParseTuple(o, "iiiS|ii;sandbox must be (netns_fd, mntns_fd, ruleset_fd, filter"
+                          "[, cgroup_fd, procs_fd])",
+                          &sb->netns_fd, &sb->mntns_fd, &sb->ruleset_fd, &f, &sb->cgroup_fd,
+                          &sb->procs_fd))
         return -1;
+    if ((sb->cgroup_fd >= 0) != (sb->procs_fd >= 0)) {
+        PyErr_SetString(PyExc_ValueError, "sandbox: cgroup_fd and procs_fd go together");
+        return -1;
+    }
     Py_ssize_t n = PyBytes_GET_SIZE(f);
     if (n % (Py_ssize_t)sizeof(struct sock_filter) != 0 ||
         n / (Py_ssize_t)sizeof(struct sock_filter) > SB_MAX_FILTER) {
@@ -459,8 +475,9 @@ PyDoc_STRVAR(spawn_doc,
 "env + extra_env (lists of KEY=value bytes), a new session, an empty signal mask\n"
 "and the signals in reset at their default; flags 1: PR_SET_NO_NEW_PRIVS. Raises\n"
 "OSError, with the child reaped, if the exec failed. sandbox: (netns_fd, mntns_fd,\n"
-"ruleset_fd, seccomp filter bytes), -1 and b'' for none, applied in the child before its\n"
-"exec (see sandbox.py).");
+"ruleset_fd, seccomp filter bytes[, cgroup_fd, cgroup_procs_fd]), -1 and b'' for none,\n"
+"applied in the child before its exec (see sandbox.py); the child moves itself into the\n"
+"cgroup (start() has it born there, where clone3 can).");
 
 static PyObject *
 spawn(PyObject *module, PyObject *args, PyObject *kw)
@@ -498,6 +515,50 @@ child_main(void *arg)
 {
     child_exec(arg);
 }
+
+/* network: loopback. The child is born in the service's cgroup with clone3(CLONE_INTO_CGROUP)
+ * (Linux 5.7): no migration, which costs a child that writes its cgroup.procs itself tens of
+ * microseconds (bench/sandbox_micro.py) and takes the cgroup locks every fork waits on.
+ * glibc has no clone3() with a child function, so the few instructions it would run are here,
+ * as in its clone3.S: the child starts on the slot's stack, calls child_main(args) and exits.
+ * x86_64 only: elsewhere (and on kernels without clone3 or CLONE_INTO_CGROUP) the child moves
+ * itself (sandbox_enter). */
+#if defined(__x86_64__)
+#define HAVE_CLONE3_ASM 1
+#ifndef SYS_clone3
+#define SYS_clone3 435
+#endif
+#define SB_CLONE_INTO_CGROUP 0x200000000ULL
+struct clone3_args { /* struct clone_args, CLONE_ARGS_SIZE_VER2 */
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid,
+        set_tid_size, cgroup;
+};
+static int clone3_works = 1; /* 0 once the kernel said it lacks clone3 or CLONE_INTO_CGROUP */
+
+static long
+clone3_child_main(struct clone3_args *ca, struct child_args *arg)
+{
+    register long r12 __asm__("r12") = (long)child_main; /* kept across syscall */
+    register long r13 __asm__("r13") = (long)arg;
+    long ret;
+    __asm__ volatile("syscall\n\t"
+                     "test %%rax, %%rax\n\t"
+                     "jnz 1f\n\t"
+                     /* the child, on its new (16-byte aligned, empty) stack */
+                     "xor %%ebp, %%ebp\n\t"
+                     "mov %%r13, %%rdi\n\t"
+                     "call *%%r12\n\t"
+                     "mov %%eax, %%edi\n\t"
+                     "mov $60, %%eax\n\t" /* exit (child_main never returns) */
+                     "syscall\n\t"
+                     "hlt\n"
+                     "1:"
+                     : "=a"(ret)
+                     : "0"((long)SYS_clone3), "D"(ca), "S"(sizeof *ca), "r"(r12), "r"(r13)
+                     : "rcx", "r11", "memory", "cc");
+    return ret;
+}
+#endif
 
 /* A free slot with its memory mapped, or NULL (all busy, or no memory). */
 static struct slot *
@@ -603,9 +664,32 @@ start(PyObject *module, PyObject *args, PyObject *kw)
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     s->busy = -1;
+    s->args.sb.joined = 0;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    pid_t pid = clone(child_main, s->stack + STACK_SIZE, CLONE_VM | CLONE_CHILD_CLEARTID | SIGCHLD,
-                      &s->args, NULL, NULL, (pid_t *)&s->busy);
+    pid_t pid = -1;
+#ifdef HAVE_CLONE3_ASM
+    if (s->args.sb.cgroup_fd >= 0 && clone3_works) {
+        struct clone3_args ca = {
+            .flags = CLONE_VM | CLONE_CHILD_CLEARTID | SB_CLONE_INTO_CGROUP,
+            .child_tid = (uint64_t)(uintptr_t)&s->busy,
+            .exit_signal = SIGCHLD,
+            .stack = (uint64_t)(uintptr_t)s->stack,
+            .stack_size = STACK_SIZE,
+            .cgroup = (uint64_t)s->args.sb.cgroup_fd,
+        };
+        s->args.sb.joined = 1;
+        long r = clone3_child_main(&ca, &s->args);
+        if (r < 0) {
+            s->args.sb.joined = 0; /* clone() below: the child moves itself */
+            if (r == -ENOSYS || r == -E2BIG || r == -EINVAL)
+                clone3_works = 0;
+        }
+        pid = (pid_t)r;
+    }
+#endif
+    if (pid < 0)
+        pid = clone(child_main, s->stack + STACK_SIZE, CLONE_VM | CLONE_CHILD_CLEARTID | SIGCHLD,
+                    &s->args, NULL, NULL, (pid_t *)&s->busy);
     if (pid < 0)
         s->busy = 0;
     pthread_sigmask(SIG_SETMASK, &old, NULL);

@@ -10,7 +10,7 @@ def spawn(
     flags: int = 0,
     /,
     *,
-    sandbox: tuple[int, int, int, bytes] | None = None,
+    sandbox: tuple[int, int, int, bytes] | tuple[int, int, int, bytes, int, int] | None = None,
 ) -> int: ...
 def start(
     argv: list[bytes],
@@ -24,7 +24,7 @@ def start(
     flags: int = 0,
     /,
     *,
-    sandbox: tuple[int, int, int, bytes] | None = None,
+    sandbox: tuple[int, int, int, bytes] | tuple[int, int, int, bytes, int, int] | None = None,
 ) -> int: ...
 def set_slots(n: int, /) -> None: ...
 def settle(timeout: float, /) -> bool: ...

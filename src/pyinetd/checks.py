@@ -59,6 +59,12 @@ def check_sandbox(values: dict[str, Any], where: str, errors: list[str], explici
         errors.append(f"{where}.no_new_privs: false: a sandbox implies no_new_privs")
     if values.get("redirect") is not None and box.network == "none":
         errors.append(f"{where}.sandbox.network: none: a redirect must connect to its target")
+    if values.get("redirect") is not None and box.network == "loopback":
+        host = values["redirect"][0]
+        targets = _local_targets(host)
+        if targets is None or not all(t.is_loopback for t in targets):
+            errors.append(f"{where}.sandbox.network: loopback: the redirect target {host!r} is "
+                          "not a loopback address, which the relay may not connect to")  # fmt: skip
     if not values.get("exec"):
         if values.get("builtin") is not None:
             errors.append(f"{where}.sandbox: needs exec (built-ins run inside pyinetd)")

@@ -412,6 +412,9 @@ class Children:
                 stderr_log.ended(pid)
         for pid, wstatus in exited:
             self._account(pid, wstatus)
+        # A replaced sandbox's cgroup (network: loopback), removed once its last process (a
+        # child, a zygote) has gone.
+        self._spawner.sweep_cgroups()
 
     def _account(self, pid: int, status: int) -> None:
         """``pid`` was reaped: free its slot, account for its end, tell whoever waits."""

@@ -414,8 +414,11 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
                 },
                 "network": {
                     "description": (
-                        "none: an empty network namespace (no connect, no bind, no loopback); any"
-                        " (default): no rule. loopback is not supported yet."
+                        "none: an empty network namespace (no connect, no bind, no loopback);"
+                        " loopback: connect, send and bind to the host's loopback addresses only"
+                        " (127.0.0.0/8, ::1), other packets dropped (cgroup BPF, as systemd's"
+                        " IPAddressDeny=any with IPAddressAllow=localhost); any (default): no rule."
+                        " Beyond its fds: the connection pyinetd hands it is not restricted."
                     ),
                     "enum": ["none", "loopback", "any"],
                     "errorMessage": "expected none, loopback or any",

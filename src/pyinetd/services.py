@@ -33,7 +33,7 @@ from pyinetd.listeners import (
 from pyinetd.log import event
 from pyinetd.loop import Loop, Timer
 from pyinetd.sandbox import Prepared
-from pyinetd.spawn import Spawner, prepare_sandboxes
+from pyinetd.spawn import Spawner, discard_sandboxes, prepare_sandboxes
 from pyinetd.stderrlog import StderrLog
 
 if TYPE_CHECKING:
@@ -223,9 +223,9 @@ class Services:
         a key swapped in between left a TLS service serving plaintext), and each service's
         sandbox (issue 17: a kernel that refuses one refuses the load), which apply() hands
         to the spawner. ConfigError if any fails."""
-        for box in self._sandboxes.values():  # from a prepare whose bind then failed
-            box.close()
-        self._sandboxes = prepare_sandboxes(config.services)
+        # from a prepare whose bind then failed
+        discard_sandboxes(self._sandboxes, self._spawner.sandboxes)
+        self._sandboxes = prepare_sandboxes(config.services, self._spawner.sandboxes)
         if not any(svc.tls for svc in config.services):
             return {}
         from pyinetd.tlsconf import build_contexts  # ssl only where tls is used

@@ -56,7 +56,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from pyinetd import log
+from pyinetd import log, sandbox
 from pyinetd.config import ConfigError, Service
 from pyinetd.sandbox import Prepared, SandboxError
 from pyinetd.signals import PYTHON_IGNORED
@@ -271,6 +271,11 @@ def needs_fork(service: Service) -> bool:
     )
 
 
+# At exit, how long the cgroups of network: loopback services may take to empty (a warm
+# service's zygote leaving) before pyinetd leaves them to the next start.
+CGROUP_EXIT_WAIT = 1.0
+
+
 class Spawner:
     """Starts service children; holds what is computed once rather than per connection."""
 
@@ -316,6 +321,8 @@ class Spawner:
 
     def close(self) -> None:
         self._close_sandboxes()
+        if sandbox.STALE:  # network: loopback cgroups still holding processes (issue 17)
+            sandbox.settle_cgroups(CGROUP_EXIT_WAIT)
         if self._errpipe is not None:
             self._errpoll.unregister(self._errpipe[0])
             for fd in self._errpipe:
@@ -385,10 +392,10 @@ class Spawner:
         return env
 
     def forget(self) -> None:
-        """Drop cached per-service data (after a reload)."""
+        """Drop cached per-service data (after a reload; install_sandboxes replaces the
+        sandboxes)."""
         self._base_env.clear()
         self._env_list.clear()
-        self._close_sandboxes()
 
     def prepare(self, service: Service) -> Prepared | None:
         """The service's sandbox, built at its first use (or at load, called for each service,
@@ -401,7 +408,7 @@ class Spawner:
             if box is not None:
                 self.settle()
                 box.close()
-            box = self._sandboxes[service.name] = Prepared(service.sandbox)
+            box = self._sandboxes[service.name] = Prepared(service.sandbox, service.name)
         return box
 
     def _box(self, service: Service) -> Prepared | None:
@@ -431,11 +438,27 @@ class Spawner:
         """spawn_zygote() with the service's sandbox (a warm service's zygote, zygote.py)."""
         return spawn_zygote(service, argv, env, ctl, err, self._box(service))
 
+    @property
+    def sandboxes(self) -> Mapping[str, Prepared]:
+        """The sandboxes in use, by service name (prepare_sandboxes keeps those unchanged)."""
+        return self._sandboxes
+
     def install_sandboxes(self, boxes: dict[str, Prepared]) -> None:
         """Use ``boxes`` (from prepare_sandboxes, at a (re)load) from now on; the previous
-        ones are closed once no child is before its exec."""
-        self._close_sandboxes()
-        self._sandboxes.update(boxes)
+        ones that are not among them are closed once no child is before its exec."""
+        kept = {id(b) for b in boxes.values()}
+        old = [b for b in self._sandboxes.values() if id(b) not in kept]
+        if old:
+            self.settle()  # a clone child before its exec may still setns to these fds
+            for box in old:
+                box.close()
+        self._sandboxes = dict(boxes)
+
+    def sweep_cgroups(self) -> None:
+        """Remove the cgroups (network: loopback) of replaced sandboxes whose last process
+        has gone: call after reaping."""
+        if sandbox.STALE:
+            sandbox.sweep_cgroups()
 
     def _close_sandboxes(self) -> None:
         if self._sandboxes:
@@ -584,24 +607,41 @@ class Spawner:
         return _fork(lambda: _child_exec(service, argv, env, stdin, stdout, stderr, sigdef, box))
 
 
-def prepare_sandboxes(services: Iterable[Service]) -> dict[str, Prepared]:
+def prepare_sandboxes(
+    services: Iterable[Service], current: Mapping[str, Prepared] | None = None
+) -> dict[str, Prepared]:
     """Each sandboxed service's sandbox, built before a (re)load changes anything, so that one
     the kernel refuses (no namespaces for pyinetd's user, a path gone) refuses the
-    configuration: ConfigError naming file, service and key; nothing stays open then."""
+    configuration: ConfigError naming file, service and key; nothing stays open then. A
+    sandbox in ``current`` (the running one) whose settings did not change is kept as it is:
+    a reload that changes nothing rebuilds nothing."""
     boxes: dict[str, Prepared] = {}
     errors: list[str] = []
     for svc in services:
         if svc.sandbox is None or not svc.enabled or svc.is_builtin:
             continue
+        old = (current or {}).get(svc.name)
+        if old is not None and old.settings == svc.sandbox:
+            boxes[svc.name] = old
+            continue
         try:
-            boxes[svc.name] = Prepared(svc.sandbox)
+            boxes[svc.name] = Prepared(svc.sandbox, svc.name)
         except (SandboxError, OSError) as exc:
             errors.append(f"{svc.source}: services.{svc.name}.sandbox: cannot prepare: {exc}")
     if errors:
-        for box in boxes.values():
-            box.close()
+        discard_sandboxes(boxes, current)
         raise ConfigError(errors)
     return boxes
+
+
+def discard_sandboxes(
+    boxes: Mapping[str, Prepared], current: Mapping[str, Prepared] | None
+) -> None:
+    """Close the prepared sandboxes that never got used (those of ``current`` stay)."""
+    running = {id(b) for b in (current or {}).values()}
+    for box in boxes.values():
+        if id(box) not in running:
+            box.close()
 
 
 def spawn_relay(
@@ -656,9 +696,7 @@ def spawn_relay(
 
 def _box_fds(box: Prepared | None) -> frozenset[int]:
     """The sandbox's fds, which a relay keeps open until it applies the sandbox."""
-    if box is None:
-        return frozenset()
-    return frozenset(fd for fd in (box.netns_fd, box.mntns_fd, box.ruleset_fd) if fd >= 0)
+    return frozenset() if box is None else box.fds()
 
 
 def _settle_relay(
