@@ -25,7 +25,7 @@ import pytest
 import yaml
 from conftest import DEADLINE, Pyinetd, free_port, wait_for
 
-from pyinetd import sandbox
+from pyinetd import cgroupnet
 from pyinetd.cli import main
 from pyinetd.config import ConfigError, load
 from pyinetd.sandbox import Prepared, SandboxSettings
@@ -34,7 +34,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network: loopback tests run as root"),
     pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="x86_64/arm64"),
     pytest.mark.skipif(
-        sandbox.own_cgroup() is None, reason="no cgroup v2 hierarchy holding this process"
+        cgroupnet.own_cgroup() is None, reason="no cgroup v2 hierarchy holding this process"
     ),
 ]
 
@@ -42,7 +42,7 @@ Start = Callable[..., Pyinetd]
 
 
 def _own_cgroup() -> str:
-    own = sandbox.own_cgroup()
+    own = cgroupnet.own_cgroup()
     assert own is not None
     return own
 

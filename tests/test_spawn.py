@@ -16,7 +16,7 @@ import pytest
 from conftest import DEADLINE
 
 from pyinetd import _spawn
-from pyinetd.spawn import handled_signals
+from pyinetd.signals import handled_signals
 
 pytestmark = pytest.mark.skipif(
     platform.machine() not in ("x86_64", "aarch64"), reason="start() is x86_64/arm64 only"

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from pyinetd import fsuser, reaper
+from pyinetd import cgroupnet, fsuser, reaper
 from pyinetd.config import Service
 from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
@@ -93,10 +93,16 @@ class Children:
         self._udp_replies: dict[int, UDPReply] = {}  # pid of a UDP nowait child -> its reply
         self._devnull = -1  # `stderr: null`, opened once
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
-        self._reaping: reaper.WaitpidReaping | reaper.WatcherReaping = reaper.WaitpidReaping(
-            self.on_reaped
+        self._reaping = reaper.Reaping(
+            loop.sel,
+            loop.call_later,
+            self.on_reaped,
+            lambda: (*self.table, *self._other_pids(), *self.zygotes.pids()),
+            lambda: len(self.table),
+            lambda level, msg, pid: event(
+                level, msg, event="watcher", **({"pid": pid} if pid else {})
+            ),
         )
-        self._watcher_retry = 0.0  # no new watcher before this (monotonic), after a failure
         # `warm: true` services' zygotes (warm.py): they fork children of ours
         self.zygotes = Zygotes(
             spawner,
@@ -200,7 +206,7 @@ class Children:
             return 0
         except OSError as exc:
             state.spawn_failed(errno_name(exc.errno))
-            self.log_exec_error(svc, exc.strerror or str(exc), peer)
+            log_exec_error(svc, exc.strerror or str(exc), peer)
             return 0
         finally:
             if owned:
@@ -293,17 +299,6 @@ class Children:
     def _is_reaped_child(self, pid: int) -> bool:
         return pid in self._reaped_early
 
-    def log_exec_error(self, svc: Service, why: str, peer: str) -> None:
-        """Log a program that could not start."""
-        event(
-            logging.ERROR,
-            f"{svc.name}: cannot start {svc.program}: {why}; closing {peer}",
-            event="spawn_error",
-            service=svc.name,
-            peer=peer,
-            error=why,
-        )
-
     def spawn_error(self, svc: Service, peer: str, what: str) -> None:
         """Log a failed start; the same failure repeating is logged once a minute."""
         self._throttled(
@@ -332,7 +327,7 @@ class Children:
         if self._devnull >= 0:
             os.close(self._devnull)
             self._devnull = -1
-        self._stop_watcher(reap=False)
+        self._reaping.stop(reap=False)
 
     # ------------------------------------------------------------ reaping
     def reap(self) -> None:
@@ -340,61 +335,12 @@ class Children:
         self._reaping.on_wakeup()
 
     def flush(self) -> None:
-        """Before each select: pids to the exit watcher; back to waitpid(-1) if it is gone."""
-        if not self._reaping.flush():
-            self._watcher_gone()
+        """Before each select: pids to the exit watcher (reaper.Reaping)."""
+        self._reaping.flush()
 
     def track(self, pid: int) -> None:
-        """A child started: give its pid to the watcher, or start one if they are many."""
-        if isinstance(self._reaping, reaper.WatcherReaping):
-            self._reaping.watch(pid)
-        elif len(self.table) >= reaper.WATCH_FROM and time.monotonic() >= self._watcher_retry:
-            self._start_watcher()
-
-    def _start_watcher(self) -> None:
-        loop = self._loop
-        try:
-            watcher = reaper.WatcherReaping(
-                loop.sel,
-                loop.call_later,
-                self.on_reaped,
-                (*self.table, *self._other_pids(), *self.zygotes.pids()),
-                self._fewer,
-                self._watcher_gone,
-            )
-        except OSError as exc:
-            self._watcher_retry = time.monotonic() + 60.0
-            event(logging.WARNING, f"cannot start the exit watcher: {exc}", event="watcher")
-            return
-        self._reaping = watcher
-        event(
-            logging.INFO,
-            f"{len(self.table)} children: exit watcher started (pid {watcher.pid})",
-            event="watcher",
-            pid=watcher.pid,
-        )
-
-    def _fewer(self) -> None:
-        if len(self.table) < reaper.WATCH_FROM // 4:
-            self._stop_watcher()
-
-    def _watcher_gone(self) -> None:
-        """The watcher died (EOF, EPIPE) or gave up: back to waitpid(-1) now, said once."""
-        self._watcher_retry = time.monotonic() + 60.0
-        event(
-            logging.WARNING,
-            "exit watcher gone (it exited, or ran out of file descriptors); "
-            "reaping with waitpid(-1)",
-            event="watcher",
-        )
-        self._stop_watcher()  # reaps at once what exited before the watcher could say
-
-    def _stop_watcher(self, reap: bool = True) -> None:
-        watcher = self._reaping
-        if not isinstance(watcher, reaper.WatcherReaping):
-            return
-        self._reaping = reaper.WaitpidReaping(self.on_reaped)
-        watcher.close(reap)
+        """A child started: its pid to the exit watcher, or one started if they are many."""
+        self._reaping.track(pid)
 
     def on_reaped(self, exited: list[tuple[int, int]]) -> None:
         """Account for reaped (pid, status) pairs: stderr first, then each end."""
@@ -414,7 +360,8 @@ class Children:
             self._account(pid, wstatus)
         # A replaced sandbox's cgroup (network: loopback), removed once its last process (a
         # child, a zygote) has gone.
-        self._spawner.sweep_cgroups()
+        if cgroupnet.STALE:
+            cgroupnet.sweep_cgroups()
 
     def _account(self, pid: int, status: int) -> None:
         """``pid`` was reaped: free its slot, account for its end, tell whoever waits."""
@@ -449,25 +396,10 @@ class Children:
             self._metrics.child_ended(state.service.name, duration, status, child.killed)
         if err is not None:  # started by the clone primitive, which reports exec errors late
             state.spawn_failed(errno_name(err))
-            self.log_exec_error(state.service, os.strerror(err), child.peer)
+            log_exec_error(state.service, os.strerror(err), child.peer)
         elif LOG.isEnabledFor(logging.INFO):  # formatting costs even when nothing is logged
-            self._log_end(child, pid, status)
+            log_end(child, pid, status)
         self._ended(child)
-
-    def _log_end(self, child: Child, pid: int, status: int) -> None:
-        code = os.waitstatus_to_exitcode(status)
-        how = f"exit {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
-        duration = time.monotonic() - child.started
-        event(
-            logging.INFO,
-            f"{child.state.service.name}: pid {pid} ended ({how}) after {duration:.3f}s",
-            event="end",
-            service=child.state.service.name,
-            pid=pid,
-            peer=child.peer,
-            status=code,
-            duration=round(duration, 6),
-        )
 
     def on_timeout(self, pid: int) -> None:
         """A child's timeout (or its escalation) is due: SIGTERM, then SIGKILL, then say so."""
@@ -555,3 +487,32 @@ def _kill_group(pid: int, sig: int) -> None:
 def errno_name(number: int | None) -> str:
     """ENOENT for 2: the reason a spawn failed, as metrics and status count it."""
     return errno.errorcode.get(number or 0, "error")
+
+
+def log_exec_error(svc: Service, why: str, peer: str) -> None:
+    """Log a program that could not start."""
+    event(
+        logging.ERROR,
+        f"{svc.name}: cannot start {svc.program}: {why}; closing {peer}",
+        event="spawn_error",
+        service=svc.name,
+        peer=peer,
+        error=why,
+    )
+
+
+def log_end(child: Child, pid: int, status: int) -> None:
+    """Log a child's end: how and after how long."""
+    code = os.waitstatus_to_exitcode(status)
+    how = f"exit {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+    duration = time.monotonic() - child.started
+    event(
+        logging.INFO,
+        f"{child.state.service.name}: pid {pid} ended ({how}) after {duration:.3f}s",
+        event="end",
+        service=child.state.service.name,
+        pid=pid,
+        peer=child.peer,
+        status=code,
+        duration=round(duration, 6),
+    )

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import resource
 import select
 import selectors
 import signal
 import struct
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -272,3 +274,80 @@ class WatcherReaping:
             self._sweep_timer = None
         if reap:
             self._handle(reap_all())
+
+
+class Reaping:
+    """The children table's one handle on reaping: which strategy reaps now. waitpid(-1)
+    while children are few; the exit watcher from WATCH_FROM of them, until fewer than a
+    quarter of that are left or it is gone (then waitpid(-1) at once, said once, and no new
+    watcher for a minute). ``pids``: every pid a new watcher must watch; ``count``: the
+    children alive; ``say(level, message, watcher's pid)``: a log line."""
+
+    def __init__(
+        self,
+        sel: selectors.BaseSelector,
+        call_later: Callable[[float, Callable[[], None]], Timer],
+        handle: Callable[[Exited], None],
+        pids: Callable[[], Iterable[int]],
+        count: Callable[[], int],
+        say: Callable[[int, str, int | None], None],
+    ) -> None:
+        self._sel, self._call_later, self._handle = sel, call_later, handle
+        self._pids, self._count, self._say = pids, count, say
+        self._strategy: WaitpidReaping | WatcherReaping = WaitpidReaping(handle)
+        self._retry = 0.0  # no new watcher before this (monotonic), after a failure
+
+    def on_wakeup(self) -> None:
+        """At every wake-up (SIGCHLD coalesces): reap, unless the exit watcher reports."""
+        self._strategy.on_wakeup()
+
+    def flush(self) -> None:
+        """Before each select: pids to the exit watcher; back to waitpid(-1) if it is gone."""
+        if not self._strategy.flush():
+            self._gone()
+
+    def track(self, pid: int) -> None:
+        """A child started: give its pid to the watcher, or start one if they are many."""
+        if isinstance(self._strategy, WatcherReaping):
+            self._strategy.watch(pid)
+        elif self._count() >= WATCH_FROM and time.monotonic() >= self._retry:
+            self._start()
+
+    def _start(self) -> None:
+        try:
+            watcher = WatcherReaping(
+                self._sel, self._call_later, self._handle, self._pids(), self._fewer, self._gone
+            )
+        except OSError as exc:
+            self._retry = time.monotonic() + 60.0
+            self._say(logging.WARNING, f"cannot start the exit watcher: {exc}", None)
+            return
+        self._strategy = watcher
+        self._say(
+            logging.INFO,
+            f"{self._count()} children: exit watcher started (pid {watcher.pid})",
+            watcher.pid,
+        )
+
+    def _fewer(self) -> None:
+        if self._count() < WATCH_FROM // 4:
+            self.stop()
+
+    def _gone(self) -> None:
+        """The watcher died (EOF, EPIPE) or gave up: back to waitpid(-1) now, said once."""
+        self._retry = time.monotonic() + 60.0
+        self._say(
+            logging.WARNING,
+            "exit watcher gone (it exited, or ran out of file descriptors); "
+            "reaping with waitpid(-1)",
+            None,
+        )
+        self.stop()  # reaps at once what exited before the watcher could say
+
+    def stop(self, reap: bool = True) -> None:
+        """Back to waitpid(-1) (at exit: ``reap`` False, the watcher just exits)."""
+        watcher = self._strategy
+        if not isinstance(watcher, WatcherReaping):
+            return
+        self._strategy = WaitpidReaping(self._handle)
+        watcher.close(reap)

@@ -27,8 +27,8 @@ from pyinetd.log import ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
 from pyinetd.services import Services
-from pyinetd.signals import HANDLED_SIGNALS, PYTHON_IGNORED
-from pyinetd.spawn import C_MODULE_BUILT, Spawner, ignored_signals
+from pyinetd.signals import HANDLED_SIGNALS, PYTHON_IGNORED, ignored_signals
+from pyinetd.spawn import C_MODULE_BUILT, Spawner
 from pyinetd.status import Operations, render_table, snapshot
 from pyinetd.workers import Workers
 

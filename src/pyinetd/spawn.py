@@ -56,10 +56,10 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from pyinetd import log, sandbox
+from pyinetd import cgroupnet, log
 from pyinetd.config import ConfigError, Service
 from pyinetd.sandbox import Prepared, SandboxError
-from pyinetd.signals import PYTHON_IGNORED
+from pyinetd.signals import PYTHON_IGNORED, handled_signals, ignored_signals
 
 if TYPE_CHECKING:
     import ssl
@@ -210,39 +210,6 @@ def _inherited(service: Service) -> Environ:
     return env
 
 
-def _dispositions() -> list[tuple[int, object]]:
-    """(signal, getsignal()) for every signal whose disposition can be changed here."""
-    out: list[tuple[int, object]] = []
-    for sig in signal.valid_signals():
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        try:
-            out.append((sig, signal.getsignal(sig)))
-        except (OSError, ValueError):
-            continue
-    return out
-
-
-def ignored_signals() -> tuple[signal.Signals, ...]:
-    """Signals ignored in this process; the child must get them back at their default.
-
-    CPython ignores SIGPIPE and SIGXFSZ at start-up; a service must not inherit that, or
-    ``yes | head`` in a shell service would spin on EPIPE instead of dying.
-    """
-    return tuple(
-        sig
-        for sig, how in _dispositions()
-        if isinstance(sig, signal.Signals) and how == signal.SIG_IGN
-    )
-
-
-def handled_signals() -> tuple[int, ...]:
-    """Signals whose disposition here is not the default: a handler, ignored, or set
-    outside Python (getsignal() says None). pyinetd's own child (_spawn.c) resets
-    exactly these to their default."""
-    return tuple(int(sig) for sig, how in _dispositions() if how != signal.SIG_DFL)
-
-
 def seal_inherited_fds() -> None:
     """Make every fd above 2 that pyinetd was started with close-on-exec.
 
@@ -321,8 +288,8 @@ class Spawner:
 
     def close(self) -> None:
         self._close_sandboxes()
-        if sandbox.STALE:  # network: loopback cgroups still holding processes (issue 17)
-            sandbox.settle_cgroups(CGROUP_EXIT_WAIT)
+        if cgroupnet.STALE:  # network: loopback cgroups still holding processes (issue 17)
+            cgroupnet.settle_cgroups(CGROUP_EXIT_WAIT)
         if self._errpipe is not None:
             self._errpoll.unregister(self._errpipe[0])
             for fd in self._errpipe:
@@ -453,12 +420,6 @@ class Spawner:
             for box in old:
                 box.close()
         self._sandboxes = dict(boxes)
-
-    def sweep_cgroups(self) -> None:
-        """Remove the cgroups (network: loopback) of replaced sandboxes whose last process
-        has gone: call after reaping."""
-        if sandbox.STALE:
-            sandbox.sweep_cgroups()
 
     def _close_sandboxes(self) -> None:
         if self._sandboxes:

@@ -17,7 +17,8 @@ from pyinetd.config import Config
 from pyinetd.log import event
 from pyinetd.loop import Loop
 from pyinetd.services import Services, worker_serves
-from pyinetd.spawn import ignored_signals, start_python
+from pyinetd.signals import ignored_signals
+from pyinetd.spawn import start_python
 
 
 class Workers:
