@@ -365,3 +365,22 @@ def status_of(p: Pyinetd) -> dict[str, dict[str, Any]]:
         check=True,
     )
     return {s["name"]: s for s in json.loads(out.stdout)["services"]}
+
+
+def write_pki(folder: Path) -> Path:
+    """A CA (ca.pem) and a server certificate for localhost and 127.0.0.1 (cert.pem, key.pem)
+    written into ``folder`` (trustme; the test is skipped without it)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    server.cert_chain_pems[0].write_to_path(folder / "cert.pem")
+    server.private_key_pem.write_to_path(folder / "key.pem")
+    (folder / "key.pem").chmod(0o600)
+    ca.cert_pem.write_to_path(folder / "ca.pem")
+    return folder
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    """write_pki in the test's folder."""
+    return write_pki(tmp_path)

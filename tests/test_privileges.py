@@ -17,7 +17,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE, LocalUser, Pyinetd, children_of, free_port, tcp_talk, wait_for
+from conftest import (
+    DEADLINE,
+    LocalUser,
+    Pyinetd,
+    children_of,
+    free_port,
+    tcp_talk,
+    wait_for,
+    write_pki,
+)
 
 Start = Callable[..., Pyinetd]
 
@@ -79,14 +88,8 @@ def probe(world: Path) -> str:
 
 
 def tls_files(tmp_path: Path) -> tuple[dict[str, str], ssl.SSLContext]:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    server = ca.issue_cert("localhost", "127.0.0.1")
-    server.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
-    server.private_key_pem.write_to_path(tmp_path / "key.pem")
-    (tmp_path / "key.pem").chmod(0o600)
-    ctx = ssl.create_default_context()
-    ca.configure_trust(ctx)
+    write_pki(tmp_path)
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
     return {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}, ctx
 
 

@@ -299,18 +299,6 @@ def test_loopback_service_reaches_only_loopback_and_still_answers_its_client(
     assert cgroups_of(p.pid) == []  # removed at the stop
 
 
-@pytest.fixture
-def pki(tmp_path: Path) -> Path:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    server = ca.issue_cert("localhost", "127.0.0.1")
-    server.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
-    server.private_key_pem.write_to_path(tmp_path / "key.pem")
-    (tmp_path / "key.pem").chmod(0o600)
-    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
-    return tmp_path
-
-
 def test_a_tls_services_relay_and_program_are_contained(
     inetd: Start, folder: Path, netns: Netns, lo_target: int, pki: Path
 ) -> None:

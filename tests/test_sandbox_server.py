@@ -196,18 +196,6 @@ def test_shipped_config_services_work_sandboxed(inetd: Start, tmp_path: Path) ->
     assert tcp_talk(ports["hello"], b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200")
 
 
-@pytest.fixture
-def pki(tmp_path: Path) -> Path:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    server = ca.issue_cert("localhost", "127.0.0.1")
-    server.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
-    server.private_key_pem.write_to_path(tmp_path / "key.pem")
-    (tmp_path / "key.pem").chmod(0o600)
-    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
-    return tmp_path
-
-
 def test_pyinetd_serves_a_sandboxed_tls_service_confined(
     inetd: Start, box: Path, target: int, host_marker: None, pki: Path
 ) -> None:

@@ -38,7 +38,9 @@ class CgroupError(ValueError):
 _LIBC: ctypes.CDLL | None = None
 
 
-def _libc() -> ctypes.CDLL:
+def libc() -> ctypes.CDLL:
+    """The C library (ctypes), loaded once, for the system calls Python has no function for
+    (bpf here; landlock and seccomp in sandbox.py)."""
     global _LIBC
     if _LIBC is None:
         _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -82,8 +84,11 @@ _OPS = {
 }
 
 
-def _ebpf(prog: list[tuple[Any, ...]]) -> bytes:
-    """Assemble (op, dst, src/imm..., label) tuples into struct bpf_insn[]."""
+def resolve_labels(
+    prog: list[tuple[Any, ...]],
+) -> tuple[list[tuple[Any, ...]], dict[str, int]]:
+    """A program's instructions without its ("label", name) marks, and where each mark is
+    (the index of the instruction after it): for this eBPF assembler and sandbox.py's cBPF one."""
     code = [ins for ins in prog if ins[0] != "label"]
     labels: dict[str, int] = {}
     pc = 0
@@ -92,6 +97,12 @@ def _ebpf(prog: list[tuple[Any, ...]]) -> bytes:
             labels[ins[1]] = pc
         else:
             pc += 1
+    return code, labels
+
+
+def _ebpf(prog: list[tuple[Any, ...]]) -> bytes:
+    """Assemble (op, dst, src/imm..., label) tuples into struct bpf_insn[]."""
+    code, labels = resolve_labels(prog)
     out = bytearray()
     for pc, ins in enumerate(code):
         op, args = ins[0], ins[1:]
@@ -201,9 +212,9 @@ def _programs() -> list[tuple[int, int, bytes]]:
 
 
 def _bpf(cmd: int, attr: bytes) -> int:
-    libc = _libc()
+    c = libc()
     buf = ctypes.create_string_buffer(attr, 128)  # the rest zero, as bpf(2) wants
-    r = int(libc.syscall(_SYS_BPF[os.uname().machine], cmd, buf, 128))
+    r = int(c.syscall(_SYS_BPF[os.uname().machine], cmd, buf, 128))
     if r < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))

@@ -110,7 +110,9 @@ def landlock_abi() -> int:
         return 0
     if forced := os.environ.get("PYINETD_TEST_LANDLOCK_ABI"):
         return int(forced)
-    abi = _libc().syscall(_SYS_LANDLOCK_CREATE_RULESET, None, 0, _LANDLOCK_CREATE_RULESET_VERSION)
+    abi = cgroupnet.libc().syscall(
+        _SYS_LANDLOCK_CREATE_RULESET, None, 0, _LANDLOCK_CREATE_RULESET_VERSION
+    )
     return max(0, int(abi))  # -1: ENOSYS (not built) or EOPNOTSUPP (disabled at boot)
 
 
@@ -126,17 +128,6 @@ def _have_seccomp() -> bool:
     with contextlib.suppress(OSError), open("/proc/self/status") as f:
         return any(line.startswith("Seccomp:") for line in f)
     return False
-
-
-_LIBC: ctypes.CDLL | None = None
-
-
-def _libc() -> ctypes.CDLL:
-    global _LIBC
-    if _LIBC is None:
-        _LIBC = ctypes.CDLL(None, use_errno=True)
-        _LIBC.syscall.restype = ctypes.c_long
-    return _LIBC
 
 
 # ---------------------------------------------------------------- parse (config load)
@@ -401,14 +392,7 @@ def _search_tree(items: list[tuple[int, str]], depth: int = 0) -> list[tuple[Any
 
 
 def _assemble(prog: list[tuple[Any, ...]]) -> bytes:
-    labels: dict[str, int] = {}
-    code = [ins for ins in prog if ins[0] != "label"]
-    pc = 0
-    for ins in prog:
-        if ins[0] == "label":
-            labels[ins[1]] = pc
-        else:
-            pc += 1
+    code, labels = cgroupnet.resolve_labels(prog)
     out = bytearray()
     for pc, ins in enumerate(code):
         op = ins[0]
@@ -438,7 +422,7 @@ class _PathBeneath(ctypes.Structure):
 
 
 def _landlock_ruleset(s: SandboxSettings, abi: int) -> int:
-    libc = _libc()
+    libc = cgroupnet.libc()
     write_rights = _FS_WRITE_FILE | _FS_WRITE_DIR
     write_rights |= (_FS_REFER if abi >= 2 else 0) | (_FS_TRUNCATE if abi >= 3 else 0)
     write_rights |= _FS_IOCTL_DEV if abi >= 5 else 0
@@ -483,7 +467,7 @@ _CLONE_NEWNS, _CLONE_NEWNET = 0x20000, 0x40000000
 def _namespace_helper(flags: int, private_tmp: bool) -> tuple[int, int]:
     """(netns fd, mntns fd), -1 where not asked: a helper process unshares, mounts, and
     waits while its /proc/PID/ns files are opened; the fds keep the namespaces alive."""
-    libc = _libc()
+    libc = cgroupnet.libc()
     ready_r, ready_w = os.pipe()
     done_r, done_w = os.pipe()
     old_mask = signal.pthread_sigmask(signal.SIG_SETMASK, signal.valid_signals())
@@ -602,7 +586,7 @@ class Prepared:
         migration: the clone child is born in it instead) and the prepared namespaces."""
         if self.procs_fd >= 0:
             os.write(self.procs_fd, b"0")  # "0": the writing process itself (cgroup v2)
-        libc = _libc()
+        libc = cgroupnet.libc()
         for fd, kind in ((self.netns_fd, _CLONE_NEWNET), (self.mntns_fd, _CLONE_NEWNS)):
             if fd >= 0 and libc.setns(fd, kind) < 0:
                 raise OSError(ctypes.get_errno(), "setns")
@@ -610,7 +594,7 @@ class Prepared:
     def restrict(self) -> None:
         """In the child, after the user drop, right before execve: no_new_privs, Landlock,
         then the seccomp filter (last: nothing after it but the exec)."""
-        libc = _libc()
+        libc = cgroupnet.libc()
         if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
         if (
