@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import signal
 import struct
@@ -320,6 +321,8 @@ _PERSONALITY = {"x86_64": 135, "aarch64": 92}
 # personality(): only the harmless values (query, PER_LINUX, PER_LINUX32, UNAME26): others
 # (READ_IMPLIES_EXEC, ADDR_NO_RANDOMIZE) weaken the next exec's protections.
 _PERSONALITY_OK = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
+# As the filter tests them: the query, then no bit outside PER_LINUX32 | UNAME26.
+_PERSONALITY_QUERY, _PERSONALITY_ANY_BITS = 0xFFFFFFFF, 0xFFFFFFFF & ~(0x8 | 0x20000)
 # clone() with a CLONE_NEW* flag is unshare() by another name.
 _CLONE_NEW_FLAGS = 0x7E020000
 
@@ -337,58 +340,101 @@ def seccomp_filter(arch: str | None = None) -> bytes:
     """The compiled ``syscalls: default`` filter (struct sock_filter[]) for this machine."""
     arch = arch or _arch()
     assert arch is not None
+    return _seccomp_filter(arch)
+
+
+# What a filter costs is paid when it is attached, at every spawn (Linux 5.11+,
+# kernel/seccomp.c): the kernel converts the program to eBPF and JITs it (bpf_jit_enable is 1
+# here), both in time linear in its length, about 0.11 us per instruction on this machine;
+# then, to build its action cache, it runs the program in a small emulator
+# (seccomp_is_const_allow) once for every system call number of each ABI it knows, about
+# 2 ns per instruction run. So the program is short and its common paths are shorter: a
+# search tree on the call number over the intervals that share a decision, each leaf a jump
+# straight to one shared return, weighted by how many numbers each interval holds.
+_NR_WEIGHED = 512  # numbers the cache emulates: the kernel's table (about 470 in 6.18)
+
+
+@functools.cache
+def _seccomp_filter(arch: str) -> bytes:
     col = 0 if arch == "x86_64" else 1
-    deny_eperm = ("ret", _RET_ERRNO | errno.EPERM)
+    action = {n: "deny" for n in (nr[col] for nr in _DENIED.values()) if n is not None}
+    # clone3 passes its flags in memory a filter cannot read: ENOSYS makes glibc fall back
+    # to clone(), whose flags it can (as Docker and systemd do).
+    action.update({_CLONE[arch]: "clone", _CLONE3: "enosys", _PERSONALITY[arch]: "personality"})
+    intervals: list[tuple[int, str]] = []  # (first number, decision), up to the next's first
+    for nr in range(max(action) + 2):
+        what = action.get(nr, "allow")
+        if not intervals or intervals[-1][1] != what:
+            intervals.append((nr, what))
+    if arch == "x86_64":  # the x32 ABI: the same arch, numbers with bit 30 set
+        intervals.append((_X32_BIT, "deny"))
+    ends = [lo for lo, _ in intervals[1:]] + [_NR_WEIGHED]
+    weights = tuple(
+        max(0, min(end, _NR_WEIGHED) - lo) for (lo, _), end in zip(intervals, ends, strict=True)
+    )
     prog: list[tuple[Any, ...]] = [
         ("ld", 4),  # seccomp_data.arch
         # A foreign ABI (i386 through int 0x80 on x86_64) numbers system calls otherwise:
-        # the list below would not match, so it gets nothing.
-        ("jeq", _AUDIT_ARCH[arch], None, "foreign"),
+        # it gets nothing, in three steps (its hundreds of numbers are emulated too).
+        ("jeq", _AUDIT_ARCH[arch], None, "deny"),
         ("ld", 0),  # seccomp_data.nr
-    ]
-    if arch == "x86_64":  # the x32 ABI: the same arch, numbers with bit 30 set
-        prog.append(("jge", _X32_BIT, "deny", None))
-    targets = {n: "deny" for n in (nr[col] for nr in _DENIED.values()) if n is not None}
-    # clone3 passes its flags in memory a filter cannot read: ENOSYS makes glibc fall back
-    # to clone(), whose flags it can (as Docker and systemd do).
-    targets.update({_CLONE[arch]: "clone", _CLONE3: "enosys", _PERSONALITY[arch]: "personality"})
-    prog += _search_tree(sorted(targets.items()))
-    prog += [
-        ("label", "deny"),
-        deny_eperm,
-        ("label", "foreign"),
-        deny_eperm,
-        ("label", "enosys"),
-        ("ret", _RET_ERRNO | errno.ENOSYS),
+        *_search_tree(intervals, _split_points(weights), 0, len(intervals)),
         ("label", "clone"),
         ("ld", 16),  # args[0], low 32 bits (little-endian)
-        ("jset", _CLONE_NEW_FLAGS, "clone_new", None),
-        ("ret", _RET_ALLOW),
-        ("label", "clone_new"),
-        deny_eperm,  # (BPF jumps only forward: a deny of its own)
+        # clone() with a CLONE_NEW* flag is unshare() by another name.
+        ("jset", _CLONE_NEW_FLAGS, "deny", "allow"),
         ("label", "personality"),
         ("ld", 16),
+        # _PERSONALITY_OK in two tests: the query, then the values with no bit outside
+        # 0x20008 (0, 0x8, 0x20000, 0x20008): what the list allows, no more.
+        ("jeq", _PERSONALITY_QUERY, "allow", None),
+        ("jset", _PERSONALITY_ANY_BITS, "deny", "allow"),
+        ("label", "deny"),
+        ("ret", _RET_ERRNO | errno.EPERM),
+        ("label", "allow"),
+        ("ret", _RET_ALLOW),
+        ("label", "enosys"),
+        ("ret", _RET_ERRNO | errno.ENOSYS),
     ]
-    prog += [("jeq", v, "allow", None) for v in _PERSONALITY_OK]
-    prog += [deny_eperm, ("label", "allow"), ("ret", _RET_ALLOW)]
     return _assemble(prog)
 
 
-def _search_tree(items: list[tuple[int, str]], depth: int = 0) -> list[tuple[Any, ...]]:
-    """A binary search on the system call number, not a list of tests: when a filter is
-    attached, the kernel runs it once per system call number of each ABI to find those it
-    always allows (its action cache, Linux 5.11), so the filter's length is paid at every
-    spawn: a 79-test list cost ~66 us per child here, a tree about a tenth of that."""
-    if len(items) <= 3:
-        return [("jeq", nr, target, None) for nr, target in items] + [("ret", _RET_ALLOW)]
-    mid = len(items) // 2
-    right = f"t{depth}_{items[mid][0]}"
-    return [
-        ("jge", items[mid][0], right, None),
-        *_search_tree(items[:mid], depth + 1),
-        ("label", right),
-        *_search_tree(items[mid:], depth + 1),
-    ]
+def _split_points(weights: tuple[int, ...]) -> dict[tuple[int, int], int]:
+    """The optimal alphabetic tree over the intervals (Knuth's dynamic program for optimal
+    binary search trees, leaves only): for each span [i, j) of intervals, the interval the
+    right subtree starts at, so that the sum over numbers of comparisons made is least."""
+    n = len(weights)
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    cost: dict[tuple[int, int], int] = {(i, i + 1): 0 for i in range(n)}
+    root: dict[tuple[int, int], int] = {}
+    for size in range(2, n + 1):
+        for i in range(n - size + 1):
+            j = i + size
+            best, at = min((cost[i, m] + cost[m, j], m) for m in range(i + 1, j))
+            cost[i, j] = best + prefix[j] - prefix[i]  # one more comparison for each number
+            root[i, j] = at
+    return root
+
+
+def _search_tree(
+    intervals: list[tuple[int, str]], root: dict[tuple[int, int], int], i: int, j: int
+) -> list[tuple[Any, ...]]:
+    """The tree over intervals[i:j] (two or more) as ``jge`` tests whose leaves jump to
+    their decision's shared return: no per-leaf instructions (each would be converted and
+    JITted at every spawn), and an inner subtree always on the fall-through side (one eBPF
+    jump, not a jump and a ``ja``)."""
+    m = root[i, j]
+    left = _search_tree(intervals, root, i, m) if m - i > 1 else []
+    right = _search_tree(intervals, root, m, j) if j - m > 1 else []
+    right_to = f"n{m}_{j}" if right else intervals[m][1]
+    if left:
+        return [("jge", intervals[m][0], right_to, None), *left,
+                *([("label", right_to), *right] if right else [])]  # fmt: skip
+    if right:
+        return [("jge", intervals[m][0], None, intervals[i][1]), *right]
+    return [("jge", intervals[m][0], right_to, intervals[i][1])]
 
 
 def _assemble(prog: list[tuple[Any, ...]]) -> bytes:
