@@ -332,8 +332,10 @@ child_exec(struct child_args *a)
     if (r < 0)
         goto fail;
     /* The service, and all it execs, can never gain privileges through a setuid or
-     * file-capability binary (prctl(2) PR_SET_NO_NEW_PRIVS). */
-    if (a->flags & SPAWN_NO_NEW_PRIVS) {
+     * file-capability binary (prctl(2) PR_SET_NO_NEW_PRIVS). A sandbox set it already, before
+     * Landlock and seccomp (it cannot be unset): a second prctl would only be one more call
+     * through the seccomp filter at every spawn. */
+    if ((a->flags & SPAWN_NO_NEW_PRIVS) && !a->sb.active) {
         /* All five arguments: prctl says EINVAL unless arguments 3 to 5 are zero. */
         r = raw_syscall5(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
         if (r < 0)
