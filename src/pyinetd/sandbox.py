@@ -351,7 +351,7 @@ def seccomp_filter(arch: str | None = None) -> bytes:
 # 2 ns per instruction run. So the program is short and its common paths are shorter: a
 # search tree on the call number over the intervals that share a decision, each leaf a jump
 # straight to one shared return, weighted by how many numbers each interval holds.
-_NR_WEIGHED = 512  # numbers the cache emulates: the kernel's table (about 470 in 6.18)
+_NR_WEIGHTED = 512  # numbers the cache emulates: the kernel's table (about 470 in 6.18)
 
 
 @functools.cache
@@ -368,9 +368,9 @@ def _seccomp_filter(arch: str) -> bytes:
             intervals.append((nr, what))
     if arch == "x86_64":  # the x32 ABI: the same arch, numbers with bit 30 set
         intervals.append((_X32_BIT, "deny"))
-    ends = [lo for lo, _ in intervals[1:]] + [_NR_WEIGHED]
+    ends = [lo for lo, _ in intervals[1:]] + [_NR_WEIGHTED]
     weights = tuple(
-        max(0, min(end, _NR_WEIGHED) - lo) for (lo, _), end in zip(intervals, ends, strict=True)
+        max(0, min(end, _NR_WEIGHTED) - lo) for (lo, _), end in zip(intervals, ends, strict=True)
     )
     prog: list[tuple[Any, ...]] = [
         ("ld", 4),  # seccomp_data.arch
