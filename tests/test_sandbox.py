@@ -22,7 +22,7 @@ import pytest
 import yaml
 from conftest import DEADLINE
 
-from pyinetd import sandbox
+from pyinetd import cgroupnet, sandbox
 from pyinetd.cli import main
 from pyinetd.config import ConfigError, Service, load
 from pyinetd.sandbox import SandboxSettings
@@ -397,6 +397,90 @@ def test_seccomp_filter_is_short_and_quick_for_the_kernel_to_cache(arch: str) ->
     assert all(not cached and steps == 3 for cached, steps in compat)  # ld, jeq, ret
     assert len(prog) // 8 <= 70
     assert sum(steps for _, steps in native) <= 4400  # 512 numbers, 3 steps before the tree
+
+
+# What the probing child needs to run Python and report: let through by the backstop, and not
+# probed (the emulator and the old program agree they are allowed).
+_PROBE_NEEDS = {
+    "x86_64": {0, 1, 3, 9, 10, 11, 12, 13, 14, 25, 28, 39, 60, 186, 202, 231, 317},
+    "aarch64": {57, 63, 64, 93, 94, 98, 113, 134, 135, 172, 178, 214, 215, 216, 222, 233, 277},
+}
+_EHWPOISON = 133
+# uretprobe and uprobe (x86_64 335 and 336, Linux 6.11 and 6.16) pass every seccomp filter by
+# design (only a probe's trampoline may call them: elsewhere SIGILL and ENXIO): not probed.
+_UNFILTERED = {"x86_64": {335, 336}, "aarch64": set()}
+
+
+def attach_filter(prog: bytes) -> None:
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = sandbox._SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    machine = platform.machine()
+    if cgroupnet.libc().syscall(sandbox._SYS_SECCOMP[machine], 1, 0, ctypes.byref(fprog)) < 0:
+        raise OSError(ctypes.get_errno(), "seccomp")
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64"), reason="x86_64/aarch64")
+@pytest.mark.parametrize("which", ["before_reshape", "now"])
+def test_seccomp_filter_in_the_kernel_decides_every_number_as_the_emulator(which: str) -> None:
+    """The kernel's own reading of the compiled program (and of the one before the
+    reshape), for every number, with nothing run: a backstop filter attached first answers
+    EHWPOISON to every probed number, and seccomp returns the errno of the most recently
+    attached filter among those that say ERRNO. So EPERM or ENOSYS here is pyinetd's filter
+    denying, EHWPOISON its allowing (and the backstop then refusing): no probed call ever
+    reaches the kernel proper. Both programs must read as the emulator reads today's."""
+    import json
+
+    arch = platform.machine()
+    prog = sandbox.seccomp_filter(arch)
+    probed = prog
+    if which == "before_reshape":
+        before = json.loads((Path(__file__).parent / "fixtures" /
+                             "seccomp_default_before_reshape.json").read_text())  # fmt: skip
+        probed = bytes.fromhex(before[arch])
+    needs = _PROBE_NEEDS[arch]
+    assert all(run_filter(prog, nr, sandbox._AUDIT_ARCH[arch]) == 0x7FFF0000 for nr in needs)
+    backstop = [struct.pack("=HBBI", 0x20, 0, 0, 0)]  # ld nr
+    backstop += [struct.pack("=HBBI", 0x15, len(needs) - i, 0, nr) for i, nr in enumerate(needs)]
+    backstop += [struct.pack("=HBBI", 0x06, 0, 0, 0x00050000 | _EHWPOISON)]
+    backstop += [struct.pack("=HBBI", 0x06, 0, 0, 0x7FFF0000)]
+    clone, pers = sandbox._CLONE[arch], sandbox._PERSONALITY[arch]
+    cases = [(nr, 0) for nr in range(512) if nr not in needs | _UNFILTERED[arch]]
+    cases += [(nr | sandbox._X32_BIT, 0) for nr in range(0, 512, 7)] if arch == "x86_64" else []
+    cases += [(clone, a) for a in (0x11, 0x10000000, 0x20000, 0x40000000, 0x01200011)]
+    cases += [(pers, a) for a in (0, 8, 0x20000, 0x20008, 0xFFFFFFFF, 0x0400000, 0x0040000)]
+    libc = cgroupnet.libc()
+    out = (ctypes.c_int * len(cases))()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the probing child
+        code = 1
+        try:
+            os.close(r)
+            if cgroupnet.libc().prctl(38, 1, 0, 0, 0) < 0:
+                raise OSError(ctypes.get_errno(), "prctl")
+            attach_filter(b"".join(backstop))
+            attach_filter(probed)
+            for i, (nr, arg0) in enumerate(cases):
+                ctypes.set_errno(0)
+                libc.syscall(ctypes.c_long(nr), ctypes.c_long(arg0), 0, 0, 0, 0, 0)
+                out[i] = ctypes.get_errno()
+            os.write(w, bytes(out))
+            code = 0
+        except BaseException as exc:
+            os.write(2, repr(exc).encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        got = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and len(got) == ctypes.sizeof(out), status
+    kernel = struct.unpack(f"={len(cases)}i", got)
+    to_errno = {0x7FFF0000: _EHWPOISON}
+    for (nr, arg0), seen in zip(cases, kernel, strict=True):
+        ret = run_filter(prog, nr - (1 << 32) if nr >= 1 << 31 else nr,
+                         sandbox._AUDIT_ARCH[arch], arg0)  # fmt: skip
+        assert seen == to_errno.get(ret, ret & 0xFFFF), (nr, hex(arg0), seen)
 
 
 # ---------------------------------------------------------------- privileges
