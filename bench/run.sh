@@ -64,8 +64,8 @@ PORT_BASE=${PORT_BASE:-17001}
 die() { echo "run.sh: $*" >&2; exit 2; }
 note() { echo "run.sh: $*" >&2; }
 
-[[ $PORT_BASE =~ ^[0-9]+$ ]] && (( PORT_BASE >= 1024 && PORT_BASE + 23 <= 65535 )) ||
-    die "PORT_BASE must be an integer in 1024..65512, got '$PORT_BASE'"
+[[ $PORT_BASE =~ ^[0-9]+$ ]] && (( PORT_BASE >= 1024 && PORT_BASE + 24 <= 65535 )) ||
+    die "PORT_BASE must be an integer in 1024..65511, got '$PORT_BASE'"
 [[ -r $ANCHORS ]] || die "shared bench kit not found: $ANCHORS (set SHARED=path/to/shared)"
 
 # ---------------------------------------------------------------- requirements

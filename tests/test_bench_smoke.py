@@ -37,12 +37,12 @@ pytestmark = [
 
 
 def _free_port_base() -> int:
-    """A PORT_BASE below the ephemeral range whose 24 ports (run.sh uses +0..+23) are all
+    """A PORT_BASE below the ephemeral range whose 25 ports (run.sh uses +0..+24) are all
     free right now."""
-    for base in range(21001, 32000, 24):
+    for base in range(21001, 32000, 25):
         socks: list[socket.socket] = []
         try:
-            for p in range(base, base + 24):
+            for p in range(base, base + 25):
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("127.0.0.1", p))
@@ -52,7 +52,7 @@ def _free_port_base() -> int:
         finally:
             for s in socks:
                 s.close()
-    pytest.skip("no block of 24 free loopback ports")
+    pytest.skip("no block of 25 free loopback ports")
 
 
 def test_run_sh_writes_report_with_pyinetd_rows(tmp_path: Path) -> None:
