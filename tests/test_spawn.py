@@ -178,19 +178,24 @@ def test_a_child_before_its_exec_is_held_until_settle(
                 continue
             # Not run yet: still in our group, as no parent-side setpgid may make it a group
             # leader (its setsid would fail); server._kill_group signals the pid itself too.
-            again = socket.socket()
-            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            with pytest.raises(OSError) as held:
-                again.bind(addr)
-            assert held.value.errno == errno.EADDRINUSE
-            os.kill(pid, signal.SIGCONT)
-            assert _spawn.settle(DEADLINE)
-            again.bind(addr)  # free now: the child dropped it before its exec
-            again.close()
+            with socket.socket() as again:
+                again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    again.bind(addr)
+                except OSError as exc:
+                    assert exc.errno == errno.EADDRINUSE  # held by the stopped child
+                else:  # stopped after its close_range, just before its exec: try again
+                    os.kill(pid, signal.SIGCONT)
+                    assert wait_exit(pid) == 0
+                    pid = 0
+                    continue
+                os.kill(pid, signal.SIGCONT)
+                assert _spawn.settle(DEADLINE)
+                again.bind(addr)  # free now: the child dropped it before its exec
             assert wait_exit(pid) == 0
             pid = 0
             return
-        pytest.fail("no child could be stopped before its exec in 50 tries")
+        pytest.fail("no child could be stopped before its close_range in 50 tries")
     finally:
         os.sched_setaffinity(0, cpus)
         if pid:  # a failure above: a stopped child before its exec holds our stdout
