@@ -4,6 +4,7 @@ with the service cold (exec per connection) and warm (`warm: true`, forked from 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import pytest
 from tests.conftest import (
     DEADLINE,
     Pyinetd,
+    children_of,
     free_port,
     pid_gone,
     status_of,
@@ -314,6 +316,59 @@ def test_children_that_end_before_their_pid_is_read_free_their_slot(serve: Start
     wait_for(lambda: status_of(p)["svc"]["running"] == 0, what="every slot free")
     assert talk(port) == b""  # still accepting
     assert not [ln for ln in p.lines if "serving cold" in ln]  # its zygote was trusted
+
+
+_PTRACE_GETEVENTMSG, _PTRACE_DETACH, _PTRACE_SEIZE = 0x4201, 17, 0x4206
+_PTRACE_O_TRACEFORK, _PTRACE_EVENT_FORK, _WALL = 0x2, 1, 0x40000000
+
+
+def _ptrace(request: int, pid: int, addr: int = 0, data: object = 0) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    if libc.ptrace(request, pid, addr, data) == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def test_a_zygote_dead_before_its_fork_ran_does_not_serve_the_connection_twice(
+    serve: Start,
+) -> None:
+    """The zygote dies between a clone and its child's first instruction (held here by ptrace,
+    which stops a traced process's new child before it runs): that child will still say its pid
+    and serve the connection. pyinetd used to serve it cold at once as well: two processes on
+    one connection. It now reads the dead zygote's channel to its end first."""
+    if os.geteuid() != 0:
+        pytest.skip("ptrace of pyinetd's zygote needs root")
+    p, port = serve(
+        "warm", "import os, sys\nsys.stdout.write(f'{os.getpid()} {sys.stdin.readline()}')\n"
+    )
+    zpid = int(re.findall(r"zygote (\d+) ready", p.wait_log(READY)[0])[0])
+    _ptrace(_PTRACE_SEIZE, zpid, 0, _PTRACE_O_TRACEFORK)
+    child = 0
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as c:
+            c.sendall(b"once\n")
+            _, status = os.waitpid(zpid, _WALL)  # the zygote stops at its fork
+            assert status >> 8 == signal.SIGTRAP | _PTRACE_EVENT_FORK << 8, hex(status)
+            msg = ctypes.c_ulong()
+            _ptrace(_PTRACE_GETEVENTMSG, zpid, 0, ctypes.addressof(msg))
+            child = msg.value
+            os.waitpid(child, _WALL)  # its first stop, before its first instruction
+            os.kill(zpid, signal.SIGKILL)
+            os.waitpid(zpid, _WALL)  # its death, seen by its tracer first: now pyinetd's to reap
+            wait_for(lambda: not os.path.exists(f"/proc/{zpid}"), what="the zygote reaped")
+            # Reaped in the same turn of pyinetd's loop that used to start the cold process.
+            others = [pid for pid, _ in children_of(p.pid) if pid != child]
+            assert not [pid for pid in others if pid != zpid], others
+            _ptrace(_PTRACE_DETACH, child)
+            pid, line = c.makefile().readline().split()
+            assert (int(pid), line) == (child, "once")  # served by the fork, and by it alone
+            assert c.recv(10) == b""
+    finally:
+        if child and not pid_gone(child):
+            with contextlib.suppress(OSError):
+                _ptrace(_PTRACE_DETACH, child)
+    p.wait_log(r"svc: zygote: process ended \(signal 9\); serving cold, restart in 1s")
 
 
 def test_an_edited_script_is_served_in_its_new_version_after_a_reload(
