@@ -190,13 +190,9 @@ def _run_child():
     # (_ctl's fd is closed: the object is never freed, so never closes what reuses the number)
     # The zygote's own environment (what pyinetd gave it, as a launcher such as a pyenv shim
     # changed it, as at a cold start) with the connection's variables: _serve_c added them.
-    sys.argv = _argv
-    sys.orig_argv = _orig_argv
-    sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = _stdio
-    if _gc_was_enabled:
-        gc.enable()
+    # sys.argv, sys.orig_argv, the std streams, __main__ and the GC's state are the child's
+    # already: the zygote set them before its first fork (_become_the_script).
     main = _main
-    sys.modules["__main__"] = main
     status = 0
     interrupted = False
     try:
@@ -343,21 +339,32 @@ def _start():
             stream.flush()
         except OSError:
             pass
-    # What a child replaces (the zygote's stdio, sys.argv, sys.orig_argv, its __main__), kept
-    # alive here: freed in a child, each would write (and so copy) the pages its objects and
-    # their allocator's pools are on, and the streams would run their finalizers: 70 pages.
-    global _kept, _argv, _orig_argv, _main
+    _become_the_script()
+    gc.collect()
+    gc.freeze()  # the children's collections never touch (and copy) these objects' pages
+    if _gc_was_enabled:
+        gc.enable()  # (the zygote allocates nothing more in Python: its loop is C)
+    _send(b"K")
+    _serve()
+
+
+def _become_the_script():
+    """What each child would set is set once, here, before the first fork: sys.argv and
+    sys.orig_argv as the cold start's, the std streams made for the children, the script's
+    __main__ (the zygote runs nothing in Python after this but its C loop, and writes its
+    errors to the same fd 2). Every assignment a child made wrote the sys module's and its
+    objects' pages: about 30 copies per connection. What they replace is kept alive: freed,
+    the zygote's own streams would run their finalizers."""
+    global _kept, _main
     _main = _new_main()
-    _argv = list(_setup["argv"])
-    _orig_argv = list(_setup["orig_argv"])
     _kept = (
         sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__,
         sys.argv, sys.orig_argv, sys.modules.get("__main__"),
     )  # fmt: skip
-    gc.collect()
-    gc.freeze()  # the children's collections never touch (and copy) these objects' pages
-    _send(b"K")
-    _serve()
+    sys.argv = list(_setup["argv"])
+    sys.orig_argv = list(_setup["orig_argv"])
+    sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = _stdio
+    sys.modules["__main__"] = _main
 
 
 _ctl = _socket.socket(fileno=_CTL)
