@@ -226,6 +226,7 @@ static int
 parse_sandbox(PyObject *kw, struct sandbox *sb, PyObject **filter_bytes)
 {
     memset(sb, 0, sizeof *sb);
+    sb->cgroup_fd = sb->procs_fd = -1; /* not fd 0: without a sandbox there is no cgroup */
     *filter_bytes = NULL;
     PyObject *o = kw ? PyDict_GetItemString(kw, "sandbox") : NULL;
     if (kw != NULL && PyDict_GET_SIZE(kw) > (o != NULL)) {
@@ -235,7 +236,6 @@ parse_sandbox(PyObject *kw, struct sandbox *sb, PyObject **filter_bytes)
     if (o == NULL || o == Py_None)
         return 0;
     PyObject *f;
-    sb->cgroup_fd = sb->procs_fd = -1;
     if (!PyArg_ParseTuple(o, "iiiS|ii;sandbox must be (netns_fd, mntns_fd, ruleset_fd, filter"
                           "[, cgroup_fd, procs_fd])",
                           &sb->netns_fd, &sb->mntns_fd, &sb->ruleset_fd, &f, &sb->cgroup_fd,
@@ -670,7 +670,7 @@ start(PyObject *module, PyObject *args, PyObject *kw)
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     pid_t pid = -1;
 #ifdef HAVE_CLONE3_ASM
-    if (s->args.sb.cgroup_fd >= 0 && clone3_works) {
+    if (s->args.sb.active && s->args.sb.cgroup_fd >= 0 && clone3_works) {
         struct clone3_args ca = {
             .flags = CLONE_VM | CLONE_CHILD_CLEARTID | SB_CLONE_INTO_CGROUP,
             .child_tid = (uint64_t)(uintptr_t)&s->busy,
