@@ -126,7 +126,7 @@ class Zygote:
         self._sock: socket.socket | None = None
         self._seq = 0  # requests sent to this process (its replies are numbered)
         self._ended = ""  # how the process ended, once reaped
-        self._pending: dict[int, float] = {}  # request number -> when it was sent
+        self._pending: set[int] = set()  # numbers of the requests not answered yet
         self._heard_at = 0.0  # when the zygote last answered, or was asked with none open
         # where answers go: (request number, pid or None, why not)
         self.replied: Callable[[int, int | None, str], None] = lambda n, pid, why: None
@@ -369,10 +369,9 @@ class Zygote:
             self._died_early(f"send: {exc}")
             raise ZygoteUnavailable(self.state) from None
         self._seq += 1
-        now = self._clock()
         if not self._pending:
-            self._heard_at = now
-        self._pending[self._seq] = now
+            self._heard_at = self._clock()
+        self._pending.add(self._seq)
         return self._seq
 
     def pending(self) -> int:
@@ -400,7 +399,8 @@ class Zygote:
 
     def _answer(self, number: int, pid: int | None, why: str = "") -> None:
         self._heard_at = self._clock()
-        if self._pending.pop(number, None) is not None:
+        if number in self._pending:
+            self._pending.discard(number)
             self.replied(number, pid, why)
 
     def _answer_all(self, why: str) -> None:
