@@ -511,6 +511,42 @@ def test_a_zygote_cannot_make_pyinetd_adopt_a_process_that_is_not_its_child(
         os.waitpid(zpid, 0)
 
 
+def test_answers_to_no_request_make_pyinetd_distrust_the_zygote(
+    service: Callable[..., Service], folder: Path
+) -> None:
+    """A process of the service's user that kept the zygote's channel (here: a module that
+    forks at import) floods it with failure answers to requests never made. pyinetd ignored
+    them and read on, for as long as they came; now the first one is distrust: the zygote is
+    killed and its channel closed, so the flood reaches no one."""
+    (folder / "flood.py").write_text(
+        textwrap.dedent("""\
+        import os, time
+        if os.fork() == 0:
+            time.sleep(0.3)  # until the zygote is ready
+            for _ in range(50):  # (what the socket's buffer holds unread)
+                os.write(3, b"E7 0")
+            open("sent", "w").close()
+            time.sleep(30)
+            os._exit(0)
+        """)
+    )
+    svc = service("import flood\nprint('served')\n")
+    z = zygote.Zygote(svc, spawn.Spawner().base_environ(svc), 2, say=lambda level, msg: None)
+    z.start()
+    zpid = z.pid
+    assert zpid is not None and z.wait_ready(10)
+    wait_for_path(folder / "sent")
+    flooder = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == zpid]
+    try:
+        z.on_readable()
+        assert z.state == zygote.BACKOFF and "an answer to no request" in z.reason, z.reason
+        assert z.fileno() == -1  # the channel is closed
+    finally:
+        for pid in flooder:
+            os.kill(pid, signal.SIGKILL)
+        z.kill()
+
+
 def wait_for_path(path: Path) -> None:
     from tests.conftest import wait_for
 

@@ -286,9 +286,14 @@ class Zygote:
             self._started(msg[1:], _sender(anc))
         elif msg[:1] == b"E" and self.state in (READY, ENDING):
             number, _, err = msg[1:].partition(b" ")
+            if not number.isdigit() or int(number) not in self._pending:
+                # Never from a sound zygote: a process of the service's user holding its channel
+                # could otherwise keep pyinetd reading replies to nothing, without end.
+                self.kill()
+                self._died_early(f"an answer to no request: {msg[:20]!r}")
+                return
             why = os.strerror(int(err)) if err.isdigit() else err.decode(errors="replace")
-            if number.isdigit():
-                self._answer(int(number), None, f"fork failed: {why}")
+            self._answer(int(number), None, f"fork failed: {why}")
         elif msg == b"K" and self.state == STARTING:
             threads = _threads(self.pid) if self.pid else None
             if threads is not None and threads > 1:
