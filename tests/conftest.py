@@ -6,10 +6,12 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -384,3 +386,13 @@ def write_pki(folder: Path) -> Path:
 def pki(tmp_path: Path) -> Path:
     """write_pki in the test's folder."""
     return write_pki(tmp_path)
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    """A folder any user may read (services with `user:` read their script from it); a test
+    module may define its own."""
+    path = Path(tempfile.mkdtemp(prefix="pyinetd-warm-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)

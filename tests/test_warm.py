@@ -8,14 +8,12 @@ import ctypes
 import json
 import os
 import re
-import shutil
 import signal
 import socket
-import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,15 +33,6 @@ MODES = ("cold", "warm")
 # An interpreter any user may run (the test's own may live under /root), of pyinetd's version.
 SYSTEM_PYTHON = "/usr/bin/python3"
 READY = r"zygote \d+ ready"
-
-
-@pytest.fixture
-def folder() -> Iterator[Path]:
-    """A folder any user may read (services with `user:` read their script from it)."""
-    path = Path(tempfile.mkdtemp(prefix="pyinetd-warm-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
 
 
 Start = Callable[..., tuple[Pyinetd, int]]

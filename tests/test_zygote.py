@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -91,15 +90,6 @@ class Runner:
                 os.waitpid(pid, 0)
         self.spawner.close()
         os.close(self.zygote_err)
-
-
-@pytest.fixture
-def folder() -> Iterator[Path]:
-    """A folder any user may read (a service with `user:` reads its script from it)."""
-    path = Path(tempfile.mkdtemp(prefix="pyinetd-warm-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
 
 
 @pytest.fixture
