@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -471,8 +472,10 @@ def test_port_in_use_is_exit_1_with_a_clear_error(tmp_path: Path) -> None:
             timeout=DEADLINE,
         )
     assert out.returncode == 1
+    # FILE:LINE:COL as every configuration error, and who holds the port (this test)
     assert out.stderr == (
-        f"{cfg}: services.e.listen: 127.0.0.1:{port} (tcp): Address already in use\n"
+        f"{cfg}:2:7: services.e.listen: 127.0.0.1:{port} (tcp): Address already in use "
+        f"(held by pid {os.getpid()} ({Path(f'/proc/{os.getpid()}/comm').read_text().strip()}))\n"
     )
 
 
@@ -602,3 +605,27 @@ def test_a_program_sees_its_path_as_written_in_argv0(
     assert tcp_talk(port) == b"hello\n"
     in_venv = sys.prefix != sys.base_prefix
     assert tcp_talk(vport).decode().split() == [str(in_venv), sys.executable]
+
+
+def test_a_low_port_refused_to_a_user_says_what_allows_it() -> None:
+    """As a user, binding port 99 fails with EACCES: the error says what would allow it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user")
+    if int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text()) <= 99:
+        pytest.skip("ports below 100 are open to every user here")
+    with tempfile.TemporaryDirectory(prefix="lowport-") as name:  # pytest's tmp is root's
+        folder = Path(name)
+        folder.chmod(0o755)
+        cfg = folder / "inetd.yaml"
+        cfg.write_text("services:\n  e: {listen: '127.0.0.1:99'}\n")
+        cfg.chmod(0o644)
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-m", "pyinetd", "-c", str(cfg)],
+            capture_output=True, text=True, timeout=DEADLINE, cwd=folder,
+        )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert out.stderr == (
+        f"{cfg}:2:7: services.e.listen: 127.0.0.1:99 (tcp): Permission denied; ports below "
+        "1024 need root, CAP_NET_BIND_SERVICE, or sysctl net.ipv4.ip_unprivileged_port_start<=99\n"
+    )

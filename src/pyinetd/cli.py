@@ -236,7 +236,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
             errors = build_contexts((s.name, s.source, s.tls) for s in config.services)[1]
             if errors:
-                raise ConfigError(errors)
+                raise ConfigError(errors, config.located(errors))
     except ConfigError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
@@ -269,7 +269,7 @@ def _main(argv: Sequence[str] | None) -> int:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     except ListenError as exc:
-        print(f"{args.config}: {exc}", file=sys.stderr)
+        print(config.located([f"{exc.source or args.config}: {exc}"])[0], file=sys.stderr)
         return EXIT_RUNTIME
     return server.run(pid_file=None if worker else args.pid_file, control_path=args.control)
 

@@ -200,7 +200,8 @@ class Services:
                         # Checked here, where a reload may still fail, for kept sockets too.
                         raise ListenError(
                             f"services.{svc.name}.interface: {svc.interface}: no such network "
-                            "interface"
+                            "interface",
+                            svc.source,
                         ) from None
                 skip: dict[ListenKey, object] = {**keep, **fresh}
                 for addr in svc.listen:
@@ -232,7 +233,7 @@ class Services:
 
         contexts, errors = build_contexts((s.name, s.source, s.tls) for s in config.services)
         if errors:
-            raise ConfigError(errors)
+            raise ConfigError(errors, config.located(errors))
         return contexts
 
     def apply(
