@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -57,6 +58,29 @@ def test_builtin_echo_tcp_and_udp(inetd: Start) -> None:
     payload = os.urandom(300_000)
     assert tcp_talk(port, payload) == payload
     assert udp_talk(port, b"ping") == [b"ping"]
+
+
+def test_builtin_sessions_log_start_and_end_with_their_bytes(inetd: Start) -> None:
+    """A built-in session is accounted as a program is: a start and an end event, the end with
+    the bytes read and written (ops-connection-accounting), for the whole-answer built-ins too."""
+    echo, day = free_port(), free_port()
+    p = inetd(
+        {"services": {
+            "e": {"listen": f"127.0.0.1:{echo}"},
+            "d": {"listen": f"127.0.0.1:{day}", "builtin": "daytime"},
+        }},
+        "--log-format", "json",
+    )  # fmt: skip
+    assert tcp_talk(echo, b"yo\n") == b"yo\n"
+    sent = tcp_talk(day, shut=False)
+    for name, got_in, got_out in (("e", 3, 3), ("d", 0, len(sent))):
+        start, end = (
+            json.loads(p.wait_log(rf'"event": "{kind}".*"service": "{name}"')[0])
+            for kind in ("start", "end")
+        )
+        assert start["peer"].startswith("127.0.0.1:") and start["builtin"] in ("echo", "daytime")
+        assert (end["bytes_in"], end["bytes_out"]) == (got_in, got_out), end
+        assert end["duration"] >= 0 and end["peer"] == start["peer"]
 
 
 def test_builtin_discard_chargen_daytime_time(inetd: Start) -> None:

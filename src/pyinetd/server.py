@@ -227,7 +227,7 @@ class Server:
             self.config,
             self.services.states,
             self.children.table.values(),
-            (st for st, _, _ in self.sessions.table.values()),
+            (entry[0] for entry in self.sessions.table.values()),
             self.child_metrics,
             self.pid,
             self.started,

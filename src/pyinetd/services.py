@@ -55,6 +55,9 @@ class ServiceState:
     running: int = 0
     hellos: int = 0  # TLS connections admitted, their ClientHello due: they hold a place
     accepted: int = 0
+    # Bytes pyinetd itself carried for the service's clients (built-in sessions), since start.
+    bytes_in: int = 0
+    bytes_out: int = 0
     spawn_failures: dict[str, int] = field(default_factory=dict)  # by reason (see spawn_failed)
     refused: dict[str, int] = field(default_factory=dict)
     sources: dict[str, int] = field(default_factory=dict)
