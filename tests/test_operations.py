@@ -322,6 +322,9 @@ def test_metrics_scraped_over_http_reflect_traffic(inetd: Start) -> None:
             samples[name] = float(value)
     assert samples['pyinetd_connections_accepted_total{service="e"}'] == 3
     assert samples['pyinetd_connections_refused_total{service="e",reason="deny"}'] == 1
+    # the built-in echo carried 1 byte each way per connection (closed before the client's EOF)
+    assert samples['pyinetd_bytes_total{service="e",direction="in"}'] == 3
+    assert samples['pyinetd_bytes_total{service="e",direction="out"}'] == 3
     if shutil.which("curl"):
         out = subprocess.run(
             ["curl", "-sf", f"http://127.0.0.1:{mport}/metrics"],

@@ -326,4 +326,4 @@ def test_tls_key_others_may_read_or_write_is_refused(
         assert r.returncode == 0, r.stderr
         return
     why = why.format(uid=local_user.uid, gid=local_user.gid, name=local_user.name, key=key)
-    assert (r.returncode, r.stderr) == (2, f"{cfg}: services.t.tls: tls.key: {key}: {why}\n")
+    assert (r.returncode, r.stderr) == (2, f"{cfg}:2:58: services.t.tls.key: {key}: {why}\n")

@@ -233,6 +233,13 @@ class Config:
     max_pending: int = 256
     max_pending_per_source: int = 16
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Where each key is in each file read: errors found after the build (a TLS file, a port
+    # in use) are located as the build's own are.
+    marks: Mapping[str, Marks] = field(default_factory=dict, compare=False, repr=False)
+
+    def located(self, errors: list[str]) -> list[str]:
+        """'file: key: message' lines as 'file:line:column: key: message' where known."""
+        return _located(errors, self.marks)
 
     @property
     def enabled_services(self) -> tuple[Service, ...]:
@@ -384,7 +391,7 @@ def _build(doc: Any, path: Path, marks: dict[str, Marks], with_schema: bool) -> 
     errors += flags.rest()
     if errors:
         raise ConfigError(errors, _located(errors, marks))
-    return Config(path=path, services=tuple(services), raw=doc, **top)
+    return Config(path=path, services=tuple(services), raw=doc, marks=marks, **top)
 
 
 def _read_includes(
@@ -736,7 +743,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     (apart from ``path`` and each service's ``source``)."""
     out: dict[str, Any] = {}
     for f in fields(Config):
-        if f.name in ("path", "services", "raw", "include"):  # includes are merged below
+        if f.name in ("path", "services", "raw", "marks", "include"):  # includes merged below
             continue
         value = getattr(cfg, f.name)
         if value != f.default:

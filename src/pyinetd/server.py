@@ -227,7 +227,7 @@ class Server:
             self.config,
             self.services.states,
             self.children.table.values(),
-            (st for st, _, _ in self.sessions.table.values()),
+            (entry[0] for entry in self.sessions.table.values()),
             self.child_metrics,
             self.pid,
             self.started,
@@ -319,7 +319,7 @@ class Server:
         except ConfigError as exc:
             errors = exc.lines  # 'file:line:column: key: message' (issue 16)
         except ListenError as exc:
-            errors = [f"{self.config.path}: {exc}"]
+            errors = new.located([f"{exc.source or self.config.path}: {exc}"])
         else:
             self._apply(new, fresh, contexts)
             if not self.worker:

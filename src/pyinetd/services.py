@@ -55,6 +55,9 @@ class ServiceState:
     running: int = 0
     hellos: int = 0  # TLS connections admitted, their ClientHello due: they hold a place
     accepted: int = 0
+    # Bytes pyinetd itself carried for the service's clients (built-in sessions), since start.
+    bytes_in: int = 0
+    bytes_out: int = 0
     spawn_failures: dict[str, int] = field(default_factory=dict)  # by reason (see spawn_failed)
     refused: dict[str, int] = field(default_factory=dict)
     sources: dict[str, int] = field(default_factory=dict)
@@ -200,7 +203,8 @@ class Services:
                         # Checked here, where a reload may still fail, for kept sockets too.
                         raise ListenError(
                             f"services.{svc.name}.interface: {svc.interface}: no such network "
-                            "interface"
+                            "interface",
+                            svc.source,
                         ) from None
                 skip: dict[ListenKey, object] = {**keep, **fresh}
                 for addr in svc.listen:
@@ -232,7 +236,7 @@ class Services:
 
         contexts, errors = build_contexts((s.name, s.source, s.tls) for s in config.services)
         if errors:
-            raise ConfigError(errors)
+            raise ConfigError(errors, config.located(errors))
         return contexts
 
     def apply(

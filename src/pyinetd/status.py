@@ -88,6 +88,10 @@ def snapshot(
                 "children": kids,
                 "builtin_sessions": sessions,
                 "accepted": state.accepted if state else 0,
+                "bytes": {
+                    "in": state.bytes_in if state else 0,
+                    "out": state.bytes_out if state else 0,
+                },
                 "refused": dict(state.refused) if state else {},
                 "failed_spawns": state.failed_spawns if state else 0,
                 # by reason: an errno name, "stderr" or "user_gone" (ServiceState.spawn_failed)
@@ -203,6 +207,17 @@ def render_prometheus(snap: dict[str, Any]) -> str:
         out.append(
             f'pyinetd_connections_accepted_total{{service="{_label(s["name"])}"}} {s["accepted"]}'
         )
+    family(
+        "pyinetd_bytes_total",
+        "counter",
+        "Bytes pyinetd carried for a service's clients (built-ins), by direction.",
+    )
+    for s in snap["services"]:
+        for direction in ("in", "out"):
+            out.append(
+                f'pyinetd_bytes_total{{service="{_label(s["name"])}",direction="{direction}"}} '
+                f"{s['bytes'][direction]}"
+            )
     family("pyinetd_connections_refused_total", "counter", "Connections refused, by reason.")
     for s in snap["services"]:
         for reason in REASONS:
