@@ -75,7 +75,14 @@ from pyinetd.units import (
     parse_rate,
 )
 
-__all__ = ["SERVICE_KEY_LIST"]
+__all__ = ["SERVICE_KEY_LIST", "UDP_RATE"]
+
+# The rate of a UDP service (built-in or nowait) that sets none: a loop through a reflector
+# pyinetd cannot recognise (another host's or instance's echo on an unprivileged port) ends at
+# the first datagram over it, and chargen's 10-19 x amplification is bounded by it (issue 24,
+# item 4: 16,700 datagrams/s until one side was killed; `rate: 100/s` ended it after 101). The
+# order of xinetd's default `cps = 50 10`, which also covers UDP.
+UDP_RATE = "100/s"
 
 _BUFFER = {
     "type": ["integer", "string"],
@@ -254,7 +261,10 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
         _wrap(parse_rate),
         (
             "At most this many new connections per second (a number), or per unit: '50/s', "
-            "'600/min', '100/h'. Beyond it the service pauses for rate_pause seconds."
+            "'600/min', '100/h'. Beyond it the service pauses for rate_pause seconds. A UDP "
+            f"service (built-in or nowait; a datagram counts as a connection) has {UDP_RATE} "
+            "unless it sets one: a datagram loop through another host's or program's reflector "
+            "then ends."
         ),
         {
             "type": ["number", "string"],
