@@ -396,7 +396,9 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
             "Contain the service's program (issue 17): Landlock filesystem rules, no network, a "
             "private /tmp, a seccomp deny list; implies no_new_privs. Built once per service, "
             "applied in each child before its exec. A rule this kernel cannot enforce refuses the "
-            "service."
+            "service. Where the kernel has Landlock scopes (ABI 6), its processes cannot signal a "
+            "process outside it, nor (unless network: any) connect to an abstract unix socket "
+            "made outside it."
         ),
         {
             "type": "object",
@@ -429,6 +431,8 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
                         " (127.0.0.0/8, ::1), other packets dropped (cgroup BPF, as systemd's"
                         " IPAddressDeny=any with IPAddressAllow=localhost); any (default): no rule."
                         " Beyond its fds: the connection pyinetd hands it is not restricted."
+                        " Unix sockets by path stay reachable under every value, read and write"
+                        " included: their file modes decide."
                     ),
                     "enum": ["none", "loopback", "any"],
                     "errorMessage": "expected none, loopback or any",
