@@ -185,10 +185,11 @@ def admit(
     Every path asks here: TCP, unix, after a PROXY header, before (``take_token`` False: the
     hello may never come) and after a TLS ClientHello, each UDP datagram (built-in or not).
     ``full``: at the global max_children. A datagram (``datagram_port``, its source port) from
-    the port of one of our UDP built-ins (``loop_ports``) is refused (FreeBSD inetd's
-    check_loop; issue 18, item 1: one spoofed datagram from 127.0.0.1:27007 to the echo on
-    127.0.0.1:27007 echoed itself forever), and a built-in never answers a privileged port
-    (CERT CA-1996-01: echo <-> chargen).
+    the port of any of our UDP listeners, built-in or exec (``loop_ports``), is refused (FreeBSD
+    inetd's check_loop, there for built-ins only; issue 18, item 1: one spoofed datagram from
+    127.0.0.1:27007 to the echo on 127.0.0.1:27007 echoed itself forever; issue 24, item 4: two
+    replying exec services forked ~950 processes a second), and a built-in never answers a
+    privileged port (CERT CA-1996-01: echo <-> chargen).
     """
     if datagram_port is not None and (
         datagram_port in loop_ports

@@ -40,6 +40,8 @@ from pyinetd.parsers import (
     parse_listen_item,
 )
 from pyinetd.sandbox import SandboxSettings
+from pyinetd.service_keys import UDP_RATE
+from pyinetd.units import parse_rate
 
 __all__ = [
     "BUILTINS",
@@ -608,6 +610,9 @@ def _build_service(
     if "redirect" in body and values.get("max_connections") is None:
         # Each relay is a forked pyinetd (~7.5 MiB private): bounded unless said otherwise.
         values["max_connections"] = REDIRECT_MAX_CONNECTIONS
+    if protocol == "udp" and not values.get("wait") and values.get("rate") is None:
+        # Set before _combine, so that `burst:` alone shapes this default (service_keys).
+        values["rate"] = parse_rate(UDP_RATE)
     _combine(values, where, errors)
     user = values.get("user")
     if values.get("exec") and (user is None or user[1] == 0):

@@ -75,7 +75,14 @@ from pyinetd.units import (
     parse_rate,
 )
 
-__all__ = ["SERVICE_KEY_LIST"]
+__all__ = ["SERVICE_KEY_LIST", "UDP_RATE"]
+
+# The rate of a UDP service (built-in or nowait) that sets none: a loop through a reflector
+# pyinetd cannot recognise (another host's or instance's echo on an unprivileged port) ends at
+# the first datagram over it, and chargen's 10-19 x amplification is bounded by it (issue 24,
+# item 4: 16,700 datagrams/s until one side was killed; `rate: 100/s` ended it after 101). The
+# order of xinetd's default `cps = 50 10`, which also covers UDP.
+UDP_RATE = "100/s"
 
 _BUFFER = {
     "type": ["integer", "string"],
@@ -254,7 +261,10 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
         _wrap(parse_rate),
         (
             "At most this many new connections per second (a number), or per unit: '50/s', "
-            "'600/min', '100/h'. Beyond it the service pauses for rate_pause seconds."
+            "'600/min', '100/h'. Beyond it the service pauses for rate_pause seconds. A UDP "
+            f"service (built-in or nowait; a datagram counts as a connection) has {UDP_RATE} "
+            "unless it sets one: a datagram loop through another host's or program's reflector "
+            "then ends."
         ),
         {
             "type": ["number", "string"],
@@ -386,7 +396,9 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
             "Contain the service's program (issue 17): Landlock filesystem rules, no network, a "
             "private /tmp, a seccomp deny list; implies no_new_privs. Built once per service, "
             "applied in each child before its exec. A rule this kernel cannot enforce refuses the "
-            "service."
+            "service. Where the kernel has Landlock scopes (ABI 6), its processes cannot signal a "
+            "process outside it, nor (unless network: any) connect to an abstract unix socket "
+            "made outside it."
         ),
         {
             "type": "object",
@@ -419,6 +431,8 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
                         " (127.0.0.0/8, ::1), other packets dropped (cgroup BPF, as systemd's"
                         " IPAddressDeny=any with IPAddressAllow=localhost); any (default): no rule."
                         " Beyond its fds: the connection pyinetd hands it is not restricted."
+                        " Unix sockets by path stay reachable under every value, read and write"
+                        " included: their file modes decide."
                     ),
                     "enum": ["none", "loopback", "any"],
                     "errorMessage": "expected none, loopback or any",

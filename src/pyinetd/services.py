@@ -142,7 +142,7 @@ class Services:
         self._activated: dict[ListenKey, socket.socket] = {}
         self.stopping = False  # no listener is watched any more
         self.full = False  # at the global max_children: exec listeners are paused
-        self.loop_ports: frozenset[int] = frozenset()  # ports of our UDP built-ins
+        self.loop_ports: frozenset[int] = frozenset()  # ports of our UDP listeners
         self.on_accept: Handler = _unset
         self.on_datagram: Handler = _unset
 
@@ -295,7 +295,7 @@ class Services:
         self.full = self.at_max_children()
         for lst in self.listeners.values():
             self.refresh(lst)
-        self.loop_ports = self._builtin_udp_ports(config)
+        self.loop_ports = self._udp_ports(config)
         for svc in config.enabled_services:
             if svc.proxy_protocol and svc.proxy_from is None and not self.worker:
                 # Issue 14, item 13: then anyone may claim any address, past allow/deny.
@@ -307,17 +307,19 @@ class Services:
                     service=svc.name,
                 )
 
-    def _builtin_udp_ports(self, config: Config) -> frozenset[int]:
-        """The ports our UDP built-ins answer on: a datagram from one of them is a loop."""
+    def _udp_ports(self, config: Config) -> frozenset[int]:
+        """The ports every UDP listener of this instance answers on, built-in or exec: a
+        datagram from one of them is a loop (issue 24, item 4: one datagram spoofed from one
+        nowait exec service's port to another's forked ~950 processes a second, forever)."""
         ports = {
             addr.port
             for svc in config.enabled_services
-            if svc.protocol == "udp" and svc.builtin is not None
+            if svc.protocol == "udp"
             for addr in svc.listen
             if addr.port
         }
         for lst in self.listeners.values():
-            if lst.key.protocol == "udp" and lst.service.builtin is not None:
+            if lst.key.protocol == "udp":
                 with contextlib.suppress(OSError):
                     ports.add(peer_of(lst.family, lst.sock.getsockname())[1])
         return frozenset(ports)
