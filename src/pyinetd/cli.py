@@ -134,7 +134,12 @@ def _main(argv: Sequence[str] | None) -> int:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
-        print(f"{args.config}: ok, {len(config.services)} services")
+        for line in config.warnings:  # a service's own files: that service's failure alone
+            print(f"warning: {line}", file=sys.stderr)
+        failed = (
+            f" ({len(config.failed)} failed: {', '.join(config.failed)})" if config.failed else ""
+        )
+        print(f"{args.config}: ok, {len(config.services)} services{failed}")
         return EXIT_OK
     if args.command == "security":
         return _security(config)
