@@ -136,10 +136,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.check:
         for line in config.warnings:  # a service's own files: that service's failure alone
             print(f"warning: {line}", file=sys.stderr)
-        failed = (
-            f" ({len(config.failed)} failed: {', '.join(config.failed)})" if config.failed else ""
-        )
-        print(f"{args.config}: ok, {len(config.services)} services{failed}")
+        failed = [s.name for s in config.services if s.enabled and s.name in config.failed]
+        some = f" ({len(failed)} failed: {', '.join(failed)})" if failed else ""
+        print(f"{args.config}: ok, {len(config.services)} services{some}")
         return EXIT_OK
     if args.command == "security":
         return _security(config)
