@@ -242,7 +242,11 @@ def _main(argv: Sequence[str] | None) -> int:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
-        print(f"{args.config}: ok, {len(config.services)} services")
+        for line in config.warnings:  # a service's own files: that service's failure alone
+            print(f"warning: {line}", file=sys.stderr)
+        failed = [s.name for s in config.services if s.enabled and s.name in config.failed]
+        some = f" ({len(failed)} failed: {', '.join(failed)})" if failed else ""
+        print(f"{args.config}: ok, {len(config.services)} services{some}")
         return EXIT_OK
     if args.command == "security":
         return _security(config)

@@ -136,6 +136,7 @@ class Server:
                     self._shutdown()
                     return 1
             self._workers.start()
+            self._log_file_warnings()
             event(logging.INFO, f"listening: {self._describe()}", event="ready")
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
             systemd.start_watchdog(self.loop.call_later)
@@ -324,6 +325,7 @@ class Server:
             self._apply(new, fresh, contexts)
             if not self.worker:
                 self._workers.reload()
+                self._log_file_warnings()
             event(logging.INFO, f"reloaded: {self._describe()}", event="reloaded")
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
             return []
@@ -335,6 +337,12 @@ class Server:
         )
         systemd.notify("READY=1", f"STATUS=reload failed: {errors[0] if errors else ''}")
         return errors
+
+    def _log_file_warnings(self) -> None:
+        """Each service failed, or served without a file, by a file its user can change
+        (config.Config.warnings, issue 24.8): a warning at each (re)load, not an error."""
+        for line in self.config.warnings:
+            event(logging.WARNING, line, event="service_file")
 
     def _apply(
         self,

@@ -229,7 +229,9 @@ class Services:
         to the spawner. ConfigError if any fails."""
         # from a prepare whose bind then failed
         discard_sandboxes(self._sandboxes, self._spawner.sandboxes)
-        self._sandboxes = prepare_sandboxes(config.services, self._spawner.sandboxes)
+        # A service failed at load runs nothing: no sandbox (its read paths may be its user's).
+        serving = [s for s in config.services if s.name not in config.failed]
+        self._sandboxes = prepare_sandboxes(serving, self._spawner.sandboxes)
         if not any(svc.tls for svc in config.services):
             return {}
         from pyinetd.tlsconf import build_contexts  # ssl only where tls is used

@@ -71,6 +71,8 @@ def snapshot(
             status = "at limit (queueing)"
         else:
             status = "listening"
+        if svc.enabled and svc.name in config.failed:
+            status = "failed"  # by a file its user can change (config.Config.failed): unbound
         kids = [
             {"pid": c.pid, "peer": c.peer, "age": round(now - c.started, 3)}
             for c in children
@@ -107,6 +109,10 @@ def snapshot(
                 },
                 # `warm: true`: the zygote (pid, RSS, forks served, state)
                 "zygote": zygote_of(svc.name),
+                # failed at load by a file its user can change: 'key: why' (issue 24.8)
+                "failed": config.failed.get(svc.name) if svc.enabled else None,
+                # served without such a file (banner, stderr): 'key: why: what instead'
+                "notes": list(config.notes.get(svc.name, ())),
             }
         )
     return {
@@ -148,6 +154,10 @@ def render_table(snap: dict[str, Any]) -> str:
     ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for s in snap["services"]:
+        if s.get("failed"):
+            lines.append(f"  {s['name']}: failed at load: {s['failed']}")
+        for note in s.get("notes", ()):
+            lines.append(f"  {s['name']}: {note}")
         durations = s.get("durations", {})
         if durations.get("count"):
             exits = " ".join(f"{k}={v}" for k, v in s["exits"].items() if v)
@@ -202,6 +212,15 @@ def render_prometheus(snap: dict[str, Any]) -> str:
     family("pyinetd_service_running", "gauge", "Running instances (processes and built-ins).")
     for s in snap["services"]:
         out.append(f'pyinetd_service_running{{service="{_label(s["name"])}"}} {s["running"]}')
+    family(
+        "pyinetd_service_failed",
+        "gauge",
+        "1 when the service failed at load by a file its user can change (not listening).",
+    )
+    for s in snap["services"]:
+        out.append(
+            f'pyinetd_service_failed{{service="{_label(s["name"])}"}} {int(bool(s.get("failed")))}'
+        )
     family("pyinetd_connections_accepted_total", "counter", "Connections admitted.")
     for s in snap["services"]:
         out.append(
