@@ -155,6 +155,9 @@ class Service:
     # a Python script served from a warm interpreter (zygote.py), with these modules imported
     warm: bool = False
     preload: tuple[str, ...] = ()
+    # exec[0]'s first line (its #!) as the load read it with the user's rights (checks.py),
+    # for the zygote: no key fills it, and root reads the file no second time (issue 24.2)
+    exec_first_line: bytes = b""
     banner: bytes = b""
     # protocols in front of the service
     tls: TLSSettings | None = None
@@ -720,7 +723,7 @@ _SERVICE_OUT = {k.target: k.out for k in keys.SERVICE_KEYS.values() if k.out and
 def _service_to_dict(svc: Service) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(Service):
-        if f.name in ("name", "source"):
+        if f.name in ("name", "source", "exec_first_line"):
             continue
         value = getattr(svc, f.name)
         if value == f.default:
