@@ -29,7 +29,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEADLINE, Pyinetd, free_port, status_of, tcp_talk, wait_for
+from tests.conftest import (
+    DEADLINE,
+    Pyinetd,
+    children_of,
+    free_port,
+    status_of,
+    tcp_talk,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (user: nobody, fanotify)")
 
@@ -145,12 +153,20 @@ def _serving(p: Pyinetd, echo: int) -> None:
 
 
 def _stops(p: Pyinetd) -> None:
-    """SIGTERM stops pyinetd within a bounded deadline."""
+    """SIGTERM stops pyinetd within a bounded deadline. (A zygote blocked opening the FIFO
+    as the service's user does not read the channel's "Q": what pyinetd leaves is killed.)"""
+    kids = [pid for pid, _ in children_of(p.pid)]
     p.signal(signal.SIGTERM)
     try:
         p.proc.wait(DEADLINE)
     except subprocess.TimeoutExpired:
         raise AssertionError("SIGTERM did not stop pyinetd: the loop is blocked") from None
+    finally:
+        for kid in kids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(kid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(kid, signal.SIGKILL)
 
 
 def _has_open(pid: int, path: Path) -> bool:
