@@ -608,8 +608,12 @@ def _build_service(
     user = values.get("user")
     if values.get("exec") and (user is None or user[1] == 0):
         try:
-            # As root, a program others may replace would run as root (issue 18.4).
-            trust.check_program(values["exec"][0])
+            # As root, a program others may replace would run as root (issue 18.4), and so
+            # would the script an interpreter or env runs (issue 24.9).
+            env = dict(values.get("env", ()))
+            search = env.get("PATH") or os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+            cwd = values.get("cwd") or os.getcwd()
+            trust.check_command(values["exec"], search, cwd, values.get("argv0"))
         except OSError as exc:
             errors.append(f"{where}.exec: {values['exec'][0]}: {exc.strerror or exc}")
         except ValueError as exc:
