@@ -169,6 +169,15 @@ def _stops(p: Pyinetd) -> None:
                 os.kill(kid, signal.SIGKILL)
 
 
+def _waits_for_a_fifo_writer(pid: int) -> bool:
+    """Whether process ``pid`` is blocked in open(2) of a FIFO (no fd yet to see)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return f.read() == "wait_for_partner"
+    except OSError:
+        return False
+
+
 def _has_open(pid: int, path: Path) -> bool:
     """Whether process ``pid`` holds ``path`` open."""
     with contextlib.suppress(OSError):
@@ -256,3 +265,31 @@ def test_a_root_only_file_behind_the_script_is_not_echoed(
         gate.close()
     assert secret not in p.log()
     assert secret not in shown
+
+
+def test_a_fifo_for_a_sandboxed_program_does_not_block_the_reload(
+    inetd: Callable[..., Pyinetd], user_folder: Path
+) -> None:
+    """`sandbox: {read: ...}`: the load reads the program's `#!` line and ELF header to name
+    what execve needs. The program lives in its user's folder; that user put a FIFO in its
+    place, and root's blocking open(2) of it at the reload waited for a writer for ever."""
+    prog = user_folder / "prog"
+    prog.write_text("#!/bin/sh\nexec cat\n")
+    prog.chmod(0o755)
+    port, echo = free_port(), free_port()
+    services = {
+        "boxed": {
+            "listen": f"127.0.0.1:{port}",
+            "exec": [str(prog)],
+            "user": "nobody",
+            "sandbox": {"read": ["/usr", "/lib", "/lib64", "/bin", "/etc", str(user_folder)]},
+        },
+        "echo": {"listen": f"127.0.0.1:{echo}", "builtin": "echo"},
+    }
+    p = inetd({"services": services})
+    _fifo_instead_of(prog)
+    p.signal(signal.SIGHUP)
+    wait_for(lambda: _waits_for_a_fifo_writer(p.pid) or "reload" in p.log())
+    _serving(p, echo)
+    p.wait_log(r"reload(ed| failed)")
+    _stops(p)
