@@ -157,7 +157,9 @@ def test_shipped_schema_is_generated_from_the_key_declarations() -> None:
 def test_every_service_field_is_filled_by_a_declared_key() -> None:
     # Service, the parsers and --print-config agree: each field comes from one declared key.
     targets = {k.target for k in keys.SERVICE_KEYS.values()}
-    fields = {f.name for f in dataclasses.fields(config.Service)} - {"name", "source"}
+    # exec_first_line: what the load read of the program (its #!), no key's
+    derived = {"name", "source", "exec_first_line"}
+    fields = {f.name for f in dataclasses.fields(config.Service)} - derived
     assert fields == targets - {None}
 
 

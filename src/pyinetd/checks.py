@@ -293,9 +293,10 @@ def check_warm(values: dict[str, Any], where: str, errors: list[str]) -> None:
     if not warmcmd.is_python(argv[0]):
         try:
             # With the service user's rights: a user may have linked the program elsewhere.
-            fd = fsuser.open_as(values.get("user"), values.get("group"), argv[0], os.O_RDONLY)
-            with os.fdopen(fd, "rb") as f:
-                first = f.readline(256)
+            # Read once, here: the zygote is started from this line, not from a second read
+            # by root in the loop of a path the user controls (issue 24.2).
+            first = fsuser.read_first_line_as(values.get("user"), values.get("group"), argv[0])
+            values["exec_first_line"] = first
         except OSError as exc:
             errors.append(f"{where}.warm: true: {argv[0]}: {exc.strerror or exc}")
             return

@@ -164,6 +164,9 @@ class Service:
     # a Python script served from a warm interpreter (zygote.py), with these modules imported
     warm: bool = False
     preload: tuple[str, ...] = ()
+    # exec[0]'s first line (its #!) as the load read it with the user's rights (checks.py),
+    # for the zygote: no key fills it, and root reads the file no second time (issue 24.2)
+    exec_first_line: bytes = b""
     banner: bytes = b""
     # protocols in front of the service
     tls: TLSSettings | None = None
@@ -651,8 +654,12 @@ def _build_service(
     user = values.get("user")
     if values.get("exec") and (user is None or user[1] == 0):
         try:
-            # As root, a program others may replace would run as root (issue 18.4).
-            trust.check_program(values["exec"][0])
+            # As root, a program others may replace would run as root (issue 18.4), and so
+            # would the script an interpreter or env runs (issue 24.9).
+            env = dict(values.get("env", ()))
+            search = env.get("PATH") or os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+            cwd = values.get("cwd") or os.getcwd()
+            trust.check_command(values["exec"], search, cwd, values.get("argv0"))
         except OSError as exc:
             errors.append(f"{where}.exec: {values['exec'][0]}: {exc.strerror or exc}")
         except ValueError as exc:
@@ -815,7 +822,7 @@ _SERVICE_OUT = {k.target: k.out for k in keys.SERVICE_KEYS.values() if k.out and
 def _service_to_dict(svc: Service) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(Service):
-        if f.name in ("name", "source"):
+        if f.name in ("name", "source", "exec_first_line"):
             continue
         value = getattr(svc, f.name)
         if value == f.default:

@@ -41,6 +41,7 @@ import errno
 import functools
 import os
 import signal
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,10 +222,21 @@ def check_kernel(s: SandboxSettings) -> None:
 # ---------------------------------------------------------------- --check: what exec reads
 
 
+def _open_regular(path: str) -> int:
+    """``path`` opened non-blocking, a regular file only (OSError otherwise): the program may
+    be in its service user's folder, who can put a FIFO there, whose blocking open(2) would
+    hang the loop at a reload (issue 24.2)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.ENXIO, "not a regular file")
+    return fd
+
+
 def _elf_interpreter(path: str) -> str | None:
     """PT_INTERP of a 64-bit little-endian ELF file (the dynamic loader), or None."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(_open_regular(path), "rb") as f:
             head = f.read(64)
             if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
                 return None
@@ -246,7 +258,7 @@ def _shebang(path: str, search: str | None) -> list[str]:
     """The interpreter a ``#!`` line names, and for ``#!/usr/bin/env NAME`` also the NAME
     that env will find on the service's PATH (``search``)."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(_open_regular(path), "rb") as f:
             line = f.readline(256)
     except OSError:
         return []
