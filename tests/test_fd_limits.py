@@ -1,0 +1,166 @@
+"""The parent's file descriptors: its limit, what one client may hold of them, and what still
+works at the limit (issue 24, items 5, 7 and 13). Real pyinetd processes, real sockets; the
+parent's limit is lowered with prlimit as an administrator (or systemd's default) would set it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from conftest import DEADLINE, Pyinetd, free_port, tcp_talk, wait_for
+
+from pyinetd import control
+
+Start = Callable[..., Pyinetd]
+NOFILE = 256  # the attack's soft limit (systemd's default is 1024)
+ATTACKER = "127.0.0.2"
+EMFILE_LINE = r"accept: Too many open files"
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time ``pid`` has used (/proc/PID/stat utime, stime)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def soft_nofile(pid: int) -> int:
+    return resource.prlimit(pid, resource.RLIMIT_NOFILE)[0]
+
+
+def accepted_on(port: int) -> int:
+    """Connections to local TCP ``port`` that a process has accepted (/proc/net/tcp: one in the
+    backlog has inode 0 until accept() gives it a file)."""
+    with open("/proc/net/tcp") as f:
+        rows = [row.split() for row in f.read().splitlines()[1:]]
+    return sum(
+        1 for r in rows if int(r[1].rsplit(":", 1)[1], 16) == port and r[3] == "01" and r[9] != "0"
+    )
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    """True when the server has closed ``s`` (EOF or reset); never blocks."""
+    s.setblocking(False)
+    try:
+        return s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+@contextlib.contextmanager
+def idle_connections(port: int, n: int, source: str = ATTACKER) -> Iterator[list[socket.socket]]:
+    """``n`` connections from ``source`` that send nothing (the kernel completes each one,
+    accepted by pyinetd or waiting in its backlog)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.settimeout(DEADLINE)
+            s.bind((source, 0))
+            s.connect(("127.0.0.1", port))
+        yield socks
+    finally:
+        for s in socks:
+            s.close()
+
+
+def limit_fds(p: Pyinetd, soft: int = NOFILE, hard: int = NOFILE) -> None:
+    """The running parent's RLIMIT_NOFILE, as `prlimit --pid PID --nofile=SOFT:HARD`."""
+    resource.prlimit(p.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert fd_count(p.pid) < soft // 4
+
+
+def status(path: Path) -> dict[str, Any]:
+    """`pyinetd status` over the control socket, failing after 5 seconds."""
+    answer = control.request(str(path), "status", timeout=5.0)
+    assert answer["ok"], answer
+    return answer
+
+
+def unbounded_echo(port: int) -> dict[str, object]:
+    """A built-in echo whose administrator lifted the per-client default: one client can
+    take the parent to its fd limit."""
+    return {"listen": f"127.0.0.1:{port}", "builtin": "echo", "per_source": 100_000}
+
+
+# ---------------------------------------------------------------- item 5: the limit itself
+
+
+def test_status_answers_with_every_parent_fd_taken(inetd: Start, tmp_path: Path) -> None:
+    """The control socket keeps an fd in reserve: at the fd limit `status` still answers (and
+    again, once the reserve is back), and the parent does not spin on the queued client."""
+    echo = free_port()
+    path = tmp_path / "control.sock"
+    p = inetd({"services": {"echo": unbounded_echo(echo)}}, "--control", str(path))
+    limit_fds(p)
+    with idle_connections(echo, NOFILE + 16):
+        p.wait_log(EMFILE_LINE)
+        wait_for(lambda: fd_count(p.pid) >= NOFILE, what="the parent at its fd limit")
+        for _ in range(3):
+            assert status(path)["status"]["services"][0]["running"] >= NOFILE - 16
+
+
+# ---------------------------------------------------------------- item 7: no spin at the limit
+
+
+def test_a_queued_metrics_client_at_the_fd_limit_does_not_spin_the_parent(
+    inetd: Start, tmp_path: Path
+) -> None:
+    """At the fd limit one queued metrics connection took 2.98 s of CPU in 3 s: the request
+    server's accept handler returned on EMFILE and the level-triggered selector called it again
+    at once. It rests instead, and serves the client once fds are free."""
+    echo, mport = free_port(), free_port()
+    p = inetd({"metrics": f"127.0.0.1:{mport}", "services": {"echo": unbounded_echo(echo)}})
+    limit_fds(p)
+    with contextlib.ExitStack() as stack:
+        with idle_connections(echo, NOFILE + 16):
+            p.wait_log(EMFILE_LINE)
+            wait_for(lambda: fd_count(p.pid) >= NOFILE, what="the parent at its fd limit")
+            queued = stack.enter_context(socket.create_connection(("127.0.0.1", mport), 5.0))
+            queued.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            before = cpu_seconds(p.pid)
+            time.sleep(2.0)  # the window the CPU time is measured over, not a wait
+            used = cpu_seconds(p.pid) - before
+            assert used < 0.3, f"{used:.2f} s of CPU in 2 s at the fd limit"
+        # The idle connections are gone: the queued client is answered.
+        queued.settimeout(DEADLINE)
+        chunks = []
+        while chunk := queued.recv(65536):
+            chunks.append(chunk)
+        assert b"".join(chunks).startswith(b"HTTP/1.0 200 OK")
+
+
+# ---------------------------------------------------------------- item 13: idle metrics clients
+
+
+def test_idle_metrics_clients_make_room_for_a_scrape(inetd: Start) -> None:
+    """32 idle connections from 4 addresses (8 each, the per-source bound) took every metrics
+    slot until their 5 s deadline: Prometheus' scrape got a reset. The oldest idle one goes."""
+    mport = free_port()
+    inetd(
+        {"metrics": f"127.0.0.1:{mport}", "services": {"e": {"listen": f"127.0.0.1:{free_port()}"}}}
+    )
+    sources = [f"127.0.0.{i}" for i in range(2, 6)]
+    with contextlib.ExitStack() as stack:
+        idle = [stack.enter_context(idle_connections(mport, 8, src)) for src in sources]
+        wait_for(lambda: accepted_on(mport) == 32, what="32 idle metrics clients accepted")
+        out = tcp_talk(mport, b"GET /metrics HTTP/1.0\r\n\r\n", timeout=5.0)
+        assert out.startswith(b"HTTP/1.0 200 OK"), out[:100]
+        assert b"pyinetd_connections_accepted_total" in out
+        # The oldest idle client was the one closed; the other 31 are still held.
+        assert closed_by_server(idle[0][0])
+        assert sum(closed_by_server(s) for group in idle for s in group) == 1
