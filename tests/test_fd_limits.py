@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import DEADLINE, Pyinetd, free_port, tcp_talk, wait_for
 
-from pyinetd import control
+from pyinetd import control, systemd
 
 Start = Callable[..., Pyinetd]
 NOFILE = 256  # the attack's soft limit (systemd's default is 1024)
@@ -112,6 +113,63 @@ def test_status_answers_with_every_parent_fd_taken(inetd: Start, tmp_path: Path)
         wait_for(lambda: fd_count(p.pid) >= NOFILE, what="the parent at its fd limit")
         for _ in range(3):
             assert status(path)["status"]["services"][0]["running"] >= NOFILE - 16
+
+
+def test_watchdog_pets_go_on_with_every_parent_fd_taken(inetd: Start, tmp_path: Path) -> None:
+    """With 1,000 idle echo connections 0 WATCHDOG=1 in 12 s (a socket per message, and no fd
+    free for it): systemd restarted pyinetd every WatchdogSec=. The socket is kept open."""
+    echo = free_port()
+    npath = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as ns:
+        ns.bind(str(npath))
+        p = inetd(
+            {"services": {"echo": unbounded_echo(echo)}},
+            env={"NOTIFY_SOCKET": str(npath), "WATCHDOG_USEC": "200000"},  # a pet each 0.1 s
+        )
+        limit_fds(p)
+        with idle_connections(echo, NOFILE + 16):
+            p.wait_log(EMFILE_LINE)
+            wait_for(lambda: fd_count(p.pid) >= NOFILE, what="the parent at its fd limit")
+            ns.settimeout(0.0)
+            with contextlib.suppress(BlockingIOError):
+                while True:  # what was sent before the limit was reached
+                    ns.recv(4096)
+            ns.settimeout(DEADLINE)
+            pets = 0
+            end = time.monotonic() + DEADLINE
+            while pets < 5 and time.monotonic() < end:
+                try:
+                    pets += ns.recv(4096) == b"WATCHDOG=1"
+                except TimeoutError:
+                    break
+            assert pets == 5, f"{pets} pets at the fd limit"
+
+
+def test_sd_notify_connects_again_to_a_new_receiver(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One socket for the process's life, connected again when the receiver at the path is
+    replaced (systemd re-executed)."""
+    path = tmp_path / "notify.sock"
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as first:
+            first.bind(str(path))
+            first.settimeout(DEADLINE)
+            assert systemd.notify("STATUS=one")
+            kept = systemd._notify_sock
+            assert systemd.notify("STATUS=two")
+            assert systemd._notify_sock is kept
+            assert [first.recv(64), first.recv(64)] == [b"STATUS=one", b"STATUS=two"]
+        path.unlink()
+        assert not systemd.notify("STATUS=lost")  # nobody listens: dropped, not raised
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as second:
+            second.bind(str(path))
+            second.settimeout(DEADLINE)
+            assert systemd.notify("STATUS=three")
+            assert second.recv(64) == b"STATUS=three"
+    finally:
+        systemd.close_notify()
 
 
 # ---------------------------------------------------------------- item 7: no spin at the limit
