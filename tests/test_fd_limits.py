@@ -101,6 +101,36 @@ def unbounded_echo(port: int) -> dict[str, object]:
 # ---------------------------------------------------------------- item 5: the limit itself
 
 
+@pytest.mark.parametrize("primitive", ["clone", "posix_spawn"])
+def test_parent_raises_its_fd_limit_and_programs_get_the_one_it_was_given(
+    inetd: Start, tmp_path: Path, primitive: str
+) -> None:
+    """Under systemd's soft limit (1024, here 256) one client's idle sessions pinned the parent
+    at its limit; it never raised it. Programs must not get the raised limit (select() breaks
+    above 1024): they get the limit pyinetd had, or their rlimits: {nofile}."""
+    ports = [free_port() for _ in range(3)]
+    show = ["/bin/sh", "-c", "echo $(ulimit -Sn) $(ulimit -Hn)"]
+    p = inetd(
+        {
+            "services": {
+                "plain": {"listen": f"127.0.0.1:{ports[0]}", "exec": show},
+                "fork": {"listen": f"127.0.0.1:{ports[1]}", "exec": show, "user": "nobody"},
+                "own": {
+                    "listen": f"127.0.0.1:{ports[2]}",
+                    "exec": show,
+                    "rlimits": {"nofile": 100},
+                },
+            }
+        },
+        prefix=("prlimit", f"--nofile={NOFILE}:4096"),
+        env={"PYINETD_SPAWN": primitive},
+    )
+    assert soft_nofile(p.pid) == 4096
+    assert tcp_talk(ports[0]) == f"{NOFILE} 4096\n".encode()
+    assert tcp_talk(ports[1]) == f"{NOFILE} 4096\n".encode()
+    assert tcp_talk(ports[2]) == b"100 100\n"
+
+
 def test_status_answers_with_every_parent_fd_taken(inetd: Start, tmp_path: Path) -> None:
     """The control socket keeps an fd in reserve: at the fd limit `status` still answers (and
     again, once the reserve is back), and the parent does not spin on the queued client."""
