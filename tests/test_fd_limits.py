@@ -18,6 +18,7 @@ import pytest
 from conftest import DEADLINE, Pyinetd, free_port, tcp_talk, wait_for
 
 from pyinetd import control, systemd
+from pyinetd.config import build
 
 Start = Callable[..., Pyinetd]
 NOFILE = 256  # the attack's soft limit (systemd's default is 1024)
@@ -129,6 +130,60 @@ def test_parent_raises_its_fd_limit_and_programs_get_the_one_it_was_given(
     assert tcp_talk(ports[0]) == f"{NOFILE} 4096\n".encode()
     assert tcp_talk(ports[1]) == f"{NOFILE} 4096\n".encode()
     assert tcp_talk(ports[2]) == b"100 100\n"
+
+
+def test_builtin_tcp_services_get_per_source_and_timeout_by_default(tmp_path: Path) -> None:
+    cfg = build(
+        {
+            "services": {
+                "e": {"listen": 7, "builtin": "echo"},
+                "u": {"listen": 7, "builtin": "echo", "protocol": "udp"},
+                "x": {"listen": 8, "exec": "/bin/cat"},
+                "mine": {"listen": 9, "builtin": "chargen", "per_source": 50, "timeout": 0},
+            }
+        },
+        tmp_path / "inetd.yaml",
+    )
+    by_name = {s.name: s for s in cfg.services}
+    assert (by_name["e"].per_source, by_name["e"].timeout) == (10, 300.0)
+    assert (by_name["u"].per_source, by_name["u"].timeout) == (None, None)
+    assert (by_name["x"].per_source, by_name["x"].timeout) == (None, None)
+    assert (by_name["mine"].per_source, by_name["mine"].timeout) == (50, 0.0)
+
+
+def test_one_clients_idle_echo_sessions_leave_status_and_other_services_working(
+    inetd: Start, tmp_path: Path
+) -> None:
+    """5,000 connects from one client, half to the built-in echo: parent at 256/256 fds,
+    `pyinetd status` timed out, every service failed."""
+    echo, cat = free_port(), free_port()
+    path = tmp_path / "control.sock"
+    p = inetd(
+        {
+            "services": {
+                "echo": {"listen": f"127.0.0.1:{echo}", "builtin": "echo"},
+                "cat": {"listen": f"127.0.0.1:{cat}", "exec": "/bin/cat"},
+            }
+        },
+        "--control",
+        str(path),
+    )
+    limit_fds(p)
+    n = 2 * NOFILE
+    with idle_connections(echo, n) as socks:
+        # Each connection is either held by pyinetd or refused; stop waiting when pyinetd is
+        # done with them all, or when it is at its limit (the attack).
+        wait_for(
+            lambda: (
+                sum(closed_by_server(s) for s in socks) >= n - 10 or fd_count(p.pid) >= NOFILE - 1
+            ),
+            what="every connection held or refused",
+        )
+        answer = status(path)
+        (entry,) = [s for s in answer["status"]["services"] if s["name"] == "echo"]
+        assert entry["refused"].get("per_source", 0) >= n - 10, entry
+        assert fd_count(p.pid) < NOFILE // 2
+        assert tcp_talk(cat, b"still served\n", timeout=5.0) == b"still served\n"
 
 
 def test_status_answers_with_every_parent_fd_taken(inetd: Start, tmp_path: Path) -> None:

@@ -75,7 +75,14 @@ from pyinetd.units import (
     parse_rate,
 )
 
-__all__ = ["SERVICE_KEY_LIST"]
+__all__ = ["BUILTIN_STREAM_DEFAULTS", "SERVICE_KEY_LIST"]
+
+# The limits a TCP built-in (echo, discard, chargen, daytime, time) gets when neither it nor
+# `defaults:` sets them. Built-in sessions run in the parent with an fd each: without a bound,
+# one client's idle echo connections held every fd of the parent, `status` and every other
+# service failed (issue 24, item 5). per_source 10 is xinetd's usual `defaults` (Red Hat's and
+# Debian's xinetd.conf); 300 seconds is longer than any echo/chargen test needs.
+BUILTIN_STREAM_DEFAULTS: dict[str, int | float] = {"per_source": 10, "timeout": 300.0}
 
 _BUFFER = {
     "type": ["integer", "string"],
@@ -246,7 +253,10 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
     Key(
         "per_source",
         _parse_count,
-        "At most this many connections at once from one client address.",
+        (
+            "At most this many connections at once from one client address (TCP built-ins: "
+            f"{BUILTIN_STREAM_DEFAULTS['per_source']} unless set)."
+        ),
         COUNT,
     ),
     Key(
@@ -581,7 +591,11 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
     Key(
         "timeout",
         _wrap(parse_duration),
-        "Stop the service's process after this long (seconds, or '30s', '5m').",
+        (
+            "Stop the service's process after this long (seconds, or '30s', '5m'); 0: never. "
+            f"TCP built-ins: a session ends after {BUILTIN_STREAM_DEFAULTS['timeout']:g} "
+            "seconds unless set."
+        ),
         DURATION,
         out=_number_out,
     ),
