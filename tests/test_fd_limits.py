@@ -113,6 +113,7 @@ def test_parent_raises_its_fd_limit_and_programs_get_the_one_it_was_given(
     show = ["/bin/sh", "-c", "echo $(ulimit -Sn) $(ulimit -Hn)"]
     p = inetd(
         {
+            "workers": 2,  # a worker hands on the limit the first process was started with
             "services": {
                 "plain": {"listen": f"127.0.0.1:{ports[0]}", "exec": show},
                 "fork": {"listen": f"127.0.0.1:{ports[1]}", "exec": show, "user": "nobody"},
@@ -121,15 +122,17 @@ def test_parent_raises_its_fd_limit_and_programs_get_the_one_it_was_given(
                     "exec": show,
                     "rlimits": {"nofile": 100},
                 },
-            }
+            },
         },
         prefix=("prlimit", f"--nofile={NOFILE}:4096"),
         env={"PYINETD_SPAWN": primitive},
     )
     assert soft_nofile(p.pid) == 4096
-    assert tcp_talk(ports[0]) == f"{NOFILE} 4096\n".encode()
-    assert tcp_talk(ports[1]) == f"{NOFILE} 4096\n".encode()
-    assert tcp_talk(ports[2]) == b"100 100\n"
+    p.wait_log(r"worker 1: listening")
+    for _ in range(8):  # (either process may accept a connection to "plain")
+        assert tcp_talk(ports[0]) == f"{NOFILE} 4096\n".encode()
+        assert tcp_talk(ports[1]) == f"{NOFILE} 4096\n".encode()
+        assert tcp_talk(ports[2]) == b"100 100\n"
 
 
 def test_builtin_tcp_services_get_per_source_and_timeout_by_default(tmp_path: Path) -> None:
@@ -197,7 +200,7 @@ def test_status_answers_with_every_parent_fd_taken(inetd: Start, tmp_path: Path)
         p.wait_log(EMFILE_LINE)
         wait_for(lambda: fd_count(p.pid) >= NOFILE, what="the parent at its fd limit")
         for _ in range(3):
-            assert status(path)["status"]["services"][0]["running"] >= NOFILE - 16
+            assert status(path)["status"]["services"][0]["running"] >= NOFILE // 2
 
 
 def test_watchdog_pets_go_on_with_every_parent_fd_taken(inetd: Start, tmp_path: Path) -> None:

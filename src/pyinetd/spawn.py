@@ -95,6 +95,11 @@ except ImportError:  # pragma: no cover - installed without a C compiler
     _VFORK = _START = _SETTLE = _SET_NOFILE = None
 C_MODULE_BUILT = _VFORK is not None
 
+NO_NEW_PRIVS = 1  # _spawn.c's flag: prctl(PR_SET_NO_NEW_PRIVS, 1) in the child
+PATH_FIRST = 2  # _spawn.c's flag: argv's first item is the path to execute, argv follows
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+PR_SET_NO_NEW_PRIVS = 38
+
 # The RLIMIT_NOFILE pyinetd was started with, (soft, hard), which every service process gets
 # back; None while pyinetd runs with the limit it was given (raise_nofile()).
 CHILD_NOFILE: tuple[int, int] | None = None
@@ -127,10 +132,6 @@ def raise_nofile() -> None:
     os.environ[NOFILE_ENV] = str(soft)  # (PYINETD_*: never passed to a service)
     if _SET_NOFILE is not None:
         _SET_NOFILE(soft, hard)
-NO_NEW_PRIVS = 1  # _spawn.c's flag: prctl(PR_SET_NO_NEW_PRIVS, 1) in the child
-PATH_FIRST = 2  # _spawn.c's flag: argv's first item is the path to execute, argv follows
-PR_SET_DUMPABLE = 4  # <linux/prctl.h>
-PR_SET_NO_NEW_PRIVS = 38
 
 
 def prctl(option: int, arg: int) -> None:  # pragma: no cover - runs in a forked child
