@@ -292,9 +292,10 @@ class RequestServer:
             return
         if not self._pause_logged:
             self._pause_logged = True
-            where: object = "request server"
+            where = "request server"
             with contextlib.suppress(OSError):
-                where = self.sock.getsockname()
+                name = self.sock.getsockname()
+                where = f"{name[0]}:{name[1]}" if isinstance(name, tuple) else f"{name}"
             event(
                 logging.WARNING,
                 f"{where}: accept: {exc.strerror}; pausing accepts for {ACCEPT_PAUSE}s at a "
