@@ -434,7 +434,14 @@ def test_print_config_applies_defaults_resolves_paths_and_merges_includes(tmp_pa
                 "umask": "027",
                 "banner_text": "hello\n",
             },
-            "b": {"listen": "7102", "builtin": "echo", **common, "banner_text": "hello\n"},
+            # A TCP built-in's per_source default is printed like any key.
+            "b": {
+                "listen": "7102",
+                "builtin": "echo",
+                **common,
+                "banner_text": "hello\n",
+                "per_source": 10,
+            },
         }
     }
 

@@ -47,7 +47,7 @@ from pyinetd.parsers import (
     parse_listen_item,
 )
 from pyinetd.sandbox import SandboxSettings
-from pyinetd.service_keys import UDP_RATE
+from pyinetd.service_keys import BUILTIN_STREAM_DEFAULTS, UDP_RATE
 from pyinetd.units import parse_rate
 
 __all__ = [
@@ -644,6 +644,11 @@ def _build_service(
             errors.append(f"{where}.argv0: only with exec (the argv[0] of the program it starts)")
     if values.get("builtin") is not None:
         values["wait"] = False  # built-ins run inside pyinetd; wait does not apply
+        if protocol == "tcp":
+            # Each session holds a parent's fd: bounded per client unless said otherwise.
+            for key, default in BUILTIN_STREAM_DEFAULTS.items():
+                if values.get(key) is None:
+                    values[key] = default
     if "redirect" in body and values.get("max_connections") is None:
         # Each relay is a forked pyinetd (~7.5 MiB private): bounded unless said otherwise.
         values["max_connections"] = REDIRECT_MAX_CONNECTIONS

@@ -28,7 +28,7 @@ from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
 from pyinetd.services import Services
 from pyinetd.signals import HANDLED_SIGNALS, PYTHON_IGNORED, ignored_signals
-from pyinetd.spawn import C_MODULE_BUILT, Spawner
+from pyinetd.spawn import C_MODULE_BUILT, Spawner, raise_nofile
 from pyinetd.status import Operations, render_table, snapshot
 from pyinetd.workers import Workers
 
@@ -119,6 +119,7 @@ class Server:
 
         ``control_path``: the control socket (`--control`), before the config's `control_socket`.
         """
+        raise_nofile()  # before the first process starts (it gets the limit we were given)
         self._install_signals()
         self.children.reap()  # children left from before exec (e.g. by a wrapper script)
         self._sync_zygotes()

@@ -75,7 +75,7 @@ from pyinetd.units import (
     parse_rate,
 )
 
-__all__ = ["SERVICE_KEY_LIST", "UDP_RATE"]
+__all__ = ["BUILTIN_STREAM_DEFAULTS", "SERVICE_KEY_LIST", "UDP_RATE"]
 
 # The rate of a UDP service (built-in or nowait) that sets none: a loop through a reflector
 # pyinetd cannot recognise (another host's or instance's echo on an unprivileged port) ends at
@@ -83,6 +83,13 @@ __all__ = ["SERVICE_KEY_LIST", "UDP_RATE"]
 # item 4: 16,700 datagrams/s until one side was killed; `rate: 100/s` ended it after 101). The
 # order of xinetd's default `cps = 50 10`, which also covers UDP.
 UDP_RATE = "100/s"
+
+# The limits a TCP built-in (echo, discard, chargen, daytime, time) gets when neither it nor
+# `defaults:` sets them. Built-in sessions run in the parent with an fd each: without a bound,
+# one client's idle echo connections held every fd of the parent, `status` and every other
+# service failed (issue 24, item 5). per_source 10 is xinetd's usual `defaults` (Red Hat's and
+# Debian's xinetd.conf); 300 seconds is longer than any echo/chargen test needs.
+BUILTIN_STREAM_DEFAULTS: dict[str, int | float] = {"per_source": 10, "timeout": 300.0}
 
 _BUFFER = {
     "type": ["integer", "string"],
@@ -253,7 +260,10 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
     Key(
         "per_source",
         _parse_count,
-        "At most this many connections at once from one client address.",
+        (
+            "At most this many connections at once from one client address (TCP built-ins: "
+            f"{BUILTIN_STREAM_DEFAULTS['per_source']} unless set)."
+        ),
         COUNT,
     ),
     Key(
@@ -595,7 +605,11 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
     Key(
         "timeout",
         _wrap(parse_duration),
-        "Stop the service's process after this long (seconds, or '30s', '5m').",
+        (
+            "Stop the service's process after this long (seconds, or '30s', '5m'); 0: never. "
+            f"TCP built-ins: a session ends after {BUILTIN_STREAM_DEFAULTS['timeout']:g} "
+            "seconds unless set."
+        ),
         DURATION,
         out=_number_out,
     ),

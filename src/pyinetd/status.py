@@ -320,6 +320,9 @@ class Operations:
     ) -> None:
         self._snapshot, self._reload, self._stop = snapshot, reload, stop
         self.servers: list[control.RequestServer] = []
+        # An fd the control socket may give up at the fd limit (control.FdReserve): `status`
+        # and `stop` answer while clients hold every other fd (issue 24, item 5).
+        self._reserve: control.FdReserve | None = None
 
     def start(
         self,
@@ -340,8 +343,11 @@ class Operations:
                 event="control_error",
             )
         else:
+            self._reserve = control.FdReserve()
             self.servers.append(
-                control.RequestServer(sock, sel, self.on_control, b"\n", call_later)
+                control.RequestServer(
+                    sock, sel, self.on_control, b"\n", call_later, reserve=self._reserve
+                )
             )
         if config.metrics:
             addr = parse_listen_item(config.metrics, "tcp", Path("."))
@@ -361,6 +367,9 @@ class Operations:
         for server in self.servers:
             server.close()
         self.servers.clear()
+        if self._reserve is not None:
+            self._reserve.close()
+            self._reserve = None
 
     def on_control(self, request: bytes) -> bytes:
         """Answer one control request (status, reload, stop) as a JSON line."""
