@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -27,6 +28,7 @@ from conftest import (
     port_open,
     script,
     tcp_listening,
+    status_of,
     tcp_talk,
     wait_for,
 )
@@ -672,3 +674,33 @@ def test_spawn_failures_by_reason_and_dropped_stderr_in_metrics_and_status(
     assert re.search(r"^  gone: failed to start: ENOENT=2$", table, re.M), table
     assert re.search(r"^  chatty: stderr over stderr_rate: \d+ lines, \d+ bytes dropped$",
                      table, re.M), table  # fmt: skip
+
+
+def test_every_refusal_reason_reaches_metrics_and_status(inetd: Start) -> None:
+    """access_times and max_load refusals were counted in `status` but missing from /metrics
+    (its list of reasons was written by hand). Every reason of admission.Refusal has a series,
+    and a live access_times refusal shows in both with the same count."""
+    from pyinetd.admission import Refusal
+
+    now = time.localtime()
+    later = (now.tm_hour + 6) % 24
+    port, mport = free_port(), free_port()
+    p = inetd({
+        "metrics": f"127.0.0.1:{mport}",
+        "services": {"closed": {
+            "listen": f"127.0.0.1:{port}", "exec": ["/bin/cat"],
+            "access_times": f"{later:02d}:00-{later:02d}:01",
+        }},
+    })  # fmt: skip
+    for _ in range(3):
+        with contextlib.suppress(ConnectionResetError):  # refused: closed with data unread
+            assert tcp_talk(port, b"x") == b""
+    wait_for(lambda: status_of(p)["closed"]["refused"].get("access_times") == 3)
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=DEADLINE) as r:
+        text = r.read().decode()
+    for reason in Refusal:
+        want = 3 if reason is Refusal.ACCESS_TIMES else 0
+        assert (
+            f'pyinetd_connections_refused_total{{service="closed",reason="{reason}"}} {want}'
+            in text
+        ), reason

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyinetd import control
+from pyinetd.admission import Refusal
 from pyinetd.config import parse_listen_item
 from pyinetd.listeners import bind_listener
 from pyinetd.log import event
@@ -22,19 +23,7 @@ if TYPE_CHECKING:
     from pyinetd.metrics import Metrics
     from pyinetd.services import ServiceState
 
-REASONS = (
-    "deny",
-    "limit",
-    "max_children",
-    "per_source",
-    "rate",
-    "proxy",
-    "proxy_from",
-    "tls",
-    "pending",
-    "pending_per_source",
-    "loop",
-)
+REASONS = tuple(Refusal)  # every one, 0 or not, so that a rate() of each is defined
 
 
 def snapshot(
