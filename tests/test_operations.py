@@ -27,8 +27,8 @@ from conftest import (
     pid_gone,
     port_open,
     script,
-    tcp_listening,
     status_of,
+    tcp_listening,
     tcp_talk,
     wait_for,
 )
