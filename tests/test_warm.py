@@ -476,3 +476,69 @@ def test_threads_after_the_imports_are_seen_from_outside_a_sandbox(
     )
     p.wait_log(r"svc: zygote: 2 threads after the imports: forking then is unsafe; serving cold")
     assert talk(port) == b"hi\n"
+
+
+# ---------------------------------------------------------------- the zygote is a boundary
+
+REACH = """\
+    import ctypes, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = []
+    for z in [int(z) for z in sys.stdin.readline().split()]:
+        try:
+            with open(f"/proc/{z}/mem", "r+b", buffering=0):
+                out.append(f"mem:{z}")
+        except OSError:
+            pass
+        if libc.syscall(101, 16, z, 0, 0) == 0:  # ptrace(PTRACE_ATTACH)
+            out.append(f"ptrace:{z}")
+            os.waitpid(z, 0x40000000)  # __WALL: its stop, then let it go
+            libc.syscall(101, 17, z, 0, 0)
+        pidfd = libc.syscall(434, z, 0)  # pidfd_open
+        if pidfd >= 0:
+            for fd in range(32):
+                got = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+                if got >= 0:
+                    out.append(f"getfd:{z}:{fd}")
+                    os.close(got)
+            os.close(pidfd)
+    out.append(f"dumpable={libc.prctl(3, 0, 0, 0, 0)}")  # PR_GET_DUMPABLE: itself
+    print(" ".join(out), flush=True)
+"""
+
+
+def test_a_connection_process_reaches_no_zygote(
+    inetd: Callable[..., Pyinetd], folder: Path
+) -> None:
+    """A connection process of a warm service (user nobody) tries what took the zygote over:
+    pidfd_getfd of its fds (the channel: it then answered later requests itself and got the
+    next clients' data), ptrace, and /proc/ZYGOTE/mem opened for writing (8 bytes written into
+    its libc stuck: code in every later connection), against its own zygote and another warm
+    service's of the same user, with no sandbox and under `syscalls: default` (which stops
+    ptrace and pidfd_getfd, not the open). The zygote is not dumpable: the kernel refuses all
+    three. The connection process itself is dumpable again, as an exec'd one is."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    script = folder / "reach.py"
+    script.write_text(f"#!{SYSTEM_PYTHON}\n" + textwrap.dedent(REACH))
+    script.chmod(0o755)
+    plain, boxed = free_port(), free_port()
+    svc = {"exec": [str(script)], "warm": True, "user": "nobody"}
+    p = inetd(
+        {
+            "services": {
+                "plain": {**svc, "listen": f"127.0.0.1:{plain}"},
+                "boxed": {
+                    **svc,
+                    "listen": f"127.0.0.1:{boxed}",
+                    "sandbox": {"syscalls": "default"},
+                },
+            }
+        }
+    )
+    p.wait_log(READY, count=2)
+    zygotes = [s["zygote"]["pid"] for s in status_of(p).values()]
+    assert len(zygotes) == 2 and all(zygotes)
+    line = " ".join(map(str, zygotes)).encode() + b"\n"
+    for port in (plain, boxed):
+        assert talk(port, line) == b"dumpable=1\n"

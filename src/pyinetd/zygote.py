@@ -169,6 +169,8 @@ class Zygote:
                     "preload": list(self.service.preload),
                     # a child's fd 2 is then its connection (the zygote's: /dev/null)
                     "stderr_socket": self.service.stderr == "socket",
+                    # it holds spawn.ZYGOTE_GUARD_CAP, to drop once it is not dumpable
+                    "guarded": spawn.zygote_guarded(self.service),
                 }
                 ours.send(SOURCE)
                 ours.sendmsg(
@@ -295,10 +297,16 @@ class Zygote:
             why = os.strerror(int(err)) if err.isdigit() else err.decode(errors="replace")
             self._answer(int(number), None, f"fork failed: {why}")
         elif msg == b"K" and self.state == STARTING:
-            threads = _threads(self.pid) if self.pid else None
+            seen = _inspect(self.pid) if self.pid else {}
+            threads = seen.get(b"Threads:")
             if threads is not None and threads > 1:
                 self.kill()
                 self._fail(f"{threads} threads after the imports: forking then is unsafe")
+                return
+            unsafe = _reachable(seen, self.service)
+            if unsafe:
+                self.kill()
+                self._fail(f"within its user's reach: {unsafe}")
                 return
             self.ready_at = self._clock()
             self._change_state(READY)
@@ -511,6 +519,42 @@ def is_child(pid: int) -> bool:
     return True
 
 
+def _inspect(pid: int) -> dict[bytes, int]:
+    """What pyinetd checks of a zygote that says it is ready, from outside (a sandbox may
+    hide /proc from the zygote itself): from /proc/PID/status its threads, tracer and
+    permitted capabilities, and whether it is dumpable: the kernel gives the files of a
+    process that is not dumpable to root (fs/proc/base.c, task_dump_owner; not /proc/PID
+    itself, which shows the euid)."""
+    seen: dict[bytes, int] = {}
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            seen[b"owner"] = os.fstat(f.fileno()).st_uid
+            for line in f:
+                key, _, value = line.partition(b"\t")
+                if key in (b"Threads:", b"TracerPid:", b"Uid:"):
+                    seen[key] = int(value.split()[0])
+                elif key == b"CapPrm:":
+                    seen[key] = int(value.strip(), 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return seen
+
+
+def _reachable(seen: dict[bytes, int], service: Service) -> str:
+    """Why a ready zygote could be reached by its user's processes ("" when it cannot): it is
+    dumpable (its own code made it so again), still holds its start-up capability (its
+    children would too), or is being traced."""
+    if seen.get(b"TracerPid:"):
+        return f"traced by {seen[b'TracerPid:']}"
+    if not seen.get(b"Uid:"):  # root's (or unknown): its user's processes are root's
+        return ""
+    if seen.get(b"owner") != 0:
+        return "dumpable"
+    if spawn.zygote_guarded(service) and seen.get(b"CapPrm:"):
+        return f"capabilities {seen[b'CapPrm:']:#x} kept"
+    return ""
+
+
 def _status_number(pid: int, field: bytes) -> int | None:
     """The number after ``field`` (b"Threads:", b"VmRSS:") in /proc/PID/status; None when
     unknown."""
@@ -522,11 +566,6 @@ def _status_number(pid: int, field: bytes) -> int | None:
     except (OSError, ValueError):
         return None
     return None
-
-
-def _threads(pid: int) -> int | None:
-    """The number of threads of ``pid``, None when unknown."""
-    return _status_number(pid, b"Threads:")
 
 
 def _rss_kib(pid: int) -> int | None:
