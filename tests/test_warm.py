@@ -542,3 +542,75 @@ def test_a_connection_process_reaches_no_zygote(
     line = " ".join(map(str, zygotes)).encode() + b"\n"
     for port in (plain, boxed):
         assert talk(port, line) == b"dumpable=1\n"
+
+
+def _talk_or_reset(port: int, data: bytes) -> bytes:
+    try:
+        return talk(port, data)
+    except ConnectionResetError:  # (a process that closed it with the request unread)
+        return b"<reset>"
+
+
+LEAKY_MODULE = """\
+import os
+os.environ["LEAK_ZYGOTE"] = str(os.getpid())
+try:  # in the zygote: its channel on fd 9, inheritable, so every connection process has it
+    os.dup2(3, 9)
+except OSError:  # (run cold: there is no channel)
+    pass
+"""
+
+THIEF = """\
+    import array, leak, os, signal, socket, sys
+    line = sys.stdin.readline()
+    if line != "attack\\n":
+        print(line.strip().upper(), flush=True)
+        sys.exit(0)
+    zygote = int(os.environ["LEAK_ZYGOTE"])
+    os.kill(zygote, signal.SIGSTOP)  # (same user): the zygote reads no request now
+    for _ in range(1000):
+        with open(f"/proc/{zygote}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                break
+        signal.sigtimedwait([], 0.01)
+    print("stopped", flush=True)
+    channel = socket.socket(fileno=9)
+    for n in (2, 3, 4):  # this connection was request 1
+        msg, anc, _flags, _addr = channel.recvmsg(1 << 16, socket.CMSG_SPACE(12))
+        if not msg:
+            break  # pyinetd closed the channel
+        fds = array.array("i")
+        for _level, _kind, data in anc:
+            fds.frombytes(data[: len(data) - len(data) % 4])
+        channel.send(b"P%d" % n)  # "request n is my process": the kernel says my pid
+        os.write(fds[1], b"yours\\n")
+        for fd in fds:
+            os.close(fd)
+    print("done", flush=True)
+"""
+
+
+def test_one_process_cannot_answer_for_several_connections(serve: Start, folder: Path) -> None:
+    """A process holding its zygote's channel (here the service's own module leaks it to
+    every connection process) stops the zygote and answers the next requests itself: one pid
+    stood for four connections, and `running` stayed at 3 after they ended (slots lost until
+    restart). An answer must name a new child of pyinetd that no slot tracks yet: the first
+    forged one is distrust (the zygote killed, its channel closed, the connection served
+    cold), and every slot comes back."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    (folder / "leak.py").write_text(LEAKY_MODULE)
+    p, port = serve("warm", THIEF, python=SYSTEM_PYTHON, user="nobody")
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as thief:
+        thief.sendall(b"attack\n")
+        said = thief.makefile("rb")
+        assert said.readline() == b"stopped\n"
+        victims = [_talk_or_reset(port, b"victim-%d\n" % i) for i in (2, 3, 4)]
+        rest = said.read()
+    running: list[int] = []
+    try:
+        wait_for(lambda: running.append(status_of(p)["svc"]["running"]) or running[-1] == 0)
+    except AssertionError:
+        raise AssertionError(f"slots lost: running {running[-1]} with every process gone") from None
+    p.wait_log(r"svc: zygote: a reply from \d+, which already has a slot; serving cold")
+    assert victims[1:] == [b"VICTIM-3\n", b"VICTIM-4\n"], (victims, rest)

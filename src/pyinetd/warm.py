@@ -61,6 +61,8 @@ class Zygotes:
         self.replied: Callable[[Ticket, int | None, str], None] = lambda t, pid, why: None
         # whether a pid is pyinetd's child (the children table knows those reaped early)
         self.is_ours: Callable[[int], bool] = lambda pid: False
+        # whether a pid has a slot already (the children table's running processes)
+        self.is_tracked: Callable[[int], bool] = lambda pid: False
 
     # ------------------------------------------------------------------ lifecycle
     def sync(self, services: Iterable[Service]) -> None:
@@ -101,6 +103,7 @@ class Zygotes:
             return
         z.replied = lambda n, pid, why: self.replied((z, n), pid, why)
         z.is_ours = lambda pid: self.is_ours(pid) or is_child(pid)
+        z.is_tracked = lambda pid: pid in self._by_pid or self.is_tracked(pid)
         self._by_name[svc.name] = z
         try:
             z.start()

@@ -132,6 +132,8 @@ class Zygote:
         self.replied: Callable[[int, int | None, str], None] = lambda n, pid, why: None
         # whether a pid is a child of pyinetd's (one reaped before its b"P" was read is)
         self.is_ours: Callable[[int], bool] = is_child
+        # whether a pid is pyinetd's already: a connection's process (it has a slot), a zygote
+        self.is_tracked: Callable[[int], bool] = lambda pid: False
         self._cold_noted = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -329,12 +331,21 @@ class Zygote:
 
     def _started(self, number: bytes, pid: int | None) -> None:
         """A forked process said b"P<n>": request n's process is ``pid`` (the kernel's word).
-        Only a child of pyinetd's own is taken: the zygote runs the service's code as its user
-        and could otherwise have pyinetd count, and at a timeout killpg(), a process it chose."""
+        Only a new child of pyinetd's own is taken, for a request of this zygote's not
+        answered yet: the zygote runs the service's code as its user and could otherwise have
+        pyinetd count, and at a timeout killpg(), a process it chose, or make one process
+        stand for several connections. Anything else is distrust: the zygote is killed, its
+        channel closed, its open requests served cold."""
         n = int(number) if number.isdigit() else -1
         if n not in self._pending or pid is None or pid == self.pid or not self.is_ours(pid):
             self.kill()
             self._died_early(f"a reply from {pid}, not a child of pyinetd")
+            return
+        if self.is_tracked(pid):
+            # One pid standing for several connections: each answer would take a slot that
+            # its one end could give back only once (slots lost until restart).
+            self.kill()
+            self._died_early(f"a reply from {pid}, which already has a slot")
             return
         self.forks += 1
         self._answer(n, pid)
