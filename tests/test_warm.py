@@ -614,3 +614,31 @@ def test_one_process_cannot_answer_for_several_connections(serve: Start, folder:
         raise AssertionError(f"slots lost: running {running[-1]} with every process gone") from None
     p.wait_log(r"svc: zygote: a reply from \d+, which already has a slot; serving cold")
     assert victims[1:] == [b"VICTIM-3\n", b"VICTIM-4\n"], (victims, rest)
+
+
+FAILURE_FORGER = """\
+    import leak, sys
+    if sys.stdin.readline() == "attack\\n":
+        import os
+        os.write(9, b"F\\x1b]0;owned\\x07\\rwarning: forged line " + b"A" * 300)
+    print("hi", flush=True)
+"""
+
+
+def test_a_failure_said_on_the_channel_does_not_disable_warm_for_good(
+    serve: Start, folder: Path
+) -> None:
+    """`F<text>` is the zygote's "I cannot work at all" (a preload or compile error): the
+    service runs cold until a reload. Sent by a connection process holding the channel, it
+    disabled warm for good, with the attacker's text in the log and `status`. Only the zygote
+    itself, before it is ready, can fail for good; anything else is one more distrust: the
+    zygote is replaced after its backoff."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    (folder / "leak.py").write_text(LEAKY_MODULE)
+    p, port = serve("warm", FAILURE_FORGER, python=SYSTEM_PYTHON, user="nobody")
+    assert talk(port, b"attack\n") == b"hi\n"
+    p.wait_log(r"svc: zygote: F from \d+, not the zygote; serving cold, restart in 1s")
+    p.wait_log(READY, count=2)  # replaced, not failed
+    assert status_of(p)["svc"]["zygote"]["state"] == "ready"
+    assert talk(port, b"again\n") == b"hi\n"

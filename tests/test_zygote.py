@@ -529,7 +529,7 @@ def test_answers_to_no_request_make_pyinetd_distrust_the_zygote(
     flooder = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == zpid]
     try:
         z.on_readable()
-        assert z.state == zygote.BACKOFF and "an answer to no request" in z.reason, z.reason
+        assert z.state == zygote.BACKOFF and "E from" in z.reason, z.reason
         assert z.fileno() == -1  # the channel is closed
     finally:
         for pid in flooder:

@@ -117,6 +117,7 @@ class Zygote:
         self.state = STOPPED
         self.reason = ""
         self.pid: int | None = None
+        self._speaker = 0  # the pid whose own words (K, F, E) the channel carries, while open
         self.forks = 0
         self.started_at = 0.0
         self.ready_at = 0.0
@@ -163,6 +164,7 @@ class Zygote:
                 self.pid = self._start_process(
                     self.service, argv, self._env, theirs.fileno(), self._stderr
                 )
+                self._speaker = self.pid
                 setup = {
                     "script": self.command.script,
                     # sys.argv: the script and its arguments as the service's exec gives them
@@ -286,9 +288,16 @@ class Zygote:
             self._handle(msg, anc)
 
     def _handle(self, msg: bytes, anc: list[tuple[int, int, bytes]]) -> None:
-        if msg[:1] == b"P" and self.state in (READY, ENDING):
+        kind = msg[:1]
+        if kind == b"P" and self.state in (READY, ENDING):
             self._started(msg[1:], _sender(anc))
-        elif msg[:1] == b"E" and self.state in (READY, ENDING):
+        elif kind in (b"K", b"F", b"E") and _sender(anc) != self._speaker:
+            # Only the zygote itself says these (its children say b"P"): from any other
+            # holder of the channel, an E would have the connection served cold while the
+            # zygote's own fork serves it too, an F or K would steer the zygote's state.
+            self.kill()
+            self._died_early(f"{kind.decode()} from {_sender(anc)}, not the zygote")
+        elif kind == b"E" and self.state in (READY, ENDING):
             number, _, err = msg[1:].partition(b" ")
             if not number.isdigit() or int(number) not in self._pending:
                 # Never from a sound zygote: a process of the service's user holding its channel
@@ -317,9 +326,14 @@ class Zygote:
                 f"{self.service.name}: zygote {self.pid} ready "
                 f"({self.ready_at - self.started_at:.2f}s)",
             )
-        elif msg[:1] == b"F":
+        elif kind == b"F" and self.state == STARTING:  # it cannot work at all: for good
             self.kill()
             self._fail(msg[1:].decode(errors="replace"))
+        elif kind == b"F" and self.state in (READY, ENDING):
+            # Its loop failed (it says nothing after ready, but for that): restarted with
+            # backoff, as a death is; never the failed state, which only a reload ends.
+            self.kill()
+            self._died_early(f"failed when ready: {msg[1:].decode(errors='replace')}")
         elif not msg:  # the channel's end: the process is going; on_exit will say why
             self._close()
             if self.state in (STARTING, READY, ENDING):
