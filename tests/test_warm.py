@@ -642,3 +642,27 @@ def test_a_failure_said_on_the_channel_does_not_disable_warm_for_good(
     p.wait_log(READY, count=2)  # replaced, not failed
     assert status_of(p)["svc"]["zygote"]["state"] == "ready"
     assert talk(port, b"again\n") == b"hi\n"
+
+
+def test_a_stopped_zygote_does_not_outlive_the_reload_that_replaced_it(
+    serve: Start, folder: Path
+) -> None:
+    """A retired zygote is told to exit, and exits at its channel's end; one stopped by its
+    own user (SIGSTOP) never reads either, and outlived the reload that replaced it (and
+    pyinetd). It is killed after a deadline, stopped or not."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    p, port = serve("warm", "print('v1')\n", python=SYSTEM_PYTHON, user="nobody")
+    old = int(re.findall(r"zygote (\d+) ready", p.wait_log(READY)[0])[0])
+    try:
+        os.kill(old, signal.SIGSTOP)
+        script = folder / "svc.py"
+        script.write_text("#!/usr/bin/env python3\nprint('v2')\n")
+        os.utime(script, ns=(time.time_ns(), time.time_ns() + 10**9))
+        p.signal(signal.SIGHUP)
+        p.wait_log(READY, count=2)
+        assert talk(port) == b"v2\n"
+        wait_for(lambda: pid_gone(old), what="the replaced zygote gone")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)

@@ -28,6 +28,8 @@ from pyinetd.zygote import (
     script_id,
 )
 
+RETIRE_DEADLINE = 2.0  # seconds a replaced zygote has to exit before it is killed
+
 
 class _Timer(Protocol):
     cancelled: bool
@@ -120,11 +122,18 @@ class Zygotes:
                 timer.cancelled = True
         self._unregister(z)
         z.stop()  # it exits at the Q (or at the channel's end); on_exit reaps it
+        if z.pid is not None:
+            # One stopped (SIGSTOP, by its own user) never reads either: without a deadline
+            # it would outlive the reload that replaced it, and pyinetd. (Once reaped, its
+            # pid is None: a late kill names no other process.)
+            self._call_later(RETIRE_DEADLINE, z.kill)
 
     def stop(self) -> None:
-        """At shutdown: every zygote told to exit."""
+        """At shutdown: every zygote told to exit, and killed (pyinetd leaves before a
+        retired zygote's deadline)."""
         for z in list(self._by_name.values()):
             self._retire(z)
+            z.kill()
 
     def _after(self, z: Zygote) -> None:
         """Follow a zygote's state: its process tracked, its channel watched, its restart
