@@ -666,3 +666,23 @@ def test_a_stopped_zygote_does_not_outlive_the_reload_that_replaced_it(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(old, signal.SIGKILL)
+
+
+def test_the_zygotes_own_text_is_escaped_and_cut_in_the_log_and_status(
+    serve: Start, folder: Path
+) -> None:
+    """What the zygote says reaches the log and `status` (a preload's error, chosen by the
+    service's code as its user): a `\\r` and a terminal title escape in it forged a log line
+    of its own. Escaped as a service's stderr lines are, and cut to 200 characters."""
+    (folder / "bad_module.py").write_text(
+        "raise RuntimeError('x\\r\\x1b]0;owned\\x07\\nwarning: forged line ' + 'B' * 500)\n"
+    )
+    p, port = serve("cold", "print('hi')\n", warm=True, preload=["bad_module"])
+    (line,) = p.wait_log(r"svc: zygote: preload 'bad_module'")
+    assert "\r" not in line and "\x1b" not in line and "\x07" not in line, repr(line)
+    assert not [ln for ln in p.lines if ln.startswith("warning: forged line")]
+    said = line.split("svc: zygote: ", 1)[1].rsplit("; serving cold", 1)[0]
+    assert said.startswith(r"preload 'bad_module': RuntimeError: x\r\x1b]0;owned\x07\n")
+    assert len(said) <= 200 and said.endswith("..."), said
+    assert status_of(p)["svc"]["zygote"]["reason"] == said
+    assert talk(port) == b"hi\n"

@@ -305,7 +305,7 @@ class Zygote:
                 self.kill()
                 self._died_early(f"an answer to no request: {msg[:20]!r}")
                 return
-            why = os.strerror(int(err)) if err.isdigit() else err.decode(errors="replace")
+            why = os.strerror(int(err)) if err.isdigit() else said(err)
             self._answer(int(number), None, f"fork failed: {why}")
         elif msg == b"K" and self.state == STARTING:
             seen = _inspect(self.pid) if self.pid else {}
@@ -328,12 +328,12 @@ class Zygote:
             )
         elif kind == b"F" and self.state == STARTING:  # it cannot work at all: for good
             self.kill()
-            self._fail(msg[1:].decode(errors="replace"))
+            self._fail(said(msg[1:]))
         elif kind == b"F" and self.state in (READY, ENDING):
             # Its loop failed (it says nothing after ready, but for that): restarted with
             # backoff, as a death is; never the failed state, which only a reload ends.
             self.kill()
-            self._died_early(f"failed when ready: {msg[1:].decode(errors='replace')}")
+            self._died_early(f"failed when ready: {said(msg[1:])}")
         elif not msg:  # the channel's end: the process is going; on_exit will say why
             self._close()
             if self.state in (STARTING, READY, ENDING):
@@ -483,6 +483,18 @@ class Zygote:
         if self.reason:
             out["reason"] = self.reason
         return out
+
+
+SAID_MAX = 200  # characters of the zygote's own text kept for the log and `status`
+
+
+def said(raw: bytes) -> str:
+    """Text the zygote sent (a preload or compile error: the service's code chose it, as its
+    user) for the log and `status`: control characters escaped as a service's stderr lines
+    are (log.escape_controls: a `\\r` or an ESC sequence forged a whole log line and retitled
+    the reader's terminal), cut to SAID_MAX characters."""
+    text = log.escape_controls(raw[: SAID_MAX * 4].decode("utf-8", "replace"))
+    return text if len(text) <= SAID_MAX else text[: SAID_MAX - 3] + "..."
 
 
 def _module_fd(path: str) -> int:
