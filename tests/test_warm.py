@@ -686,3 +686,23 @@ def test_the_zygotes_own_text_is_escaped_and_cut_in_the_log_and_status(
     assert len(said) <= 200 and said.endswith("..."), said
     assert status_of(p)["svc"]["zygote"]["reason"] == said
     assert talk(port) == b"hi\n"
+
+
+def test_warm_max_forks_replaces_the_zygote_with_no_gap_in_service(serve: Start) -> None:
+    """Every process a zygote forks shares its address space layout (`id(None)`, libc's
+    mapping), stack canary and hash seed: one leaked address holds for every later
+    connection. `warm_max_forks: N` replaces the zygote after N forks: its successor starts
+    while it serves on, and takes over once ready; no connection is served cold or refused,
+    and `status` counts it."""
+    p, port = serve("warm", "print(id(None), hash('x'))\n", warm_max_forks=3)
+    first = [talk(port) for _ in range(3)]
+    assert len(set(first)) == 1  # one zygote: one layout, one seed
+    p.wait_log(r"svc: zygote \d+ replaced by \d+ after 3 forks \(warm_max_forks 3\)")
+    later = [talk(port) for _ in range(3)]
+    assert len(set(later)) == 1 and later[0] != first[0]
+    p.wait_log(r"replaced by \d+ after 3 forks", count=2)
+    assert all(out.strip() for out in first + later)
+    assert not [ln for ln in p.lines if "serving by exec" in ln or "serving cold" in ln]
+    z = status_of(p)["svc"]["zygote"]
+    assert (z["state"], z["forks"], z["max_forks"], z["replaced"]) == ("ready", 6, 3, 2), z
+    assert z["process_forks"] == 0

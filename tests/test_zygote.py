@@ -444,6 +444,9 @@ def test_warm_on_a_program_that_is_not_python_is_a_config_error(tmp_path: Path) 
         "  cat: {listen: 127.0.0.1:9, exec: /bin/cat, warm: true}\n"
         "  echo: {listen: 127.0.0.1:10, builtin: echo, warm: true}\n"
         "  pre: {listen: 127.0.0.1:11, exec: /bin/cat, preload: [json]}\n"
+        "  mf: {listen: 127.0.0.1:14, exec: /bin/cat, warm_max_forks: 5}\n"
+        "  neg: {listen: 127.0.0.1:15, exec: [/usr/bin/python3, s.py], warm: true,"
+        " warm_max_forks: -1}\n"
         "  a0: {listen: 127.0.0.1:13, exec: [/usr/bin/python3, s.py], argv0: py, warm: true}\n"
         "  bad: {listen: 127.0.0.1:12, exec: [/usr/bin/python3, -m, x], warm: true,"
         " preload: ['1x']}\n"
@@ -454,6 +457,8 @@ def test_warm_on_a_program_that_is_not_python_is_a_config_error(tmp_path: Path) 
     assert f"{cfg}: services.cat.warm: true: /usr/bin/cat: not a Python script: no #! line" in text
     assert "services.echo.warm: true: only for an exec service" in text
     assert "services.pre.preload: only with warm: true" in text
+    assert "services.mf.warm_max_forks: only with warm: true" in text
+    assert "services.neg.warm_max_forks: -1: expected a whole number >= 0" in text
     assert "services.a0.warm: true: not with argv0" in text
     assert "services.bad.preload: '1x': expected a module name" in text
 

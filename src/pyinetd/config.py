@@ -155,6 +155,7 @@ class Service:
     # a Python script served from a warm interpreter (zygote.py), with these modules imported
     warm: bool = False
     preload: tuple[str, ...] = ()
+    warm_max_forks: int = 0  # replace the zygote after this many forks (0: never)
     banner: bytes = b""
     # protocols in front of the service
     tls: TLSSettings | None = None

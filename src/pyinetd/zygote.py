@@ -118,7 +118,8 @@ class Zygote:
         self.reason = ""
         self.pid: int | None = None
         self._speaker = 0  # the pid whose own words (K, F, E) the channel carries, while open
-        self.forks = 0
+        self.forks = 0  # the service's, across restarts and replacements (warm.py)
+        self.process_forks = 0  # this process's: what `warm_max_forks` counts
         self.started_at = 0.0
         self.ready_at = 0.0
         self.retry_at = 0.0
@@ -193,6 +194,7 @@ class Zygote:
         self._sock = ours
         self._seq = 0
         self._ended = ""
+        self.process_forks = 0
         self.started_at = self._clock()
         self._change_state(STARTING)
 
@@ -362,6 +364,7 @@ class Zygote:
             self._died_early(f"a reply from {pid}, which already has a slot")
             return
         self.forks += 1
+        self.process_forks += 1
         self._answer(n, pid)
 
     def wait_ready(self, timeout: float) -> bool:
