@@ -10,6 +10,12 @@ pyinetd its pid, and the kernel vouches for it (SCM_CREDENTIALS): a zygote runs 
 code as the service's user, and must not be able to name another process for pyinetd to track
 or signal.
 
+The zygote is a boundary: its user's other processes (its own forks among them) cannot reach
+it, as it is not dumpable (spawn.zygote_guarded, zygote_main._out_of_reach); and what comes on
+its channel keeps its invariants (``_handle``): K, F and E only from the zygote's own pid, each
+request answered at most once, by a new child of pyinetd that no slot tracks; anything else is
+distrust (killed, channel closed, its requests served cold). Its text is escaped (``said``).
+
 States (one ``_change_state``): starting -> ready; any -> backoff when the process dies or
 misbehaves (restarted later, doubling delays), through ending when it died with requests open
 (their pids may still come on its channel); failed when it cannot work at all (the
