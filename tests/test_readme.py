@@ -136,3 +136,15 @@ def test_every_command_of_the_readme_tour_answers_against_the_shipped_config(
         assert not missing, f"README tour: {line!r} does not show {missing}:\n{run.stdout}"
         ran += 1
     assert ran >= 2, lines
+
+
+def test_every_test_the_documents_name_exists() -> None:
+    """docs/security.md (and the other documents) name the test proving each row: it must exist."""
+    defined = set()
+    for path in (REPO / "tests").rglob("test_*.py"):
+        defined.update(re.findall(r"^\s*(?:async )?def (test_\w+)", path.read_text(), re.M))
+    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    named = {(doc.name, n) for doc in docs for n in re.findall(r"`(test_\w+)", doc.read_text())}
+    assert len([n for d, n in named if d == "security.md"]) >= 50
+    missing = sorted(f"{d}: {n}" for d, n in named if n not in defined)
+    assert not missing, missing
