@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -279,7 +280,7 @@ def test_a_handler_that_raises_gets_its_connection_closed(
         with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
             conn, addr = lst.sock.accept()
             server._serve_stream(lst, conn, addr)
-            assert server._stage.used == 1
+            assert server._pools["p"].slots.used == 1
 
             def broken(*args: object, **kw: object) -> None:
                 raise ValueError("a bug in the parser")
@@ -292,7 +293,7 @@ def test_a_handler_that_raises_gets_its_connection_closed(
             server._contain(key)
             assert conn.fileno() == -1
             assert conn not in {k.fileobj for k in server.sel.get_map().values()}
-            assert not server.pending and server._stage.used == 0
+            assert not server.pending and server._pools["p"].slots.used == 0
             with contextlib.suppress(ConnectionResetError):  # closed with "PROXY " unread
                 assert client.recv(10) == b""
     finally:
@@ -349,3 +350,184 @@ def test_tls_waiting_for_a_hello_holds_its_place_under_max_connections(
     thread.join(DEADLINE)
     b.close()
     assert got == [b"hi\n"]
+
+
+# ------------------------------------------------- TLS handshakes and pools (issue 24)
+
+
+def canned_client_hello() -> bytes:
+    """A real TLS ClientHello (a client's first flight), made once and replayable: what an
+    attacker sends on every connection before it stalls."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = outgoing.read()
+    assert hello[0] == 22 and len(hello) > 200  # a handshake record
+    return hello
+
+
+def tls_echo(port: int, tls_files: Path, source: str = "127.0.0.1") -> bytes:
+    """A real TLS client from ``source``: the service's first line (``$REMOTE_ADDR``)."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(tls_files / "ca.pem"))
+    with socket.socket() as raw:
+        raw.settimeout(DEADLINE)
+        raw.bind((source, 0))
+        raw.connect(("127.0.0.1", port))
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            return s.recv(100)
+
+
+def tls_service(port: int, **tls: object) -> dict[str, object]:
+    return {**proxy_service(port), "tls": {"cert": "cert.pem", "key": "key.pem", **tls}}
+
+
+def test_canned_client_hellos_that_stall_fork_no_relay(inetd: Start, tls_files: Path) -> None:
+    """Issue 24, item 3: 300 connections that sent a pre-computed ClientHello and stalled
+    once made 300 relays in 4 s (the hello freed the slot, the relay waited for the rest of
+    the handshake). The handshake is now done in the loop: they cost an fd each, count as
+    pending per source until their handshake is complete, and no process is started."""
+    port, other = free_port(), free_port()
+    p = inetd(
+        {"services": {"t": tls_service(port, handshake_timeout=30), "e": echo_service(other)}}
+    )
+    hello = canned_client_hello()
+    n, forked = 300, 0
+    socks: list[socket.socket] = []
+    try:
+        for i in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.settimeout(DEADLINE)
+            s.bind((ATTACKER, 0))
+            s.connect(("127.0.0.1", port))
+            with contextlib.suppress(OSError):  # (refused ones may be reset)
+                s.sendall(hello)
+            if i % 25 == 0:  # stop early where each hello forks: the count says enough
+                forked = max(forked, len(children_of(p.pid)))
+                if forked > PER_SOURCE:
+                    break
+        wait_for(
+            lambda: (
+                sum(closed_by_server(s) for s in socks) >= n - PER_SOURCE
+                or len(children_of(p.pid)) > 0
+            ),
+            timeout=5.0,
+            what="all but PER_SOURCE stalled handshakes refused, or a relay forked",
+        )
+        forked = max(forked, len(children_of(p.pid)))
+        assert forked == 0, f"{forked} relays for handshakes that never completed"
+        assert status_of(p)["t"]["refused"] == {"pending_per_source": n - PER_SOURCE}
+        # Another service answers, and the same service serves a real client from elsewhere.
+        t0 = time.monotonic()
+        assert tcp_talk(other, b"still here", timeout=2.0) == b"still here"
+        assert time.monotonic() - t0 < 2.0
+        assert tls_echo(port, tls_files) == b"127.0.0.1\n"
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_tls_handshake_deadline_is_kept_in_the_parent(inetd: Start, tls_files: Path) -> None:
+    """A handshake that stalls after its hello is closed at handshake_timeout by the loop,
+    counted and logged; no process was ever started for it."""
+    port = free_port()
+    p = inetd({"services": {"t": tls_service(port, handshake_timeout=1)}})
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+        s.sendall(canned_client_hello())
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):  # the server's first flight, then EOF
+                got += chunk
+        assert got[:1] == b"\x16"  # a ServerHello came, from the parent
+    p.wait_log(r"t: refused 127\.0\.0\.1:\d+: tls \(TLS handshake not complete in time\)")
+    assert children_of(p.pid) == []
+    assert "-> pid" not in p.log()
+
+
+def test_idle_tls_connections_to_one_service_refuse_no_other_service(
+    inetd: Start, tls_files: Path
+) -> None:
+    """Issue 24, item 6: max_pending (256) was one pool for every service: 256 idle
+    connections from 16 addresses to one TLS service refused every other TLS and PROXY
+    service, a trusted balancer's connections included. Each service has its own pool now,
+    and a full pool evicts its oldest waiting connection for a new one."""
+    t1, t2, px = free_port(), free_port(), free_port()
+    p = inetd(
+        {
+            "services": {
+                "t1": tls_service(t1, handshake_timeout=60, hello_timeout=60),
+                "t2": tls_service(t2),
+                "px": proxy_service(px, proxy_protocol="v1", proxy_from=["127.0.0.1"]),
+            },
+        }
+    )
+    sources = [f"127.0.0.{10 + i}" for i in range(16)]
+    socks: list[socket.socket] = []
+    try:
+        for src in sources:
+            for _ in range(PER_SOURCE):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((src, 0))
+                s.connect(("127.0.0.1", t1))
+        # All accepted (the listener's accept queue, /proc/net/tcp's rx_queue, is empty).
+        wait_for(lambda: rx_queue(t1, 0) == 0, what="pyinetd accepting the idle connections")
+        assert not any(closed_by_server(s) for s in socks)
+        # Another TLS service, and a PROXY service behind its trusted balancer.
+        assert tls_echo(t2, tls_files) == b"127.0.0.1\n"
+        header = b"PROXY TCP4 192.0.2.1 192.0.2.2 5555 80\r\n"
+        assert tcp_talk(px, header + b"hi") == b"192.0.2.1\nhi"
+        # The full pool itself makes room: the oldest idle connection goes, the new one is
+        # served.
+        assert tls_echo(t1, tls_files) == b"127.0.0.1\n"
+        wait_for(lambda: closed_by_server(socks[0]), what="the oldest idle connection evicted")
+        assert sum(closed_by_server(s) for s in socks) == 1
+        refused = status_of(p)
+        assert refused["t1"]["refused"] == {"pending": 1}
+        assert refused["t2"]["refused"] == {} and refused["px"]["refused"] == {}
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_tls_per_source_counts_connections_waiting_for_their_hello(
+    inetd: Start, tls_files: Path
+) -> None:
+    """Issue 24, item 6: per_source did not count connections whose ClientHello was due,
+    while max_connections did: with per_source: 2, one address held 4 of 5 places and the
+    next client timed out."""
+    port = free_port()
+    service = tls_service(port, handshake_timeout=60, hello_timeout=60)
+    p = inetd({"services": {"t": {**service, "max_connections": 5, "per_source": 2}}})
+    with idle_connections(port, 4) as socks:
+        wait_for(
+            lambda: sum(closed_by_server(s) for s in socks) >= 2,
+            timeout=5.0,
+            what="the attacker's third and fourth connections refused (per_source)",
+        )
+        assert sum(closed_by_server(s) for s in socks) == 2
+        assert status_of(p)["t"]["refused"] == {"per_source": 2}
+        # Three other clients get the three places left, at once.
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(tls_files / "ca.pem"))
+        held: list[ssl.SSLSocket] = []
+        try:
+            for i in range(3):
+                raw = socket.socket()
+                raw.settimeout(DEADLINE)
+                raw.bind((f"127.0.0.{3 + i}", 0))
+                raw.connect(("127.0.0.1", port))
+                held.append(ctx.wrap_socket(raw, server_hostname="localhost"))
+                assert held[-1].recv(100) == f"127.0.0.{3 + i}\n".encode()
+        finally:
+            for t in held:
+                t.close()

@@ -167,7 +167,7 @@ class Children:
         conn_fd = conn.fileno() if conn is not None else None
         if svc.warm and self._ask_zygote(state, stdin, conn_fd, env, peer, listener, src, reply):
             return PENDING
-        pid = self._spawn(state, stdin, stdout, conn_fd, env, peer)
+        pid = self._spawn(state, stdin, stdout, conn_fd, env, peer, conn)
         if not pid:
             if reply is not None:
                 reply.close()
@@ -185,8 +185,11 @@ class Children:
         conn_fd: int | None,
         env: list[bytes],
         peer: str,
+        client: socket.socket | None = None,
     ) -> int:
-        """Start the program (by exec, or the relay); its pid, or 0 (said and counted)."""
+        """Start the program (by exec, or the relay); its pid, or 0 (said and counted).
+        ``client``: the connection itself, which a relay takes over (for TLS, the
+        ``ssl.SSLSocket`` whose handshake the loop completed)."""
         svc = state.service
         try:
             err_fd, owned = self.stderr_fd(state, conn_fd)
@@ -196,8 +199,10 @@ class Children:
             return 0
         try:
             if svc.needs_relay:
+                if client is None:
+                    raise OSError(errno.EBADF, "a relay without its client connection")
                 full_env = {**self._spawner.base_environ(svc), **env_dict(env)}
-                return self._spawner.relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
+                return self._spawner.relay(svc, client, err_fd, full_env, peer)
             return self._spawner.spawn(svc, stdin, stdout, err_fd, env)
         except UserGone as exc:
             # Deleted after load: one line a minute, not a traceback per connection (18.16).

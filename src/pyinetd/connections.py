@@ -2,9 +2,10 @@
 
 An arrival is an accepted connection, a datagram, or a wait-mode listener turning readable.
 A connection may first wait in a pre-service stage (stages.py: its PROXY header, its TLS
-ClientHello); then admission.admit() decides, and the connection goes to the children table
-(children.py, which starts the program through spawn.py) or to a built-in session
-(builtins.py). The connection environment (UCSPI variables) is made here.
+ClientHello and handshake), in its service's pool (Pool); then admission.admit() decides, and
+the connection goes to the children table (children.py, which starts the program through
+spawn.py) or to a built-in session (builtins.py). The connection environment (UCSPI
+variables) is made here.
 """
 
 from __future__ import annotations
@@ -30,12 +31,34 @@ from pyinetd.listeners import format_ip, peer_of, peer_text
 from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.services import Listener, Services, ServiceState
-from pyinetd.stages import PendingHello, PendingProxy, UDPReply
+from pyinetd.stages import PendingHandshake, PendingHello, PendingProxy, UDPReply
 
 ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
 EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
 
-Pending = PendingProxy[Listener] | PendingHello[Listener]
+Pending = PendingProxy[Listener] | PendingHello[Listener] | PendingHandshake[Listener]
+_TLS_STAGES = (PendingHello, PendingHandshake)  # they hold a place of the service (hold)
+
+
+class Pool:
+    """One service's connections in a pre-service stage: its own slots, so that idle
+    connections to one service never refuse another's (issue 24, item 6: 256 idle connections
+    to one TLS service refused every other TLS and PROXY service), in arrival order, so that a
+    full pool makes room by evicting its oldest (issue 24, item 6)."""
+
+    def __init__(self, total: int, per_source: int) -> None:
+        self.slots = StageSlots(total, per_source)
+        self.members: dict[Pending, None] = {}  # oldest first
+
+    def oldest(self) -> Pending | None:
+        """The connection to evict: the oldest still waiting for its first bytes (a PROXY
+        header, a ClientHello), else the oldest in its handshake (it has sent its hello)."""
+        first = None
+        for pend in self.members:
+            if not isinstance(pend, PendingHandshake):
+                return pend
+            first = first or pend
+        return first
 
 
 class Sessions:
@@ -102,15 +125,30 @@ class Connections:
         self.sessions = sessions
         self._throttled = throttled
         self._emfile_logged = False
-        self.pending: set[Pending] = set()  # connections whose PROXY header/ClientHello is due
-        self.stage = StageSlots(config.max_pending, config.max_pending_per_source)
+        # Connections in a pre-service stage (PROXY header, ClientHello, TLS handshake), each
+        # with the pool it holds a slot in; a pool per service name.
+        self.pending: dict[Pending, Pool] = {}
+        self.pools: dict[str, Pool] = {}
+        self._bounds = (config.max_pending, config.max_pending_per_source)
         services.on_accept = self.on_accept
         services.on_datagram = self.on_datagram
 
     def configure(self, config: Config) -> None:
-        """A (re)loaded configuration's bounds on the pre-service stages."""
-        self.stage.total = config.max_pending
-        self.stage.per_source = config.max_pending_per_source
+        """A (re)loaded configuration's bounds on the pre-service stages, for every pool; the
+        empty pools of services no longer configured go."""
+        self._bounds = (config.max_pending, config.max_pending_per_source)
+        names = {svc.name for svc in config.services}
+        for name, pool in list(self.pools.items()):
+            pool.slots.total, pool.slots.per_source = self._bounds
+            if name not in names and not pool.members:
+                del self.pools[name]
+
+    def pool(self, state: ServiceState) -> Pool:
+        """The pre-service pool of ``state``'s service."""
+        pool = self.pools.get(state.service.name)
+        if pool is None:
+            pool = self.pools[state.service.name] = Pool(*self._bounds)
+        return pool
 
     def close_pending(self) -> None:
         """Drop every connection still in a pre-service stage (exit)."""
@@ -143,7 +181,9 @@ class Connections:
         if conn is not None:
             msg = svc.deny_message if reason in ("deny", "access_times") else svc.busy_message
             if msg:
-                with contextlib.suppress(OSError):
+                # (ValueError: an ssl.SSLSocket, in or after its handshake, takes no flags;
+                # plaintext has no place there, so it gets none.)
+                with contextlib.suppress(OSError, ValueError):
                     conn.send(msg.encode(), socket.MSG_DONTWAIT)
             conn.close()
 
@@ -203,55 +243,78 @@ class Connections:
                     self._refuse(lst.state, conn, ip, port, "proxy_from")
                     return
                 key = ""
-            if not self._take_slot(lst.state, conn, ip, port, key):
+            pool = self._take_slot(lst.state, conn, ip, port, key)
+            if pool is None:
                 return
             conn.setblocking(False)
             accept = svc.proxy_protocol
             pend = PendingProxy(self, lst, conn, (ip, port), key, svc.proxy_timeout, accept)
-            self.pending.add(pend)
+            self._enter(pool, pend)
             pend(0)  # the header usually came with the connection: no wait, no slot held
             return
         self._after_header(lst, conn, ip, port, None)
 
     def _take_slot(
         self, state: ServiceState, conn: socket.socket, ip: str, port: int, key: str
-    ) -> bool:
-        """A pre-service slot for this connection, or it is refused (and False)."""
-        reason = self.stage.take(key)
+    ) -> Pool | None:
+        """A slot in the service's pool for this connection (the pool), or it is refused
+        (None). A full pool evicts its oldest connection for it; a source at its own bound
+        is refused."""
+        pool = self.pool(state)
+        reason = pool.slots.take(key)
+        if reason == "pending" and (oldest := pool.oldest()) is not None:
+            oldest.detach()
+            self.stage_failed(oldest, "evicted: the oldest of a full pool", reason="pending")
+            reason = pool.slots.take(key)
         if reason is not None:
             self._refuse(state, conn, ip, port, reason)
-            return False
-        return True
+            return None
+        return pool
+
+    def _enter(self, pool: Pool, pend: Pending) -> None:
+        self.pending[pend] = pool
+        pool.members[pend] = None
 
     def leave_stage(self, pend: Pending) -> None:
         """``pend`` no longer waits: its slot is free."""
-        if pend in self.pending:
-            self.pending.discard(pend)
-            self.stage.release(pend.key)
-            if isinstance(pend, PendingHello):
-                # Its place under max_connections goes back: to the fork (stage_done), or to
-                # the next connection (a queued listener may listen again).
-                state = pend.lst.state
-                state.hellos = max(0, state.hellos - 1)
-                self._services.refresh_paused(state)
+        pool = self.pending.pop(pend, None)
+        if pool is None:
+            return
+        pool.members.pop(pend, None)
+        pool.slots.release(pend.key)
+        if isinstance(pend, _TLS_STAGES):
+            # Its places under max_connections and per_source go back: to the fork
+            # (stage_done), or to the next connection (a queued listener may listen again).
+            state = pend.lst.state
+            state.unhold(pend.src)
+            self._services.refresh_paused(state)
 
-    def stage_failed(self, pend: Pending, why: str) -> None:
-        """No valid PROXY header or ClientHello in time: refused, counted, logged."""
+    def stage_failed(self, pend: Pending, why: str, reason: str = "") -> None:
+        """No valid PROXY header, ClientHello or handshake in time (or evicted): refused,
+        counted, logged."""
         self.leave_stage(pend)
-        reason = "proxy" if isinstance(pend, PendingProxy) else "tls"
+        reason = reason or ("proxy" if isinstance(pend, PendingProxy) else "tls")
         self._refuse(pend.lst.state, pend.conn, pend.ip, pend.port, reason, detail=why)
 
     def stage_done(self, pend: Pending, header: proxyproto.ProxyHeader | None) -> None:
-        """A PROXY header is read (the balancer's client replaces the socket's peer), or a
-        ClientHello has arrived (admit, counted, and fork the relay for the handshake)."""
-        self.leave_stage(pend)
+        """A PROXY header is read (the balancer's client replaces the socket's peer), a
+        ClientHello has arrived (admitted, a rate token taken: the handshake begins), or a
+        handshake is complete (admitted again: the relay is forked)."""
         lst, conn = pend.lst, pend.conn
         if self._services.listeners.get(lst.key) is not lst:
+            self.leave_stage(pend)
             conn.close()  # removed by a reload meanwhile
             return
+        if isinstance(pend, PendingHello):
+            self._handshake(pend)
+            return
+        self.leave_stage(pend)
+        if isinstance(pend, PendingHandshake):
+            self._serve_admitted(lst, conn, pend.ip, pend.port, pend.local, take_token=False)
+            return
         conn.setblocking(True)
-        if header is None:
-            self._serve_admitted(lst, conn, pend.ip, pend.port, pend.local)
+        if header is None:  # (a PROXY stage always ends with its header)
+            conn.close()
             return
         ip, port, local = pend.ip, pend.port, None
         if header.src_addr is not None and header.src_port is not None:
@@ -269,29 +332,71 @@ class Connections:
         local: tuple[str, int] | None,
     ) -> None:
         """The client's address is known: a TLS service waits (in the parent, bounded) for
-        the ClientHello before a relay is forked; anything else is admitted now."""
-        svc = lst.state.service
+        the ClientHello and then the handshake before a relay is forked; anything else is
+        admitted now."""
+        state = lst.state
+        svc = state.service
         if svc.tls is None:
             self._serve_admitted(lst, conn, ip, port, local)
             return
         # Issue 14, item 5: access and limits before any handshake or fork. They are checked
-        # now (no rate token taken: the hello may never come) and again, counted, at the fork.
-        reason, _src = admit(
-            svc, lst.state, ip, self._services.full, 0.0, take_token=False, **conditions(svc)
+        # now (no rate token taken: the hello may never come), with a rate token when the
+        # hello is in, and again when the handshake is complete, before the fork.
+        reason, src = admit(
+            svc, state, ip, self._services.full, 0.0, take_token=False, **conditions(svc)
         )
         if reason is not None:
-            self._refuse(lst.state, conn, ip, port, reason)
+            self._refuse(state, conn, ip, port, reason)
             return
         key = source_key(ip) if ip else ""
-        if not self._take_slot(lst.state, conn, ip, port, key):
+        pool = self._take_slot(state, conn, ip, port, key)
+        if pool is None:
             return
         conn.setblocking(False)
-        timeout = svc.tls.handshake_timeout
+        # The hello fits one packet: it comes at once, or after a retransmission or two.
+        timeout = min(svc.tls.hello_timeout, svc.tls.handshake_timeout)
         hello = PendingHello(self, lst, conn, (ip, port), key, timeout, local)
-        self.pending.add(hello)
-        lst.state.hellos += 1  # holds its place under max_connections (on_limit: queue)
-        self._services.instance_started(lst.state)
+        hello.src = src
+        self._enter(pool, hello)
+        # It holds its place under max_connections (on_limit: queue) and per_source.
+        state.hold(src)
+        self._services.instance_started(state)
         hello(0)
+
+    def _handshake(self, hello: PendingHello[Listener]) -> None:
+        """The ClientHello is in: admitted (the place it held is its own), a rate token
+        taken, and the handshake starts in the loop, in the slot the hello held; its deadline
+        is what is left of handshake_timeout since the accept."""
+        lst, state = hello.lst, hello.lst.state
+        svc, ctx = state.service, state.tls_context
+        state.unhold(hello.src)
+        now = time.monotonic()
+        reason, src = admit(svc, state, hello.ip, self._services.full, now, **conditions(svc))
+        if reason is None and (svc.tls is None or ctx is None):
+            reason = "tls"  # fail closed (issue 18.2): never a TLS service without its handshake
+        if reason is not None:
+            state.hold(hello.src)  # (leave_stage gives it back)
+            self.leave_stage(hello)
+            self._refuse(state, hello.conn, hello.ip, hello.port, reason)
+            if reason == "rate":
+                self._services.rate_pause(state)
+            return
+        assert svc.tls is not None and ctx is not None
+        pool = self.pending.pop(hello)
+        pool.members.pop(hello, None)
+        left = max(0.0, svc.tls.handshake_timeout - (now - hello.since))
+        try:
+            shake = PendingHandshake(
+                self, lst, hello.conn, (hello.ip, hello.port), hello.key, left, ctx, hello.local
+            )
+        except (OSError, ValueError) as exc:
+            pool.slots.release(hello.key)
+            self._refuse(state, hello.conn, hello.ip, hello.port, "tls", detail=str(exc))
+            return
+        shake.src, shake.since = src, hello.since
+        self._enter(pool, shake)
+        state.hold(src)
+        shake(0)  # the first flight goes out now
 
     def _serve_admitted(
         self,
@@ -300,11 +405,12 @@ class Connections:
         ip: str,
         port: int,
         local: tuple[str, int] | None,
+        take_token: bool = True,
     ) -> None:
         state = lst.state
         svc = state.service
         reason, src = admit(
-            svc, state, ip, self._services.full, time.monotonic(), **conditions(svc)
+            svc, state, ip, self._services.full, time.monotonic(), take_token, **conditions(svc)
         )
         if reason is not None:
             self._refuse(state, conn, ip, port, reason)
@@ -313,8 +419,11 @@ class Connections:
             return
         state.accepted += 1
         if svc.banner:
-            with contextlib.suppress(OSError):
-                conn.send(svc.banner, socket.MSG_DONTWAIT)
+            with contextlib.suppress(OSError, ValueError):
+                if svc.tls is not None:
+                    conn.send(svc.banner)  # inside TLS (non-blocking: a short first record)
+                else:
+                    conn.send(svc.banner, socket.MSG_DONTWAIT)
         if svc.builtin is not None:
             conn.setblocking(False)
             self.sessions.start(state, conn, svc.builtin, src)
@@ -445,7 +554,14 @@ class Connections:
 
 
 # Handlers that own one connection: the loop closes one that raised (Connections.contain).
-_CONNECTIONS = (PendingProxy, PendingHello, UDPReply, builtins.Session, control.Exchange)
+_CONNECTIONS = (
+    PendingProxy,
+    PendingHello,
+    PendingHandshake,
+    UDPReply,
+    builtins.Session,
+    control.Exchange,
+)
 
 
 def conditions(svc: Service) -> dict[str, Any]:

@@ -451,10 +451,9 @@ class _Relay:
 
 def serve_connection(
     service: Service,
-    conn: int,
+    client: socket.socket,
     stderr: int,
     env: Environ,
-    ctx: ssl.SSLContext | None,
     peer: str,
     settle: Callable[[Service], None],
     start: Callable[[Service, Environ, int, int], int],
@@ -462,8 +461,9 @@ def serve_connection(
 ) -> int:  # pragma: no cover - runs in the forked relay process
     """The body of a TLS or redirect service's relay process (spawn.spawn_relay forks it):
     close what the parent had open, take the service's process settings (``settle``) before
-    a byte is read, handshake, then relay to the service's program (started by ``start``
-    on a pair of pipes) or the redirect target. Returns the exit code."""
+    a byte is read, then relay ``client`` (for TLS, the ``ssl.SSLSocket`` whose handshake
+    the parent completed) to the service's program (started by ``start`` on a pair of pipes)
+    or the redirect target. Returns the exit code."""
     from pyinetd import tlsconf  # imported by the caller, before the privileges go
 
     signal.set_wakeup_fd(-1)
@@ -472,7 +472,7 @@ def serve_connection(
     # here: a relay must not keep a closed port or another client's connection alive.
     # (``keep``: the service's sandbox fds, which ``settle`` applies and which are
     # close-on-exec.)
-    kept = {0, 1, 2, conn, *keep}
+    kept = {0, 1, 2, client.fileno(), *keep}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd not in kept:
@@ -481,23 +481,18 @@ def serve_connection(
     for sig in HANDLED_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    # The service's session, limits and identity before the first byte from the client: the
-    # handshake parses what a stranger sends, and the relay holds nothing that needs root
-    # (the key is already loaded in ``ctx``). The program it starts inherits all of it.
+    # The service's session, limits and identity before the next byte from the client: TLS
+    # records are what a stranger sends, and the relay holds nothing that needs root. The
+    # program it starts inherits all of it.
     settle(service)
-    sock = socket.socket(fileno=conn)
-    sock.setblocking(True)
-    client: socket.socket = sock
-    if service.tls is not None and ctx is None:
+    client.setblocking(True)
+    if service.tls is not None and not (
+        isinstance(client, ssl.SSLSocket) and client.version() is not None
+    ):
         # Fail closed (issue 18.2): a TLS service never serves a client without its handshake.
-        os.write(2, f"TLS service without a TLS context: refusing {peer}\n".encode())
+        os.write(2, f"TLS service without a TLS handshake: refusing {peer}\n".encode())
         return 1
-    if ctx is not None and service.tls is not None:
-        try:
-            client = tlsconf.handshake(ctx, sock, service.tls.handshake_timeout)
-        except (OSError, ValueError) as exc:
-            os.write(2, f"TLS handshake with {peer} failed: {exc}\n".encode(errors="replace"))
-            return 1
+    if isinstance(client, ssl.SSLSocket):
 
         def warn(msg: str) -> None:
             os.write(2, f"TLS from {peer}: {msg}\n".encode(errors="replace"))

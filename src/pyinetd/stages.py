@@ -1,9 +1,11 @@
 """Connections before their service starts, and a UDP child's reply.
 
-A connection whose PROXY header (PendingProxy) or TLS ClientHello (PendingHello) is still due
-costs the parent an fd, and nothing has proven it is a real client yet: each holds a slot
-(admission.StageSlots) and a deadline, consumes only what it must, and reports back through
-the ``Gate`` it was given (connections.Connections). They know no services and start nothing.
+A connection whose PROXY header (PendingProxy) or TLS ClientHello (PendingHello) is still due,
+or whose TLS handshake is not complete (PendingHandshake), costs the parent an fd (and, in the
+handshake, an OpenSSL object of some kilobytes), and nothing has proven it is a real client
+yet: each holds a slot in its service's pool (admission.StageSlots) and a deadline, consumes
+only what it must, and reports back through the ``Gate`` it was given
+(connections.Connections). They know no services and start nothing.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ from __future__ import annotations
 import contextlib
 import selectors
 import socket
+import time
 from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeAlias, TypeVar, cast
 
 from pyinetd import proxyproto
 
-__all__ = ["Gate", "PendingHello", "PendingProxy", "UDPReply"]
+if TYPE_CHECKING:
+    import ssl
+
+__all__ = ["Gate", "PendingHandshake", "PendingHello", "PendingProxy", "UDPReply"]
 
 # RFC 8446 5.1: a TLSPlaintext record (a ClientHello's first) carries at most 2**14 bytes
 # after its 5-byte header.
@@ -25,7 +31,8 @@ TLS_RECORD_MAX = 5 + 2**14
 L = TypeVar("L")
 
 
-_Any: TypeAlias = "PendingProxy[Any] | PendingHello[Any]"  # whatever the gate's listener is
+# whatever the gate's listener is
+_Any: TypeAlias = "PendingProxy[Any] | PendingHello[Any] | PendingHandshake[Any]"
 
 
 class _Timer(Protocol):
@@ -48,7 +55,12 @@ class Gate(Protocol):
 
 
 class _Pending(Generic[L]):
-    """A connection at the door of ``lst``'s service: its peer, its slot key, its deadline."""
+    """A connection at the door of ``lst``'s service: its peer, its slot key, its deadline.
+
+    ``src`` is the service's own per_source key of the connection, where it is counted while
+    it waits (connections.Connections sets it)."""
+
+    src = ""
 
     def __init__(
         self,
@@ -63,29 +75,31 @@ class _Pending(Generic[L]):
         self.gate, self.lst, self.conn, self.key = gate, lst, conn, key
         self.ip, self.port = peer
         self.local: tuple[str, int] | None = None  # the service's address, if told otherwise
+        self.since = time.monotonic()  # its arrival (a handshake's deadline counts from it)
         gate.sel.register(conn, selectors.EVENT_READ, self)
         self._timer = gate.call_later(timeout, lambda: self._fail(late))
 
     def _me(self) -> _Any:
-        return cast(_Any, self)  # (every _Pending is one of the two)
+        return cast(_Any, self)  # (every _Pending is one of the three)
 
-    def _detach(self) -> None:
+    def detach(self) -> None:
+        """Out of the selector, its deadline cancelled (the gate then ends it)."""
         self._timer.cancelled = True
         with contextlib.suppress(KeyError, ValueError):
             self.gate.sel.unregister(self.conn)
 
     def _fail(self, why: str) -> None:
-        self._detach()
+        self.detach()
         self.gate.stage_failed(self._me(), why)
 
     def _done(self, header: proxyproto.ProxyHeader | None) -> None:
-        self._detach()
+        self.detach()
         self.gate.stage_done(self._me(), header)
 
     def close(self) -> None:
         """Drop this connection and its slot, quietly (at exit, or after its handler raised,
         which the loop has logged)."""
-        self._detach()
+        self.detach()
         self.gate.leave_stage(self._me())
         self.conn.close()
 
@@ -190,9 +204,58 @@ class PendingHello(_Pending[L]):
             self._lowat = 5 + length
             self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self._lowat)
             return
-        # The relay reads with ordinary semantics.
+        # The handshake reads with ordinary semantics.
         self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         self._done(None)
+
+
+class PendingHandshake(_Pending[L]):
+    """A TLS connection whose ClientHello is in: the server side of its handshake, run
+    non-blocking in the parent's loop with the service's context, until it is complete, fails
+    or its deadline passes. Only then is a relay forked (it inherits the established
+    ``ssl.SSLSocket``, ``conn`` from here on), so a client that sends a canned ClientHello and
+    stalls costs this object, never a process (issue 24, item 3: 300 of them made 300 relays).
+
+    ``ctx.wrap_socket`` takes the accepted socket's fd over; ``conn`` is the TLS socket.
+    """
+
+    def __init__(
+        self,
+        gate: Gate,
+        lst: L,
+        conn: socket.socket,
+        peer: tuple[str, int],
+        key: str,
+        timeout: float,
+        ctx: ssl.SSLContext,
+        local: tuple[str, int] | None,
+    ) -> None:
+        tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        super().__init__(gate, lst, tls, peer, key, timeout, "TLS handshake not complete in time")
+        self.local = local
+        self._events = selectors.EVENT_READ
+
+    def __call__(self, mask: int) -> None:
+        import ssl  # loaded already: the context was built with it
+
+        tls = cast("ssl.SSLSocket", self.conn)
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            self._wait(selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._wait(selectors.EVENT_WRITE)
+            return
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._fail(f"TLS handshake failed: {exc}")
+            return
+        self._done(None)
+
+    def _wait(self, events: int) -> None:
+        if events != self._events:
+            self._events = events
+            self.gate.sel.modify(self.conn, events, self)
 
 
 class UDPReply:
