@@ -533,3 +533,12 @@ def test_tls_per_source_counts_connections_waiting_for_their_hello(
         finally:
             for t in held:
                 t.close()
+
+
+def test_a_tls_services_banner_is_sent_inside_tls(inetd: Start, tls_files: Path) -> None:
+    """The banner goes out once the handshake is complete, as the first TLS record (it was
+    written in plaintext between the client's hello and the server's, breaking every
+    handshake of a TLS service with a banner)."""
+    port = free_port()
+    inetd({"services": {"t": {**tls_service(port), "banner_text": "welcome\n"}}})
+    assert tls_echo(port, tls_files) == b"welcome\n"
