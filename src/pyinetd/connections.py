@@ -105,33 +105,21 @@ class Sessions:
         self._services.refresh_paused(state)
 
 
-class Connections:
-    """The arrival handlers of every listener, and the connections in a pre-service stage."""
+class Stages:
+    """The connections in a pre-service stage (a PROXY header, a TLS ClientHello or
+    handshake still due), each in its service's Pool; the ``Gate`` their stages report to.
+    What comes after a stage (admission, a refusal) is the connection path's (Connections)."""
 
-    def __init__(
-        self,
-        config: Config,
-        loop: Loop,
-        services: Services,
-        children: Children,
-        sessions: Sessions,
-        throttled: ThrottledLog,
-    ) -> None:
-        self._loop = loop
+    def __init__(self, config: Config, loop: Loop, services: Services, path: Connections) -> None:
         self.sel = loop.sel
         self.call_later = loop.call_later
         self._services = services
-        self._children = children
-        self.sessions = sessions
-        self._throttled = throttled
-        self._emfile_logged = False
-        # Connections in a pre-service stage (PROXY header, ClientHello, TLS handshake), each
-        # with the pool it holds a slot in; a pool per service name.
+        self._path = path
+        # Connections in a pre-service stage, each with the pool it holds a slot in; a pool
+        # per service name.
         self.pending: dict[Pending, Pool] = {}
         self.pools: dict[str, Pool] = {}
         self._bounds = (config.max_pending, config.max_pending_per_source)
-        services.on_accept = self.on_accept
-        services.on_datagram = self.on_datagram
 
     def configure(self, config: Config) -> None:
         """A (re)loaded configuration's bounds on the pre-service stages, for every pool; the
@@ -155,7 +143,194 @@ class Connections:
         for pend in list(self.pending):
             pend.close()
 
-    def _refuse(
+    def _take_slot(
+        self, state: ServiceState, conn: socket.socket, ip: str, port: int, key: str
+    ) -> Pool | None:
+        """A slot in the service's pool for this connection (the pool), or it is refused
+        (None). A full pool evicts its oldest connection for it; a source at its own bound
+        is refused."""
+        pool = self.pool(state)
+        reason = pool.slots.take(key)
+        if reason == "pending" and (oldest := pool.oldest()) is not None:
+            oldest.detach()
+            self.stage_failed(oldest, "evicted: the oldest of a full pool", reason="pending")
+            reason = pool.slots.take(key)
+        if reason is not None:
+            self._path.refuse(state, conn, ip, port, reason)
+            return None
+        return pool
+
+    def _enter(self, pool: Pool, pend: Pending) -> None:
+        self.pending[pend] = pool
+        pool.members[pend] = None
+
+    def leave_stage(self, pend: Pending) -> None:
+        """``pend`` no longer waits: its slot is free."""
+        pool = self.pending.pop(pend, None)
+        if pool is None:
+            return
+        pool.members.pop(pend, None)
+        pool.slots.release(pend.key)
+        if isinstance(pend, _TLS_STAGES):
+            # Its places under max_connections and per_source go back: to the fork
+            # (stage_done), or to the next connection (a queued listener may listen again).
+            state = pend.lst.state
+            state.unhold(pend.src)
+            self._services.refresh_paused(state)
+
+    def stage_failed(self, pend: Pending, why: str, reason: str = "") -> None:
+        """No valid PROXY header, ClientHello or handshake in time (or evicted): refused,
+        counted, logged."""
+        self.leave_stage(pend)
+        reason = reason or ("proxy" if isinstance(pend, PendingProxy) else "tls")
+        self._path.refuse(pend.lst.state, pend.conn, pend.ip, pend.port, reason, detail=why)
+
+    def stage_done(self, pend: Pending, header: proxyproto.ProxyHeader | None) -> None:
+        """A PROXY header is read (the balancer's client replaces the socket's peer), a
+        ClientHello has arrived (admitted, a rate token taken: the handshake begins), or a
+        handshake is complete (admitted again: the relay is forked)."""
+        lst, conn = pend.lst, pend.conn
+        if self._services.listeners.get(lst.key) is not lst:
+            self.leave_stage(pend)
+            conn.close()  # removed by a reload meanwhile
+            return
+        if isinstance(pend, PendingHello):
+            self._handshake(pend)
+            return
+        self.leave_stage(pend)
+        if isinstance(pend, PendingHandshake):
+            self._path.serve_admitted(lst, conn, pend.ip, pend.port, pend.local, take_token=False)
+            return
+        conn.setblocking(True)
+        if header is None:  # (a PROXY stage always ends with its header)
+            conn.close()
+            return
+        ip, port, local = pend.ip, pend.port, None
+        if header.src_addr is not None and header.src_port is not None:
+            ip, port = format_ip(header.src_addr), header.src_port
+            if header.dst_addr is not None and header.dst_port is not None:
+                local = (format_ip(header.dst_addr), header.dst_port)
+        self._path.after_header(lst, conn, ip, port, local)
+
+    def _handshake(self, hello: PendingHello[Listener]) -> None:
+        """The ClientHello is in: admitted (the place it held is its own), a rate token
+        taken, and the handshake starts in the loop, in the slot the hello held; its deadline
+        is what is left of handshake_timeout since the accept."""
+        lst, state = hello.lst, hello.lst.state
+        svc, ctx = state.service, state.tls_context
+        state.unhold(hello.src)
+        now = time.monotonic()
+        reason, src = admit(svc, state, hello.ip, self._services.full, now, **conditions(svc))
+        if reason is None and (svc.tls is None or ctx is None):
+            reason = "tls"  # fail closed (issue 18.2): never a TLS service without its handshake
+        if reason is not None:
+            state.hold(hello.src)  # (leave_stage gives it back)
+            self.leave_stage(hello)
+            self._path.refuse(state, hello.conn, hello.ip, hello.port, reason)
+            if reason == "rate":
+                self._services.rate_pause(state)
+            return
+        assert svc.tls is not None and ctx is not None
+        pool = self.pending.pop(hello)
+        pool.members.pop(hello, None)
+        left = max(0.0, svc.tls.handshake_timeout - (now - hello.since))
+        try:
+            shake = PendingHandshake(
+                self, lst, hello.conn, (hello.ip, hello.port), hello.key, left, ctx, hello.local
+            )
+        except (OSError, ValueError) as exc:
+            pool.slots.release(hello.key)
+            self._services.refresh_paused(state)
+            self._path.refuse(state, hello.conn, hello.ip, hello.port, "tls", detail=str(exc))
+            return
+        shake.src, shake.since = src, hello.since
+        self._enter(pool, shake)
+        state.hold(src)
+        shake(0)  # the first flight goes out now
+
+    def wait_for_header(
+        self, lst: Listener, conn: socket.socket, ip: str, port: int, key: str
+    ) -> None:
+        """A PROXY header is due: in the service's pool, read in the loop with a deadline."""
+        svc = lst.state.service
+        pool = self._take_slot(lst.state, conn, ip, port, key)
+        if pool is None:
+            return
+        conn.setblocking(False)
+        accept = svc.proxy_protocol
+        assert accept is not None
+        pend = PendingProxy(self, lst, conn, (ip, port), key, svc.proxy_timeout, accept)
+        self._enter(pool, pend)
+        pend(0)  # the header usually came with the connection: no wait, no slot held
+
+    def wait_for_hello(
+        self,
+        lst: Listener,
+        conn: socket.socket,
+        ip: str,
+        port: int,
+        local: tuple[str, int] | None,
+    ) -> None:
+        """A TLS connection: admitted (no rate token taken: the hello may never come), then
+        its ClientHello awaited in the service's pool, holding its places meanwhile."""
+        state = lst.state
+        svc = state.service
+        assert svc.tls is not None
+        # Issue 14, item 5: access and limits before any handshake or fork. They are checked
+        # now, with a rate token when the hello is in, and again when the handshake is
+        # complete, before the fork.
+        reason, src = admit(
+            svc, state, ip, self._services.full, 0.0, take_token=False, **conditions(svc)
+        )
+        if reason is not None:
+            self._path.refuse(state, conn, ip, port, reason)
+            return
+        key = source_key(ip) if ip else ""
+        pool = self._take_slot(state, conn, ip, port, key)
+        if pool is None:
+            return
+        conn.setblocking(False)
+        # The hello fits one packet: it comes at once, or after a retransmission or two.
+        timeout = min(svc.tls.hello_timeout, svc.tls.handshake_timeout)
+        hello = PendingHello(self, lst, conn, (ip, port), key, timeout, local)
+        hello.src = src
+        self._enter(pool, hello)
+        # It holds its place under max_connections (on_limit: queue) and per_source.
+        state.hold(src)
+        self._services.instance_started(state)
+        hello(0)
+
+
+class Connections:
+    """The arrival handlers of every listener; the connections in a pre-service stage are
+    its ``stages`` (Stages)."""
+
+    def __init__(
+        self,
+        config: Config,
+        loop: Loop,
+        services: Services,
+        children: Children,
+        sessions: Sessions,
+        throttled: ThrottledLog,
+    ) -> None:
+        self._loop = loop
+        self.sel = loop.sel
+        self.call_later = loop.call_later
+        self._services = services
+        self._children = children
+        self.sessions = sessions
+        self._throttled = throttled
+        self._emfile_logged = False
+        self.stages = Stages(config, loop, services, self)
+        self.pending = self.stages.pending
+        self.pools = self.stages.pools
+        self.configure = self.stages.configure
+        self.close_pending = self.stages.close_pending
+        services.on_accept = self.on_accept
+        services.on_datagram = self.on_datagram
+
+    def refuse(
         self,
         state: ServiceState,
         conn: socket.socket | None,
@@ -240,90 +415,14 @@ class Connections:
             key = source_key(ip) if ip else ""
             if svc.proxy_from is not None:
                 if not svc.proxy_from.permits(ip):
-                    self._refuse(lst.state, conn, ip, port, "proxy_from")
+                    self.refuse(lst.state, conn, ip, port, "proxy_from")
                     return
                 key = ""
-            pool = self._take_slot(lst.state, conn, ip, port, key)
-            if pool is None:
-                return
-            conn.setblocking(False)
-            accept = svc.proxy_protocol
-            pend = PendingProxy(self, lst, conn, (ip, port), key, svc.proxy_timeout, accept)
-            self._enter(pool, pend)
-            pend(0)  # the header usually came with the connection: no wait, no slot held
+            self.stages.wait_for_header(lst, conn, ip, port, key)
             return
-        self._after_header(lst, conn, ip, port, None)
+        self.after_header(lst, conn, ip, port, None)
 
-    def _take_slot(
-        self, state: ServiceState, conn: socket.socket, ip: str, port: int, key: str
-    ) -> Pool | None:
-        """A slot in the service's pool for this connection (the pool), or it is refused
-        (None). A full pool evicts its oldest connection for it; a source at its own bound
-        is refused."""
-        pool = self.pool(state)
-        reason = pool.slots.take(key)
-        if reason == "pending" and (oldest := pool.oldest()) is not None:
-            oldest.detach()
-            self.stage_failed(oldest, "evicted: the oldest of a full pool", reason="pending")
-            reason = pool.slots.take(key)
-        if reason is not None:
-            self._refuse(state, conn, ip, port, reason)
-            return None
-        return pool
-
-    def _enter(self, pool: Pool, pend: Pending) -> None:
-        self.pending[pend] = pool
-        pool.members[pend] = None
-
-    def leave_stage(self, pend: Pending) -> None:
-        """``pend`` no longer waits: its slot is free."""
-        pool = self.pending.pop(pend, None)
-        if pool is None:
-            return
-        pool.members.pop(pend, None)
-        pool.slots.release(pend.key)
-        if isinstance(pend, _TLS_STAGES):
-            # Its places under max_connections and per_source go back: to the fork
-            # (stage_done), or to the next connection (a queued listener may listen again).
-            state = pend.lst.state
-            state.unhold(pend.src)
-            self._services.refresh_paused(state)
-
-    def stage_failed(self, pend: Pending, why: str, reason: str = "") -> None:
-        """No valid PROXY header, ClientHello or handshake in time (or evicted): refused,
-        counted, logged."""
-        self.leave_stage(pend)
-        reason = reason or ("proxy" if isinstance(pend, PendingProxy) else "tls")
-        self._refuse(pend.lst.state, pend.conn, pend.ip, pend.port, reason, detail=why)
-
-    def stage_done(self, pend: Pending, header: proxyproto.ProxyHeader | None) -> None:
-        """A PROXY header is read (the balancer's client replaces the socket's peer), a
-        ClientHello has arrived (admitted, a rate token taken: the handshake begins), or a
-        handshake is complete (admitted again: the relay is forked)."""
-        lst, conn = pend.lst, pend.conn
-        if self._services.listeners.get(lst.key) is not lst:
-            self.leave_stage(pend)
-            conn.close()  # removed by a reload meanwhile
-            return
-        if isinstance(pend, PendingHello):
-            self._handshake(pend)
-            return
-        self.leave_stage(pend)
-        if isinstance(pend, PendingHandshake):
-            self._serve_admitted(lst, conn, pend.ip, pend.port, pend.local, take_token=False)
-            return
-        conn.setblocking(True)
-        if header is None:  # (a PROXY stage always ends with its header)
-            conn.close()
-            return
-        ip, port, local = pend.ip, pend.port, None
-        if header.src_addr is not None and header.src_port is not None:
-            ip, port = format_ip(header.src_addr), header.src_port
-            if header.dst_addr is not None and header.dst_port is not None:
-                local = (format_ip(header.dst_addr), header.dst_port)
-        self._after_header(lst, conn, ip, port, local)
-
-    def _after_header(
+    def after_header(
         self,
         lst: Listener,
         conn: socket.socket,
@@ -334,71 +433,12 @@ class Connections:
         """The client's address is known: a TLS service waits (in the parent, bounded) for
         the ClientHello and then the handshake before a relay is forked; anything else is
         admitted now."""
-        state = lst.state
-        svc = state.service
-        if svc.tls is None:
-            self._serve_admitted(lst, conn, ip, port, local)
+        if lst.state.service.tls is None:
+            self.serve_admitted(lst, conn, ip, port, local)
             return
-        # Issue 14, item 5: access and limits before any handshake or fork. They are checked
-        # now (no rate token taken: the hello may never come), with a rate token when the
-        # hello is in, and again when the handshake is complete, before the fork.
-        reason, src = admit(
-            svc, state, ip, self._services.full, 0.0, take_token=False, **conditions(svc)
-        )
-        if reason is not None:
-            self._refuse(state, conn, ip, port, reason)
-            return
-        key = source_key(ip) if ip else ""
-        pool = self._take_slot(state, conn, ip, port, key)
-        if pool is None:
-            return
-        conn.setblocking(False)
-        # The hello fits one packet: it comes at once, or after a retransmission or two.
-        timeout = min(svc.tls.hello_timeout, svc.tls.handshake_timeout)
-        hello = PendingHello(self, lst, conn, (ip, port), key, timeout, local)
-        hello.src = src
-        self._enter(pool, hello)
-        # It holds its place under max_connections (on_limit: queue) and per_source.
-        state.hold(src)
-        self._services.instance_started(state)
-        hello(0)
+        self.stages.wait_for_hello(lst, conn, ip, port, local)
 
-    def _handshake(self, hello: PendingHello[Listener]) -> None:
-        """The ClientHello is in: admitted (the place it held is its own), a rate token
-        taken, and the handshake starts in the loop, in the slot the hello held; its deadline
-        is what is left of handshake_timeout since the accept."""
-        lst, state = hello.lst, hello.lst.state
-        svc, ctx = state.service, state.tls_context
-        state.unhold(hello.src)
-        now = time.monotonic()
-        reason, src = admit(svc, state, hello.ip, self._services.full, now, **conditions(svc))
-        if reason is None and (svc.tls is None or ctx is None):
-            reason = "tls"  # fail closed (issue 18.2): never a TLS service without its handshake
-        if reason is not None:
-            state.hold(hello.src)  # (leave_stage gives it back)
-            self.leave_stage(hello)
-            self._refuse(state, hello.conn, hello.ip, hello.port, reason)
-            if reason == "rate":
-                self._services.rate_pause(state)
-            return
-        assert svc.tls is not None and ctx is not None
-        pool = self.pending.pop(hello)
-        pool.members.pop(hello, None)
-        left = max(0.0, svc.tls.handshake_timeout - (now - hello.since))
-        try:
-            shake = PendingHandshake(
-                self, lst, hello.conn, (hello.ip, hello.port), hello.key, left, ctx, hello.local
-            )
-        except (OSError, ValueError) as exc:
-            pool.slots.release(hello.key)
-            self._refuse(state, hello.conn, hello.ip, hello.port, "tls", detail=str(exc))
-            return
-        shake.src, shake.since = src, hello.since
-        self._enter(pool, shake)
-        state.hold(src)
-        shake(0)  # the first flight goes out now
-
-    def _serve_admitted(
+    def serve_admitted(
         self,
         lst: Listener,
         conn: socket.socket,
@@ -413,7 +453,7 @@ class Connections:
             svc, state, ip, self._services.full, time.monotonic(), take_token, **conditions(svc)
         )
         if reason is not None:
-            self._refuse(state, conn, ip, port, reason)
+            self.refuse(state, conn, ip, port, reason)
             if reason == "rate":
                 self._services.rate_pause(state)
             return
@@ -486,7 +526,7 @@ class Connections:
                 **conditions(svc),
             )
             if reason is not None:
-                self._refuse(lst.state, None, ip, port, reason)
+                self.refuse(lst.state, None, ip, port, reason)
                 if reason == "rate":
                     self._services.rate_pause(lst.state)
                     return
