@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import selectors
 import socket
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -389,69 +392,154 @@ def tls_service(port: int, **tls: object) -> dict[str, object]:
     return {**proxy_service(port), "tls": {"cert": "cert.pem", "key": "key.pem", **tls}}
 
 
-def test_canned_client_hellos_that_stall_fork_no_relay(inetd: Start, tls_files: Path) -> None:
+def relays_of(pid: int) -> list[int]:
+    """The live relays of pyinetd ``pid``: its children running as the service's user
+    (nobody); the exit watcher, should it start, is root's."""
+    nobody = pwd.getpwnam("nobody").pw_uid
+    out = []
+    for kid, state in children_of(pid):
+        with contextlib.suppress(OSError):
+            if state != "Z" and os.stat(f"/proc/{kid}").st_uid == nobody:
+                out.append(kid)
+    return out
+
+
+def ended_after_server_bytes(s: socket.socket) -> bool:
+    """True when the server has closed ``s``, after whatever it sent (a ServerHello) is read;
+    never blocks."""
+    s.setblocking(False)
+    try:
+        while s.recv(65536):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def stalled_hello(port: int, hello: bytes, source: str = ATTACKER) -> socket.socket:
+    """A connection from ``source`` that sends ``hello`` and then nothing."""
+    s = socket.socket()
+    s.settimeout(DEADLINE)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    with contextlib.suppress(OSError):  # (a refused one may be reset)
+        s.sendall(hello)
+    return s
+
+
+def test_canned_client_hellos_that_stall_hold_at_most_max_pending_per_source_relays(
+    inetd: Start, tls_files: Path
+) -> None:
     """Issue 24, item 3: 300 connections that sent a pre-computed ClientHello and stalled
-    once made 300 relays in 4 s (the hello freed the slot, the relay waited for the rest of
-    the handshake). The handshake is now done in the loop: they cost an fd each, count as
-    pending per source until their handshake is complete, and no process is started."""
+    made 300 relays in 4 s: the hello freed the pending slot, and the relay waited for the
+    rest of the handshake. The connection now keeps its slot until its relay reports the
+    handshake complete: at most max_pending_per_source relays from one address, the rest
+    refused pending_per_source; another service and a real client are served."""
     port, other = free_port(), free_port()
     p = inetd(
         {"services": {"t": tls_service(port, handshake_timeout=30), "e": echo_service(other)}}
     )
     hello = canned_client_hello()
-    n, forked = 300, 0
+    n, most = 300, 0
     socks: list[socket.socket] = []
     try:
         for i in range(n):
-            s = socket.socket()
-            socks.append(s)
-            s.settimeout(DEADLINE)
-            s.bind((ATTACKER, 0))
-            s.connect(("127.0.0.1", port))
-            with contextlib.suppress(OSError):  # (refused ones may be reset)
-                s.sendall(hello)
-            if i % 25 == 0:  # stop early where each hello forks: the count says enough
-                forked = max(forked, len(children_of(p.pid)))
-                if forked > PER_SOURCE:
-                    break
+            socks.append(stalled_hello(port, hello))
+            if i % 5 == 4:
+                most = max(most, len(relays_of(p.pid)))
+                assert most <= PER_SOURCE, f"{most} relays alive for stalled handshakes"
         wait_for(
-            lambda: (
-                sum(closed_by_server(s) for s in socks) >= n - PER_SOURCE
-                or len(children_of(p.pid)) > 0
-            ),
-            timeout=5.0,
-            what="all but PER_SOURCE stalled handshakes refused, or a relay forked",
+            lambda: sum(closed_by_server(s) for s in socks) >= n - PER_SOURCE,
+            timeout=DEADLINE,
+            what="all but PER_SOURCE stalled handshakes refused",
         )
-        forked = max(forked, len(children_of(p.pid)))
-        assert forked == 0, f"{forked} relays for handshakes that never completed"
+        # The PER_SOURCE admitted ones wait in their relays' handshakes: a process each,
+        # bounded, and nothing more.
+        wait_for(lambda: len(relays_of(p.pid)) == PER_SOURCE, what="PER_SOURCE relays alive")
+        assert sum(closed_by_server(s) for s in socks) == n - PER_SOURCE
         assert status_of(p)["t"]["refused"] == {"pending_per_source": n - PER_SOURCE}
         # Another service answers, and the same service serves a real client from elsewhere.
         t0 = time.monotonic()
         assert tcp_talk(other, b"still here", timeout=2.0) == b"still here"
         assert time.monotonic() - t0 < 2.0
         assert tls_echo(port, tls_files) == b"127.0.0.1\n"
+        assert len(relays_of(p.pid)) <= PER_SOURCE + 1
     finally:
         for s in socks:
             s.close()
 
 
-def test_tls_handshake_deadline_is_kept_in_the_parent(inetd: Start, tls_files: Path) -> None:
-    """A handshake that stalls after its hello is closed at handshake_timeout by the loop,
-    counted and logged; no process was ever started for it."""
+def test_a_stalled_handshake_s_relay_is_killed_by_the_parent_at_its_deadline(
+    inetd: Start, tls_files: Path
+) -> None:
+    """The handshake's deadline is kept by the parent, from the connection's arrival: a
+    relay whose client stalls after its hello is killed when what is left of
+    handshake_timeout has passed, counted and logged (the relay's own deadline, counted from
+    its fork, is only a backstop). Its slot is free again."""
     port = free_port()
-    # (busy_message: plaintext is never written into the TLS socket it refuses)
-    p = inetd({"services": {"t": {**tls_service(port, handshake_timeout=1), "busy_message": "x"}}})
+    # (busy_message: nothing is written into a connection its relay has taken over)
+    service = {**tls_service(port, handshake_timeout=3, hello_timeout=5), "busy_message": "x"}
+    p = inetd({"services": {"t": service}})
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+        arrived = time.monotonic()
+        # The hello comes late (within hello_timeout): 2 of the handshake's 3 s are gone.
+        wait_for(lambda: time.monotonic() - arrived >= 2.0, what="two seconds")
         s.sendall(canned_client_hello())
+        wait_for(lambda: relays_of(p.pid), what="the relay forked for the handshake")
+        (relay,) = relays_of(p.pid)
+        p.wait_log(
+            rf"t: refused 127\.0\.0\.1:\d+: tls \(TLS handshake not complete in time; "
+            rf"relay pid {relay} killed\)"
+        )
+        p.wait_log(rf"t: pid {relay} ended \(signal SIGKILL\)")
+        elapsed = time.monotonic() - arrived
+        # At 3 s from the arrival; the relay's own deadline would be 3 s from its fork (5 s).
+        assert 2.9 <= elapsed < 4.5, elapsed
         got = b""
         with contextlib.suppress(ConnectionResetError):
-            while chunk := s.recv(65536):  # the server's first flight, then EOF
+            while chunk := s.recv(65536):  # the relay's first flight, then EOF
                 got += chunk
-        assert got[:1] == b"\x16"  # a ServerHello came, from the parent
-    p.wait_log(r"t: refused 127\.0\.0\.1:\d+: tls \(TLS handshake not complete in time\)")
-    assert children_of(p.pid) == []
-    assert "-> pid" not in p.log()
+        assert got[:1] == b"\x16"  # a ServerHello came, from the relay
+    assert status_of(p)["t"]["refused"] == {"tls": 1}
     assert "internal error" not in p.log() and "Traceback" not in p.log()
+    # The slot and the place are free: a real client is served.
+    assert tls_echo(port, tls_files) == b"127.0.0.1\n"
+
+
+def test_a_full_pool_of_stalled_handshakes_evicts_its_oldest_relay(
+    inetd: Start, tls_files: Path
+) -> None:
+    """A pool full of relays whose clients stalled after their hello (none waits for its
+    first bytes) makes room for a new connection by killing its oldest relay, rather than
+    refuse every client until the handshake deadline."""
+    port = free_port()
+    p = inetd({"max_pending": 4, "services": {"t": tls_service(port, handshake_timeout=60)}})
+    hello = canned_client_hello()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            socks.append(stalled_hello(port, hello))
+        wait_for(lambda: len(relays_of(p.pid)) == 4, what="four relays in their handshake")
+        first = socks[0].getsockname()[1]
+        (line,) = p.wait_log(rf"t: 127\.0\.0\.2:{first} -> pid \d+")
+        oldest = int(line.rsplit(" ", 1)[1])
+        assert tls_echo(port, tls_files) == b"127.0.0.1\n"
+        p.wait_log(
+            rf"t: refused 127\.0\.0\.2:{first}: pending \(evicted: the oldest of a full pool; "
+            rf"relay pid {oldest} killed\)"
+        )
+        p.wait_log(rf"t: pid {oldest} ended \(signal SIGKILL\)")
+        wait_for(
+            lambda: ended_after_server_bytes(socks[0]), what="the oldest stalled handshake ended"
+        )
+        assert not any(ended_after_server_bytes(s) for s in socks[1:])
+        assert oldest not in relays_of(p.pid)
+        assert status_of(p)["t"]["refused"] == {"pending": 1}
+    finally:
+        for s in socks:
+            s.close()
 
 
 def test_idle_tls_connections_to_one_service_refuse_no_other_service(
@@ -542,3 +630,66 @@ def test_a_tls_services_banner_is_sent_inside_tls(inetd: Start, tls_files: Path)
     port = free_port()
     inetd({"services": {"t": {**tls_service(port), "banner_text": "welcome\n"}}})
     assert tls_echo(port, tls_files) == b"welcome\n"
+
+
+class _Gate:
+    """A gate that records what a stage tells it (the stage's own logic under test)."""
+
+    def __init__(self) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.told: list[str] = []
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> types.SimpleNamespace:
+        return types.SimpleNamespace(cancelled=False)
+
+    def stage_done(self, pend: object, header: object) -> None:
+        self.told.append("done")
+
+    def stage_failed(self, pend: object, why: str) -> None:
+        self.told.append(f"failed: {why}")
+
+    def leave_stage(self, pend: object) -> None:
+        self.told.append("left")
+
+
+@pytest.mark.parametrize(
+    ("relay_writes", "told", "unread"),
+    [
+        (b"\x01", ["done"], b""),
+        (b"\x01\x01\x01", ["done"], b"\x01\x01"),  # a second report is never read
+        (b"x\x01", ["left"], b"\x01"),  # anything else ends the stage, quietly
+        (None, ["left"], b""),  # EOF: the relay ended without a report
+        (b"", ["failed: TLS handshake not complete in time"], b""),  # the deadline
+    ],
+)
+def test_a_relays_report_is_one_byte_read_once(
+    relay_writes: bytes | None, told: list[str], unread: bytes
+) -> None:
+    """The parent reads at most one byte of what a relay (the service's user) writes on
+    its report socket: the report ends the stage once, anything else ends it as "ended";
+    nothing a relay writes can make the stage report twice or fail it."""
+    from pyinetd.stages import PendingRelay
+
+    gate = _Gate()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    # The same socket on another fd, to see what the stage left unread after it closed its own.
+    peek = socket.socket(fileno=os.dup(ours.fileno()))
+    peek.setblocking(False)
+    stage = PendingRelay(gate, None, ours, ("192.0.2.1", 1), "k", 10.0, 12345, None)
+    if relay_writes is None:
+        theirs.close()
+    else:
+        theirs.sendall(relay_writes)
+    stage._fail("TLS handshake not complete in time")  # the deadline, whatever has come
+    stage(selectors.EVENT_READ)  # a wake-up after the end changes nothing
+    stage._fail("again")
+    assert gate.told == told
+    assert not gate.sel.get_map()
+    got = b""
+    with contextlib.suppress(BlockingIOError):
+        got = peek.recv(10)
+    assert got == unread
+    peek.close()
+    ours.close()
+    theirs.close()

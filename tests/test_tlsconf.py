@@ -487,8 +487,8 @@ def test_forked_server_gives_up_on_a_client_that_never_handshakes(
     assert report["error"].startswith("TimeoutError: TLS handshake not completed within 0.3 s")
 
 
-def test_tls_service_without_a_handshake_refuses(pki: PKI, tmp_path: Path) -> None:
-    # Fail closed (issue 18.2): whatever left a TLS service without its handshake, the relay
+def test_tls_service_without_a_context_refuses(pki: PKI, tmp_path: Path) -> None:
+    # Fail closed (issue 18.2): whatever left a TLS service without its context, the relay
     # never hands the client to the service without a handshake.
     from pyinetd.config import load
     from pyinetd.spawn import spawn_relay
@@ -503,7 +503,7 @@ def test_tls_service_without_a_handshake_refuses(pki: PKI, tmp_path: Path) -> No
     err_r, err_w = os.pipe()
     with ours:
         ours.sendall(b"hello\n")  # no ClientHello
-        pid = spawn_relay(svc, theirs, err_w, {b"PATH": b"/usr/bin:/bin"}, "peer")
+        pid = spawn_relay(svc, theirs.fileno(), err_w, {b"PATH": b"/usr/bin:/bin"}, None, "peer")
         theirs.close()
         os.close(err_w)
         _, status = os.waitpid(pid, 0)
@@ -514,7 +514,7 @@ def test_tls_service_without_a_handshake_refuses(pki: PKI, tmp_path: Path) -> No
             got = b""
         assert got == b""
     with os.fdopen(err_r, "rb") as err:
-        assert err.read() == b"TLS service without a TLS handshake: refusing peer\n"
+        assert err.read() == b"TLS service without a TLS context: refusing peer\n"
     assert os.waitstatus_to_exitcode(status) == 1
 
 

@@ -2,10 +2,11 @@
 
 An arrival is an accepted connection, a datagram, or a wait-mode listener turning readable.
 A connection may first wait in a pre-service stage (stages.py: its PROXY header, its TLS
-ClientHello and handshake), in its service's pool (Pool); then admission.admit() decides, and
-the connection goes to the children table (children.py, which starts the program through
-spawn.py) or to a built-in session (builtins.py). The connection environment (UCSPI
-variables) is made here.
+ClientHello), in its service's pool (Pool); then admission.admit() decides, and the connection
+goes to the children table (children.py, which starts the program through spawn.py) or to a
+built-in session (builtins.py). A TLS connection's relay does the handshake, and the
+connection stays in the pool until the relay reports it complete. The connection environment
+(UCSPI variables) is made here.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ from pyinetd.listeners import format_ip, peer_of, peer_text
 from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.services import Listener, Services, ServiceState
-from pyinetd.stages import PendingHandshake, PendingHello, PendingProxy, UDPReply
+from pyinetd.stages import PendingHello, PendingProxy, PendingRelay, UDPReply
 
 ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
 EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
+# A relay's own handshake deadline is this much later than the parent's, which kills it: the
+# parent's is the one that holds; the relay's is the backstop should the parent's be missed.
+RELAY_DEADLINE_GRACE = 2.0
 
-Pending = PendingProxy[Listener] | PendingHello[Listener] | PendingHandshake[Listener]
-_TLS_STAGES = (PendingHello, PendingHandshake)  # they hold a place of the service (hold)
+Pending = PendingProxy[Listener] | PendingHello[Listener] | PendingRelay[Listener]
 
 
 class Pool:
@@ -52,10 +55,12 @@ class Pool:
 
     def oldest(self) -> Pending | None:
         """The connection to evict: the oldest still waiting for its first bytes (a PROXY
-        header, a ClientHello), else the oldest in its handshake (it has sent its hello)."""
+        header, a ClientHello), else the oldest whose relay is in its handshake (it has sent
+        its hello; a real client's handshake takes a round trip, so the oldest is the likeliest
+        to have stalled)."""
         first = None
         for pend in self.members:
-            if not isinstance(pend, PendingHandshake):
+            if not isinstance(pend, PendingRelay):
                 return pend
             first = first or pend
         return first
@@ -106,15 +111,24 @@ class Sessions:
 
 
 class Stages:
-    """The connections in a pre-service stage (a PROXY header, a TLS ClientHello or
-    handshake still due), each in its service's Pool; the ``Gate`` their stages report to.
-    What comes after a stage (admission, a refusal) is the connection path's (Connections)."""
+    """The connections in a pre-service stage (a PROXY header or a TLS ClientHello still due,
+    or a TLS handshake its relay has not reported complete), each in its service's Pool; the
+    ``Gate`` their stages report to. What comes after a stage (admission, the fork, a
+    refusal) is the connection path's (Connections)."""
 
-    def __init__(self, config: Config, loop: Loop, services: Services, path: Connections) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loop: Loop,
+        services: Services,
+        path: Connections,
+        kill: Callable[[int], None],
+    ) -> None:
         self.sel = loop.sel
         self.call_later = loop.call_later
         self._services = services
         self._path = path
+        self._kill = kill  # SIGKILL a relay that is still a child (Children.kill)
         # Connections in a pre-service stage, each with the pool it holds a slot in; a pool
         # per service name.
         self.pending: dict[Pending, Pool] = {}
@@ -147,13 +161,16 @@ class Stages:
         self, state: ServiceState, conn: socket.socket, ip: str, port: int, key: str
     ) -> Pool | None:
         """A slot in the service's pool for this connection (the pool), or it is refused
-        (None). A full pool evicts its oldest connection for it; a source at its own bound
-        is refused."""
+        (None). A full pool evicts its oldest connection for it (a relay in its handshake
+        only when none waits for its first bytes: it is killed); a source at its own bound is
+        refused."""
         pool = self.pool(state)
         reason = pool.slots.take(key)
         if reason == "pending" and (oldest := pool.oldest()) is not None:
-            oldest.detach()
-            self.stage_failed(oldest, "evicted: the oldest of a full pool", reason="pending")
+            # (A relay that has reported, or ended, meanwhile frees its slot by settling.)
+            if not (isinstance(oldest, PendingRelay) and oldest.settle()):
+                oldest.detach()
+                self.stage_failed(oldest, "evicted: the oldest of a full pool", reason="pending")
             reason = pool.slots.take(key)
         if reason is not None:
             self._path.refuse(state, conn, ip, port, reason)
@@ -171,36 +188,46 @@ class Stages:
             return
         pool.members.pop(pend, None)
         pool.slots.release(pend.key)
-        if isinstance(pend, _TLS_STAGES):
-            # Its places under max_connections and per_source go back: to the fork
-            # (stage_done), or to the next connection (a queued listener may listen again).
+        if isinstance(pend, PendingHello):
+            # Its places under max_connections and per_source go back: to the relay
+            # (_fork_relay), or to the next connection (a queued listener may listen again).
             state = pend.lst.state
             state.unhold(pend.src)
             self._services.refresh_paused(state)
 
     def stage_failed(self, pend: Pending, why: str, reason: str = "") -> None:
-        """No valid PROXY header, ClientHello or handshake in time (or evicted): refused,
-        counted, logged."""
+        """No valid PROXY header or ClientHello in time, no handshake reported by its
+        relay in time (the relay is killed), or evicted: refused, counted, logged."""
         self.leave_stage(pend)
         reason = reason or ("proxy" if isinstance(pend, PendingProxy) else "tls")
-        self._path.refuse(pend.lst.state, pend.conn, pend.ip, pend.port, reason, detail=why)
+        state = pend.lst.state
+        if isinstance(pend, PendingRelay):
+            # Still our child (Children.kill checks): the relay has not reported, so it has
+            # not started the service's program; the client's connection is the relay's.
+            self._kill(pend.pid)
+            pend.conn.close()
+            why = f"{why}; relay pid {pend.pid} killed"
+            self._path.refuse(state, None, pend.ip, pend.port, reason, detail=why)
+            return
+        self._path.refuse(state, pend.conn, pend.ip, pend.port, reason, detail=why)
 
     def stage_done(self, pend: Pending, header: proxyproto.ProxyHeader | None) -> None:
         """A PROXY header is read (the balancer's client replaces the socket's peer), a
-        ClientHello has arrived (admitted, a rate token taken: the handshake begins), or a
-        handshake is complete (admitted again: the relay is forked)."""
+        ClientHello has arrived (admitted, a rate token taken: the relay is forked for the
+        handshake), or a relay has reported its handshake complete (its slot is free)."""
         lst, conn = pend.lst, pend.conn
+        if isinstance(pend, PendingRelay):
+            self.leave_stage(pend)
+            conn.close()
+            return
         if self._services.listeners.get(lst.key) is not lst:
             self.leave_stage(pend)
             conn.close()  # removed by a reload meanwhile
             return
         if isinstance(pend, PendingHello):
-            self._handshake(pend)
+            self._fork_relay(pend)
             return
         self.leave_stage(pend)
-        if isinstance(pend, PendingHandshake):
-            self._path.serve_admitted(lst, conn, pend.ip, pend.port, pend.local, take_token=False)
-            return
         conn.setblocking(True)
         if header is None:  # (a PROXY stage always ends with its header)
             conn.close()
@@ -212,41 +239,44 @@ class Stages:
                 local = (format_ip(header.dst_addr), header.dst_port)
         self._path.after_header(lst, conn, ip, port, local)
 
-    def _handshake(self, hello: PendingHello[Listener]) -> None:
-        """The ClientHello is in: admitted (the place it held is its own), a rate token
-        taken, and the handshake starts in the loop, in the slot the hello held; its deadline
-        is what is left of handshake_timeout since the accept."""
-        lst, state = hello.lst, hello.lst.state
-        svc, ctx = state.service, state.tls_context
-        state.unhold(hello.src)
-        now = time.monotonic()
-        reason, src = admit(svc, state, hello.ip, self._services.full, now, **conditions(svc))
-        if reason is None and (svc.tls is None or ctx is None):
-            reason = "tls"  # fail closed (issue 18.2): never a TLS service without its handshake
-        if reason is not None:
-            state.hold(hello.src)  # (leave_stage gives it back)
-            self.leave_stage(hello)
-            self._path.refuse(state, hello.conn, hello.ip, hello.port, reason)
-            if reason == "rate":
-                self._services.rate_pause(state)
-            return
-        assert svc.tls is not None and ctx is not None
+    def _fork_relay(self, hello: PendingHello[Listener]) -> None:
+        """The ClientHello is in: admitted (a rate token taken) and the relay forked, which
+        takes the service's user and sandbox before it parses a TLS byte and does the
+        handshake. The slot the hello held in the pool is the relay's until it reports the
+        handshake complete (PendingRelay), and its deadline (what is left of
+        handshake_timeout since the arrival) is kept here: the relay is killed at it."""
+        lst, state, conn = hello.lst, hello.lst.state, hello.conn
+        tls = state.service.tls
+        assert tls is not None
         pool = self.pending.pop(hello)
         pool.members.pop(hello, None)
-        left = max(0.0, svc.tls.handshake_timeout - (now - hello.since))
+        # Its hold on max_connections and per_source goes to the relay (a running child).
+        state.unhold(hello.src)
+        self._services.refresh_paused(state)
+        conn.setblocking(True)
+        left = max(0.0, tls.handshake_timeout - (time.monotonic() - hello.since))
         try:
-            shake = PendingHandshake(
-                self, lst, hello.conn, (hello.ip, hello.port), hello.key, left, ctx, hello.local
-            )
-        except (OSError, ValueError) as exc:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # out of fds
             pool.slots.release(hello.key)
-            self._services.refresh_paused(state)
-            self._path.refuse(state, hello.conn, hello.ip, hello.port, "tls", detail=str(exc))
+            self._path.refuse(state, conn, hello.ip, hello.port, "tls", detail=f"socketpair: {exc}")
             return
-        shake.src, shake.since = src, hello.since
-        self._enter(pool, shake)
-        state.hold(src)
-        shake(0)  # the first flight goes out now
+        try:
+            report = (theirs.fileno(), left + RELAY_DEADLINE_GRACE)
+            pid = self._path.serve_admitted(
+                lst, conn, hello.ip, hello.port, hello.local, report=report
+            )
+        finally:
+            theirs.close()
+        if pid <= 0:  # refused, or it could not start (said and counted)
+            pool.slots.release(hello.key)
+            ours.close()
+            return
+        ours.setblocking(False)
+        peer = (hello.ip, hello.port)
+        relay = PendingRelay(self, lst, ours, peer, hello.key, left, pid, hello.local)
+        relay.src, relay.since = hello.src, hello.since
+        self._enter(pool, relay)
 
     def wait_for_header(
         self, lst: Listener, conn: socket.socket, ip: str, port: int, key: str
@@ -277,8 +307,7 @@ class Stages:
         svc = state.service
         assert svc.tls is not None
         # Issue 14, item 5: access and limits before any handshake or fork. They are checked
-        # now, with a rate token when the hello is in, and again when the handshake is
-        # complete, before the fork.
+        # now, and again, with a rate token, when the hello is in, before the fork.
         reason, src = admit(
             svc, state, ip, self._services.full, 0.0, take_token=False, **conditions(svc)
         )
@@ -322,7 +351,7 @@ class Connections:
         self.sessions = sessions
         self._throttled = throttled
         self._emfile_logged = False
-        self.stages = Stages(config, loop, services, self)
+        self.stages = Stages(config, loop, services, self, children.kill)
         self.pending = self.stages.pending
         self.pools = self.stages.pools
         self.configure = self.stages.configure
@@ -356,9 +385,7 @@ class Connections:
         if conn is not None:
             msg = svc.deny_message if reason in ("deny", "access_times") else svc.busy_message
             if msg:
-                # (ValueError: an ssl.SSLSocket, in or after its handshake, takes no flags;
-                # plaintext has no place there, so it gets none.)
-                with contextlib.suppress(OSError, ValueError):
+                with contextlib.suppress(OSError):
                     conn.send(msg.encode(), socket.MSG_DONTWAIT)
             conn.close()
 
@@ -431,8 +458,8 @@ class Connections:
         local: tuple[str, int] | None,
     ) -> None:
         """The client's address is known: a TLS service waits (in the parent, bounded) for
-        the ClientHello and then the handshake before a relay is forked; anything else is
-        admitted now."""
+        the ClientHello before a relay is forked for the handshake; anything else is admitted
+        now."""
         if lst.state.service.tls is None:
             self.serve_admitted(lst, conn, ip, port, local)
             return
@@ -445,36 +472,43 @@ class Connections:
         ip: str,
         port: int,
         local: tuple[str, int] | None,
-        take_token: bool = True,
-    ) -> None:
+        report: tuple[int, float] | None = None,
+    ) -> int:
+        """Admit and start the connection's program, relay or built-in session: the child's
+        pid (0: refused, a built-in, or it could not start). ``report``: a TLS relay's report
+        fd and its own handshake deadline (Stages._fork_relay)."""
         state = lst.state
         svc = state.service
         reason, src = admit(
-            svc, state, ip, self._services.full, time.monotonic(), take_token, **conditions(svc)
+            svc, state, ip, self._services.full, time.monotonic(), **conditions(svc)
         )
         if reason is not None:
             self.refuse(state, conn, ip, port, reason)
             if reason == "rate":
                 self._services.rate_pause(state)
-            return
+            return 0
         state.accepted += 1
-        if svc.banner:
-            with contextlib.suppress(OSError, ValueError):
-                if svc.tls is not None:
-                    conn.send(svc.banner)  # inside TLS (non-blocking: a short first record)
-                else:
-                    conn.send(svc.banner, socket.MSG_DONTWAIT)
+        if svc.banner and svc.tls is None:  # (a TLS service's relay sends it inside TLS)
+            with contextlib.suppress(OSError):
+                conn.send(svc.banner, socket.MSG_DONTWAIT)
         if svc.builtin is not None:
             conn.setblocking(False)
             self.sessions.start(state, conn, svc.builtin, src)
-            return
+            return 0
         try:
             if local is not None:
                 env = ip_env(b"TCP", ip, port, *local)
             else:
                 env = connection_env(lst, conn, ip, port)
-            self._children.start(
-                state, conn.fileno(), conn.fileno(), conn, env, peer_text(ip, port), src=src
+            return self._children.start(
+                state,
+                conn.fileno(),
+                conn.fileno(),
+                conn,
+                env,
+                peer_text(ip, port),
+                src=src,
+                report=report,
             )
         finally:
             conn.close()
@@ -597,7 +631,7 @@ class Connections:
 _CONNECTIONS = (
     PendingProxy,
     PendingHello,
-    PendingHandshake,
+    PendingRelay,
     UDPReply,
     builtins.Session,
     control.Exchange,

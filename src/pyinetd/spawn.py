@@ -62,7 +62,7 @@ from pyinetd.sandbox import Prepared, SandboxError
 from pyinetd.signals import PYTHON_IGNORED, handled_signals, ignored_signals
 
 if TYPE_CHECKING:
-    import socket
+    import ssl
 
 Environ = dict[bytes, bytes]
 # A connection's variables, as the KEY=value entries execve takes: built once per
@@ -391,14 +391,16 @@ class Spawner:
     def relay(
         self,
         service: Service,
-        client: socket.socket,
+        conn: int,
         stderr: int,
         env: Environ,
+        ctx: ssl.SSLContext | None,
         peer: str,
+        report: tuple[int, float] | None = None,
     ) -> int:
         """spawn_relay() with the service's sandbox: it contains the relay (which parses
-        the client's TLS records) and so the program the relay starts."""
-        return spawn_relay(service, client, stderr, env, peer, self._box(service))
+        the client's handshake) and so the program the relay starts."""
+        return spawn_relay(service, conn, stderr, env, ctx, peer, self._box(service), report)
 
     def zygote(self, service: Service, argv: list[str], env: Environ, ctl: int, err: int) -> int:
         """spawn_zygote() with the service's sandbox (a warm service's zygote, zygote.py)."""
@@ -606,21 +608,24 @@ def discard_sandboxes(
 
 def spawn_relay(
     service: Service,
-    client: socket.socket,
+    conn: int,
     stderr: int,
     env: Environ,
+    ctx: ssl.SSLContext | None,
     peer: str,
     box: Prepared | None = None,
+    report: tuple[int, float] | None = None,
 ) -> int:
     """Fork a relay process for a TLS or redirect service; returns its pid.
 
-    ``client`` is the connection: for TLS the ``ssl.SSLSocket`` whose handshake the parent's
-    loop has completed (stages.PendingHandshake; a plain fork, so the relay goes on with the
-    same TLS state). The relay starts the service on a pair of pipes, or connects to the
-    redirect target, and relays bytes until both sides are done. It takes the service's
-    process settings (apply_process_settings: its own session, the service's user, limits,
-    folder) before it reads a byte, and the service inherits them; a timeout's killpg
-    reaches both. The parent's loop never blocks on a handshake or a connect.
+    The relay does the TLS handshake (with its deadline) and then starts the service on a
+    pair of pipes, or connects to the redirect target, and relays bytes until both sides are
+    done. It takes the service's process settings (apply_process_settings: its own session,
+    the service's user, limits, folder) before it reads a byte, and the service inherits
+    them; a timeout's killpg reaches both. The parent's loop never blocks on a handshake or
+    a connect. ``report``: an fd on which the relay writes one byte once its handshake is
+    complete (the parent holds the connection in its pending pool until then, and kills the
+    relay at its deadline), and the relay's own handshake deadline in seconds.
     """
 
     def child() -> None:  # pragma: no cover - runs in the forked relay process
@@ -636,13 +641,15 @@ def spawn_relay(
 
             code = relay.serve_connection(
                 service,
-                client,
+                conn,
                 stderr,
                 env,
+                ctx,
                 peer,
                 lambda svc: _settle_relay(svc, box),
                 _start_behind_relay,
                 keep=_box_fds(box),
+                report=report,
             )
         except BaseException as exc:
             with contextlib.suppress(OSError):

@@ -1,11 +1,11 @@
 """Connections before their service starts, and a UDP child's reply.
 
-A connection whose PROXY header (PendingProxy) or TLS ClientHello (PendingHello) is still due,
-or whose TLS handshake is not complete (PendingHandshake), costs the parent an fd (and, in the
-handshake, an OpenSSL object of some kilobytes), and nothing has proven it is a real client
-yet: each holds a slot in its service's pool (admission.StageSlots) and a deadline, consumes
-only what it must, and reports back through the ``Gate`` it was given
-(connections.Connections). They know no services and start nothing.
+A connection whose PROXY header (PendingProxy) or TLS ClientHello (PendingHello) is still due
+costs the parent an fd, and nothing has proven it is a real client yet; one whose relay does
+its TLS handshake (PendingRelay) costs a process as well, until the relay reports it complete.
+Each holds a slot in its service's pool (admission.StageSlots) and a deadline, consumes only
+what it must, and reports back through the ``Gate`` it was given (connections.Stages). They
+know no services and start nothing.
 """
 
 from __future__ import annotations
@@ -15,14 +15,11 @@ import selectors
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeAlias, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
 
 from pyinetd import proxyproto
 
-if TYPE_CHECKING:
-    import ssl
-
-__all__ = ["Gate", "PendingHandshake", "PendingHello", "PendingProxy", "UDPReply"]
+__all__ = ["Gate", "PendingHello", "PendingProxy", "PendingRelay", "UDPReply"]
 
 # RFC 8446 5.1: a TLSPlaintext record (a ClientHello's first) carries at most 2**14 bytes
 # after its 5-byte header.
@@ -32,7 +29,7 @@ L = TypeVar("L")
 
 
 # whatever the gate's listener is
-_Any: TypeAlias = "PendingProxy[Any] | PendingHello[Any] | PendingHandshake[Any]"
+_Any: TypeAlias = "PendingProxy[Any] | PendingHello[Any] | PendingRelay[Any]"
 
 
 class _Timer(Protocol):
@@ -58,7 +55,7 @@ class _Pending(Generic[L]):
     """A connection at the door of ``lst``'s service: its peer, its slot key, its deadline.
 
     ``src`` is the service's own per_source key of the connection, where it is counted while
-    it waits (connections.Connections sets it)."""
+    it waits (connections.Stages sets it)."""
 
     src = ""
 
@@ -204,20 +201,26 @@ class PendingHello(_Pending[L]):
             self._lowat = 5 + length
             self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self._lowat)
             return
-        # The handshake reads with ordinary semantics.
+        # The relay's handshake reads with ordinary semantics.
         self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         self._done(None)
 
 
-class PendingHandshake(_Pending[L]):
-    """A TLS connection whose ClientHello is in: the server side of its handshake, run
-    non-blocking in the parent's loop with the service's context, until it is complete, fails
-    or its deadline passes. Only then is a relay forked (it inherits the established
-    ``ssl.SSLSocket``, ``conn`` from here on), so a client that sends a canned ClientHello and
-    stalls costs this object, never a process (issue 24, item 3: 300 of them made 300 relays).
+class PendingRelay(_Pending[L]):
+    """A TLS connection whose ClientHello is in and whose relay, pid ``pid``, does the
+    handshake: the relay was forked for it, and has taken the service's user and sandbox
+    before parsing a TLS byte, but the connection keeps the slot its hello held in its
+    service's pool until the relay reports the handshake complete (issue 24, item 3: 300
+    canned ClientHellos that stalled made 300 relays, since the hello freed the slot).
 
-    ``ctx.wrap_socket`` takes the accepted socket's fd over; ``conn`` is the TLS socket.
+    ``conn`` is the parent's end of a socketpair whose other end only that relay holds; the
+    report is one byte, ``REPORT``. At most one byte is ever read: the report ends the stage
+    as done; EOF (the relay ended) or anything else ends it quietly; a second report, or one
+    after the relay's end, is never read. The deadline is the parent's: when it passes with no
+    report, the gate kills the relay (stage_failed).
     """
+
+    REPORT = b"\x01"
 
     def __init__(
         self,
@@ -227,35 +230,46 @@ class PendingHandshake(_Pending[L]):
         peer: tuple[str, int],
         key: str,
         timeout: float,
-        ctx: ssl.SSLContext,
+        pid: int,
         local: tuple[str, int] | None,
     ) -> None:
-        tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-        super().__init__(gate, lst, tls, peer, key, timeout, "TLS handshake not complete in time")
+        self.pid = pid
+        self._over = False  # the stage has ended: nothing more is read or told
+        super().__init__(gate, lst, conn, peer, key, timeout, "TLS handshake not complete in time")
         self.local = local
-        self._events = selectors.EVENT_READ
 
     def __call__(self, mask: int) -> None:
-        import ssl  # loaded already: the context was built with it
+        self.settle()
 
-        tls = cast("ssl.SSLSocket", self.conn)
+    def settle(self) -> bool:
+        """Read the relay's report if anything has come: True when the stage has ended
+        (reported: stage_done; the relay ended or said something else: left quietly), False
+        while the handshake goes on."""
+        if self._over:
+            return True
         try:
-            tls.do_handshake()
-        except ssl.SSLWantReadError:
-            self._wait(selectors.EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._wait(selectors.EVENT_WRITE)
-            return
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            self._fail(f"TLS handshake failed: {exc}")
-            return
-        self._done(None)
+            got = self.conn.recv(1)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            got = b""
+        self._over = True
+        if got == self.REPORT:
+            self._done(None)
+        else:
+            self.close()
+        return True
 
-    def _wait(self, events: int) -> None:
-        if events != self._events:
-            self._events = events
-            self.gate.sel.modify(self.conn, events, self)
+    def _fail(self, why: str) -> None:
+        # The report may be in, its wake-up not handled yet: only a relay that has not
+        # reported is failed (and killed).
+        if not self.settle():
+            self._over = True
+            super()._fail(why)
+
+    def close(self) -> None:
+        self._over = True
+        super().close()
 
 
 class UDPReply:
