@@ -137,8 +137,10 @@ TOP_KEY_LIST: tuple[Key, ...] = (
         _parse_count,
         (
             "At most this many connections at once per service waiting for a PROXY protocol "
-            "header, a TLS ClientHello or the end of a TLS handshake (an fd each, no process "
-            "yet); a new one then evicts the service's oldest waiting connection."
+            "header or a TLS ClientHello (an fd each, no process yet), or for their relay to "
+            "complete the TLS handshake (a relay each); a new one then evicts the service's "
+            "oldest connection still waiting for its first bytes, else its oldest handshake "
+            "(its relay killed)."
         ),
         {**COUNT, "default": 256},
         top=True,
