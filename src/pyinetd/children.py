@@ -163,8 +163,7 @@ class Children:
         """Spawn the service's program: its pid; PENDING when the service's zygote was asked
         for it (its pid comes with the answer, ``_warm_replied``; the slot is held from now);
         0 when it could not start. ``reply``: a UDP nowait child's reply, closed soon after
-        the child's end (at once when there is no child). ``report``: a TLS relay's fd to
-        report its handshake complete on, and its own handshake deadline (spawn_relay)."""
+        the child's end (at once when there is no child). ``report``: a TLS relay's (relay.py)."""
         svc = state.service
         conn_fd = conn.fileno() if conn is not None else None
         if svc.warm and self._ask_zygote(state, stdin, conn_fd, env, peer, listener, src, reply):
@@ -321,8 +320,7 @@ class Children:
             _kill_group(pid, sig)
 
     def kill(self, pid: int) -> None:
-        """SIGKILL child ``pid`` and its group, if it is still in the table: a reaped pid may
-        be another process's by now (a TLS relay past its handshake deadline, Stages)."""
+        """SIGKILL child ``pid`` and its group while it is ours (a reaped pid may be reused)."""
         child = self.table.get(pid)
         if child is not None:
             child.killed = True

@@ -398,8 +398,7 @@ class Spawner:
         peer: str,
         report: tuple[int, float] | None = None,
     ) -> int:
-        """spawn_relay() with the service's sandbox: it contains the relay (which parses
-        the client's handshake) and so the program the relay starts."""
+        """spawn_relay() in the service's sandbox: the relay (the handshake) and its program."""
         return spawn_relay(service, conn, stderr, env, ctx, peer, self._box(service), report)
 
     def zygote(self, service: Service, argv: list[str], env: Environ, ctl: int, err: int) -> int:
@@ -623,9 +622,7 @@ def spawn_relay(
     done. It takes the service's process settings (apply_process_settings: its own session,
     the service's user, limits, folder) before it reads a byte, and the service inherits
     them; a timeout's killpg reaches both. The parent's loop never blocks on a handshake or
-    a connect. ``report``: an fd on which the relay writes one byte once its handshake is
-    complete (the parent holds the connection in its pending pool until then, and kills the
-    relay at its deadline), and the relay's own handshake deadline in seconds.
+    a connect. ``report``: where it says its handshake is complete, and its deadline.
     """
 
     def child() -> None:  # pragma: no cover - runs in the forked relay process
