@@ -131,4 +131,4 @@ def test_cancelled_timers_do_not_pile_up_in_the_heap(loop: Loop) -> None:
     assert len(loop._timers) < 4 * 1024
     assert all(t in loop._timers for t in live)
     loop.run_timers()
-    assert ran == list(range(10))
+    assert sorted(ran) == list(range(10))  # all ran (equal deadlines keep no order)

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import selectors
 import socket
+import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -279,7 +283,7 @@ def test_a_handler_that_raises_gets_its_connection_closed(
         with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
             conn, addr = lst.sock.accept()
             server._serve_stream(lst, conn, addr)
-            assert server._stage.used == 1
+            assert server._pools["p"].slots.used == 1
 
             def broken(*args: object, **kw: object) -> None:
                 raise ValueError("a bug in the parser")
@@ -292,7 +296,7 @@ def test_a_handler_that_raises_gets_its_connection_closed(
             server._contain(key)
             assert conn.fileno() == -1
             assert conn not in {k.fileobj for k in server.sel.get_map().values()}
-            assert not server.pending and server._stage.used == 0
+            assert not server.pending and server._pools["p"].slots.used == 0
             with contextlib.suppress(ConnectionResetError):  # closed with "PROXY " unread
                 assert client.recv(10) == b""
     finally:
@@ -349,3 +353,352 @@ def test_tls_waiting_for_a_hello_holds_its_place_under_max_connections(
     thread.join(DEADLINE)
     b.close()
     assert got == [b"hi\n"]
+
+
+# ------------------------------------------------- TLS handshakes and pools (issue 24)
+
+
+def canned_client_hello() -> bytes:
+    """A real TLS ClientHello (a client's first flight), made once and replayable: what an
+    attacker sends on every connection before it stalls."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = outgoing.read()
+    assert hello[0] == 22 and len(hello) > 200  # a handshake record
+    return hello
+
+
+def tls_echo(port: int, tls_files: Path, source: str = "127.0.0.1") -> bytes:
+    """A real TLS client from ``source``: the service's first line (``$REMOTE_ADDR``)."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(tls_files / "ca.pem"))
+    with socket.socket() as raw:
+        raw.settimeout(DEADLINE)
+        raw.bind((source, 0))
+        raw.connect(("127.0.0.1", port))
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            return s.recv(100)
+
+
+def tls_service(port: int, **tls: object) -> dict[str, object]:
+    return {**proxy_service(port), "tls": {"cert": "cert.pem", "key": "key.pem", **tls}}
+
+
+def relays_of(pid: int) -> list[int]:
+    """The live relays of pyinetd ``pid``: its children running as the service's user
+    (nobody); the exit watcher, should it start, is root's."""
+    nobody = pwd.getpwnam("nobody").pw_uid
+    out = []
+    for kid, state in children_of(pid):
+        with contextlib.suppress(OSError), open(f"/proc/{kid}/status") as f:
+            # (its real uid: a relay is not dumpable, so /proc/PID itself is root's)
+            uid = next(int(ln.split()[1]) for ln in f if ln.startswith("Uid:"))
+            if state != "Z" and uid == nobody:
+                out.append(kid)
+    return out
+
+
+def ended_after_server_bytes(s: socket.socket) -> bool:
+    """True when the server has closed ``s``, after whatever it sent (a ServerHello) is read;
+    never blocks."""
+    s.setblocking(False)
+    try:
+        while s.recv(65536):
+            pass
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def stalled_hello(port: int, hello: bytes, source: str = ATTACKER) -> socket.socket:
+    """A connection from ``source`` that sends ``hello`` and then nothing."""
+    s = socket.socket()
+    s.settimeout(DEADLINE)
+    s.bind((source, 0))
+    s.connect(("127.0.0.1", port))
+    with contextlib.suppress(OSError):  # (a refused one may be reset)
+        s.sendall(hello)
+    return s
+
+
+def test_canned_client_hellos_that_stall_hold_at_most_max_pending_per_source_relays(
+    inetd: Start, tls_files: Path
+) -> None:
+    """Issue 24, item 3: 300 connections that sent a pre-computed ClientHello and stalled
+    made 300 relays in 4 s: the hello freed the pending slot, and the relay waited for the
+    rest of the handshake. The connection now keeps its slot until its relay reports the
+    handshake complete: at most max_pending_per_source relays from one address, the rest
+    refused pending_per_source; another service and a real client are served."""
+    port, other = free_port(), free_port()
+    p = inetd(
+        {"services": {"t": tls_service(port, handshake_timeout=30), "e": echo_service(other)}}
+    )
+    hello = canned_client_hello()
+    n, most = 300, 0
+    socks: list[socket.socket] = []
+    try:
+
+        def relays() -> int:
+            nonlocal most
+            most = max(most, len(relays_of(p.pid)))
+            return most
+
+        for i in range(n):
+            socks.append(stalled_hello(port, hello))
+            if i % 5 == 4:
+                relays()
+        wait_for(
+            lambda: (
+                sum(closed_by_server(s) for s in socks) >= n - PER_SOURCE or relays() > PER_SOURCE
+            ),
+            what="all but PER_SOURCE stalled handshakes refused (or more relays)",
+        )
+        assert relays() <= PER_SOURCE, f"{most} relays alive at once for stalled handshakes"
+        # The PER_SOURCE admitted ones wait in their relays' handshakes: a process each,
+        # bounded, and nothing more.
+        wait_for(lambda: len(relays_of(p.pid)) == PER_SOURCE, what="PER_SOURCE relays alive")
+        assert sum(closed_by_server(s) for s in socks) == n - PER_SOURCE
+        assert status_of(p)["t"]["refused"] == {"pending_per_source": n - PER_SOURCE}
+        # Another service answers, and the same service serves a real client from elsewhere.
+        t0 = time.monotonic()
+        assert tcp_talk(other, b"still here", timeout=2.0) == b"still here"
+        assert time.monotonic() - t0 < 2.0
+        assert tls_echo(port, tls_files) == b"127.0.0.1\n"
+        assert len(relays_of(p.pid)) <= PER_SOURCE + 1
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_stalled_handshake_s_relay_is_killed_by_the_parent_at_its_deadline(
+    inetd: Start, tls_files: Path
+) -> None:
+    """The handshake's deadline is kept by the parent, from the connection's arrival: a
+    relay whose client stalls after its hello is killed when what is left of
+    handshake_timeout has passed, counted and logged (the relay's own deadline, counted from
+    its fork, is only a backstop). Its slot is free again."""
+    port = free_port()
+    # (busy_message: nothing is written into a connection its relay has taken over)
+    service = {**tls_service(port, handshake_timeout=3), "busy_message": "x"}
+    p = inetd({"services": {"t": service}})
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+        arrived = time.monotonic()
+        # The hello comes late (within hello_timeout, 3 s): 2 of the handshake's 3 s are gone.
+        wait_for(lambda: time.monotonic() - arrived >= 2.0, what="two seconds")
+        s.sendall(canned_client_hello())
+        wait_for(lambda: relays_of(p.pid), what="the relay forked for the handshake")
+        (relay,) = relays_of(p.pid)
+        p.wait_log(
+            rf"t: refused 127\.0\.0\.1:\d+: tls \(TLS handshake not complete in time; "
+            rf"relay pid {relay} killed\)"
+        )
+        p.wait_log(rf"t: pid {relay} ended \(signal SIGKILL\)")
+        elapsed = time.monotonic() - arrived
+        # At 3 s from the arrival; the relay's own deadline would be 3 s from its fork (5 s).
+        assert 2.9 <= elapsed < 4.5, elapsed
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):  # the relay's first flight, then EOF
+                got += chunk
+        assert got[:1] == b"\x16"  # a ServerHello came, from the relay
+    assert status_of(p)["t"]["refused"] == {"tls": 1}
+    assert "internal error" not in p.log() and "Traceback" not in p.log()
+    # The slot and the place are free: a real client is served.
+    assert tls_echo(port, tls_files) == b"127.0.0.1\n"
+
+
+def test_a_full_pool_of_stalled_handshakes_evicts_its_oldest_relay(
+    inetd: Start, tls_files: Path
+) -> None:
+    """A pool full of relays whose clients stalled after their hello (none waits for its
+    first bytes) makes room for a new connection by killing its oldest relay, rather than
+    refuse every client until the handshake deadline."""
+    port = free_port()
+    p = inetd({"max_pending": 4, "services": {"t": tls_service(port, handshake_timeout=60)}})
+    hello = canned_client_hello()
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            socks.append(stalled_hello(port, hello))
+        wait_for(lambda: len(relays_of(p.pid)) == 4, what="four relays in their handshake")
+        first = socks[0].getsockname()[1]
+        (line,) = p.wait_log(rf"t: 127\.0\.0\.2:{first} -> pid \d+")
+        oldest = int(line.rsplit(" ", 1)[1])
+        assert tls_echo(port, tls_files) == b"127.0.0.1\n"
+        p.wait_log(
+            rf"t: refused 127\.0\.0\.2:{first}: pending \(evicted: the oldest of a full pool; "
+            rf"relay pid {oldest} killed\)"
+        )
+        p.wait_log(rf"t: pid {oldest} ended \(signal SIGKILL\)")
+        wait_for(
+            lambda: ended_after_server_bytes(socks[0]), what="the oldest stalled handshake ended"
+        )
+        assert not any(ended_after_server_bytes(s) for s in socks[1:])
+        assert oldest not in relays_of(p.pid)
+        assert status_of(p)["t"]["refused"] == {"pending": 1}
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_idle_tls_connections_to_one_service_refuse_no_other_service(
+    inetd: Start, tls_files: Path
+) -> None:
+    """Issue 24, item 6: max_pending (256) was one pool for every service: 256 idle
+    connections from 16 addresses to one TLS service refused every other TLS and PROXY
+    service, a trusted balancer's connections included. Each service has its own pool now,
+    and a full pool evicts its oldest waiting connection for a new one."""
+    t1, t2, px = free_port(), free_port(), free_port()
+    p = inetd(
+        {
+            "services": {
+                "t1": tls_service(t1, handshake_timeout=60, hello_timeout=60),
+                "t2": tls_service(t2),
+                "px": proxy_service(px, proxy_protocol="v1", proxy_from=["127.0.0.1"]),
+            },
+        }
+    )
+    sources = [f"127.0.0.{10 + i}" for i in range(16)]
+    socks: list[socket.socket] = []
+    try:
+        for src in sources:
+            for _ in range(PER_SOURCE):
+                s = socket.socket()
+                socks.append(s)
+                s.bind((src, 0))
+                s.connect(("127.0.0.1", t1))
+        # All accepted (the listener's accept queue, /proc/net/tcp's rx_queue, is empty).
+        wait_for(lambda: rx_queue(t1, 0) == 0, what="pyinetd accepting the idle connections")
+        assert not any(closed_by_server(s) for s in socks)
+        # Another TLS service, and a PROXY service behind its trusted balancer.
+        assert tls_echo(t2, tls_files) == b"127.0.0.1\n"
+        header = b"PROXY TCP4 192.0.2.1 192.0.2.2 5555 80\r\n"
+        assert tcp_talk(px, header + b"hi") == b"192.0.2.1\nhi"
+        # The full pool itself makes room: the oldest idle connection goes, the new one is
+        # served.
+        assert tls_echo(t1, tls_files) == b"127.0.0.1\n"
+        wait_for(lambda: closed_by_server(socks[0]), what="the oldest idle connection evicted")
+        assert sum(closed_by_server(s) for s in socks) == 1
+        refused = status_of(p)
+        assert refused["t1"]["refused"] == {"pending": 1}
+        assert refused["t2"]["refused"] == {} and refused["px"]["refused"] == {}
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_tls_per_source_counts_connections_waiting_for_their_hello(
+    inetd: Start, tls_files: Path
+) -> None:
+    """Issue 24, item 6: per_source did not count connections whose ClientHello was due,
+    while max_connections did: with per_source: 2, one address held 4 of 5 places and the
+    next client timed out."""
+    port = free_port()
+    service = tls_service(port, handshake_timeout=60, hello_timeout=60)
+    p = inetd({"services": {"t": {**service, "max_connections": 5, "per_source": 2}}})
+    with idle_connections(port, 4) as socks:
+        wait_for(
+            lambda: sum(closed_by_server(s) for s in socks) >= 2,
+            timeout=5.0,
+            what="the attacker's third and fourth connections refused (per_source)",
+        )
+        assert sum(closed_by_server(s) for s in socks) == 2
+        assert status_of(p)["t"]["refused"] == {"per_source": 2}
+        # Three other clients get the three places left, at once.
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(tls_files / "ca.pem"))
+        held: list[ssl.SSLSocket] = []
+        try:
+            for i in range(3):
+                raw = socket.socket()
+                raw.settimeout(DEADLINE)
+                raw.bind((f"127.0.0.{3 + i}", 0))
+                raw.connect(("127.0.0.1", port))
+                held.append(ctx.wrap_socket(raw, server_hostname="localhost"))
+                assert held[-1].recv(100) == f"127.0.0.{3 + i}\n".encode()
+        finally:
+            for t in held:
+                t.close()
+
+
+def test_a_tls_services_banner_is_sent_inside_tls(inetd: Start, tls_files: Path) -> None:
+    """The banner goes out once the handshake is complete, as the first TLS record (it was
+    written in plaintext between the client's hello and the server's, breaking every
+    handshake of a TLS service with a banner)."""
+    port = free_port()
+    inetd({"services": {"t": {**tls_service(port), "banner_text": "welcome\n"}}})
+    assert tls_echo(port, tls_files) == b"welcome\n"
+
+
+class _Gate:
+    """A gate that records what a stage tells it (the stage's own logic under test)."""
+
+    def __init__(self) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.told: list[str] = []
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> types.SimpleNamespace:
+        return types.SimpleNamespace(cancelled=False)
+
+    def stage_done(self, pend: object, header: object) -> None:
+        self.told.append("done")
+
+    def stage_failed(self, pend: object, why: str) -> None:
+        self.told.append(f"failed: {why}")
+
+    def leave_stage(self, pend: object) -> None:
+        self.told.append("left")
+
+
+@pytest.mark.parametrize(
+    ("relay_writes", "told", "unread"),
+    [
+        (b"\x01", ["done"], b""),
+        (b"\x01\x01\x01", ["done"], b"\x01\x01"),  # a second report is never read
+        (b"x\x01", ["left"], b"\x01"),  # anything else ends the stage, quietly
+        (None, ["left"], b""),  # EOF: the relay ended without a report
+        (b"", ["failed: TLS handshake not complete in time"], b""),  # the deadline
+    ],
+)
+def test_a_relays_report_is_one_byte_read_once(
+    relay_writes: bytes | None, told: list[str], unread: bytes
+) -> None:
+    """The parent reads at most one byte of what a relay (the service's user) writes on
+    its report socket: the report ends the stage once, anything else ends it as "ended";
+    nothing a relay writes can make the stage report twice or fail it."""
+    from pyinetd.stages import PendingRelay
+
+    gate = _Gate()
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    # The same socket on another fd, to see what the stage left unread after it closed its own.
+    peek = socket.socket(fileno=os.dup(ours.fileno()))
+    peek.setblocking(False)
+    stage = PendingRelay(gate, None, ours, ("192.0.2.1", 1), "k", 10.0, 12345, None)
+    if relay_writes is None:
+        theirs.close()
+    else:
+        theirs.sendall(relay_writes)
+    stage._fail("TLS handshake not complete in time")  # the deadline, whatever has come
+    stage(selectors.EVENT_READ)  # a wake-up after the end changes nothing
+    stage._fail("again")
+    assert gate.told == told
+    assert not gate.sel.get_map()
+    got = b""
+    with contextlib.suppress(BlockingIOError):
+        got = peek.recv(10)
+    assert got == unread
+    peek.close()
+    ours.close()
+    theirs.close()

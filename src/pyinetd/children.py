@@ -159,16 +159,17 @@ class Children:
         listener: Listener | None = None,
         src: str = "",
         reply: UDPReply | None = None,
+        report: tuple[int, float] | None = None,
     ) -> int:
         """Spawn the service's program: its pid; PENDING when the service's zygote was asked
         for it (its pid comes with the answer, ``_warm_replied``; the slot is held from now);
         0 when it could not start. ``reply``: a UDP nowait child's reply, closed soon after
-        the child's end (at once when there is no child)."""
+        the child's end (at once when there is no child). ``report``: a TLS relay's (relay.py)."""
         svc = state.service
         conn_fd = conn.fileno() if conn is not None else None
         if svc.warm and self._ask_zygote(state, stdin, conn_fd, env, peer, listener, src, reply):
             return PENDING
-        pid = self._spawn(state, stdin, stdout, conn_fd, env, peer)
+        pid = self._spawn(state, stdin, stdout, conn_fd, env, peer, report)
         if not pid:
             if reply is not None:
                 reply.close()
@@ -186,6 +187,7 @@ class Children:
         conn_fd: int | None,
         env: list[bytes],
         peer: str,
+        report: tuple[int, float] | None = None,
     ) -> int:
         """Start the program (by exec, or the relay); its pid, or 0 (said and counted)."""
         svc = state.service
@@ -198,7 +200,8 @@ class Children:
         try:
             if svc.needs_relay:
                 full_env = {**self._spawner.base_environ(svc), **env_dict(env)}
-                return self._spawner.relay(svc, stdin, err_fd, full_env, state.tls_context, peer)
+                ctx = state.tls_context
+                return self._spawner.relay(svc, stdin, err_fd, full_env, ctx, peer, report)
             return self._spawner.spawn(svc, stdin, stdout, err_fd, env)
         except UserGone as exc:
             # Deleted after load: one line a minute, not a traceback per connection (18.16).
@@ -316,6 +319,13 @@ class Children:
         """Send ``sig`` to every child and its group (drain timeout, stop)."""
         for pid in list(self.table):
             _kill_group(pid, sig)
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL child ``pid`` and its group while it is ours (a reaped pid may be reused)."""
+        child = self.table.get(pid)
+        if child is not None:
+            child.killed = True
+            _kill_group(pid, signal.SIGKILL)
 
     def kill_removed(self, enabled: set[str]) -> None:
         """`reload_kills_removed`: SIGTERM to the children of services no longer enabled."""

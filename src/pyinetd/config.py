@@ -173,7 +173,7 @@ class Service:
     tls: TLSSettings | None = None
     proxy_protocol: str | None = None  # v1 | v2 | any
     proxy_from: AccessList | None = None
-    proxy_timeout: float = 5.0
+    proxy_timeout: float = 3.0
     redirect: tuple[str, int] | None = None
     # a unix socket file's mode and owner (None: pyinetd's umask, and pyinetd)
     socket_mode: int | None = None

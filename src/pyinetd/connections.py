@@ -2,9 +2,11 @@
 
 An arrival is an accepted connection, a datagram, or a wait-mode listener turning readable.
 A connection may first wait in a pre-service stage (stages.py: its PROXY header, its TLS
-ClientHello); then admission.admit() decides, and the connection goes to the children table
-(children.py, which starts the program through spawn.py) or to a built-in session
-(builtins.py). The connection environment (UCSPI variables) is made here.
+ClientHello), in its service's pool (Pool); then admission.admit() decides, and the connection
+goes to the children table (children.py, which starts the program through spawn.py) or to a
+built-in session (builtins.py). A TLS connection's relay does the handshake, and the
+connection stays in the pool until the relay reports it complete. The connection environment
+(UCSPI variables) is made here.
 """
 
 from __future__ import annotations
@@ -30,12 +32,38 @@ from pyinetd.listeners import format_ip, peer_of, peer_text
 from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.services import Listener, Services, ServiceState
-from pyinetd.stages import PendingHello, PendingProxy, UDPReply
+from pyinetd.stages import PendingHello, PendingProxy, PendingRelay, UDPReply
 
 ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
 EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
+# A relay's own handshake deadline is this much later than the parent's, which kills it: the
+# parent's is the one that holds; the relay's is the backstop should the parent's be missed.
+RELAY_DEADLINE_GRACE = 2.0
 
-Pending = PendingProxy[Listener] | PendingHello[Listener]
+Pending = PendingProxy[Listener] | PendingHello[Listener] | PendingRelay[Listener]
+
+
+class Pool:
+    """One service's connections in a pre-service stage: its own slots, so that idle
+    connections to one service never refuse another's (issue 24, item 6: 256 idle connections
+    to one TLS service refused every other TLS and PROXY service), in arrival order, so that a
+    full pool makes room by evicting its oldest (issue 24, item 6)."""
+
+    def __init__(self, total: int, per_source: int) -> None:
+        self.slots = StageSlots(total, per_source)
+        self.members: dict[Pending, None] = {}  # oldest first
+
+    def oldest(self) -> Pending | None:
+        """The connection to evict: the oldest still waiting for its first bytes (a PROXY
+        header, a ClientHello), else the oldest whose relay is in its handshake (it has sent
+        its hello; a real client's handshake takes a round trip, so the oldest is the likeliest
+        to have stalled)."""
+        first = None
+        for pend in self.members:
+            if not isinstance(pend, PendingRelay):
+                return pend
+            first = first or pend
+        return first
 
 
 class Sessions:
@@ -119,8 +147,229 @@ def log_session_end(name: str, peer: str, sess: builtins.Session) -> None:
     )
 
 
+class Stages:
+    """The connections in a pre-service stage (a PROXY header or a TLS ClientHello still due,
+    or a TLS handshake its relay has not reported complete), each in its service's Pool; the
+    ``Gate`` their stages report to. What comes after a stage (admission, the fork, a
+    refusal) is the connection path's (Connections)."""
+
+    def __init__(
+        self,
+        config: Config,
+        loop: Loop,
+        services: Services,
+        path: Connections,
+        kill: Callable[[int], None],
+    ) -> None:
+        self.sel = loop.sel
+        self.call_later = loop.call_later
+        self._services = services
+        self._path = path
+        self._kill = kill  # SIGKILL a relay that is still a child (Children.kill)
+        # Connections in a pre-service stage, each with the pool it holds a slot in; a pool
+        # per service name.
+        self.pending: dict[Pending, Pool] = {}
+        self.pools: dict[str, Pool] = {}
+        self._bounds = (config.max_pending, config.max_pending_per_source)
+
+    def configure(self, config: Config) -> None:
+        """A (re)loaded configuration's bounds on the pre-service stages, for every pool; the
+        empty pools of services no longer configured go."""
+        self._bounds = (config.max_pending, config.max_pending_per_source)
+        names = {svc.name for svc in config.services}
+        for name, pool in list(self.pools.items()):
+            pool.slots.total, pool.slots.per_source = self._bounds
+            if name not in names and not pool.members:
+                del self.pools[name]
+
+    def pool(self, state: ServiceState) -> Pool:
+        """The pre-service pool of ``state``'s service."""
+        pool = self.pools.get(state.service.name)
+        if pool is None:
+            pool = self.pools[state.service.name] = Pool(*self._bounds)
+        return pool
+
+    def close_pending(self) -> None:
+        """Drop every connection still in a pre-service stage (exit)."""
+        for pend in list(self.pending):
+            pend.close()
+
+    def _take_slot(
+        self, state: ServiceState, conn: socket.socket, ip: str, port: int, key: str
+    ) -> Pool | None:
+        """A slot in the service's pool for this connection (the pool), or it is refused
+        (None). A full pool evicts its oldest connection for it (a relay in its handshake
+        only when none waits for its first bytes: it is killed); a source at its own bound is
+        refused."""
+        pool = self.pool(state)
+        reason = pool.slots.take(key)
+        if reason == "pending" and (oldest := pool.oldest()) is not None:
+            # (A relay that has reported, or ended, meanwhile frees its slot by settling.)
+            if not (isinstance(oldest, PendingRelay) and oldest.settle()):
+                oldest.detach()
+                self.stage_failed(oldest, "evicted: the oldest of a full pool", reason="pending")
+            reason = pool.slots.take(key)
+        if reason is not None:
+            self._path.refuse(state, conn, ip, port, reason)
+            return None
+        return pool
+
+    def _enter(self, pool: Pool, pend: Pending) -> None:
+        self.pending[pend] = pool
+        pool.members[pend] = None
+
+    def leave_stage(self, pend: Pending) -> None:
+        """``pend`` no longer waits: its slot is free."""
+        pool = self.pending.pop(pend, None)
+        if pool is None:
+            return
+        pool.members.pop(pend, None)
+        pool.slots.release(pend.key)
+        if isinstance(pend, PendingHello):
+            # Its places under max_connections and per_source go back: to the relay
+            # (_fork_relay), or to the next connection (a queued listener may listen again).
+            state = pend.lst.state
+            state.unhold(pend.src)
+            self._services.refresh_paused(state)
+
+    def stage_failed(self, pend: Pending, why: str, reason: str = "") -> None:
+        """No valid PROXY header or ClientHello in time, no handshake reported by its
+        relay in time (the relay is killed), or evicted: refused, counted, logged."""
+        self.leave_stage(pend)
+        reason = reason or ("proxy" if isinstance(pend, PendingProxy) else "tls")
+        state = pend.lst.state
+        if isinstance(pend, PendingRelay):
+            # Still our child (Children.kill checks): the relay has not reported, so it has
+            # not started the service's program; the client's connection is the relay's.
+            self._kill(pend.pid)
+            pend.conn.close()
+            why = f"{why}; relay pid {pend.pid} killed"
+            self._path.refuse(state, None, pend.ip, pend.port, reason, detail=why)
+            return
+        self._path.refuse(state, pend.conn, pend.ip, pend.port, reason, detail=why)
+
+    def stage_done(self, pend: Pending, header: proxyproto.ProxyHeader | None) -> None:
+        """A PROXY header is read (the balancer's client replaces the socket's peer), a
+        ClientHello has arrived (admitted, a rate token taken: the relay is forked for the
+        handshake), or a relay has reported its handshake complete (its slot is free)."""
+        lst, conn = pend.lst, pend.conn
+        if isinstance(pend, PendingRelay):
+            self.leave_stage(pend)
+            conn.close()
+            return
+        if self._services.listeners.get(lst.key) is not lst:
+            self.leave_stage(pend)
+            conn.close()  # removed by a reload meanwhile
+            return
+        if isinstance(pend, PendingHello):
+            self._fork_relay(pend)
+            return
+        self.leave_stage(pend)
+        conn.setblocking(True)
+        if header is None:  # (a PROXY stage always ends with its header)
+            conn.close()
+            return
+        ip, port, local = pend.ip, pend.port, None
+        if header.src_addr is not None and header.src_port is not None:
+            ip, port = format_ip(header.src_addr), header.src_port
+            if header.dst_addr is not None and header.dst_port is not None:
+                local = (format_ip(header.dst_addr), header.dst_port)
+        self._path.after_header(lst, conn, ip, port, local)
+
+    def _fork_relay(self, hello: PendingHello[Listener]) -> None:
+        """The ClientHello is in: admitted (a rate token taken) and the relay forked, which
+        takes the service's user and sandbox before it parses a TLS byte and does the
+        handshake. The slot the hello held in the pool is the relay's until it reports the
+        handshake complete (PendingRelay), and its deadline (what is left of
+        handshake_timeout since the arrival) is kept here: the relay is killed at it."""
+        lst, state, conn = hello.lst, hello.lst.state, hello.conn
+        tls = state.service.tls
+        assert tls is not None
+        pool = self.pending.pop(hello)
+        pool.members.pop(hello, None)
+        # Its hold on max_connections and per_source goes to the relay (a running child).
+        state.unhold(hello.src)
+        self._services.refresh_paused(state)
+        conn.setblocking(True)
+        left = max(0.0, tls.handshake_timeout - (time.monotonic() - hello.since))
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # out of fds
+            pool.slots.release(hello.key)
+            self._path.refuse(state, conn, hello.ip, hello.port, "tls", detail=f"socketpair: {exc}")
+            return
+        try:
+            report = (theirs.fileno(), left + RELAY_DEADLINE_GRACE)
+            pid = self._path.serve_admitted(
+                lst, conn, hello.ip, hello.port, hello.local, report=report
+            )
+        finally:
+            theirs.close()
+        if pid <= 0:  # refused, or it could not start (said and counted)
+            pool.slots.release(hello.key)
+            ours.close()
+            return
+        ours.setblocking(False)
+        peer = (hello.ip, hello.port)
+        relay = PendingRelay(self, lst, ours, peer, hello.key, left, pid, hello.local)
+        relay.src, relay.since = hello.src, hello.since
+        self._enter(pool, relay)
+
+    def wait_for_header(
+        self, lst: Listener, conn: socket.socket, ip: str, port: int, key: str
+    ) -> None:
+        """A PROXY header is due: in the service's pool, read in the loop with a deadline."""
+        svc = lst.state.service
+        pool = self._take_slot(lst.state, conn, ip, port, key)
+        if pool is None:
+            return
+        conn.setblocking(False)
+        accept = svc.proxy_protocol
+        assert accept is not None
+        pend = PendingProxy(self, lst, conn, (ip, port), key, svc.proxy_timeout, accept)
+        self._enter(pool, pend)
+        pend(0)  # the header usually came with the connection: no wait, no slot held
+
+    def wait_for_hello(
+        self,
+        lst: Listener,
+        conn: socket.socket,
+        ip: str,
+        port: int,
+        local: tuple[str, int] | None,
+    ) -> None:
+        """A TLS connection: admitted (no rate token taken: the hello may never come), then
+        its ClientHello awaited in the service's pool, holding its places meanwhile."""
+        state = lst.state
+        svc = state.service
+        assert svc.tls is not None
+        # Issue 14, item 5: access and limits before any handshake or fork. They are checked
+        # now, and again, with a rate token, when the hello is in, before the fork.
+        reason, src = admit(
+            svc, state, ip, self._services.full, 0.0, take_token=False, **conditions(svc)
+        )
+        if reason is not None:
+            self._path.refuse(state, conn, ip, port, reason)
+            return
+        key = source_key(ip) if ip else ""
+        pool = self._take_slot(state, conn, ip, port, key)
+        if pool is None:
+            return
+        conn.setblocking(False)
+        # The hello fits one packet: it comes at once, or after a retransmission or two.
+        timeout = min(svc.tls.hello_timeout, svc.tls.handshake_timeout)
+        hello = PendingHello(self, lst, conn, (ip, port), key, timeout, local)
+        hello.src = src
+        self._enter(pool, hello)
+        # It holds its place under max_connections (on_limit: queue) and per_source.
+        state.hold(src)
+        self._services.instance_started(state)
+        hello(0)
+
+
 class Connections:
-    """The arrival handlers of every listener, and the connections in a pre-service stage."""
+    """The arrival handlers of every listener; the connections in a pre-service stage are
+    its ``stages`` (Stages)."""
 
     def __init__(
         self,
@@ -139,22 +388,15 @@ class Connections:
         self.sessions = sessions
         self._throttled = throttled
         self._emfile_logged = False
-        self.pending: set[Pending] = set()  # connections whose PROXY header/ClientHello is due
-        self.stage = StageSlots(config.max_pending, config.max_pending_per_source)
+        self.stages = Stages(config, loop, services, self, children.kill)
+        self.pending = self.stages.pending
+        self.pools = self.stages.pools
+        self.configure = self.stages.configure
+        self.close_pending = self.stages.close_pending
         services.on_accept = self.on_accept
         services.on_datagram = self.on_datagram
 
-    def configure(self, config: Config) -> None:
-        """A (re)loaded configuration's bounds on the pre-service stages."""
-        self.stage.total = config.max_pending
-        self.stage.per_source = config.max_pending_per_source
-
-    def close_pending(self) -> None:
-        """Drop every connection still in a pre-service stage (exit)."""
-        for pend in list(self.pending):
-            pend.close()
-
-    def _refuse(
+    def refuse(
         self,
         state: ServiceState,
         conn: socket.socket | None,
@@ -237,67 +479,14 @@ class Connections:
             key = source_key(ip) if ip else ""
             if svc.proxy_from is not None:
                 if not svc.proxy_from.permits(ip):
-                    self._refuse(lst.state, conn, ip, port, "proxy_from")
+                    self.refuse(lst.state, conn, ip, port, "proxy_from")
                     return
                 key = ""
-            if not self._take_slot(lst.state, conn, ip, port, key):
-                return
-            conn.setblocking(False)
-            accept = svc.proxy_protocol
-            pend = PendingProxy(self, lst, conn, (ip, port), key, svc.proxy_timeout, accept)
-            self.pending.add(pend)
-            pend(0)  # the header usually came with the connection: no wait, no slot held
+            self.stages.wait_for_header(lst, conn, ip, port, key)
             return
-        self._after_header(lst, conn, ip, port, None)
+        self.after_header(lst, conn, ip, port, None)
 
-    def _take_slot(
-        self, state: ServiceState, conn: socket.socket, ip: str, port: int, key: str
-    ) -> bool:
-        """A pre-service slot for this connection, or it is refused (and False)."""
-        reason = self.stage.take(key)
-        if reason is not None:
-            self._refuse(state, conn, ip, port, reason)
-            return False
-        return True
-
-    def leave_stage(self, pend: Pending) -> None:
-        """``pend`` no longer waits: its slot is free."""
-        if pend in self.pending:
-            self.pending.discard(pend)
-            self.stage.release(pend.key)
-            if isinstance(pend, PendingHello):
-                # Its place under max_connections goes back: to the fork (stage_done), or to
-                # the next connection (a queued listener may listen again).
-                state = pend.lst.state
-                state.hellos = max(0, state.hellos - 1)
-                self._services.refresh_paused(state)
-
-    def stage_failed(self, pend: Pending, why: str) -> None:
-        """No valid PROXY header or ClientHello in time: refused, counted, logged."""
-        self.leave_stage(pend)
-        reason = "proxy" if isinstance(pend, PendingProxy) else "tls"
-        self._refuse(pend.lst.state, pend.conn, pend.ip, pend.port, reason, detail=why)
-
-    def stage_done(self, pend: Pending, header: proxyproto.ProxyHeader | None) -> None:
-        """A PROXY header is read (the balancer's client replaces the socket's peer), or a
-        ClientHello has arrived (admit, counted, and fork the relay for the handshake)."""
-        self.leave_stage(pend)
-        lst, conn = pend.lst, pend.conn
-        if self._services.listeners.get(lst.key) is not lst:
-            conn.close()  # removed by a reload meanwhile
-            return
-        conn.setblocking(True)
-        if header is None:
-            self._serve_admitted(lst, conn, pend.ip, pend.port, pend.local)
-            return
-        ip, port, local = pend.ip, pend.port, None
-        if header.src_addr is not None and header.src_port is not None:
-            ip, port = format_ip(header.src_addr), header.src_port
-            if header.dst_addr is not None and header.dst_port is not None:
-                local = (format_ip(header.dst_addr), header.dst_port)
-        self._after_header(lst, conn, ip, port, local)
-
-    def _after_header(
+    def after_header(
         self,
         lst: Listener,
         conn: socket.socket,
@@ -306,63 +495,57 @@ class Connections:
         local: tuple[str, int] | None,
     ) -> None:
         """The client's address is known: a TLS service waits (in the parent, bounded) for
-        the ClientHello before a relay is forked; anything else is admitted now."""
-        svc = lst.state.service
-        if svc.tls is None:
-            self._serve_admitted(lst, conn, ip, port, local)
+        the ClientHello before a relay is forked for the handshake; anything else is admitted
+        now."""
+        if lst.state.service.tls is None:
+            self.serve_admitted(lst, conn, ip, port, local)
             return
-        # Issue 14, item 5: access and limits before any handshake or fork. They are checked
-        # now (no rate token taken: the hello may never come) and again, counted, at the fork.
-        reason, _src = admit(
-            svc, lst.state, ip, self._services.full, 0.0, take_token=False, **conditions(svc)
-        )
-        if reason is not None:
-            self._refuse(lst.state, conn, ip, port, reason)
-            return
-        key = source_key(ip) if ip else ""
-        if not self._take_slot(lst.state, conn, ip, port, key):
-            return
-        conn.setblocking(False)
-        timeout = svc.tls.handshake_timeout
-        hello = PendingHello(self, lst, conn, (ip, port), key, timeout, local)
-        self.pending.add(hello)
-        lst.state.hellos += 1  # holds its place under max_connections (on_limit: queue)
-        self._services.instance_started(lst.state)
-        hello(0)
+        self.stages.wait_for_hello(lst, conn, ip, port, local)
 
-    def _serve_admitted(
+    def serve_admitted(
         self,
         lst: Listener,
         conn: socket.socket,
         ip: str,
         port: int,
         local: tuple[str, int] | None,
-    ) -> None:
+        report: tuple[int, float] | None = None,
+    ) -> int:
+        """Admit and start the connection's program, relay or built-in session: the child's
+        pid (0: refused, a built-in, or it could not start). ``report``: a TLS relay's report
+        fd and its own handshake deadline (Stages._fork_relay)."""
         state = lst.state
         svc = state.service
         reason, src = admit(
             svc, state, ip, self._services.full, time.monotonic(), **conditions(svc)
         )
         if reason is not None:
-            self._refuse(state, conn, ip, port, reason)
+            self.refuse(state, conn, ip, port, reason)
             if reason == "rate":
                 self._services.rate_pause(state)
-            return
+            return 0
         state.accepted += 1
-        if svc.banner:
+        if svc.banner and svc.tls is None:  # (a TLS service's relay sends it inside TLS)
             with contextlib.suppress(OSError):
                 conn.send(svc.banner, socket.MSG_DONTWAIT)
         if svc.builtin is not None:
             conn.setblocking(False)
             self.sessions.start(state, conn, svc.builtin, src, peer_text(ip, port))
-            return
+            return 0
         try:
             if local is not None:
                 env = ip_env(b"TCP", ip, port, *local)
             else:
                 env = connection_env(lst, conn, ip, port)
-            self._children.start(
-                state, conn.fileno(), conn.fileno(), conn, env, peer_text(ip, port), src=src
+            return self._children.start(
+                state,
+                conn.fileno(),
+                conn.fileno(),
+                conn,
+                env,
+                peer_text(ip, port),
+                src=src,
+                report=report,
             )
         finally:
             conn.close()
@@ -414,7 +597,7 @@ class Connections:
                 **conditions(svc),
             )
             if reason is not None:
-                self._refuse(lst.state, None, ip, port, reason)
+                self.refuse(lst.state, None, ip, port, reason)
                 if reason == "rate":
                     self._services.rate_pause(lst.state)
                     return
@@ -482,7 +665,14 @@ class Connections:
 
 
 # Handlers that own one connection: the loop closes one that raised (Connections.contain).
-_CONNECTIONS = (PendingProxy, PendingHello, UDPReply, builtins.Session, control.Exchange)
+_CONNECTIONS = (
+    PendingProxy,
+    PendingHello,
+    PendingRelay,
+    UDPReply,
+    builtins.Session,
+    control.Exchange,
+)
 
 
 def conditions(svc: Service) -> dict[str, Any]:

@@ -136,9 +136,11 @@ TOP_KEY_LIST: tuple[Key, ...] = (
         "max_pending",
         _parse_count,
         (
-            "At most this many connections at once, over all services, waiting for a PROXY "
-            "protocol header or a TLS ClientHello (an fd each, no process yet); more are refused "
-            "at once."
+            "At most this many connections at once per service waiting for a PROXY protocol "
+            "header or a TLS ClientHello (an fd each, no process yet), or for their relay to "
+            "complete the TLS handshake (a relay each); a new one then evicts the service's "
+            "oldest connection still waiting for its first bytes, else its oldest handshake "
+            "(its relay killed)."
         ),
         {**COUNT, "default": 256},
         top=True,
@@ -147,8 +149,9 @@ TOP_KEY_LIST: tuple[Key, ...] = (
         "max_pending_per_source",
         _parse_count,
         (
-            "At most this many of those from one source address (IPv6: from one /64); a peer in "
-            "proxy_from counts only toward max_pending. Each process counts its own (workers)."
+            "At most this many of those per service from one source address (IPv6: from one "
+            "/64); more are refused. A peer in proxy_from counts only toward max_pending. Each "
+            "process counts its own (workers)."
         ),
         {**COUNT, "default": 16},
         top=True,

@@ -88,6 +88,7 @@ class TLSSettings:
     client_ca: Path | None = None
     min_version: str = "1.2"
     handshake_timeout: float = 10.0
+    hello_timeout: float = 3.0
 
 
 TLS_VERSIONS = ("1.2", "1.3")
@@ -576,7 +577,7 @@ def _parse_banner_text(value: Any, _base: Path) -> bytes:
     return value.encode()
 
 
-_TLS_KEYS = ("cert", "key", "client_ca", "min_version", "handshake_timeout")
+_TLS_KEYS = ("cert", "key", "client_ca", "min_version", "handshake_timeout", "hello_timeout")
 
 
 def _parse_tls(value: Any, base: Path) -> TLSSettings:
@@ -604,6 +605,7 @@ def _parse_tls(value: Any, base: Path) -> TLSSettings:
             client_ca=path("client_ca") if value.get("client_ca") else None,
             min_version=str(min_version),
             handshake_timeout=parse_duration(value.get("handshake_timeout", 10)),
+            hello_timeout=parse_duration(value.get("hello_timeout", 3)),
         )
     except ValueError as exc:
         raise _KeyError(str(exc)) from None

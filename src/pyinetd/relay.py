@@ -459,11 +459,17 @@ def serve_connection(
     settle: Callable[[Service], None],
     start: Callable[[Service, Environ, int, int], int],
     keep: frozenset[int] = frozenset(),
+    report: tuple[int, float] | None = None,
 ) -> int:  # pragma: no cover - runs in the forked relay process
     """The body of a TLS or redirect service's relay process (spawn.spawn_relay forks it):
     close what the parent had open, take the service's process settings (``settle``) before
     a byte is read, handshake, then relay to the service's program (started by ``start``
-    on a pair of pipes) or the redirect target. Returns the exit code."""
+    on a pair of pipes) or the redirect target. Returns the exit code.
+
+    ``report`` (fd, seconds): the handshake's deadline, and where to say it is complete
+    (one byte, then the fd is closed, before the client's first record is read or anything
+    is started): the parent counts the connection as pending until then and kills the relay
+    at its own deadline, a little earlier."""
     from pyinetd import tlsconf  # imported by the caller, before the privileges go
 
     signal.set_wakeup_fd(-1)
@@ -472,7 +478,8 @@ def serve_connection(
     # here: a relay must not keep a closed port or another client's connection alive.
     # (``keep``: the service's sandbox fds, which ``settle`` applies and which are
     # close-on-exec.)
-    kept = {0, 1, 2, conn, *keep}
+    report_fd, timeout = report if report is not None else (-1, None)
+    kept = {0, 1, 2, conn, report_fd, *keep}
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd not in kept:
@@ -493,11 +500,27 @@ def serve_connection(
         os.write(2, f"TLS service without a TLS context: refusing {peer}\n".encode())
         return 1
     if ctx is not None and service.tls is not None:
+        if timeout is None:
+            timeout = service.tls.handshake_timeout
         try:
-            client = tlsconf.handshake(ctx, sock, service.tls.handshake_timeout)
+            client = tlsconf.handshake(ctx, sock, timeout)
         except (OSError, ValueError) as exc:
             os.write(2, f"TLS handshake with {peer} failed: {exc}\n".encode(errors="replace"))
             return 1
+        if report_fd >= 0:
+            with contextlib.suppress(OSError):  # (the parent gone: nothing to tell)
+                os.write(report_fd, b"\x01")
+            os.close(report_fd)
+        if service.banner:
+            # Inside TLS, as the first record: in plaintext between the hellos it broke every
+            # handshake. Bounded, as the parent's plaintext banner is (MSG_DONTWAIT there).
+            try:
+                client.settimeout(timeout)
+                client.sendall(service.banner)
+                client.settimeout(None)
+            except (OSError, ValueError) as exc:
+                os.write(2, f"TLS banner to {peer}: {exc}\n".encode(errors="replace"))
+                return 1
 
         def warn(msg: str) -> None:
             os.write(2, f"TLS from {peer}: {msg}\n".encode(errors="replace"))

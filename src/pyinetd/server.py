@@ -77,7 +77,7 @@ class Server:
         self.listeners = self.services.listeners
         self.workers = self._workers.table
         self.pending = self.connections.pending
-        self._stage = self.connections.stage
+        self._pools = self.connections.pools
         self._serve_stream = self.connections.serve_stream
         self._contain = self.connections.contain
         self._wake_r, self._wake_w = loop._wake_r, loop._wake_w

@@ -685,9 +685,18 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
                 "handshake_timeout": {
                     **DURATION,
                     "description": (
-                        "Close a connection whose TLS handshake takes longer (default 10 seconds)."
+                        "Close a connection whose TLS handshake, counted from its arrival, takes "
+                        "longer (default 10 seconds)."
                     ),
                     "default": 10,
+                },
+                "hello_timeout": {
+                    **DURATION,
+                    "description": (
+                        "Close a connection that has not sent its whole TLS ClientHello within "
+                        "this time (default 3 seconds: one packet, with a retransmission)."
+                    ),
+                    "default": 3,
                 },
             },
             "required": ["cert", "key"],
@@ -714,8 +723,11 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
     Key(
         "proxy_timeout",
         _wrap(parse_duration),
-        "Close a connection that has not sent its PROXY header within this time (default 5).",
-        {**DURATION, "default": 5},
+        (
+            "Close a connection that has not sent its PROXY header within this time (default 3: "
+            "one packet, with a retransmission)."
+        ),
+        {**DURATION, "default": 3},
     ),
     Key(
         "socket_mode",

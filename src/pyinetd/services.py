@@ -53,7 +53,9 @@ class ServiceState:
 
     service: Service
     running: int = 0
-    hellos: int = 0  # TLS connections admitted, their ClientHello due: they hold a place
+    # TLS connections admitted, their ClientHello or handshake due: they hold a place under
+    # max_connections and per_source (hold / unhold)
+    hellos: int = 0
     accepted: int = 0
     # Bytes pyinetd itself carried for the service's clients (built-in sessions), since start.
     bytes_in: int = 0
@@ -96,15 +98,31 @@ class ServiceState:
         if key:
             self.sources[key] = self.sources.get(key, 0) + 1
 
-    def drop_source(self, key: str) -> None:
-        """An instance ended (reaped, or its session closed): its slot is free."""
-        self.running -= 1
+    def hold(self, key: str) -> None:
+        """A TLS connection waits for its ClientHello or handshake: it holds a place under
+        max_connections, and one under per_source for its source ``key`` (issue 24, item 6:
+        one address held 4 of 5 places with per_source: 2 while its hellos were due)."""
+        self.hellos += 1
+        if key:
+            self.sources[key] = self.sources.get(key, 0) + 1
+
+    def unhold(self, key: str) -> None:
+        """That wait is over (its relay starts, or it was refused): the places are free."""
+        self.hellos = max(0, self.hellos - 1)
+        self._drop(key)
+
+    def _drop(self, key: str) -> None:
         if key:
             n = self.sources.get(key, 0) - 1
             if n > 0:
                 self.sources[key] = n
             else:
                 self.sources.pop(key, None)
+
+    def drop_source(self, key: str) -> None:
+        """An instance ended (reaped, or its session closed): its slot is free."""
+        self.running -= 1
+        self._drop(key)
 
 
 @dataclass

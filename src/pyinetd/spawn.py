@@ -439,10 +439,10 @@ class Spawner:
         env: Environ,
         ctx: ssl.SSLContext | None,
         peer: str,
+        report: tuple[int, float] | None = None,
     ) -> int:
-        """spawn_relay() with the service's sandbox: it contains the relay (which parses
-        the client's handshake) and so the program the relay starts."""
-        return spawn_relay(service, conn, stderr, env, ctx, peer, self._box(service))
+        """spawn_relay() in the service's sandbox: the relay (the handshake) and its program."""
+        return spawn_relay(service, conn, stderr, env, ctx, peer, self._box(service), report)
 
     def zygote(self, service: Service, argv: list[str], env: Environ, ctl: int, err: int) -> int:
         """spawn_zygote() with the service's sandbox (a warm service's zygote, zygote.py)."""
@@ -661,6 +661,7 @@ def spawn_relay(
     ctx: ssl.SSLContext | None,
     peer: str,
     box: Prepared | None = None,
+    report: tuple[int, float] | None = None,
 ) -> int:
     """Fork a relay process for a TLS or redirect service; returns its pid.
 
@@ -669,7 +670,7 @@ def spawn_relay(
     done. It takes the service's process settings (apply_process_settings: its own session,
     the service's user, limits, folder) before it reads a byte, and the service inherits
     them; a timeout's killpg reaches both. The parent's loop never blocks on a handshake or
-    a connect.
+    a connect. ``report``: where it says its handshake is complete, and its deadline.
     """
 
     def child() -> None:  # pragma: no cover - runs in the forked relay process
@@ -693,6 +694,7 @@ def spawn_relay(
                 lambda svc: _settle_relay(svc, box),
                 _start_behind_relay,
                 keep=_box_fds(box),
+                report=report,
             )
         except BaseException as exc:
             with contextlib.suppress(OSError):

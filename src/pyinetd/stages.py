@@ -1,9 +1,11 @@
 """Connections before their service starts, and a UDP child's reply.
 
 A connection whose PROXY header (PendingProxy) or TLS ClientHello (PendingHello) is still due
-costs the parent an fd, and nothing has proven it is a real client yet: each holds a slot
-(admission.StageSlots) and a deadline, consumes only what it must, and reports back through
-the ``Gate`` it was given (connections.Connections). They know no services and start nothing.
+costs the parent an fd, and nothing has proven it is a real client yet; one whose relay does
+its TLS handshake (PendingRelay) costs a process as well, until the relay reports it complete.
+Each holds a slot in its service's pool (admission.StageSlots) and a deadline, consumes only
+what it must, and reports back through the ``Gate`` it was given (connections.Stages). They
+know no services and start nothing.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import selectors
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast
 
 from pyinetd import proxyproto
 
-__all__ = ["Gate", "PendingHello", "PendingProxy", "UDPReply"]
+__all__ = ["Gate", "PendingHello", "PendingProxy", "PendingRelay", "UDPReply"]
 
 # RFC 8446 5.1: a TLSPlaintext record (a ClientHello's first) carries at most 2**14 bytes
 # after its 5-byte header.
@@ -25,7 +28,8 @@ TLS_RECORD_MAX = 5 + 2**14
 L = TypeVar("L")
 
 
-_Any: TypeAlias = "PendingProxy[Any] | PendingHello[Any]"  # whatever the gate's listener is
+# whatever the gate's listener is
+_Any: TypeAlias = "PendingProxy[Any] | PendingHello[Any] | PendingRelay[Any]"
 
 
 class _Timer(Protocol):
@@ -48,7 +52,12 @@ class Gate(Protocol):
 
 
 class _Pending(Generic[L]):
-    """A connection at the door of ``lst``'s service: its peer, its slot key, its deadline."""
+    """A connection at the door of ``lst``'s service: its peer, its slot key, its deadline.
+
+    ``src`` is the service's own per_source key of the connection, where it is counted while
+    it waits (connections.Stages sets it)."""
+
+    src = ""
 
     def __init__(
         self,
@@ -63,29 +72,31 @@ class _Pending(Generic[L]):
         self.gate, self.lst, self.conn, self.key = gate, lst, conn, key
         self.ip, self.port = peer
         self.local: tuple[str, int] | None = None  # the service's address, if told otherwise
+        self.since = time.monotonic()  # its arrival (a handshake's deadline counts from it)
         gate.sel.register(conn, selectors.EVENT_READ, self)
         self._timer = gate.call_later(timeout, lambda: self._fail(late))
 
     def _me(self) -> _Any:
-        return cast(_Any, self)  # (every _Pending is one of the two)
+        return cast(_Any, self)  # (every _Pending is one of the three)
 
-    def _detach(self) -> None:
+    def detach(self) -> None:
+        """Out of the selector, its deadline cancelled (the gate then ends it)."""
         self._timer.cancelled = True
         with contextlib.suppress(KeyError, ValueError):
             self.gate.sel.unregister(self.conn)
 
     def _fail(self, why: str) -> None:
-        self._detach()
+        self.detach()
         self.gate.stage_failed(self._me(), why)
 
     def _done(self, header: proxyproto.ProxyHeader | None) -> None:
-        self._detach()
+        self.detach()
         self.gate.stage_done(self._me(), header)
 
     def close(self) -> None:
         """Drop this connection and its slot, quietly (at exit, or after its handler raised,
         which the loop has logged)."""
-        self._detach()
+        self.detach()
         self.gate.leave_stage(self._me())
         self.conn.close()
 
@@ -190,9 +201,75 @@ class PendingHello(_Pending[L]):
             self._lowat = 5 + length
             self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, self._lowat)
             return
-        # The relay reads with ordinary semantics.
+        # The relay's handshake reads with ordinary semantics.
         self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         self._done(None)
+
+
+class PendingRelay(_Pending[L]):
+    """A TLS connection whose ClientHello is in and whose relay, pid ``pid``, does the
+    handshake: the relay was forked for it, and has taken the service's user and sandbox
+    before parsing a TLS byte, but the connection keeps the slot its hello held in its
+    service's pool until the relay reports the handshake complete (issue 24, item 3: 300
+    canned ClientHellos that stalled made 300 relays, since the hello freed the slot).
+
+    ``conn`` is the parent's end of a socketpair whose other end only that relay holds; the
+    report is one byte, ``REPORT``. At most one byte is ever read: the report ends the stage
+    as done; EOF (the relay ended) or anything else ends it quietly; a second report, or one
+    after the relay's end, is never read. The deadline is the parent's: when it passes with no
+    report, the gate kills the relay (stage_failed).
+    """
+
+    REPORT = b"\x01"
+
+    def __init__(
+        self,
+        gate: Gate,
+        lst: L,
+        conn: socket.socket,
+        peer: tuple[str, int],
+        key: str,
+        timeout: float,
+        pid: int,
+        local: tuple[str, int] | None,
+    ) -> None:
+        self.pid = pid
+        self._over = False  # the stage has ended: nothing more is read or told
+        super().__init__(gate, lst, conn, peer, key, timeout, "TLS handshake not complete in time")
+        self.local = local
+
+    def __call__(self, mask: int) -> None:
+        self.settle()
+
+    def settle(self) -> bool:
+        """Read the relay's report if anything has come: True when the stage has ended
+        (reported: stage_done; the relay ended or said something else: left quietly), False
+        while the handshake goes on."""
+        if self._over:
+            return True
+        try:
+            got = self.conn.recv(1)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            got = b""
+        self._over = True
+        if got == self.REPORT:
+            self._done(None)
+        else:
+            self.close()
+        return True
+
+    def _fail(self, why: str) -> None:
+        # The report may be in, its wake-up not handled yet: only a relay that has not
+        # reported is failed (and killed).
+        if not self.settle():
+            self._over = True
+            super()._fail(why)
+
+    def close(self) -> None:
+        self._over = True
+        super().close()
 
 
 class UDPReply:
