@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import json
 import os
@@ -23,6 +25,7 @@ from conftest import (
     DEADLINE,
     Pyinetd,
     free_port,
+    local_account,
     pid_gone,
     port_open,
     script,
@@ -669,3 +672,88 @@ def test_spawn_failures_by_reason_and_dropped_stderr_in_metrics_and_status(
     assert re.search(r"^  gone: failed to start: ENOENT=2$", table, re.M), table
     assert re.search(r"^  chatty: stderr over stderr_rate: \d+ lines, \d+ bytes dropped$",
                      table, re.M), table  # fmt: skip
+
+
+# A UDP wait program that answers each datagram with its pid; b"linger" makes it keep the
+# socket until it is killed, as in.tftpd keeps it for its next request.
+LINGERING_UDP = """#!/usr/bin/python3
+import os, signal, socket
+s = socket.socket(fileno=0)
+data, peer = s.recvfrom(100)
+s.sendto(str(os.getpid()).encode(), peer)
+if data == b"linger":
+    signal.pause()
+"""
+
+
+def udp_ask(port: int, data: bytes) -> int:
+    """Send one datagram to the wait service, return the pid its program answers with."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.settimeout(DEADLINE)
+        c.sendto(data, ("127.0.0.1", port))
+        return int(c.recv(100))
+
+
+def lingering_service(folder: Path, port: int) -> dict[str, object]:
+    exe = script(folder, "linger.py", LINGERING_UDP)
+    svc = {"listen": f"127.0.0.1:{port}", "protocol": "udp", "wait": True, "exec": exe}
+    return {"services": {"tftp": {**svc, "user": "nobody"}}}
+
+
+def test_status_names_pyinetd_while_a_wait_child_holds_the_socket(
+    inetd: Start, folder: Path
+) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    p = inetd(lingering_service(folder, port))
+    busy = udp_ask(port, b"linger")
+    try:
+        snap = json.loads(cli("status", "--json", "-c", str(p.path)).stdout)
+        # `kill -HUP $(pyinetd status --json | jq .pid)` must reach pyinetd, not the program.
+        assert snap["pid"] == p.pid, (snap["pid"], p.pid, busy)
+        assert snap["services"][0]["state"] == f"waiting on child {busy}"
+        table = cli("status", "-c", str(p.path)).stdout
+        assert table.startswith(f"pyinetd pid {p.pid},"), table
+    finally:
+        os.kill(busy, signal.SIGKILL)
+
+
+def test_restart_beside_a_lingering_wait_program_serves_and_keeps_others_off(
+    inetd: Start, folder: Path
+) -> None:
+    """systemctl restart with KillMode=process: pyinetd stops, its UDP wait program (as
+    nobody) still holds the port; the new pyinetd starts, a second local user cannot bind the
+    port meanwhile (SO_REUSEPORT joins only sockets of the creator's uid, root), and once the
+    old program is gone the new pyinetd's program answers."""
+    port = free_port(socket.SOCK_DGRAM)
+    config = lingering_service(folder, port)
+    first = inetd(config)
+    old = udp_ask(port, b"linger")
+    try:
+        assert first.stop() == 0
+        assert not pid_gone(old)  # it lingers, holding the socket
+        second = inetd(config, name="restarted.yaml")
+        second.wait_log(rf"tftp: udp 127\.0\.0\.1:{port} is also bound by pid {old} \(")
+        steal = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
+            "try:\n"
+            "    s.bind((sys.argv[1], int(sys.argv[2])))\n"
+            "except OSError as e:\n"
+            "    print(e.errno)\n"
+            "else:\n"
+            "    print('bound')\n"
+        )
+        with local_account("pyi-admin-") as eve:
+            for host in ("127.0.0.1", "0.0.0.0"):
+                out = eve.run(["/usr/bin/python3", "-c", steal, host, str(port)])
+                assert out.stdout.decode().strip() == str(errno.EADDRINUSE), (host, out)
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: pid_gone(old), what="the old program gone")
+        new = udp_ask(port, b"hello")
+        assert new != old
+        second.wait_log(rf"tftp: \S+ -> pid {new}$")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)

@@ -229,7 +229,16 @@ def bind_service(
     service: Service, skip: Container[ListenKey] = (), reuseport: bool = False
 ) -> list[tuple[ListenKey, socket.socket]]:
     """Bind the listen addresses of a service not in ``skip`` (those are already bound);
-    on failure close what was bound and raise ListenError."""
+    on failure close what was bound and raise ListenError.
+
+    A `wait` service's TCP and UDP sockets always get SO_REUSEPORT: its program holds the
+    socket itself and may outlive pyinetd (in.tftpd waits 15 minutes for a next request; the
+    unit stops pyinetd alone, KillMode=process), and a new pyinetd must still bind the port.
+    The kernel lets a socket join only where the sockets already bound were created with the
+    same effective uid (root, pyinetd, whatever user the program runs as), so no other local
+    user can bind beside it; SO_REUSEADDR on UDP would let any user who also sets it bind the
+    port and take the datagrams.
+    """
     bound: list[tuple[ListenKey, socket.socket]] = []
     for addr in service.listen:
         key = ListenKey(service.protocol, addr)
@@ -237,7 +246,7 @@ def bind_service(
             continue
         try:
             perms = SocketPerms.of(service)
-            sock = bind_listener(service.protocol, addr, reuseport, perms, service)
+            sock = bind_listener(service.protocol, addr, reuseport or service.wait, perms, service)
             bound.append((key, sock))
         except OSError as exc:
             for _, sock in bound:
@@ -247,6 +256,49 @@ def bind_service(
                 f"services.{service.name}.listen: {addr} ({service.protocol}): {reason}"
             ) from None
     return bound
+
+
+def sharers(sock: socket.socket) -> list[tuple[int, str]] | None:
+    """The processes (pid, command name) holding another socket bound to the very address
+    of ``sock`` (SO_REUSEPORT let both bind); for TCP, listening ones. From /proc/net and
+    /proc/PID/fd; None when none is bound beside it, [] when one is but its holder cannot
+    be seen (another pid namespace)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    table = "udp" if sock.type == socket.SOCK_DGRAM else "tcp"
+    table += "6" if sock.family == socket.AF_INET6 else ""
+    ours = os.fstat(sock.fileno()).st_ino
+    try:
+        with open(f"/proc/net/{table}") as f:
+            rows = [row.split() for row in f.read().splitlines()[1:]]
+    except OSError:
+        return None
+    # Fields: sl local_address rem_address st ... uid timeout inode
+    mine = next((r for r in rows if len(r) > 9 and r[9] == str(ours)), None)
+    if mine is None:
+        return None
+    others = {
+        f"socket:[{r[9]}]"
+        for r in rows
+        if len(r) > 9
+        and r[1] == mine[1]
+        and r[9] != str(ours)
+        and (table.startswith("udp") or r[3] == "0A")  # 0A: TCP_LISTEN
+    }
+    if not others:
+        return None
+    found: list[tuple[int, str]] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in others for fd in fds):
+                with open(f"/proc/{entry}/comm") as f:
+                    found.append((int(entry), f.read().strip()))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return found
 
 
 def close_listener(sock: socket.socket) -> None:

@@ -29,6 +29,7 @@ from pyinetd.listeners import (
     close_listener,
     peer_of,
     set_socket_options,
+    sharers,
 )
 from pyinetd.log import event
 from pyinetd.loop import Loop, Timer
@@ -211,6 +212,8 @@ class Services:
                         fresh[key] = skip[key] = sock
                 for key, sock in bind_service(svc, skip=skip, reuseport=reuseport):
                     fresh[key] = sock
+                    if svc.wait and not self.worker:
+                        _warn_if_shared(svc, key, sock)
         except Exception:
             for sock in fresh.values():
                 close_listener(sock)
@@ -476,6 +479,26 @@ def worker_fds() -> list[tuple[socket.socket, str]]:
     """In a worker: the listening sockets the first process passed down."""
     value = os.environ.pop("PYINETD_LISTEN_FDS", "")
     return [(systemd.adopt_fd(int(text)), "") for text in filter(None, value.split(","))]
+
+
+def _warn_if_shared(svc: Service, key: ListenKey, sock: socket.socket) -> None:
+    """A wait service's port bound beside a socket that a program of an earlier run still
+    holds (SO_REUSEPORT, see listeners.bind_service): say who, and that the kernel spreads
+    new datagrams or connections over both sockets until that program exits."""
+    held = sharers(sock)
+    if held is None:
+        return
+    who = ", ".join(f"pid {pid} ({name})" for pid, name in held) or "a process not visible here"
+    event(
+        logging.WARNING,
+        f"{svc.name}: {key.protocol} {key.address} is also bound by {who}, a wait program "
+        "still running from before: the kernel shares new "
+        f"{'datagrams' if key.protocol == 'udp' else 'connections'} between it and pyinetd "
+        "until it exits",
+        event="listen_shared",
+        service=svc.name,
+        pids=[pid for pid, _ in held],
+    )
 
 
 def _warn_if_root(svc: Service) -> None:
