@@ -757,3 +757,44 @@ def test_restart_beside_a_lingering_wait_program_serves_and_keeps_others_off(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(old, signal.SIGKILL)
+
+
+def test_a_converted_debian_xinetd_d_with_disabled_uninstalled_servers_checks_and_starts(
+    inetd: Start, tmp_path: Path
+) -> None:
+    """Debian's xinetd.d ships services `disable = yes` whose servers are not installed (and
+    whose users do not exist): xinetd ignores them; the converted file passes --check, pyinetd
+    starts, serves the enabled service and binds nothing for the disabled one."""
+    echo_port, telnet_port = free_port(), free_port()
+    confd = tmp_path / "xinetd.d"
+    confd.mkdir()
+    (confd / "echo").write_text(
+        "service echo\n{\n type = INTERNAL UNLISTED\n id = echo-stream\n socket_type = stream\n"
+        f" protocol = tcp\n wait = no\n user = root\n port = {echo_port}\n"
+        " bind = 127.0.0.1\n disable = no\n}\n"
+    )
+    (confd / "telnet").write_text(
+        "service telnet\n{\n type = UNLISTED\n socket_type = stream\n protocol = tcp\n"
+        f" wait = no\n user = pyi-admin-telnetd\n port = {telnet_port}\n bind = 127.0.0.1\n"
+        " server = /usr/sbin/in.telnetd-pyi-admin-not-installed\n disable = yes\n}\n"
+    )
+    main = tmp_path / "xinetd.conf"
+    main.write_text(f"defaults\n{{\n}}\nincludedir {confd}\n")
+    converted = cli("convert", str(main))
+    assert converted.returncode == 0, converted.stderr
+    conf = tmp_path / "converted.yaml"
+    conf.write_text(converted.stdout)
+    assert yaml.safe_load(converted.stdout)["services"]["telnet"]["enabled"] is False
+    check = cli("--check", "-c", str(conf))
+    assert check.returncode == 0, check.stderr
+    p = inetd(converted.stdout, name="converted.yaml")
+    assert tcp_talk(echo_port, b"still served\n") == b"still served\n"
+    assert not tcp_listening(telnet_port)
+    states = {
+        s["name"]: s["state"]
+        for s in json.loads(cli("status", "--json", "-c", str(p.path)).stdout)["services"]
+    }
+    assert (
+        states["telnet"] == "disabled"
+        and states[next(n for n in states if n != "telnet")] == "listening"
+    )

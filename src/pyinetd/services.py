@@ -229,11 +229,12 @@ class Services:
         # from a prepare whose bind then failed
         discard_sandboxes(self._sandboxes, self._spawner.sandboxes)
         self._sandboxes = prepare_sandboxes(config.services, self._spawner.sandboxes)
-        if not any(svc.tls for svc in config.services):
+        enabled = config.enabled_services  # a disabled service's TLS files are not read
+        if not any(svc.tls for svc in enabled):
             return {}
         from pyinetd.tlsconf import build_contexts  # ssl only where tls is used
 
-        contexts, errors = build_contexts((s.name, s.source, s.tls) for s in config.services)
+        contexts, errors = build_contexts((s.name, s.source, s.tls) for s in enabled)
         if errors:
             raise ConfigError(errors)
         return contexts
