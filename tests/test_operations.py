@@ -29,6 +29,7 @@ from conftest import (
     pid_gone,
     port_open,
     script,
+    status_of,
     tcp_listening,
     tcp_talk,
     wait_for,
@@ -798,3 +799,51 @@ def test_a_converted_debian_xinetd_d_with_disabled_uninstalled_servers_checks_an
         states["telnet"] == "disabled"
         and states[next(n for n in states if n != "telnet")] == "listening"
     )
+
+
+@pytest.mark.parametrize("primitive", ["clone", "posix_spawn"])
+def test_a_program_that_cannot_start_is_counted_alike_with_user_and_without(
+    inetd: Start, folder: Path, primitive: str
+) -> None:
+    """Without `user:` a missing program was an error line and a spawn failure (ENOENT);
+    with `user:` (the fork path) an info stderr line, "ended (exit 127)" and no failure. Both
+    are now the one error line, FAILED=1 and ENOENT=1, in status and in metrics; a setting
+    that fails in the child (a removed `cwd`) is counted the same way."""
+    plain, dropped, nocwd, mport = free_port(), free_port(), free_port(), free_port()
+    prog = script(folder, "gone.sh", "#!/bin/sh\nexit 0\n")
+    work = folder / "work"
+    work.mkdir()
+    p = inetd(
+        {
+            "metrics": f"127.0.0.1:{mport}",
+            "services": {
+                "plain": {"listen": f"127.0.0.1:{plain}", "exec": prog},
+                "dropped": {"listen": f"127.0.0.1:{dropped}", "exec": prog, "user": "nobody"},
+                "nocwd": {
+                    "listen": f"127.0.0.1:{nocwd}",
+                    "exec": "/bin/true",
+                    "user": "nobody",
+                    "cwd": str(work),
+                },
+            },
+        },
+        env={"PYINETD_SPAWN": primitive},
+    )
+    os.unlink(prog)  # after load: every start now fails with ENOENT
+    work.rmdir()
+    for port in (plain, dropped, nocwd):
+        assert tcp_talk(port) == b""
+    for name, why in (("plain", "/gone.sh"), ("dropped", "/gone.sh"), ("nocwd", "/true")):
+        p.wait_log(rf"error: {name}: cannot start \S*{re.escape(why)}: No such file or directory")
+    # The fork path's child says which setting failed, in the service's stderr line.
+    p.wait_log(r"nocwd\[\d+\]: pyinetd: nocwd: cannot start \S*/true: .*No such file.*/work'")
+    assert not re.search(r"ended \(exit 127\)", p.log()), p.log()
+    states = status_of(p)
+    for name in ("plain", "dropped", "nocwd"):
+        assert states[name]["failed_spawns"] == 1, (name, states[name])
+        assert states[name]["spawn_failures"] == {"ENOENT": 1}, (name, states[name])
+        assert not any(states[name]["exits"].values()), (name, states[name])
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=DEADLINE) as r:
+        text = r.read().decode()
+    for name in ("plain", "dropped", "nocwd"):
+        assert f'pyinetd_spawn_failures_total{{service="{name}"}} 1' in text, text

@@ -394,7 +394,7 @@ class Children:
         if err is None:
             duration = time.monotonic() - child.started
             self._metrics.child_ended(state.service.name, duration, status, child.killed)
-        if err is not None:  # started by the clone primitive, which reports exec errors late
+        if err is not None:  # clone and fork-path children report exec errors late
             state.spawn_failed(errno_name(err))
             log_exec_error(state.service, os.strerror(err), child.peer)
         elif LOG.isEnabledFor(logging.INFO):  # formatting costs even when nothing is logged
