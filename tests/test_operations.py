@@ -847,3 +847,35 @@ def test_a_program_that_cannot_start_is_counted_alike_with_user_and_without(
         text = r.read().decode()
     for name in ("plain", "dropped", "nocwd"):
         assert f'pyinetd_spawn_failures_total{{service="{name}"}} 1' in text, text
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_each_end_logs_the_programs_cpu_time_and_peak_memory(
+    inetd: Start, folder: Path, warm: bool
+) -> None:
+    """systemd and xinetd users read a connection's CPU time and memory at its end: the
+    reaper's wait4 rusage, on the `end` event (cpu_ms, max_rss_kib) and in the text line."""
+    port = free_port()
+    burn = script(
+        folder,
+        "burn.py",
+        "#!/usr/bin/python3\nimport time\nend = time.process_time() + 0.05\n"
+        "while time.process_time() < end:\n    pass\nprint('done', flush=True)\n",
+    )
+    svc: dict[str, object] = {"listen": f"127.0.0.1:{port}", "exec": burn, "user": "nobody"}
+    if warm:
+        svc["warm"] = True
+    for fmt in ("json", "text"):
+        p = inetd({"services": {"burn": svc}}, "--log-format", fmt, name=f"{fmt}.yaml")
+        if warm:
+            p.wait_log(r"zygote \d+ ready")
+        assert tcp_talk(port) == b"done\n"
+        if fmt == "json":
+            (line,) = p.wait_log(r'"event": ?"end"')
+            end = json.loads(line)
+            assert end["cpu_ms"] >= 50 and end["max_rss_kib"] > 1000, end
+        else:
+            (line,) = p.wait_log(r"burn: pid \d+ ended \(exit 0\) after")
+            m = re.search(r"after \d+\.\d{3}s, (\d+\.\d) ms CPU, ([\d,]+) KiB$", line)
+            assert m and float(m[1]) >= 50 and int(m[2].replace(",", "")) > 1000, line
+        p.stop()
