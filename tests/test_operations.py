@@ -722,9 +722,9 @@ def test_restart_beside_a_lingering_wait_program_serves_and_keeps_others_off(
     inetd: Start, folder: Path
 ) -> None:
     """systemctl restart with KillMode=process: pyinetd stops, its UDP wait program (as
-    nobody) still holds the port; the new pyinetd starts, a second local user cannot bind the
-    port meanwhile (SO_REUSEPORT joins only sockets of the creator's uid, root), and once the
-    old program is gone the new pyinetd's program answers."""
+    nobody) still holds the port; the new pyinetd starts and answers every new datagram, a
+    second local user cannot bind the port meanwhile (SO_REUSEPORT joins only sockets of the
+    creator's uid, root), and once the old program is gone the new pyinetd's program answers."""
     port = free_port(socket.SOCK_DGRAM)
     config = lingering_service(folder, port)
     first = inetd(config)
@@ -750,6 +750,12 @@ def test_restart_beside_a_lingering_wait_program_serves_and_keeps_others_off(
             for host in ("127.0.0.1", "0.0.0.0"):
                 out = eve.run(["/usr/bin/python3", "-c", steal, host, str(port)])
                 assert out.stdout.decode().strip() == str(errno.EADDRINUSE), (host, out)
+        # Meanwhile every new datagram comes to the new pyinetd, whatever its source port
+        # (the kernel's hash would give about half to the lingering program, which reads no
+        # more): each gets an answer from a program the new pyinetd started.
+        for _ in range(8):
+            new = udp_ask(port, b"hello")
+            second.wait_log(rf"tftp: \S+ -> pid {new}$")
         os.kill(old, signal.SIGKILL)
         wait_for(lambda: pid_gone(old), what="the old program gone")
         new = udp_ask(port, b"hello")
@@ -879,3 +885,33 @@ def test_each_end_logs_the_programs_cpu_time_and_peak_memory(
             m = re.search(r"after \d+\.\d{3}s, (\d+\.\d) ms CPU, ([\d,]+) KiB$", line)
             assert m and float(m[1]) >= 50 and int(m[2].replace(",", "")) > 1000, line
         p.stop()
+
+
+def test_restart_beside_a_lingering_tcp_wait_program_takes_the_new_connections(
+    inetd: Start, folder: Path
+) -> None:
+    """The same for a TCP wait program holding its listening socket: the new pyinetd binds
+    beside it and every new connection reaches the new pyinetd's program."""
+    port = free_port()
+    exe = script(
+        folder,
+        "tcplinger.py",
+        "#!/usr/bin/python3\nimport os, signal, socket\nls = socket.socket(fileno=0)\n"
+        "c, _ = ls.accept()\nline = c.makefile().readline()\n"
+        "c.sendall(str(os.getpid()).encode())\nc.close()\n"
+        "if line == 'linger\\n':\n    signal.pause()\n",
+    )
+    config = {"services": {"w": {"listen": f"127.0.0.1:{port}", "wait": True, "exec": exe}}}
+    first = inetd({"services": {"w": {**config["services"]["w"], "user": "nobody"}}})
+    old = int(tcp_talk(port, b"linger\n"))
+    try:
+        assert first.stop() == 0
+        second = inetd(config, name="restarted.yaml")
+        second.wait_log(rf"w: tcp 127\.0\.0\.1:{port} is also bound by pid {old} \(")
+        for _ in range(8):  # the kernel's hash alone would give half to the old program
+            new = int(tcp_talk(port, b"hello\n"))
+            assert new != old
+            second.wait_log(rf"w: \S+ -> pid {new}$")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)

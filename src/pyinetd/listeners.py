@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import socket
 import stat
+import struct
 import weakref
 from collections.abc import Callable, Container
 from dataclasses import dataclass
@@ -258,13 +260,13 @@ def bind_service(
     return bound
 
 
-def sharers(sock: socket.socket) -> list[tuple[int, str]] | None:
-    """The processes (pid, command name) holding another socket bound to the very address
-    of ``sock`` (SO_REUSEPORT let both bind); for TCP, listening ones. From /proc/net and
-    /proc/PID/fd; None when none is bound beside it, [] when one is but its holder cannot
-    be seen (another pid namespace)."""
+def sharers(sock: socket.socket) -> tuple[int, list[tuple[int, str]]]:
+    """How many other sockets are bound to the very address of ``sock`` (SO_REUSEPORT let
+    them bind; for TCP, listening ones), and the processes (pid, command name) holding them,
+    from /proc/net and /proc/PID/fd: (0, []) when none is; the list is empty when the holders
+    cannot be seen (another pid namespace)."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
+        return 0, []
     table = "udp" if sock.type == socket.SOCK_DGRAM else "tcp"
     table += "6" if sock.family == socket.AF_INET6 else ""
     ours = os.fstat(sock.fileno()).st_ino
@@ -272,11 +274,11 @@ def sharers(sock: socket.socket) -> list[tuple[int, str]] | None:
         with open(f"/proc/net/{table}") as f:
             rows = [row.split() for row in f.read().splitlines()[1:]]
     except OSError:
-        return None
+        return 0, []
     # Fields: sl local_address rem_address st ... uid timeout inode
     mine = next((r for r in rows if len(r) > 9 and r[9] == str(ours)), None)
     if mine is None:
-        return None
+        return 0, []
     others = {
         f"socket:[{r[9]}]"
         for r in rows
@@ -286,7 +288,7 @@ def sharers(sock: socket.socket) -> list[tuple[int, str]] | None:
         and (table.startswith("udp") or r[3] == "0A")  # 0A: TCP_LISTEN
     }
     if not others:
-        return None
+        return 0, []
     found: list[tuple[int, str]] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
@@ -298,7 +300,26 @@ def sharers(sock: socket.socket) -> list[tuple[int, str]] | None:
                     found.append((int(entry), f.read().strip()))
         except OSError:  # gone meanwhile, or not ours to look at
             continue
-    return found
+    return len(others), found
+
+
+SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h (Linux 4.5)
+_BPF_RET_K = 0x06  # BPF_RET | BPF_K: return the constant k
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def steer_to(sock: socket.socket, index: int) -> None:
+    """Have the kernel hand every new datagram or connection of the SO_REUSEPORT group of
+    ``sock`` to the member at ``index`` (the order they joined): a classic BPF program that
+    returns ``index``. Where the group has no such member any more (the others closed and
+    the kernel moved this socket down), the kernel falls back to its hash over the members
+    left (net/core/sock_reuseport.c), which is then this socket alone."""
+    insn = ctypes.create_string_buffer(struct.pack("=HBBI", _BPF_RET_K, 0, 0, index), 8)
+    prog = _SockFprog(1, ctypes.cast(insn, ctypes.c_void_p))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(prog))
 
 
 def close_listener(sock: socket.socket) -> None:

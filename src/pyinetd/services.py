@@ -30,6 +30,7 @@ from pyinetd.listeners import (
     peer_of,
     set_socket_options,
     sharers,
+    steer_to,
 )
 from pyinetd.log import event
 from pyinetd.loop import Loop, Timer
@@ -213,7 +214,7 @@ class Services:
                 for key, sock in bind_service(svc, skip=skip, reuseport=reuseport):
                     fresh[key] = sock
                     if svc.wait and not self.worker:
-                        _warn_if_shared(svc, key, sock)
+                        _take_over_if_shared(svc, key, sock)
         except Exception:
             for sock in fresh.values():
                 close_listener(sock)
@@ -482,20 +483,29 @@ def worker_fds() -> list[tuple[socket.socket, str]]:
     return [(systemd.adopt_fd(int(text)), "") for text in filter(None, value.split(","))]
 
 
-def _warn_if_shared(svc: Service, key: ListenKey, sock: socket.socket) -> None:
-    """A wait service's port bound beside a socket that a program of an earlier run still
-    holds (SO_REUSEPORT, see listeners.bind_service): say who, and that the kernel spreads
-    new datagrams or connections over both sockets until that program exits."""
-    held = sharers(sock)
-    if held is None:
+def _take_over_if_shared(svc: Service, key: ListenKey, sock: socket.socket) -> None:
+    """A wait service's port bound beside sockets that programs of an earlier run still hold
+    (SO_REUSEPORT, see listeners.bind_service): every new datagram or connection comes to
+    this socket (it joined last, after those), so the new configuration serves them and a
+    lingering program gets none it has not already queued; say who holds the others."""
+    count, held = sharers(sock)
+    if not count:
         return
+    steered = True
+    try:
+        steer_to(sock, count)
+    except OSError:  # a kernel without SO_ATTACH_REUSEPORT_CBPF: its hash shares them
+        steered = False
     who = ", ".join(f"pid {pid} ({name})" for pid, name in held) or "a process not visible here"
+    what = "datagrams" if key.protocol == "udp" else "connections"
     event(
         logging.WARNING,
         f"{svc.name}: {key.protocol} {key.address} is also bound by {who}, a wait program "
-        "still running from before: the kernel shares new "
-        f"{'datagrams' if key.protocol == 'udp' else 'connections'} between it and pyinetd "
-        "until it exits",
+        + (
+            f"still running from before: new {what} come to pyinetd"
+            if steered
+            else f"still running from before: the kernel shares new {what} with it until it exits"
+        ),
         event="listen_shared",
         service=svc.name,
         pids=[pid for pid, _ in held],
