@@ -261,6 +261,7 @@ class Spawner:
         self._exec_errors: dict[int, int] = {}
         self._sandboxes: dict[str, Prepared] = {}
         self.primitive = self._choose_primitive()
+        self._report_fd()  # made once, at start: its two fds are not a change while serving
 
     def refresh_signals(self) -> None:
         """Recompute the signals to reset (call after installing the server's handlers)."""
