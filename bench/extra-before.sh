@@ -7,7 +7,7 @@ services:
 EOT
 cat >"$OUTDIR/before-echo.yaml" <<EOT
 services:
-  echo: {listen: "127.0.0.1:$((PORT_BASE + 21))", builtin: echo}
+  echo: {listen: "127.0.0.1:$((PORT_BASE + 21))", builtin: echo, per_source: 1000}
 EOT
 bench_server pyinetd-before $((PORT_BASE + 20)) -- "${BEFORE_PYTHON:?set BEFORE_PYTHON to an interpreter with the older pyinetd}" -m pyinetd -c "$OUTDIR/before-cat.yaml"
 bench_server pyinetd-echo-before $((PORT_BASE + 21)) internal -- "${BEFORE_PYTHON:?set BEFORE_PYTHON to an interpreter with the older pyinetd}" -m pyinetd -c "$OUTDIR/before-echo.yaml"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pyinetd import __version__
-from pyinetd.cli import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, build_parser
+from pyinetd.cli import COMMANDS, EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, build_parser
 from pyinetd.schema import build_schema
 from pyinetd.spawn import PRIMITIVES
 
@@ -74,32 +74,9 @@ def definitions(items: list[tuple[str, str]]) -> list[str]:
     return out
 
 
-# What pyinetd(8) says beyond the parser. Each list is the one place the page takes it from;
-# the facts behind them live in server.py (signals), control.py (socket paths) and systemd.py.
-COMMANDS = [
-    (
-        "run",
-        "The default: bind every enabled service's listening sockets, then serve in the "
-        "foreground until SIGTERM or SIGINT. Logs go to stderr (or syslog with --syslog).",
-    ),
-    (
-        "status",
-        "Print the running instance's services, their states, counts and children, as a "
-        "table or, with --json, as JSON. The instance is found through its control socket.",
-    ),
-    (
-        "reload",
-        "Make the running instance re-read its configuration, as SIGHUP does, and print "
-        f"the errors of a bad file (exit {EXIT_CONFIG}); a bad file changes nothing.",
-    ),
-    ("stop", "Stop the running instance, as SIGTERM does."),
-    (
-        "convert FILE",
-        "Print an inetd.conf(5) or xinetd.conf(5) file (following includedir) as "
-        "pyinetd configuration, with a warning for each setting that has no equivalent.",
-    ),
-]
-
+# What pyinetd(8) says beyond the parser (the commands come from cli.COMMANDS). Each list is the
+# one place the page takes it from; the facts behind them live in server.py (signals), control.py
+# (socket paths) and systemd.py.
 SIGNALS = [
     (
         "SIGTERM, SIGINT",
@@ -172,6 +149,21 @@ ENVIRONMENT = [
     ),
 ]
 
+EXAMPLES = [
+    ("pyinetd -c inetd.yaml", "Serve the shipped example in the foreground (loopback ports only)."),
+    ("pyinetd -c /etc/pyinetd/inetd.yaml --check", "Validate a file before a reload."),
+    ("pyinetd status --json -c /etc/pyinetd/inetd.yaml", "The running instance's state, as JSON."),
+    (
+        "pyinetd convert /etc/xinetd.conf > /etc/pyinetd/inetd.yaml",
+        "Translate an xinetd configuration (with its includedir); warnings go to stderr.",
+    ),
+    (
+        "man -l .venv/share/man/man8/pyinetd.8",
+        "Read this page after a pip install into a virtual environment whose bin is not on "
+        "PATH (man(1) finds pages from PATH; `. .venv/bin/activate` does the same).",
+    ),
+]
+
 SEE_ALSO = (
     "\\fBpyinetd.yaml\\fR(5), \\fBinetd\\fR(8), \\fBxinetd\\fR(8), \\fBsystemd.service\\fR(5), "
     "\\fBsystemd.socket\\fR(5), \\fBsd_notify\\fR(3)"
@@ -192,7 +184,7 @@ def render(parser: argparse.ArgumentParser) -> str:
         ".PP",
         prose("Every configuration key is described in pyinetd.yaml(5)."),
         ".SH COMMANDS",
-        *definitions(COMMANDS),
+        *definitions([(c.name + (f" {c.args}" if c.args else ""), c.summary) for c in COMMANDS]),
         ".SH ARGUMENTS",
     ]
     for action in parser._actions:  # argparse has no public list of its actions
@@ -235,11 +227,11 @@ def render(parser: argparse.ArgumentParser) -> str:
         *definitions(ENVIRONMENT),
         ".SH FILES",
         *definitions(FILES),
+        ".SH EXAMPLES",
+        *definitions(EXAMPLES),
         ".SH SEE ALSO",
         SEE_ALSO,
     ]
-    if parser.epilog:
-        lines += [".PP", esc(parser.epilog)]
     return "\n".join(lines) + "\n"
 
 

@@ -139,8 +139,7 @@ def test_missing_listen_and_bad_yaml(tmp_path: Path) -> None:
     ]
     (err,) = errors_of(tmp_path, "services: [\n")
     assert err == (
-        "inetd.yaml: not valid YAML: line 2, column 1: expected the node content, "
-        "but found '<stream end>'"
+        "inetd.yaml:2:1: not valid YAML: expected the node content, but found '<stream end>'"
     )
 
 
@@ -400,6 +399,24 @@ def test_interface_access_times_load_and_socket_option_keys(tmp_path: Path) -> N
         "'256k'",
         "inetd.yaml: services.t.keepalive: 1: expected true or false",
     ]
+
+
+def test_syntax_errors_have_the_file_line_column_form(tmp_path: Path) -> None:
+    """Editors and CI parse FILE:LINE:COL: the parsers' own errors have it too, and a tab
+    (which YAML forbids in indentation) is named in plain words."""
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("services:\n  cat:\n\tlisten: 127.0.0.1:7100\n    exec: [/bin/cat]\n")
+    toml = tmp_path / "bad.toml"
+    toml.write_text('[services.cat]\nlisten = "127.0.0.1:7101"\nexec = ["/bin/cat]\n')
+    with pytest.raises(ConfigError) as yaml_err:
+        load(tab)
+    assert yaml_err.value.lines == [
+        f"{tab}:3:1: not valid YAML: found character '\\t' that cannot start any token "
+        "(YAML forbids tabs in indentation: indent with spaces)"
+    ]
+    with pytest.raises(ConfigError) as toml_err:
+        load(toml)
+    assert toml_err.value.lines[0].startswith(f"{toml}:3:19: not valid TOML: ")
 
 
 def test_a_disabled_service_is_checked_for_types_only_and_never_stops_the_rest(

@@ -122,3 +122,16 @@ def test_the_watcher_strategy_reaps_exactly_the_pids_it_reports(loop: Loop) -> N
     finally:
         strategy.close(reap=False)
     os.waitpid(strategy.pid, 0)  # the watcher exits when its pipe closes
+
+
+def test_cancelled_timers_do_not_pile_up_in_the_heap(loop: Loop) -> None:
+    """Each built-in session's timeout (300 s by default) is cancelled when the session ends,
+    and stayed in the heap for its 300 s: millions of dead timers at a built-in's rate."""
+    ran: list[int] = []
+    live = [loop.call_later(0.0, lambda i=i: ran.append(i)) for i in range(10)]  # type: ignore[misc]
+    for _ in range(100_000):
+        loop.call_later(300.0, lambda: None).cancelled = True
+    assert len(loop._timers) < 4 * 1024
+    assert all(t in loop._timers for t in live)
+    loop.run_timers()
+    assert ran == list(range(10))

@@ -326,6 +326,9 @@ def test_metrics_scraped_over_http_reflect_traffic(inetd: Start) -> None:
             samples[name] = float(value)
     assert samples['pyinetd_connections_accepted_total{service="e"}'] == 3
     assert samples['pyinetd_connections_refused_total{service="e",reason="deny"}'] == 1
+    # the built-in echo carried 1 byte each way per connection (closed before the client's EOF)
+    assert samples['pyinetd_bytes_total{service="e",direction="in"}'] == 3
+    assert samples['pyinetd_bytes_total{service="e",direction="out"}'] == 3
     if shutil.which("curl"):
         out = subprocess.run(
             ["curl", "-sf", f"http://127.0.0.1:{mport}/metrics"],
@@ -673,6 +676,36 @@ def test_spawn_failures_by_reason_and_dropped_stderr_in_metrics_and_status(
     assert re.search(r"^  gone: failed to start: ENOENT=2$", table, re.M), table
     assert re.search(r"^  chatty: stderr over stderr_rate: \d+ lines, \d+ bytes dropped$",
                      table, re.M), table  # fmt: skip
+
+
+def test_every_refusal_reason_reaches_metrics_and_status(inetd: Start) -> None:
+    """access_times and max_load refusals were counted in `status` but missing from /metrics
+    (its list of reasons was written by hand). Every reason of admission.Refusal has a series,
+    and a live access_times refusal shows in both with the same count."""
+    from pyinetd.admission import Refusal
+
+    now = time.localtime()
+    later = (now.tm_hour + 6) % 24
+    port, mport = free_port(), free_port()
+    p = inetd({
+        "metrics": f"127.0.0.1:{mport}",
+        "services": {"closed": {
+            "listen": f"127.0.0.1:{port}", "exec": ["/bin/cat"],
+            "access_times": f"{later:02d}:00-{later:02d}:01",
+        }},
+    })  # fmt: skip
+    for _ in range(3):
+        with contextlib.suppress(ConnectionResetError):  # refused: closed with data unread
+            assert tcp_talk(port, b"x") == b""
+    wait_for(lambda: status_of(p)["closed"]["refused"].get("access_times") == 3)
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=DEADLINE) as r:
+        text = r.read().decode()
+    for reason in Refusal:
+        want = 3 if reason is Refusal.ACCESS_TIMES else 0
+        assert (
+            f'pyinetd_connections_refused_total{{service="closed",reason="{reason}"}} {want}'
+            in text
+        ), reason
 
 
 # A UDP wait program that answers each datagram with its pid; b"linger" makes it keep the

@@ -263,7 +263,8 @@ def test_tls_bad_key_is_a_config_error(tmp_path: Path, pki: dict[str, object]) -
         timeout=DEADLINE,
     )
     assert out.returncode == 2
-    assert out.stderr.startswith(f"{cfg}: services.s.tls: ")
+    assert out.stderr.startswith(f"{cfg}:2:")
+    assert ": services.s.tls" in out.stderr
 
 
 # ---------------------------------------------------------------- PROXY protocol

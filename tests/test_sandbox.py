@@ -14,6 +14,7 @@ import shutil
 import socket
 import stat
 import struct
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,6 +173,35 @@ def test_network_none_cannot_connect_to_a_loopback_port(
             target.accept()  # nothing reached the host's loopback
         _, out = run([script], SandboxSettings(network="any"), primitive, user)
         assert answers(out)["connect"] == "yes", out
+
+
+# ---------------------------------------------------------------- signals (Landlock scopes)
+
+
+@pytest.mark.parametrize(("primitive", "user"), PATHS, ids=PATH_IDS)
+def test_a_sandboxed_child_cannot_signal_its_users_processes_outside(
+    box: Path, primitive: str, user: str | None
+) -> None:
+    if sandbox.landlock_abi() < 6:
+        pytest.skip("Landlock scopes need ABI 6 (Linux 6.12)")
+    drop = ["setpriv", f"--reuid={user}", f"--regid={NOBODY.pw_gid}", "--clear-groups"]
+    victim = subprocess.Popen([*(drop if user else []), "sleep", "60"])
+    try:
+        script = probe(box, TRY + f"echo kill0=$(r kill -0 {victim.pid})\n"
+                                  f"echo term=$(r kill -TERM {victim.pid})\n")  # fmt: skip
+        # The least sandbox there is (no rule configured): the signal scope still holds.
+        _, out = run([script], SandboxSettings(), primitive, user)
+        got = answers(out)
+        # Unscoped: kill0=yes, term=yes (the sleep ended): kill(2) checks the uid alone, and
+        # root's CAP_KILL reaches every process.
+        assert got["kill0"].startswith("no:") and "not permitted" in got["kill0"], out
+        assert got["term"].startswith("no:") and "not permitted" in got["term"], out
+        assert victim.poll() is None
+        _, out = run([script], None, primitive, user)  # unconfined, the same probe reaches it
+        assert answers(out) == {"kill0": "yes", "term": "yes"}, out
+    finally:
+        victim.kill()
+        victim.wait(DEADLINE)
 
 
 # ---------------------------------------------------------------- private /tmp
@@ -621,7 +651,10 @@ def test_security_shows_what_contains_each_service(
     for col in ("no_new_privs=yes", "network=none", "syscalls=filtered", "tmp=private"):
         assert col in lines["boxed"]
     assert "filesystem=read /usr,/lib" in lines["boxed"] and "write /dev/null" in lines["boxed"]
+    if sandbox.landlock_abi() >= 6:
+        assert "scoped=signals,abstract_unix" in lines["boxed"]
     assert "10.0 UNSAFE" in lines["bare"] and "user=root" in lines["bare"]
+    assert "scoped=none" in lines["bare"]
     assert "no_new_privs=no" in lines["bare"] and "filesystem=all" in lines["bare"]
 
 

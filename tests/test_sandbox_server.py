@@ -7,7 +7,9 @@ import os
 import platform
 import shutil
 import socket
+import subprocess
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -287,3 +289,82 @@ def test_a_reload_whose_sandbox_cannot_be_prepared_keeps_the_old_config(
     assert tcp_talk(port, b"still\n") == b"still\n"
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", new_port), timeout=DEADLINE).close()
+
+
+def ipc_probe(box: Path) -> str:
+    """A service that tries to signal a process given by pid and to connect to an abstract
+    unix socket given by name (its arguments), and says what each attempt returned."""
+    path = box / "bin" / "ipc.py"
+    path.write_text(
+        "#!/usr/bin/python3\n"
+        "import errno, os, signal, socket, sys\n"
+        "pid, name = int(sys.argv[1]), sys.argv[2]\n"
+        "def attempt(f):\n"
+        "    try:\n"
+        "        f()\n"
+        "        return 'ok'\n"
+        "    except OSError as exc:\n"
+        "        return errno.errorcode[exc.errno]\n"
+        "print('kill0=' + attempt(lambda: os.kill(pid, 0)))\n"
+        "print('term=' + attempt(lambda: os.kill(pid, signal.SIGTERM)))\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+        "print('abstract=' + attempt(lambda: s.connect('\\0' + name)))\n"
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("network", "paths", "abstract"),
+    [
+        # The abstract socket is the test's network namespace's: only the scope refuses it.
+        ("loopback", True, "EPERM"),
+        # Its own network namespace has no such socket, scope or not; and a sandbox without
+        # read/write gets a ruleset for the scopes alone.
+        ("none", False, "ECONNREFUSED"),
+        # network: any sets no network rule: abstract sockets stay reachable, signals do not.
+        ("any", True, "ok"),
+    ],
+)
+def test_a_sandboxed_service_cannot_signal_or_reach_ipc_of_its_user_outside(
+    inetd: Start, box: Path, network: str, paths: bool, abstract: str
+) -> None:
+    from pyinetd.sandbox import landlock_abi
+
+    if landlock_abi() < 6:
+        pytest.skip("Landlock scopes need ABI 6 (Linux 6.12)")
+    if network == "loopback":
+        from pyinetd import cgroupnet
+
+        if cgroupnet.missing():
+            pytest.skip(f"network: loopback needs {cgroupnet.missing()}")
+    # Outside the sandbox, as the service's own user: a process and an abstract socket.
+    victim = subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "sleep", "60"]
+    )
+    name = f"pyi-udpbox-{uuid.uuid4().hex}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind("\0" + name)
+        listener.listen(4)
+        port = free_port()
+        sandbox: dict[str, Any] = {"network": network}
+        if paths:
+            sandbox["read"] = [*SYSTEM, f"{box}/bin"]
+        svc = {
+            "listen": f"127.0.0.1:{port}",
+            "exec": [ipc_probe(box), str(victim.pid), name],
+            "user": "nobody",
+            "group": "nogroup",
+            "sandbox": sandbox,
+        }
+        inetd({"services": {"boxed": svc}})
+        got = answers(tcp_talk(port))
+        # Unscoped: kill0=ok, term=ok (the sleep ended), abstract=ok: kill(2) checks the uid
+        # alone, and an abstract socket has no file whose rights could refuse.
+        assert got == {"kill0": "EPERM", "term": "EPERM", "abstract": abstract}, got
+        assert victim.poll() is None
+    finally:
+        listener.close()
+        victim.kill()
+        victim.wait(DEADLINE)

@@ -157,7 +157,9 @@ def test_shipped_schema_is_generated_from_the_key_declarations() -> None:
 def test_every_service_field_is_filled_by_a_declared_key() -> None:
     # Service, the parsers and --print-config agree: each field comes from one declared key.
     targets = {k.target for k in keys.SERVICE_KEYS.values()}
-    fields = {f.name for f in dataclasses.fields(config.Service)} - {"name", "source"}
+    # exec_first_line: what the load read of the program (its #!), no key's
+    derived = {"name", "source", "exec_first_line"}
+    fields = {f.name for f in dataclasses.fields(config.Service)} - derived
     assert fields == targets - {None}
 
 
@@ -432,7 +434,14 @@ def test_print_config_applies_defaults_resolves_paths_and_merges_includes(tmp_pa
                 "umask": "027",
                 "banner_text": "hello\n",
             },
-            "b": {"listen": "7102", "builtin": "echo", **common, "banner_text": "hello\n"},
+            # A TCP built-in's per_source default is printed like any key.
+            "b": {
+                "listen": "7102",
+                "builtin": "echo",
+                **common,
+                "banner_text": "hello\n",
+                "per_source": 10,
+            },
         }
     }
 

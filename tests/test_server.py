@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -10,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +58,29 @@ def test_builtin_echo_tcp_and_udp(inetd: Start) -> None:
     payload = os.urandom(300_000)
     assert tcp_talk(port, payload) == payload
     assert udp_talk(port, b"ping") == [b"ping"]
+
+
+def test_builtin_sessions_log_start_and_end_with_their_bytes(inetd: Start) -> None:
+    """A built-in session is accounted as a program is: a start and an end event, the end with
+    the bytes read and written (ops-connection-accounting), for the whole-answer built-ins too."""
+    echo, day = free_port(), free_port()
+    p = inetd(
+        {"services": {
+            "e": {"listen": f"127.0.0.1:{echo}"},
+            "d": {"listen": f"127.0.0.1:{day}", "builtin": "daytime"},
+        }},
+        "--log-format", "json",
+    )  # fmt: skip
+    assert tcp_talk(echo, b"yo\n") == b"yo\n"
+    sent = tcp_talk(day, shut=False)
+    for name, got_in, got_out in (("e", 3, 3), ("d", 0, len(sent))):
+        start, end = (
+            json.loads(p.wait_log(rf'"event": "{kind}".*"service": "{name}"')[0])
+            for kind in ("start", "end")
+        )
+        assert start["peer"].startswith("127.0.0.1:") and start["builtin"] in ("echo", "daytime")
+        assert (end["bytes_in"], end["bytes_out"]) == (got_in, got_out), end
+        assert end["duration"] >= 0 and end["peer"] == start["peer"]
 
 
 def test_builtin_discard_chargen_daytime_time(inetd: Start) -> None:
@@ -471,8 +496,10 @@ def test_port_in_use_is_exit_1_with_a_clear_error(tmp_path: Path) -> None:
             timeout=DEADLINE,
         )
     assert out.returncode == 1
+    # FILE:LINE:COL as every configuration error, and who holds the port (this test)
     assert out.stderr == (
-        f"{cfg}: services.e.listen: 127.0.0.1:{port} (tcp): Address already in use\n"
+        f"{cfg}:2:7: services.e.listen: 127.0.0.1:{port} (tcp): Address already in use "
+        f"(held by pid {os.getpid()} ({Path(f'/proc/{os.getpid()}/comm').read_text().strip()}))\n"
     )
 
 
@@ -602,3 +629,27 @@ def test_a_program_sees_its_path_as_written_in_argv0(
     assert tcp_talk(port) == b"hello\n"
     in_venv = sys.prefix != sys.base_prefix
     assert tcp_talk(vport).decode().split() == [str(in_venv), sys.executable]
+
+
+def test_a_low_port_refused_to_a_user_says_what_allows_it() -> None:
+    """As a user, binding port 99 fails with EACCES: the error says what would allow it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user")
+    if int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text()) <= 99:
+        pytest.skip("ports below 100 are open to every user here")
+    with tempfile.TemporaryDirectory(prefix="lowport-") as name:  # pytest's tmp is root's
+        folder = Path(name)
+        folder.chmod(0o755)
+        cfg = folder / "inetd.yaml"
+        cfg.write_text("services:\n  e: {listen: '127.0.0.1:99'}\n")
+        cfg.chmod(0o644)
+        out = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-m", "pyinetd", "-c", str(cfg)],
+            capture_output=True, text=True, timeout=DEADLINE, cwd=folder,
+        )  # fmt: skip
+    assert out.returncode == 1, out.stderr
+    assert out.stderr == (
+        f"{cfg}:2:7: services.e.listen: 127.0.0.1:99 (tcp): Permission denied; ports below "
+        "1024 need root, CAP_NET_BIND_SERVICE, or sysctl net.ipv4.ip_unprivileged_port_start<=99\n"
+    )

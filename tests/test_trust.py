@@ -184,6 +184,177 @@ def test_exec_program_others_may_write_is_refused(tmp_path: Path) -> None:
     assert "program run as root writable by group and others (mode 0777)" in refused(cfg)
 
 
+def _evil_script(user: LocalUser, name: str, body: str) -> Path:
+    """A script in another local user's home, theirs to change (/home/eve/bin/evil.sh)."""
+    folder = user.home / "bin"
+    folder.mkdir(exist_ok=True)
+    path = folder / name
+    path.write_text(body)
+    path.chmod(0o755)
+    for p in (folder, path):
+        os.chown(p, user.uid, user.gid)
+    return path
+
+
+def _owned_by(path: Path, user: LocalUser, what: str) -> str:
+    return (
+        f"{path}: {what} run as root owned by uid {user.uid} ({user.name}), not root "
+        "(the service runs as root)"
+    )
+
+
+@needs_root
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["/usr/bin/env", "python3", "SCRIPT"],
+        ["/bin/bash", "-e", "SCRIPT"],
+        ["/bin/sh", "SCRIPT", "arg"],
+        ["/usr/bin/env", "-S", "bash -e", "SCRIPT"],
+        ["/usr/bin/python3", "-u", "-W", "ignore", "SCRIPT"],
+        ["/usr/bin/perl", "-w", "SCRIPT"],
+        ["/usr/bin/node", "--require", "fs", "SCRIPT"],
+    ],
+    ids=["env-python3", "bash-e", "sh", "env-S", "python3", "perl", "node"],
+)
+def test_the_script_an_interpreter_runs_as_root_is_checked_like_the_program(
+    tmp_path: Path, local_user: LocalUser, argv: list[str]
+) -> None:
+    """Another user's script handed to a root-owned interpreter ran as root (--check ok, the
+    service printed uid 0), while `exec: [SCRIPT]` was refused (issue 24.9)."""
+    if not os.path.exists(argv[0]):
+        pytest.skip(f"no {argv[0]}")
+    evil = _evil_script(local_user, "evil", "#!/bin/sh\nid -u\n")
+    argv = [str(evil) if a == "SCRIPT" else a for a in argv]
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(f"services:\n  s: {{listen: '127.0.0.1:9', exec: {argv!r}}}\n")
+    r = check(cfg)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{cfg}:2:" in r.stderr, r.stderr  # file:line:col, as every error
+    assert _owned_by(evil, local_user, "script") in r.stderr, r.stderr
+    assert refused(cfg) == f"{cfg}: services.s.exec: " + _owned_by(evil, local_user, "script")
+    # Run as that very user it is theirs to change: accepted.
+    cfg.write_text(
+        f"services:\n  s: {{listen: '127.0.0.1:9', exec: {argv!r}, user: {local_user.name}}}\n"
+    )
+    assert load(cfg).services[0].exec[1:] == tuple(argv[1:])
+
+
+@pytest.mark.parametrize(
+    ("argv", "script"),
+    [
+        (["/bin/sh", "-c", "cmd", "x"], None),
+        (["bash", "-eu", "-o", "pipefail", "S", "a"], ("S", True)),
+        (["zsh", "+o", "x", "--", "-S"], ("-S", True)),
+        (["bash", "-s", "x"], None),
+        (["bash", "--rcfile", "rc", "S"], ("S", True)),
+        (["perl", "-lne", "print", "x"], None),
+        (["perl", "-I", "lib", "-Mstrict", "-w", "S"], ("S", False)),
+        (["perl", "-S", "S"], ("S", True)),
+        (["ruby", "-r", "json", "-W0", "S"], ("S", False)),
+        (["ruby", "-e", "p 1"], None),
+        (["node", "--require", "m", "--inspect=9", "S"], ("S", False)),
+        (["node", "-pe", "1"], None),
+        (["python3", "-u", "-W", "ignore", "-X", "dev", "S", "-c"], ("S", False)),
+        (["python3.11", "-Bc", "print()", "x"], None),
+        (["python3", "-m", "http.server"], None),
+        (["python3", "-"], None),
+        (["/usr/bin/cat", "S"], None),  # no interpreter: cat reads S, runs nothing
+    ],
+)
+def test_the_script_of_a_command_line(argv: list[str], script: tuple[str, bool] | None) -> None:
+    assert trust.script_of(argv) == script
+
+
+def test_what_env_runs() -> None:
+    assert trust.env_target(["-S", "python3 -u", "S"], "/p", "/") == (
+        "python3",
+        ["-u", "S"],
+        "/p",
+        "/",
+    )
+    assert trust.env_target(["-i", "A=1", "x"], "/p", "/") == ("x", [], "/bin:/usr/bin", "/")
+    assert trust.env_target(["--chdir=/t", "-u", "V", "PATH=/o", "n"], "/p", "/") == (
+        "n", [], "/o", "/t"
+    )  # fmt: skip
+    assert trust.env_target(["-i", "A=1"], "/p", "/") is None
+
+
+@needs_root
+def test_a_warm_python_script_of_another_user_run_as_root_is_refused(
+    tmp_path: Path, local_user: LocalUser
+) -> None:
+    """`warm: true` with `exec: [/usr/bin/python3, SCRIPT]`: the zygote, as root, compiles and
+    runs the script another user owns."""
+    evil = _evil_script(local_user, "evil.py", "import os\nprint(os.getuid())\n")
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(
+        f"services:\n  s: {{listen: '127.0.0.1:9', exec: [/usr/bin/python3, {evil}], warm: true}}\n"
+    )
+    assert refused(cfg) == f"{cfg}: services.s.exec: " + _owned_by(evil, local_user, "script")
+
+
+@needs_root
+def test_what_env_and_a_shebang_run_as_root_is_checked_like_the_program(
+    tmp_path: Path, local_user: LocalUser
+) -> None:
+    """`env NAME` runs the NAME it finds on the service's PATH; a root script's `#!` names
+    the interpreter the kernel runs: another user's program either way."""
+    evil = _evil_script(local_user, "evil", "#!/bin/sh\nid -u\n")
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(
+        f"services:\n  s: {{listen: '127.0.0.1:9', exec: [/usr/bin/env, evil], "
+        f"env: {{PATH: '{evil.parent}:/usr/bin'}}}}\n"
+    )
+    assert refused(cfg) == f"{cfg}: services.s.exec: " + _owned_by(evil, local_user, "program")
+    mine = tmp_path / "svc"
+    mine.write_text(f"#!{evil} -x\n")
+    mine.chmod(0o755)
+    cfg.write_text(f"services:\n  s: {{listen: '127.0.0.1:9', exec: [{mine}]}}\n")
+    assert refused(cfg) == f"{cfg}: services.s.exec: " + _owned_by(evil, local_user, "program")
+
+
+@needs_root
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["/bin/sh", "-c", "exec cat", "SCRIPT"],  # a command string; SCRIPT is its $0
+        ["/usr/bin/python3", "-c", "print(1)", "SCRIPT"],
+        ["/usr/bin/python3", "-m", "http.server"],  # a module on sys.path, not a file
+        ["/usr/bin/perl", "-e", "print 1", "SCRIPT"],
+        ["/usr/bin/env", "-i", "FOO=1", "/bin/cat", "SCRIPT"],  # cat reads it, runs nothing
+    ],
+    ids=["sh-c", "python-c", "python-m", "perl-e", "env-cat"],
+)
+def test_a_command_with_no_script_file_is_not_refused(
+    tmp_path: Path, local_user: LocalUser, argv: list[str]
+) -> None:
+    if not os.path.exists(argv[0]):
+        pytest.skip(f"no {argv[0]}")
+    evil = _evil_script(local_user, "evil", "id\n")
+    argv = [str(evil) if a == "SCRIPT" else a for a in argv]
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(f"services:\n  s: {{listen: '127.0.0.1:9', exec: {argv!r}}}\n")
+    assert load(cfg).services[0].exec[1:] == tuple(argv[1:])
+
+
+@needs_root
+def test_a_script_not_there_yet_must_be_in_a_folder_only_root_may_write(
+    tmp_path: Path, local_user: LocalUser
+) -> None:
+    later = _evil_script(local_user, "x", "").parent / "later.sh"
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(f"services:\n  s: {{listen: '127.0.0.1:9', exec: [/bin/sh, {later}]}}\n")
+    assert refused(cfg) == (
+        f"{cfg}: services.s.exec: {later.parent}: folder of a script run as root owned by "
+        f"uid {local_user.uid} ({local_user.name}), not root (the service runs as root)"
+    )
+    cfg.write_text(
+        f"services:\n  s: {{listen: '127.0.0.1:9', exec: [/bin/sh, {tmp_path}/later.sh]}}\n"
+    )
+    assert load(cfg).services[0].exec[1] == f"{tmp_path}/later.sh"
+
+
 def test_untrusted_files_are_fine_when_not_root(tmp_path: Path) -> None:
     # StrictModes are for root; a user running pyinetd trusts their own files.
     if os.geteuid() == 0:
@@ -326,4 +497,4 @@ def test_tls_key_others_may_read_or_write_is_refused(
         assert r.returncode == 0, r.stderr
         return
     why = why.format(uid=local_user.uid, gid=local_user.gid, name=local_user.name, key=key)
-    assert (r.returncode, r.stderr) == (2, f"{cfg}: services.t.tls: tls.key: {key}: {why}\n")
+    assert (r.returncode, r.stderr) == (2, f"{cfg}:2:58: services.t.tls.key: {key}: {why}\n")

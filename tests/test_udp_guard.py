@@ -6,11 +6,14 @@ real pyinetd processes. A spoofed source is forged with a raw socket (IP_HDRINCL
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -165,3 +168,128 @@ def test_udp_reply_sockets_do_not_leak_behind_background_processes(
         s.settimeout(DEADLINE)
         replies = [s.recv(100) for _ in range(n)]
     assert replies == [b"hi\n"] * n
+
+
+def test_spoofed_datagram_between_two_of_our_exec_services_does_not_loop(inetd: Start) -> None:
+    a, b = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
+    cat = {"protocol": "udp", "exec": ["/bin/cat"], "user": "nobody", "group": "nogroup"}
+    p = inetd(
+        {
+            "services": {
+                "a": {"listen": f"127.0.0.1:{a}", **cat},
+                "b": {"listen": f"127.0.0.1:{b}", **cat},
+            }
+        }
+    )
+    # b's child would echo this to a's port, a's child back to b's, and so on.
+    spoof_udp(a, b, b"ping-pong")
+
+    def settled() -> bool:
+        st = status_of(p)
+        return st["b"]["refused"].get("loop", 0) >= 1 or st["a"]["accepted"] >= 3
+
+    wait_for(settled, what="the spoofed datagram refused, or looping")
+    # A real datagram behind the spoofed one on b's socket: answered, so b handled that one.
+    assert echo_round_trip(b, b"real") == b"real"
+    st = status_of(p)
+    # Unguarded: a process per datagram on each side, ~950 a second, forever (4,792 in 5 s).
+    assert st["a"]["accepted"] == 0, st["a"]
+    assert st["b"]["accepted"] == 1, st["b"]
+    assert st["b"]["refused"] == {"loop": 1}, st["b"]
+    p.wait_log(rf"b: refused 127\.0\.0\.1:{a}: loop")
+
+
+class Reflector:
+    """A foreign UDP echo (another inetd's, on an unprivileged port pyinetd does not know):
+    answers every datagram to its sender and counts them, in a thread."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.port = int(self.sock.getsockname()[1])
+        self.count = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except TimeoutError:
+                continue
+            self.count += 1
+            with contextlib.suppress(OSError):
+                self.sock.sendto(data, addr)
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(DEADLINE)
+        self.sock.close()
+
+
+def count_after(reflector: Reflector, window: float) -> int:
+    """The reflector's count at the end of an observation window (not a synchronisation: the
+    loop either still runs, and the count grows, or it ended, and it stays)."""
+    time.sleep(window)
+    return reflector.count
+
+
+def test_a_loop_through_a_foreign_echo_decays_by_the_default_udp_rate(inetd: Start) -> None:
+    echo = free_port(socket.SOCK_DGRAM)
+    p = inetd(
+        {"services": {"echo": {"listen": f"127.0.0.1:{echo}", "protocol": "udp"}}},
+    )
+    reflector = Reflector()
+    try:
+        # One datagram from the foreign echo's port: ours answers it, it answers ours, ...
+        reflector.sock.sendto(b"ping", ("127.0.0.1", echo))
+
+        def settled() -> bool:
+            return reflector.count > 1_000 or "rate" in status_of(p)["echo"]["refused"]
+
+        wait_for(settled, what="the loop paused by the rate, or running on")
+        first = reflector.count
+        later = count_after(reflector, 1.0)
+    finally:
+        reflector.close()
+    # Unbounded: ~16,700 datagrams a second until one side was killed. At the default 100/s
+    # (burst 100) the loop ends after about 100 round trips, and stays ended.
+    assert first <= 150, first
+    assert later == first, (first, later)
+    st = status_of(p)["echo"]
+    assert st["refused"] == {"rate": 1}, st
+    p.wait_log(r"echo: over the rate of 100/s")
+
+
+def test_udp_chargen_amplification_is_bounded_by_the_default_rate(inetd: Start) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    p = inetd(
+        {
+            "services": {
+                "cg": {"listen": f"127.0.0.1:{port}", "protocol": "udp", "builtin": "chargen"}
+            }
+        }
+    )
+    n = 200
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        for _ in range(n):
+            s.sendto(b"", ("127.0.0.1", port))
+
+        def handled() -> bool:
+            st = status_of(p)["cg"]
+            return st["accepted"] + sum(st["refused"].values()) >= n or "rate" in st["refused"]
+
+        wait_for(handled, what="the datagrams handled, or the service paused by its rate")
+        s.setblocking(False)
+        replies = 0
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                s.recv(65535)
+                replies += 1
+    # Unlimited: 200 replies of up to 512 bytes each (10-19 x what was sent, to whatever
+    # address the sender claimed). The default rate lets a burst of 100 through, then pauses.
+    assert replies <= 110, replies
+    p.wait_log(r"cg: over the rate of 100/s")

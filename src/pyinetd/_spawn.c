@@ -47,6 +47,7 @@
 #include <linux/filter.h>
 #include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -258,6 +259,14 @@ parse_sandbox(PyObject *kw, struct sandbox *sb, PyObject **filter_bytes)
     return 0;
 }
 
+/* The RLIMIT_NOFILE every child starts with (set_nofile()): pyinetd raises its own soft limit
+ * to the hard one, and a program must not inherit that (select() breaks above fd 1024). Set
+ * once at start, before the first child; only read in the child. */
+static struct {
+    int set;
+    unsigned long long cur, max;
+} child_nofile;
+
 /* What the child needs, all in memory nobody changes until the child has exec'd. */
 struct child_args {
     char *path; /* what execve runs: argv[0] unless SPAWN_PATH_FIRST */
@@ -285,6 +294,15 @@ child_exec(struct child_args *a)
      * (all blocked since before the clone) keeps any of them from reaching a handler. */
     for (int i = 0; i < a->nreset; i++)
         (void)raw_syscall(SYS_rt_sigaction, a->reset[i], (long)&dfl, 0, sizeof(unsigned long));
+
+    /* The fd limit pyinetd was started with, not the one it raised for itself (prlimit64:
+     * setrlimit is not on every architecture). Lowering a soft limit needs no privilege. */
+    if (child_nofile.set) {
+        unsigned long long lim[2] = {child_nofile.cur, child_nofile.max};
+        r = raw_syscall(SYS_prlimit64, 0, RLIMIT_NOFILE, (long)lim, 0);
+        if (r < 0)
+            goto fail;
+    }
 
     /* A source fd that is itself 0, 1 or 2 (but not its target) would be overwritten by an
      * earlier dup: move such fds above 2 first. */
@@ -784,6 +802,23 @@ prctl_(PyObject *module, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(set_nofile_doc,
+"set_nofile(soft, hard) -> None\n\n"
+"The RLIMIT_NOFILE every child started by spawn() or start() gets before its exec (the limit\n"
+"pyinetd was started with, before it raised its own). Call once, before the first child.");
+
+static PyObject *
+set_nofile(PyObject *module, PyObject *args)
+{
+    unsigned long long cur, max;
+    if (!PyArg_ParseTuple(args, "KK:set_nofile", &cur, &max))
+        return NULL;
+    child_nofile.cur = cur;
+    child_nofile.max = max;
+    child_nofile.set = 1;
+    Py_RETURN_NONE;
+}
+
 /* ------------------------------------------------------------------ warm services: serve */
 /* serve()'s fork: os.fork(), except that the child is the caller's sibling: CLONE_PARENT makes
  * it a child of the caller's parent. A warm service's zygote (zygote_main.py) is pyinetd's
@@ -1008,6 +1043,7 @@ serve(PyObject *module, PyObject *args)
 static PyMethodDef methods[] = {
     {"spawn", (PyCFunction)(void (*)(void))spawn, METH_VARARGS | METH_KEYWORDS, spawn_doc},
     {"prctl", prctl_, METH_VARARGS, prctl_doc},
+    {"set_nofile", set_nofile, METH_VARARGS, set_nofile_doc},
     {"serve", serve, METH_VARARGS, serve_doc},
 #if HAVE_ASYNC
     {"start", (PyCFunction)(void (*)(void))start, METH_VARARGS | METH_KEYWORDS, start_doc},

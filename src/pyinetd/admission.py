@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from enum import StrEnum
 from typing import Protocol
 
 from pyinetd.access import AccessList, Network, parse_access_entry, parse_peer
@@ -29,6 +30,24 @@ __all__ = [
 
 # AccessList and its entries live in access.py (config builds them); re-exported here, where
 # admission's users look for them. The value parsers live in units.py.
+
+
+class Refusal(StrEnum):
+    """Why a connection was refused: the one list the log, `status` and /metrics use."""
+
+    DENY = "deny"  # allow / deny
+    ACCESS_TIMES = "access_times"  # outside the service's hours
+    MAX_LOAD = "max_load"  # the load average is over the service's max_load
+    LIMIT = "limit"  # max_connections
+    MAX_CHILDREN = "max_children"  # every service's children, at once
+    PER_SOURCE = "per_source"
+    RATE = "rate"
+    PROXY = "proxy"  # a bad or missing PROXY header
+    PROXY_FROM = "proxy_from"  # a PROXY header from a peer not in proxy_from
+    TLS = "tls"  # no ClientHello, or not one
+    PENDING = "pending"  # the service's pre-service pool is full
+    PENDING_PER_SOURCE = "pending_per_source"
+    LOOP = "loop"  # a datagram from one of our own UDP ports, or a built-in's to a low port
 
 
 def source_key(addr: str, v6_prefix: int = 64) -> str:
@@ -106,13 +125,13 @@ class StageSlots:
         self.used = 0
         self._by_source: dict[str, int] = {}
 
-    def take(self, key: str) -> str | None:
+    def take(self, key: str) -> Refusal | None:
         """Take a slot for ``key``: None when taken, else why not ("pending" or
         "pending_per_source")."""
         if self.used >= self.total:
-            return "pending"
+            return Refusal.PENDING
         if key and self._by_source.get(key, 0) >= self.per_source:
-            return "pending_per_source"
+            return Refusal.PENDING_PER_SOURCE
         self.used += 1
         if key:
             self._by_source[key] = self._by_source.get(key, 0) + 1
@@ -179,37 +198,38 @@ def admit(
     loop_ports: frozenset[int] = frozenset(),
     minute: int = -1,
     load: float = 0.0,
-) -> tuple[str | None, str]:
+) -> tuple[Refusal | None, str]:
     """(refusal reason or None, per_source key) for a new connection from ``ip``.
 
     Every path asks here: TCP, unix, after a PROXY header, before (``take_token`` False: the
     hello may never come) and after a TLS ClientHello, each UDP datagram (built-in or not).
     ``full``: at the global max_children. A datagram (``datagram_port``, its source port) from
-    the port of one of our UDP built-ins (``loop_ports``) is refused (FreeBSD inetd's
-    check_loop; issue 18, item 1: one spoofed datagram from 127.0.0.1:27007 to the echo on
-    127.0.0.1:27007 echoed itself forever), and a built-in never answers a privileged port
-    (CERT CA-1996-01: echo <-> chargen).
+    the port of any of our UDP listeners, built-in or exec (``loop_ports``), is refused (FreeBSD
+    inetd's check_loop, there for built-ins only; issue 18, item 1: one spoofed datagram from
+    127.0.0.1:27007 to the echo on 127.0.0.1:27007 echoed itself forever; issue 24, item 4: two
+    replying exec services forked ~950 processes a second), and a built-in never answers a
+    privileged port (CERT CA-1996-01: echo <-> chargen).
     """
     if datagram_port is not None and (
         datagram_port in loop_ports
         or (svc.builtin is not None and udp_source_is_unsafe(datagram_port))
     ):
-        return "loop", ""
+        return Refusal.LOOP, ""
     if svc.access is not None and not svc.access.permits(ip):
-        return "deny", ""
+        return Refusal.DENY, ""
     # ``minute`` (local minute of the day) and ``load`` (1-minute load average): read by the
     # caller, only for a service with these keys (connections.conditions).
     if svc.access_times and not in_access_times(svc.access_times, minute):
-        return "access_times", ""
+        return Refusal.ACCESS_TIMES, ""
     if svc.max_load is not None and load > svc.max_load:
-        return "max_load", ""
+        return Refusal.MAX_LOAD, ""
     if svc.max_connections and counts.running + counts.hellos >= svc.max_connections:
-        return "limit", ""
+        return Refusal.LIMIT, ""
     if full and not svc.is_builtin:
-        return "max_children", ""
+        return Refusal.MAX_CHILDREN, ""
     key = source_key(ip, svc.per_source_prefix) if svc.per_source and ip else ""
     if key and svc.per_source and counts.sources.get(key, 0) >= svc.per_source:
-        return "per_source", key
+        return Refusal.PER_SOURCE, key
     if take_token and counts.bucket is not None and not counts.bucket.take(now):
-        return "rate", key
+        return Refusal.RATE, key
     return None, key

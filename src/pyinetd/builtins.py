@@ -102,6 +102,9 @@ class Session:
         self._eof = False
         self._closed = False
         self._events = 0
+        # What the session carried, for its end line (as xinetd's and systemd's accounting).
+        self.bytes_in = 0
+        self.bytes_out = 0
         if self._does.greeting is not None:
             self._out += self._does.greeting()
             self._eof = True
@@ -156,6 +159,7 @@ class Session:
             data = self.sock.recv(CHUNK)
         except BlockingIOError:
             return
+        self.bytes_in += len(data)
         if not data:
             self._eof = True
             if self._does.generates:
@@ -183,6 +187,7 @@ class Session:
         except OSError:
             self.close()
             return
+        self.bytes_out += sent
         del self._out[:sent]
         if self._eof and not self._out and not self._does.generates:
             self.close()

@@ -2,18 +2,215 @@
 does its sandbox let exec read the program, which addresses a redirect reaches, may workers
 share a limit. Pure of runtime: no sockets opened, no processes started (fsuser switches the
 effective ids of this thread for a moment, as --check does).
+
+Whose failure a file's failure is (issue 24.8, 26.5): a file or folder the service's user can
+change (``changeable_by``) fails that service alone, with a warning (``settle_file``): its user
+could otherwise make the whole configuration invalid (swap its own err.log for a symlink to a
+root file, chmod 000 its own folder) and with it every reload and the next start. The
+administrator's own mistakes, in files only root can change, stay configuration errors.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import stat
+from dataclasses import dataclass, field
 from typing import Any
 
 from pyinetd import fsuser, sandbox, warmcmd
 from pyinetd.parsers import ListenAddress
 
-__all__ = ["check_sandbox", "check_stderr_file", "check_workers", "reaches"]
+__all__ = [
+    "FileFindings",
+    "Unusable",
+    "changeable_by",
+    "check_reach",
+    "check_sandbox",
+    "check_stderr_file",
+    "check_workers",
+    "reaches",
+    "settle_file",
+]
+
+# What the service is left with when a file its user can change fails at load.
+FAILED = "the service is failed: it listens nowhere until this is mended and pyinetd reloaded"
+WITHOUT_BANNER = "the service is served without its banner"
+STDERR_TO_LOG = "the service's stderr goes to pyinetd's log (stderr: log) instead"
+MAX_SYMLINKS = 40  # as the kernel's path walk (ELOOP)
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """A key whose file or folder is not usable now (parsers._FileStateError), as parsed
+    before the service's user is known; settled by config.py with ``settle_file``."""
+
+    where: str  # where the key was given: 'FILE: services.NAME' or 'FILE: defaults'
+    key: str
+    message: str
+    path: str
+    fallback: Any
+
+
+@dataclass
+class FileFindings:
+    """One load's failures of files that services' users can change, by service."""
+
+    failed: dict[str, str] = field(default_factory=dict)  # service -> 'key: why' (not served)
+    notes: dict[str, list[str]] = field(default_factory=dict)  # service -> 'key: why; what now'
+    warnings: list[str] = field(default_factory=list)  # 'FILE: services.NAME.KEY: why; what now'
+    # errors of `defaults:` keys that a service claimed as its own / that one did not
+    claimed: set[str] = field(default_factory=set)
+    kept: set[str] = field(default_factory=set)
+
+
+def service_user(values: dict[str, Any]) -> fsuser.User | None:
+    """The user whose files fall under the rule: a service's own user, not root, while
+    pyinetd runs as root. Not as root, every service runs as pyinetd's own user, whose files
+    are the administrator's: their failures stay configuration errors; so do those of a
+    service without `user:` (it runs as root: its files are root's by StrictModes)."""
+    user = values.get("user")
+    if os.geteuid() != 0 or user is None or user[1] == 0:
+        return None
+    return user  # type: ignore[no-any-return]
+
+
+def changeable_by(user: fsuser.User, group: int | None, path: str) -> str | None:
+    """The first entry on the way to ``path`` that ``user`` can change, or None.
+
+    The way is walked as the kernel walks it, from /, each symlink followed (at most 40), with
+    lstat only (nothing is opened, so a FIFO cannot block). An entry is the user's to change
+    when the user owns it (chmod, or replace what is inside), when its folder is writable by
+    the user (rename, replace: unless that folder is sticky and the entry is not the user's,
+    as /tmp), when it is missing from a folder the user may write (create it), or, for the
+    file at the end, when the user may write it (its content). Below a folder the user may
+    not search, nothing is the user's to change. Mode bits and the user's groups decide
+    (ACLs are not read)."""
+    name, uid, gid = user
+    gid = group if group is not None else gid
+    groups = set(os.getgrouplist(name, gid)) if name else {gid}
+
+    def may(st: os.stat_result, bit: int) -> bool:
+        if st.st_uid == uid:
+            return bool(st.st_mode & (bit << 6))
+        if st.st_gid in groups:
+            return bool(st.st_mode & (bit << 3))
+        return bool(st.st_mode & bit)
+
+    folder, fst = "/", os.lstat("/")
+    if fst.st_uid == uid:
+        return folder
+    todo = list(reversed(os.path.join(os.getcwd(), path).split("/")))  # absolute stays
+    st, links = fst, 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            folder = os.path.dirname(folder)
+            st = fst = os.lstat(folder)
+            continue
+        if not may(fst, 0o1):
+            return None  # the user cannot pass this folder
+        entry = os.path.join(folder, part)
+        try:
+            st = os.lstat(entry)
+        except FileNotFoundError:
+            return folder if may(fst, 0o2) else None
+        except OSError:  # ENOTDIR, ENAMETOOLONG: nothing the user made
+            return None
+        if st.st_uid == uid:
+            return entry
+        if may(fst, 0o2) and not fst.st_mode & stat.S_ISVTX:
+            return folder
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > MAX_SYMLINKS:
+                return None
+            target = os.readlink(entry)
+            if target.startswith("/"):
+                folder, fst = "/", os.lstat("/")
+            todo.extend(reversed(target.split("/")))
+            continue
+        folder, fst = entry, st
+    if not stat.S_ISDIR(st.st_mode) and may(st, 0o2):
+        return path
+    return None
+
+
+def settle_file(
+    values: dict[str, Any],
+    where: str,
+    line: str,
+    path: str,
+    errors: list[str],
+    found: FileFindings,
+    *,
+    without: str | None = None,
+    always: bool = False,
+) -> bool:
+    """A check of ``where`` (FILE: services.NAME) failed with ``line`` (WHERE.KEY: why) on
+    ``path``: a configuration error, unless the service's user can change that path (or
+    ``always``: a check made with the user's rights, which no root file decides alone). Then
+    it is a warning and the service's alone: failed, or, with ``without``, served on without
+    that file (``without`` says how). True when it is the service's."""
+    user = service_user(values)
+    who = None if user is None else changeable_by(user, values.get("group"), path)
+    if user is None or (who is None and not always):
+        errors.append(line)
+        return False
+    name = where.partition(": services.")[2]
+    why = line[len(where) + 1 :] if line.startswith(where + ".") else line
+    because = f"; {user[0]!r} can change {who!r}" if who else ""
+    found.warnings.append(f"{line}{because}: {without or FAILED}")
+    if without is None:
+        found.failed.setdefault(name, why)
+    else:
+        found.notes.setdefault(name, []).append(f"{why}: {without}")
+    return True
+
+
+def _regular(path: str) -> bool:
+    """execve(2) runs a regular file only (EACCES for a FIFO, a device); stat, not open: a
+    FIFO must not block the load."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def check_reach(values: dict[str, Any], where: str, errors: list[str], found: FileFindings) -> None:
+    """The program and cwd, checked with the rights of the service's user, as the child will
+    use them (execve after setuid, chdir after setuid): a program in a folder that user may
+    not search fails every connection (issue 26.5). Always the service's failure, never the
+    configuration's: its user may have made its own folder 0700."""
+    user = service_user(values)
+    argv = values.get("exec") or ()
+    if user is None or not argv:
+        return
+    given = getattr(argv, "given", argv)
+    cwd = values.get("cwd")
+    script = ""
+    if values.get("warm") and warmcmd.is_python(argv[0]) and len(argv) > 1:
+        try:
+            script = warmcmd.from_argv(argv).script
+        except (ValueError, IndexError):
+            script = ""
+    with fsuser.user_rights(user, values.get("group")):
+        run = os.access(argv[0], os.X_OK, effective_ids=True) and _regular(argv[0])
+        into = cwd is None or os.access(cwd, os.X_OK, effective_ids=True)
+        read = not os.path.isabs(script) or os.access(script, os.R_OK, effective_ids=True)
+    who = f"user {user[0]!r}"
+    if not run:
+        why = "may not run it (not reachable, or not an executable file)"
+        line = f"{where}.exec: {given[0]}: {who} {why}"
+        settle_file(values, where, line, given[0], errors, found, always=True)
+    elif not read:
+        line = f"{where}.exec: {script}: {who} may not read the script"
+        settle_file(values, where, line, script, errors, found, always=True)
+    if not into and cwd is not None:
+        line = f"{where}.cwd: {cwd}: {who} may not enter it"
+        settle_file(values, where, line, cwd, errors, found, always=True)
 
 
 def check_workers(workers: int, max_children: int | None, label: str) -> list[str]:
@@ -96,9 +293,10 @@ def check_warm(values: dict[str, Any], where: str, errors: list[str]) -> None:
     if not warmcmd.is_python(argv[0]):
         try:
             # With the service user's rights: a user may have linked the program elsewhere.
-            fd = fsuser.open_as(values.get("user"), values.get("group"), argv[0], os.O_RDONLY)
-            with os.fdopen(fd, "rb") as f:
-                first = f.readline(256)
+            # Read once, here: the zygote is started from this line, not from a second read
+            # by root in the loop of a path the user controls (issue 24.2).
+            first = fsuser.read_first_line_as(values.get("user"), values.get("group"), argv[0])
+            values["exec_first_line"] = first
         except OSError as exc:
             errors.append(f"{where}.warm: true: {argv[0]}: {exc.strerror or exc}")
             return

@@ -8,7 +8,9 @@ import os
 import pwd
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pyinetd import __version__
 from pyinetd.config import Config, ConfigError, load
@@ -47,54 +49,154 @@ def _ensure_std_fds() -> None:
                 os.close(null)
 
 
+@dataclass(frozen=True)
+class Command:
+    """A command word: what it does (its --help and the man page's COMMANDS) and its options."""
+
+    name: str
+    args: str  # the positional words it takes, as usage shows them
+    summary: str
+    options: tuple[str, ...]
+
+
+_LOGGING = ("log_level", "log_format", "syslog")
+COMMANDS = (
+    Command(
+        "run",
+        "",
+        "The default: bind every enabled service's listening sockets, then serve in the "
+        "foreground until SIGTERM or SIGINT. Logs go to stderr (or syslog with --syslog).",
+        ("config", "pid_file", "control", "check", "print_config", "format", *_LOGGING),
+    ),
+    Command(
+        "status",
+        "",
+        "Print the running instance's services, their states, counts and children, as a "
+        "table or, with --json, as JSON. The instance is found through its control socket.",
+        ("config", "control", "json"),
+    ),
+    Command(
+        "reload",
+        "",
+        "Make the running instance re-read its configuration, as SIGHUP does, and print "
+        f"the errors of a bad file (exit {EXIT_CONFIG}); a bad file changes nothing.",
+        ("config", "control"),
+    ),
+    Command("stop", "", "Stop the running instance, as SIGTERM does.", ("config", "control")),
+    Command(
+        "convert",
+        "FILE",
+        "Print an inetd.conf(5) or xinetd.conf(5) file (following includedir) as "
+        "pyinetd configuration, with a warning for each setting that has no equivalent.",
+        ("format",),
+    ),
+    Command(
+        "security",
+        "",
+        "Print one line per service: the user it runs as, what contains it (no_new_privs, "
+        "the sandbox's filesystem, syscall and network rules) and an exposure score from "
+        "0 (contained) to 10 (UNSAFE), as systemd-analyze security scores units. Built-in "
+        "services run inside pyinetd itself and score as pyinetd does.",
+        ("config",),
+    ),
+)
+
+# Each option declared once: the top-level parser takes them all, a command's --help shows its own.
+_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "config": (("-c", "--config"), {"default": "inetd.yaml", "help": "configuration file"}),
+    "pid_file": (("--pid-file",), {"help": "write the pid here while running"}),
+    "control": (("--control",), {"help": "control socket path (default: from the config)"}),
+    "json": (("--json",), {"action": "store_true", "help": "status: print JSON"}),
+    "format": (
+        ("--format",),
+        {
+            "default": "yaml",
+            "choices": ["yaml", "toml", "json"],
+            "help": "output format of convert and --print-config",
+        },
+    ),
+    "check": (
+        ("--check",),
+        {"action": "store_true", "help": "validate the configuration, exit"},
+    ),
+    "log_level": (
+        ("--log-level",),
+        {
+            "default": "info",
+            "choices": ["debug", "info", "warning", "error"],
+            "help": "info logs one line per connection start and end (default)",
+        },
+    ),
+    "log_format": (("--log-format",), {"default": "text", "choices": ["text", "json"]}),
+    "syslog": (
+        ("--syslog",),
+        {"action": "store_true", "help": "log to the local syslog socket"},
+    ),
+    "version": (("--version",), {"action": "version", "version": f"pyinetd {__version__}"}),
+    "schema": (
+        ("--schema",),
+        {"action": "store_true", "help": "print the configuration's JSON Schema, exit"},
+    ),
+    "print_config": (
+        ("--print-config",),
+        {
+            "action": "store_true",
+            "help": "print the configuration as pyinetd reads it (defaults applied, paths "
+            "absolute, includes merged; see --format), exit",
+        },
+    ),
+}
+
+EPILOG = "Documentation: man pyinetd, man pyinetd.yaml (contrib/ in the source), README.md."
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser (also used to generate the man page)."""
     parser = argparse.ArgumentParser(
         prog="pyinetd",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Documentation: man pyinetd, man pyinetd.yaml (contrib/ in the source), README.md.",
+        epilog=EPILOG,
     )
     parser.add_argument(
         "command",
         nargs="?",
         default="run",
-        choices=["run", "status", "reload", "stop", "convert", "security"],
+        choices=[c.name for c in COMMANDS],
         help="run (default): serve; status/reload/stop: talk to the running instance "
         "through its control socket; convert FILE: translate inetd.conf or xinetd.conf; "
-        "security: what contains each service, and its exposure",
+        "security: what contains each service, and its exposure; "
+        "`pyinetd COMMAND --help` describes one",
     )
     parser.add_argument("file", nargs="?", help="for convert: the inetd.conf or xinetd.conf")
-    parser.add_argument("-c", "--config", default="inetd.yaml", help="configuration file")
-    parser.add_argument("--pid-file", help="write the pid here while running")
-    parser.add_argument("--control", help="control socket path (default: from the config)")
-    parser.add_argument("--json", action="store_true", help="status: print JSON")
-    parser.add_argument(
-        "--format",
-        default="yaml",
-        choices=["yaml", "toml", "json"],
-        help="output format of convert and --print-config",
-    )
-    parser.add_argument("--check", action="store_true", help="validate the configuration, exit")
-    parser.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="info logs one line per connection start and end (default)",
-    )
-    parser.add_argument("--log-format", default="text", choices=["text", "json"])
-    parser.add_argument("--syslog", action="store_true", help="log to the local syslog socket")
-    parser.add_argument("--version", action="version", version=f"pyinetd {__version__}")
-    parser.add_argument(
-        "--schema", action="store_true", help="print the configuration's JSON Schema, exit"
-    )
-    parser.add_argument(
-        "--print-config",
-        action="store_true",
-        help="print the configuration as pyinetd reads it (defaults applied, paths absolute, "
-        "includes merged; see --format), exit",
-    )
+    for flags, kwargs in _OPTIONS.values():
+        parser.add_argument(*flags, **kwargs)
     return parser
+
+
+def command_parser(command: Command) -> argparse.ArgumentParser:
+    """The parser `pyinetd COMMAND --help` prints: the command's words and its options only."""
+    usage = f"pyinetd {command.name} [options]" + (f" {command.args}" if command.args else "")
+    parser = argparse.ArgumentParser(
+        prog=f"pyinetd {command.name}", usage=usage, description=command.summary, epilog=EPILOG
+    )
+    for name in command.options:
+        flags, kwargs = _OPTIONS[name]
+        parser.add_argument(*flags, **kwargs)
+    return parser
+
+
+def _command_help(argv: Sequence[str]) -> str | None:
+    """`pyinetd COMMAND ... --help` (or -h): that command's help, not the global one."""
+    if not {"-h", "--help"} & set(argv):
+        return None
+    words = {c.name: c for c in COMMANDS}
+    for word in argv:
+        if word in ("-h", "--help"):
+            return None  # help asked before any command word: the global help
+        if word in words:
+            return command_parser(words[word]).format_help()
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,7 +216,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    text = _command_help(words)
+    if text is not None:
+        print(text, end="")
+        return EXIT_OK
+    # Intermixed: options go before or after the command's words (`convert --format toml FILE`).
+    args = build_parser().parse_intermixed_args(words)
     if args.schema or args.print_config:
         return _print_schema() if args.schema else _print_config(args.config, args.format)
     if args.command == "convert":
@@ -128,13 +236,17 @@ def _main(argv: Sequence[str] | None) -> int:
 
             errors = build_contexts((s.name, s.source, s.tls) for s in config.enabled_services)[1]
             if errors:
-                raise ConfigError(errors)
+                raise ConfigError(errors, config.located(errors))
     except ConfigError as exc:
         for line in exc.lines:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     if args.check:
-        print(f"{args.config}: ok, {len(config.services)} services")
+        for line in config.warnings:  # a service's own files: that service's failure alone
+            print(f"warning: {line}", file=sys.stderr)
+        failed = [s.name for s in config.services if s.enabled and s.name in config.failed]
+        some = f" ({len(failed)} failed: {', '.join(failed)})" if failed else ""
+        print(f"{args.config}: ok, {len(config.services)} services{some}")
         return EXIT_OK
     if args.command == "security":
         return _security(config)
@@ -161,7 +273,7 @@ def _main(argv: Sequence[str] | None) -> int:
             print(line, file=sys.stderr)
         return EXIT_CONFIG
     except ListenError as exc:
-        print(f"{args.config}: {exc}", file=sys.stderr)
+        print(config.located([f"{exc.source or args.config}: {exc}"])[0], file=sys.stderr)
         return EXIT_RUNTIME
     return server.run(pid_file=None if worker else args.pid_file, control_path=args.control)
 

@@ -20,11 +20,17 @@ from typing import Any
 from pyinetd import keys, schema, trust
 from pyinetd.access import AccessList
 from pyinetd.checks import (
+    STDERR_TO_LOG,
+    WITHOUT_BANNER,
+    FileFindings,
+    Unusable,
+    check_reach,
     check_sandbox,
     check_stderr_file,
     check_warm,
     check_workers,
     reaches,
+    settle_file,
 )
 from pyinetd.document import Marks, read_marked
 from pyinetd.parsers import (
@@ -35,6 +41,7 @@ from pyinetd.parsers import (
     Parser,
     TLSSettings,
     _BannerFile,
+    _FileStateError,
     _KeyError,
     _read_banner,
     number,
@@ -42,6 +49,8 @@ from pyinetd.parsers import (
     types_only,
 )
 from pyinetd.sandbox import SandboxSettings
+from pyinetd.service_keys import BUILTIN_STREAM_DEFAULTS, UDP_RATE
+from pyinetd.units import parse_rate
 
 __all__ = [
     "BUILTINS",
@@ -157,6 +166,9 @@ class Service:
     # a Python script served from a warm interpreter (zygote.py), with these modules imported
     warm: bool = False
     preload: tuple[str, ...] = ()
+    # exec[0]'s first line (its #!) as the load read it with the user's rights (checks.py),
+    # for the zygote: no key fills it, and root reads the file no second time (issue 24.2)
+    exec_first_line: bytes = b""
     banner: bytes = b""
     # protocols in front of the service
     tls: TLSSettings | None = None
@@ -235,10 +247,26 @@ class Config:
     max_pending: int = 256
     max_pending_per_source: int = 16
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Where each key is in each file read: errors found after the build (a TLS file, a port
+    # in use) are located as the build's own are.
+    marks: Mapping[str, Marks] = field(default_factory=dict, compare=False, repr=False)
+
+    def located(self, errors: list[str]) -> list[str]:
+        """'file: key: message' lines as 'file:line:column: key: message' where known."""
+        return _located(errors, self.marks)
+
+    # Services failed at load by a file their user can change (checks.settle_file, issue
+    # 24.8): name -> 'key: why'. They stay in `services` (status shows them) and listen nowhere.
+    failed: Mapping[str, str] = field(default_factory=dict, compare=False)
+    # Services served without a file their user can change (banner, stderr): name -> notes.
+    notes: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+    # Both as 'FILE:LINE:COLUMN: services.NAME.KEY: why; what now', for --check and the log.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def enabled_services(self) -> tuple[Service, ...]:
-        return tuple(s for s in self.services if s.enabled)
+        """The services that listen: enabled, and not failed at load."""
+        return tuple(s for s in self.services if s.enabled and s.name not in self.failed)
 
 
 # Keys a service (or `defaults:`) may carry, and top-level keys (besides `defaults` and
@@ -367,6 +395,7 @@ def _build(doc: Any, path: Path, marks: dict[str, Marks], with_schema: bool) -> 
         sources += _read_includes(pattern, base, label, errors, flags, marks)
 
     services: list[Service] = []
+    files = FileFindings()
     defined: dict[str, str] = {}
     for name, body, where, folder in sources:
         if name in defined:
@@ -377,16 +406,27 @@ def _build(doc: Any, path: Path, marks: dict[str, Marks], with_schema: bool) -> 
             )
             continue
         defined[name] = where
-        svc = _build_service(name, body, defaults, where, folder, errors, flags)
+        svc = _build_service(name, body, defaults, where, folder, errors, flags, files)
         if svc is not None:
             services.append(svc)
     _check_duplicates(services, label, errors)
     _check_redirect_loops(services, errors)
     errors += check_workers(top.get("workers", 1), top.get("max_children"), label)
     errors += flags.rest()
+    errors = [e for e in errors if e not in files.claimed - files.kept]
     if errors:
+        errors = list(dict.fromkeys(errors))  # a bad default reported once, not per service
         raise ConfigError(errors, _located(errors, marks))
-    return Config(path=path, services=tuple(services), raw=doc, **top)
+    return Config(
+        path=path,
+        services=tuple(services),
+        raw=doc,
+        marks=marks,
+        failed=files.failed,
+        notes={name: tuple(notes) for name, notes in files.notes.items()},
+        warnings=tuple(_one_short_line(_located(files.warnings, marks))),
+        **top,
+    )
 
 
 def _read_includes(
@@ -493,6 +533,10 @@ def _check_keys(
             continue
         try:
             out[key] = parser(value, base)
+        except _FileStateError as exc:
+            # Whose failure this is depends on the service's user: _settle_unusable decides.
+            errors.append(f"{where}.{key}: {exc.messages[0]}")
+            out[key] = Unusable(where, key, exc.messages[0], exc.path, exc.fallback)
         except _KeyError as exc:
             errors += [f"{where}.{key}: {m}" for m in exc.messages]
     return out
@@ -506,6 +550,7 @@ def _build_service(
     base: Path,
     errors: list[str],
     flags: _SchemaErrors,
+    found: FileFindings,
 ) -> Service | None:
     """A service from its body. One with `enabled: false` is checked for its schema and types
     only: its program, users, files, TLS files and ports are not looked at (it starts nothing
@@ -516,7 +561,7 @@ def _build_service(
         with contextlib.suppress(ValueError):  # a bad value is reported where it is parsed
             enabled = SERVICE_KEYS["enabled"](body["enabled"], base)
     with types_only(not enabled):
-        return _service(name, body, defaults, label, base, errors, flags)
+        return _service(name, body, defaults, label, base, errors, flags, found)
 
 
 def _service(
@@ -527,6 +572,7 @@ def _service(
     base: Path,
     errors: list[str],
     flags: _SchemaErrors,
+    found: FileFindings,
 ) -> Service | None:
     where = f"{label}: services.{name}"
     if body is None:
@@ -542,6 +588,7 @@ def _service(
         **defaults,
         **_check_keys(body, where, errors, base, allow_listen=True, flagged=flagged),
     }
+    _settle_unusable(values, where, errors, found)
     protocol = values.get("protocol", "tcp")
     listen: list[ListenAddress] = []
     # The listen parser knows the protocol (a unix service listens on a path), so its message
@@ -621,31 +668,89 @@ def _service(
             errors.append(f"{where}.argv0: only with exec (the argv[0] of the program it starts)")
     if values.get("builtin") is not None:
         values["wait"] = False  # built-ins run inside pyinetd; wait does not apply
+        if protocol == "tcp":
+            # Each session holds a parent's fd: bounded per client unless said otherwise.
+            for key, default in BUILTIN_STREAM_DEFAULTS.items():
+                if values.get(key) is None:
+                    values[key] = default
     if "redirect" in body and values.get("max_connections") is None:
         # Each relay is a forked pyinetd (~7.5 MiB private): bounded unless said otherwise.
         values["max_connections"] = REDIRECT_MAX_CONNECTIONS
-    _combine(values, where, errors)
+    if protocol == "udp" and not values.get("wait") and values.get("rate") is None:
+        # Set before _combine, so that `burst:` alone shapes this default (service_keys).
+        values["rate"] = parse_rate(UDP_RATE)
+    _combine(values, where, errors, found)
     if len(errors) == n_before and not values.get("enabled", True):
         # The checks below look at this host's files and users: not for a disabled service.
         return Service(name=name, listen=tuple(listen), source=label, **values)
     user = values.get("user")
     if values.get("exec") and (user is None or user[1] == 0):
         try:
-            # As root, a program others may replace would run as root (issue 18.4).
-            trust.check_program(values["exec"][0])
+            # As root, a program others may replace would run as root (issue 18.4), and so
+            # would the script an interpreter or env runs (issue 24.9).
+            env = dict(values.get("env", ()))
+            search = env.get("PATH") or os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
+            cwd = values.get("cwd") or os.getcwd()
+            trust.check_command(values["exec"], search, cwd, values.get("argv0"))
         except OSError as exc:
             errors.append(f"{where}.exec: {values['exec'][0]}: {exc.strerror or exc}")
         except ValueError as exc:
             errors.append(f"{where}.exec: {exc} (the service runs as root)")
-    check_stderr_file(values, where, errors)
-    check_sandbox(values, where, errors, explicit="sandbox" in body)
-    check_warm(values, where, errors)
+    stderr_errors: list[str] = []
+    check_stderr_file(values, where, stderr_errors)
+    for line in stderr_errors:
+        if settle_file(values, where, line, values["stderr"], errors, found, without=STDERR_TO_LOG):
+            values["stderr"] = "log"
+    failed = name in found.failed
+    argv: tuple[str, ...] = values.get("exec") or ()
+    program = getattr(argv, "given", argv)[0] if argv else ""
+    box_errors: list[str] = []
+    check_sandbox(values, where, box_errors, explicit="sandbox" in body)
+    for line in box_errors:
+        # What exec needs under sandbox.read follows from the program (its #! line), which
+        # the service's user may have rewritten; of a failed service, it does not matter.
+        if not program or not line.startswith(f"{where}.sandbox.read: "):
+            errors.append(line)
+        elif not failed:
+            settle_file(values, where, line, program, errors, found)
+    if not failed:
+        warm_errors: list[str] = []
+        check_warm(values, where, warm_errors)
+        for line in warm_errors:
+            # Reading the program's #! line, or what it says: the user's when its file is.
+            if program and line.startswith(f"{where}.warm: true: {argv[0]}: "):
+                settle_file(values, where, line, program, errors, found)
+            else:
+                errors.append(line)
+    if name not in found.failed:
+        check_reach(values, where, errors, found)
     if len(errors) > n_before:
         return None
     return Service(name=name, listen=tuple(listen), source=label, **values)
 
 
-def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
+def _settle_unusable(
+    values: dict[str, Any], where: str, errors: list[str], found: FileFindings
+) -> None:
+    """Each key whose file is not usable now (its error already among ``errors``, in key
+    order): the service's failure alone when its user can change that file, so its error is
+    taken back; the folder of `stderr: FILE` gone, the log stands in. A bad default is the
+    configuration's unless every service it reaches claims it (FileFindings.claimed)."""
+    for key, value in list(values.items()):
+        if not isinstance(value, Unusable):
+            continue
+        values[key] = value.fallback
+        without = STDERR_TO_LOG if key == "stderr" else None
+        line = f"{where}.{key}: {value.message}"
+        own = settle_file(values, where, line, value.path, [], found, without=without)
+        given = f"{value.where}.{key}: {value.message}"
+        if value.where != where:
+            (found.claimed if own else found.kept).add(given)
+        elif own:
+            errors.remove(given)
+
+
+def _combine(values: dict[str, Any], where: str, errors: list[str], found: FileFindings) -> None:
     """Fold keys that configure one thing together (rate+burst, allow+deny, banner)."""
     burst = values.pop("burst", None)
     if values.get("rate") is not None and burst is not None:
@@ -664,7 +769,10 @@ def _combine(values: dict[str, Any], where: str, errors: list[str]) -> None:
                 values["banner"], values.get("user"), values.get("group")
             )
         except _KeyError as exc:
-            errors.append(f"{where}.banner: {exc}")
+            # A banner its user may change (issue 24.8): served without it, not refused.
+            line, path = f"{where}.banner: {exc}", str(values["banner"].path)
+            values["banner"] = b""
+            settle_file(values, where, line, path, errors, found, without=WITHOUT_BANNER)
     text = values.pop("banner_text", None)
     if text is not None:
         if values.get("banner"):
@@ -749,7 +857,7 @@ _SERVICE_OUT = {k.target: k.out for k in keys.SERVICE_KEYS.values() if k.out and
 def _service_to_dict(svc: Service) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(Service):
-        if f.name in ("name", "source"):
+        if f.name in ("name", "source", "exec_first_line"):
             continue
         value = getattr(svc, f.name)
         if value == f.default:
@@ -765,7 +873,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     (apart from ``path`` and each service's ``source``)."""
     out: dict[str, Any] = {}
     for f in fields(Config):
-        if f.name in ("path", "services", "raw", "include"):  # includes are merged below
+        if f.name in ("path", "services", "raw", "marks", "include", "failed", "notes", "warnings"):
             continue
         value = getattr(cfg, f.name)
         if value != f.default:

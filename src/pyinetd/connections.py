@@ -45,7 +45,7 @@ class Sessions:
         self._loop = loop
         self._services = services
         self._drained = drained  # a session ended while stopping
-        self.table: dict[builtins.Session, tuple[ServiceState, str, Timer | None]] = {}
+        self.table: dict[builtins.Session, tuple[ServiceState, str, str, Timer | None]] = {}
 
     def __len__(self) -> int:
         return len(self.table)
@@ -55,31 +55,68 @@ class Sessions:
         for sess in list(self.table):
             sess.close()
 
-    def start(self, state: ServiceState, conn: socket.socket, kind: str, src: str) -> None:
-        """Run built-in ``kind`` on ``conn`` in the loop; it holds a slot until it closes."""
+    def start(
+        self, state: ServiceState, conn: socket.socket, kind: str, src: str, peer: str
+    ) -> None:
+        """Run built-in ``kind`` on ``conn`` in the loop; it holds a slot until it closes.
+        Its start and end are logged as a program's are, the end with the bytes carried."""
+        name = state.service.name
+        if LOG.isEnabledFor(logging.INFO):
+            event(
+                logging.INFO,
+                f"{name}: {peer} -> built-in {kind}",
+                event="start",
+                service=name,
+                peer=peer,
+                builtin=kind,
+            )
         state.add_source(src)
         sess = builtins.Session(kind, conn, self._loop.sel, self._closed)
-        if sess.closed:
+        if sess.closed:  # daytime, time: the whole answer sent at once
             state.drop_source(src)
+            state.bytes_out += sess.bytes_out
+            log_session_end(name, peer, sess)
             return
         timer = None
         if state.service.timeout:
             timer = self._loop.call_later(state.service.timeout, sess.close)
-        self.table[sess] = (state, src, timer)
+        self.table[sess] = (state, src, peer, timer)
         self._services.instance_started(state)
 
     def _closed(self, sess: builtins.Session) -> None:
         entry = self.table.pop(sess, None)
         if entry is None:
-            return  # closed while starting: start drops the slot
-        state, src, timer = entry
+            return  # closed while starting: start drops the slot and logs the end
+        state, src, peer, timer = entry
         if timer is not None:
             timer.cancelled = True
+        log_session_end(state.service.name, peer, sess)
+        state.bytes_in += sess.bytes_in
+        state.bytes_out += sess.bytes_out
         state.drop_source(src)
         if self._services.stopping:
             self._drained()
             return
         self._services.refresh_paused(state)
+
+
+def log_session_end(name: str, peer: str, sess: builtins.Session) -> None:
+    """A built-in session's end: after how long, and the bytes it read and wrote."""
+    if not LOG.isEnabledFor(logging.INFO):
+        return
+    duration = time.monotonic() - sess.started
+    event(
+        logging.INFO,
+        f"{name}: built-in {sess.kind} for {peer} ended after {duration:.3f}s, "
+        f"{sess.bytes_in} bytes in, {sess.bytes_out} out",
+        event="end",
+        service=name,
+        peer=peer,
+        builtin=sess.kind,
+        duration=round(duration, 6),
+        bytes_in=sess.bytes_in,
+        bytes_out=sess.bytes_out,
+    )
 
 
 class Connections:
@@ -317,7 +354,7 @@ class Connections:
                 conn.send(svc.banner, socket.MSG_DONTWAIT)
         if svc.builtin is not None:
             conn.setblocking(False)
-            self.sessions.start(state, conn, svc.builtin, src)
+            self.sessions.start(state, conn, svc.builtin, src, peer_text(ip, port))
             return
         try:
             if local is not None:

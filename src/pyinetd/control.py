@@ -11,6 +11,7 @@ import contextlib
 import errno
 import functools
 import json
+import logging
 import os
 import selectors
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pyinetd.admission import StageSlots
+from pyinetd.log import event
 
 REQUEST_MAX = 8192
 CLIENT_DEADLINE = 5.0  # seconds a control or metrics client may take to send its request
@@ -30,6 +32,11 @@ CLIENT_DEADLINE = 5.0  # seconds a control or metrics client may take to send it
 # (issue 14, item 6).
 MAX_CLIENTS = 32
 MAX_CLIENTS_PER_SOURCE = 8
+# Seconds a request server stops accepting after accept() ran out of fds (EMFILE, ENFILE...):
+# the selector is level-triggered, so a queued client would wake the loop again at once and
+# spin it at 100% CPU for as long as the fds stay taken (issue 24, item 7).
+ACCEPT_PAUSE = 0.5
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def default_control_path(config_path: str | Path) -> str:
@@ -121,8 +128,51 @@ def bind_control(path: str) -> socket.socket:
 Handler = Callable[[bytes], bytes]
 
 
+class FdReserve:
+    """One fd held open (/dev/null) so that it can be given up when the process is at its fd
+    limit: closed just before an accept(), it makes room for one control client, so that
+    `pyinetd status` and `stop` still answer while clients hold every other fd (issue 24,
+    item 5). ``restore`` takes it back once that client is gone."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._closed = False
+        self.restore()
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> bool:
+        """Close the reserved fd; False when none was held."""
+        if self._fd is None:
+            return False
+        os.close(self._fd)
+        self._fd = None
+        return True
+
+    def restore(self) -> None:
+        """Hold an fd again (best effort: at the limit, the next restore tries again)."""
+        if self._fd is None and not self._closed:
+            with contextlib.suppress(OSError):
+                self._fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        self._closed = True
+        self.release()
+
+
 class RequestServer:
-    """Accepts connections on ``sock``; each sends one request, gets one response, closes."""
+    """Accepts connections on ``sock``; each sends one request, gets one response, closes.
+
+    At most ``max_clients`` clients at once, ``max_per_source`` from one address. When those
+    are taken, the oldest client that has not sent its whole request yet (of the same address,
+    when its address is the one at its bound) is closed for the new one: idle clients cannot
+    lock a scraper out for their whole deadline (issue 24, item 13); a client that has sent its
+    request is never the one dropped. When accept() runs out of fds the server gives up its
+    ``reserve`` fd (if it has one) to accept one client, else it stops accepting for
+    ACCEPT_PAUSE seconds.
+    """
 
     def __init__(
         self,
@@ -133,6 +183,7 @@ class RequestServer:
         call_later: Callable[[float, Callable[[], None]], Any],
         max_clients: int = MAX_CLIENTS,
         max_per_source: int = MAX_CLIENTS_PER_SOURCE,
+        reserve: FdReserve | None = None,
     ) -> None:
         self.sock = sock
         self._sel = selector
@@ -140,36 +191,134 @@ class RequestServer:
         self._term = terminator
         self._call_later = call_later
         self._slots = StageSlots(max_clients, max_per_source)
+        self._clients: dict[Exchange, str] = {}  # by age, oldest first: client -> its key
+        self._reserve = reserve
+        self._on_reserve: Exchange | None = None  # the client the reserve fd made room for
+        self._resume: Any = None  # the timer that ends a pause
+        self._pause_logged = False
         self.refused = 0  # clients closed at accept because the slots were taken
+        self.dropped = 0  # idle clients closed to make room for a newer one
         selector.register(sock, selectors.EVENT_READ, self._on_accept)
 
     def _on_accept(self, mask: int) -> None:
         for _ in range(16):
+            via_reserve = False
             try:
                 conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                return
+            except OSError as exc:
+                if exc.errno not in OUT_OF_FDS:
+                    return
+                conn_addr = self._accept_on_reserve()
+                if conn_addr is None:
+                    self._pause(exc)
+                    return
+                conn, addr = conn_addr
+                via_reserve = True
+            if not via_reserve:
+                self._pause_logged = False
             # A unix peer has no address: the total alone bounds those.
             key = str(addr[0]) if isinstance(addr, tuple) else ""
-            if self._slots.take(key) is not None:
+            if not self._make_room(key):
                 self.refused += 1
                 conn.close()
+                if via_reserve:
+                    self._reserve_back()
                 continue
             conn.setblocking(False)
-            Exchange(
+            ex = Exchange(
                 conn,
                 self._sel,
                 self._handle,
                 self._term,
                 self._call_later,
-                functools.partial(self._slots.release, key),
+                functools.partial(self._closed, key),
             )
+            if ex.closed:
+                self._slots.release(key)
+                if via_reserve:
+                    self._reserve_back()
+                continue
+            self._clients[ex] = key
+            if via_reserve:
+                self._on_reserve = ex
+
+    def _accept_on_reserve(self) -> tuple[socket.socket, Any] | None:
+        """At the fd limit: give up the reserve fd and accept one client into its place."""
+        if self._reserve is None or not self._reserve.release():
+            return None
+        try:
+            return self.sock.accept()
+        except OSError:
+            self._reserve.restore()
+            return None
+
+    def _reserve_back(self) -> None:
+        """The client the reserve made room for is gone (or was refused): hold it again."""
+        self._on_reserve = None
+        if self._reserve is not None:
+            self._reserve.restore()
+
+    def _make_room(self, key: str) -> bool:
+        """Take a slot for a client of ``key``, closing the oldest idle client if need be."""
+        why = self._slots.take(key)
+        if why is None:
+            return True
+        victim = next(
+            (
+                ex
+                for ex, k in self._clients.items()
+                if ex.reading and (why != "pending_per_source" or k == key)
+            ),
+            None,
+        )
+        if victim is None:
+            return False
+        self.dropped += 1
+        victim.close()
+        return self._slots.take(key) is None
+
+    def _closed(self, key: str, ex: Exchange) -> None:
+        if self._clients.pop(ex, None) is not None:
+            self._slots.release(key)
+        if ex is self._on_reserve:
+            self._reserve_back()
+
+    def _pause(self, exc: OSError) -> None:
+        """Out of fds and no reserve: stop watching the socket for ACCEPT_PAUSE seconds (logged
+        once until an accept succeeds again)."""
+        if self._resume is not None:
+            return
+        if not self._pause_logged:
+            self._pause_logged = True
+            where = "request server"
+            with contextlib.suppress(OSError):
+                name = self.sock.getsockname()
+                where = f"{name[0]}:{name[1]}" if isinstance(name, tuple) else f"{name}"
+            event(
+                logging.WARNING,
+                f"{where}: accept: {exc.strerror}; pausing accepts for {ACCEPT_PAUSE}s at a "
+                "time until descriptors free up",
+                event="accept_error",
+            )
+        with contextlib.suppress(KeyError, ValueError):
+            self._sel.unregister(self.sock)
+        self._resume = self._call_later(ACCEPT_PAUSE, self._unpause)
+
+    def _unpause(self) -> None:
+        self._resume = None
+        if self.sock.fileno() >= 0:
+            self._sel.register(self.sock, selectors.EVENT_READ, self._on_accept)
 
     def close(self) -> None:
         """Stop accepting and close the socket (and remove a unix socket's file)."""
-        self._sel.unregister(self.sock)
+        if self._resume is not None:
+            self._resume.cancelled = True
+            self._resume = None
+        else:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(self.sock)
         path = self.sock.getsockname() if self.sock.family == socket.AF_UNIX else ""
         self.sock.close()
         if isinstance(path, str) and path:
@@ -187,7 +336,7 @@ class Exchange:
         handle: Handler,
         term: bytes,
         call_later: Callable[[float, Callable[[], None]], Any],
-        on_close: Callable[[], None] = lambda: None,
+        on_close: Callable[[Exchange], None] = lambda _ex: None,
     ) -> None:
         self.conn = conn
         self._on_close = on_close
@@ -197,8 +346,22 @@ class Exchange:
         self._in = b""
         self._out = b""
         self._done = False
-        sel.register(conn, selectors.EVENT_READ, self)
+        self._timer: Any = None
+        try:
+            sel.register(conn, selectors.EVENT_READ, self)
+        except (OSError, ValueError):  # (epoll_ctl: ENOMEM, ENOSPC)
+            self.close()
+            return
         self._timer = call_later(CLIENT_DEADLINE, self.close)
+
+    @property
+    def closed(self) -> bool:
+        return self._done
+
+    @property
+    def reading(self) -> bool:
+        """Still waiting for (the rest of) its request: no response started yet."""
+        return not self._done and not self._out
 
     def __call__(self, mask: int) -> None:
         try:
@@ -227,11 +390,12 @@ class Exchange:
         if self._done:
             return
         self._done = True
-        self._timer.cancelled = True
+        if self._timer is not None:
+            self._timer.cancelled = True
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(self.conn)
         self.conn.close()
-        self._on_close()
+        self._on_close(self)
 
 
 def request(path: str, command: str, timeout: float = 30.0) -> dict[str, Any]:

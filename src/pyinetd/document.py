@@ -285,12 +285,31 @@ def read_marked(path: Path) -> tuple[Any, Marks]:
             return tomllib.loads(text), _toml_marks(text)
         return _load_yaml(data, name)
     except yaml.MarkedYAMLError as exc:
+        # FILE:LINE:COL: as every other error, so that editors and CI jump to it.
         mark = exc.problem_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise DocumentError(f"{name}: not valid YAML: {where}{exc.problem}") from None
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        raise DocumentError(f"{where}: not valid YAML: {exc.problem}{_yaml_hint(exc)}") from None
     except DocumentError:
         raise
-    except (yaml.YAMLError, tomllib.TOMLDecodeError, ValueError, RecursionError) as exc:
+    except tomllib.TOMLDecodeError as exc:
+        # tomllib puts the position in its message only: "... (at line 3, column 19)".
+        detail = " ".join(str(exc).split())
+        at = _TOML_AT.search(detail)
+        if at:
+            detail = detail[: at.start()].rstrip()
+            name = f"{name}:{at.group(1)}:{at.group(2)}"
+        raise DocumentError(f"{name}: not valid TOML: {detail[:200]}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
         kind = "TOML" if path.suffix == ".toml" else "YAML"
         detail = " ".join(str(exc).split())[:200]
         raise DocumentError(f"{name}: not valid {kind}: {detail}") from None
+
+
+_TOML_AT = re.compile(r"\(at line (\d+), column (\d+)\)")
+
+
+def _yaml_hint(exc: yaml.MarkedYAMLError) -> str:
+    """What the parser's words mean to a person, where they are known to puzzle."""
+    if "'\\t'" in (exc.problem or ""):
+        return " (YAML forbids tabs in indentation: indent with spaces)"
+    return ""

@@ -17,7 +17,9 @@ compare against the target's real and saved ids).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from collections.abc import Iterator
 
 User = tuple[str, int, int]  # (name, uid, gid), as config.Service.user
@@ -68,3 +70,24 @@ def open_as(user: User | None, group: int | None, path: str, flags: int, mode: i
         os.close(fd)
         raise
     return fd
+
+
+def read_first_line_as(user: User | None, group: int | None, path: str, limit: int = 256) -> bytes:
+    """Up to ``limit`` bytes of the first line of the regular file ``path``, opened with the
+    rights of ``user``: what a service's program says in its ``#!``, read once at load.
+
+    The path is in a folder the service's user may own, who can put anything there between
+    two reads: so it is opened non-blocking (a FIFO must not hang pyinetd in open(2) or read(2),
+    issue 24.2), and refused unless the opened file is a regular one (OSError ENXIO). A
+    symlink is followed as the user would follow it: to nothing the user may not read."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    with user_rights(user, group):
+        fd = os.open(path, flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.ENXIO, "not a regular file")
+        head = os.pread(fd, limit, 0)
+    finally:
+        os.close(fd)
+    end = head.find(b"\n")
+    return head if end < 0 else head[: end + 1]

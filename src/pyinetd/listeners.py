@@ -12,6 +12,7 @@ import struct
 import weakref
 from collections.abc import Callable, Container
 from dataclasses import dataclass
+from pathlib import Path
 
 from pyinetd.config import ListenAddress, Service
 
@@ -19,7 +20,12 @@ BACKLOG = 1024  # the kernel caps it at net.core.somaxconn
 
 
 class ListenError(Exception):
-    """A socket could not be bound; the message names the service and the address."""
+    """A socket could not be bound; the message names the service's key and the address,
+    ``source`` the file that defines the service."""
+
+    def __init__(self, message: str, source: str = "") -> None:
+        super().__init__(message)
+        self.source = source
 
 
 @dataclass(frozen=True)
@@ -227,6 +233,51 @@ def _remove_stale_socket(dir_fd: int, name: str, path: str) -> None:
     raise OSError(errno.EADDRINUSE, "another server is listening on it", path)
 
 
+def _bind_hint(exc: OSError, protocol: str, addr: ListenAddress) -> str:
+    """What a person can do about a bind error: the ways to a low port, or who holds it."""
+    if protocol == "unix":
+        return ""
+    if exc.errno == errno.EACCES and 0 < addr.port < 1024:
+        return (
+            f"; ports below 1024 need root, CAP_NET_BIND_SERVICE, or "
+            f"sysctl net.ipv4.ip_unprivileged_port_start<={addr.port}"
+        )
+    if exc.errno == errno.EADDRINUSE:
+        holder = port_holder(protocol, addr.port)
+        return f" (held by {holder})" if holder else ""
+    return ""
+
+
+def port_holder(protocol: str, port: int) -> str | None:
+    """'pid N (COMM)' of a process with a socket bound to ``port``, as far as this process
+    may see (/proc/net lists the sockets, /proc/PID/fd links them to their owners: another
+    user's are visible to root only); None when none is found."""
+    inodes: set[str] = set()
+    for table in (protocol, protocol + "6"):
+        try:
+            lines = Path("/proc/net", table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            cols = line.split()
+            # local_address is HEXADDR:HEXPORT; a TCP listener is state 0A
+            listening = protocol != "tcp" or (len(cols) > 3 and cols[3] == "0A")
+            if len(cols) > 9 and listening and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{cols[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        comm = (proc / "comm").read_text().strip()
+                        return f"pid {proc.name} ({comm})"
+    return None
+
+
 def bind_service(
     service: Service, skip: Container[ListenKey] = (), reuseport: bool = False
 ) -> list[tuple[ListenKey, socket.socket]]:
@@ -253,9 +304,10 @@ def bind_service(
         except OSError as exc:
             for _, sock in bound:
                 close_listener(sock)
-            reason = exc.strerror or str(exc)
+            reason = (exc.strerror or str(exc)) + _bind_hint(exc, service.protocol, addr)
             raise ListenError(
-                f"services.{service.name}.listen: {addr} ({service.protocol}): {reason}"
+                f"services.{service.name}.listen: {addr} ({service.protocol}): {reason}",
+                service.source,
             ) from None
     return bound
 

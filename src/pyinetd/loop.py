@@ -23,6 +23,11 @@ from pyinetd.log import LOG
 __all__ = ["Loop", "Timer"]
 
 LOG_RETRY = 0.25  # seconds between tries to write a log backlog to a stalled reader
+# A cancelled timer stays in the heap until its time comes. Every built-in session has a
+# timeout (300 s by default) that is cancelled when the session ends: at 30,000 sessions a
+# second the heap would hold millions of dead timers. It is rebuilt without them whenever it
+# has doubled since the last rebuild (and holds at least this many): amortised O(1) per timer.
+COMPACT_MIN = 1024
 
 
 @dataclass(order=True)
@@ -44,6 +49,7 @@ class Loop:
         self.sel = selectors.DefaultSelector()
         self._timers: list[Timer] = []
         self._timer_seq = 0
+        self._compact_at = COMPACT_MIN
         self._wake_r, self._wake_w = socket.socketpair()
         self.exit = False  # leave the loop at the next turn
 
@@ -52,6 +58,10 @@ class Loop:
         self._timer_seq += 1
         timer = Timer(time.monotonic() + delay, self._timer_seq, callback)
         heapq.heappush(self._timers, timer)
+        if len(self._timers) > self._compact_at:
+            self._timers = [t for t in self._timers if not t.cancelled]
+            heapq.heapify(self._timers)
+            self._compact_at = max(COMPACT_MIN, 2 * len(self._timers))
         return timer
 
     def run_timers(self) -> float | None:

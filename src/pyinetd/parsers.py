@@ -66,6 +66,18 @@ class _KeyError(ValueError):
         self.messages = (message, *more)
 
 
+class _FileStateError(_KeyError):
+    """The value is well formed, but the file or folder it names is not usable now (missing,
+    not executable): a fact of the file system, which a service's user may have made.
+    config.py settles it once the service's user is known (checks.settle_file): the one
+    service's failure when that user can change ``path``, else a configuration error.
+    ``fallback`` stands for the value then (the service is failed or does without it)."""
+
+    def __init__(self, message: str, path: str, fallback: Any) -> None:
+        super().__init__(message)
+        self.path, self.fallback = path, fallback
+
+
 @dataclass(frozen=True)
 class ListenAddress:
     """One place a service listens: an IP endpoint or a unix socket path."""
@@ -134,7 +146,8 @@ def _parse_stderr(value: Any, base: Path) -> str:
         return value
     path = (base / value) if not os.path.isabs(value) else Path(value)
     if not path.parent.is_dir() and not _TYPES_ONLY.get():
-        raise _KeyError(f"{value!r}: folder {str(path.parent)!r} does not exist")
+        why = f"{value!r}: folder {str(path.parent)!r} does not exist"
+        raise _FileStateError(why, str(path), "log")
     return str(path)
 
 
@@ -206,10 +219,11 @@ def _resolve_program(argv: list[str], base: Path) -> Argv:
     prog = argv[0]
     if "/" in prog:
         path = Path(prog) if os.path.isabs(prog) else base / prog
+        unresolved = Argv((os.path.abspath(path), *argv[1:]))
         if not path.exists():
-            raise _KeyError(f"{prog}: no such file")
+            raise _FileStateError(f"{prog}: no such file", str(path), unresolved)
         if path.is_dir() or not os.access(path, os.X_OK):
-            raise _KeyError(f"{prog}: not an executable file")
+            raise _FileStateError(f"{prog}: not an executable file", str(path), unresolved)
         resolved = str(path.resolve())
         given = os.path.abspath(path)  # absolute, symlinks kept: as written, for --print-config
     else:
@@ -461,7 +475,7 @@ def _parse_dir(value: Any, base: Path) -> str:
         raise _KeyError(f"{value!r}: expected a folder path")
     path = Path(value) if os.path.isabs(value) else base / value
     if not path.is_dir() and not _TYPES_ONLY.get():
-        raise _KeyError(f"{value}: no such folder")
+        raise _FileStateError(f"{value}: no such folder", str(path), str(path))
     return str(path)
 
 

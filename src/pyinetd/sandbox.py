@@ -41,6 +41,7 @@ import errno
 import functools
 import os
 import signal
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,22 @@ _FILE_RIGHTS = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS
 # Truncation is a write only Landlock ABI 3 can refuse: below it, `write` would leave every
 # readable file truncatable, so it needs 3. `read` needs 1.
 READ_MIN_ABI, WRITE_MIN_ABI = 1, 3
+# LANDLOCK_SCOPE_* (ABI 6, Linux 6.12): IPC that may not leave the domain. Without them a
+# sandboxed service signals every process of its uid outside the sandbox (kill(2) checks the
+# uid alone), and connects to any abstract unix socket of its network namespace (issue 24,
+# item 10). Set wherever the kernel has them, as hardening beyond the configured rules: a
+# kernel without them is no reason to refuse a service.
+_SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1, 2
+SCOPE_MIN_ABI = 6
+
+
+def landlock_scopes(s: SandboxSettings, abi: int) -> int:
+    """The scopes a sandbox's ruleset gets on a kernel of Landlock ABI ``abi``: signals always;
+    abstract unix sockets unless ``network: any`` (which sets no network rule, and an abstract
+    socket belongs to the network namespace)."""
+    if abi < SCOPE_MIN_ABI:
+        return 0
+    return _SCOPE_SIGNAL | (_SCOPE_ABSTRACT_UNIX_SOCKET if s.network != "any" else 0)
 
 
 def landlock_abi() -> int:
@@ -205,10 +222,21 @@ def check_kernel(s: SandboxSettings) -> None:
 # ---------------------------------------------------------------- --check: what exec reads
 
 
+def _open_regular(path: str) -> int:
+    """``path`` opened non-blocking, a regular file only (OSError otherwise): the program may
+    be in its service user's folder, who can put a FIFO there, whose blocking open(2) would
+    hang the loop at a reload (issue 24.2)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.ENXIO, "not a regular file")
+    return fd
+
+
 def _elf_interpreter(path: str) -> str | None:
     """PT_INTERP of a 64-bit little-endian ELF file (the dynamic loader), or None."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(_open_regular(path), "rb") as f:
             head = f.read(64)
             if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
                 return None
@@ -230,7 +258,7 @@ def _shebang(path: str, search: str | None) -> list[str]:
     """The interpreter a ``#!`` line names, and for ``#!/usr/bin/env NAME`` also the NAME
     that env will find on the service's PATH (``search``)."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(_open_regular(path), "rb") as f:
             line = f.readline(256)
     except OSError:
         return []
@@ -462,7 +490,13 @@ def _assemble(prog: list[tuple[Any, ...]]) -> bytes:
 
 
 class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64)]
+    # struct landlock_ruleset_attr: handled_access_net came with ABI 4 (no rule here uses it:
+    # zero), scoped with ABI 6. An older kernel is given the first field only.
+    _fields_ = [
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    ]
 
 
 class _PathBeneath(ctypes.Structure):
@@ -478,8 +512,10 @@ def _landlock_ruleset(s: SandboxSettings, abi: int) -> int:
     handled = (_READ_RIGHTS if s.read is not None else 0) | (
         write_rights if s.write is not None else 0
     )
-    attr = _RulesetAttr(handled)
-    fd = int(libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.sizeof(attr), 0))
+    scoped = landlock_scopes(s, abi)
+    attr = _RulesetAttr(handled, 0, scoped)
+    size = ctypes.sizeof(attr) if scoped else _RulesetAttr.handled_access_net.offset
+    fd = int(libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), size, 0))
     if fd < 0:
         e = ctypes.get_errno()
         raise SandboxError(f"landlock_create_ruleset: {os.strerror(e)}")
@@ -591,8 +627,12 @@ class Prepared:
                 except cgroupnet.CgroupError as exc:
                     raise SandboxError(str(exc)) from None
                 self.cgroup, self.cgroup_fd, self.procs_fd = made
-            if settings.read is not None or settings.write is not None:
-                self.ruleset_fd = _landlock_ruleset(settings, landlock_abi())
+            # One ruleset, made here once, holds the path rules and the scopes: a child only
+            # applies it (landlock_restrict_self), whatever it contains.
+            abi = landlock_abi()
+            paths = settings.read is not None or settings.write is not None
+            if paths or landlock_scopes(settings, abi):
+                self.ruleset_fd = _landlock_ruleset(settings, abi)
             flags = (_CLONE_NEWNET if settings.network == "none" else 0) | (
                 _CLONE_NEWNS if settings.private_tmp else 0
             )
@@ -682,6 +722,9 @@ def describe(user: str, nnp: bool, s: SandboxSettings | None) -> dict[str, str]:
         net, tmp = s.network, "private" if s.private_tmp else "shared"
         sys_ = "filtered" if s.syscalls == "default" else "all"
         nnp = True
+    scoped = landlock_scopes(s, landlock_abi()) if s is not None else 0
+    names = [("signals", _SCOPE_SIGNAL), ("abstract_unix", _SCOPE_ABSTRACT_UNIX_SOCKET)]
+    ipc = ",".join(name for name, bit in names if scoped & bit) or "none"
     score = 3.0 if root else 1.0  # its own user still has its own files and processes
     score += 0.0 if nnp else 0.5 if not root else 0.0  # a user can regain root by setuid
     score += 1.5 if s is None or s.read is None else 0.0  # every secret its user may read
@@ -701,5 +744,6 @@ def describe(user: str, nnp: bool, s: SandboxSettings | None) -> dict[str, str]:
         "network": net,
         "syscalls": sys_,
         "tmp": tmp,
+        "scoped": ipc,  # the IPC that stays inside the sandbox (Landlock scopes)
         "exposure": f"{score:.1f} {grade}",
     }

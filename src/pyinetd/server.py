@@ -28,7 +28,7 @@ from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
 from pyinetd.services import Services
 from pyinetd.signals import HANDLED_SIGNALS, PYTHON_IGNORED, ignored_signals
-from pyinetd.spawn import C_MODULE_BUILT, Spawner
+from pyinetd.spawn import C_MODULE_BUILT, Spawner, raise_nofile
 from pyinetd.status import Operations, render_table, snapshot
 from pyinetd.workers import Workers
 
@@ -119,6 +119,7 @@ class Server:
 
         ``control_path``: the control socket (`--control`), before the config's `control_socket`.
         """
+        raise_nofile()  # before the first process starts (it gets the limit we were given)
         self._install_signals()
         self.children.reap()  # children left from before exec (e.g. by a wrapper script)
         self._sync_zygotes()
@@ -136,6 +137,7 @@ class Server:
                     self._shutdown()
                     return 1
             self._workers.start()
+            self._log_file_warnings()
             event(logging.INFO, f"listening: {self._describe()}", event="ready")
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
             systemd.start_watchdog(self.loop.call_later)
@@ -227,7 +229,7 @@ class Server:
             self.config,
             self.services.states,
             self.children.table.values(),
-            (st for st, _, _ in self.sessions.table.values()),
+            (entry[0] for entry in self.sessions.table.values()),
             self.child_metrics,
             self.pid,
             self.started,
@@ -319,11 +321,12 @@ class Server:
         except ConfigError as exc:
             errors = exc.lines  # 'file:line:column: key: message' (issue 16)
         except ListenError as exc:
-            errors = [f"{self.config.path}: {exc}"]
+            errors = new.located([f"{exc.source or self.config.path}: {exc}"])
         else:
             self._apply(new, fresh, contexts)
             if not self.worker:
                 self._workers.reload()
+                self._log_file_warnings()
             event(logging.INFO, f"reloaded: {self._describe()}", event="reloaded")
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
             return []
@@ -335,6 +338,12 @@ class Server:
         )
         systemd.notify("READY=1", f"STATUS=reload failed: {errors[0] if errors else ''}")
         return errors
+
+    def _log_file_warnings(self) -> None:
+        """Each service failed, or served without a file, by a file its user can change
+        (config.Config.warnings, issue 24.8): a warning at each (re)load, not an error."""
+        for line in self.config.warnings:
+            event(logging.WARNING, line, event="service_file")
 
     def _apply(
         self,

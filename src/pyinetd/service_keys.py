@@ -75,7 +75,21 @@ from pyinetd.units import (
     parse_rate,
 )
 
-__all__ = ["SERVICE_KEY_LIST"]
+__all__ = ["BUILTIN_STREAM_DEFAULTS", "SERVICE_KEY_LIST", "UDP_RATE"]
+
+# The rate of a UDP service (built-in or nowait) that sets none: a loop through a reflector
+# pyinetd cannot recognise (another host's or instance's echo on an unprivileged port) ends at
+# the first datagram over it, and chargen's 10-19 x amplification is bounded by it (issue 24,
+# item 4: 16,700 datagrams/s until one side was killed; `rate: 100/s` ended it after 101). The
+# order of xinetd's default `cps = 50 10`, which also covers UDP.
+UDP_RATE = "100/s"
+
+# The limits a TCP built-in (echo, discard, chargen, daytime, time) gets when neither it nor
+# `defaults:` sets them. Built-in sessions run in the parent with an fd each: without a bound,
+# one client's idle echo connections held every fd of the parent, `status` and every other
+# service failed (issue 24, item 5). per_source 10 is xinetd's usual `defaults` (Red Hat's and
+# Debian's xinetd.conf); 300 seconds is longer than any echo/chargen test needs.
+BUILTIN_STREAM_DEFAULTS: dict[str, int | float] = {"per_source": 10, "timeout": 300.0}
 
 _BUFFER = {
     "type": ["integer", "string"],
@@ -248,7 +262,10 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
     Key(
         "per_source",
         _parse_count,
-        "At most this many connections at once from one client address.",
+        (
+            "At most this many connections at once from one client address (TCP built-ins: "
+            f"{BUILTIN_STREAM_DEFAULTS['per_source']} unless set)."
+        ),
         COUNT,
     ),
     Key(
@@ -256,7 +273,10 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
         _wrap(parse_rate),
         (
             "At most this many new connections per second (a number), or per unit: '50/s', "
-            "'600/min', '100/h'. Beyond it the service pauses for rate_pause seconds."
+            "'600/min', '100/h'. Beyond it the service pauses for rate_pause seconds. A UDP "
+            f"service (built-in or nowait; a datagram counts as a connection) has {UDP_RATE} "
+            "unless it sets one: a datagram loop through another host's or program's reflector "
+            "then ends."
         ),
         {
             "type": ["number", "string"],
@@ -388,7 +408,9 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
             "Contain the service's program (issue 17): Landlock filesystem rules, no network, a "
             "private /tmp, a seccomp deny list; implies no_new_privs. Built once per service, "
             "applied in each child before its exec. A rule this kernel cannot enforce refuses the "
-            "service."
+            "service. Where the kernel has Landlock scopes (ABI 6), its processes cannot signal a "
+            "process outside it, nor (unless network: any) connect to an abstract unix socket "
+            "made outside it."
         ),
         {
             "type": "object",
@@ -421,6 +443,8 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
                         " (127.0.0.0/8, ::1), other packets dropped (cgroup BPF, as systemd's"
                         " IPAddressDeny=any with IPAddressAllow=localhost); any (default): no rule."
                         " Beyond its fds: the connection pyinetd hands it is not restricted."
+                        " Unix sockets by path stay reachable under every value, read and write"
+                        " included: their file modes decide."
                     ),
                     "enum": ["none", "loopback", "any"],
                     "errorMessage": "expected none, loopback or any",
@@ -583,7 +607,11 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
     Key(
         "timeout",
         _wrap(parse_duration),
-        "Stop the service's process after this long (seconds, or '30s', '5m').",
+        (
+            "Stop the service's process after this long (seconds, or '30s', '5m'); 0: never. "
+            f"TCP built-ins: a session ends after {BUILTIN_STREAM_DEFAULTS['timeout']:g} "
+            "seconds unless set."
+        ),
         DURATION,
         out=_number_out,
     ),

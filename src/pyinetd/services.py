@@ -57,6 +57,9 @@ class ServiceState:
     running: int = 0
     hellos: int = 0  # TLS connections admitted, their ClientHello due: they hold a place
     accepted: int = 0
+    # Bytes pyinetd itself carried for the service's clients (built-in sessions), since start.
+    bytes_in: int = 0
+    bytes_out: int = 0
     spawn_failures: dict[str, int] = field(default_factory=dict)  # by reason (see spawn_failed)
     refused: dict[str, int] = field(default_factory=dict)
     sources: dict[str, int] = field(default_factory=dict)
@@ -141,7 +144,7 @@ class Services:
         self._activated: dict[ListenKey, socket.socket] = {}
         self.stopping = False  # no listener is watched any more
         self.full = False  # at the global max_children: exec listeners are paused
-        self.loop_ports: frozenset[int] = frozenset()  # ports of our UDP built-ins
+        self.loop_ports: frozenset[int] = frozenset()  # ports of our UDP listeners
         self.on_accept: Handler = _unset
         self.on_datagram: Handler = _unset
 
@@ -202,7 +205,8 @@ class Services:
                         # Checked here, where a reload may still fail, for kept sockets too.
                         raise ListenError(
                             f"services.{svc.name}.interface: {svc.interface}: no such network "
-                            "interface"
+                            "interface",
+                            svc.source,
                         ) from None
                 skip: dict[ListenKey, object] = {**keep, **fresh}
                 for addr in svc.listen:
@@ -229,7 +233,9 @@ class Services:
         to the spawner. ConfigError if any fails."""
         # from a prepare whose bind then failed
         discard_sandboxes(self._sandboxes, self._spawner.sandboxes)
-        self._sandboxes = prepare_sandboxes(config.services, self._spawner.sandboxes)
+        # A service failed at load runs nothing: no sandbox (its read paths may be its user's).
+        serving = [s for s in config.services if s.name not in config.failed]
+        self._sandboxes = prepare_sandboxes(serving, self._spawner.sandboxes)
         enabled = config.enabled_services  # a disabled service's TLS files are not read
         if not any(svc.tls for svc in enabled):
             return {}
@@ -237,7 +243,7 @@ class Services:
 
         contexts, errors = build_contexts((s.name, s.source, s.tls) for s in enabled)
         if errors:
-            raise ConfigError(errors)
+            raise ConfigError(errors, config.located(errors))
         return contexts
 
     def apply(
@@ -296,7 +302,7 @@ class Services:
         self.full = self.at_max_children()
         for lst in self.listeners.values():
             self.refresh(lst)
-        self.loop_ports = self._builtin_udp_ports(config)
+        self.loop_ports = self._udp_ports(config)
         for svc in config.enabled_services:
             if svc.proxy_protocol and svc.proxy_from is None and not self.worker:
                 # Issue 14, item 13: then anyone may claim any address, past allow/deny.
@@ -308,17 +314,19 @@ class Services:
                     service=svc.name,
                 )
 
-    def _builtin_udp_ports(self, config: Config) -> frozenset[int]:
-        """The ports our UDP built-ins answer on: a datagram from one of them is a loop."""
+    def _udp_ports(self, config: Config) -> frozenset[int]:
+        """The ports every UDP listener of this instance answers on, built-in or exec: a
+        datagram from one of them is a loop (issue 24, item 4: one datagram spoofed from one
+        nowait exec service's port to another's forked ~950 processes a second, forever)."""
         ports = {
             addr.port
             for svc in config.enabled_services
-            if svc.protocol == "udp" and svc.builtin is not None
+            if svc.protocol == "udp"
             for addr in svc.listen
             if addr.port
         }
         for lst in self.listeners.values():
-            if lst.key.protocol == "udp" and lst.service.builtin is not None:
+            if lst.key.protocol == "udp":
                 with contextlib.suppress(OSError):
                     ports.add(peer_of(lst.family, lst.sock.getsockname())[1])
         return frozenset(ports)

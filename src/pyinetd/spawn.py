@@ -92,13 +92,48 @@ try:  # pyinetd's own, where it was built (_spawn.c)
     _VFORK = _spawn.spawn
     _START = getattr(_spawn, "start", None)  # x86_64 and arm64 Linux only
     _SETTLE = getattr(_spawn, "settle", None)
+    _SET_NOFILE = getattr(_spawn, "set_nofile", None)
 except ImportError:  # pragma: no cover - installed without a C compiler
-    _VFORK = _START = _SETTLE = None
+    _VFORK = _START = _SETTLE = _SET_NOFILE = None
 C_MODULE_BUILT = _VFORK is not None
+
 NO_NEW_PRIVS = 1  # _spawn.c's flag: prctl(PR_SET_NO_NEW_PRIVS, 1) in the child
 PATH_FIRST = 2  # _spawn.c's flag: argv's first item is the path to execute, argv follows
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 PR_SET_NO_NEW_PRIVS = 38
+
+# The RLIMIT_NOFILE pyinetd was started with, (soft, hard), which every service process gets
+# back; None while pyinetd runs with the limit it was given (raise_nofile()).
+CHILD_NOFILE: tuple[int, int] | None = None
+# How a worker (started with the first process's raised limit) learns the one to hand on.
+NOFILE_ENV = "PYINETD_CHILD_NOFILE"
+
+
+def raise_nofile() -> None:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit, and remember the soft limit
+    it was started with for the service processes (``CHILD_NOFILE``).
+
+    Built-in sessions, pending connections and control clients each hold a parent's fd: under
+    systemd's default soft limit of 1024 (256 in the attack) one client's idle connections
+    held every fd and `status` and every service failed (issue 24, item 5). Programs get the
+    limit pyinetd had (or their `rlimits: {nofile}`): a program that uses select() breaks on a
+    fd above 1024 (select(2), FD_SETSIZE), so it must not be handed a raised soft limit.
+    """
+    global CHILD_NOFILE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    given = os.environ.get(NOFILE_ENV, "")
+    if given.isdigit() and int(given) <= hard:
+        soft = int(given)  # a worker: the first process's own starting limit
+    if soft >= hard and CHILD_NOFILE is None:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return
+    CHILD_NOFILE = (soft, hard)
+    os.environ[NOFILE_ENV] = str(soft)  # (PYINETD_*: never passed to a service)
+    if _SET_NOFILE is not None:
+        _SET_NOFILE(soft, hard)
 
 
 def prctl(option: int, arg: int) -> None:  # pragma: no cover - runs in a forked child
@@ -134,6 +169,8 @@ def apply_process_settings(  # pragma: no cover - forked child
     os.setsid()
     if box is not None:
         box.enter()
+    if CHILD_NOFILE is not None:  # the limit pyinetd was started with, not its raised one
+        resource.setrlimit(resource.RLIMIT_NOFILE, CHILD_NOFILE)
     for res, value in service.rlimits:
         resource.setrlimit(res, (value, value))
     if service.nice is not None:
@@ -436,6 +473,11 @@ class Spawner:
     def _uses_fork(self, service: Service) -> bool:
         """The one place that decides: the fork path, or the primitive (``self.primitive``)."""
         if needs_fork(service):
+            return True
+        if CHILD_NOFILE is not None and (
+            _SET_NOFILE is None or self.primitive not in ("clone", "vfork")
+        ):
+            # Only the fork path and _spawn.c's children set the fd limit pyinetd started with.
             return True
         # Only pyinetd's own children (_spawn.c) apply a sandbox; fork_exec and posix_spawn
         # cannot, so a sandboxed service takes the fork path there.

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyinetd import control
+from pyinetd.admission import Refusal
 from pyinetd.config import parse_listen_item
 from pyinetd.listeners import bind_listener
 from pyinetd.log import event
@@ -22,19 +23,7 @@ if TYPE_CHECKING:
     from pyinetd.metrics import Metrics
     from pyinetd.services import ServiceState
 
-REASONS = (
-    "deny",
-    "limit",
-    "max_children",
-    "per_source",
-    "rate",
-    "proxy",
-    "proxy_from",
-    "tls",
-    "pending",
-    "pending_per_source",
-    "loop",
-)
+REASONS = tuple(Refusal)  # every one, 0 or not, so that a rate() of each is defined
 
 
 def snapshot(
@@ -71,6 +60,8 @@ def snapshot(
             status = "at limit (queueing)"
         else:
             status = "listening"
+        if svc.enabled and svc.name in config.failed:
+            status = "failed"  # by a file its user can change (config.Config.failed): unbound
         kids = [
             {"pid": c.pid, "peer": c.peer, "age": round(now - c.started, 3)}
             for c in children
@@ -88,6 +79,10 @@ def snapshot(
                 "children": kids,
                 "builtin_sessions": sessions,
                 "accepted": state.accepted if state else 0,
+                "bytes": {
+                    "in": state.bytes_in if state else 0,
+                    "out": state.bytes_out if state else 0,
+                },
                 "refused": dict(state.refused) if state else {},
                 "failed_spawns": state.failed_spawns if state else 0,
                 # by reason: an errno name, "stderr" or "user_gone" (ServiceState.spawn_failed)
@@ -103,6 +98,10 @@ def snapshot(
                 },
                 # `warm: true`: the zygote (pid, RSS, forks served, state)
                 "zygote": zygote_of(svc.name),
+                # failed at load by a file its user can change: 'key: why' (issue 24.8)
+                "failed": config.failed.get(svc.name) if svc.enabled else None,
+                # served without such a file (banner, stderr): 'key: why: what instead'
+                "notes": list(config.notes.get(svc.name, ())),
             }
         )
     return {
@@ -144,6 +143,10 @@ def render_table(snap: dict[str, Any]) -> str:
     ]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     for s in snap["services"]:
+        if s.get("failed"):
+            lines.append(f"  {s['name']}: failed at load: {s['failed']}")
+        for note in s.get("notes", ()):
+            lines.append(f"  {s['name']}: {note}")
         durations = s.get("durations", {})
         if durations.get("count"):
             exits = " ".join(f"{k}={v}" for k, v in s["exits"].items() if v)
@@ -198,11 +201,31 @@ def render_prometheus(snap: dict[str, Any]) -> str:
     family("pyinetd_service_running", "gauge", "Running instances (processes and built-ins).")
     for s in snap["services"]:
         out.append(f'pyinetd_service_running{{service="{_label(s["name"])}"}} {s["running"]}')
+    family(
+        "pyinetd_service_failed",
+        "gauge",
+        "1 when the service failed at load by a file its user can change (not listening).",
+    )
+    for s in snap["services"]:
+        out.append(
+            f'pyinetd_service_failed{{service="{_label(s["name"])}"}} {int(bool(s.get("failed")))}'
+        )
     family("pyinetd_connections_accepted_total", "counter", "Connections admitted.")
     for s in snap["services"]:
         out.append(
             f'pyinetd_connections_accepted_total{{service="{_label(s["name"])}"}} {s["accepted"]}'
         )
+    family(
+        "pyinetd_bytes_total",
+        "counter",
+        "Bytes pyinetd carried for a service's clients (built-ins), by direction.",
+    )
+    for s in snap["services"]:
+        for direction in ("in", "out"):
+            out.append(
+                f'pyinetd_bytes_total{{service="{_label(s["name"])}",direction="{direction}"}} '
+                f"{s['bytes'][direction]}"
+            )
     family("pyinetd_connections_refused_total", "counter", "Connections refused, by reason.")
     for s in snap["services"]:
         for reason in REASONS:
@@ -286,6 +309,9 @@ class Operations:
     ) -> None:
         self._snapshot, self._reload, self._stop = snapshot, reload, stop
         self.servers: list[control.RequestServer] = []
+        # An fd the control socket may give up at the fd limit (control.FdReserve): `status`
+        # and `stop` answer while clients hold every other fd (issue 24, item 5).
+        self._reserve: control.FdReserve | None = None
 
     def start(
         self,
@@ -306,8 +332,11 @@ class Operations:
                 event="control_error",
             )
         else:
+            self._reserve = control.FdReserve()
             self.servers.append(
-                control.RequestServer(sock, sel, self.on_control, b"\n", call_later)
+                control.RequestServer(
+                    sock, sel, self.on_control, b"\n", call_later, reserve=self._reserve
+                )
             )
         if config.metrics:
             addr = parse_listen_item(config.metrics, "tcp", Path("."))
@@ -327,6 +356,9 @@ class Operations:
         for server in self.servers:
             server.close()
         self.servers.clear()
+        if self._reserve is not None:
+            self._reserve.close()
+            self._reserve = None
 
     def on_control(self, request: bytes) -> bytes:
         """Answer one control request (status, reload, stop) as a JSON line."""

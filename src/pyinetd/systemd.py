@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import time
@@ -14,22 +15,62 @@ from pyinetd.listeners import ListenKey
 SD_LISTEN_FDS_START = 3
 
 
-def notify(*fields: str) -> bool:
-    """Send a notification to $NOTIFY_SOCKET (e.g. "READY=1"); a no-op without it."""
+# The socket to $NOTIFY_SOCKET, opened at the first notification and kept for the process's
+# life: a socket per message needs a free fd for each, and a pyinetd whose clients hold every
+# fd sent no WATCHDOG=1, so systemd restarted it every WatchdogSec= for as long as one client
+# held its sockets (issue 24, item 5). Close-on-exec (PEP 446): no service inherits it.
+_notify_sock: socket.socket | None = None
+_GONE = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN)
+
+
+def _notify_path() -> str | None:
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
-        return False
-    if path.startswith("@"):
-        path = "\0" + path[1:]  # abstract namespace
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        return None
+    return "\0" + path[1:] if path.startswith("@") else path  # @: the abstract namespace
+
+
+def _connected(path: str) -> socket.socket:
+    global _notify_sock
+    if _notify_sock is None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
             s.connect(path)
+        except OSError:
+            s.close()
+            raise
+        _notify_sock = s
+    return _notify_sock
+
+
+def notify(*fields: str) -> bool:
+    """Send a notification to $NOTIFY_SOCKET (e.g. "READY=1"); a no-op without it."""
+    path = _notify_path()
+    if path is None:
+        return False
+    message = "\n".join(fields).encode()
+    for _attempt in range(2):
+        try:
+            sock = _connected(path)
             # Never block the loop on a receiver that does not read: a dropped status
             # message is better than a super-server that stops accepting.
-            s.send("\n".join(fields).encode(), socket.MSG_DONTWAIT)
-    except OSError:
-        return False
-    return True
+            sock.send(message, socket.MSG_DONTWAIT)
+            return True
+        except OSError as exc:
+            if exc.errno not in _GONE or _notify_sock is None:
+                return False
+            # The receiver went away (systemd re-executed, or a new socket at that path):
+            # connect again once, into the fd the old socket frees.
+            close_notify()
+    return False
+
+
+def close_notify() -> None:
+    """Close the kept notification socket (the next notify() connects again)."""
+    global _notify_sock
+    if _notify_sock is not None:
+        _notify_sock.close()
+        _notify_sock = None
 
 
 def reloading() -> None:

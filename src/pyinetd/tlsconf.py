@@ -126,7 +126,7 @@ def build_contexts(
     services: Iterable[tuple[str, str, TLSSettings | None]],
 ) -> tuple[dict[str, ssl.SSLContext], list[str]]:
     """The context of every (name, file, tls) given, each built once, and the errors, as
-    'file: services.NAME.tls: why' lines. A (re)load applies only when there are none."""
+    'file: services.NAME.tls.KEY: why' lines. A (re)load applies only when there are none."""
     contexts: dict[str, ssl.SSLContext] = {}
     errors: list[str] = []
     for name, source, settings in services:
@@ -135,7 +135,11 @@ def build_contexts(
         try:
             contexts[name] = make_context(settings)
         except ValueError as e:
-            errors.append(f"{source}: services.{name}.tls: {e}")
+            # make_context names the key (tls.cert: ..., or tls: for the pair): one key path.
+            key, sep, why = str(e).partition(": ")
+            if not (sep and key.startswith("tls")):
+                key, why = "tls", str(e)
+            errors.append(f"{source}: services.{name}.{key}: {why}")
     return contexts, errors
 
 

@@ -478,19 +478,12 @@ _MODULE_BYTES: bytes | None = None
 
 
 def _first_line(service: Service) -> bytes:
-    """The program's first line (its #!), when argv[0] is not itself a python."""
+    """The program's first line (its #!), when argv[0] is not itself a python: as the load
+    read it with the service user's rights, never read again by root in the loop (the user
+    could have put a FIFO or a symlink to a root-only file there since, issue 24.2)."""
     if not service.exec or warmcmd.is_python(service.exec[0]):
         return b""
-    return read_first_line(service.exec[0])
-
-
-def read_first_line(path: str) -> bytes:
-    """Up to 256 bytes of a file's first line; b"" when it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            return f.readline(256)
-    except OSError:
-        return b""
+    return service.exec_first_line
 
 
 def _sender(anc: list[tuple[int, int, bytes]]) -> int | None:

@@ -37,6 +37,12 @@ def limit_fds(p: Pyinetd) -> None:
     assert fd_count(p.pid) < NOFILE // 4  # room for dozens of connections first
 
 
+def unbounded_echo(port: int) -> dict[str, object]:
+    """The built-in echo without its per_source default (10): every connection here comes
+    from one address."""
+    return {"listen": f"127.0.0.1:{port}", "builtin": "echo", "per_source": 100_000}
+
+
 def count(p: Pyinetd, pattern: str) -> int:
     return len(re.findall(pattern, p.log()))
 
@@ -96,7 +102,7 @@ def close_all(socks: list[socket.socket]) -> None:
 
 def test_fd_exhaustion_logged_once_per_episode_and_recovers(inetd: Start) -> None:
     port = free_port()
-    p = inetd({"services": {"echo": {"listen": f"127.0.0.1:{port}", "builtin": "echo"}}})
+    p = inetd({"services": {"echo": unbounded_echo(port)}})
     limit_fds(p)
     for episode in (1, 2):
         served, waiting, dropped = exhaust(p, port, extra=5)
@@ -120,7 +126,7 @@ def test_fd_exhaustion_logged_once_per_episode_and_recovers(inetd: Start) -> Non
 
 def test_fd_exhaustion_slots_freeing_one_by_one_stay_one_episode(inetd: Start) -> None:
     port = free_port()
-    p = inetd({"services": {"echo": {"listen": f"127.0.0.1:{port}", "builtin": "echo"}}})
+    p = inetd({"services": {"echo": unbounded_echo(port)}})
     limit_fds(p)
     served, waiting, _ = exhaust(p, port, extra=4)
     try:
