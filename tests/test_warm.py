@@ -488,3 +488,233 @@ def test_threads_after_the_imports_are_seen_from_outside_a_sandbox(
     )
     p.wait_log(r"svc: zygote: 2 threads after the imports: forking then is unsafe; serving cold")
     assert talk(port) == b"hi\n"
+
+
+# ---------------------------------------------------------------- the zygote is a boundary
+
+REACH = """\
+    import ctypes, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = []
+    for z in [int(z) for z in sys.stdin.readline().split()]:
+        try:
+            with open(f"/proc/{z}/mem", "r+b", buffering=0):
+                out.append(f"mem:{z}")
+        except OSError:
+            pass
+        if libc.syscall(101, 16, z, 0, 0) == 0:  # ptrace(PTRACE_ATTACH)
+            out.append(f"ptrace:{z}")
+            os.waitpid(z, 0x40000000)  # __WALL: its stop, then let it go
+            libc.syscall(101, 17, z, 0, 0)
+        pidfd = libc.syscall(434, z, 0)  # pidfd_open
+        if pidfd >= 0:
+            for fd in range(32):
+                got = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+                if got >= 0:
+                    out.append(f"getfd:{z}:{fd}")
+                    os.close(got)
+            os.close(pidfd)
+    out.append(f"dumpable={libc.prctl(3, 0, 0, 0, 0)}")  # PR_GET_DUMPABLE: itself
+    print(" ".join(out), flush=True)
+"""
+
+
+def test_a_connection_process_reaches_no_zygote(
+    inetd: Callable[..., Pyinetd], folder: Path
+) -> None:
+    """A connection process of a warm service (user nobody) tries what took the zygote over:
+    pidfd_getfd of its fds (the channel: it then answered later requests itself and got the
+    next clients' data), ptrace, and /proc/ZYGOTE/mem opened for writing (8 bytes written into
+    its libc stuck: code in every later connection), against its own zygote and another warm
+    service's of the same user, with no sandbox and under `syscalls: default` (which stops
+    ptrace and pidfd_getfd, not the open). The zygote is not dumpable: the kernel refuses all
+    three. The connection process itself is dumpable again, as an exec'd one is."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    script = folder / "reach.py"
+    script.write_text(f"#!{SYSTEM_PYTHON}\n" + textwrap.dedent(REACH))
+    script.chmod(0o755)
+    plain, boxed = free_port(), free_port()
+    svc = {"exec": [str(script)], "warm": True, "user": "nobody"}
+    p = inetd(
+        {
+            "services": {
+                "plain": {**svc, "listen": f"127.0.0.1:{plain}"},
+                "boxed": {
+                    **svc,
+                    "listen": f"127.0.0.1:{boxed}",
+                    "sandbox": {"syscalls": "default"},
+                },
+            }
+        }
+    )
+    p.wait_log(READY, count=2)
+    zygotes = [s["zygote"]["pid"] for s in status_of(p).values()]
+    assert len(zygotes) == 2 and all(zygotes)
+    line = " ".join(map(str, zygotes)).encode() + b"\n"
+    for port in (plain, boxed):
+        assert talk(port, line) == b"dumpable=1\n"
+
+
+def _talk_or_reset(port: int, data: bytes) -> bytes:
+    try:
+        return talk(port, data)
+    except ConnectionResetError:  # (a process that closed it with the request unread)
+        return b"<reset>"
+
+
+LEAKY_MODULE = """\
+import os
+os.environ["LEAK_ZYGOTE"] = str(os.getpid())
+try:  # in the zygote: its channel on fd 9, inheritable, so every connection process has it
+    os.dup2(3, 9)
+except OSError:  # (run cold: there is no channel)
+    pass
+"""
+
+THIEF = """\
+    import array, leak, os, signal, socket, sys
+    line = sys.stdin.readline()
+    if line != "attack\\n":
+        print(line.strip().upper(), flush=True)
+        sys.exit(0)
+    zygote = int(os.environ["LEAK_ZYGOTE"])
+    os.kill(zygote, signal.SIGSTOP)  # (same user): the zygote reads no request now
+    for _ in range(1000):
+        with open(f"/proc/{zygote}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                break
+        signal.sigtimedwait([], 0.01)
+    print("stopped", flush=True)
+    channel = socket.socket(fileno=9)
+    for n in (2, 3, 4):  # this connection was request 1
+        msg, anc, _flags, _addr = channel.recvmsg(1 << 16, socket.CMSG_SPACE(12))
+        if not msg:
+            break  # pyinetd closed the channel
+        fds = array.array("i")
+        for _level, _kind, data in anc:
+            fds.frombytes(data[: len(data) - len(data) % 4])
+        channel.send(b"P%d" % n)  # "request n is my process": the kernel says my pid
+        os.write(fds[1], b"yours\\n")
+        for fd in fds:
+            os.close(fd)
+    print("done", flush=True)
+"""
+
+
+def test_one_process_cannot_answer_for_several_connections(serve: Start, folder: Path) -> None:
+    """A process holding its zygote's channel (here the service's own module leaks it to
+    every connection process) stops the zygote and answers the next requests itself: one pid
+    stood for four connections, and `running` stayed at 3 after they ended (slots lost until
+    restart). An answer must name a new child of pyinetd that no slot tracks yet: the first
+    forged one is distrust (the zygote killed, its channel closed, the connection served
+    cold), and every slot comes back."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    (folder / "leak.py").write_text(LEAKY_MODULE)
+    p, port = serve("warm", THIEF, python=SYSTEM_PYTHON, user="nobody")
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as thief:
+        thief.sendall(b"attack\n")
+        said = thief.makefile("rb")
+        assert said.readline() == b"stopped\n"
+        victims = [_talk_or_reset(port, b"victim-%d\n" % i) for i in (2, 3, 4)]
+        rest = said.read()
+    running: list[int] = []
+    try:
+        wait_for(lambda: running.append(status_of(p)["svc"]["running"]) or running[-1] == 0)
+    except AssertionError:
+        raise AssertionError(f"slots lost: running {running[-1]} with every process gone") from None
+    p.wait_log(r"svc: zygote: a reply from \d+, which already has a slot; serving cold")
+    assert victims[1:] == [b"VICTIM-3\n", b"VICTIM-4\n"], (victims, rest)
+
+
+FAILURE_FORGER = """\
+    import leak, sys
+    if sys.stdin.readline() == "attack\\n":
+        import os
+        os.write(9, b"F\\x1b]0;owned\\x07\\rwarning: forged line " + b"A" * 300)
+    print("hi", flush=True)
+"""
+
+
+def test_a_failure_said_on_the_channel_does_not_disable_warm_for_good(
+    serve: Start, folder: Path
+) -> None:
+    """`F<text>` is the zygote's "I cannot work at all" (a preload or compile error): the
+    service runs cold until a reload. Sent by a connection process holding the channel, it
+    disabled warm for good, with the attacker's text in the log and `status`. Only the zygote
+    itself, before it is ready, can fail for good; anything else is one more distrust: the
+    zygote is replaced after its backoff."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    (folder / "leak.py").write_text(LEAKY_MODULE)
+    p, port = serve("warm", FAILURE_FORGER, python=SYSTEM_PYTHON, user="nobody")
+    assert talk(port, b"attack\n") == b"hi\n"
+    p.wait_log(r"svc: zygote: F from \d+, not the zygote; serving cold, restart in 1s")
+    p.wait_log(READY, count=2)  # replaced, not failed
+    assert status_of(p)["svc"]["zygote"]["state"] == "ready"
+    assert talk(port, b"again\n") == b"hi\n"
+
+
+def test_a_stopped_zygote_does_not_outlive_the_reload_that_replaced_it(
+    serve: Start, folder: Path
+) -> None:
+    """A retired zygote is told to exit, and exits at its channel's end; one stopped by its
+    own user (SIGSTOP) never reads either, and outlived the reload that replaced it (and
+    pyinetd). It is killed after a deadline, stopped or not."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    p, port = serve("warm", "print('v1')\n", python=SYSTEM_PYTHON, user="nobody")
+    old = int(re.findall(r"zygote (\d+) ready", p.wait_log(READY)[0])[0])
+    try:
+        os.kill(old, signal.SIGSTOP)
+        script = folder / "svc.py"
+        script.write_text("#!/usr/bin/env python3\nprint('v2')\n")
+        os.utime(script, ns=(time.time_ns(), time.time_ns() + 10**9))
+        p.signal(signal.SIGHUP)
+        p.wait_log(READY, count=2)
+        assert talk(port) == b"v2\n"
+        wait_for(lambda: pid_gone(old), what="the replaced zygote gone")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)
+
+
+def test_the_zygotes_own_text_is_escaped_and_cut_in_the_log_and_status(
+    serve: Start, folder: Path
+) -> None:
+    """What the zygote says reaches the log and `status` (a preload's error, chosen by the
+    service's code as its user): a `\\r` and a terminal title escape in it forged a log line
+    of its own. Escaped as a service's stderr lines are, and cut to 200 characters."""
+    (folder / "bad_module.py").write_text(
+        "raise RuntimeError('x\\r\\x1b]0;owned\\x07\\nwarning: forged line ' + 'B' * 500)\n"
+    )
+    p, port = serve("cold", "print('hi')\n", warm=True, preload=["bad_module"])
+    (line,) = p.wait_log(r"svc: zygote: preload 'bad_module'")
+    assert "\r" not in line and "\x1b" not in line and "\x07" not in line, repr(line)
+    assert not [ln for ln in p.lines if ln.startswith("warning: forged line")]
+    said = line.split("svc: zygote: ", 1)[1].rsplit("; serving cold", 1)[0]
+    assert said.startswith(r"preload 'bad_module': RuntimeError: x\r\x1b]0;owned\x07\n")
+    assert len(said) <= 200 and said.endswith("..."), said
+    assert status_of(p)["svc"]["zygote"]["reason"] == said
+    assert talk(port) == b"hi\n"
+
+
+def test_warm_max_forks_replaces_the_zygote_with_no_gap_in_service(serve: Start) -> None:
+    """Every process a zygote forks shares its address space layout (`id(None)`, libc's
+    mapping), stack canary and hash seed: one leaked address holds for every later
+    connection. `warm_max_forks: N` replaces the zygote after N forks: its successor starts
+    while it serves on, and takes over once ready; no connection is served cold or refused,
+    and `status` counts it."""
+    p, port = serve("warm", "print(id(None), hash('x'))\n", warm_max_forks=3)
+    first = [talk(port) for _ in range(3)]
+    assert len(set(first)) == 1  # one zygote: one layout, one seed
+    p.wait_log(r"svc: zygote \d+ replaced by \d+ after 3 forks \(warm_max_forks 3\)")
+    later = [talk(port) for _ in range(3)]
+    assert len(set(later)) == 1 and later[0] != first[0]
+    p.wait_log(r"replaced by \d+ after 3 forks", count=2)
+    assert all(out.strip() for out in first + later)
+    assert not [ln for ln in p.lines if "serving by exec" in ln or "serving cold" in ln]
+    z = status_of(p)["svc"]["zygote"]
+    assert (z["state"], z["forks"], z["max_forks"], z["replaced"]) == ("ready", 6, 3, 2), z
+    assert z["process_forks"] == 0

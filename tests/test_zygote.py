@@ -444,6 +444,9 @@ def test_warm_on_a_program_that_is_not_python_is_a_config_error(tmp_path: Path) 
         "  cat: {listen: 127.0.0.1:9, exec: /bin/cat, warm: true}\n"
         "  echo: {listen: 127.0.0.1:10, builtin: echo, warm: true}\n"
         "  pre: {listen: 127.0.0.1:11, exec: /bin/cat, preload: [json]}\n"
+        "  mf: {listen: 127.0.0.1:14, exec: /bin/cat, warm_max_forks: 5}\n"
+        "  neg: {listen: 127.0.0.1:15, exec: [/usr/bin/python3, s.py], warm: true,"
+        " warm_max_forks: -1}\n"
         "  a0: {listen: 127.0.0.1:13, exec: [/usr/bin/python3, s.py], argv0: py, warm: true}\n"
         "  bad: {listen: 127.0.0.1:12, exec: [/usr/bin/python3, -m, x], warm: true,"
         " preload: ['1x']}\n"
@@ -454,6 +457,8 @@ def test_warm_on_a_program_that_is_not_python_is_a_config_error(tmp_path: Path) 
     assert f"{cfg}: services.cat.warm: true: /usr/bin/cat: not a Python script: no #! line" in text
     assert "services.echo.warm: true: only for an exec service" in text
     assert "services.pre.preload: only with warm: true" in text
+    assert "services.mf.warm_max_forks: only with warm: true" in text
+    assert "services.neg.warm_max_forks: -1: expected a whole number >= 0" in text
     assert "services.a0.warm: true: not with argv0" in text
     assert "services.bad.preload: '1x': expected a module name" in text
 
@@ -529,7 +534,7 @@ def test_answers_to_no_request_make_pyinetd_distrust_the_zygote(
     flooder = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == zpid]
     try:
         z.on_readable()
-        assert z.state == zygote.BACKOFF and "an answer to no request" in z.reason, z.reason
+        assert z.state == zygote.BACKOFF and "E from" in z.reason, z.reason
         assert z.fileno() == -1  # the channel is closed
     finally:
         for pid in flooder:
@@ -549,3 +554,69 @@ def _ppid(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat[stat.rindex(b")") + 2 :].split()[1])
+
+
+def _reach_as(uid: int, gid: int, pid: int) -> list[str]:
+    """What a process of ``uid`` gets of ``pid``: its memory opened for writing, a ptrace
+    attach, its fd 3 through pidfd_getfd (the empty list: nothing)."""
+    import ctypes
+
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the attacker
+        try:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            libc = ctypes.CDLL(None, use_errno=True)
+            got = []
+            try:
+                with open(f"/proc/{pid}/mem", "r+b", buffering=0):
+                    got.append("mem")
+            except OSError:
+                pass
+            if libc.syscall(101, 0x4206, pid, 0, 0) == 0:  # PTRACE_SEIZE: no stop to undo
+                got.append("ptrace")
+            pidfd = libc.syscall(434, pid, 0)
+            if pidfd >= 0 and libc.syscall(438, pidfd, 3, 0) >= 0:
+                got.append("getfd")
+            os.write(w, " ".join(got).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    os.waitpid(child, 0)
+    return out.split()
+
+
+def test_a_starting_zygote_is_out_of_its_users_reach(service: Callable[..., Service]) -> None:
+    """An exec makes a process dumpable, and the zygote only makes itself not dumpable once
+    its interpreter runs pyinetd's code: a process of its user (a connection process that
+    killed the zygote, to race its restart) could ptrace it, open its memory or take its
+    channel in between, and keep them. Held here before its first read of the channel, the
+    zygote is out of reach: it holds a capability that no process of its user has."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no /usr/bin/python3")
+    svc = service("pass\n", extra="    user: nobody\n", argv=f"[{python}, ./svc.py]")
+    assert svc.user is not None
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    argv = [python, "-c", zygote.LOADER, "pyinetd-zygote", "svc"]
+    pid = spawn.spawn_zygote(svc, argv, {b"PATH": b"/usr/bin"}, theirs.fileno(), 2)
+    theirs.close()
+    try:
+        from tests.conftest import wait_for
+
+        # (its exec done: the interpreter waits in the loader's read of the channel)
+        wait_for(
+            lambda: b"pyinetd-zygote" in Path(f"/proc/{pid}/cmdline").read_bytes(),
+            what="the zygote's exec",
+        )
+        assert _reach_as(svc.user[1], svc.user[2], pid) == []
+    finally:
+        ours.close()
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

@@ -63,6 +63,9 @@
 #ifndef PR_SET_NO_NEW_PRIVS
 #define PR_SET_NO_NEW_PRIVS 38 /* <linux/prctl.h>, Linux 3.5 */
 #endif
+#ifndef PR_SET_DUMPABLE
+#define PR_SET_DUMPABLE 4
+#endif
 #ifndef SYS_close_range
 #define SYS_close_range 436 /* the same number on every architecture (Linux 5.9) */
 #endif
@@ -782,19 +785,50 @@ set_slots(PyObject *module, PyObject *arg)
 #endif
 
 PyDoc_STRVAR(prctl_doc,
-"prctl(option, arg) -> None\n\n"
-"prctl(option, arg, 0, 0, 0) in this process, for the flags a forked child sets before it\n"
-"execs or reads a client's byte: PR_SET_NO_NEW_PRIVS (38), PR_SET_DUMPABLE (4).\n"
+"prctl(option, arg, arg3=0) -> None\n\n"
+"prctl(option, arg, arg3, 0, 0) in this process, for the flags a forked child sets before it\n"
+"execs or reads a client's byte: PR_SET_NO_NEW_PRIVS (38), PR_SET_DUMPABLE (4),\n"
+"PR_SET_KEEPCAPS (8), PR_CAP_AMBIENT (47) with PR_CAP_AMBIENT_RAISE (2) and a capability.\n"
 "Raises OSError.");
 
 static PyObject *
 prctl_(PyObject *module, PyObject *args)
 {
     int option;
-    unsigned long arg;
-    if (!PyArg_ParseTuple(args, "ik:prctl", &option, &arg))
+    unsigned long arg, arg3 = 0;
+    if (!PyArg_ParseTuple(args, "ik|k:prctl", &option, &arg, &arg3))
         return NULL;
-    long r = raw_syscall5(SYS_prctl, option, (long)arg, 0, 0, 0);
+    long r = raw_syscall5(SYS_prctl, option, (long)arg, (long)arg3, 0, 0);
+    if (r < 0) {
+        errno = (int)-r;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(capset_doc,
+"capset(effective, permitted, inheritable) -> None\n\n"
+"capset(2) of this process's three capability sets, each a 64-bit mask (bit n: capability\n"
+"n; _LINUX_CAPABILITY_VERSION_3). A warm service's zygote is started with one capability\n"
+"its user's other processes lack, and drops it with this (zygote.py: why). Raises OSError.");
+
+static PyObject *
+capset_(PyObject *module, PyObject *args)
+{
+    unsigned long long eff, perm, inh;
+    if (!PyArg_ParseTuple(args, "KKK:capset", &eff, &perm, &inh))
+        return NULL;
+    struct {
+        uint32_t version;
+        int pid;
+    } header = {0x20080522, 0}; /* _LINUX_CAPABILITY_VERSION_3, this process */
+    struct {
+        uint32_t effective, permitted, inheritable;
+    } data[2] = {
+        {(uint32_t)eff, (uint32_t)perm, (uint32_t)inh},
+        {(uint32_t)(eff >> 32), (uint32_t)(perm >> 32), (uint32_t)(inh >> 32)},
+    };
+    long r = raw_syscall5(SYS_capset, (long)&header, (long)data, 0, 0, 0);
     if (r < 0) {
         errno = (int)-r;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -1026,6 +1060,12 @@ serve(PyObject *module, PyObject *args)
             for (int i = 0; i < 3; i++)
                 close(fds[i]);
             close(ctl);
+            /* The zygote is not dumpable, so that no process of its user can ptrace it, take
+             * its fds (pidfd_getfd) or write its memory (/proc/PID/mem), all of which the
+             * kernel judges on the target's flag; the child inherited the flag. With the
+             * channel closed it holds nothing of the zygote's but a copy of its memory, and is
+             * made dumpable again, as an exec'd process is: core dumps, same-user debuggers. */
+            (void)raw_syscall5(SYS_prctl, PR_SET_DUMPABLE, 1, 0, 0, 0);
             setsid(); /* a session of its own, as every service process (spawn.py) */
             serve_buf[n] = '\0';
             if (n > 1 && child_environ(serve_buf + 1, (size_t)n - 1, data) < 0)
@@ -1044,6 +1084,7 @@ static PyMethodDef methods[] = {
     {"spawn", (PyCFunction)(void (*)(void))spawn, METH_VARARGS | METH_KEYWORDS, spawn_doc},
     {"prctl", prctl_, METH_VARARGS, prctl_doc},
     {"set_nofile", set_nofile, METH_VARARGS, set_nofile_doc},
+    {"capset", capset_, METH_VARARGS, capset_doc},
     {"serve", serve, METH_VARARGS, serve_doc},
 #if HAVE_ASYNC
     {"start", (PyCFunction)(void (*)(void))start, METH_VARARGS | METH_KEYWORDS, start_doc},

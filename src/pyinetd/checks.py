@@ -281,6 +281,8 @@ def check_warm(values: dict[str, Any], where: str, errors: list[str]) -> None:
     if not values.get("warm"):
         if values.get("preload"):
             errors.append(f"{where}.preload: only with warm: true")
+        if values.get("warm_max_forks"):
+            errors.append(f"{where}.warm_max_forks: only with warm: true")
         return
     argv = values.get("exec") or ()
     if not argv or values.get("tls") is not None or values.get("redirect") is not None:

@@ -114,6 +114,7 @@ class Children:
         )
         self.zygotes.replied = self._warm_replied
         self.zygotes.is_ours = self._is_reaped_child
+        self.zygotes.is_tracked = self.table.__contains__
         self._awaiting: dict[Ticket, Awaiting] = {}  # asked of a zygote, no pid yet
         # pid -> (status, usage): reaped before its pid came
         self._reaped_early: dict[int, tuple[int, Usage]] = {}

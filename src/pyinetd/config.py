@@ -169,6 +169,7 @@ class Service:
     # exec[0]'s first line (its #!) as the load read it with the user's rights (checks.py),
     # for the zygote: no key fills it, and root reads the file no second time (issue 24.2)
     exec_first_line: bytes = b""
+    warm_max_forks: int = 0  # replace the zygote after this many forks (0: never)
     banner: bytes = b""
     # protocols in front of the service
     tls: TLSSettings | None = None

@@ -364,6 +364,12 @@ def _parse_count(value: Any, _base: Path) -> int:
     raise _KeyError(f"{value!r}: expected a whole number >= 1")
 
 
+def _parse_count_or_zero(value: Any, _base: Path) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise _KeyError(f"{value!r}: expected a whole number >= 0")
+
+
 MAX_WORKERS = 64
 
 

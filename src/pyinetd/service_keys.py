@@ -43,6 +43,7 @@ from pyinetd.parsers import (
     _parse_builtin,
     _parse_choice,
     _parse_count,
+    _parse_count_or_zero,
     _parse_dir,
     _parse_env,
     _parse_exec,
@@ -507,6 +508,23 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
                 "errorMessage": "expected a module name",
             },
             "errorMessage": "expected a list of module names",
+        },
+    ),
+    Key(
+        "warm_max_forks",
+        _parse_count_or_zero,
+        (
+            "With warm: replace the zygote after it has forked this many connections' "
+            "processes, which share its address space layout, stack canary and hash seed (one "
+            "leaked address or a canary guessed across connections holds for every later one "
+            "until then); its successor starts while it serves on, and takes over once ready, "
+            "with no gap in service. 0 (default): never."
+        ),
+        {
+            "type": "integer",
+            "minimum": 0,
+            "errorMessage": "expected a whole number >= 0",
+            "default": 0,
         },
     ),
     Key(

@@ -100,7 +100,13 @@ C_MODULE_BUILT = _VFORK is not None
 NO_NEW_PRIVS = 1  # _spawn.c's flag: prctl(PR_SET_NO_NEW_PRIVS, 1) in the child
 PATH_FIRST = 2  # _spawn.c's flag: argv's first item is the path to execute, argv follows
 PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+PR_SET_KEEPCAPS = 8
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
+# The capability a zygote holds from its exec until it is no longer dumpable (spawn_zygote):
+# CAP_WAKE_ALARM, which no process of a service's user has and which grants little (alarm
+# timers that wake a suspended system).
+ZYGOTE_GUARD_CAP = 35
 
 # The RLIMIT_NOFILE pyinetd was started with, (soft, hard), which every service process gets
 # back; None while pyinetd runs with the limit it was given (raise_nofile()).
@@ -797,12 +803,14 @@ def _child_exec(
     sigdef: tuple[signal.Signals, ...],
     box: Prepared | None = None,
     program: str | None = None,
+    before_exec: Callable[[], None] | None = None,
     report: int = -1,
 ) -> None:  # pragma: no cover - child side
     """In the forked child: set up fds and process settings, exec ``program`` (the service's
-    by default); never returns. A failure (a setting, or the exec) is reported as
-    (pid, errno) on ``report`` where one is given, as the clone primitive's child does: the
-    parent then counts a spawn failure by its errno, not an exit 127."""
+    by default; ``before_exec`` called just before); never returns. A failure (a setting, or
+    the exec) is reported as (pid, errno) on ``report`` where one is given, as the clone
+    primitive's child does: the parent then counts a spawn failure by its errno, not an exit
+    127."""
     try:
         signal.set_wakeup_fd(-1)
         # dup2 order: a source fd may itself be 0, 1 or 2 only if pyinetd was started with
@@ -818,6 +826,8 @@ def _child_exec(
         for sig in sigdef:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if before_exec is not None:
+            before_exec()
         os.execve(program or service.program, argv, env)
     except BaseException as exc:
         try:
@@ -843,6 +853,29 @@ def _child_exec(
 ZYGOTE_CTL_FD = 3  # where a warm service's zygote finds its control channel (zygote_main.py)
 
 
+def zygote_guarded(service: Service) -> bool:
+    """Whether the service's zygote starts with ZYGOTE_GUARD_CAP: when it runs as a user other
+    than root. An exec makes a process dumpable, and until the zygote has made itself not
+    dumpable (its first act, zygote_main.py) any process of its user (a connection process
+    that killed the zygote, to race its restart) could ptrace it, take its channel with
+    pidfd_getfd or open /proc/PID/mem for writing, and keep what it got after. The kernel
+    refuses all three to a caller whose permitted capabilities are not a superset of the
+    target's (security/commoncap.c, cap_ptrace_access_check), dumpable or not: with one
+    capability the user's processes lack, the zygote is out of their reach from its exec
+    on. It drops the capability once it is not dumpable, before its first fork."""
+    return service.user is not None and service.user[1] != 0 and os.geteuid() == 0
+
+
+def _raise_guard() -> None:  # pragma: no cover - runs in the forked child
+    """After the identity change (PR_SET_KEEPCAPS kept root's permitted set): permitted and
+    inheritable reduced to ZYGOTE_GUARD_CAP, which the ambient set then carries across the
+    exec (capabilities(7): a non-root exec keeps only the ambient set). No AT_SECURE follows:
+    the file gains nothing, the ids do not change."""
+    bit = 1 << ZYGOTE_GUARD_CAP
+    _spawn.capset(0, bit, bit)
+    _spawn.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, ZYGOTE_GUARD_CAP)
+
+
 def spawn_zygote(
     service: Service,
     argv: list[str],
@@ -857,12 +890,18 @@ def spawn_zygote(
     processes it forks inherit all of it."""
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     sigdef = ignored_signals()
+    guard = zygote_guarded(service)
 
     def child() -> None:  # pragma: no cover - runs in the forked child
         # Every source above 3 first, so that no dup2 below lands on a source still needed.
         hi = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (ctl, stderr, devnull)]
         os.dup2(hi[0], ZYGOTE_CTL_FD)  # inheritable: the one fd above 2 the zygote gets
-        _child_exec(service, tuple(argv), env, hi[2], hi[2], hi[1], sigdef, box, argv[0])
+        if guard:
+            prctl(PR_SET_KEEPCAPS, 1)  # setuid() keeps the permitted set, for the raise below
+        _child_exec(
+            service, tuple(argv), env, hi[2], hi[2], hi[1], sigdef, box, argv[0],
+            _raise_guard if guard else None,
+        )  # fmt: skip
 
     try:
         return _fork(child)

@@ -168,6 +168,12 @@ def render_table(snap: dict[str, Any]) -> str:
             lines.append(
                 f"  {s['name']}: zygote pid {z['pid'] or '-'} {z['state']}{why}, RSS {rss}, "
                 f"{z['forks']} forks served"
+                + (
+                    f", {z['process_forks']} of {z['max_forks']} before its replacement "
+                    f"({z['replaced']} replaced)"
+                    if z.get("max_forks")
+                    else ""
+                )
             )
         for c in s["children"]:
             lines.append(f"  {s['name']}: pid {c['pid']} {c['peer']} age {c['age']:.1f}s")

@@ -21,12 +21,16 @@ from pyinetd.config import Service
 from pyinetd.zygote import (
     BACKOFF,
     FAILED,
+    READY,
     REPLY_TIMEOUT,
+    STARTING,
     Zygote,
     ZygoteUnavailable,
     is_child,
     script_id,
 )
+
+RETIRE_DEADLINE = 2.0  # seconds a replaced zygote has to exit before it is killed
 
 
 class _Timer(Protocol):
@@ -53,6 +57,9 @@ class Zygotes:
         self._call_later = call_later
         self._track = track
         self._by_name: dict[str, Zygote] = {}
+        # `warm_max_forks`: the zygote starting to replace the service's, until it is ready
+        self._successors: dict[str, Zygote] = {}
+        self._replaced: dict[str, int] = {}  # replacements by service name, for `status`
         self._by_pid: dict[int, Zygote] = {}  # every zygote process not reaped yet
         self._fds: dict[Zygote, int] = {}  # channels registered with the selector
         self._timers: dict[Zygote, _Timer] = {}
@@ -61,6 +68,8 @@ class Zygotes:
         self.replied: Callable[[Ticket, int | None, str], None] = lambda t, pid, why: None
         # whether a pid is pyinetd's child (the children table knows those reaped early)
         self.is_ours: Callable[[int], bool] = lambda pid: False
+        # whether a pid has a slot already (the children table's running processes)
+        self.is_tracked: Callable[[int], bool] = lambda pid: False
 
     # ------------------------------------------------------------------ lifecycle
     def sync(self, services: Iterable[Service]) -> None:
@@ -69,6 +78,8 @@ class Zygotes:
         on), and one that failed is tried again (a module installed since); those of services
         gone are stopped."""
         wanted = {svc.name: svc for svc in services if svc.warm and svc.enabled}
+        for z in list(self._successors.values()):  # (started again after the next fork)
+            self._retire(z)
         for name, z in list(self._by_name.items()):
             svc = wanted.get(name)
             if (
@@ -82,7 +93,7 @@ class Zygotes:
             if name not in self._by_name:
                 self._start(svc)
 
-    def _start(self, svc: Service) -> None:
+    def _start(self, svc: Service, successor: bool = False) -> None:
         try:
             base = self._spawner.base_environ(svc)
         except spawn.UserGone as exc:
@@ -101,7 +112,8 @@ class Zygotes:
             return
         z.replied = lambda n, pid, why: self.replied((z, n), pid, why)
         z.is_ours = lambda pid: self.is_ours(pid) or is_child(pid)
-        self._by_name[svc.name] = z
+        z.is_tracked = lambda pid: pid in self._by_pid or self.is_tracked(pid)
+        (self._successors if successor else self._by_name)[svc.name] = z
         try:
             z.start()
         finally:
@@ -110,22 +122,42 @@ class Zygotes:
         self._after(z)
 
     def _retire(self, z: Zygote) -> None:
-        self._by_name.pop(z.service.name, None)
+        for zygotes in (self._by_name, self._successors):
+            if zygotes.get(z.service.name) is z:
+                del zygotes[z.service.name]
         for timers in (self._timers, self._expiry):
             timer = timers.pop(z, None)
             if timer is not None:
                 timer.cancelled = True
         self._unregister(z)
         z.stop()  # it exits at the Q (or at the channel's end); on_exit reaps it
+        if z.pid is not None:
+            # One stopped (SIGSTOP, by its own user) never reads either: without a deadline
+            # it would outlive the reload that replaced it, and pyinetd. (Once reaped, its
+            # pid is None: a late kill names no other process.)
+            self._call_later(RETIRE_DEADLINE, z.kill)
 
     def stop(self) -> None:
-        """At shutdown: every zygote told to exit."""
-        for z in list(self._by_name.values()):
+        """At shutdown: every zygote told to exit, and killed (pyinetd leaves before a
+        retired zygote's deadline)."""
+        for z in [*self._successors.values(), *self._by_name.values()]:
             self._retire(z)
+            z.kill()
 
     def _after(self, z: Zygote) -> None:
         """Follow a zygote's state: its process tracked, its channel watched, its restart
-        timed."""
+        timed, its replacement started (`warm_max_forks`) and, once that one is no longer
+        starting, put in its place."""
+        name = z.service.name
+        if self._successors.get(name) is z and z.state != STARTING:
+            self._take_over(z)
+        elif (
+            self._by_name.get(name) is z
+            and 0 < z.service.warm_max_forks <= z.process_forks
+            and z.state == READY
+            and name not in self._successors
+        ):
+            self._start(z.service, successor=True)
         if z.pid is not None and z.pid not in self._by_pid:
             self._by_pid[z.pid] = z
             self._track(z.pid)
@@ -138,6 +170,24 @@ class Zygotes:
         if z.state == BACKOFF and z not in self._timers and self._by_name.get(z.service.name) is z:
             delay = max(0.0, z.retry_at - z.now())
             self._timers[z] = self._call_later(delay, lambda: self._restart(z))
+
+    def _take_over(self, new: Zygote) -> None:
+        """The successor serves from now on (ready; or failed, then as any zygote that failed:
+        cold, restarted after its backoff); the zygote it replaces goes on serving until then,
+        so that no connection waits for an interpreter's start."""
+        name = new.service.name
+        del self._successors[name]
+        old = self._by_name.get(name)
+        self._by_name[name] = new
+        self._replaced[name] = self._replaced.get(name, 0) + 1
+        if old is not None:
+            new.forks += old.forks
+            self._say(
+                logging.INFO,
+                f"{name}: zygote {old.pid} replaced by {new.pid} after {old.process_forks} "
+                f"forks (warm_max_forks {new.service.warm_max_forks})",
+            )
+            self._retire(old)
 
     def _unregister(self, z: Zygote) -> None:
         fd = self._fds.pop(z, None)
@@ -204,7 +254,14 @@ class Zygotes:
     def describe(self, name: str) -> dict[str, object] | None:
         """The service's zygote for `pyinetd status`, or None."""
         z = self._by_name.get(name)
-        return z.describe() if z is not None else None
+        if z is None:
+            return None
+        out = z.describe()
+        if z.service.warm_max_forks:
+            out["max_forks"] = z.service.warm_max_forks
+            out["process_forks"] = z.process_forks
+            out["replaced"] = self._replaced.get(name, 0)
+        return out
 
     @staticmethod
     def _say(level: int, msg: str) -> None:

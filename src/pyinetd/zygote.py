@@ -10,6 +10,12 @@ pyinetd its pid, and the kernel vouches for it (SCM_CREDENTIALS): a zygote runs 
 code as the service's user, and must not be able to name another process for pyinetd to track
 or signal.
 
+The zygote is a boundary: its user's other processes (its own forks among them) cannot reach
+it, as it is not dumpable (spawn.zygote_guarded, zygote_main._out_of_reach); and what comes on
+its channel keeps its invariants (``_handle``): K, F and E only from the zygote's own pid, each
+request answered at most once, by a new child of pyinetd that no slot tracks; anything else is
+distrust (killed, channel closed, its requests served cold). Its text is escaped (``said``).
+
 States (one ``_change_state``): starting -> ready; any -> backoff when the process dies or
 misbehaves (restarted later, doubling delays), through ending when it died with requests open
 (their pids may still come on its channel); failed when it cannot work at all (the
@@ -117,7 +123,9 @@ class Zygote:
         self.state = STOPPED
         self.reason = ""
         self.pid: int | None = None
-        self.forks = 0
+        self._speaker = 0  # the pid whose own words (K, F, E) the channel carries, while open
+        self.forks = 0  # the service's, across restarts and replacements (warm.py)
+        self.process_forks = 0  # this process's: what `warm_max_forks` counts
         self.started_at = 0.0
         self.ready_at = 0.0
         self.retry_at = 0.0
@@ -132,6 +140,8 @@ class Zygote:
         self.replied: Callable[[int, int | None, str], None] = lambda n, pid, why: None
         # whether a pid is a child of pyinetd's (one reaped before its b"P" was read is)
         self.is_ours: Callable[[int], bool] = is_child
+        # whether a pid is pyinetd's already: a connection's process (it has a slot), a zygote
+        self.is_tracked: Callable[[int], bool] = lambda pid: False
         self._cold_noted = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -161,6 +171,7 @@ class Zygote:
                 self.pid = self._start_process(
                     self.service, argv, self._env, theirs.fileno(), self._stderr
                 )
+                self._speaker = self.pid
                 setup = {
                     "script": self.command.script,
                     # sys.argv: the script and its arguments as the service's exec gives them
@@ -169,6 +180,8 @@ class Zygote:
                     "preload": list(self.service.preload),
                     # a child's fd 2 is then its connection (the zygote's: /dev/null)
                     "stderr_socket": self.service.stderr == "socket",
+                    # it holds spawn.ZYGOTE_GUARD_CAP, to drop once it is not dumpable
+                    "guarded": spawn.zygote_guarded(self.service),
                 }
                 ours.send(SOURCE)
                 ours.sendmsg(
@@ -187,6 +200,7 @@ class Zygote:
         self._sock = ours
         self._seq = 0
         self._ended = ""
+        self.process_forks = 0
         self.started_at = self._clock()
         self._change_state(STARTING)
 
@@ -282,9 +296,16 @@ class Zygote:
             self._handle(msg, anc)
 
     def _handle(self, msg: bytes, anc: list[tuple[int, int, bytes]]) -> None:
-        if msg[:1] == b"P" and self.state in (READY, ENDING):
+        kind = msg[:1]
+        if kind == b"P" and self.state in (READY, ENDING):
             self._started(msg[1:], _sender(anc))
-        elif msg[:1] == b"E" and self.state in (READY, ENDING):
+        elif kind in (b"K", b"F", b"E") and _sender(anc) != self._speaker:
+            # Only the zygote itself says these (its children say b"P"): from any other
+            # holder of the channel, an E would have the connection served cold while the
+            # zygote's own fork serves it too, an F or K would steer the zygote's state.
+            self.kill()
+            self._died_early(f"{kind.decode()} from {_sender(anc)}, not the zygote")
+        elif kind == b"E" and self.state in (READY, ENDING):
             number, _, err = msg[1:].partition(b" ")
             if not number.isdigit() or int(number) not in self._pending:
                 # Never from a sound zygote: a process of the service's user holding its channel
@@ -292,13 +313,19 @@ class Zygote:
                 self.kill()
                 self._died_early(f"an answer to no request: {msg[:20]!r}")
                 return
-            why = os.strerror(int(err)) if err.isdigit() else err.decode(errors="replace")
+            why = os.strerror(int(err)) if err.isdigit() else said(err)
             self._answer(int(number), None, f"fork failed: {why}")
         elif msg == b"K" and self.state == STARTING:
-            threads = _threads(self.pid) if self.pid else None
+            seen = _inspect(self.pid) if self.pid else {}
+            threads = seen.get(b"Threads:")
             if threads is not None and threads > 1:
                 self.kill()
                 self._fail(f"{threads} threads after the imports: forking then is unsafe")
+                return
+            unsafe = _reachable(seen, self.service)
+            if unsafe:
+                self.kill()
+                self._fail(f"within its user's reach: {unsafe}")
                 return
             self.ready_at = self._clock()
             self._change_state(READY)
@@ -307,9 +334,14 @@ class Zygote:
                 f"{self.service.name}: zygote {self.pid} ready "
                 f"({self.ready_at - self.started_at:.2f}s)",
             )
-        elif msg[:1] == b"F":
+        elif kind == b"F" and self.state == STARTING:  # it cannot work at all: for good
             self.kill()
-            self._fail(msg[1:].decode(errors="replace"))
+            self._fail(said(msg[1:]))
+        elif kind == b"F" and self.state in (READY, ENDING):
+            # Its loop failed (it says nothing after ready, but for that): restarted with
+            # backoff, as a death is; never the failed state, which only a reload ends.
+            self.kill()
+            self._died_early(f"failed when ready: {said(msg[1:])}")
         elif not msg:  # the channel's end: the process is going; on_exit will say why
             self._close()
             if self.state in (STARTING, READY, ENDING):
@@ -321,14 +353,24 @@ class Zygote:
 
     def _started(self, number: bytes, pid: int | None) -> None:
         """A forked process said b"P<n>": request n's process is ``pid`` (the kernel's word).
-        Only a child of pyinetd's own is taken: the zygote runs the service's code as its user
-        and could otherwise have pyinetd count, and at a timeout killpg(), a process it chose."""
+        Only a new child of pyinetd's own is taken, for a request of this zygote's not
+        answered yet: the zygote runs the service's code as its user and could otherwise have
+        pyinetd count, and at a timeout killpg(), a process it chose, or make one process
+        stand for several connections. Anything else is distrust: the zygote is killed, its
+        channel closed, its open requests served cold."""
         n = int(number) if number.isdigit() else -1
         if n not in self._pending or pid is None or pid == self.pid or not self.is_ours(pid):
             self.kill()
             self._died_early(f"a reply from {pid}, not a child of pyinetd")
             return
+        if self.is_tracked(pid):
+            # One pid standing for several connections: each answer would take a slot that
+            # its one end could give back only once (slots lost until restart).
+            self.kill()
+            self._died_early(f"a reply from {pid}, which already has a slot")
+            return
         self.forks += 1
+        self.process_forks += 1
         self._answer(n, pid)
 
     def wait_ready(self, timeout: float) -> bool:
@@ -452,6 +494,18 @@ class Zygote:
         return out
 
 
+SAID_MAX = 200  # characters of the zygote's own text kept for the log and `status`
+
+
+def said(raw: bytes) -> str:
+    """Text the zygote sent (a preload or compile error: the service's code chose it, as its
+    user) for the log and `status`: control characters escaped as a service's stderr lines
+    are (log.escape_controls: a `\\r` or an ESC sequence forged a whole log line and retitled
+    the reader's terminal), cut to SAID_MAX characters."""
+    text = log.escape_controls(raw[: SAID_MAX * 4].decode("utf-8", "replace"))
+    return text if len(text) <= SAID_MAX else text[: SAID_MAX - 3] + "..."
+
+
 def _module_fd(path: str) -> int:
     """An fd on a copy of pyinetd's C module in memory (memfd), for the zygote to load: it may
     run as a user who cannot open pyinetd's installation, or in a sandbox whose Landlock rules
@@ -504,6 +558,42 @@ def is_child(pid: int) -> bool:
     return True
 
 
+def _inspect(pid: int) -> dict[bytes, int]:
+    """What pyinetd checks of a zygote that says it is ready, from outside (a sandbox may
+    hide /proc from the zygote itself): from /proc/PID/status its threads, tracer and
+    permitted capabilities, and whether it is dumpable: the kernel gives the files of a
+    process that is not dumpable to root (fs/proc/base.c, task_dump_owner; not /proc/PID
+    itself, which shows the euid)."""
+    seen: dict[bytes, int] = {}
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            seen[b"owner"] = os.fstat(f.fileno()).st_uid
+            for line in f:
+                key, _, value = line.partition(b"\t")
+                if key in (b"Threads:", b"TracerPid:", b"Uid:"):
+                    seen[key] = int(value.split()[0])
+                elif key == b"CapPrm:":
+                    seen[key] = int(value.strip(), 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    return seen
+
+
+def _reachable(seen: dict[bytes, int], service: Service) -> str:
+    """Why a ready zygote could be reached by its user's processes ("" when it cannot): it is
+    dumpable (its own code made it so again), still holds its start-up capability (its
+    children would too), or is being traced."""
+    if seen.get(b"TracerPid:"):
+        return f"traced by {seen[b'TracerPid:']}"
+    if not seen.get(b"Uid:"):  # root's (or unknown): its user's processes are root's
+        return ""
+    if seen.get(b"owner") != 0:
+        return "dumpable"
+    if spawn.zygote_guarded(service) and seen.get(b"CapPrm:"):
+        return f"capabilities {seen[b'CapPrm:']:#x} kept"
+    return ""
+
+
 def _status_number(pid: int, field: bytes) -> int | None:
     """The number after ``field`` (b"Threads:", b"VmRSS:") in /proc/PID/status; None when
     unknown."""
@@ -515,11 +605,6 @@ def _status_number(pid: int, field: bytes) -> int | None:
     except (OSError, ValueError):
         return None
     return None
-
-
-def _threads(pid: int) -> int | None:
-    """The number of threads of ``pid``, None when unknown."""
-    return _status_number(pid, b"Threads:")
 
 
 def _rss_kib(pid: int) -> int | None:

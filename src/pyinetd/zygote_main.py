@@ -274,7 +274,20 @@ def _load_spawn(fd):
     spec = sys.modules["_frozen_importlib"].ModuleSpec("_spawn", None, origin=f"/proc/self/fd/{fd}")
     module = _imp.create_dynamic(spec)
     os.close(fd)
-    return module.serve
+    return module
+
+
+def _out_of_reach(spawn):
+    """Not dumpable, first: then no process of this user can ptrace this one, take its fds
+    (pidfd_getfd: the channel, the connections) or write its memory (/proc/PID/mem), which
+    would give it every later connection (the kernel judges all three on the target's flag;
+    nothing here changes ids again, which would reset it). Until now the capability pyinetd
+    started it with kept them out (spawn.zygote_guarded); it is dropped now, before any code
+    of the service's runs here, so that no child has it. The children make themselves
+    dumpable again once they have closed the channel (_spawn.serve)."""
+    spawn.prctl(4, 0)  # PR_SET_DUMPABLE
+    if _setup.get("guarded"):
+        spawn.capset(0, 0, 0)
 
 
 def _start():
@@ -286,11 +299,16 @@ def _start():
     if len(fds) != 1:
         _fail("no C module fd")
     try:
-        _serve_c = _load_spawn(fds[0])
+        spawn = _load_spawn(fds[0])
+        _serve_c = spawn.serve
     except Exception as exc:
         _fail(
             f"cannot load pyinetd's C module into {sys.executable} {sys.version.split()[0]}: {exc}"
         )
+    try:
+        _out_of_reach(spawn)
+    except Exception as exc:
+        _fail(f"cannot make the zygote undumpable: {exc}")
     script = _setup["script"]
     # __file__ and code filenames: the script's path made absolute without resolving links,
     # as CPython 3.9+ does (_Py_abspath: the working folder joined with the path as given)
