@@ -324,12 +324,19 @@ class LocalUser:
 @pytest.fixture
 def local_user() -> Iterator[LocalUser]:
     """A second local account, created for one test and removed after (needs root)."""
+    with local_account() as user:
+        yield user
+
+
+@contextlib.contextmanager
+def local_account(prefix: str = "pyi") -> Iterator[LocalUser]:
+    """A local account named ``prefix`` and 8 random hex digits, removed on leaving."""
     if os.geteuid() != 0:
         pytest.skip("needs root (useradd)")
     import pwd
     import uuid
 
-    name = "pyi" + uuid.uuid4().hex[:8]
+    name = prefix + uuid.uuid4().hex[:8]
     home = Path("/home") / name
     subprocess.run(
         [

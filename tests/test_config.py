@@ -417,3 +417,63 @@ def test_syntax_errors_have_the_file_line_column_form(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as toml_err:
         load(toml)
     assert toml_err.value.lines[0].startswith(f"{toml}:3:19: not valid TOML: ")
+
+
+def test_a_disabled_service_is_checked_for_types_only_and_never_stops_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Debian's xinetd.d keeps services `disable = yes` whose servers are not installed:
+    their program, user, group, folders and TLS files need not exist, their port may be
+    another service's; a wrong type is still an error."""
+    text = (
+        "services:\n"
+        "  echo: {listen: '127.0.0.1:7007'}\n"
+        "  telnet:\n"
+        "    listen: '127.0.0.1:7007'\n"
+        "    enabled: false\n"
+        "    exec: [/usr/sbin/in.telnetd-not-installed, -h]\n"
+        "    user: pyi-admin-no-such-user\n"
+        "    group: pyi-admin-no-such-group\n"
+        "    cwd: /nonexistent/folder\n"
+        "    stderr: /nonexistent/folder/telnet.log\n"
+        "    banner: /nonexistent/banner.txt\n"
+        "  tftp: {listen: /nonexistent/folder/t.sock, protocol: unix, enabled: false,\n"
+        "         exec: not-in-path-pyi-admin}\n"
+        "  tls: {listen: 7008, enabled: false, exec: /bin/cat,\n"
+        "        tls: {cert: /nonexistent/c.pem, key: /nonexistent/k.pem}}\n"
+    )
+    cfg = load(write(tmp_path, text))
+    telnet = next(s for s in cfg.services if s.name == "telnet")
+    assert not telnet.enabled
+    assert telnet.exec == ("/usr/sbin/in.telnetd-not-installed", "-h")
+    assert telnet.user is not None and telnet.user[0] == "pyi-admin-no-such-user"
+    assert [s.name for s in cfg.enabled_services] == ["echo"]
+    # The same services enabled: each lookup is an error again.
+    errors = errors_of(tmp_path, text.replace("enabled: false", "enabled: true"))
+    assert any("in.telnetd-not-installed: no such file" in e for e in errors), errors
+    assert any("'pyi-admin-no-such-user': no such user" in e for e in errors), errors
+    # Types and forms are still checked on a disabled service.
+    bad = errors_of(
+        tmp_path,
+        "services:\n  t: {listen: 7009, enabled: false, exec: /bin/cat, timeout: soon,"
+        " user: [1]}\n",
+    )
+    assert any("services.t.timeout: 'soon'" in e for e in bad), bad
+    assert any("services.t.user: [1]: expected a user name or number" in e for e in bad), bad
+
+
+def test_check_and_start_skip_a_disabled_services_tls_files(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "services:\n  e: {listen: '127.0.0.1:7011'}\n"
+        "  t: {listen: 7012, enabled: false, exec: /bin/cat,"
+        " tls: {cert: /nonexistent/c.pem, key: /nonexistent/k.pem}}\n",
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "--check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{path}: ok, 2 services"

@@ -87,7 +87,7 @@ def _exits(n: int) -> list[int]:
 
 
 def test_the_waitpid_strategy_reaps_every_exited_child() -> None:
-    reaped: list[tuple[int, int]] = []
+    reaped: reaper.Exited = []
     strategy = reaper.WaitpidReaping(reaped.extend)
     pids = _exits(3)
 
@@ -96,12 +96,14 @@ def test_the_waitpid_strategy_reaps_every_exited_child() -> None:
         return len(reaped) == 3
 
     wait_for(all_reaped, what="three children reaped")
-    assert sorted(pid for pid, _ in reaped) == sorted(pids)
-    assert {os.waitstatus_to_exitcode(status) for _, status in reaped} == {3}
+    assert sorted(pid for pid, _, _ in reaped) == sorted(pids)
+    assert {os.waitstatus_to_exitcode(status) for _, status, _ in reaped} == {3}
+    # wait4's rusage: a shell has a resident set, its CPU time is not negative
+    assert all(usage.max_rss_kib > 0 and usage.cpu_ms >= 0 for _, _, usage in reaped)
 
 
 def test_the_watcher_strategy_reaps_exactly_the_pids_it_reports(loop: Loop) -> None:
-    reaped: list[tuple[int, int]] = []
+    reaped: reaper.Exited = []
     pids = _exits(3)
     strategy = reaper.WatcherReaping(
         loop.sel, loop.call_later, reaped.extend, pids, lambda: None, lambda: None
@@ -115,7 +117,8 @@ def test_the_watcher_strategy_reaps_exactly_the_pids_it_reports(loop: Loop) -> N
             return len(reaped) == 3
 
         wait_for(all_reported, what="three children reported by the watcher")
-        assert sorted(pid for pid, _ in reaped) == sorted(pids)
+        assert sorted(pid for pid, _, _ in reaped) == sorted(pids)
+        assert all(usage.max_rss_kib > 0 for _, _, usage in reaped)
     finally:
         strategy.close(reap=False)
     os.waitpid(strategy.pid, 0)  # the watcher exits when its pipe closes

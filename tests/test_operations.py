@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ from conftest import (
     DEADLINE,
     Pyinetd,
     free_port,
+    local_account,
     pid_gone,
     port_open,
     script,
@@ -704,3 +706,245 @@ def test_every_refusal_reason_reaches_metrics_and_status(inetd: Start) -> None:
             f'pyinetd_connections_refused_total{{service="closed",reason="{reason}"}} {want}'
             in text
         ), reason
+
+
+# A UDP wait program that answers each datagram with its pid; b"linger" makes it keep the
+# socket until it is killed, as in.tftpd keeps it for its next request.
+LINGERING_UDP = """#!/usr/bin/python3
+import os, signal, socket
+s = socket.socket(fileno=0)
+data, peer = s.recvfrom(100)
+s.sendto(str(os.getpid()).encode(), peer)
+if data == b"linger":
+    signal.pause()
+"""
+
+
+def udp_ask(port: int, data: bytes) -> int:
+    """Send one datagram to the wait service, return the pid its program answers with."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
+        c.settimeout(DEADLINE)
+        c.sendto(data, ("127.0.0.1", port))
+        return int(c.recv(100))
+
+
+def lingering_service(folder: Path, port: int) -> dict[str, object]:
+    exe = script(folder, "linger.py", LINGERING_UDP)
+    svc = {"listen": f"127.0.0.1:{port}", "protocol": "udp", "wait": True, "exec": exe}
+    return {"services": {"tftp": {**svc, "user": "nobody"}}}
+
+
+def test_status_names_pyinetd_while_a_wait_child_holds_the_socket(
+    inetd: Start, folder: Path
+) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    p = inetd(lingering_service(folder, port))
+    busy = udp_ask(port, b"linger")
+    try:
+        snap = json.loads(cli("status", "--json", "-c", str(p.path)).stdout)
+        # `kill -HUP $(pyinetd status --json | jq .pid)` must reach pyinetd, not the program.
+        assert snap["pid"] == p.pid, (snap["pid"], p.pid, busy)
+        assert snap["services"][0]["state"] == f"waiting on child {busy}"
+        table = cli("status", "-c", str(p.path)).stdout
+        assert table.startswith(f"pyinetd pid {p.pid},"), table
+    finally:
+        os.kill(busy, signal.SIGKILL)
+
+
+def test_restart_beside_a_lingering_wait_program_serves_and_keeps_others_off(
+    inetd: Start, folder: Path
+) -> None:
+    """systemctl restart with KillMode=process: pyinetd stops, its UDP wait program (as
+    nobody) still holds the port; the new pyinetd starts and answers every new datagram, a
+    second local user cannot bind the port meanwhile (SO_REUSEPORT joins only sockets of the
+    creator's uid, root), and once the old program is gone the new pyinetd's program answers."""
+    port = free_port(socket.SOCK_DGRAM)
+    config = lingering_service(folder, port)
+    first = inetd(config)
+    old = udp_ask(port, b"linger")
+    try:
+        assert first.stop() == 0
+        assert not pid_gone(old)  # it lingers, holding the socket
+        second = inetd(config, name="restarted.yaml")
+        second.wait_log(rf"tftp: udp 127\.0\.0\.1:{port} is also bound by pid {old} \(")
+        steal = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+            "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
+            "try:\n"
+            "    s.bind((sys.argv[1], int(sys.argv[2])))\n"
+            "except OSError as e:\n"
+            "    print(e.errno)\n"
+            "else:\n"
+            "    print('bound')\n"
+        )
+        with local_account("pyi-admin-") as eve:
+            for host in ("127.0.0.1", "0.0.0.0"):
+                out = eve.run(["/usr/bin/python3", "-c", steal, host, str(port)])
+                assert out.stdout.decode().strip() == str(errno.EADDRINUSE), (host, out)
+        # Meanwhile every new datagram comes to the new pyinetd, whatever its source port
+        # (the kernel's hash would give about half to the lingering program, which reads no
+        # more): each gets an answer from a program the new pyinetd started.
+        for _ in range(8):
+            new = udp_ask(port, b"hello")
+            second.wait_log(rf"tftp: \S+ -> pid {new}$")
+        os.kill(old, signal.SIGKILL)
+        wait_for(lambda: pid_gone(old), what="the old program gone")
+        new = udp_ask(port, b"hello")
+        assert new != old
+        second.wait_log(rf"tftp: \S+ -> pid {new}$")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)
+
+
+def test_a_converted_debian_xinetd_d_with_disabled_uninstalled_servers_checks_and_starts(
+    inetd: Start, tmp_path: Path
+) -> None:
+    """Debian's xinetd.d ships services `disable = yes` whose servers are not installed (and
+    whose users do not exist): xinetd ignores them; the converted file passes --check, pyinetd
+    starts, serves the enabled service and binds nothing for the disabled one."""
+    echo_port, telnet_port = free_port(), free_port()
+    confd = tmp_path / "xinetd.d"
+    confd.mkdir()
+    (confd / "echo").write_text(
+        "service echo\n{\n type = INTERNAL UNLISTED\n id = echo-stream\n socket_type = stream\n"
+        f" protocol = tcp\n wait = no\n user = root\n port = {echo_port}\n"
+        " bind = 127.0.0.1\n disable = no\n}\n"
+    )
+    (confd / "telnet").write_text(
+        "service telnet\n{\n type = UNLISTED\n socket_type = stream\n protocol = tcp\n"
+        f" wait = no\n user = pyi-admin-telnetd\n port = {telnet_port}\n bind = 127.0.0.1\n"
+        " server = /usr/sbin/in.telnetd-pyi-admin-not-installed\n disable = yes\n}\n"
+    )
+    main = tmp_path / "xinetd.conf"
+    main.write_text(f"defaults\n{{\n}}\nincludedir {confd}\n")
+    converted = cli("convert", str(main))
+    assert converted.returncode == 0, converted.stderr
+    conf = tmp_path / "converted.yaml"
+    conf.write_text(converted.stdout)
+    assert yaml.safe_load(converted.stdout)["services"]["telnet"]["enabled"] is False
+    check = cli("--check", "-c", str(conf))
+    assert check.returncode == 0, check.stderr
+    p = inetd(converted.stdout, name="converted.yaml")
+    assert tcp_talk(echo_port, b"still served\n") == b"still served\n"
+    assert not tcp_listening(telnet_port)
+    states = {
+        s["name"]: s["state"]
+        for s in json.loads(cli("status", "--json", "-c", str(p.path)).stdout)["services"]
+    }
+    assert (
+        states["telnet"] == "disabled"
+        and states[next(n for n in states if n != "telnet")] == "listening"
+    )
+
+
+@pytest.mark.parametrize("primitive", ["clone", "posix_spawn"])
+def test_a_program_that_cannot_start_is_counted_alike_with_user_and_without(
+    inetd: Start, folder: Path, primitive: str
+) -> None:
+    """Without `user:` a missing program was an error line and a spawn failure (ENOENT);
+    with `user:` (the fork path) an info stderr line, "ended (exit 127)" and no failure. Both
+    are now the one error line, FAILED=1 and ENOENT=1, in status and in metrics; a setting
+    that fails in the child (a removed `cwd`) is counted the same way."""
+    plain, dropped, nocwd, mport = free_port(), free_port(), free_port(), free_port()
+    prog = script(folder, "gone.sh", "#!/bin/sh\nexit 0\n")
+    work = folder / "work"
+    work.mkdir()
+    p = inetd(
+        {
+            "metrics": f"127.0.0.1:{mport}",
+            "services": {
+                "plain": {"listen": f"127.0.0.1:{plain}", "exec": prog},
+                "dropped": {"listen": f"127.0.0.1:{dropped}", "exec": prog, "user": "nobody"},
+                "nocwd": {
+                    "listen": f"127.0.0.1:{nocwd}",
+                    "exec": "/bin/true",
+                    "user": "nobody",
+                    "cwd": str(work),
+                },
+            },
+        },
+        env={"PYINETD_SPAWN": primitive},
+    )
+    os.unlink(prog)  # after load: every start now fails with ENOENT
+    work.rmdir()
+    for port in (plain, dropped, nocwd):
+        assert tcp_talk(port) == b""
+    for name, why in (("plain", "/gone.sh"), ("dropped", "/gone.sh"), ("nocwd", "/true")):
+        p.wait_log(rf"error: {name}: cannot start \S*{re.escape(why)}: No such file or directory")
+    # The fork path's child says which setting failed, in the service's stderr line.
+    p.wait_log(r"nocwd\[\d+\]: pyinetd: nocwd: cannot start \S*/true: .*No such file.*/work'")
+    assert not re.search(r"ended \(exit 127\)", p.log()), p.log()
+    states = status_of(p)
+    for name in ("plain", "dropped", "nocwd"):
+        assert states[name]["failed_spawns"] == 1, (name, states[name])
+        assert states[name]["spawn_failures"] == {"ENOENT": 1}, (name, states[name])
+        assert not any(states[name]["exits"].values()), (name, states[name])
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=DEADLINE) as r:
+        text = r.read().decode()
+    for name in ("plain", "dropped", "nocwd"):
+        assert f'pyinetd_spawn_failures_total{{service="{name}"}} 1' in text, text
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_each_end_logs_the_programs_cpu_time_and_peak_memory(
+    inetd: Start, folder: Path, warm: bool
+) -> None:
+    """systemd and xinetd users read a connection's CPU time and memory at its end: the
+    reaper's wait4 rusage, on the `end` event (cpu_ms, max_rss_kib) and in the text line."""
+    port = free_port()
+    burn = script(
+        folder,
+        "burn.py",
+        "#!/usr/bin/python3\nimport time\nend = time.process_time() + 0.05\n"
+        "while time.process_time() < end:\n    pass\nprint('done', flush=True)\n",
+    )
+    svc: dict[str, object] = {"listen": f"127.0.0.1:{port}", "exec": burn, "user": "nobody"}
+    if warm:
+        svc["warm"] = True
+    for fmt in ("json", "text"):
+        p = inetd({"services": {"burn": svc}}, "--log-format", fmt, name=f"{fmt}.yaml")
+        if warm:
+            p.wait_log(r"zygote \d+ ready")
+        assert tcp_talk(port) == b"done\n"
+        if fmt == "json":
+            (line,) = p.wait_log(r'"event": ?"end"')
+            end = json.loads(line)
+            assert end["cpu_ms"] >= 50 and end["max_rss_kib"] > 1000, end
+        else:
+            (line,) = p.wait_log(r"burn: pid \d+ ended \(exit 0\) after")
+            m = re.search(r"after \d+\.\d{3}s, (\d+\.\d) ms CPU, ([\d,]+) KiB$", line)
+            assert m and float(m[1]) >= 50 and int(m[2].replace(",", "")) > 1000, line
+        p.stop()
+
+
+def test_restart_beside_a_lingering_tcp_wait_program_takes_the_new_connections(
+    inetd: Start, folder: Path
+) -> None:
+    """The same for a TCP wait program holding its listening socket: the new pyinetd binds
+    beside it and every new connection reaches the new pyinetd's program."""
+    port = free_port()
+    exe = script(
+        folder,
+        "tcplinger.py",
+        "#!/usr/bin/python3\nimport os, signal, socket\nls = socket.socket(fileno=0)\n"
+        "c, _ = ls.accept()\nline = c.makefile().readline()\n"
+        "c.sendall(str(os.getpid()).encode())\nc.close()\n"
+        "if line == 'linger\\n':\n    signal.pause()\n",
+    )
+    config = {"services": {"w": {"listen": f"127.0.0.1:{port}", "wait": True, "exec": exe}}}
+    first = inetd({"services": {"w": {**config["services"]["w"], "user": "nobody"}}})
+    old = int(tcp_talk(port, b"linger\n"))
+    try:
+        assert first.stop() == 0
+        second = inetd(config, name="restarted.yaml")
+        second.wait_log(rf"w: tcp 127\.0\.0\.1:{port} is also bound by pid {old} \(")
+        for _ in range(8):  # the kernel's hash alone would give half to the old program
+            new = int(tcp_talk(port, b"hello\n"))
+            assert new != old
+            second.wait_log(rf"w: \S+ -> pid {new}$")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)

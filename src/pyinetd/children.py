@@ -24,6 +24,7 @@ from pyinetd.config import Service
 from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
+from pyinetd.reaper import Exited, Usage
 from pyinetd.services import Listener, Services, ServiceState
 from pyinetd.spawn import Spawner, UserGone, env_dict
 from pyinetd.stages import UDPReply
@@ -115,7 +116,8 @@ class Children:
         self.zygotes.is_ours = self._is_reaped_child
         self.zygotes.is_tracked = self.table.__contains__
         self._awaiting: dict[Ticket, Awaiting] = {}  # asked of a zygote, no pid yet
-        self._reaped_early: dict[int, int] = {}  # pid -> status: reaped before its pid came
+        # pid -> (status, usage): reaped before its pid came
+        self._reaped_early: dict[int, tuple[int, Usage]] = {}
 
     def __len__(self) -> int:
         """Running children, and those asked of a zygote whose pid has not come yet."""
@@ -296,9 +298,9 @@ class Children:
             return
         child.pid = pid
         self._running(child, entry.reply)
-        status = self._reaped_early.pop(pid, None)
-        if status is not None:  # it ended before its pid was read
-            self.on_reaped([(pid, status)])
+        early = self._reaped_early.pop(pid, None)
+        if early is not None:  # it ended before its pid was read
+            self.on_reaped([(pid, *early)])
 
     def _is_reaped_child(self, pid: int) -> bool:
         return pid in self._reaped_early
@@ -353,13 +355,13 @@ class Children:
         """A child started: its pid to the exit watcher, or one started if they are many."""
         self._reaping.track(pid)
 
-    def on_reaped(self, exited: list[tuple[int, int]]) -> None:
-        """Account for reaped (pid, status) pairs: stderr first, then each end."""
+    def on_reaped(self, exited: Exited) -> None:
+        """Account for reaped (pid, status, usage): stderr first, then each end."""
         if not exited:
             return
         # What the children wrote to stderr before they exited is logged before their end.
         drained: set[StderrLog] = set()
-        for pid, _status in exited:
+        for pid, _status, _usage in exited:
             child = self.table.get(pid)
             stderr_log = child.state.stderr_log if child is not None else None
             if stderr_log is not None:
@@ -367,14 +369,14 @@ class Children:
                     drained.add(stderr_log)
                     stderr_log.drain()
                 stderr_log.ended(pid)
-        for pid, wstatus in exited:
-            self._account(pid, wstatus)
+        for pid, wstatus, usage in exited:
+            self._account(pid, wstatus, usage)
         # A replaced sandbox's cgroup (network: loopback), removed once its last process (a
         # child, a zygote) has gone.
         if cgroupnet.STALE:
             cgroupnet.sweep_cgroups()
 
-    def _account(self, pid: int, status: int) -> None:
+    def _account(self, pid: int, status: int, usage: Usage) -> None:
         """``pid`` was reaped: free its slot, account for its end, tell whoever waits."""
         if self._other_exited(pid, status):
             return  # a worker
@@ -385,7 +387,7 @@ class Children:
             if self._awaiting:  # a zygote's fork whose pid is not read yet (warm.py)
                 if len(self._reaped_early) >= len(self._awaiting) + 64:
                     del self._reaped_early[next(iter(self._reaped_early))]
-                self._reaped_early[pid] = status
+                self._reaped_early[pid] = (status, usage)
                 return
             LOG.debug("reaped unknown pid %d", pid)  # gunicorn #3566: not an error
             return
@@ -405,11 +407,11 @@ class Children:
         if err is None:
             duration = time.monotonic() - child.started
             self._metrics.child_ended(state.service.name, duration, status, child.killed)
-        if err is not None:  # started by the clone primitive, which reports exec errors late
+        if err is not None:  # clone and fork-path children report exec errors late
             state.spawn_failed(errno_name(err))
             log_exec_error(state.service, os.strerror(err), child.peer)
         elif LOG.isEnabledFor(logging.INFO):  # formatting costs even when nothing is logged
-            log_end(child, pid, status)
+            log_end(child, pid, status, usage)
         self._ended(child)
 
     def on_timeout(self, pid: int) -> None:
@@ -512,18 +514,21 @@ def log_exec_error(svc: Service, why: str, peer: str) -> None:
     )
 
 
-def log_end(child: Child, pid: int, status: int) -> None:
-    """Log a child's end: how and after how long."""
+def log_end(child: Child, pid: int, status: int, usage: Usage) -> None:
+    """Log a child's end: how, after how long, its CPU time and peak memory."""
     code = os.waitstatus_to_exitcode(status)
     how = f"exit {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
     duration = time.monotonic() - child.started
     event(
         logging.INFO,
-        f"{child.state.service.name}: pid {pid} ended ({how}) after {duration:.3f}s",
+        f"{child.state.service.name}: pid {pid} ended ({how}) after {duration:.3f}s, "
+        f"{usage.cpu_ms:.1f} ms CPU, {usage.max_rss_kib:,} KiB",
         event="end",
         service=child.state.service.name,
         pid=pid,
         peer=child.peer,
         status=code,
         duration=round(duration, 6),
+        cpu_ms=usage.cpu_ms,
+        max_rss_kib=usage.max_rss_kib,
     )

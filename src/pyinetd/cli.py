@@ -231,10 +231,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return _control(args)
     try:
         config = load(args.config)
-        if args.check and any(svc.tls for svc in config.services):
+        if args.check and any(svc.tls for svc in config.enabled_services):
             from pyinetd.tlsconf import build_contexts  # as a (re)load will: read the files
 
-            errors = build_contexts((s.name, s.source, s.tls) for s in config.services)[1]
+            errors = build_contexts((s.name, s.source, s.tls) for s in config.enabled_services)[1]
             if errors:
                 raise ConfigError(errors, config.located(errors))
     except ConfigError as exc:

@@ -8,6 +8,7 @@ anything is reported (``ConfigError.errors``), e.g.::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import os
@@ -45,6 +46,7 @@ from pyinetd.parsers import (
     _read_banner,
     number,
     parse_listen_item,
+    types_only,
 )
 from pyinetd.sandbox import SandboxSettings
 from pyinetd.service_keys import BUILTIN_STREAM_DEFAULTS, UDP_RATE
@@ -551,6 +553,28 @@ def _build_service(
     flags: _SchemaErrors,
     found: FileFindings,
 ) -> Service | None:
+    """A service from its body. One with `enabled: false` is checked for its schema and types
+    only: its program, users, files, TLS files and ports are not looked at (it starts nothing
+    and binds nothing), so a converted xinetd.d whose disabled services name servers that are
+    not installed loads, as xinetd does."""
+    enabled = defaults.get("enabled", True)
+    if isinstance(body, dict) and "enabled" in body:
+        with contextlib.suppress(ValueError):  # a bad value is reported where it is parsed
+            enabled = SERVICE_KEYS["enabled"](body["enabled"], base)
+    with types_only(not enabled):
+        return _service(name, body, defaults, label, base, errors, flags, found)
+
+
+def _service(
+    name: str,
+    body: Any,
+    defaults: dict[str, Any],
+    label: str,
+    base: Path,
+    errors: list[str],
+    flags: _SchemaErrors,
+    found: FileFindings,
+) -> Service | None:
     where = f"{label}: services.{name}"
     if body is None:
         body = {}
@@ -657,6 +681,9 @@ def _build_service(
         # Set before _combine, so that `burst:` alone shapes this default (service_keys).
         values["rate"] = parse_rate(UDP_RATE)
     _combine(values, where, errors, found)
+    if len(errors) == n_before and not values.get("enabled", True):
+        # The checks below look at this host's files and users: not for a disabled service.
+        return Service(name=name, listen=tuple(listen), source=label, **values)
     user = values.get("user")
     if values.get("exec") and (user is None or user[1] == 0):
         try:
@@ -734,7 +761,10 @@ def _combine(values: dict[str, Any], where: str, errors: list[str], found: FileF
     allow, deny = values.pop("allow", ()), values.pop("deny", ())
     if allow or deny:
         values["access"] = AccessList.parse(allow, deny)
-    if isinstance(values.get("banner"), _BannerFile):
+    if isinstance(values.get("banner"), _BannerFile) and not values.get("enabled", True):
+        # Not read for a service that never sends it (its user may not even exist here).
+        values["banner"] = b""
+    elif isinstance(values.get("banner"), _BannerFile):
         try:
             values["banner"] = _read_banner(
                 values["banner"], values.get("user"), values.get("group")

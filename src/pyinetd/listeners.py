@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import socket
 import stat
+import struct
 import weakref
 from collections.abc import Callable, Container
 from dataclasses import dataclass
@@ -280,7 +282,16 @@ def bind_service(
     service: Service, skip: Container[ListenKey] = (), reuseport: bool = False
 ) -> list[tuple[ListenKey, socket.socket]]:
     """Bind the listen addresses of a service not in ``skip`` (those are already bound);
-    on failure close what was bound and raise ListenError."""
+    on failure close what was bound and raise ListenError.
+
+    A `wait` service's TCP and UDP sockets always get SO_REUSEPORT: its program holds the
+    socket itself and may outlive pyinetd (in.tftpd waits 15 minutes for a next request; the
+    unit stops pyinetd alone, KillMode=process), and a new pyinetd must still bind the port.
+    The kernel lets a socket join only where the sockets already bound were created with the
+    same effective uid (root, pyinetd, whatever user the program runs as), so no other local
+    user can bind beside it; SO_REUSEADDR on UDP would let any user who also sets it bind the
+    port and take the datagrams.
+    """
     bound: list[tuple[ListenKey, socket.socket]] = []
     for addr in service.listen:
         key = ListenKey(service.protocol, addr)
@@ -288,7 +299,7 @@ def bind_service(
             continue
         try:
             perms = SocketPerms.of(service)
-            sock = bind_listener(service.protocol, addr, reuseport, perms, service)
+            sock = bind_listener(service.protocol, addr, reuseport or service.wait, perms, service)
             bound.append((key, sock))
         except OSError as exc:
             for _, sock in bound:
@@ -299,6 +310,68 @@ def bind_service(
                 service.source,
             ) from None
     return bound
+
+
+def sharers(sock: socket.socket) -> tuple[int, list[tuple[int, str]]]:
+    """How many other sockets are bound to the very address of ``sock`` (SO_REUSEPORT let
+    them bind; for TCP, listening ones), and the processes (pid, command name) holding them,
+    from /proc/net and /proc/PID/fd: (0, []) when none is; the list is empty when the holders
+    cannot be seen (another pid namespace)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return 0, []
+    table = "udp" if sock.type == socket.SOCK_DGRAM else "tcp"
+    table += "6" if sock.family == socket.AF_INET6 else ""
+    ours = os.fstat(sock.fileno()).st_ino
+    try:
+        with open(f"/proc/net/{table}") as f:
+            rows = [row.split() for row in f.read().splitlines()[1:]]
+    except OSError:
+        return 0, []
+    # Fields: sl local_address rem_address st ... uid timeout inode
+    mine = next((r for r in rows if len(r) > 9 and r[9] == str(ours)), None)
+    if mine is None:
+        return 0, []
+    others = {
+        f"socket:[{r[9]}]"
+        for r in rows
+        if len(r) > 9
+        and r[1] == mine[1]
+        and r[9] != str(ours)
+        and (table.startswith("udp") or r[3] == "0A")  # 0A: TCP_LISTEN
+    }
+    if not others:
+        return 0, []
+    found: list[tuple[int, str]] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") in others for fd in fds):
+                with open(f"/proc/{entry}/comm") as f:
+                    found.append((int(entry), f.read().strip()))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return len(others), found
+
+
+SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h (Linux 4.5)
+_BPF_RET_K = 0x06  # BPF_RET | BPF_K: return the constant k
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def steer_to(sock: socket.socket, index: int) -> None:
+    """Have the kernel hand every new datagram or connection of the SO_REUSEPORT group of
+    ``sock`` to the member at ``index`` (the order they joined): a classic BPF program that
+    returns ``index``. Where the group has no such member any more (the others closed and
+    the kernel moved this socket down), the kernel falls back to its hash over the members
+    left (net/core/sock_reuseport.c), which is then this socket alone."""
+    insn = ctypes.create_string_buffer(struct.pack("=HBBI", _BPF_RET_K, 0, 0, index), 8)
+    prog = _SockFprog(1, ctypes.cast(insn, ctypes.c_void_p))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(prog))
 
 
 def close_listener(sock: socket.socket) -> None:

@@ -3,12 +3,14 @@
 Each parser takes (value, the config file's folder) and returns the parsed value or raises
 _KeyError with a message of the form ``'<value>': <what was expected>``; config.py prefixes it with
 the file and key path. They may look at the file system (a program exists, a folder does, a user
-may write) through trust.py and fsuser.py, never at the runtime.
+may write) through trust.py and fsuser.py, never at the runtime. Within ``types_only()``
+(a disabled service) what they would look up on this host is taken as written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import grp
 import ipaddress
 import math
@@ -18,7 +20,7 @@ import re
 import resource
 import shlex
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,23 @@ BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
 # `stderr_rate` default: what `stderr: log` logs of one service per second (lines, bytes); a
 # connection writing 300 MB to stderr made 3 million log lines (issue 14, item 8).
 STDERR_RATE = (100.0, 64 * 1024.0)
+
+
+# A service with `enabled: false` is checked for its schema and types only: the program, the
+# users, groups and folders it names need not exist on this host (Debian's xinetd.d ships
+# services `disable = yes` whose servers are not installed; xinetd ignores them).
+_TYPES_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("types_only", default=False)
+
+
+@contextlib.contextmanager
+def types_only(on: bool = True) -> Iterator[None]:
+    """Within it (when ``on``), parsers check types and forms but look nothing up: a path
+    that does not exist, a user or group unknown here, is kept as written."""
+    token = _TYPES_ONLY.set(on)
+    try:
+        yield
+    finally:
+        _TYPES_ONLY.reset(token)
 
 
 class _KeyError(ValueError):
@@ -127,7 +146,7 @@ def _parse_stderr(value: Any, base: Path) -> str:
     if value in ("log", "socket", "null"):
         return value
     path = (base / value) if not os.path.isabs(value) else Path(value)
-    if not path.parent.is_dir():
+    if not path.parent.is_dir() and not _TYPES_ONLY.get():
         why = f"{value!r}: folder {str(path.parent)!r} does not exist"
         raise _FileStateError(why, str(path), "log")
     return str(path)
@@ -187,6 +206,17 @@ def _parse_exec(value: Any, base: Path) -> tuple[str, ...]:
         raise _KeyError(f"{value!r}: expected a command line string or a list of arguments")
     if not argv or not argv[0]:
         raise _KeyError("empty command")
+    try:
+        return _resolve_program(argv, base)
+    except _KeyError:
+        if not _TYPES_ONLY.get():
+            raise
+        prog = argv[0]
+        return Argv((os.path.abspath(base / prog) if "/" in prog else prog, *argv[1:]))
+
+
+def _resolve_program(argv: list[str], base: Path) -> Argv:
+    """argv with its program found: a path that exists and is executable, or in PATH."""
     prog = argv[0]
     if "/" in prog:
         path = Path(prog) if os.path.isabs(prog) else base / prog
@@ -289,8 +319,9 @@ def parse_listen_item(item: Any, protocol: str, base: Path) -> ListenAddress:
         if not isinstance(item, str) or not item:
             raise _KeyError(f"{item!r}: expected a socket file path")
         path = item if os.path.isabs(item) or item.startswith("@") else str(base / item)
-        if not path.startswith("@") and not Path(path).parent.is_dir():
-            raise _KeyError(f"{item!r}: folder {str(Path(path).parent)!r} does not exist")
+        folder = Path(path).parent
+        if not path.startswith("@") and not folder.is_dir() and not _TYPES_ONLY.get():
+            raise _KeyError(f"{item!r}: folder {str(folder)!r} does not exist")
         if len(os.fsencode(path)) > 107:
             raise _KeyError(f"{item!r}: unix socket path longer than 107 bytes")
         return ListenAddress(host="", port=0, path=path)
@@ -399,8 +430,10 @@ def _parse_user(value: Any, _base: Path) -> tuple[str, int, int]:
     try:
         pw = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
     except (KeyError, OverflowError, ValueError):
+        if _TYPES_ONLY.get():
+            return (str(value), -1, -1)  # not resolved: the service never starts
         raise _KeyError(f"{value!r}: no such user") from None
-    if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
+    if os.geteuid() != 0 and pw.pw_uid != os.geteuid() and not _TYPES_ONLY.get():
         raise _KeyError(
             f"{value!r}: pyinetd runs as uid {os.geteuid()}, not root, and cannot switch users"
         )
@@ -417,8 +450,10 @@ def _parse_group(value: Any, _base: Path) -> int:
             else grp.getgrnam(str(value)).gr_gid
         )
     except (KeyError, OverflowError, ValueError):
+        if _TYPES_ONLY.get():
+            return -1  # not resolved: the service never starts
         raise _KeyError(f"{value!r}: no such group") from None
-    if os.geteuid() != 0 and gid not in (os.getegid(), *os.getgroups()):
+    if os.geteuid() != 0 and gid not in (os.getegid(), *os.getgroups()) and not _TYPES_ONLY.get():
         raise _KeyError(f"{value!r}: pyinetd is not root and cannot switch to that group")
     return gid
 
@@ -446,7 +481,7 @@ def _parse_dir(value: Any, base: Path) -> str:
     if not isinstance(value, str) or not value:
         raise _KeyError(f"{value!r}: expected a folder path")
     path = Path(value) if os.path.isabs(value) else base / value
-    if not path.is_dir():
+    if not path.is_dir() and not _TYPES_ONLY.get():
         raise _FileStateError(f"{value}: no such folder", str(path), str(path))
     return str(path)
 

@@ -210,7 +210,9 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
     Key(
         "enabled",
         _parse_bool,
-        "false keeps the service in the file but does not listen.",
+        "false keeps the service in the file but does not listen; its values are checked "
+        "for their types only (its program, users, folders, files and TLS files need not "
+        "exist, its port may be another service's).",
         {**BOOLEAN, "default": True},
     ),
     Key(

@@ -29,6 +29,8 @@ from pyinetd.listeners import (
     close_listener,
     peer_of,
     set_socket_options,
+    sharers,
+    steer_to,
 )
 from pyinetd.log import event
 from pyinetd.loop import Loop, Timer
@@ -233,6 +235,8 @@ class Services:
                         fresh[key] = skip[key] = sock
                 for key, sock in bind_service(svc, skip=skip, reuseport=reuseport):
                     fresh[key] = sock
+                    if svc.wait and not self.worker:
+                        _take_over_if_shared(svc, key, sock)
         except Exception:
             for sock in fresh.values():
                 close_listener(sock)
@@ -250,11 +254,12 @@ class Services:
         # A service failed at load runs nothing: no sandbox (its read paths may be its user's).
         serving = [s for s in config.services if s.name not in config.failed]
         self._sandboxes = prepare_sandboxes(serving, self._spawner.sandboxes)
-        if not any(svc.tls for svc in config.services):
+        enabled = config.enabled_services  # a disabled service's TLS files are not read
+        if not any(svc.tls for svc in enabled):
             return {}
         from pyinetd.tlsconf import build_contexts  # ssl only where tls is used
 
-        contexts, errors = build_contexts((s.name, s.source, s.tls) for s in config.services)
+        contexts, errors = build_contexts((s.name, s.source, s.tls) for s in enabled)
         if errors:
             raise ConfigError(errors, config.located(errors))
         return contexts
@@ -502,6 +507,35 @@ def worker_fds() -> list[tuple[socket.socket, str]]:
     """In a worker: the listening sockets the first process passed down."""
     value = os.environ.pop("PYINETD_LISTEN_FDS", "")
     return [(systemd.adopt_fd(int(text)), "") for text in filter(None, value.split(","))]
+
+
+def _take_over_if_shared(svc: Service, key: ListenKey, sock: socket.socket) -> None:
+    """A wait service's port bound beside sockets that programs of an earlier run still hold
+    (SO_REUSEPORT, see listeners.bind_service): every new datagram or connection comes to
+    this socket (it joined last, after those), so the new configuration serves them and a
+    lingering program gets none it has not already queued; say who holds the others."""
+    count, held = sharers(sock)
+    if not count:
+        return
+    steered = True
+    try:
+        steer_to(sock, count)
+    except OSError:  # a kernel without SO_ATTACH_REUSEPORT_CBPF: its hash shares them
+        steered = False
+    who = ", ".join(f"pid {pid} ({name})" for pid, name in held) or "a process not visible here"
+    what = "datagrams" if key.protocol == "udp" else "connections"
+    event(
+        logging.WARNING,
+        f"{svc.name}: {key.protocol} {key.address} is also bound by {who}, a wait program "
+        + (
+            f"still running from before: new {what} come to pyinetd"
+            if steered
+            else f"still running from before: the kernel shares new {what} with it until it exits"
+        ),
+        event="listen_shared",
+        service=svc.name,
+        pids=[pid for pid, _ in held],
+    )
 
 
 def _warn_if_root(svc: Service) -> None:

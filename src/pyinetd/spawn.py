@@ -11,7 +11,9 @@ Ways to start a child, fastest first; the first one usable here is the fast path
   The child runs on a stack and a copy of its arguments of its own (a slot the kernel
   frees at its exec), with raw system calls only.
   A failed exec is known when the child is reaped: it exits 127 and ``exec_error(pid)``
-  gives the errno. Parent CPU per spawn 20 vs 45 us (bench/README.md).
+  gives the errno (the fork path's child reports the same way, so a program that cannot
+  start is counted alike with `user:` or without). Parent CPU per spawn 20 vs 45 us
+  (bench/README.md).
 * ``pyinetd._spawn.spawn`` ("vfork"): the same child with vfork: the parent sleeps until the
   exec, and knows at once if it failed.
 * CPython's own spawn primitive, ``_posixsubprocess.fork_exec`` (what ``subprocess`` uses,
@@ -205,7 +207,8 @@ def apply_process_settings(  # pragma: no cover - forked child
 SETTLE_TIMEOUT = 1.0  # seconds; a child takes well under a millisecond to reach its exec
 
 PRIMITIVES = ("clone", "vfork", "fork_exec", "posix_spawn")
-_REPORT = struct.Struct("=ii")  # what a clone child that could not exec writes: pid, errno
+# What a clone or fork-path child that could not exec writes before it exits 127: pid, errno.
+_REPORT = struct.Struct("=ii")
 EXIT_127 = 127 << 8  # its wait status then; also a shell's "command not found"
 
 # Variables set per connection. They are left out of the cached base list: a stale copy
@@ -301,6 +304,7 @@ class Spawner:
         self._exec_errors: dict[int, int] = {}
         self._sandboxes: dict[str, Prepared] = {}
         self.primitive = self._choose_primitive()
+        self._report_fd()  # made once, at start: its two fds are not a change while serving
 
     def refresh_signals(self) -> None:
         """Recompute the signals to reset (call after installing the server's handlers)."""
@@ -359,7 +363,8 @@ class Spawner:
 
     def exec_error(self, pid: int, status: int) -> int | None:
         """The errno with which ``pid`` failed to exec, for a child started by the clone
-        primitive: known once it has exited 127, so call it for each child reaped."""
+        primitive or the fork path: known once it has exited 127, so call it for each child
+        reaped."""
         if status != EXIT_127:
             if self._exec_errors:  # a report whose child then died otherwise: pids recur
                 self._exec_errors.pop(pid, None)
@@ -503,14 +508,12 @@ class Spawner:
         flags = (NO_NEW_PRIVS if service.nnp else 0) | PATH_FIRST
         if self.primitive == "clone" and not fork:
             bargv, envl = self._exec_lists(service)
-            if self._reports is None:
-                # Both ends non-blocking: a child must never wait on a full pipe.
-                self._reports = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            report = self._report_fd()
             assert _START is not None
             if box is not None:
-                return _START(bargv, envl, extra_env, stdin, stdout, stderr, self._reports[1],
+                return _START(bargv, envl, extra_env, stdin, stdout, stderr, report,
                               self._handled, flags, sandbox=box.c_arg)  # fmt: skip
-            return _START(bargv, envl, extra_env, stdin, stdout, stderr, self._reports[1],
+            return _START(bargv, envl, extra_env, stdin, stdout, stderr, report,
                           self._handled, flags)  # fmt: skip
         if self.primitive == "vfork" and not fork:
             bargv, envl = self._exec_lists(service)
@@ -546,6 +549,14 @@ class Spawner:
             # group of its own that a timeout signals with the helpers it started.
             setsid=True,
         )
+
+    def _report_fd(self) -> int:
+        """The write end of the pipe on which children that could not exec report (pid,
+        errno), read by exec_error when they are reaped."""
+        if self._reports is None:
+            # Both ends non-blocking: a child must never wait on a full pipe.
+            self._reports = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        return self._reports[1]
 
     def _exec_lists(self, service: Service) -> tuple[list[bytes], list[bytes]]:
         """argv and the base environment as execve takes them (cached per service)."""
@@ -612,8 +623,12 @@ class Spawner:
         stderr: int,
         box: Prepared | None = None,
     ) -> int:
-        sigdef = self._sigdef
-        return _fork(lambda: _child_exec(service, argv, env, stdin, stdout, stderr, sigdef, box))
+        sigdef, report = self._sigdef, self._report_fd()
+        return _fork(
+            lambda: _child_exec(
+                service, argv, env, stdin, stdout, stderr, sigdef, box, report=report
+            )
+        )
 
 
 def prepare_sandboxes(
@@ -791,9 +806,13 @@ def _child_exec(
     box: Prepared | None = None,
     program: str | None = None,
     before_exec: Callable[[], None] | None = None,
+    report: int = -1,
 ) -> None:  # pragma: no cover - child side
     """In the forked child: set up fds and process settings, exec ``program`` (the service's
-    by default; ``before_exec`` called just before); never returns."""
+    by default; ``before_exec`` called just before); never returns. A failure (a setting, or
+    the exec) is reported as (pid, errno) on ``report`` where one is given, as the clone
+    primitive's child does: the parent then counts a spawn failure by its errno, not an exit
+    127."""
     try:
         signal.set_wakeup_fd(-1)
         # dup2 order: a source fd may itself be 0, 1 or 2 only if pyinetd was started with
@@ -814,8 +833,20 @@ def _child_exec(
         os.execve(program or service.program, argv, env)
     except BaseException as exc:
         try:
-            msg = f"pyinetd: {service.name}: cannot start {service.program}: {exc}\n"
-            os.write(2, msg.encode(errors="replace"))
+            err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+            told = False
+            if report >= 0:
+                with contextlib.suppress(OSError):
+                    told = os.write(report, _REPORT.pack(os.getpid(), err)) == _REPORT.size
+            if (
+                not told
+                or not isinstance(exc, OSError)
+                or exc.filename != (program or service.program)
+            ):
+                # Not the exec itself (a setting: cwd, user, limits): the detail goes to the
+                # service's stderr, which the parent's one error line cannot carry.
+                msg = f"pyinetd: {service.name}: cannot start {service.program}: {exc}\n"
+                os.write(2, msg.encode(errors="replace"))
         finally:
             os._exit(127)
     os._exit(127)

@@ -50,8 +50,8 @@ def snapshot(
         if not svc.enabled:
             status = "disabled"
         elif any(lst.waiting_on for lst in listeners):
-            pid = next(lst.waiting_on for lst in listeners if lst.waiting_on)
-            status = f"waiting on child {pid}"
+            busy = next(lst.waiting_on for lst in listeners if lst.waiting_on)
+            status = f"waiting on child {busy}"
         elif any(lst.paused_until > now for lst in listeners):
             until = max(lst.paused_until for lst in listeners)
             wall = time.strftime("%H:%M:%S", time.localtime(time.time() + until - now))
