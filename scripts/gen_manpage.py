@@ -252,6 +252,8 @@ def _value_text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return value
+    if isinstance(value, dict):  # YAML's flow form: {lines: 100/s, bytes: 64k/s}
+        return "{" + ", ".join(f"{k}: {_value_text(v)}" for k, v in value.items()) + "}"
     return json.dumps(value, ensure_ascii=False)
 
 

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import pwd
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from pyinetd import config, keys, schema
+from pyinetd import config, keys, parsers, schema
 from pyinetd.cli import main
 from pyinetd.config import Config, ConfigError, load, to_dict
 from pyinetd.convert import Conversion, dump
@@ -57,10 +58,10 @@ def test_schema_is_a_valid_draft_2020_12_schema() -> None:
 def test_schema_keys_are_config_keys_plus_planned_ones() -> None:
     defs = schema.load_schema()["$defs"]
     service = set(defs["service"]["properties"])
-    assert service == set(config.SERVICE_KEYS) | PLANNED_SERVICE_KEYS
+    assert service == set(config.SERVICE_PARSERS) | PLANNED_SERVICE_KEYS
     assert set(defs["defaults"]["properties"]) == service - {"listen"}
     top = set(schema.load_schema()["properties"])
-    assert top == set(config.TOP_KEYS) | PLANNED_TOP_KEYS
+    assert top == set(config.TOP_NAMES) | PLANNED_TOP_KEYS
 
 
 def test_every_key_has_a_description_and_every_mapping_is_closed() -> None:
@@ -163,6 +164,62 @@ def test_every_service_field_is_filled_by_a_declared_key() -> None:
     assert fields == targets - {None}
 
 
+# What a field holds when its key is not set and declares no default.
+_NOT_SET = (None, (), "", b"", dataclasses.MISSING)  # MISSING: a required field (listen)
+
+
+def test_every_field_default_is_its_keys_declared_one() -> None:
+    # A default is written once, in the key's declaration (its schema's "default", which the
+    # schema and the man page show): Service and Config take theirs from it (keys.declared),
+    # and a field whose key declares none holds "not set", never a default of its own.
+    for cls, declared in ((config.Service, keys.SERVICE_KEYS), (config.Config, keys.TOP_KEYS)):
+        by_field = {k.target: k for k in declared.values() if k.target}
+        for f in dataclasses.fields(cls):
+            key = by_field.get(f.name)
+            if key is None:
+                continue
+            if "default" in key.schema:
+                assert f.default == key.stored_default(), f"{cls.__name__}.{f.name}"
+            else:
+                assert f.default in _NOT_SET, f"{cls.__name__}.{f.name}: declare it in keys"
+    # The stderr_rate parser fills what a mapping leaves out from the same default.
+    assert keys.declared("stderr_rate") == parsers.STDERR_RATE
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_default_text(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _documented() -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, description, schema) of every key and of every sub-key of a mapping key."""
+    out = []
+    for key in keys.KEYS:
+        out.append((key.name, key.doc, dict(key.schema)))
+        whole = key.schema.get("default", {})
+        for sub, node in key.schema.get("properties", {}).items():
+            if sub in whole:  # the mapping's default declares its parts' (stderr_rate)
+                node = {**node, "default": whole[sub]}
+            out.append((f"{key.name}.{sub}", node.get("description", ""), node))
+    return out
+
+
+@pytest.mark.parametrize(("name", "doc", "node"), _documented(), ids=lambda v: str(v)[:30])
+def test_a_default_a_description_names_is_the_declared_one(
+    name: str, doc: str, node: dict[str, Any]
+) -> None:
+    # The descriptions repeat a default for the reader ("(default 10 seconds)", "tcp
+    # (default)"): it must be the declared one, which --print-config and the dataclasses use.
+    if "default" in node:
+        if "default" in doc.lower() and not isinstance(node["default"], bool):  # in words
+            assert _default_text(node["default"]) in doc, f"{name}: {doc}"
+    else:
+        assert not re.search(r"\(default \d|\w+ \(default\)", doc), f"{name}: declare it"
+
+
 def test_build_reports_schema_errors_in_file_order_among_semantic_ones(tmp_path: Path) -> None:
     errs = load_errors(
         tmp_path,
@@ -255,14 +312,14 @@ def _schema_is_stricter(key: str, value: Any) -> bool:
 
 def _parser_accepts(key: str, value: Any) -> bool:
     try:
-        config.SERVICE_KEYS[key](value, Path(tempfile.gettempdir()))
+        config.SERVICE_PARSERS[key](value, Path(tempfile.gettempdir()))
     except config._KeyError:
         return False
     return True
 
 
 @settings(max_examples=300, deadline=None)
-@given(key=st.sampled_from(sorted(set(config.SERVICE_KEYS) - {"listen"})), value=_VALUES)
+@given(key=st.sampled_from(sorted(set(config.SERVICE_PARSERS) - {"listen"})), value=_VALUES)
 def test_schema_accepts_whatever_a_parser_accepts(key: str, value: Any) -> None:
     if _parser_accepts(key, value) and not _schema_is_stricter(key, value):
         assert _schema_accepts(key, value), (key, value)

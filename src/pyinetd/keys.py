@@ -10,6 +10,8 @@ of the table). Pure module: no sockets, no processes.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pyinetd.keyspec import BOOLEAN, COUNT, DURATION, FILE_PATH, Key
 from pyinetd.parsers import (
     _parse_bool,
@@ -26,7 +28,7 @@ from pyinetd.units import (
     parse_duration,
 )
 
-__all__ = ["KEYS", "SERVICE_KEYS", "TOP_KEYS", "Key"]
+__all__ = ["KEYS", "SERVICE_KEYS", "TOP_KEYS", "Key", "declared"]
 
 # The top-level keys (besides `defaults:` and `services:`).
 TOP_KEY_LIST: tuple[Key, ...] = (
@@ -159,3 +161,9 @@ TOP_KEY_LIST: tuple[Key, ...] = (
 KEYS: tuple[Key, ...] = (*SERVICE_KEY_LIST, *TOP_KEY_LIST)
 SERVICE_KEYS: dict[str, Key] = {k.name: k for k in SERVICE_KEY_LIST}
 TOP_KEYS: dict[str, Key] = {k.name: k for k in TOP_KEY_LIST}
+
+
+def declared(name: str) -> Any:
+    """A key's declared default as its parser stores it: the default of the Service or Config
+    field the key fills (config.py), so that the declaration is the one place it is written."""
+    return (SERVICE_KEYS.get(name) or TOP_KEYS[name]).stored_default()

@@ -581,6 +581,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
                 },
             },
             "additionalProperties": False,
+            "default": {"lines": "100/s", "bytes": "64k/s"},
             "examples": [{"lines": "100/s", "bytes": "64k/s"}],
             "errorMessage": "expected a mapping such as {lines: 100/s, bytes: 64k/s}",
         },
