@@ -25,7 +25,7 @@ from jsonschema import Draft202012Validator
 from pyinetd import config, keys, parsers, schema
 from pyinetd.cli import main
 from pyinetd.config import Config, ConfigError, load, to_dict
-from pyinetd.convert import Conversion, dump
+from pyinetd.writer import write
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -447,7 +447,7 @@ def _same_meaning(cfg: Config) -> Config:
 
 def _reload(folder: Path, resolved: dict[str, Any], fmt: str) -> Config:
     path = folder / f"printed.{fmt}"
-    path.write_text(dump(Conversion(config=resolved, warnings=()), fmt))
+    path.write_text(write(resolved, fmt))
     return load(path)
 
 
@@ -526,7 +526,7 @@ def test_yaml_output_keeps_a_next_line_character() -> None:
     # Found by the round trip above: PyYAML wrote U+0085 raw in a single-quoted scalar and read
     # it back as a space.
     text = {"banner_text": "a\x85b", "busy_message": "\x85"}
-    assert yaml.safe_load(dump(Conversion(config=text, warnings=()), "yaml")) == text
+    assert yaml.safe_load(write(text, "yaml")) == text
 
 
 def test_print_config_refuses_a_binary_banner(tmp_path: Path) -> None:
@@ -572,6 +572,19 @@ def test_cli_print_config_of_a_bad_file_exits_2(tmp_path: Path) -> None:
     )
     assert (run.returncode, run.stdout) == (2, "")
     assert run.stderr == f"{bad}:2:21: services.e.wait: 'yes': expected true or false\n"
+
+
+def test_print_config_does_not_import_the_converter(tmp_path: Path) -> None:
+    # The writer is the configuration's (writer.py); convert.py uses it, not the other way.
+    (tmp_path / "inetd.yaml").write_text("services:\n  e: {listen: 7007, timeout: 5 minutes}\n")
+    code = (
+        "import sys; from pyinetd.cli import main; "
+        f"rc = main(['-c', {str(tmp_path / 'inetd.yaml')!r}, '--print-config']); "
+        "assert rc == 0 and 'pyinetd.convert' not in sys.modules, sorted(sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert yaml.safe_load(run.stdout)["services"]["e"]["listen"] == "7007"
 
 
 def test_man_page_is_current() -> None:

@@ -366,7 +366,7 @@ def _print_schema() -> int:
 
 def _print_config(path: str, fmt: str) -> int:
     from pyinetd.config import to_dict
-    from pyinetd.convert import Conversion, dump
+    from pyinetd.writer import write
 
     try:
         resolved = to_dict(load(path))
@@ -377,5 +377,5 @@ def _print_config(path: str, fmt: str) -> int:
     except ValueError as exc:  # a value with no text form (a binary banner file)
         print(f"{path}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
-    sys.stdout.write(dump(Conversion(config=resolved, warnings=()), fmt))
+    sys.stdout.write(write(resolved, fmt))
     return EXIT_OK
