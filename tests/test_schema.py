@@ -480,7 +480,7 @@ def test_print_config_applies_defaults_resolves_paths_and_merges_includes(tmp_pa
         "services:\n  a: {listen: 7101, exec: cat, rate: 600/min, umask: '027'}\n"
     )
     printed = to_dict(load(tmp_path / "inetd.yaml"))
-    common = {"stderr": str(tmp_path / "logs" / "err.log"), "timeout": 300}
+    common = {"stderr": str(tmp_path / "logs" / "err.log"), "timeout": "5m"}
     assert printed == {
         "services": {
             "a": {
@@ -520,6 +520,29 @@ def test_print_config_keeps_names_rate_units_and_unresolved_paths(tmp_path: Path
     assert (a["exec"], a["group"], a["rate"]) == ([str(link), "-u"], "nogroup", "100/min")
     assert a["stderr_rate"]["lines"] == "30/min"
     assert (b["exec"], b["rate"], b["burst"], b["group"]) == (["/bin/cat"], "50/s", 7, "root")
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "toml", "json"])
+def test_print_config_writes_a_duration_in_its_unit(tmp_path: Path, fmt: str) -> None:
+    # `timeout: 5 minutes` came back as `timeout: 300`: a duration is written in the largest
+    # unit of which it is a whole number, and loads back to an equal Config.
+    (tmp_path / "inetd.yaml").write_text(
+        "drain_timeout: 2 hours\nshutdown: drain\n"
+        "services:\n"
+        "  a: {listen: 7101, timeout: 5 minutes, rate: 5/s, rate_pause: 90}\n"
+        "  b: {listen: 7102, timeout: 1.5, proxy_protocol: v1, proxy_timeout: 0.25}\n"
+        "  c: {listen: 7103, timeout: 0, rate_pause: 1d}\n"
+    )
+    first = load(tmp_path / "inetd.yaml")
+    printed = to_dict(first)
+    a, b, c = printed["services"].values()
+    assert printed["drain_timeout"] == "2h"
+    assert (a["timeout"], a["rate_pause"]) == ("5m", "90s")
+    assert (b["timeout"], b["proxy_timeout"]) == ("1500ms", "250ms")
+    assert (c["timeout"], c["rate_pause"]) == ("0s", "1d")
+    again = _reload(tmp_path, printed, fmt)
+    assert _same_meaning(again) == _same_meaning(first)
+    assert to_dict(again) == printed
 
 
 def test_yaml_output_keeps_a_next_line_character() -> None:

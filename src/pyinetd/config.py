@@ -826,8 +826,9 @@ def _plain(name: str, value: Any) -> Any:
     raise TypeError(f"to_dict: no input form for {name}={value!r}; give its key an out= (keys.py)")
 
 
-# Service field -> how its stored value is written back (the `out` of the key that fills it).
+# Field -> how its stored value is written back (the `out` of the key that fills it).
 _SERVICE_OUT = {k.target: k.out for k in keys.SERVICE_KEYS.values() if k.out and k.target}
+_TOP_OUT = {k.target: k.out for k in keys.TOP_KEYS.values() if k.out and k.target}
 
 
 def _service_to_dict(svc: Service) -> dict[str, Any]:
@@ -853,6 +854,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             continue
         value = getattr(cfg, f.name)
         if value != f.default:
-            out[f.name] = _plain(f.name, value)
+            convert = _TOP_OUT.get(f.name)
+            out.update(convert(f.name, value) if convert else {f.name: _plain(f.name, value)})
     out["services"] = {svc.name: _service_to_dict(svc) for svc in cfg.services}
     return out

@@ -14,6 +14,7 @@ from typing import Any
 
 from pyinetd.keyspec import BOOLEAN, COUNT, DURATION, FILE_PATH, Key
 from pyinetd.parsers import (
+    _duration_out,
     _parse_bool,
     _parse_choice,
     _parse_count,
@@ -112,6 +113,7 @@ TOP_KEY_LIST: tuple[Key, ...] = (
         "How long shutdown: drain waits (default 30 seconds).",
         {**DURATION, "default": 30},
         top=True,
+        out=_duration_out,
     ),
     Key(
         "reload_kills_removed",

@@ -27,7 +27,7 @@ from pyinetd import fsuser, sandbox
 from pyinetd.access import AccessList
 from pyinetd.sandbox import SandboxSettings
 from pyinetd.suggest import unknown_key
-from pyinetd.units import format_rate, parse_duration, parse_rate, parse_size
+from pyinetd.units import format_duration, format_rate, parse_duration, parse_rate, parse_size
 
 PROTOCOLS = ("tcp", "udp", "unix")
 # The built-in services' names: their one home (builtins.py maps each to its handler).
@@ -680,6 +680,12 @@ def number(value: float) -> int | float:
 
 def _number_out(name: str, value: float) -> dict[str, Any]:
     return {name: number(value)}
+
+
+def _duration_out(name: str, value: float) -> dict[str, Any]:
+    """A duration in its unit, as people write it: timeout: 5 minutes -> '5m' (not 300)."""
+    text = format_duration(value)
+    return {name: text if isinstance(text, str) else number(text)}
 
 
 def _listen_out(name: str, value: tuple[Any, ...]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pyinetd.parsers import (
     _argv_out,
     _banner_out,
     _dict_out,
+    _duration_out,
     _group_out,
     _listen_out,
     _name_out,
@@ -291,7 +292,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
         _wrap(parse_duration),
         "How long a service that exceeded its rate stops accepting (default 10 seconds).",
         {**DURATION, "default": 10},
-        out=_number_out,
+        out=_duration_out,
     ),
     Key(
         "allow",
@@ -630,7 +631,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
             "seconds unless set."
         ),
         DURATION,
-        out=_number_out,
+        out=_duration_out,
     ),
     Key(
         "env_clear",
@@ -717,6 +718,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
         _wrap(parse_duration),
         "Close a connection that has not sent its PROXY header within this time (default 5).",
         {**DURATION, "default": 5},
+        out=_duration_out,
     ),
     Key(
         "socket_mode",
