@@ -545,6 +545,26 @@ def test_print_config_writes_a_duration_in_its_unit(tmp_path: Path, fmt: str) ->
     assert to_dict(again) == printed
 
 
+def test_print_config_writes_a_tls_service(tmp_path: Path, pki: Path) -> None:
+    # A tls: service made --print-config fail with a traceback (TLSSettings had no input form).
+    (tmp_path / "inetd.yaml").write_text(
+        "services:\n"
+        "  t: {listen: 7101, exec: /bin/cat, tls: {cert: cert.pem, key: key.pem}}\n"
+        "  u: {listen: 7102, exec: /bin/cat, tls: {cert: cert.pem, key: key.pem,"
+        " client_ca: ca.pem, min_version: '1.3', handshake_timeout: 2m}}\n"
+    )
+    first = load(tmp_path / "inetd.yaml")
+    printed = to_dict(first)
+    t, u = (s["tls"] for s in printed["services"].values())
+    assert t == {"cert": str(pki / "cert.pem"), "key": str(pki / "key.pem")}
+    assert (u["client_ca"], u["min_version"], u["handshake_timeout"]) == (
+        str(pki / "ca.pem"),
+        "1.3",
+        "2m",
+    )
+    assert _same_meaning(_reload(tmp_path, printed, "toml")) == _same_meaning(first)
+
+
 def test_yaml_output_keeps_a_next_line_character() -> None:
     # Found by the round trip above: PyYAML wrote U+0085 raw in a single-quoted scalar and read
     # it back as a space.

@@ -9,6 +9,7 @@ may write) through trust.py and fsuser.py, never at the runtime.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import grp
 import ipaddress
 import math
@@ -737,6 +738,23 @@ def _rate_out(_name: str, value: tuple[float, int]) -> dict[str, Any]:
     if burst != max(1, int(per_second)):  # parse_rate's default burst
         out["burst"] = burst
     return out
+
+
+def _tls_out(name: str, value: TLSSettings) -> dict[str, Any]:
+    """The tls: mapping: files as paths, a duration in its unit, what is at its default left
+    out (a tls: service made --print-config fail: TLSSettings has no text form of its own)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(value):
+        v = getattr(value, f.name)
+        if v is None or v == f.default:
+            continue
+        if isinstance(v, Path):
+            out[f.name] = str(v)
+        elif isinstance(v, float):
+            out.update(_duration_out(f.name, v))
+        else:
+            out[f.name] = v
+    return {name: out}
 
 
 def _access_out(_name: str, value: AccessList) -> dict[str, Any]:

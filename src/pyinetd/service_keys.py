@@ -70,6 +70,7 @@ from pyinetd.parsers import (
     _rlimits_out,
     _sandbox_out,
     _stderr_rate_out,
+    _tls_out,
     _wrap,
 )
 from pyinetd.units import (
@@ -697,6 +698,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
             "examples": [{"cert": "tls/server.pem", "key": "tls/server.key"}],
             "errorMessage": "expected a mapping with cert and key",
         },
+        out=_tls_out,
     ),
     Key(
         "proxy_protocol",
