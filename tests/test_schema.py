@@ -220,6 +220,34 @@ def test_a_default_a_description_names_is_the_declared_one(
         assert not re.search(r"\(default \d|\w+ \(default\)", doc), f"{name}: declare it"
 
 
+def _readme_key_names(text: str) -> set[str]:
+    """The keys README's key table names (first column of a `| key | meaning |` table) and its
+    "Top level:" paragraph names (each backticked word before a ':' or '/')."""
+    names: set[str] = set()
+    for table in re.findall(r"^\| key \| meaning \|\n\|---\|---\|\n((?:\|.*\n)+)", text, re.M):
+        for row in table.splitlines():
+            names.update(re.findall(r"`([a-z_0-9]+)`", row.split(" | ")[0]))
+    for para in re.findall(r"^Top level: (.*?)\n\n", text, re.M | re.S):
+        names.update(re.findall(r"`([a-z_0-9]+)(?=[`:])", para))
+    return names
+
+
+def test_readme_key_table_names_declared_keys_and_points_to_the_man_page() -> None:
+    # README's key table is a short list of the keys used first; the reference of every key
+    # is the man page, generated from the declarations (test_every_configuration_key_is_in_
+    # pyinetd_yaml_5). What README names must be a declared key, and it must say where the
+    # rest is.
+    text = (REPO / "README.md").read_text()
+    named = _readme_key_names(text)
+    declared = {*keys.SERVICE_KEYS, *keys.TOP_KEYS, "defaults", "services"}
+    assert len(named) >= 20, named
+    assert named <= declared, named - declared
+    # A key with a section of its own (`warm`, `sandbox`) is in the table, pointing to it.
+    sections = set(re.findall(r"^#+ .*?`([a-z_0-9]+)", text, re.M)) & declared
+    assert sections and sections <= named, sections - named
+    assert re.search(r"full reference of every key\*\* is the man page: `man pyinetd\.yaml`", text)
+
+
 def test_build_reports_schema_errors_in_file_order_among_semantic_ones(tmp_path: Path) -> None:
     errs = load_errors(
         tmp_path,
