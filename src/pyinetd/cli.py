@@ -142,7 +142,8 @@ _OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         {
             "action": "store_true",
             "help": "print the configuration as pyinetd reads it (defaults applied, paths "
-            "absolute, includes merged; see --format), exit",
+            "absolute, includes merged, names kept, rates and durations in their unit: '5m', "
+            "'90s', '100/min'; see --format), exit",
         },
     ),
 }
