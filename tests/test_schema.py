@@ -25,6 +25,7 @@ from jsonschema import Draft202012Validator
 from pyinetd import config, keys, parsers, schema
 from pyinetd.cli import main
 from pyinetd.config import Config, ConfigError, load, to_dict
+from pyinetd.sandbox import SandboxSettings
 from pyinetd.writer import write
 
 REPO = Path(__file__).resolve().parent.parent
@@ -184,6 +185,18 @@ def test_every_field_default_is_its_keys_declared_one() -> None:
                 assert f.default in _NOT_SET, f"{cls.__name__}.{f.name}: declare it in keys"
     # The stderr_rate parser fills what a mapping leaves out from the same default.
     assert keys.declared("stderr_rate") == parsers.STDERR_RATE
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"), [("tls", parsers.TLSSettings), ("sandbox", SandboxSettings)]
+)
+def test_a_mapping_keys_declared_defaults_are_its_settings_defaults(name: str, cls: type) -> None:
+    # tls: and sandbox: parse into their own dataclasses; the defaults their parts declare
+    # (the schema's and the man page's) are the ones those dataclasses hold.
+    parts = keys.SERVICE_KEYS[name].schema["properties"]
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    declared = {k: node["default"] for k, node in parts.items() if "default" in node}
+    assert declared and all(defaults[k] == v for k, v in declared.items()), (declared, defaults)
 
 
 def _default_text(value: Any) -> str:

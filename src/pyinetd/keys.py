@@ -3,9 +3,10 @@
 The service keys are declared in service_keys.py, the top-level keys here. The rest follows from
 these tables: config.py's validation (the parsers), ``schema.json`` (generated
 from it: ``python -m pyinetd.schema > src/pyinetd/schema.json``; tests/test_schema.py checks the
-shipped file is current), the pyinetd.yaml(5) man page (scripts/gen_manpage.py), ``--print-config``
-(each key's ``out``) and the order in which ``pyinetd convert`` writes a service's keys (the order
-of the table). Pure module: no sockets, no processes.
+shipped file is current), the pyinetd.yaml(5) man page (scripts/gen_manpage.py), the defaults of
+config's Service and Config fields (each key's schema "default", parsed: ``declared``),
+``--print-config`` (each key's ``out``, written by writer.py) and the order in which ``pyinetd
+convert`` writes a service's keys (the order of the table). Pure module: no sockets, no processes.
 """
 
 from __future__ import annotations
