@@ -259,6 +259,10 @@ def test_readme_key_table_names_declared_keys_and_points_to_the_man_page() -> No
     sections = set(re.findall(r"^#+ .*?`([a-z_0-9]+)", text, re.M)) & declared
     assert sections and sections <= named, sections - named
     assert re.search(r"full reference of every key\*\* is the man page: `man pyinetd\.yaml`", text)
+    # docs/configuration.md says more about each key: every declared key is in its tables.
+    more = _readme_key_names((REPO / "docs" / "configuration.md").read_text())
+    assert more <= declared, more - declared
+    assert declared <= more, declared - more
 
 
 def test_build_reports_schema_errors_in_file_order_among_semantic_ones(tmp_path: Path) -> None:
