@@ -205,7 +205,9 @@ def render(parser: argparse.ArgumentParser) -> str:
             "speak the YAML language server protocol use it when the file's first line is "
             "'# yaml-language-server: $schema=PATH/schema.json'. "
             "pyinetd -c FILE --print-config prints the configuration as pyinetd reads it: "
-            "defaults applied, paths absolute, included files merged."
+            "defaults applied, paths absolute, included files merged; a duration in the "
+            "largest unit of which it is a whole number ('5m', '90s', '250ms'), a rate as "
+            "'100/min'. It loads back to the same configuration."
         ),
         ".SH SIGNALS",
         *definitions(SIGNALS),
@@ -252,6 +254,8 @@ def _value_text(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, str):
         return value
+    if isinstance(value, dict):  # YAML's flow form: {lines: 100/s, bytes: 64k/s}
+        return "{" + ", ".join(f"{k}: {_value_text(v)}" for k, v in value.items()) + "}"
     return json.dumps(value, ensure_ascii=False)
 
 

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import pwd
+import re
 import subprocess
 import sys
 import tempfile
@@ -21,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from pyinetd import config, keys, schema
+from pyinetd import config, keys, parsers, schema
 from pyinetd.cli import main
 from pyinetd.config import Config, ConfigError, load, to_dict
-from pyinetd.convert import Conversion, dump
+from pyinetd.sandbox import SandboxSettings
+from pyinetd.writer import write
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,10 +59,10 @@ def test_schema_is_a_valid_draft_2020_12_schema() -> None:
 def test_schema_keys_are_config_keys_plus_planned_ones() -> None:
     defs = schema.load_schema()["$defs"]
     service = set(defs["service"]["properties"])
-    assert service == set(config.SERVICE_KEYS) | PLANNED_SERVICE_KEYS
+    assert service == set(config.SERVICE_PARSERS) | PLANNED_SERVICE_KEYS
     assert set(defs["defaults"]["properties"]) == service - {"listen"}
     top = set(schema.load_schema()["properties"])
-    assert top == set(config.TOP_KEYS) | PLANNED_TOP_KEYS
+    assert top == set(config.TOP_NAMES) | PLANNED_TOP_KEYS
 
 
 def test_every_key_has_a_description_and_every_mapping_is_closed() -> None:
@@ -163,6 +165,106 @@ def test_every_service_field_is_filled_by_a_declared_key() -> None:
     assert fields == targets - {None}
 
 
+# What a field holds when its key is not set and declares no default.
+_NOT_SET = (None, (), "", b"", dataclasses.MISSING)  # MISSING: a required field (listen)
+
+
+def test_every_field_default_is_its_keys_declared_one() -> None:
+    # A default is written once, in the key's declaration (its schema's "default", which the
+    # schema and the man page show): Service and Config take theirs from it (keys.declared),
+    # and a field whose key declares none holds "not set", never a default of its own.
+    for cls, declared in ((config.Service, keys.SERVICE_KEYS), (config.Config, keys.TOP_KEYS)):
+        by_field = {k.target: k for k in declared.values() if k.target}
+        for f in dataclasses.fields(cls):
+            key = by_field.get(f.name)
+            if key is None:
+                continue
+            if "default" in key.schema:
+                assert f.default == key.stored_default(), f"{cls.__name__}.{f.name}"
+            else:
+                assert f.default in _NOT_SET, f"{cls.__name__}.{f.name}: declare it in keys"
+    # The stderr_rate parser fills what a mapping leaves out from the same default.
+    assert keys.declared("stderr_rate") == parsers.STDERR_RATE
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"), [("tls", parsers.TLSSettings), ("sandbox", SandboxSettings)]
+)
+def test_a_mapping_keys_declared_defaults_are_its_settings_defaults(name: str, cls: type) -> None:
+    # tls: and sandbox: parse into their own dataclasses; the defaults their parts declare
+    # (the schema's and the man page's) are the ones those dataclasses hold.
+    parts = keys.SERVICE_KEYS[name].schema["properties"]
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    declared = {k: node["default"] for k, node in parts.items() if "default" in node}
+    assert declared and all(defaults[k] == v for k, v in declared.items()), (declared, defaults)
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_default_text(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _documented() -> list[tuple[str, str, dict[str, Any]]]:
+    """(name, description, schema) of every key and of every sub-key of a mapping key."""
+    out = []
+    for key in keys.KEYS:
+        out.append((key.name, key.doc, dict(key.schema)))
+        whole = key.schema.get("default", {})
+        for sub, node in key.schema.get("properties", {}).items():
+            if sub in whole:  # the mapping's default declares its parts' (stderr_rate)
+                node = {**node, "default": whole[sub]}
+            out.append((f"{key.name}.{sub}", node.get("description", ""), node))
+    return out
+
+
+@pytest.mark.parametrize(("name", "doc", "node"), _documented(), ids=lambda v: str(v)[:30])
+def test_a_default_a_description_names_is_the_declared_one(
+    name: str, doc: str, node: dict[str, Any]
+) -> None:
+    # The descriptions repeat a default for the reader ("(default 10 seconds)", "tcp
+    # (default)"): it must be the declared one, which --print-config and the dataclasses use.
+    if "default" in node:
+        if "default" in doc.lower() and not isinstance(node["default"], bool):  # in words
+            assert _default_text(node["default"]) in doc, f"{name}: {doc}"
+    else:
+        assert not re.search(r"\(default \d|\w+ \(default\)", doc), f"{name}: declare it"
+
+
+def _readme_key_names(text: str) -> set[str]:
+    """The keys README's key table names (first column of a `| key | meaning |` table) and its
+    "Top level:" paragraph names (each backticked word before a ':' or '/')."""
+    names: set[str] = set()
+    for table in re.findall(r"^\| key \| meaning \|\n\|---\|---\|\n((?:\|.*\n)+)", text, re.M):
+        for row in table.splitlines():
+            names.update(re.findall(r"`([a-z_0-9]+)`", row.split(" | ")[0]))
+    for para in re.findall(r"^Top level: (.*?)\n\n", text, re.M | re.S):
+        names.update(re.findall(r"`([a-z_0-9]+)(?=[`:])", para))
+    return names
+
+
+def test_readme_key_table_names_declared_keys_and_points_to_the_man_page() -> None:
+    # README's key table is a short list of the keys used first; the reference of every key
+    # is the man page, generated from the declarations (test_every_configuration_key_is_in_
+    # pyinetd_yaml_5). What README names must be a declared key, and it must say where the
+    # rest is.
+    text = (REPO / "README.md").read_text()
+    named = _readme_key_names(text)
+    declared = {*keys.SERVICE_KEYS, *keys.TOP_KEYS, "defaults", "services"}
+    assert len(named) >= 20, named
+    assert named <= declared, named - declared
+    # A key with a section of its own (`warm`, `sandbox`) is in the table, pointing to it.
+    sections = set(re.findall(r"^#+ .*?`([a-z_0-9]+)", text, re.M)) & declared
+    assert sections and sections <= named, sections - named
+    assert re.search(r"full reference of every key\*\* is the man page: `man pyinetd\.yaml`", text)
+    # docs/configuration.md says more about each key: every declared key is in its tables.
+    more = _readme_key_names((REPO / "docs" / "configuration.md").read_text())
+    assert more <= declared, more - declared
+    assert declared <= more, declared - more
+
+
 def test_build_reports_schema_errors_in_file_order_among_semantic_ones(tmp_path: Path) -> None:
     errs = load_errors(
         tmp_path,
@@ -255,14 +357,14 @@ def _schema_is_stricter(key: str, value: Any) -> bool:
 
 def _parser_accepts(key: str, value: Any) -> bool:
     try:
-        config.SERVICE_KEYS[key](value, Path(tempfile.gettempdir()))
+        config.SERVICE_PARSERS[key](value, Path(tempfile.gettempdir()))
     except config._KeyError:
         return False
     return True
 
 
 @settings(max_examples=300, deadline=None)
-@given(key=st.sampled_from(sorted(set(config.SERVICE_KEYS) - {"listen"})), value=_VALUES)
+@given(key=st.sampled_from(sorted(set(config.SERVICE_PARSERS) - {"listen"})), value=_VALUES)
 def test_schema_accepts_whatever_a_parser_accepts(key: str, value: Any) -> None:
     if _parser_accepts(key, value) and not _schema_is_stricter(key, value):
         assert _schema_accepts(key, value), (key, value)
@@ -390,7 +492,7 @@ def _same_meaning(cfg: Config) -> Config:
 
 def _reload(folder: Path, resolved: dict[str, Any], fmt: str) -> Config:
     path = folder / f"printed.{fmt}"
-    path.write_text(dump(Conversion(config=resolved, warnings=()), fmt))
+    path.write_text(write(resolved, fmt))
     return load(path)
 
 
@@ -423,7 +525,7 @@ def test_print_config_applies_defaults_resolves_paths_and_merges_includes(tmp_pa
         "services:\n  a: {listen: 7101, exec: cat, rate: 600/min, umask: '027'}\n"
     )
     printed = to_dict(load(tmp_path / "inetd.yaml"))
-    common = {"stderr": str(tmp_path / "logs" / "err.log"), "timeout": 300}
+    common = {"stderr": str(tmp_path / "logs" / "err.log"), "timeout": "5m"}
     assert printed == {
         "services": {
             "a": {
@@ -465,11 +567,54 @@ def test_print_config_keeps_names_rate_units_and_unresolved_paths(tmp_path: Path
     assert (b["exec"], b["rate"], b["burst"], b["group"]) == (["/bin/cat"], "50/s", 7, "root")
 
 
+@pytest.mark.parametrize("fmt", ["yaml", "toml", "json"])
+def test_print_config_writes_a_duration_in_its_unit(tmp_path: Path, fmt: str) -> None:
+    # `timeout: 5 minutes` came back as `timeout: 300`: a duration is written in the largest
+    # unit of which it is a whole number, and loads back to an equal Config.
+    (tmp_path / "inetd.yaml").write_text(
+        "drain_timeout: 2 hours\nshutdown: drain\n"
+        "services:\n"
+        "  a: {listen: 7101, timeout: 5 minutes, rate: 5/s, rate_pause: 90}\n"
+        "  b: {listen: 7102, timeout: 1.5, proxy_protocol: v1, proxy_timeout: 0.25}\n"
+        "  c: {listen: 7103, timeout: 0, rate_pause: 1d}\n"
+    )
+    first = load(tmp_path / "inetd.yaml")
+    printed = to_dict(first)
+    a, b, c = printed["services"].values()
+    assert printed["drain_timeout"] == "2h"
+    assert (a["timeout"], a["rate_pause"]) == ("5m", "90s")
+    assert (b["timeout"], b["proxy_timeout"]) == ("1500ms", "250ms")
+    assert (c["timeout"], c["rate_pause"]) == ("0s", "1d")
+    again = _reload(tmp_path, printed, fmt)
+    assert _same_meaning(again) == _same_meaning(first)
+    assert to_dict(again) == printed
+
+
+def test_print_config_writes_a_tls_service(tmp_path: Path, pki: Path) -> None:
+    # A tls: service made --print-config fail with a traceback (TLSSettings had no input form).
+    (tmp_path / "inetd.yaml").write_text(
+        "services:\n"
+        "  t: {listen: 7101, exec: /bin/cat, tls: {cert: cert.pem, key: key.pem}}\n"
+        "  u: {listen: 7102, exec: /bin/cat, tls: {cert: cert.pem, key: key.pem,"
+        " client_ca: ca.pem, min_version: '1.3', handshake_timeout: 2m}}\n"
+    )
+    first = load(tmp_path / "inetd.yaml")
+    printed = to_dict(first)
+    t, u = (s["tls"] for s in printed["services"].values())
+    assert t == {"cert": str(pki / "cert.pem"), "key": str(pki / "key.pem")}
+    assert (u["client_ca"], u["min_version"], u["handshake_timeout"]) == (
+        str(pki / "ca.pem"),
+        "1.3",
+        "2m",
+    )
+    assert _same_meaning(_reload(tmp_path, printed, "toml")) == _same_meaning(first)
+
+
 def test_yaml_output_keeps_a_next_line_character() -> None:
     # Found by the round trip above: PyYAML wrote U+0085 raw in a single-quoted scalar and read
     # it back as a space.
     text = {"banner_text": "a\x85b", "busy_message": "\x85"}
-    assert yaml.safe_load(dump(Conversion(config=text, warnings=()), "yaml")) == text
+    assert yaml.safe_load(write(text, "yaml")) == text
 
 
 def test_print_config_refuses_a_binary_banner(tmp_path: Path) -> None:
@@ -515,6 +660,19 @@ def test_cli_print_config_of_a_bad_file_exits_2(tmp_path: Path) -> None:
     )
     assert (run.returncode, run.stdout) == (2, "")
     assert run.stderr == f"{bad}:2:21: services.e.wait: 'yes': expected true or false\n"
+
+
+def test_print_config_does_not_import_the_converter(tmp_path: Path) -> None:
+    # The writer is the configuration's (writer.py); convert.py uses it, not the other way.
+    (tmp_path / "inetd.yaml").write_text("services:\n  e: {listen: 7007, timeout: 5 minutes}\n")
+    code = (
+        "import sys; from pyinetd.cli import main; "
+        f"rc = main(['-c', {str(tmp_path / 'inetd.yaml')!r}, '--print-config']); "
+        "assert rc == 0 and 'pyinetd.convert' not in sys.modules, sorted(sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert yaml.safe_load(run.stdout)["services"]["e"]["listen"] == "7007"
 
 
 def test_man_page_is_current() -> None:

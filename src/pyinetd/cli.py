@@ -142,7 +142,8 @@ _OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         {
             "action": "store_true",
             "help": "print the configuration as pyinetd reads it (defaults applied, paths "
-            "absolute, includes merged; see --format), exit",
+            "absolute, includes merged, names kept, rates and durations in their unit: '5m', "
+            "'90s', '100/min'; see --format), exit",
         },
     ),
 }
@@ -366,7 +367,7 @@ def _print_schema() -> int:
 
 def _print_config(path: str, fmt: str) -> int:
     from pyinetd.config import to_dict
-    from pyinetd.convert import Conversion, dump
+    from pyinetd.writer import write
 
     try:
         resolved = to_dict(load(path))
@@ -377,5 +378,5 @@ def _print_config(path: str, fmt: str) -> int:
     except ValueError as exc:  # a value with no text form (a binary banner file)
         print(f"{path}: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
-    sys.stdout.write(dump(Conversion(config=resolved, warnings=()), fmt))
+    sys.stdout.write(write(resolved, fmt))
     return EXIT_OK

@@ -33,10 +33,10 @@ from pyinetd.checks import (
     settle_file,
 )
 from pyinetd.document import Marks, read_marked
+from pyinetd.keys import declared
 from pyinetd.parsers import (
     BUILTINS,
     PROTOCOLS,
-    STDERR_RATE,
     ListenAddress,
     Parser,
     TLSSettings,
@@ -55,8 +55,8 @@ from pyinetd.units import parse_rate
 __all__ = [
     "BUILTINS",
     "PROTOCOLS",
-    "SERVICE_KEYS",
-    "TOP_KEYS",
+    "SERVICE_PARSERS",
+    "TOP_NAMES",
     "Config",
     "ConfigError",
     "ListenAddress",
@@ -126,27 +126,31 @@ REDIRECT_MAX_CONNECTIONS = 64
 
 @dataclass(frozen=True)
 class Service:
-    """One configured service, fully validated and resolved."""
+    """One configured service, fully validated and resolved.
+
+    A field whose key declares a default (service_keys.py) takes it from there, `declared(...)`;
+    the others hold "not set" (None, empty). test_every_field_default_is_its_keys_declared_one
+    keeps it so."""
 
     name: str
     listen: tuple[ListenAddress, ...]
-    protocol: str = "tcp"
+    protocol: str = declared("protocol")
     builtin: str | None = None
     exec: tuple[str, ...] = ()
     argv0: str | None = None  # argv[0] when it is not exec[0] (busybox applets)
-    wait: bool = False
-    enabled: bool = True
-    stderr: str = "log"
+    wait: bool = declared("wait")
+    enabled: bool = declared("enabled")
+    stderr: str = declared("stderr")
     # `stderr: log` lines logged per second, bytes logged per second; the rest is dropped
-    stderr_rate: tuple[float, float] = STDERR_RATE
+    stderr_rate: tuple[float, float] = declared("stderr_rate")
     # admission (issue: limits); None = no limit
     max_connections: int | None = None
-    on_limit: str = "queue"
+    on_limit: str = declared("on_limit")
     busy_message: str = ""
     per_source: int | None = None
-    per_source_prefix: int = 64
+    per_source_prefix: int = declared("per_source_prefix")
     rate: tuple[float, int] | None = None  # (per second, burst)
-    rate_pause: float = 10.0
+    rate_pause: float = declared("rate_pause")
     access: AccessList | None = None
     deny_message: str = ""
     timeout: float | None = None
@@ -154,7 +158,7 @@ class Service:
     user: tuple[str, int, int] | None = None  # (name, uid, gid of the user)
     group: int | None = None
     env: tuple[tuple[str, str], ...] = ()
-    env_clear: bool = False
+    env_clear: bool = declared("env_clear")
     # None: on for services with `user:` (a dropped service has nothing to gain back), off
     # otherwise (a root service may run setuid tools on purpose); see the `nnp` property.
     no_new_privs: bool | None = None
@@ -164,7 +168,7 @@ class Service:
     rlimits: tuple[tuple[int, int], ...] = ()
     sandbox: SandboxSettings | None = None  # issue 17; implies no_new_privs
     # a Python script served from a warm interpreter (zygote.py), with these modules imported
-    warm: bool = False
+    warm: bool = declared("warm")
     preload: tuple[str, ...] = ()
     # exec[0]'s first line (its #!) as the load read it with the user's rights (checks.py),
     # for the zygote: no key fills it, and root reads the file no second time (issue 24.2)
@@ -175,7 +179,7 @@ class Service:
     tls: TLSSettings | None = None
     proxy_protocol: str | None = None  # v1 | v2 | any
     proxy_from: AccessList | None = None
-    proxy_timeout: float = 3.0
+    proxy_timeout: float = declared("proxy_timeout")
     redirect: tuple[str, int] | None = None
     # a unix socket file's mode and owner (None: pyinetd's umask, and pyinetd)
     socket_mode: int | None = None
@@ -185,8 +189,8 @@ class Service:
     interface: str | None = None
     access_times: tuple[tuple[int, int], ...] = ()  # (first, last) minute of the day
     max_load: float | None = None
-    keepalive: bool = False
-    nodelay: bool = False
+    keepalive: bool = declared("keepalive")
+    nodelay: bool = declared("nodelay")
     send_buffer: int | None = None
     receive_buffer: int | None = None
     source: str = ""  # file the service was defined in
@@ -230,23 +234,23 @@ class Service:
 
 @dataclass(frozen=True)
 class Config:
-    """The whole configuration."""
+    """The whole configuration; its defaults are the top-level keys' declared ones (keys.py)."""
 
     path: Path
     services: tuple[Service, ...]
     max_children: int | None = None
-    workers: int = 1
+    workers: int = declared("workers")
     include: tuple[str, ...] = ()
     control_socket: str | None = None
     pid_file: str | None = None
-    shutdown: str = "leave"
-    drain_timeout: float = 30.0
-    reload_kills_removed: bool = False
+    shutdown: str = declared("shutdown")
+    drain_timeout: float = declared("drain_timeout")
+    reload_kills_removed: bool = declared("reload_kills_removed")
     metrics: str | None = None
     # Connections before their service starts (PROXY header or TLS ClientHello due): an fd
     # each and nothing proven yet, so bounded (issue 14, items 5 and 6).
-    max_pending: int = 256
-    max_pending_per_source: int = 16
+    max_pending: int = declared("max_pending")
+    max_pending_per_source: int = declared("max_pending_per_source")
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # Where each key is in each file read: errors found after the build (a TLS file, a port
     # in use) are located as the build's own are.
@@ -270,11 +274,12 @@ class Config:
         return tuple(s for s in self.services if s.enabled and s.name not in self.failed)
 
 
-# Keys a service (or `defaults:`) may carry, and top-level keys (besides `defaults` and
-# `services`), with their parser: declared in keys.py.
-SERVICE_KEYS: dict[str, Parser] = {name: key.parse for name, key in keys.SERVICE_KEYS.items()}
+# The parser of each key a service (or `defaults:`) may carry, and of each top-level key
+# (besides `defaults` and `services`): declared in keys.py, whose SERVICE_KEYS and TOP_KEYS
+# hold the whole declarations. TOP_NAMES: every name allowed at the top of a file.
+SERVICE_PARSERS: dict[str, Parser] = {name: key.parse for name, key in keys.SERVICE_KEYS.items()}
 TOP_PARSERS: dict[str, Parser] = {name: key.parse for name, key in keys.TOP_KEYS.items()}
-TOP_KEYS = ("defaults", "services", *TOP_PARSERS)
+TOP_NAMES = ("defaults", "services", *TOP_PARSERS)
 _unknown = schema.unknown_key
 
 
@@ -359,7 +364,7 @@ def _build(doc: Any, path: Path, marks: dict[str, Marks], with_schema: bool) -> 
             continue
         parser = TOP_PARSERS.get(key)
         if parser is None:
-            errors.append(f"{label}: {key}: {_unknown(key, list(TOP_KEYS))}")
+            errors.append(f"{label}: {key}: {_unknown(key, list(TOP_NAMES))}")
             continue
         try:
             top[key] = parser(value, base)
@@ -514,7 +519,7 @@ def _check_keys(
     ``flagged(key)`` gives the schema's errors for a key; they stand instead of the parser's.
     """
     out: dict[str, Any] = {}
-    known = list(SERVICE_KEYS)
+    known = list(SERVICE_PARSERS)
     for key, value in raw.items():
         key = str(key)
         if key == "listen" and not allow_listen:
@@ -527,7 +532,7 @@ def _check_keys(
         if found := flagged(key):
             errors += found
             continue
-        parser = SERVICE_KEYS.get(key)
+        parser = SERVICE_PARSERS.get(key)
         if parser is None:
             # In the schema, not yet implemented here (or the two drifted apart).
             errors.append(f"{where}.{key}: {_unknown(key, known)}")
@@ -560,7 +565,7 @@ def _build_service(
     enabled = defaults.get("enabled", True)
     if isinstance(body, dict) and "enabled" in body:
         with contextlib.suppress(ValueError):  # a bad value is reported where it is parsed
-            enabled = SERVICE_KEYS["enabled"](body["enabled"], base)
+            enabled = SERVICE_PARSERS["enabled"](body["enabled"], base)
     with types_only(not enabled):
         return _service(name, body, defaults, label, base, errors, flags, found)
 
@@ -851,8 +856,9 @@ def _plain(name: str, value: Any) -> Any:
     raise TypeError(f"to_dict: no input form for {name}={value!r}; give its key an out= (keys.py)")
 
 
-# Service field -> how its stored value is written back (the `out` of the key that fills it).
+# Field -> how its stored value is written back (the `out` of the key that fills it).
 _SERVICE_OUT = {k.target: k.out for k in keys.SERVICE_KEYS.values() if k.out and k.target}
+_TOP_OUT = {k.target: k.out for k in keys.TOP_KEYS.values() if k.out and k.target}
 
 
 def _service_to_dict(svc: Service) -> dict[str, Any]:
@@ -878,6 +884,7 @@ def to_dict(cfg: Config) -> dict[str, Any]:
             continue
         value = getattr(cfg, f.name)
         if value != f.default:
-            out[f.name] = _plain(f.name, value)
+            convert = _TOP_OUT.get(f.name)
+            out.update(convert(f.name, value) if convert else {f.name: _plain(f.name, value)})
     out["services"] = {svc.name: _service_to_dict(svc) for svc in cfg.services}
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import json
 import os
 import posixpath
 import re
@@ -20,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-import tomli_w
-import yaml
-
 from pyinetd.keys import SERVICE_KEYS
 from pyinetd.parsers import BUILTINS, _parse_access_times, _parse_buffer, _parse_load, number
+from pyinetd.writer import write
 
 __all__ = [
     "Conversion",
@@ -1475,22 +1472,6 @@ def convert_file(
     return convert_inetd_conf(path, services_file)
 
 
-class _YamlDumper(yaml.SafeDumper):
-    """SafeDumper that double-quotes text holding U+0085 (NEL).
-
-    PyYAML with allow_unicode writes NEL raw inside a single-quoted scalar, and its reader then
-    folds it, a YAML line break, into a space: the text would not load back as it was.
-    """
-
-
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = '"' if "\x85" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_YamlDumper.add_representer(str, _represent_str)
-
-
 def escape(text: str) -> str:
     """Text with every character that is not printable escaped (\\n, \\x1b, \\u2028...)."""
     if text.isprintable():
@@ -1508,20 +1489,6 @@ def _comment_lines(warnings: Iterable[ConvertWarning]) -> str:
 
 
 def dump(conv: Conversion, fmt: str) -> str:
-    """The configuration as YAML, TOML or JSON text; the warnings as leading comments (not JSON)."""
-    if fmt == "yaml":
-        body = yaml.dump(
-            conv.config,
-            Dumper=_YamlDumper,
-            sort_keys=False,
-            default_flow_style=False,
-            allow_unicode=True,
-        )
-    elif fmt == "toml":
-        body = tomli_w.dumps(conv.config)
-    elif fmt == "json":
-        # JSON has no comments: the caller reports the warnings (the CLI on stderr).
-        return json.dumps(conv.config, indent=2, ensure_ascii=False) + "\n"
-    else:
-        raise ValueError(f"unknown format {fmt!r} (expected 'yaml', 'toml' or 'json')")
-    return _comment_lines(conv.warnings) + body
+    """The configuration as YAML, TOML or JSON text; the warnings as leading comments (not JSON:
+    the caller reports them, the CLI on stderr)."""
+    return write(conv.config, fmt, _comment_lines(conv.warnings))

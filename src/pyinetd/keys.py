@@ -3,15 +3,19 @@
 The service keys are declared in service_keys.py, the top-level keys here. The rest follows from
 these tables: config.py's validation (the parsers), ``schema.json`` (generated
 from it: ``python -m pyinetd.schema > src/pyinetd/schema.json``; tests/test_schema.py checks the
-shipped file is current), the pyinetd.yaml(5) man page (scripts/gen_manpage.py), ``--print-config``
-(each key's ``out``) and the order in which ``pyinetd convert`` writes a service's keys (the order
-of the table). Pure module: no sockets, no processes.
+shipped file is current), the pyinetd.yaml(5) man page (scripts/gen_manpage.py), the defaults of
+config's Service and Config fields (each key's schema "default", parsed: ``declared``),
+``--print-config`` (each key's ``out``, written by writer.py) and the order in which ``pyinetd
+convert`` writes a service's keys (the order of the table). Pure module: no sockets, no processes.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from pyinetd.keyspec import BOOLEAN, COUNT, DURATION, FILE_PATH, Key
 from pyinetd.parsers import (
+    _duration_out,
     _parse_bool,
     _parse_choice,
     _parse_count,
@@ -26,7 +30,7 @@ from pyinetd.units import (
     parse_duration,
 )
 
-__all__ = ["KEYS", "SERVICE_KEYS", "TOP_KEYS", "Key"]
+__all__ = ["KEYS", "SERVICE_KEYS", "TOP_KEYS", "Key", "declared"]
 
 # The top-level keys (besides `defaults:` and `services:`).
 TOP_KEY_LIST: tuple[Key, ...] = (
@@ -110,6 +114,7 @@ TOP_KEY_LIST: tuple[Key, ...] = (
         "How long shutdown: drain waits (default 30 seconds).",
         {**DURATION, "default": 30},
         top=True,
+        out=_duration_out,
     ),
     Key(
         "reload_kills_removed",
@@ -162,3 +167,9 @@ TOP_KEY_LIST: tuple[Key, ...] = (
 KEYS: tuple[Key, ...] = (*SERVICE_KEY_LIST, *TOP_KEY_LIST)
 SERVICE_KEYS: dict[str, Key] = {k.name: k for k in SERVICE_KEY_LIST}
 TOP_KEYS: dict[str, Key] = {k.name: k for k in TOP_KEY_LIST}
+
+
+def declared(name: str) -> Any:
+    """A key's declared default as its parser stores it: the default of the Service or Config
+    field the key fills (config.py), so that the declaration is the one place it is written."""
+    return (SERVICE_KEYS.get(name) or TOP_KEYS[name]).stored_default()

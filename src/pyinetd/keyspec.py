@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pyinetd.parsers import Out, Parser
@@ -34,6 +35,19 @@ class Key:
     @property
     def target(self) -> str | None:
         return self.name if self.field == "" else self.field
+
+    @property
+    def default(self) -> Any:
+        """The key's default, the one place it is written: its schema's "default", in the input
+        form (what the schema, the man page and editors show), or None where it declares none."""
+        return self.schema.get("default")
+
+    def stored_default(self) -> Any:
+        """The default as the key's parser stores it (10 -> 10.0 seconds): what the Service or
+        Config field it fills holds when no file sets the key (config.declared)."""
+        if "default" not in self.schema:
+            raise LookupError(f"{self.name}: its declaration names no default")
+        return self.parse(self.schema["default"], Path("/"))
 
 
 # ---------------------------------------------------------------- patterns, from units.py

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import grp
 import ipaddress
 import math
@@ -29,7 +30,7 @@ from pyinetd import fsuser, sandbox
 from pyinetd.access import AccessList
 from pyinetd.sandbox import SandboxSettings
 from pyinetd.suggest import unknown_key
-from pyinetd.units import format_rate, parse_duration, parse_rate, parse_size
+from pyinetd.units import format_duration, format_rate, parse_duration, parse_rate, parse_size
 
 PROTOCOLS = ("tcp", "udp", "unix")
 # The built-in services' names: their one home (builtins.py maps each to its handler).
@@ -719,6 +720,12 @@ def _number_out(name: str, value: float) -> dict[str, Any]:
     return {name: number(value)}
 
 
+def _duration_out(name: str, value: float) -> dict[str, Any]:
+    """A duration in its unit, as people write it: timeout: 5 minutes -> '5m' (not 300)."""
+    text = format_duration(value)
+    return {name: text if isinstance(text, str) else number(text)}
+
+
 def _listen_out(name: str, value: tuple[Any, ...]) -> dict[str, Any]:
     return {name: str(value[0]) if len(value) == 1 else [str(a) for a in value]}
 
@@ -768,6 +775,23 @@ def _rate_out(_name: str, value: tuple[float, int]) -> dict[str, Any]:
     if burst != max(1, int(per_second)):  # parse_rate's default burst
         out["burst"] = burst
     return out
+
+
+def _tls_out(name: str, value: TLSSettings) -> dict[str, Any]:
+    """The tls: mapping: files as paths, a duration in its unit, what is at its default left
+    out (a tls: service made --print-config fail: TLSSettings has no text form of its own)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(value):
+        v = getattr(value, f.name)
+        if v is None or v == f.default:
+            continue
+        if isinstance(v, Path):
+            out[f.name] = str(v)
+        elif isinstance(v, float):
+            out.update(_duration_out(f.name, v))
+        else:
+            out[f.name] = v
+    return {name: out}
 
 
 def _access_out(_name: str, value: AccessList) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from pyinetd.parsers import (
     _argv_out,
     _banner_out,
     _dict_out,
+    _duration_out,
     _group_out,
     _listen_out,
     _name_out,
@@ -69,6 +70,7 @@ from pyinetd.parsers import (
     _rlimits_out,
     _sandbox_out,
     _stderr_rate_out,
+    _tls_out,
     _wrap,
 )
 from pyinetd.units import (
@@ -80,16 +82,18 @@ __all__ = ["BUILTIN_STREAM_DEFAULTS", "SERVICE_KEY_LIST", "UDP_RATE"]
 
 # The rate of a UDP service (built-in or nowait) that sets none: a loop through a reflector
 # pyinetd cannot recognise (another host's or instance's echo on an unprivileged port) ends at
-# the first datagram over it, and chargen's 10-19 x amplification is bounded by it (issue 24,
-# item 4: 16,700 datagrams/s until one side was killed; `rate: 100/s` ended it after 101). The
-# order of xinetd's default `cps = 50 10`, which also covers UDP.
+# the first datagram over it, and chargen's 10-19 x amplification is bounded by it (without
+# it, 16,700 datagrams/s until one side was killed; `rate: 100/s` ended it after 101:
+# test_a_loop_through_a_foreign_echo_decays_by_the_default_udp_rate). The order of xinetd's
+# default `cps = 50 10`, which also covers UDP.
 UDP_RATE = "100/s"
 
 # The limits a TCP built-in (echo, discard, chargen, daytime, time) gets when neither it nor
 # `defaults:` sets them. Built-in sessions run in the parent with an fd each: without a bound,
 # one client's idle echo connections held every fd of the parent, `status` and every other
-# service failed (issue 24, item 5). per_source 10 is xinetd's usual `defaults` (Red Hat's and
-# Debian's xinetd.conf); 300 seconds is longer than any echo/chargen test needs.
+# service failed (test_one_clients_idle_echo_sessions_leave_status_and_other_services_working).
+# per_source 10 is xinetd's usual `defaults` (Red Hat's and Debian's xinetd.conf); 300
+# seconds is longer than any echo/chargen test needs.
 BUILTIN_STREAM_DEFAULTS: dict[str, int | float] = {"per_source": 10, "timeout": 300.0}
 
 _BUFFER = {
@@ -293,7 +297,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
         _wrap(parse_duration),
         "How long a service that exceeded its rate stops accepting (default 10 seconds).",
         {**DURATION, "default": 10},
-        out=_number_out,
+        out=_duration_out,
     ),
     Key(
         "allow",
@@ -406,7 +410,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
         "sandbox",
         _parse_sandbox,
         (
-            "Contain the service's program (issue 17): Landlock filesystem rules, no network, a "
+            "Contain the service's program: Landlock filesystem rules, no network, a "
             "private /tmp, a seccomp deny list; implies no_new_privs. Built once per service, "
             "applied in each child before its exec. A rule this kernel cannot enforce refuses the "
             "service. Where the kernel has Landlock scopes (ABI 6), its processes cannot signal a "
@@ -583,6 +587,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
                 },
             },
             "additionalProperties": False,
+            "default": {"lines": "100/s", "bytes": "64k/s"},
             "examples": [{"lines": "100/s", "bytes": "64k/s"}],
             "errorMessage": "expected a mapping such as {lines: 100/s, bytes: 64k/s}",
         },
@@ -631,7 +636,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
             "seconds unless set."
         ),
         DURATION,
-        out=_number_out,
+        out=_duration_out,
     ),
     Key(
         "env_clear",
@@ -706,6 +711,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
             "examples": [{"cert": "tls/server.pem", "key": "tls/server.key"}],
             "errorMessage": "expected a mapping with cert and key",
         },
+        out=_tls_out,
     ),
     Key(
         "proxy_protocol",
@@ -730,6 +736,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
             "one packet, with a retransmission)."
         ),
         {**DURATION, "default": 3},
+        out=_duration_out,
     ),
     Key(
         "socket_mode",

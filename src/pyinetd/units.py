@@ -15,6 +15,7 @@ from fractions import Fraction
 __all__ = [
     "DURATION_UNITS",
     "RATE_UNITS",
+    "format_duration",
     "format_rate",
     "parse_duration",
     "parse_rate",
@@ -83,6 +84,28 @@ def parse_duration(text: str | int | float) -> float:
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{text!r}: expected a duration >= 0 such as 30, '30s', '500ms' or '5m'")
     return seconds
+
+
+# The units --print-config writes a duration in, largest first ('m' is minutes, as '5m').
+_DURATION_OUT = (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001))
+
+
+def format_duration(seconds: float) -> str | float:
+    """parse_duration's inverse, for --print-config: a duration as people write it, in the
+    largest unit of which it is a whole number: 300.0 -> '5m', 90.0 -> '90s', 0.5 -> '500ms',
+    0.0 -> '0s'; else in seconds with their fraction, 1.5 -> '1.5s'. A value no such text gives
+    back exactly stays a number (seconds)."""
+    if seconds == 0:
+        return "0s"
+    for unit, size in _DURATION_OUT:
+        n = round(seconds / size)
+        if n >= 1 and parse_duration(f"{n}{unit}") == seconds:
+            return f"{n}{unit}"
+    text = f"{seconds!r}s"
+    try:
+        return text if parse_duration(text) == seconds else seconds
+    except ValueError:  # 1e-05: no exponent in a duration's text
+        return seconds
 
 
 _SIZE_UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}

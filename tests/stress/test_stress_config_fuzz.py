@@ -24,7 +24,7 @@ from hypothesis.errors import InvalidArgument
 from stresslib import scaled
 
 from pyinetd import cli
-from pyinetd.config import SERVICE_KEYS, TOP_KEYS
+from pyinetd.config import SERVICE_PARSERS, TOP_NAMES
 
 
 def check(path: Path) -> tuple[int, str]:
@@ -62,7 +62,7 @@ KNOWN_BAD_CHARS = ""
 JUNK_KEYS = ["include", "usr", "Listen", "", "services ", "exec_", "0", "rlimit", "protocols"]
 # Any character a UTF-8 file can hold (no lone surrogates).
 CHARS = st.characters(blacklist_categories=("Cs",), blacklist_characters=KNOWN_BAD_CHARS)
-KEYS = st.sampled_from([*SERVICE_KEYS, *TOP_KEYS, *JUNK_KEYS]) | st.text(CHARS, max_size=8)
+KEYS = st.sampled_from([*SERVICE_PARSERS, *TOP_NAMES, *JUNK_KEYS]) | st.text(CHARS, max_size=8)
 PLAUSIBLE = [
     "127.0.0.1:7007", "[::1]:7007", "0.0.0.0:7", "*:7", "localhost:7", "7007", "0", "65536",
     "[::1]", "/tmp/fuzz.sock", "@abstract", "/bin/cat", "cat", "cat -v", "'unterminated",
@@ -110,7 +110,7 @@ NEAR_VALID = st.builds(
     NAMES,
     st.sampled_from(["127.0.0.1:7007", "7007", "[::1]:7", "/tmp/fuzz.sock", "*:7"]),
     st.dictionaries(
-        st.sampled_from(list(SERVICE_KEYS)),
+        st.sampled_from(list(SERVICE_PARSERS)),
         SCALARS | st.lists(SCALARS, max_size=3) | st.dictionaries(KEYS, SCALARS, max_size=3),
         max_size=3,
     ),
