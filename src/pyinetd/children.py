@@ -385,7 +385,7 @@ class Children:
                 # the connection): the timeout still applies to them.
                 self._orphan_groups.add(pid)
             else:
-                child.timer.cancelled = True
+                child.timer.cancel()
         state = child.state
         state.drop_source(child.source)
         reply = self._udp_replies.pop(pid, None)

@@ -89,7 +89,7 @@ class Sessions:
             return  # closed while starting: start drops the slot and logs the end
         state, src, peer, timer = entry
         if timer is not None:
-            timer.cancelled = True
+            timer.cancel()
         log_session_end(state.service.name, peer, sess)
         state.bytes_in += sess.bytes_in
         state.bytes_out += sess.bytes_out

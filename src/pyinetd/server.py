@@ -292,7 +292,7 @@ class Server:
     def _check_drained(self) -> None:
         if self._stopping and not self.children and not self.sessions and not self._workers.table:
             if self._drain_timer is not None:
-                self._drain_timer.cancelled = True
+                self._drain_timer.cancel()
             self.loop.exit = True
 
     def _child_ended(self, child: Child) -> None:

@@ -273,7 +273,7 @@ class Services:
             if key not in wanted:
                 self.pause(lst)
                 if lst.resume_timer:
-                    lst.resume_timer.cancelled = True
+                    lst.resume_timer.cancel()
                 del self.listeners[key]
                 if lst.waiting_on:
                     lst.sock.close()  # the wait-mode child keeps its own reference
@@ -376,7 +376,7 @@ class Services:
         lst.paused_until = time.monotonic() + seconds
         self.pause(lst)
         if lst.resume_timer:
-            lst.resume_timer.cancelled = True
+            lst.resume_timer.cancel()
         lst.resume_timer = self._loop.call_later(seconds, functools.partial(self.resume, lst))
 
     def resume(self, lst: Listener) -> None:
@@ -460,7 +460,7 @@ class Services:
         for lst in list(self.listeners.values()):
             self.pause(lst)
             if lst.resume_timer:
-                lst.resume_timer.cancelled = True
+                lst.resume_timer.cancel()
             if lst.waiting_on:
                 lst.sock.close()  # the wait-mode child still holds it
             else:

@@ -29,7 +29,7 @@ _Any: TypeAlias = "PendingProxy[Any] | PendingHello[Any]"  # whatever the gate's
 
 
 class _Timer(Protocol):
-    cancelled: bool
+    def cancel(self) -> None: ...
 
 
 class Gate(Protocol):
@@ -70,7 +70,7 @@ class _Pending(Generic[L]):
         return cast(_Any, self)  # (every _Pending is one of the two)
 
     def _detach(self) -> None:
-        self._timer.cancelled = True
+        self._timer.cancel()
         with contextlib.suppress(KeyError, ValueError):
             self.gate.sel.unregister(self.conn)
 
