@@ -228,7 +228,7 @@ class Server:
         return snapshot(
             self.config,
             self.services.states,
-            self.children.table.values(),
+            self.children.every(),
             (entry[0] for entry in self.sessions.table.values()),
             self.child_metrics,
             self.pid,
