@@ -139,6 +139,7 @@ class Wait:
 
     @classmethod
     def on(cls, pid: int) -> Wait:
+        """WAITING on the child ``pid`` (its pid is known: it holds the socket now)."""
         return cls(WaitState.WAITING, pid)
 
 
