@@ -34,7 +34,7 @@ def test_timers_run_in_order_and_a_cancelled_one_never_runs(loop: Loop) -> None:
     ran: list[str] = []
     loop.call_later(0.02, lambda: ran.append("late"))
     loop.call_later(0.0, lambda: ran.append("now"))
-    loop.call_later(0.0, lambda: ran.append("cancelled")).cancelled = True
+    loop.call_later(0.0, lambda: ran.append("cancelled")).cancel()
     loop.call_later(0.01, lambda: ran.append("soon"))
     wait_for(lambda: loop.run_timers() is None, what="every timer ran")
     assert ran == ["now", "soon", "late"]
@@ -130,7 +130,7 @@ def test_cancelled_timers_do_not_pile_up_in_the_heap(loop: Loop) -> None:
     ran: list[int] = []
     live = [loop.call_later(0.0, lambda i=i: ran.append(i)) for i in range(10)]  # type: ignore[misc]
     for _ in range(100_000):
-        loop.call_later(300.0, lambda: None).cancelled = True
+        loop.call_later(300.0, lambda: None).cancel()
     assert len(loop._timers) < 4 * 1024
     assert all(t in loop._timers for t in live)
     loop.run_timers()

@@ -11,12 +11,13 @@ import pwd
 import selectors
 import socket
 import time
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from conftest import DEADLINE, Pyinetd, children_of, free_port, status_of, tcp_talk, wait_for
+
+from pyinetd.loop import Timer
 
 Start = Callable[..., Pyinetd]
 ATTACKER = "127.0.0.2"  # the slowloris' source; 127.0.0.1 is everyone else
@@ -648,8 +649,8 @@ class _Gate:
         self.sel = selectors.DefaultSelector()
         self.told: list[str] = []
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> types.SimpleNamespace:
-        return types.SimpleNamespace(cancelled=False)
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return Timer(delay, 0, callback)  # never run: the test drives the stage itself
 
     def stage_done(self, pend: object, header: object) -> None:
         self.told.append("done")

@@ -9,6 +9,7 @@ handed in at construction.
 from __future__ import annotations
 
 import contextlib
+import enum
 import errno
 import fcntl
 import logging
@@ -25,7 +26,7 @@ from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
 from pyinetd.reaper import Exited, Usage
-from pyinetd.services import Listener, Services, ServiceState
+from pyinetd.services import Listener, Services, ServiceState, Wait
 from pyinetd.spawn import Spawner, UserGone, env_dict
 from pyinetd.stages import UDPReply
 from pyinetd.stderrlog import StderrLog
@@ -41,26 +42,74 @@ UDP_REPLY_GRACE = 1.0
 PENDING = -1  # start(): a zygote was asked for the process; its pid comes later
 
 
+class ChildState(enum.Enum):
+    """Where a service process is in its life; each holds the service's slot until reaped."""
+
+    ASKED = "asked"  # a zygote was asked for it: no pid yet
+    RUNNING = "running"
+    TERMINATING = "terminating"  # SIGTERM sent (its timeout, the drain's end, a reload)
+    KILLED = "killed"  # SIGKILL sent (KILL_GRACE after the SIGTERM, or the drain's end)
+    STUCK = "stuck"  # KILL_GRACE after its SIGKILL, not reaped yet: state D, or not ours
+
+
+# The moves a child makes (Child.change_state). TERMINATING again: a second SIGTERM for
+# another reason (its timeout after a reload's SIGTERM), which restarts the escalation.
+_MOVES = {
+    ChildState.ASKED: {ChildState.RUNNING},
+    ChildState.RUNNING: {ChildState.TERMINATING, ChildState.KILLED},
+    ChildState.TERMINATING: {ChildState.TERMINATING, ChildState.KILLED},
+    ChildState.KILLED: {ChildState.STUCK},
+    ChildState.STUCK: set(),
+}
+
+
 @dataclass
 class Child:
-    """A running service process."""
+    """A service process, from its start (or the zygote asked for it) until it is reaped."""
 
-    pid: int
+    pid: int  # 0 while ASKED
     state: ServiceState
     peer: str
     started: float
     listener: Listener | None = None  # wait mode: the listener to resume when this exits
     source: str = ""  # per_source key
-    timer: Timer | None = None  # timeout
-    killed: bool = False  # SIGTERM sent
-    sigkilled: bool = False  # SIGKILL sent too
+    timer: Timer | None = None  # timeout, then each step of its escalation
+    lifecycle: ChildState = ChildState.RUNNING  # changed by change_state only
+    why: str = ""  # what sent its SIGTERM or SIGKILL: timeout, drain, removed
+
+    def change_state(self, new: ChildState, why: str = "") -> None:
+        """The one place a child's lifecycle state changes. A move outside _MOVES is a bug,
+        logged at error; the new state is still taken (it is what the signal did)."""
+        if new not in _MOVES[self.lifecycle]:
+            LOG.error(
+                "bug: %s: pid %d: state %s -> %s",
+                self.state.service.name,
+                self.pid,
+                self.lifecycle.value,
+                new.value,
+            )
+        self.lifecycle = new
+        if why:
+            self.why = why
+
+    def send_signal(self, sig: int, why: str) -> None:
+        """SIGTERM or SIGKILL to the child and its group, its state moved on: a child already
+        further on (killed, stuck) keeps its state, and a SIGTERM keeps the reason of the
+        one before (the timeout's escalation goes on)."""
+        _kill_group(self.pid, sig)
+        why = self.why or why  # a timeout's escalation stays the timeout's (its metrics)
+        if sig == signal.SIGKILL:
+            if self.lifecycle in (ChildState.RUNNING, ChildState.TERMINATING):
+                self.change_state(ChildState.KILLED, why)
+        elif self.lifecycle is ChildState.RUNNING:
+            self.change_state(ChildState.TERMINATING, why)
 
 
 @dataclass
 class Awaiting:
     """A connection whose process was asked of a zygote, until its answer."""
 
-    child: Child  # pid 0 until then
+    child: Child  # ASKED (pid 0) until then
     held: int  # our copy of the connection's fd (its stdin and stdout), for a cold start
     conn: bool  # it is a connection (stderr: socket writes to it)
     env: list[bytes]
@@ -122,6 +171,10 @@ class Children:
     def __len__(self) -> int:
         """Running children, and those asked of a zygote whose pid has not come yet."""
         return len(self.table) + len(self._awaiting)
+
+    def every(self) -> list[Child]:
+        """Every child holding a slot, in any state: the table's, then those ASKED."""
+        return [*self.table.values(), *(entry.child for entry in self._awaiting.values())]
 
     # ------------------------------------------------------------ start
     def stderr_fd(self, state: ServiceState, conn: int | None) -> tuple[int, bool]:
@@ -228,7 +281,7 @@ class Children:
         if reply is not None:
             self._udp_replies[pid] = reply
         if child.listener is not None:
-            child.listener.waiting_on = pid
+            child.listener.change_wait(Wait.on(pid))
         self.track(pid)
         if LOG.isEnabledFor(logging.INFO):
             event(
@@ -271,7 +324,7 @@ class Children:
             held = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
         except OSError:
             held = -1  # (out of fds: then the client is closed if the zygote fails it)
-        child = Child(0, state, peer, time.monotonic(), listener, src)
+        child = Child(0, state, peer, time.monotonic(), listener, src, lifecycle=ChildState.ASKED)
         self._awaiting[ticket] = Awaiting(child, held, conn_fd is not None, env, reply)
         state.add_source(src)
         self._services.child_started(state)
@@ -297,6 +350,7 @@ class Children:
             self._ended(child)
             return
         child.pid = pid
+        child.change_state(ChildState.RUNNING)
         self._running(child, entry.reply)
         early = self._reaped_early.pop(pid, None)
         if early is not None:  # it ended before its pid was read
@@ -318,22 +372,21 @@ class Children:
         )
 
     def signal_all(self, sig: int) -> None:
-        """Send ``sig`` to every child and its group (drain timeout, stop)."""
-        for pid in list(self.table):
-            _kill_group(pid, sig)
+        """Send ``sig`` (SIGTERM or SIGKILL) to every child and its group (drain's end)."""
+        for child in list(self.table.values()):
+            child.send_signal(sig, "drain")
 
     def kill(self, pid: int) -> None:
         """SIGKILL child ``pid`` and its group while it is ours (a reaped pid may be reused)."""
         child = self.table.get(pid)
         if child is not None:
-            child.killed = True
-            _kill_group(pid, signal.SIGKILL)
+            child.send_signal(signal.SIGKILL, "handshake")
 
     def kill_removed(self, enabled: set[str]) -> None:
         """`reload_kills_removed`: SIGTERM to the children of services no longer enabled."""
         for child in list(self.table.values()):
             if child.state.service.name not in enabled:
-                _kill_group(child.pid, signal.SIGTERM)
+                child.send_signal(signal.SIGTERM, "removed")
 
     def close(self) -> None:
         """At exit: the fds held for children; the exit watcher exits when its pipe closes."""
@@ -397,7 +450,7 @@ class Children:
                 # the connection): the timeout still applies to them.
                 self._orphan_groups.add(pid)
             else:
-                child.timer.cancelled = True
+                child.timer.cancel()
         state = child.state
         state.drop_source(child.source)
         reply = self._udp_replies.pop(pid, None)
@@ -406,7 +459,8 @@ class Children:
         err = self._spawner.exec_error(pid, status)
         if err is None:
             duration = time.monotonic() - child.started
-            self._metrics.child_ended(state.service.name, duration, status, child.killed)
+            timed_out = child.why == "timeout"
+            self._metrics.child_ended(state.service.name, duration, status, timed_out)
         if err is not None:  # clone and fork-path children report exec errors late
             state.spawn_failed(errno_name(err))
             log_exec_error(state.service, os.strerror(err), child.peer)
@@ -432,8 +486,10 @@ class Children:
                     self._loop.call_later(KILL_GRACE, lambda: _kill_orphan(pid, self.table))
             return
         name = child.state.service.name
-        if not child.killed:
-            child.killed = True
+        if child.why != "timeout":  # RUNNING, or signalled for another reason meanwhile
+            if child.lifecycle in (ChildState.KILLED, ChildState.STUCK):
+                return  # SIGKILL sent at the drain's end: the loop exits now
+            child.change_state(ChildState.TERMINATING, "timeout")
             event(
                 logging.WARNING,
                 f"{name}: pid {pid} timed out after "
@@ -445,8 +501,8 @@ class Children:
             )
             _kill_group(pid, signal.SIGTERM)
             child.timer = self._loop.call_later(KILL_GRACE, lambda: self.on_timeout(pid))
-        elif not child.sigkilled:
-            child.sigkilled = True
+        elif child.lifecycle is ChildState.TERMINATING:
+            child.change_state(ChildState.KILLED)
             event(
                 logging.WARNING,
                 f"{name}: pid {pid} still running {KILL_GRACE}s after SIGTERM; sending SIGKILL",
@@ -458,8 +514,9 @@ class Children:
             # Check that it died (issue 18.3: a service that had left its group survived a
             # killpg while "sending SIGKILL" was logged, and kept its max_connections slot).
             child.timer = self._loop.call_later(KILL_GRACE, lambda: self.on_timeout(pid))
-        else:
+        elif child.lifecycle is ChildState.KILLED:
             # Still not reaped: stuck in the kernel (state D) or a pid we cannot signal.
+            child.change_state(ChildState.STUCK)
             event(
                 logging.ERROR,
                 f"{name}: pid {pid} survived SIGKILL for {KILL_GRACE}s; its slot stays taken",

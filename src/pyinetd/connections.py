@@ -31,7 +31,7 @@ from pyinetd.config import Config, Service
 from pyinetd.listeners import format_ip, peer_of, peer_text
 from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
-from pyinetd.services import Listener, Services, ServiceState
+from pyinetd.services import WAIT_IDLE, WAIT_STARTING, Listener, Services, ServiceState
 from pyinetd.stages import PendingHello, PendingProxy, PendingRelay, UDPReply
 
 ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
@@ -117,7 +117,7 @@ class Sessions:
             return  # closed while starting: start drops the slot and logs the end
         state, src, peer, timer = entry
         if timer is not None:
-            timer.cancelled = True
+            timer.cancel()
         log_session_end(state.service.name, peer, sess)
         state.bytes_in += sess.bytes_in
         state.bytes_out += sess.bytes_out
@@ -561,10 +561,13 @@ class Connections:
             env.append(proto + b"LOCALIP=" + lst.local_ip.encode())
             env.append(proto + b"LOCALPORT=%d" % lst.local_port)
         lst.state.accepted += 1
-        lst.waiting_on = -1  # set before spawning: Services.refresh must not re-register meanwhile
+        # Before spawning: Services.refresh must not re-register it meanwhile. The children
+        # table makes it WAITING once the child's pid is known (at once, or at the zygote's
+        # answer).
+        lst.change_wait(WAIT_STARTING)
         pid = self._children.start(lst.state, fd, fd, None, env, "wait", listener=lst)
-        lst.waiting_on = pid
         if not pid:
+            lst.change_wait(WAIT_IDLE)
             lst.sock.setblocking(False)
             # Do not spin on a readable socket whose service cannot start.
             self._services.pause_for(lst, 1.0)

@@ -314,7 +314,7 @@ class RequestServer:
     def close(self) -> None:
         """Stop accepting and close the socket (and remove a unix socket's file)."""
         if self._resume is not None:
-            self._resume.cancelled = True
+            self._resume.cancel()
             self._resume = None
         else:
             with contextlib.suppress(KeyError, ValueError):
@@ -391,7 +391,7 @@ class Exchange:
             return
         self._done = True
         if self._timer is not None:
-            self._timer.cancelled = True
+            self._timer.cancel()
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(self.conn)
         self.conn.close()

@@ -37,6 +37,11 @@ class Timer:
     callback: Callable[[], None] = field(compare=False)
     cancelled: bool = field(default=False, compare=False)
 
+    def cancel(self) -> None:
+        """Never run the callback: the timer stays in the heap (cheap) until its time comes
+        or the heap is compacted."""
+        self.cancelled = True
+
 
 def _noop_handler(signum: int, frame: object) -> None:
     """Signal handlers do nothing: the wake-up fd carries the signal number to the loop."""

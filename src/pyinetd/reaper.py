@@ -286,7 +286,7 @@ class WatcherReaping:
         self._sel.unregister(self._watcher.fileno())
         self._watcher.close()
         if self._sweep_timer is not None:
-            self._sweep_timer.cancelled = True
+            self._sweep_timer.cancel()
             self._sweep_timer = None
         if reap:
             self._handle(reap_all())

@@ -228,7 +228,7 @@ class Server:
         return snapshot(
             self.config,
             self.services.states,
-            self.children.table.values(),
+            self.children.every(),
             (entry[0] for entry in self.sessions.table.values()),
             self.child_metrics,
             self.pid,
@@ -292,7 +292,7 @@ class Server:
     def _check_drained(self) -> None:
         if self._stopping and not self.children and not self.sessions and not self._workers.table:
             if self._drain_timer is not None:
-                self._drain_timer.cancelled = True
+                self._drain_timer.cancel()
             self.loop.exit = True
 
     def _child_ended(self, child: Child) -> None:

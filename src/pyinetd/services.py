@@ -9,6 +9,7 @@ starts nothing and knows no connection.
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import logging
 import os
@@ -32,7 +33,7 @@ from pyinetd.listeners import (
     sharers,
     steer_to,
 )
-from pyinetd.log import event
+from pyinetd.log import LOG, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.sandbox import Prepared
 from pyinetd.spawn import Spawner, discard_sandboxes, prepare_sandboxes
@@ -127,6 +128,45 @@ class ServiceState:
         self._drop(key)
 
 
+class WaitState(enum.Enum):
+    """Who holds a wait-mode listener's socket (inetd's `wait`: one child at a time)."""
+
+    IDLE = "idle"  # we do: watched whenever the service may start
+    STARTING = "starting"  # a child is being started or asked of a zygote: not watched
+    WAITING = "waiting"  # the child ``pid`` owns the socket until it is reaped
+
+
+# The moves a wait-mode listener makes: started (or asked), its pid known, reaped; a start
+# that failed (or a zygote that answered with nothing) gives the socket back at once.
+_WAIT_MOVES = {
+    WaitState.IDLE: {WaitState.STARTING},
+    WaitState.STARTING: {WaitState.WAITING, WaitState.IDLE},
+    WaitState.WAITING: {WaitState.IDLE},
+}
+
+
+@dataclass(frozen=True)
+class Wait:
+    """A wait-mode listener's state, and the pid of the child holding its socket (WAITING)."""
+
+    state: WaitState = WaitState.IDLE
+    pid: int = 0
+
+    @property
+    def held(self) -> bool:
+        """The socket is a child's (or about to be): not ours to watch or to close for good."""
+        return self.state is not WaitState.IDLE
+
+    @classmethod
+    def on(cls, pid: int) -> Wait:
+        """WAITING on the child ``pid`` (its pid is known: it holds the socket now)."""
+        return cls(WaitState.WAITING, pid)
+
+
+WAIT_IDLE = Wait()
+WAIT_STARTING = Wait(WaitState.STARTING)
+
+
 @dataclass
 class Listener:
     """A bound socket serving one service."""
@@ -137,7 +177,7 @@ class Listener:
     local_ip: str = ""
     local_port: int = 0
     registered: bool = False
-    waiting_on: int = 0  # pid of the wait-mode child that owns the socket
+    waiting: Wait = WAIT_IDLE  # wait mode: whether a child holds the socket (change_wait)
     paused_until: float = 0.0  # rate limit or fd exhaustion: resume at this monotonic time
     resume_timer: Timer | None = None
     family: int = socket.AF_INET
@@ -145,6 +185,20 @@ class Listener:
     @property
     def service(self) -> Service:
         return self.state.service
+
+    def change_wait(self, new: Wait) -> None:
+        """The one place a wait-mode listener's state changes; a move outside _WAIT_MOVES is
+        a bug, logged at error (the new state is still taken: it is what happened)."""
+        if new.state not in _WAIT_MOVES[self.waiting.state]:
+            LOG.error(
+                "bug: %s listener %s/%s: wait state %s -> %s",
+                self.service.name,
+                self.key.protocol,
+                self.key.address,
+                self.waiting.state.value,
+                new.state.value,
+            )
+        self.waiting = new
 
 
 class Services:
@@ -296,9 +350,9 @@ class Services:
             if key not in wanted:
                 self.pause(lst)
                 if lst.resume_timer:
-                    lst.resume_timer.cancelled = True
+                    lst.resume_timer.cancel()
                 del self.listeners[key]
-                if lst.waiting_on:
+                if lst.waiting.held:
                     lst.sock.close()  # the wait-mode child keeps its own reference
                 else:
                     close_listener(lst.sock)
@@ -361,7 +415,7 @@ class Services:
     # ------------------------------------------------------------ listener state
     def should_listen(self, lst: Listener) -> bool:
         """Whether ``lst`` is watched now: not stopping, not paused, not at a queueing limit."""
-        if self.stopping or lst.waiting_on or self.listeners.get(lst.key) is not lst:
+        if self.stopping or lst.waiting.held or self.listeners.get(lst.key) is not lst:
             return False
         if lst.paused_until and time.monotonic() < lst.paused_until:
             return False
@@ -399,7 +453,7 @@ class Services:
         lst.paused_until = time.monotonic() + seconds
         self.pause(lst)
         if lst.resume_timer:
-            lst.resume_timer.cancelled = True
+            lst.resume_timer.cancel()
         lst.resume_timer = self._loop.call_later(seconds, functools.partial(self.resume, lst))
 
     def resume(self, lst: Listener) -> None:
@@ -461,7 +515,7 @@ class Services:
         paused listeners listen again."""
         if listener is not None:
             lst = listener
-            lst.waiting_on = 0
+            lst.change_wait(WAIT_IDLE)
             if self.listeners.get(lst.key) is lst:
                 lst.sock.setblocking(False)
         if self.full and not self.at_max_children():
@@ -483,8 +537,8 @@ class Services:
         for lst in list(self.listeners.values()):
             self.pause(lst)
             if lst.resume_timer:
-                lst.resume_timer.cancelled = True
-            if lst.waiting_on:
+                lst.resume_timer.cancel()
+            if lst.waiting.held:
                 lst.sock.close()  # the wait-mode child still holds it
             else:
                 close_listener(lst.sock)

@@ -33,7 +33,7 @@ _Any: TypeAlias = "PendingProxy[Any] | PendingHello[Any] | PendingRelay[Any]"
 
 
 class _Timer(Protocol):
-    cancelled: bool
+    def cancel(self) -> None: ...
 
 
 class Gate(Protocol):
@@ -81,7 +81,7 @@ class _Pending(Generic[L]):
 
     def detach(self) -> None:
         """Out of the selector, its deadline cancelled (the gate then ends it)."""
-        self._timer.cancelled = True
+        self._timer.cancel()
         with contextlib.suppress(KeyError, ValueError):
             self.gate.sel.unregister(self.conn)
 

@@ -15,6 +15,7 @@ from pyinetd.admission import Refusal
 from pyinetd.config import parse_listen_item
 from pyinetd.listeners import bind_listener
 from pyinetd.log import event
+from pyinetd.services import WaitState
 
 if TYPE_CHECKING:
     from pyinetd.children import Child
@@ -49,9 +50,11 @@ def snapshot(
         listeners = state.listeners if state else []
         if not svc.enabled:
             status = "disabled"
-        elif any(lst.waiting_on for lst in listeners):
-            busy = next(lst.waiting_on for lst in listeners if lst.waiting_on)
+        elif any(lst.waiting.state is WaitState.WAITING for lst in listeners):
+            busy = next(lst.waiting.pid for lst in listeners if lst.waiting.pid)
             status = f"waiting on child {busy}"
+        elif any(lst.waiting.held for lst in listeners):
+            status = "starting child"  # the socket is the child's once its pid is known
         elif any(lst.paused_until > now for lst in listeners):
             until = max(lst.paused_until for lst in listeners)
             wall = time.strftime("%H:%M:%S", time.localtime(time.time() + until - now))
@@ -63,7 +66,15 @@ def snapshot(
         if svc.enabled and svc.name in config.failed:
             status = "failed"  # by a file its user can change (config.Config.failed): unbound
         kids = [
-            {"pid": c.pid, "peer": c.peer, "age": round(now - c.started, 3)}
+            {
+                "pid": c.pid or None,  # none yet while the zygote is asked
+                # asked, running, terminating, killed, stuck (children.ChildState): why a
+                # slot stays taken, and what sent its signal (timeout, drain, removed)
+                "state": c.lifecycle.value,
+                "signalled_by": c.why or None,
+                "peer": c.peer,
+                "age": round(now - c.started, 3),
+            }
             for c in children
             if c.state is state
         ]
@@ -77,6 +88,18 @@ def snapshot(
                 "state": status,
                 "running": state.running if state else 0,
                 "children": kids,
+                # `wait: true`: who holds each socket (services.WaitState): idle (pyinetd,
+                # watching it), starting, waiting (the child pid); null for nowait services
+                "wait": [
+                    {
+                        "listen": str(lst.key.address),
+                        "state": lst.waiting.state.value,
+                        "pid": lst.waiting.pid or None,
+                    }
+                    for lst in listeners
+                ]
+                if svc.wait
+                else None,
                 "builtin_sessions": sessions,
                 "accepted": state.accepted if state else 0,
                 "bytes": {
@@ -176,7 +199,11 @@ def render_table(snap: dict[str, Any]) -> str:
                 )
             )
         for c in s["children"]:
-            lines.append(f"  {s['name']}: pid {c['pid']} {c['peer']} age {c['age']:.1f}s")
+            by = f" ({c['signalled_by']})" if c.get("signalled_by") else ""
+            lines.append(
+                f"  {s['name']}: pid {c['pid'] or '-'} {c['peer']} age {c['age']:.1f}s "
+                f"{c['state']}{by}"
+            )
     return "\n".join(lines)
 
 

@@ -178,7 +178,7 @@ class StderrLog:
                 self.ended(pid)
             self._report(time.monotonic(), at_once=True)
             if self._report_timer is not None:
-                self._report_timer.cancelled = True
+                self._report_timer.cancel()
                 self._report_timer = None
         with contextlib.suppress(KeyError, ValueError):
             self._sel.unregister(self._r)

@@ -34,7 +34,7 @@ RETIRE_DEADLINE = 2.0  # seconds a replaced zygote has to exit before it is kill
 
 
 class _Timer(Protocol):
-    cancelled: bool
+    def cancel(self) -> None: ...
 
 
 Ticket = tuple[Zygote, int]  # a request: the zygote asked, and the request's number
@@ -128,7 +128,7 @@ class Zygotes:
         for timers in (self._timers, self._expiry):
             timer = timers.pop(z, None)
             if timer is not None:
-                timer.cancelled = True
+                timer.cancel()
         self._unregister(z)
         z.stop()  # it exits at the Q (or at the channel's end); on_exit reaps it
         if z.pid is not None:
