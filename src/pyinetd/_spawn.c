@@ -152,7 +152,7 @@ struct kernel_sigaction {
     unsigned long mask;
 };
 
-/* ------------------------------------------------------------------ sandbox (issue 17)
+/* ------------------------------------------------------------------ sandbox
  * A service's sandbox is prepared once, in the parent (sandbox.py): namespaces held as fds,
  * a Landlock ruleset fd, a compiled seccomp program. The child only applies it, with raw
  * system calls, before its exec: setns (while still root), [the user drop, where a path
@@ -281,7 +281,7 @@ struct child_args {
     int flags;           /* SPAWN_NO_NEW_PRIVS */
     int report_fd;       /* async: where (pid, errno) goes on failure */
     volatile int *error; /* vfork: where errno goes on failure */
-    struct sandbox sb;   /* issue 17: applied before close_range (it needs its fds) */
+    struct sandbox sb;   /* applied before close_range (it needs its fds) */
 };
 
 /* In the child: reset signals, fds 0-2, session, no_new_privs, mask, exec. Never returns. */
@@ -347,7 +347,7 @@ child_exec(struct child_args *a)
     /* A session of its own (so also a process group of its own, which it leads): without a
      * session a service shares pyinetd's controlling terminal, opens /dev/tty and types into
      * root's shell with TIOCSTI, or joins pyinetd's process group with setpgid and escapes the
-     * timeout's killpg (issue 18.3). Ctrl-C on pyinetd's terminal does not reach it, and a
+     * timeout's killpg. Ctrl-C on pyinetd's terminal does not reach it, and a
      * timeout signals a service together with what it started. */
     r = raw_syscall(SYS_setsid, 0, 0, 0, 0);
     if (r < 0)
@@ -385,7 +385,7 @@ typedef struct {
     int flags;
     int nreset;
     int reset[MAX_RESET];
-    struct sandbox sb; /* from the sandbox= keyword (issue 17) */
+    struct sandbox sb; /* from the sandbox= keyword */
 } call_t;
 
 static int

@@ -114,8 +114,8 @@ class StageSlots:
     ClientHello still due, a metrics or control request still being read).
 
     Such a connection costs an fd and nothing has proven it is a real client yet, so a slowloris
-    that opens many and sends nothing would otherwise pin the parent at its fd limit (issue 14,
-    item 6). ``total`` bounds them all, ``per_source`` those of one source key; the key "" (a
+    that opens many and sends nothing would otherwise pin the parent at its fd limit.
+    ``total`` bounds them all, ``per_source`` those of one source key; the key "" (a
     trusted proxy, a unix peer) is bounded by ``total`` alone.
     """
 
@@ -205,9 +205,9 @@ def admit(
     hello may never come) and after a TLS ClientHello, each UDP datagram (built-in or not).
     ``full``: at the global max_children. A datagram (``datagram_port``, its source port) from
     the port of any of our UDP listeners, built-in or exec (``loop_ports``), is refused (FreeBSD
-    inetd's check_loop, there for built-ins only; issue 18, item 1: one spoofed datagram from
-    127.0.0.1:27007 to the echo on 127.0.0.1:27007 echoed itself forever; issue 24, item 4: two
-    replying exec services forked ~950 processes a second), and a built-in never answers a
+    inetd's check_loop, there for built-ins only: one spoofed datagram from 127.0.0.1:27007
+    to the echo on 127.0.0.1:27007 would echo itself forever, and two replying exec services
+    would fork ~950 processes a second), and a built-in never answers a
     privileged port (CERT CA-1996-01: echo <-> chargen).
     """
     if datagram_port is not None and (

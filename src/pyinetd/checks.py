@@ -3,7 +3,7 @@ does its sandbox let exec read the program, which addresses a redirect reaches, 
 share a limit. Pure of runtime: no sockets opened, no processes started (fsuser switches the
 effective ids of this thread for a moment, as --check does).
 
-Whose failure a file's failure is (issue 24.8, 26.5): a file or folder the service's user can
+Whose failure a file's failure is: a file or folder the service's user can
 change (``changeable_by``) fails that service alone, with a warning (``settle_file``): its user
 could otherwise make the whole configuration invalid (swap its own err.log for a symlink to a
 root file, chmod 000 its own folder) and with it every reload and the next start. The
@@ -182,7 +182,7 @@ def _regular(path: str) -> bool:
 def check_reach(values: dict[str, Any], where: str, errors: list[str], found: FileFindings) -> None:
     """The program and cwd, checked with the rights of the service's user, as the child will
     use them (execve after setuid, chdir after setuid): a program in a folder that user may
-    not search fails every connection (issue 26.5). Always the service's failure, never the
+    not search fails every connection. Always the service's failure, never the
     configuration's: its user may have made its own folder 0700."""
     user = service_user(values)
     argv = values.get("exec") or ()
@@ -224,7 +224,7 @@ def check_workers(workers: int, max_children: int | None, label: str) -> list[st
 
 
 def check_stderr_file(values: dict[str, Any], where: str, errors: list[str]) -> None:
-    """`stderr: FILE` is opened with the service user's rights (issue 14.3): say at load, not
+    """`stderr: FILE` is opened with the service user's rights: say at load, not
     at each connection, when that user may not write it (or create it in its folder)."""
     path, user = values.get("stderr"), values.get("user")
     if path in (None, "log", "socket", "null") or user is None or user[1] == 0:
@@ -296,7 +296,7 @@ def check_warm(values: dict[str, Any], where: str, errors: list[str]) -> None:
         try:
             # With the service user's rights: a user may have linked the program elsewhere.
             # Read once, here: the zygote is started from this line, not from a second read
-            # by root in the loop of a path the user controls (issue 24.2).
+            # by root in the loop of a path the user controls.
             first = fsuser.read_first_line_as(values.get("user"), values.get("group"), argv[0])
             values["exec_first_line"] = first
         except OSError as exc:

@@ -34,8 +34,8 @@ from pyinetd.warm import Ticket, Zygotes
 
 KILL_GRACE = 5.0  # seconds between a timeout's SIGTERM and its SIGKILL
 # A UDP child's reply socket is closed this long after the child is reaped, even when a
-# process it left behind still holds its stdout (issue 14, item 10: 1,050 datagrams to such a
-# service took the parent from 12 to 1,019 fds, outside every limit).
+# process it left behind still holds its stdout (else 1,050 datagrams to such a service take
+# the parent from 12 to 1,019 fds, outside every limit).
 UDP_REPLY_GRACE = 1.0
 
 
@@ -198,7 +198,7 @@ class Children:
                 self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
             return self._devnull, False
         # Opened with the service user's rights: that user may own the folder and swap the
-        # file for a symlink to a root file, which root would append to (issue 14.3).
+        # file for a symlink to a root file, which root would append to.
         svc = state.service
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         return fsuser.open_as(svc.user, svc.group, mode, flags, 0o640), True
@@ -511,8 +511,8 @@ class Children:
                 pid=pid,
             )
             _kill_group(pid, signal.SIGKILL)
-            # Check that it died (issue 18.3: a service that had left its group survived a
-            # killpg while "sending SIGKILL" was logged, and kept its max_connections slot).
+            # Check that it died: a service that has left its group survives a killpg
+            # while "sending SIGKILL" is logged, and would keep its max_connections slot.
             child.timer = self._loop.call_later(KILL_GRACE, lambda: self.on_timeout(pid))
         elif child.lifecycle is ChildState.KILLED:
             # Still not reaped: stuck in the kernel (state D) or a pid we cannot signal.

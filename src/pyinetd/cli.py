@@ -280,7 +280,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
 
 def _security(config: Config) -> int:
-    """One line per service: what it runs as, what contains it, its exposure (issue 17)."""
+    """One line per service: what it runs as, what contains it, its exposure."""
     from pyinetd.sandbox import describe
 
     me = pwd.getpwuid(os.geteuid()).pw_name

@@ -45,9 +45,9 @@ Pending = PendingProxy[Listener] | PendingHello[Listener] | PendingRelay[Listene
 
 class Pool:
     """One service's connections in a pre-service stage: its own slots, so that idle
-    connections to one service never refuse another's (issue 24, item 6: 256 idle connections
-    to one TLS service refused every other TLS and PROXY service), in arrival order, so that a
-    full pool makes room by evicting its oldest (issue 24, item 6)."""
+    connections to one service never refuse another's (with one shared pool, 256 idle
+    connections to one TLS service refuse every other TLS and PROXY service), in arrival
+    order, so that a full pool makes room by evicting its oldest."""
 
     def __init__(self, total: int, per_source: int) -> None:
         self.slots = StageSlots(total, per_source)
@@ -343,7 +343,7 @@ class Stages:
         state = lst.state
         svc = state.service
         assert svc.tls is not None
-        # Issue 14, item 5: access and limits before any handshake or fork. They are checked
+        # Access and limits before any handshake or fork. They are checked
         # now, and again, with a rate token, when the hello is in, before the fork.
         reason, src = admit(
             svc, state, ip, self._services.full, 0.0, take_token=False, **conditions(svc)
@@ -645,8 +645,8 @@ class Connections:
 
     def contain(self, key: selectors.SelectorKey) -> None:
         """After a handler raised: close its connection, or rest its listener, so that a
-        level-triggered fd cannot make it raise again and again (issue 18, item 6: 22,004
-        tracebacks from one connection). Other handlers (signals, the exit watcher, stderr
+        level-triggered fd cannot make it raise again and again (22,004
+        tracebacks from one connection otherwise). Other handlers (signals, the exit watcher, stderr
         logs) stay as they are."""
         handler = key.data
         target = handler.args[0] if isinstance(handler, functools.partial) else None

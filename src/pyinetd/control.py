@@ -28,13 +28,12 @@ REQUEST_MAX = 8192
 CLIENT_DEADLINE = 5.0  # seconds a control or metrics client may take to send its request
 # Clients still sending their request or reading the answer, at most, per server and per source
 # address; more are closed at accept. Each costs the parent an fd for up to CLIENT_DEADLINE, so a
-# slowloris on the metrics port (or the control socket) must not pin the parent at its fd limit
-# (issue 14, item 6).
+# slowloris on the metrics port (or the control socket) must not pin the parent at its fd limit.
 MAX_CLIENTS = 32
 MAX_CLIENTS_PER_SOURCE = 8
 # Seconds a request server stops accepting after accept() ran out of fds (EMFILE, ENFILE...):
 # the selector is level-triggered, so a queued client would wake the loop again at once and
-# spin it at 100% CPU for as long as the fds stay taken (issue 24, item 7).
+# spin it at 100% CPU for as long as the fds stay taken.
 ACCEPT_PAUSE = 0.5
 OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -63,8 +62,8 @@ class UnsafeControlPath(OSError):
 
 def check_control_folder(path: str) -> None:
     """Refuse a control socket whose folder another user could own or write (as ssh-agent and
-    tmux do): another user who made /tmp/pyinetd-UID first (mode 777) swapped in their own
-    socket, and the victim's `pyinetd stop` printed "ok" to the impostor (issue 14.11).
+    tmux do): another user who made /tmp/pyinetd-UID first (mode 777) could swap in their own
+    socket, and the victim's `pyinetd stop` would print "ok" to the impostor.
 
     The folder must be a real folder (not a symlink), owned by us or root, and not writable by
     group or others unless sticky (as /tmp: then only an entry's owner may replace it, and
@@ -131,8 +130,8 @@ Handler = Callable[[bytes], bytes]
 class FdReserve:
     """One fd held open (/dev/null) so that it can be given up when the process is at its fd
     limit: closed just before an accept(), it makes room for one control client, so that
-    `pyinetd status` and `stop` still answer while clients hold every other fd (issue 24,
-    item 5). ``restore`` takes it back once that client is gone."""
+    `pyinetd status` and `stop` still answer while clients hold every other fd.
+    ``restore`` takes it back once that client is gone."""
 
     def __init__(self) -> None:
         self._fd: int | None = None
@@ -168,7 +167,7 @@ class RequestServer:
     At most ``max_clients`` clients at once, ``max_per_source`` from one address. When those
     are taken, the oldest client that has not sent its whole request yet (of the same address,
     when its address is the one at its bound) is closed for the new one: idle clients cannot
-    lock a scraper out for their whole deadline (issue 24, item 13); a client that has sent its
+    lock a scraper out for their whole deadline; a client that has sent its
     request is never the one dropped. When accept() runs out of fds the server gives up its
     ``reserve`` fd (if it has one) to accept one client, else it stops accepting for
     ACCEPT_PAUSE seconds.

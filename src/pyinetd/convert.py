@@ -594,7 +594,7 @@ class _XinetdReader:
         self.blocks: list[_XBlock] = []
         self.stack: list[Path] = []
         # Every file read, once: with the current chain alone, 8 files that each include their
-        # own folder took 60 s and made 767k warnings (issue 18.13).
+        # own folder would take 60 s and make 767k warnings.
         self.visited: set[Path] = set()
         self.files: list[str] = []  # in the order xinetd reads them
 
@@ -742,8 +742,8 @@ MAX_FILE_SIZE = 1 << 20  # as the configuration loader (document.py)
 def read_text(path: Path) -> str:
     """A regular file's text, at most MAX_FILE_SIZE bytes; OSError otherwise.
 
-    Opened non-blocking and checked with fstat: `include /dev/zero` ended in MemoryError and a
-    FIFO hung the conversion (issue 18.13)."""
+    Opened non-blocking and checked with fstat: `include /dev/zero` would end in MemoryError
+    and a FIFO would hang the conversion."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -1481,7 +1481,7 @@ def escape(text: str) -> str:
 
 def _comment_lines(warnings: Iterable[ConvertWarning]) -> str:
     # Everything in a comment escaped, the file name too: a file named "x\ninclude: /tmp/evil"
-    # in an includedir wrote a real top-level `include:` into the output (issue 18.13).
+    # in an includedir would write a real top-level `include:` into the output.
     return "".join(
         f"# warning: {escape(w.file)}:{w.line}: {escape(' '.join(w.message.split()))}\n"
         for w in warnings

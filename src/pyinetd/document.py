@@ -1,7 +1,7 @@
 """A configuration file -> plain Python data, in bounded time and memory.
 
-Issue 14.9: nine lines of YAML aliases ("billion laughs") took 51 s and 386 MB to check and froze
-every service for 31 s as a reload; `include: /dev/zero` ended in MemoryError; a FIFO hung the
+Unbounded, nine lines of YAML aliases ("billion laughs") take 51 s and 386 MB to check and freeze
+every service for 31 s as a reload; `include: /dev/zero` ends in MemoryError; a FIFO hangs the
 server for good. So: a regular file only, opened without blocking (trust.open_regular), at most
 trust.MAX_FILE_SIZE bytes, and a YAML document whose tree, with every alias expanded, has at
 most MAX_NODES nodes. An alias is still fine for what people use it for (a `<<: *defaults`).
@@ -72,7 +72,7 @@ KeyPath = tuple[str, ...]
 @dataclass
 class Marks:
     """Where each key and list entry of a document is in its file, for errors that name the
-    line (issue 16: as haproxy -c does), and the keys a mapping was given twice."""
+    line (as haproxy -c does), and the keys a mapping was given twice."""
 
     keys: dict[KeyPath, Position] = field(default_factory=dict)
     # A list's scalar entries: (their text, where), by the key path of the list.

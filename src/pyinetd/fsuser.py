@@ -3,7 +3,7 @@
 As root, pyinetd opens a few files for a service: its `stderr: FILE` (per connection) and its
 `banner:` (at load). When the service's user can write the folder, it can swap the file, or the
 folder, for a symlink to a file that only root may write or read (/etc/passwd, /etc/shadow); root
-would follow it (issue 14.3, 18.8). Instead of re-implementing the kernel's path walk (symlinks,
+would follow it. Instead of re-implementing the kernel's path walk (symlinks,
 every folder's owner and mode, hard links), the open runs with the service user's effective uid,
 gid and supplementary groups, so that the kernel makes exactly the check the service itself
 would get, and a file the user cannot reach is refused with EACCES.
@@ -77,8 +77,8 @@ def read_first_line_as(user: User | None, group: int | None, path: str, limit: i
     rights of ``user``: what a service's program says in its ``#!``, read once at load.
 
     The path is in a folder the service's user may own, who can put anything there between
-    two reads: so it is opened non-blocking (a FIFO must not hang pyinetd in open(2) or read(2),
-    issue 24.2), and refused unless the opened file is a regular one (OSError ENXIO). A
+    two reads: so it is opened non-blocking (a FIFO must not hang pyinetd in open(2) or read(2)),
+    and refused unless the opened file is a regular one (OSError ENXIO). A
     symlink is followed as the user would follow it: to nothing the user may not read."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     with user_rights(user, group):

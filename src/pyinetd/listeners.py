@@ -175,8 +175,8 @@ def _bind_unix(path: str, perms: SocketPerms) -> socket.socket:
             raise
         return sock
     # The folder is opened once, here, and the socket's file is handled only through that fd
-    # afterwards: a service user who owns the folder's parent swapped the folder for a symlink
-    # to /etc/victim and root unlinked /etc/victim/app.sock at stop (issue 18.12).
+    # afterwards: a service user who owns the folder's parent could swap the folder for a symlink
+    # to /etc/victim, and root would unlink /etc/victim/app.sock at stop.
     folder, name = os.path.split(path)
     real = os.path.realpath(folder)
     try:
@@ -225,7 +225,7 @@ def _remove_stale_socket(dir_fd: int, name: str, path: str) -> None:
             probe.connect(path)
         except ConnectionRefusedError:
             # Only the entry we looked at, in the folder we hold: not whatever a swapped
-            # path leads to by now (the check-then-unlink race of issue 18.12).
+            # path leads to by now (a check-then-unlink race).
             _unlink_if_same(dir_fd, name, st.st_dev, st.st_ino)
             return
         except OSError:

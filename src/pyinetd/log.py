@@ -351,7 +351,7 @@ def event(level: int, msg: str, **fields: Any) -> None:
 # ---------------------------------------------------------------- what services write to stderr
 
 # Control characters in a service's stderr line would reach the log raw: `\r` or an ESC sequence
-# could forge or hide log lines, or retitle the terminal of whoever reads it (issue 18, item 14).
+# could forge or hide log lines, or retitle the terminal of whoever reads it.
 # C0 (but tab), DEL, C1, the Unicode line and paragraph separators and the bidi overrides
 # (CVE-2021-42574, "Trojan Source") are written as escapes.
 _ESCAPES: dict[int, str] = {
@@ -370,8 +370,8 @@ def escape_controls(text: str) -> str:
 
 class StderrBudget:
     """How much of one service's stderr is logged: lines and bytes per second, with a burst of
-    one second's worth, lazily refilled; what is over is dropped and counted (issue 14, item 8:
-    one connection writing 300 MB to stderr made 3 million log lines).
+    one second's worth, lazily refilled; what is over is dropped and counted (one
+    connection writing 300 MB to stderr would otherwise make 3 million log lines).
 
     Time in, decision out: ``take(now, nbytes)`` says whether one line of ``nbytes`` may be
     logged. A line is let through while any byte is left (the debt delays the next ones), so
@@ -448,7 +448,7 @@ class LogLimiter:
 
     The per-key memory is bounded (`max_keys`, least recently seen evicted), so sources that
     rotate through more addresses than that are each new again: 5,000 rotating sources gave
-    15,000 "refused" lines (issue 18, item 11). `max_lines` bounds what any flood can log;
+    15,000 "refused" lines. `max_lines` bounds what any flood can log;
     the events it holds back are counted, for ``take_overflow()`` to report. The server keeps
     one LogLimiter per service, so that one service's flood evicts no other's keys.
     """

@@ -37,7 +37,7 @@ PROTOCOLS = ("tcp", "udp", "unix")
 BUILTINS = ("echo", "discard", "chargen", "daytime", "time")
 
 # `stderr_rate` default: what `stderr: log` logs of one service per second (lines, bytes); a
-# connection writing 300 MB to stderr made 3 million log lines (issue 14, item 8).
+# connection writing 300 MB to stderr would otherwise make 3 million log lines.
 STDERR_RATE = (100.0, 64 * 1024.0)
 
 
@@ -60,7 +60,7 @@ def types_only(on: bool = True) -> Iterator[None]:
 
 class _KeyError(ValueError):
     """A bad value for one key; the message says what was expected. Several messages when
-    several entries of a list are bad: each is reported, not only the first (issue 16)."""
+    several entries of a list are bad: each is reported, not only the first."""
 
     def __init__(self, message: str, *more: str) -> None:
         super().__init__(message)
@@ -241,7 +241,7 @@ def _resolve_program(argv: list[str], base: Path) -> Argv:
 class Argv(tuple[str, ...]):
     """A program's argv with its program path resolved (what runs: what trust.py checked, so a
     symlink swapped later changes nothing), and ``given``: as written, made absolute but with
-    its symlinks kept, which --print-config shows (issue 16: /bin/cat became /usr/bin/cat)."""
+    its symlinks kept, which --print-config shows (/bin/cat, not /usr/bin/cat)."""
 
     given: tuple[str, ...]
 
@@ -559,7 +559,7 @@ def _parse_rlimits(value: Any, _base: Path) -> tuple[tuple[int, int], ...]:
             raise _KeyError(f"{k}: {exc}") from None
         if k == "nofile":
             # The child sets soft = hard = n: above fs.nr_open even root gets EPERM, and every
-            # spawn fails (issue 18.15: `nofile: 1T` passed --check); below 3 it cannot exec.
+            # spawn fails, so `nofile: 1T` must fail --check; below 3 it cannot exec.
             top = _nr_open()
             if not 3 <= n <= top:
                 raise _KeyError(f"{k}: {v!r}: expected 3 to {top} (fs.nr_open)")
@@ -588,7 +588,7 @@ def _read_banner(
     banner: _BannerFile, user: tuple[str, int, int] | None, group: int | None
 ) -> bytes:
     """Read a banner file with the service user's rights: that user may have linked it to
-    /etc/shadow, which root would read and send to every client (issue 18.8)."""
+    /etc/shadow, which root would read and send to every client."""
     value = banner.value
     try:
         # Non-blocking and a regular file only: a FIFO or /dev/zero must not hang --check.

@@ -496,7 +496,7 @@ def serve_connection(
     sock.setblocking(True)
     client: socket.socket = sock
     if service.tls is not None and ctx is None:
-        # Fail closed (issue 18.2): a TLS service never serves a client without its handshake.
+        # Fail closed: a TLS service never serves a client without its handshake.
         os.write(2, f"TLS service without a TLS context: refusing {peer}\n".encode())
         return 1
     if ctx is not None and service.tls is not None:

@@ -1,6 +1,6 @@
 """A per-service sandbox: parsed once, prepared once per service, applied in each child.
 
-The ``sandbox:`` key of a service (issue 17)::
+The ``sandbox:`` key of a service::
 
     sandbox:
       read: [/usr, /lib, /etc/ssl, /srv/app]  # Landlock: the only paths it may read and execute
@@ -106,8 +106,8 @@ _FILE_RIGHTS = _FS_EXECUTE | _FS_WRITE_FILE | _FS_READ_FILE | _FS_TRUNCATE | _FS
 READ_MIN_ABI, WRITE_MIN_ABI = 1, 3
 # LANDLOCK_SCOPE_* (ABI 6, Linux 6.12): IPC that may not leave the domain. Without them a
 # sandboxed service signals every process of its uid outside the sandbox (kill(2) checks the
-# uid alone), and connects to any abstract unix socket of its network namespace (issue 24,
-# item 10). Set wherever the kernel has them, as hardening beyond the configured rules: a
+# uid alone), and connects to any abstract unix socket of its network namespace.
+# Set wherever the kernel has them, as hardening beyond the configured rules: a
 # kernel without them is no reason to refuse a service.
 _SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1, 2
 SCOPE_MIN_ABI = 6
@@ -225,7 +225,7 @@ def check_kernel(s: SandboxSettings) -> None:
 def _open_regular(path: str) -> int:
     """``path`` opened non-blocking, a regular file only (OSError otherwise): the program may
     be in its service user's folder, who can put a FIFO there, whose blocking open(2) would
-    hang the loop at a reload (issue 24.2)."""
+    hang the loop at a reload."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)

@@ -319,7 +319,7 @@ class Server:
             contexts = self.services.prepare(new)
             fresh = self.services.bind_new(new, self.services.listeners)
         except ConfigError as exc:
-            errors = exc.lines  # 'file:line:column: key: message' (issue 16)
+            errors = exc.lines  # 'file:line:column: key: message'
         except ListenError as exc:
             errors = new.located([f"{exc.source or self.config.path}: {exc}"])
         else:
@@ -341,7 +341,7 @@ class Server:
 
     def _log_file_warnings(self) -> None:
         """Each service failed, or served without a file, by a file its user can change
-        (config.Config.warnings, issue 24.8): a warning at each (re)load, not an error."""
+        (config.Config.warnings): a warning at each (re)load, not an error."""
         for line in self.config.warnings:
             event(logging.WARNING, line, event="service_file")
 

@@ -103,8 +103,8 @@ class ServiceState:
 
     def hold(self, key: str) -> None:
         """A TLS connection waits for its ClientHello or handshake: it holds a place under
-        max_connections, and one under per_source for its source ``key`` (issue 24, item 6:
-        one address held 4 of 5 places with per_source: 2 while its hellos were due)."""
+        max_connections, and one under per_source for its source ``key`` (else one
+        address holds 4 of 5 places with per_source: 2 while its hellos are due)."""
         self.hellos += 1
         if key:
             self.sources[key] = self.sources.get(key, 0) + 1
@@ -299,9 +299,9 @@ class Services:
 
     def prepare(self, config: Config) -> dict[str, ssl.SSLContext]:
         """Everything a (re)load needs that can fail, before anything changes: each TLS
-        context, built once from the files as they are now (issue 18.2: read again at apply,
-        a key swapped in between left a TLS service serving plaintext), and each service's
-        sandbox (issue 17: a kernel that refuses one refuses the load), which apply() hands
+        context, built once from the files as they are now (read again at apply,
+        a key swapped in between would leave a TLS service serving plaintext), and each service's
+        sandbox (a kernel that refuses one refuses the load), which apply() hands
         to the spawner. ConfigError if any fails."""
         # from a prepare whose bind then failed
         discard_sandboxes(self._sandboxes, self._spawner.sandboxes)
@@ -377,7 +377,7 @@ class Services:
         self.loop_ports = self._udp_ports(config)
         for svc in config.enabled_services:
             if svc.proxy_protocol and svc.proxy_from is None and not self.worker:
-                # Issue 14, item 13: then anyone may claim any address, past allow/deny.
+                # Then anyone may claim any address, past allow/deny.
                 event(
                     logging.WARNING,
                     f"{svc.name}: proxy_protocol without proxy_from: any client may send a "
@@ -388,8 +388,8 @@ class Services:
 
     def _udp_ports(self, config: Config) -> frozenset[int]:
         """The ports every UDP listener of this instance answers on, built-in or exec: a
-        datagram from one of them is a loop (issue 24, item 4: one datagram spoofed from one
-        nowait exec service's port to another's forked ~950 processes a second, forever)."""
+        datagram from one of them is a loop (one datagram spoofed from one nowait exec
+        service's port to another's would fork ~950 processes a second, forever)."""
         ports = {
             addr.port
             for svc in config.enabled_services

@@ -134,8 +134,8 @@ class PendingProxy(_Pending[L]):
             self._fail("connection closed before the PROXY header")
             return
         # The parser decides on everything received so far, before anything is consumed:
-        # malformed is refused at once. (Issue 18, item 6: "\r\n\r\n" then "XYZ" once made
-        # the read length negative; recv raised ValueError and the readable socket spun.)
+        # malformed is refused at once. ("\r\n\r\n" then "XYZ" must not make the read length
+        # negative: recv would raise ValueError and the readable socket would spin.)
         try:
             header = proxyproto.parse(self._buf + peek, self._accept)
             if header is None:
@@ -156,7 +156,7 @@ class PendingProxy(_Pending[L]):
 
 class PendingHello(_Pending[L]):
     """A TLS connection whose ClientHello has not arrived yet: no relay is forked before it
-    has (issue 14, item 5: 3,000 connections that never sent one made 864 relay processes).
+    has (3,000 connections that never send one would otherwise make 864 relay processes).
 
     SO_RCVLOWAT keeps the socket unreadable until the whole first record is there, so a
     client sending a byte at a time costs nothing but its fd and its slot; nothing is
@@ -210,8 +210,8 @@ class PendingRelay(_Pending[L]):
     """A TLS connection whose ClientHello is in and whose relay, pid ``pid``, does the
     handshake: the relay was forked for it, and has taken the service's user and sandbox
     before parsing a TLS byte, but the connection keeps the slot its hello held in its
-    service's pool until the relay reports the handshake complete (issue 24, item 3: 300
-    canned ClientHellos that stalled made 300 relays, since the hello freed the slot).
+    service's pool until the relay reports the handshake complete (were the slot freed at
+    the hello, 300 canned ClientHellos that then stall would make 300 relays).
 
     ``conn`` is the parent's end of a socketpair whose other end only that relay holds; the
     report is one byte, ``REPORT``. At most one byte is ever read: the report ends the stage
@@ -312,7 +312,7 @@ class UDPReply:
 
     def finish(self) -> None:
         """The child is gone (plus a grace): send what it wrote and close, even if a process
-        it left behind still holds the other end (issue 14, item 10)."""
+        it left behind still holds the other end."""
         if self.closed:
             return
         self(0)  # whatever is waiting now

@@ -121,7 +121,7 @@ def snapshot(
                 },
                 # `warm: true`: the zygote (pid, RSS, forks served, state)
                 "zygote": zygote_of(svc.name),
-                # failed at load by a file its user can change: 'key: why' (issue 24.8)
+                # failed at load by a file its user can change: 'key: why'
                 "failed": config.failed.get(svc.name) if svc.enabled else None,
                 # served without such a file (banner, stderr): 'key: why: what instead'
                 "notes": list(config.notes.get(svc.name, ())),
@@ -343,7 +343,7 @@ class Operations:
         self._snapshot, self._reload, self._stop = snapshot, reload, stop
         self.servers: list[control.RequestServer] = []
         # An fd the control socket may give up at the fd limit (control.FdReserve): `status`
-        # and `stop` answer while clients hold every other fd (issue 24, item 5).
+        # and `stop` answer while clients hold every other fd.
         self._reserve: control.FdReserve | None = None
 
     def start(

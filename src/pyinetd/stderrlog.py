@@ -91,7 +91,7 @@ class StderrLog:
         holds a write end, so nothing else ends it). The read end would stay readable at EOF
         for ever (the loop spun at 80 % CPU) and every later child writing to stderr would
         die of SIGPIPE: new children get a new socket. The children that share the old one
-        lose their stderr, as they would with a pipe whose reader went away (issue 18, 9)."""
+        lose their stderr, as they would with a pipe whose reader went away."""
         self.close(drain=False)
         self._open()
         self._reopened += 1

@@ -17,8 +17,8 @@ SD_LISTEN_FDS_START = 3
 
 # The socket to $NOTIFY_SOCKET, opened at the first notification and kept for the process's
 # life: a socket per message needs a free fd for each, and a pyinetd whose clients hold every
-# fd sent no WATCHDOG=1, so systemd restarted it every WatchdogSec= for as long as one client
-# held its sockets (issue 24, item 5). Close-on-exec (PEP 446): no service inherits it.
+# fd would send no WATCHDOG=1, and systemd would restart it every WatchdogSec= for as long as
+# one client held its sockets. Close-on-exec (PEP 446): no service inherits it.
 _notify_sock: socket.socket | None = None
 _GONE = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN)
 

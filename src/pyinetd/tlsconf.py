@@ -187,7 +187,7 @@ _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 def host_name(name: str) -> str | None:
     """``name`` if it is a valid DNS host name (LDH labels, at most 253 characters in all),
     else None. An SNI name is chosen by the client: a newline, ``../``, shell metacharacters
-    or terminal escapes in it reached services' environment byte for byte (issue 18.7)."""
+    or terminal escapes in it must not reach services' environment byte for byte."""
     if not 0 < len(name) <= 253:
         return None
     return name if all(_LABEL.fullmatch(label) for label in name.split(".")) else None
@@ -252,7 +252,7 @@ def _escape_dn_value(value: str) -> str:
     # RFC 4514 section 2.4; control characters and other non-printables as mod_ssl writes
     # them (OpenSSL's ASN1_STRFLGS_ESC_CTRL): each UTF-8 byte as \XX, so a newline is \0A. A
     # certificate's CN of "x\nSSL_CLIENT_VERIFY=SUCCESS" must not reach a service as a line
-    # of its own (issue 18.7).
+    # of its own.
     out = []
     for i, ch in enumerate(value):
         if ch in ',+"\\<>;' or (ch == "#" and i == 0) or (ch == " " and i in (0, len(value) - 1)):

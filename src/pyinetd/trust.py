@@ -2,7 +2,7 @@
 
 As root, the configuration, its included files and folders, a program a service runs as root
 and a TLS key decide what runs as root: another local user who can change any of them, or any
-folder above them, owns the machine (issue 18.4: a drop-in in a mode 1777 include folder ran
+folder above them, owns the machine (a drop-in in a mode 1777 include folder would run
 `/usr/bin/id` as uid 0). So, as sshd does for authorized_keys (auth.c, safe_path()):
 
 - the file is opened once and the *opened* file is checked (fstat), never a second lookup of
@@ -14,13 +14,13 @@ folder above them, owns the machine (issue 18.4: a drop-in in a mode 1777 includ
 - a TLS key must not be readable by others; group-readable only when the group is root's.
 
 What runs as root is not only ``exec[0]``: an interpreter runs the script it is given
-(``exec: [/bin/sh, /home/eve/evil.sh]``, issue 24.9), ``/usr/bin/env NAME`` runs the NAME it
+(``exec: [/bin/sh, /home/eve/evil.sh]``), ``/usr/bin/env NAME`` runs the NAME it
 finds on PATH, a ``#!`` line names the interpreter the kernel runs. check_command() follows
 each of these and checks every program and script on the way as it checks ``exec[0]``.
 
 Only when pyinetd runs as root: a user running pyinetd for themselves trusts their own files.
 Every file is opened non-blocking and must be a regular file: a FIFO or /dev/zero given as a
-configuration must not hang or exhaust the loop (issue 14.9).
+configuration must not hang or exhaust the loop.
 """
 
 from __future__ import annotations

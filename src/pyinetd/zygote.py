@@ -1,4 +1,4 @@
-"""pyinetd's side of a warm service's zygote (issue 19).
+"""pyinetd's side of a warm service's zygote.
 
 A warm service (``warm: true``) keeps one zygote: the interpreter its script would run under,
 started with the service's process settings, that has imported what the script imports (and
@@ -534,7 +534,7 @@ _MODULE_BYTES: bytes | None = None
 def _first_line(service: Service) -> bytes:
     """The program's first line (its #!), when argv[0] is not itself a python: as the load
     read it with the service user's rights, never read again by root in the loop (the user
-    could have put a FIFO or a symlink to a root-only file there since, issue 24.2)."""
+    could have put a FIFO or a symlink to a root-only file there since)."""
     if not service.exec or warmcmd.is_python(service.exec[0]):
         return b""
     return service.exec_first_line
