@@ -22,12 +22,13 @@ from dataclasses import dataclass
 
 from pyinetd import cgroupnet, fsuser, reaper
 from pyinetd.config import Service
+from pyinetd.environ import UserGone, env_dict
 from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
 from pyinetd.reaper import Exited, Usage
 from pyinetd.services import Listener, Services, ServiceState, Wait
-from pyinetd.spawn import Spawner, UserGone, env_dict
+from pyinetd.spawn import Spawner
 from pyinetd.stages import UDPReply
 from pyinetd.stderrlog import StderrLog
 from pyinetd.warm import Ticket, Zygotes
