@@ -10,7 +10,7 @@ from typing import Any
 
 from pyinetd import keys
 from pyinetd.config import Config, Service
-from pyinetd.parsers import number
+from pyinetd.inputform import number
 
 __all__ = ["to_dict"]
 

@@ -5,22 +5,13 @@ the keys of a service (SERVICE_KEY_LIST). Pure module.
 
 from __future__ import annotations
 
+from pyinetd.inputform import _dict_out, _octal_out, _rlimits_out, _sandbox_out
 from pyinetd.keyspec import (
     CPU_PATTERN,
     SIZE,
     Key,
 )
-from pyinetd.parsers import (
-    _dict_out,
-    _octal_out,
-    _parse_env,
-    _parse_nice,
-    _parse_rlimits,
-    _parse_sandbox,
-    _parse_umask,
-    _rlimits_out,
-    _sandbox_out,
-)
+from pyinetd.parsers import _parse_env, _parse_nice, _parse_rlimits, _parse_sandbox, _parse_umask
 
 __all__ = ["PROCESS_KEY_LIST"]
 

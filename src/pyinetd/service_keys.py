@@ -6,6 +6,21 @@ Pure module.
 
 from __future__ import annotations
 
+from pyinetd.inputform import (
+    _access_out,
+    _access_times_out,
+    _argv_out,
+    _banner_out,
+    _duration_out,
+    _group_out,
+    _listen_out,
+    _name_out,
+    _number_out,
+    _octal_out,
+    _rate_out,
+    _stderr_rate_out,
+    _tls_out,
+)
 from pyinetd.keyspec import (
     ADDRESSES,
     BOOLEAN,
@@ -21,16 +36,6 @@ from pyinetd.keyspec import (
 )
 from pyinetd.parsers import (
     BUILTINS,
-    _access_out,
-    _access_times_out,
-    _argv_out,
-    _banner_out,
-    _duration_out,
-    _group_out,
-    _listen_out,
-    _name_out,
-    _number_out,
-    _octal_out,
     _parse_access_times,
     _parse_addr_list,
     _parse_argv0,
@@ -58,9 +63,6 @@ from pyinetd.parsers import (
     _parse_text,
     _parse_tls,
     _parse_user,
-    _rate_out,
-    _stderr_rate_out,
-    _tls_out,
     _wrap,
 )
 from pyinetd.process_keys import PROCESS_KEY_LIST
