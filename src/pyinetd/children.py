@@ -117,6 +117,46 @@ class Awaiting:
     reply: UDPReply | None
 
 
+class ChildStderr:
+    """What a child gets as its stderr, by its service's `stderr:`; the fds made once."""
+
+    def __init__(self, loop: Loop) -> None:
+        self._loop = loop
+        self._devnull = -1  # `stderr: null`, opened once
+
+    def fd(self, state: ServiceState, conn: int | None) -> tuple[int, bool]:
+        """The fd for the child's stderr, and whether it is ours to close after the spawn.
+
+        Only a `stderr: FILE` opens anything per connection (so that a rotated log file is
+        followed); `log` and `null` use fds made once, `socket` the connection itself.
+        """
+        mode = state.service.stderr
+        if mode == "log":
+            if state.stderr_log is None:
+                svc = state.service
+                state.stderr_log = StderrLog(
+                    svc.name, self._loop.sel, svc.stderr_rate, self._loop.call_later
+                )
+            return state.stderr_log.fileno(), False
+        if mode == "socket" and conn is not None:
+            return conn, False
+        if mode in ("null", "socket"):
+            if self._devnull < 0:
+                self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            return self._devnull, False
+        # Opened with the service user's rights: that user may own the folder and swap the
+        # file for a symlink to a root file, which root would append to.
+        svc = state.service
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        return fsuser.open_as(svc.user, svc.group, mode, flags, 0o640), True
+
+    def close(self) -> None:
+        """At exit: the fd held for `stderr: null`."""
+        if self._devnull >= 0:
+            os.close(self._devnull)
+            self._devnull = -1
+
+
 class Children:
     """Every running service process, by pid."""
 
@@ -142,7 +182,7 @@ class Children:
         self._other_pids = other_pids  # pids the exit watcher must watch too (workers)
         self.table = table  # shared with Services, which counts it for max_children
         self._udp_replies: dict[int, UDPReply] = {}  # pid of a UDP nowait child -> its reply
-        self._devnull = -1  # `stderr: null`, opened once
+        self._stderr = ChildStderr(loop)  # the fds children get as their stderr
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
         self._reaping = reaper.Reaping(
             loop.sel,
@@ -157,7 +197,7 @@ class Children:
         # `warm: true` services' zygotes (warm.py): they fork children of ours
         self.zygotes = Zygotes(
             spawner,
-            lambda svc: self.stderr_fd(services.states[svc.name], None),
+            lambda svc: self._stderr.fd(services.states[svc.name], None),
             loop.sel,
             loop.call_later,
             self.track,
@@ -178,32 +218,6 @@ class Children:
         return [*self.table.values(), *(entry.child for entry in self._awaiting.values())]
 
     # ------------------------------------------------------------ start
-    def stderr_fd(self, state: ServiceState, conn: int | None) -> tuple[int, bool]:
-        """The fd for the child's stderr, and whether it is ours to close after the spawn.
-
-        Only a `stderr: FILE` opens anything per connection (so that a rotated log file is
-        followed); `log` and `null` use fds made once, `socket` the connection itself.
-        """
-        mode = state.service.stderr
-        if mode == "log":
-            if state.stderr_log is None:
-                svc = state.service
-                state.stderr_log = StderrLog(
-                    svc.name, self._loop.sel, svc.stderr_rate, self._loop.call_later
-                )
-            return state.stderr_log.fileno(), False
-        if mode == "socket" and conn is not None:
-            return conn, False
-        if mode in ("null", "socket"):
-            if self._devnull < 0:
-                self._devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-            return self._devnull, False
-        # Opened with the service user's rights: that user may own the folder and swap the
-        # file for a symlink to a root file, which root would append to (issue 14.3).
-        svc = state.service
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
-        return fsuser.open_as(svc.user, svc.group, mode, flags, 0o640), True
-
     def start(
         self,
         state: ServiceState,
@@ -248,7 +262,7 @@ class Children:
         """Start the program (by exec, or the relay); its pid, or 0 (said and counted)."""
         svc = state.service
         try:
-            err_fd, owned = self.stderr_fd(state, conn_fd)
+            err_fd, owned = self._stderr.fd(state, conn_fd)
         except OSError as exc:
             state.spawn_failed("stderr")
             self.spawn_error(svc, peer, f"stderr {svc.stderr}: {exc.strerror or exc}")
@@ -310,7 +324,7 @@ class Children:
         stdout) and hold its slot until the answer; False when there is no zygote ready
         (start it cold now)."""
         try:
-            err_fd, owned = self.stderr_fd(state, conn_fd)
+            err_fd, owned = self._stderr.fd(state, conn_fd)
         except OSError:
             return False  # the cold start meets the same error, and says it
         try:
@@ -391,9 +405,7 @@ class Children:
 
     def close(self) -> None:
         """At exit: the fds held for children; the exit watcher exits when its pipe closes."""
-        if self._devnull >= 0:
-            os.close(self._devnull)
-            self._devnull = -1
+        self._stderr.close()
         self._reaping.stop(reap=False)
 
     # ------------------------------------------------------------ reaping
