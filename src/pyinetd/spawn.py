@@ -29,7 +29,8 @@ Ways to start a child, fastest first; the first one usable here is the fast path
 
 Every one of them gives the child a session of its own. The fork path and the TLS/redirect
 relay (``spawn_relay``) apply a service's process settings through one function,
-``apply_process_settings``.
+``procsettings.apply_process_settings``; the environment a child starts from is
+environ.py's (``service_environ``, cached per service).
 
 A service's ``sandbox`` (sandbox.py) is prepared once per service (``Spawner.prepare``) and
 applied by the clone and vfork children (``_spawn.c``) or, on every other path, by the fork
