@@ -603,7 +603,8 @@ def test_check_says_when_the_program_interpreter_or_loader_is_not_under_read(
 
 
 def test_print_config_round_trips_the_sandbox(tmp_path: Path) -> None:
-    from pyinetd.config import build, to_dict
+    from pyinetd.config import build
+    from pyinetd.printconfig import to_dict
 
     path = write_config(tmp_path, {"read": list(SYSTEM), "network": "none", "private_tmp": True})
     cfg = load(path)

@@ -24,7 +24,8 @@ from jsonschema import Draft202012Validator
 
 from pyinetd import config, keys, parsers, schema
 from pyinetd.cli import main
-from pyinetd.config import Config, ConfigError, load, to_dict
+from pyinetd.config import Config, ConfigError, load
+from pyinetd.printconfig import to_dict
 from pyinetd.sandbox import SandboxSettings
 from pyinetd.writer import write
 

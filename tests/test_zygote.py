@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pyinetd import config, spawn, warmcmd, zygote
+from pyinetd import config, environ, spawn, warmcmd, zygote
 from pyinetd.config import Service
 
 PYTHON = sys.executable
@@ -35,7 +35,7 @@ class Runner:
         self.zygote_err = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         if mode == "warm":
             base = self.spawner.base_environ(service)
-            env = {k: v for k, v in base.items() if k not in spawn.CONNECTION_KEYS}
+            env = {k: v for k, v in base.items() if k not in environ.CONNECTION_KEYS}
             self.zygote = zygote.Zygote(service, env, self.zygote_err)
             self.zygote.start()
             assert self.zygote.wait_ready(10), (self.zygote.state, self.zygote.reason)

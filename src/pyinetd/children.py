@@ -22,12 +22,13 @@ from dataclasses import dataclass
 
 from pyinetd import cgroupnet, fsuser, reaper
 from pyinetd.config import Service
+from pyinetd.environ import UserGone, env_dict
 from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
 from pyinetd.reaper import Exited, Usage
 from pyinetd.services import Listener, Services, ServiceState, Wait
-from pyinetd.spawn import Spawner, UserGone, env_dict
+from pyinetd.spawn import Spawner
 from pyinetd.stages import UDPReply
 from pyinetd.stderrlog import StderrLog
 from pyinetd.warm import Ticket, Zygotes
@@ -116,68 +117,14 @@ class Awaiting:
     reply: UDPReply | None
 
 
-class Children:
-    """Every running service process, by pid."""
+class ChildStderr:
+    """What a child gets as its stderr, by its service's `stderr:`; the fds made once."""
 
-    def __init__(
-        self,
-        loop: Loop,
-        spawner: Spawner,
-        services: Services,
-        metrics: Metrics,
-        throttled: ThrottledLog,
-        table: dict[int, Child],
-        ended: Callable[[Child], None],
-        other_exited: Callable[[int, int], bool],
-        other_pids: Callable[[], Iterable[int]],
-    ) -> None:
+    def __init__(self, loop: Loop) -> None:
         self._loop = loop
-        self._spawner = spawner
-        self._services = services
-        self._metrics = metrics  # durations and exit classes, by service name
-        self._throttled = throttled
-        self._ended = ended  # after a child's end is accounted for
-        self._other_exited = other_exited  # a pid that is no child of ours (a worker)?
-        self._other_pids = other_pids  # pids the exit watcher must watch too (workers)
-        self.table = table  # shared with Services, which counts it for max_children
-        self._udp_replies: dict[int, UDPReply] = {}  # pid of a UDP nowait child -> its reply
         self._devnull = -1  # `stderr: null`, opened once
-        self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
-        self._reaping = reaper.Reaping(
-            loop.sel,
-            loop.call_later,
-            self.on_reaped,
-            lambda: (*self.table, *self._other_pids(), *self.zygotes.pids()),
-            lambda: len(self.table),
-            lambda level, msg, pid: event(
-                level, msg, event="watcher", **({"pid": pid} if pid else {})
-            ),
-        )
-        # `warm: true` services' zygotes (warm.py): they fork children of ours
-        self.zygotes = Zygotes(
-            spawner,
-            lambda svc: self.stderr_fd(services.states[svc.name], None),
-            loop.sel,
-            loop.call_later,
-            self.track,
-        )
-        self.zygotes.replied = self._warm_replied
-        self.zygotes.is_ours = self._is_reaped_child
-        self.zygotes.is_tracked = self.table.__contains__
-        self._awaiting: dict[Ticket, Awaiting] = {}  # asked of a zygote, no pid yet
-        # pid -> (status, usage): reaped before its pid came
-        self._reaped_early: dict[int, tuple[int, Usage]] = {}
 
-    def __len__(self) -> int:
-        """Running children, and those asked of a zygote whose pid has not come yet."""
-        return len(self.table) + len(self._awaiting)
-
-    def every(self) -> list[Child]:
-        """Every child holding a slot, in any state: the table's, then those ASKED."""
-        return [*self.table.values(), *(entry.child for entry in self._awaiting.values())]
-
-    # ------------------------------------------------------------ start
-    def stderr_fd(self, state: ServiceState, conn: int | None) -> tuple[int, bool]:
+    def fd(self, state: ServiceState, conn: int | None) -> tuple[int, bool]:
         """The fd for the child's stderr, and whether it is ours to close after the spawn.
 
         Only a `stderr: FILE` opens anything per connection (so that a rotated log file is
@@ -203,6 +150,74 @@ class Children:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         return fsuser.open_as(svc.user, svc.group, mode, flags, 0o640), True
 
+    def close(self) -> None:
+        """At exit: the fd held for `stderr: null`."""
+        if self._devnull >= 0:
+            os.close(self._devnull)
+            self._devnull = -1
+
+
+class Children:
+    """Every running service process, by pid."""
+
+    def __init__(
+        self,
+        loop: Loop,
+        spawner: Spawner,
+        services: Services,
+        metrics: Metrics,
+        throttled: ThrottledLog,
+        table: dict[int, Child],
+        ended: Callable[[Child], None],
+        other_exited: Callable[[int, int], bool],
+        other_pids: Callable[[], Iterable[int]],
+    ) -> None:
+        self._loop = loop
+        self._spawner = spawner
+        self._services = services
+        self._metrics = metrics  # durations and exit classes, by service name
+        self._throttled = throttled
+        self._ended = ended  # after a child's end is accounted for
+        self._other_exited = other_exited  # a pid that is no child of ours (a worker)?
+        self._other_pids = other_pids  # pids the exit watcher must watch too (workers)
+        self.table = table  # shared with Services, which counts it for max_children
+        self._udp_replies: dict[int, UDPReply] = {}  # pid of a UDP nowait child -> its reply
+        self._stderr = ChildStderr(loop)  # the fds children get as their stderr
+        self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
+        self._reaping = reaper.Reaping(
+            loop.sel,
+            loop.call_later,
+            self.on_reaped,
+            lambda: (*self.table, *self._other_pids(), *self.zygotes.pids()),
+            lambda: len(self.table),
+            lambda level, msg, pid: event(
+                level, msg, event="watcher", **({"pid": pid} if pid else {})
+            ),
+        )
+        # `warm: true` services' zygotes (warm.py): they fork children of ours
+        self.zygotes = Zygotes(
+            spawner,
+            lambda svc: self._stderr.fd(services.states[svc.name], None),
+            loop.sel,
+            loop.call_later,
+            self.track,
+        )
+        self.zygotes.replied = self._warm_replied
+        self.zygotes.is_ours = self._is_reaped_child
+        self.zygotes.is_tracked = self.table.__contains__
+        self._awaiting: dict[Ticket, Awaiting] = {}  # asked of a zygote, no pid yet
+        # pid -> (status, usage): reaped before its pid came
+        self._reaped_early: dict[int, tuple[int, Usage]] = {}
+
+    def __len__(self) -> int:
+        """Running children, and those asked of a zygote whose pid has not come yet."""
+        return len(self.table) + len(self._awaiting)
+
+    def every(self) -> list[Child]:
+        """Every child holding a slot, in any state: the table's, then those ASKED."""
+        return [*self.table.values(), *(entry.child for entry in self._awaiting.values())]
+
+    # ------------------------------------------------------------ start
     def start(
         self,
         state: ServiceState,
@@ -247,7 +262,7 @@ class Children:
         """Start the program (by exec, or the relay); its pid, or 0 (said and counted)."""
         svc = state.service
         try:
-            err_fd, owned = self.stderr_fd(state, conn_fd)
+            err_fd, owned = self._stderr.fd(state, conn_fd)
         except OSError as exc:
             state.spawn_failed("stderr")
             self.spawn_error(svc, peer, f"stderr {svc.stderr}: {exc.strerror or exc}")
@@ -309,7 +324,7 @@ class Children:
         stdout) and hold its slot until the answer; False when there is no zygote ready
         (start it cold now)."""
         try:
-            err_fd, owned = self.stderr_fd(state, conn_fd)
+            err_fd, owned = self._stderr.fd(state, conn_fd)
         except OSError:
             return False  # the cold start meets the same error, and says it
         try:
@@ -390,9 +405,7 @@ class Children:
 
     def close(self) -> None:
         """At exit: the fds held for children; the exit watcher exits when its pipe closes."""
-        if self._devnull >= 0:
-            os.close(self._devnull)
-            self._devnull = -1
+        self._stderr.close()
         self._reaping.stop(reap=False)
 
     # ------------------------------------------------------------ reaping

@@ -366,7 +366,7 @@ def _print_schema() -> int:
 
 
 def _print_config(path: str, fmt: str) -> int:
-    from pyinetd.config import to_dict
+    from pyinetd.printconfig import to_dict
     from pyinetd.writer import write
 
     try:

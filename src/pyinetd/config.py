@@ -13,7 +13,7 @@ import functools
 import glob
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from pyinetd.checks import (
     reaches,
     settle_file,
 )
+from pyinetd.configerror import ConfigError, duplicates, located, one_short_line
 from pyinetd.document import Marks, read_marked
 from pyinetd.keys import declared
 from pyinetd.parsers import (
@@ -44,7 +45,6 @@ from pyinetd.parsers import (
     _FileStateError,
     _KeyError,
     _read_banner,
-    number,
     parse_listen_item,
     types_only,
 )
@@ -64,56 +64,7 @@ __all__ = [
     "build",
     "load",
     "parse_listen_item",
-    "to_dict",
 ]
-
-
-MAX_ERROR = 1000  # characters of one error line
-
-
-class ConfigError(Exception):
-    """One or more configuration errors, each a full 'file: key: message' line."""
-
-    def __init__(self, errors: list[str], located: list[str] | None = None) -> None:
-        errors = _one_short_line(errors)
-        super().__init__("\n".join(errors))
-        self.errors = errors
-        # As shown to a person: 'file:line:column: key: message' where the position is known
-        # (issue 16, as haproxy -c and compilers do); `errors` keeps the 'file: key' form.
-        self.lines = _one_short_line(located) if located else errors
-
-
-def _one_short_line(errors: list[str]) -> list[str]:
-    # One error, one line: a control character in a name or value must not split it.
-    errors = [
-        e.encode("unicode_escape").decode("ascii") if not e.isprintable() else e for e in errors
-    ]
-    # One error, one short line: a value quoted whole could be a megabyte (issue 14.9).
-    return [e if len(e) <= MAX_ERROR else e[: MAX_ERROR - 3] + "..." for e in errors]
-
-
-def _located(errors: list[str], marks: Mapping[str, Marks]) -> list[str]:
-    """Each 'file: key: message' error as 'file:line:column: key: message' where the file's
-    marks know the key (or the list entry the message quotes)."""
-    out = []
-    for error in errors:
-        label = max((f for f in marks if error.startswith(f + ": ")), key=len, default=None)
-        pos = None
-        if label is not None:
-            rest = error[len(label) + 2 :]
-            key, _, message = rest.partition(": ")
-            pos = marks[label].locate(key, message)
-        out.append(f"{label}:{pos[0]}:{pos[1]}: {rest}" if pos and label else error)
-    return out
-
-
-def _duplicates(label: str, marks: Marks) -> list[str]:
-    """A key given twice in one mapping: YAML keeps the last without a word (a second service
-    of the same name replaced the first, and --check said ok)."""
-    return [
-        f"{label}: {'.'.join(path)}: given twice, on lines {first[0]} and {again[0]}"
-        for path, first, again in marks.duplicates
-    ]
 
 
 # Limits that count across a service's connections; a service with one is served by the first
@@ -166,12 +117,12 @@ class Service:
     umask: int | None = None
     nice: int | None = None
     rlimits: tuple[tuple[int, int], ...] = ()
-    sandbox: SandboxSettings | None = None  # issue 17; implies no_new_privs
+    sandbox: SandboxSettings | None = None  # implies no_new_privs
     # a Python script served from a warm interpreter (zygote.py), with these modules imported
     warm: bool = declared("warm")
     preload: tuple[str, ...] = ()
     # exec[0]'s first line (its #!) as the load read it with the user's rights (checks.py),
-    # for the zygote: no key fills it, and root reads the file no second time (issue 24.2)
+    # for the zygote: no key fills it, and root reads the file no second time
     exec_first_line: bytes = b""
     warm_max_forks: int = 0  # replace the zygote after this many forks (0: never)
     banner: bytes = b""
@@ -223,7 +174,7 @@ class Service:
     def nnp(self) -> bool:
         """Whether the child gets PR_SET_NO_NEW_PRIVS (the key, or its default)."""
         if self.sandbox is not None:
-            return True  # a sandbox implies it (issue 17); checks.check_sandbox refuses `false`
+            return True  # a sandbox implies it; checks.check_sandbox refuses `false`
         return self.user is not None if self.no_new_privs is None else self.no_new_privs
 
     @property
@@ -248,7 +199,7 @@ class Config:
     reload_kills_removed: bool = declared("reload_kills_removed")
     metrics: str | None = None
     # Connections before their service starts (PROXY header or TLS ClientHello due): an fd
-    # each and nothing proven yet, so bounded (issue 14, items 5 and 6).
+    # each and nothing proven yet, so bounded: idle connections must not hold every fd.
     max_pending: int = declared("max_pending")
     max_pending_per_source: int = declared("max_pending_per_source")
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -258,7 +209,7 @@ class Config:
 
     def located(self, errors: list[str]) -> list[str]:
         """'file: key: message' lines as 'file:line:column: key: message' where known."""
-        return _located(errors, self.marks)
+        return located(errors, self.marks)
 
     # Services failed at load by a file their user can change (checks.settle_file, issue
     # 24.8): name -> 'key: why'. They stay in `services` (status shows them) and listen nowhere.
@@ -281,37 +232,6 @@ SERVICE_PARSERS: dict[str, Parser] = {name: key.parse for name, key in keys.SERV
 TOP_PARSERS: dict[str, Parser] = {name: key.parse for name, key in keys.TOP_KEYS.items()}
 TOP_NAMES = ("defaults", "services", *TOP_PARSERS)
 _unknown = schema.unknown_key
-
-
-class _SchemaErrors:
-    """The schema's findings by (file, key path), each handed out once, where build() reaches
-    that key, so they come out in file order among config.py's own (semantic) errors."""
-
-    def __init__(self, enabled: bool) -> None:
-        self._found: dict[tuple[str, schema.KeyPath], list[str]] = {}
-        self._enabled = enabled
-
-    def add(self, label: str, doc: Any) -> None:
-        """Validate one file's document against the schema."""
-        if not self._enabled:
-            return
-        for key, message in schema.check(doc):
-            line = f"{label}: {'.'.join(key)}: {message}" if key else f"{label}: {message}"
-            self._found.setdefault((label, key), []).append(line)
-
-    @property
-    def enabled(self) -> bool:
-        return self._enabled
-
-    def take(self, label: str, *key: str) -> list[str]:
-        """The error lines for exactly this key path (none if it is fine), removed."""
-        return self._found.pop((label, key), [])
-
-    def rest(self) -> list[str]:
-        """What no check reached (a safety net: every finding is reported)."""
-        lines = [line for lines in self._found.values() for line in lines]
-        self._found.clear()
-        return lines
 
 
 def load_document(path: Path) -> tuple[Any, Marks]:
@@ -346,13 +266,13 @@ def build(doc: Any, path: Path, marks: Marks | None = None) -> Config:
 def _build(doc: Any, path: Path, marks: dict[str, Marks], with_schema: bool) -> Config:
     label = str(path)
     base = path.parent.resolve()
-    errors = _duplicates(label, marks[label])
+    errors = duplicates(label, marks[label])
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
         raise ConfigError([f"{label}: expected a mapping with a 'services' key at the top"])
     # The schema first: types, choices and unknown keys; the parsers then check meaning.
-    flags = _SchemaErrors(with_schema)
+    flags = schema.Findings(with_schema)
     flags.add(label, doc)
     top: dict[str, Any] = {}
     for key, value in doc.items():
@@ -422,7 +342,7 @@ def _build(doc: Any, path: Path, marks: dict[str, Marks], with_schema: bool) -> 
     errors = [e for e in errors if e not in files.claimed - files.kept]
     if errors:
         errors = list(dict.fromkeys(errors))  # a bad default reported once, not per service
-        raise ConfigError(errors, _located(errors, marks))
+        raise ConfigError(errors, located(errors, marks))
     return Config(
         path=path,
         services=tuple(services),
@@ -430,7 +350,7 @@ def _build(doc: Any, path: Path, marks: dict[str, Marks], with_schema: bool) -> 
         marks=marks,
         failed=files.failed,
         notes={name: tuple(notes) for name, notes in files.notes.items()},
-        warnings=tuple(_one_short_line(_located(files.warnings, marks))),
+        warnings=tuple(one_short_line(located(files.warnings, marks))),
         **top,
     )
 
@@ -440,7 +360,7 @@ def _read_includes(
     base: Path,
     label: str,
     errors: list[str],
-    flags: _SchemaErrors,
+    flags: schema.Findings,
     marks: dict[str, Marks],
 ) -> list[tuple[str, Any, str, Path]]:
     """Services from the files matching one `include:` pattern, in sorted order."""
@@ -451,7 +371,7 @@ def _read_includes(
         errors.append(f"{label}: include: {pattern!r}: more than {MAX_INCLUDES} files")
         return out
     # As root, a folder the pattern matches in must be root's alone, sticky or not: whoever
-    # may add a file there adds a service run as root (issue 18.4, a 1777 conf.d).
+    # may add a file there adds a service run as root (a 1777 conf.d).
     folders = {_glob_root(full)} if glob.has_magic(full) else set()
     folders.update(str(Path(n).parent) for n in names if glob.has_magic(full))
     for folder in sorted(folders):
@@ -475,7 +395,7 @@ def _read_includes(
             errors.extend(exc.errors)
             continue
         where = str(inc)
-        errors += _duplicates(where, marks[where])
+        errors += duplicates(where, marks[where])
         if doc is None:
             continue
         if not isinstance(doc, dict) or set(doc) - {"services"}:
@@ -555,7 +475,7 @@ def _build_service(
     label: str,
     base: Path,
     errors: list[str],
-    flags: _SchemaErrors,
+    flags: schema.Findings,
     found: FileFindings,
 ) -> Service | None:
     """A service from its body. One with `enabled: false` is checked for its schema and types
@@ -577,7 +497,7 @@ def _service(
     label: str,
     base: Path,
     errors: list[str],
-    flags: _SchemaErrors,
+    flags: schema.Findings,
     found: FileFindings,
 ) -> Service | None:
     where = f"{label}: services.{name}"
@@ -627,7 +547,7 @@ def _service(
                 errors.append(f"{where}.{key}: only for protocol tcp")
     if protocol == "udp" and ("builtin" in body or "exec" not in values):
         # A UDP built-in answers each datagram at once: nothing stays running to count, so
-        # these would be accepted and do nothing (issue 18, item 5). rate does apply.
+        # these would be accepted and do nothing. rate does apply.
         for key in ("max_connections", "per_source"):
             if key in body:
                 errors.append(
@@ -692,8 +612,8 @@ def _service(
     user = values.get("user")
     if values.get("exec") and (user is None or user[1] == 0):
         try:
-            # As root, a program others may replace would run as root (issue 18.4), and so
-            # would the script an interpreter or env runs (issue 24.9).
+            # As root, a program others may replace would run as root, and so would the
+            # script an interpreter or env runs.
             env = dict(values.get("env", ()))
             search = env.get("PATH") or os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
             cwd = values.get("cwd") or os.getcwd()
@@ -775,7 +695,7 @@ def _combine(values: dict[str, Any], where: str, errors: list[str], found: FileF
                 values["banner"], values.get("user"), values.get("group")
             )
         except _KeyError as exc:
-            # A banner its user may change (issue 24.8): served without it, not refused.
+            # A banner its user may change: served without it, not refused.
             line, path = f"{where}.banner: {exc}", str(values["banner"].path)
             values["banner"] = b""
             settle_file(values, where, line, path, errors, found, without=WITHOUT_BANNER)
@@ -792,7 +712,7 @@ def _combine(values: dict[str, Any], where: str, errors: list[str], found: FileF
 def _check_redirect_loops(services: list[Service], errors: list[str]) -> None:
     """A redirect that reaches its own service, directly or through other redirects, is a
     loop: each relay connects to the next without end (a client built a chain of 30 relay
-    processes that outlived it, issue 18.10)."""
+    processes that outlived it)."""
     redirects = {s.name: s for s in services if s.enabled and s.redirect is not None}
     nexts: dict[str, list[str]] = {}
     for svc in redirects.values():
@@ -845,46 +765,3 @@ def _check_duplicates(services: list[Service], label: str, errors: list[str]) ->
                     )
                     break
             seen[(kind, addr.port, addr.host or addr.path)] = (svc.name, addr)
-
-
-def _plain(name: str, value: Any) -> Any:
-    """A stored value that is its own input form (text, number, true/false, a list of them)."""
-    if isinstance(value, str | int | float | bool):
-        return number(value) if isinstance(value, float) else value
-    if isinstance(value, tuple) and all(isinstance(v, str | int | float | bool) for v in value):
-        return list(value)
-    raise TypeError(f"to_dict: no input form for {name}={value!r}; give its key an out= (keys.py)")
-
-
-# Field -> how its stored value is written back (the `out` of the key that fills it).
-_SERVICE_OUT = {k.target: k.out for k in keys.SERVICE_KEYS.values() if k.out and k.target}
-_TOP_OUT = {k.target: k.out for k in keys.TOP_KEYS.values() if k.out and k.target}
-
-
-def _service_to_dict(svc: Service) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in fields(Service):
-        if f.name in ("name", "source", "exec_first_line"):
-            continue
-        value = getattr(svc, f.name)
-        if value == f.default:
-            continue
-        convert = _SERVICE_OUT.get(f.name)
-        out.update(convert(f.name, value) if convert else {f.name: _plain(f.name, value)})
-    return out
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    """The resolved configuration in the input vocabulary: defaults applied to each service,
-    paths absolute, includes merged, keys at their default left out. It loads to an equal Config
-    (apart from ``path`` and each service's ``source``)."""
-    out: dict[str, Any] = {}
-    for f in fields(Config):
-        if f.name in ("path", "services", "raw", "marks", "include", "failed", "notes", "warnings"):
-            continue
-        value = getattr(cfg, f.name)
-        if value != f.default:
-            convert = _TOP_OUT.get(f.name)
-            out.update(convert(f.name, value) if convert else {f.name: _plain(f.name, value)})
-    out["services"] = {svc.name: _service_to_dict(svc) for svc in cfg.services}
-    return out

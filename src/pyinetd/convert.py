@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pyinetd.inputform import number
 from pyinetd.keys import SERVICE_KEYS
-from pyinetd.parsers import BUILTINS, _parse_access_times, _parse_buffer, _parse_load, number
+from pyinetd.parsers import BUILTINS, _parse_access_times, _parse_buffer, _parse_load
 from pyinetd.writer import write
 
 __all__ = [

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyinetd.inputform import _duration_out
 from pyinetd.keyspec import BOOLEAN, COUNT, DURATION, FILE_PATH, Key
 from pyinetd.parsers import (
-    _duration_out,
     _parse_bool,
     _parse_choice,
     _parse_count,

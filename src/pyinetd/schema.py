@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # jsonschema is imported only when a configuration has an err
     from jsonschema import Draft202012Validator, ValidationError
 
 __all__ = [
+    "Findings",
     "KeyPath",
     "build_schema",
     "check",
@@ -225,3 +226,34 @@ if __name__ == "__main__":
     import sys
 
     sys.stdout.write(schema_text())
+
+
+class Findings:
+    """The schema's findings by (file, key path), each handed out once, where config.build()
+    reaches that key, so they come out in file order among config.py's own (semantic) errors."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._found: dict[tuple[str, KeyPath], list[str]] = {}
+        self._enabled = enabled
+
+    def add(self, label: str, doc: Any) -> None:
+        """Validate one file's document against the schema."""
+        if not self._enabled:
+            return
+        for key, message in check(doc):
+            line = f"{label}: {'.'.join(key)}: {message}" if key else f"{label}: {message}"
+            self._found.setdefault((label, key), []).append(line)
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def take(self, label: str, *key: str) -> list[str]:
+        """The error lines for exactly this key path (none if it is fine), removed."""
+        return self._found.pop((label, key), [])
+
+    def rest(self) -> list[str]:
+        """What no check reached (a safety net: every finding is reported)."""
+        lines = [line for lines in self._found.values() for line in lines]
+        self._found.clear()
+        return lines

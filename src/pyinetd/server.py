@@ -18,7 +18,7 @@ import stat
 import time
 from typing import TYPE_CHECKING
 
-from pyinetd import log, systemd
+from pyinetd import log, procsettings, systemd
 from pyinetd.children import KILL_GRACE, Child, Children
 from pyinetd.config import Config, ConfigError, load
 from pyinetd.connections import Connections, Sessions
@@ -28,7 +28,7 @@ from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
 from pyinetd.services import Services
 from pyinetd.signals import HANDLED_SIGNALS, PYTHON_IGNORED, ignored_signals
-from pyinetd.spawn import C_MODULE_BUILT, Spawner, raise_nofile
+from pyinetd.spawn import C_MODULE_BUILT, Spawner
 from pyinetd.status import Operations, render_table, snapshot
 from pyinetd.workers import Workers
 
@@ -119,7 +119,7 @@ class Server:
 
         ``control_path``: the control socket (`--control`), before the config's `control_socket`.
         """
-        raise_nofile()  # before the first process starts (it gets the limit we were given)
+        procsettings.raise_nofile()  # before the first process starts (it gets the limit given)
         self._install_signals()
         self.children.reap()  # children left from before exec (e.g. by a wrapper script)
         self._sync_zygotes()

@@ -29,7 +29,8 @@ Ways to start a child, fastest first; the first one usable here is the fast path
 
 Every one of them gives the child a session of its own. The fork path and the TLS/redirect
 relay (``spawn_relay``) apply a service's process settings through one function,
-``apply_process_settings``.
+``procsettings.apply_process_settings``; the environment a child starts from is
+environ.py's (``service_environ``, cached per service).
 
 A service's ``sandbox`` (sandbox.py) is prepared once per service (``Spawner.prepare``) and
 applied by the clone and vfork children (``_spawn.c``) or, on every other path, by the fork
@@ -49,8 +50,6 @@ import errno
 import fcntl
 import logging
 import os
-import pwd
-import resource
 import select
 import signal
 import struct
@@ -58,24 +57,22 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from pyinetd import cgroupnet, log
+from pyinetd import cgroupnet, log, procsettings
 from pyinetd.config import ConfigError, Service
+from pyinetd.environ import CONNECTION_KEYS, EnvEntries, Environ, env_dict, service_environ
+from pyinetd.procsettings import (
+    PR_CAP_AMBIENT,
+    PR_CAP_AMBIENT_RAISE,
+    PR_SET_DUMPABLE,
+    PR_SET_KEEPCAPS,
+    apply_process_settings,
+    prctl,
+)
 from pyinetd.sandbox import Prepared, SandboxError
 from pyinetd.signals import PYTHON_IGNORED, handled_signals, ignored_signals
 
 if TYPE_CHECKING:
     import ssl
-
-Environ = dict[bytes, bytes]
-# A connection's variables, as the KEY=value entries execve takes: built once per
-# connection in that form, they go to fork_exec without a dict in between.
-EnvEntries = list[bytes]
-
-
-def env_dict(entries: EnvEntries) -> Environ:
-    """KEY=value entries as a mapping (for os.posix_spawn and execve)."""
-    return {k: v for k, _, v in (e.partition(b"=") for e in entries)}
-
 
 _FORK_EXEC: Callable[..., int] | None
 try:  # CPython's subprocess primitive (Modules/_posixsubprocess.c)
@@ -99,110 +96,10 @@ C_MODULE_BUILT = _VFORK is not None
 
 NO_NEW_PRIVS = 1  # _spawn.c's flag: prctl(PR_SET_NO_NEW_PRIVS, 1) in the child
 PATH_FIRST = 2  # _spawn.c's flag: argv's first item is the path to execute, argv follows
-PR_SET_DUMPABLE = 4  # <linux/prctl.h>
-PR_SET_KEEPCAPS = 8
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 47, 2
 # The capability a zygote holds from its exec until it is no longer dumpable (spawn_zygote):
 # CAP_WAKE_ALARM, which no process of a service's user has and which grants little (alarm
 # timers that wake a suspended system).
 ZYGOTE_GUARD_CAP = 35
-
-# The RLIMIT_NOFILE pyinetd was started with, (soft, hard), which every service process gets
-# back; None while pyinetd runs with the limit it was given (raise_nofile()).
-CHILD_NOFILE: tuple[int, int] | None = None
-# How a worker (started with the first process's raised limit) learns the one to hand on.
-NOFILE_ENV = "PYINETD_CHILD_NOFILE"
-
-
-def raise_nofile() -> None:
-    """Raise this process's soft RLIMIT_NOFILE to its hard limit, and remember the soft limit
-    it was started with for the service processes (``CHILD_NOFILE``).
-
-    Built-in sessions, pending connections and control clients each hold a parent's fd: under
-    systemd's default soft limit of 1024 (256 in the attack) one client's idle connections
-    held every fd and `status` and every service failed (issue 24, item 5). Programs get the
-    limit pyinetd had (or their `rlimits: {nofile}`): a program that uses select() breaks on a
-    fd above 1024 (select(2), FD_SETSIZE), so it must not be handed a raised soft limit.
-    """
-    global CHILD_NOFILE
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    given = os.environ.get(NOFILE_ENV, "")
-    if given.isdigit() and int(given) <= hard:
-        soft = int(given)  # a worker: the first process's own starting limit
-    if soft >= hard and CHILD_NOFILE is None:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError):
-        return
-    CHILD_NOFILE = (soft, hard)
-    os.environ[NOFILE_ENV] = str(soft)  # (PYINETD_*: never passed to a service)
-    if _SET_NOFILE is not None:
-        _SET_NOFILE(soft, hard)
-
-
-def prctl(option: int, arg: int) -> None:  # pragma: no cover - runs in a forked child
-    """prctl(option, arg, 0, 0, 0) in this process (prctl(2)); raises OSError."""
-    if C_MODULE_BUILT:
-        _spawn.prctl(option, arg)
-        return
-    import ctypes  # only where the C module was not built
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def apply_process_settings(  # pragma: no cover - forked child
-    service: Service, box: Prepared | None = None
-) -> None:
-    """In a forked child, before it execs the service or (a TLS or redirect relay) reads a
-    byte from the client: everything a service's process settings say, in one place, for
-    every path that starts a service program.
-
-    A session of its own first: sharing pyinetd's, a service could open pyinetd's
-    controlling terminal and type into root's shell (TIOCSTI), or setpgid() into pyinetd's
-    process group and escape the timeout's killpg (issue 18.3). Limits and priority before
-    the identity changes: raising them may need root. The identity in the order that can
-    work: supplementary groups and gid while still root, the uid last (setuid(2) drops the
-    right to change the others). no_new_privs after that (prctl(2)), the folder last, as the
-    service's user, who must be allowed there. A sandbox (``box``, issue 17): its namespaces
-    joined while still root (setns needs CAP_SYS_ADMIN), its no_new_privs, Landlock and
-    seccomp rules last, so that the filter need not allow the setup calls.
-    """
-    os.setsid()
-    if box is not None:
-        box.enter()
-    if CHILD_NOFILE is not None:  # the limit pyinetd was started with, not its raised one
-        resource.setrlimit(resource.RLIMIT_NOFILE, CHILD_NOFILE)
-    for res, value in service.rlimits:
-        resource.setrlimit(res, (value, value))
-    if service.nice is not None:
-        os.setpriority(os.PRIO_PROCESS, 0, service.nice)  # absolute, like xinetd's nice
-    if service.umask is not None:
-        os.umask(service.umask)
-    if service.user or service.group is not None:
-        name, uid, gid = service.user or ("", -1, os.getgid())
-        gid = service.group if service.group is not None else gid
-        if os.geteuid() == 0:
-            if name:
-                os.initgroups(name, gid)  # the user's supplementary groups
-            else:
-                os.setgroups([gid])
-        os.setgid(gid)
-        if uid >= 0:
-            os.setuid(uid)
-    if service.nnp:
-        # From here on no setuid bit or file capability raises the privileges of this
-        # process or anything it execs.
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
-    if service.cwd:
-        os.chdir(service.cwd)
-    if box is not None:
-        box.restrict()
-
 
 SETTLE_TIMEOUT = 1.0  # seconds; a child takes well under a millisecond to reach its exec
 
@@ -210,50 +107,6 @@ PRIMITIVES = ("clone", "vfork", "fork_exec", "posix_spawn")
 # What a clone or fork-path child that could not exec writes before it exits 127: pid, errno.
 _REPORT = struct.Struct("=ii")
 EXIT_127 = 127 << 8  # its wait status then; also a shell's "command not found"
-
-# Variables set per connection. They are left out of the cached base list: a stale copy
-# from pyinetd's own environment must never sit next to the connection's value.
-CONNECTION_KEYS = frozenset(
-    {b"PROTO", b"REMOTE_ADDR", b"REMOTE_PORT", b"IPCLOCALPATH"}
-    | {p + k for p in (b"TCP", b"UDP") for k in (b"REMOTEIP", b"REMOTEPORT", b"LOCALIP")}
-    | {p + b"LOCALPORT" for p in (b"TCP", b"UDP")}
-    | {b"IPCREMOTE" + k for k in (b"PID", b"EUID", b"EGID")}
-)
-
-
-# pyinetd's own variables, and those its service manager gave it, never reach a service:
-# NOTIFY_SOCKET would let any service tell systemd pyinetd is ready or stopping (sd_notify),
-# LISTEN_* describe pyinetd's sockets, not the service's, CREDENTIALS_DIRECTORY points to
-# pyinetd's secrets, PYINETD_* steer pyinetd itself (issue 14.13).
-PRIVATE_KEYS = frozenset(
-    {b"NOTIFY_SOCKET", b"LISTEN_FDS", b"LISTEN_PID", b"LISTEN_FDNAMES", b"WATCHDOG_USEC",
-     b"WATCHDOG_PID", b"JOURNAL_STREAM", b"INVOCATION_ID", b"MANAGERPID", b"SYSTEMD_EXEC_PID",
-     b"CREDENTIALS_DIRECTORY"}
-)  # fmt: skip
-PRIVATE_PREFIX = b"PYINETD_"
-# What a service with `user:` takes from pyinetd's (root's) environment: the locale, the time
-# zone and PATH, as sudo's env_reset and `su -` do; HOME, USER and LOGNAME are the user's own.
-USER_PASS_KEYS = frozenset({b"PATH", b"LANG", b"LANGUAGE", b"TZ"})
-DEFAULT_PATH = b"/usr/local/bin:/usr/bin:/bin"
-
-
-class UserGone(OSError):
-    """The service's `user:` no longer exists (deleted after the configuration was loaded)."""
-
-
-def _inherited(service: Service) -> Environ:
-    """The part of pyinetd's environment a service starts from (before its `env:`)."""
-    if service.env_clear:
-        return {b"PATH": os.environb.get(b"PATH", DEFAULT_PATH)}
-    env = {
-        k: v
-        for k, v in os.environb.items()
-        if k not in PRIVATE_KEYS and not k.startswith(PRIVATE_PREFIX)
-    }
-    if service.user:
-        env = {k: v for k, v in env.items() if k in USER_PASS_KEYS or k.startswith(b"LC_")}
-        env.setdefault(b"PATH", DEFAULT_PATH)
-    return env
 
 
 def seal_inherited_fds() -> None:
@@ -335,7 +188,7 @@ class Spawner:
 
     def close(self) -> None:
         self._close_sandboxes()
-        if cgroupnet.STALE:  # network: loopback cgroups still holding processes (issue 17)
+        if cgroupnet.STALE:  # network: loopback cgroups still holding processes
             cgroupnet.settle_cgroups(CGROUP_EXIT_WAIT)
         if self._errpipe is not None:
             self._errpoll.unregister(self._errpipe[0])
@@ -381,29 +234,11 @@ class Spawner:
         return self._exec_errors.pop(pid, None)
 
     def base_environ(self, service: Service) -> Environ:
-        """The environment every child of ``service`` starts from (cached per service).
-
-        Without ``env_clear``: pyinetd's environment without pyinetd's own variables
-        (PRIVATE_KEYS, PYINETD_*), as xinetd passes its own environment on; for a service
-        with ``user:`` only PATH, the locale and TZ of it, and the user's HOME, USER and
-        LOGNAME. Then the service's ``env:``, then PYINETD_SERVICE. Raises UserGone.
-        """
+        """The environment every child of ``service`` starts from (``service_environ``),
+        cached per service. Raises UserGone."""
         env = self._base_env.get(service.name)
         if env is None:
-            env = _inherited(service)
-            if service.user:
-                name, _, _ = service.user
-                try:
-                    home = pwd.getpwnam(name).pw_dir
-                except KeyError:  # deleted since the configuration was loaded (issue 18.16)
-                    raise UserGone(errno.ENOENT, f"user {name!r} no longer exists") from None
-                env.update(
-                    {b"USER": name.encode(), b"LOGNAME": name.encode(), b"HOME": os.fsencode(home)}
-                )
-            for key, value in service.env:
-                env[os.fsencode(key)] = os.fsencode(value)
-            env[b"PYINETD_SERVICE"] = service.name.encode()
-            self._base_env[service.name] = env
+            env = self._base_env[service.name] = service_environ(service)
         return env
 
     def forget(self) -> None:
@@ -480,7 +315,7 @@ class Spawner:
         """The one place that decides: the fork path, or the primitive (``self.primitive``)."""
         if needs_fork(service):
             return True
-        if CHILD_NOFILE is not None and (
+        if procsettings.CHILD_NOFILE is not None and (
             _SET_NOFILE is None or self.primitive not in ("clone", "vfork")
         ):
             # Only the fork path and _spawn.c's children set the fd limit pyinetd started with.

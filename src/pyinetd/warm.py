@@ -16,7 +16,7 @@ import selectors
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from pyinetd import log, spawn
+from pyinetd import environ, log, spawn
 from pyinetd.config import Service
 from pyinetd.zygote import (
     BACKOFF,
@@ -96,10 +96,10 @@ class Zygotes:
     def _start(self, svc: Service, successor: bool = False) -> None:
         try:
             base = self._spawner.base_environ(svc)
-        except spawn.UserGone as exc:
+        except environ.UserGone as exc:
             self._say(logging.WARNING, f"{svc.name}: zygote: {exc.strerror}; serving cold")
             return
-        env = {k: v for k, v in base.items() if k not in spawn.CONNECTION_KEYS}
+        env = {k: v for k, v in base.items() if k not in environ.CONNECTION_KEYS}
         try:
             err, owned = self._stderr_for(svc)
         except OSError as exc:

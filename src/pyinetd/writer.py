@@ -1,6 +1,6 @@
 """A configuration mapping (plain data in the input vocabulary) as YAML, TOML or JSON text.
 
-What ``--print-config`` prints (config.to_dict's mapping) and what ``pyinetd convert`` writes
+What ``--print-config`` prints (printconfig.to_dict's mapping) and what ``pyinetd convert`` writes
 (convert.py, which adds its warnings as leading comments). Pure module.
 """
 

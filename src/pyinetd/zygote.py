@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyinetd import log, spawn, warmcmd
+from pyinetd import environ, log, spawn, warmcmd
 from pyinetd.config import Service
 
 LOADER = "import os;exec(os.read(3,1<<20))"  # the zygote's -c: run the source pyinetd sends
@@ -99,13 +99,13 @@ class Zygote:
     def __init__(
         self,
         service: Service,
-        env: spawn.Environ,
+        env: environ.Environ,
         stderr: int,
         *,
         clock: Callable[[], float] = time.monotonic,
         say: Callable[[int, str], None] | None = None,
         start_process: Callable[
-            [Service, list[str], spawn.Environ, int, int], int
+            [Service, list[str], environ.Environ, int, int], int
         ] = spawn.spawn_zygote,
     ) -> None:
         self.service = service

@@ -1,0 +1,92 @@
+"""The environment a service process sees: the names of the variables pyinetd sets per
+connection (``PROTO``, the UCSPI ``TCPREMOTEIP``...), those of pyinetd and its service
+manager that never reach a service, what a service with ``user:`` keeps of root's, and the
+environment every child of a service starts from (``service_environ``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyinetd.config import Service
+
+Environ = dict[bytes, bytes]
+# A connection's variables, as the KEY=value entries execve takes: built once per
+# connection in that form, they go to fork_exec without a dict in between.
+EnvEntries = list[bytes]
+
+
+def env_dict(entries: EnvEntries) -> Environ:
+    """KEY=value entries as a mapping (for os.posix_spawn and execve)."""
+    return {k: v for k, _, v in (e.partition(b"=") for e in entries)}
+
+
+# Variables set per connection. They are left out of the cached base list: a stale copy
+# from pyinetd's own environment must never sit next to the connection's value.
+CONNECTION_KEYS = frozenset(
+    {b"PROTO", b"REMOTE_ADDR", b"REMOTE_PORT", b"IPCLOCALPATH"}
+    | {p + k for p in (b"TCP", b"UDP") for k in (b"REMOTEIP", b"REMOTEPORT", b"LOCALIP")}
+    | {p + b"LOCALPORT" for p in (b"TCP", b"UDP")}
+    | {b"IPCREMOTE" + k for k in (b"PID", b"EUID", b"EGID")}
+)
+
+
+# pyinetd's own variables, and those its service manager gave it, never reach a service:
+# NOTIFY_SOCKET would let any service tell systemd pyinetd is ready or stopping (sd_notify),
+# LISTEN_* describe pyinetd's sockets, not the service's, CREDENTIALS_DIRECTORY points to
+# pyinetd's secrets, PYINETD_* steer pyinetd itself.
+PRIVATE_KEYS = frozenset(
+    {b"NOTIFY_SOCKET", b"LISTEN_FDS", b"LISTEN_PID", b"LISTEN_FDNAMES", b"WATCHDOG_USEC",
+     b"WATCHDOG_PID", b"JOURNAL_STREAM", b"INVOCATION_ID", b"MANAGERPID", b"SYSTEMD_EXEC_PID",
+     b"CREDENTIALS_DIRECTORY"}
+)  # fmt: skip
+PRIVATE_PREFIX = b"PYINETD_"
+# What a service with `user:` takes from pyinetd's (root's) environment: the locale, the time
+# zone and PATH, as sudo's env_reset and `su -` do; HOME, USER and LOGNAME are the user's own.
+USER_PASS_KEYS = frozenset({b"PATH", b"LANG", b"LANGUAGE", b"TZ"})
+DEFAULT_PATH = b"/usr/local/bin:/usr/bin:/bin"
+
+
+class UserGone(OSError):
+    """The service's `user:` no longer exists (deleted after the configuration was loaded)."""
+
+
+def _inherited(service: Service) -> Environ:
+    """The part of pyinetd's environment a service starts from (before its `env:`)."""
+    if service.env_clear:
+        return {b"PATH": os.environb.get(b"PATH", DEFAULT_PATH)}
+    env = {
+        k: v
+        for k, v in os.environb.items()
+        if k not in PRIVATE_KEYS and not k.startswith(PRIVATE_PREFIX)
+    }
+    if service.user:
+        env = {k: v for k, v in env.items() if k in USER_PASS_KEYS or k.startswith(b"LC_")}
+        env.setdefault(b"PATH", DEFAULT_PATH)
+    return env
+
+
+def service_environ(service: Service) -> Environ:
+    """The environment every child of ``service`` starts from.
+
+    Without ``env_clear``: pyinetd's environment without pyinetd's own variables
+    (PRIVATE_KEYS, PYINETD_*), as xinetd passes its own environment on; for a service
+    with ``user:`` only PATH, the locale and TZ of it, and the user's HOME, USER and
+    LOGNAME. Then the service's ``env:``, then PYINETD_SERVICE. Raises UserGone.
+    """
+    env = _inherited(service)
+    if service.user:
+        name, _, _ = service.user
+        try:
+            home = pwd.getpwnam(name).pw_dir
+        except KeyError:  # a user deleted after the configuration was loaded
+            raise UserGone(errno.ENOENT, f"user {name!r} no longer exists") from None
+        env.update({b"USER": name.encode(), b"LOGNAME": name.encode(), b"HOME": os.fsencode(home)})
+    for key, value in service.env:
+        env[os.fsencode(key)] = os.fsencode(value)
+    env[b"PYINETD_SERVICE"] = service.name.encode()
+    return env
