@@ -143,6 +143,8 @@ def test_builtin_tcp_services_get_per_source_and_timeout_by_default(tmp_path: Pa
                 "u": {"listen": 7, "builtin": "echo", "protocol": "udp"},
                 "x": {"listen": 8, "exec": "/bin/cat"},
                 "mine": {"listen": 9, "builtin": "chargen", "per_source": 50, "timeout": 0},
+                # max_connections set: the administrator's bound, no per_source added
+                "big": {"listen": 10, "builtin": "echo", "max_connections": 1000},
             }
         },
         tmp_path / "inetd.yaml",
@@ -152,6 +154,7 @@ def test_builtin_tcp_services_get_per_source_and_timeout_by_default(tmp_path: Pa
     assert (by_name["u"].per_source, by_name["u"].timeout) == (None, None)
     assert (by_name["x"].per_source, by_name["x"].timeout) == (None, None)
     assert (by_name["mine"].per_source, by_name["mine"].timeout) == (50, 0.0)
+    assert (by_name["big"].per_source, by_name["big"].timeout) == (None, 300.0)
 
 
 def test_one_clients_idle_echo_sessions_leave_status_and_other_services_working(

@@ -595,9 +595,12 @@ def _service(
     if values.get("builtin") is not None:
         values["wait"] = False  # built-ins run inside pyinetd; wait does not apply
         if protocol == "tcp":
-            # Each session holds a parent's fd: bounded per client unless said otherwise.
+            # Each session holds a parent's fd: bounded per client unless said otherwise. A
+            # service that sets max_connections has chosen its bound: no per_source is added
+            # (a redirect to a local echo brings every connection from one address).
             for key, default in BUILTIN_STREAM_DEFAULTS.items():
-                if values.get(key) is None:
+                chosen = key == "per_source" and values.get("max_connections") is not None
+                if values.get(key) is None and not chosen:
                     values[key] = default
     if "redirect" in body and values.get("max_connections") is None:
         # Each relay is a forked pyinetd (~7.5 MiB private): bounded unless said otherwise.
