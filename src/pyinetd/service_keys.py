@@ -82,11 +82,12 @@ __all__ = ["BUILTIN_STREAM_DEFAULTS", "SERVICE_KEY_LIST", "UDP_RATE"]
 UDP_RATE = "100/s"
 
 # The limits a TCP built-in (echo, discard, chargen, daytime, time) gets when neither it nor
-# `defaults:` sets them (per_source only when max_connections is not set either). Built-in sessions run in the parent with an fd each: without a bound,
-# one client's idle echo connections held every fd of the parent, `status` and every other
-# service failed (test_one_clients_idle_echo_sessions_leave_status_and_other_services_working).
-# per_source 10 is xinetd's usual `defaults` (Red Hat's and Debian's xinetd.conf); 300
-# seconds is longer than any echo/chargen test needs.
+# `defaults:` sets them (per_source only when max_connections is not set either). Built-in
+# sessions run in the parent with an fd each: without a bound, one client's idle echo
+# connections held every fd of the parent, `status` and every other service failed
+# (test_one_clients_idle_echo_sessions_leave_status_and_other_services_working). per_source 10
+# is xinetd's usual `defaults` (Red Hat's and Debian's xinetd.conf); 300 seconds is longer than
+# any echo/chargen test needs.
 BUILTIN_STREAM_DEFAULTS: dict[str, int | float] = {"per_source": 10, "timeout": 300.0}
 
 _BUFFER = {
