@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DEADLINE, Pyinetd, free_port, port_open, script, tcp_talk, wait_for
+from conftest import (
+    DEADLINE,
+    Pyinetd,
+    children_of,
+    free_port,
+    port_open,
+    script,
+    tcp_talk,
+    wait_for,
+)
 
 trustme = pytest.importorskip("trustme")
 Start = Callable[..., Pyinetd]
@@ -488,3 +497,51 @@ def test_client_dn_with_a_newline_is_escaped_as_mod_ssl_does(
     dn = [x for x in lines if x.startswith("SSL_CLIENT_S_DN=")]
     assert dn and dn[0].startswith("SSL_CLIENT_S_DN=CN=alice\\0AEVIL=1,"), dn
     assert "EVIL=1" not in lines
+
+
+def test_a_tls_relay_sends_without_nagle(
+    inetd: Start, pki: dict[str, object], tmp_path: Path
+) -> None:
+    """With `nodelay` unset, each first reply after the handshake waited ~40 ms (Nagle behind the
+    client's delayed ACK; tls-no-reply-stall). The relay's client socket has TCP_NODELAY: read
+    from the relay itself (pidfd_getfd, as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("pidfd_getfd of another process needs root")
+    port = free_port()
+    p = inetd({"services": {"s": tls_service(port, "/bin/cat")}})
+    ctx = client_ctx(pki)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as s,
+    ):
+        s.sendall(b"x\n")
+        assert s.recv(10) == b"x\n"
+        mine = s.getsockname()
+        relays = [pid for pid, _ in children_of(p.pid)]
+        found = []
+        for pid in relays:
+            pidfd = os.pidfd_open(pid)
+            try:
+                for name in os.listdir(f"/proc/{pid}/fd"):
+                    try:  # an fd may close meanwhile (EBADF, ENOENT)
+                        if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                            continue
+                        sock = socket.socket(fileno=_pidfd_getfd(pidfd, int(name)))
+                    except OSError:
+                        continue
+                    with sock, contextlib.suppress(OSError):
+                        if sock.getpeername() == mine:
+                            found.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            finally:
+                os.close(pidfd)
+    assert found and all(found), found
+
+
+def _pidfd_getfd(pidfd: int, fd: int) -> int:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    got = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd(2)
+    if got < 0:
+        raise OSError(ctypes.get_errno(), "pidfd_getfd")
+    return int(got)

@@ -494,6 +494,11 @@ def serve_connection(
     settle(service)
     sock = socket.socket(fileno=conn)
     sock.setblocking(True)
+    # The relay writes what it has read as one TLS record or one chunk: Nagle's wait for the
+    # peer's ACK (which the peer delays up to 40 ms) only holds a reply back, the first after
+    # the handshake every time (stunnel sets TCP_NODELAY on both of its sockets for this).
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     client: socket.socket = sock
     if service.tls is not None and ctx is None:
         # Fail closed: a TLS service never serves a client without its handshake.
@@ -531,6 +536,7 @@ def serve_connection(
         host, port = service.redirect
         try:
             target = socket.create_connection((host, port), timeout=10)
+            target.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             os.write(2, f"redirect {peer} -> {host}:{port}: {exc}\n".encode(errors="replace"))
             client.close()

@@ -660,7 +660,10 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
     Key(
         "nodelay",
         _parse_bool,
-        "Send small writes at once (TCP_NODELAY, no Nagle delay; xinetd's flags = NODELAY).",
+        (
+            "Send small writes at once (TCP_NODELAY, no Nagle delay; xinetd's flags = NODELAY). "
+            "A TLS or redirect relay sets it on its sockets whatever this says."
+        ),
         {**BOOLEAN, "default": False},
     ),
     Key(
