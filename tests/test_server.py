@@ -83,6 +83,25 @@ def test_builtin_sessions_log_start_and_end_with_their_bytes(inetd: Start) -> No
         assert end["duration"] >= 0 and end["peer"] == start["peer"]
 
 
+def test_the_start_line_names_the_local_address_of_a_service_on_several(inetd: Start) -> None:
+    """A service listening on two addresses: its start line says which one the connection came
+    in on (an administrator reading the log cannot tell otherwise); a one-address service's
+    line stays as it was."""
+    a, b, c = free_port(), free_port(), free_port()
+    p = inetd({"services": {
+        "two": {"listen": [f"127.0.0.1:{a}", f"127.0.0.2:{b}"], "exec": ["/bin/cat"]},
+        "one": {"listen": f"127.0.0.1:{c}", "exec": ["/bin/cat"]},
+    }})  # fmt: skip
+    with socket.create_connection(("127.0.0.2", b), timeout=DEADLINE) as s:
+        s.sendall(b"x")
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(10) == b"x"
+    assert tcp_talk(c, b"y") == b"y"
+    p.wait_log(rf"two: 127\.0\.0\.1:\d+ -> pid \d+ on 127\.0\.0\.2:{b}$")
+    (line,) = p.wait_log(r"one: 127\.0\.0\.1:\d+ -> pid \d+")
+    assert " on " not in line
+
+
 def test_builtin_discard_chargen_daytime_time(inetd: Start) -> None:
     ports = [free_port() for _ in range(4)]
     names = ["discard", "chargen", "daytime", "time"]

@@ -77,6 +77,7 @@ class Child:
     timer: Timer | None = None  # timeout, then each step of its escalation
     lifecycle: ChildState = ChildState.RUNNING  # changed by change_state only
     why: str = ""  # what sent its SIGTERM or SIGKILL: timeout, drain, removed
+    local: str = ""  # the address it was accepted on, where the service listens on several
 
     def change_state(self, new: ChildState, why: str = "") -> None:
         """The one place a child's lifecycle state changes. A move outside _MOVES is a bug,
@@ -245,7 +246,8 @@ class Children:
                 reply.close()
             return 0
         state.add_source(src)
-        self._running(Child(pid, state, peer, time.monotonic(), listener, src), reply)
+        child = Child(pid, state, peer, time.monotonic(), listener, src, local=local_of(svc, env))
+        self._running(child, reply)
         self._services.child_started(state)
         return pid
 
@@ -299,13 +301,15 @@ class Children:
             child.listener.change_wait(Wait.on(pid))
         self.track(pid)
         if LOG.isEnabledFor(logging.INFO):
+            where = {"local": child.local} if child.local else {}
             event(
                 logging.INFO,
-                f"{svc.name}: {child.peer} -> pid {pid}",
+                f"{svc.name}: {child.peer} -> pid {pid}" + (f" on {child.local}" if where else ""),
                 event="start",
                 service=svc.name,
                 peer=child.peer,
                 pid=pid,
+                **where,
             )
 
     # ------------------------------------------------------------ warm: the zygote's answers
@@ -340,6 +344,7 @@ class Children:
         except OSError:
             held = -1  # (out of fds: then the client is closed if the zygote fails it)
         child = Child(0, state, peer, time.monotonic(), listener, src, lifecycle=ChildState.ASKED)
+        child.local = local_of(state.service, env)
         self._awaiting[ticket] = Awaiting(child, held, conn_fd is not None, env, reply)
         state.add_source(src)
         self._services.child_started(state)
@@ -582,6 +587,20 @@ def log_exec_error(svc: Service, why: str, peer: str) -> None:
         peer=peer,
         error=why,
     )
+
+
+def local_of(svc: Service, env: list[bytes]) -> str:
+    """Where a connection came in (the UCSPI LOCALIP/LOCALPORT it was given), for the start
+    line of a service that listens on several addresses; "" when it listens on one."""
+    if len(svc.listen) < 2:
+        return ""
+    found = dict(e.split(b"=", 1) for e in env if b"LOCAL" in e.partition(b"=")[0])
+    ip = found.get(b"TCPLOCALIP") or found.get(b"UDPLOCALIP") or b""
+    port = found.get(b"TCPLOCALPORT") or found.get(b"UDPLOCALPORT") or b""
+    if not ip:
+        return ""
+    host = ip.decode(errors="replace")
+    return (f"[{host}]" if ":" in host else host) + (f":{port.decode()}" if port else "")
 
 
 def log_end(child: Child, pid: int, status: int, usage: Usage) -> None:
