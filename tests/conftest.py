@@ -364,8 +364,8 @@ def local_account(prefix: str = "pyi") -> Iterator[LocalUser]:
         )
 
 
-def status_of(p: Pyinetd) -> dict[str, dict[str, Any]]:
-    """Each service's status entry (accepted, refused, ...) from `pyinetd status --json`."""
+def status_json(p: Pyinetd) -> dict[str, Any]:
+    """The whole answer of `pyinetd status --json` (pid, services, ...), as the CLI prints it."""
     out = subprocess.run(
         [sys.executable, "-m", "pyinetd", "status", "--json", "-c", str(p.path)],
         capture_output=True,
@@ -373,7 +373,50 @@ def status_of(p: Pyinetd) -> dict[str, dict[str, Any]]:
         timeout=DEADLINE,
         check=True,
     )
-    return {s["name"]: s for s in json.loads(out.stdout)["services"]}
+    answer: dict[str, Any] = json.loads(out.stdout)
+    return answer
+
+
+def status_of(p: Pyinetd) -> dict[str, dict[str, Any]]:
+    """Each service's status entry (accepted, refused, ...) from `pyinetd status --json`."""
+    return {s["name"]: s for s in status_json(p)["services"]}
+
+
+# A client that stands for an attacker on loopback; 127.0.0.1 is everyone else.
+ATTACKER = "127.0.0.2"
+
+
+@contextlib.contextmanager
+def idle_connections(
+    port: int, n: int, first: bytes = b"", source: str = ATTACKER
+) -> Iterator[list[socket.socket]]:
+    """``n`` connections from ``source`` that send ``first`` and then nothing (a slowloris;
+    the kernel completes each one, accepted by pyinetd or waiting in its backlog)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.settimeout(DEADLINE)
+            s.bind((source, 0))
+            s.connect(("127.0.0.1", port))
+            if first:
+                s.sendall(first)
+        yield socks
+    finally:
+        for s in socks:
+            s.close()
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    """True when the server has closed ``s`` (EOF or reset); never blocks."""
+    s.setblocking(False)  # (with a timeout set, Python polls before any recv)
+    try:
+        return s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 def write_pki(folder: Path) -> Path:

@@ -10,19 +10,26 @@ import os
 import resource
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, Pyinetd, free_port, tcp_talk, wait_for
+from conftest import (
+    DEADLINE,
+    Pyinetd,
+    closed_by_server,
+    free_port,
+    idle_connections,
+    tcp_talk,
+    wait_for,
+)
 
 from pyinetd import control, systemd
 from pyinetd.config import build
 
 Start = Callable[..., Pyinetd]
 NOFILE = 256  # the attack's soft limit (systemd's default is 1024)
-ATTACKER = "127.0.0.2"
 EMFILE_LINE = r"accept: Too many open files"
 
 
@@ -49,35 +56,6 @@ def accepted_on(port: int) -> int:
     return sum(
         1 for r in rows if int(r[1].rsplit(":", 1)[1], 16) == port and r[3] == "01" and r[9] != "0"
     )
-
-
-def closed_by_server(s: socket.socket) -> bool:
-    """True when the server has closed ``s`` (EOF or reset); never blocks."""
-    s.setblocking(False)
-    try:
-        return s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
-
-
-@contextlib.contextmanager
-def idle_connections(port: int, n: int, source: str = ATTACKER) -> Iterator[list[socket.socket]]:
-    """``n`` connections from ``source`` that send nothing (the kernel completes each one,
-    accepted by pyinetd or waiting in its backlog)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            socks.append(s)
-            s.settimeout(DEADLINE)
-            s.bind((source, 0))
-            s.connect(("127.0.0.1", port))
-        yield socks
-    finally:
-        for s in socks:
-            s.close()
 
 
 def limit_fds(p: Pyinetd, soft: int = NOFILE, hard: int = NOFILE) -> None:
@@ -305,7 +283,7 @@ def test_idle_metrics_clients_make_room_for_a_scrape(inetd: Start) -> None:
     )
     sources = [f"127.0.0.{i}" for i in range(2, 6)]
     with contextlib.ExitStack() as stack:
-        idle = [stack.enter_context(idle_connections(mport, 8, src)) for src in sources]
+        idle = [stack.enter_context(idle_connections(mport, 8, source=src)) for src in sources]
         wait_for(lambda: accepted_on(mport) == 32, what="32 idle metrics clients accepted")
         out = tcp_talk(mport, b"GET /metrics HTTP/1.0\r\n\r\n", timeout=5.0)
         assert out.startswith(b"HTTP/1.0 200 OK"), out[:100]

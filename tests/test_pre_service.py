@@ -11,51 +11,31 @@ import pwd
 import selectors
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE, Pyinetd, children_of, free_port, status_of, tcp_talk, wait_for
+from conftest import (
+    ATTACKER,
+    DEADLINE,
+    Pyinetd,
+    children_of,
+    closed_by_server,
+    free_port,
+    idle_connections,
+    status_of,
+    tcp_talk,
+    wait_for,
+)
 
 from pyinetd.loop import Timer
 
 Start = Callable[..., Pyinetd]
-ATTACKER = "127.0.0.2"  # the slowloris' source; 127.0.0.1 is everyone else
 PER_SOURCE = 16  # max_pending_per_source's default
 
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-@contextlib.contextmanager
-def idle_connections(port: int, n: int, first: bytes = b"") -> Iterator[list[socket.socket]]:
-    """``n`` connections from ATTACKER that send ``first`` and then nothing (a slowloris)."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            socks.append(s)
-            s.settimeout(DEADLINE)
-            s.bind((ATTACKER, 0))
-            s.connect(("127.0.0.1", port))
-            if first:
-                s.sendall(first)
-        yield socks
-    finally:
-        for s in socks:
-            s.close()
-
-
-def closed_by_server(s: socket.socket) -> bool:
-    """True when the server has closed ``s`` (EOF or reset); never blocks."""
-    s.setblocking(False)  # (with a timeout set, Python polls before any recv)
-    try:
-        return s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
-    except BlockingIOError:
-        return False
-    except OSError:
-        return True
 
 
 def rx_queue(local_port: int, remote_port: int) -> int | None:

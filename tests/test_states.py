@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import logging
 import os
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEADLINE, Pyinetd, free_port, status_of, wait_for
+from conftest import DEADLINE, Pyinetd, free_port, status_json, status_of, wait_for
 
 from pyinetd.children import Child, ChildState
 from pyinetd.config import load
@@ -141,14 +140,7 @@ def test_a_wait_listener_shows_who_holds_its_socket(inetd: Start) -> None:
     assert svc["state"] == f"waiting on child {pid}"
     assert svc["wait"] == [{"listen": f"127.0.0.1:{port}", "state": "waiting", "pid": pid}]
     assert svc["children"][0]["state"] == "running"
-    out = subprocess.run(
-        [sys.executable, "-m", "pyinetd", "status", "--json", "-c", str(p.path)],
-        capture_output=True,
-        text=True,
-        timeout=DEADLINE,
-        check=True,
-    ).stdout
-    assert json.loads(out)["pid"] == p.pid  # pyinetd's own pid, not the busy child's
+    assert status_json(p)["pid"] == p.pid  # pyinetd's own pid, not the busy child's
     os.kill(pid, signal.SIGTERM)
     p.wait_log(rf"waiter: pid {pid} ended")
     wait_for(lambda: status_of(p)["waiter"]["wait"][0]["state"] == "idle", what="the socket back")

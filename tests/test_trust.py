@@ -203,6 +203,21 @@ def _owned_by(path: Path, user: LocalUser, what: str) -> str:
     )
 
 
+def _runs_a_script(
+    tmp_path: Path, user: LocalUser, argv: list[str], body: str
+) -> tuple[Path, Path, list[str]]:
+    """A config whose one service runs ``argv`` with each SCRIPT replaced by a script of
+    ``user``'s (``body``): (the config, the script, that argv); skipped where ``argv[0]`` is
+    not installed."""
+    if not os.path.exists(argv[0]):
+        pytest.skip(f"no {argv[0]}")
+    evil = _evil_script(user, "evil", body)
+    argv = [str(evil) if a == "SCRIPT" else a for a in argv]
+    cfg = tmp_path / "inetd.yaml"
+    cfg.write_text(f"services:\n  s: {{listen: '127.0.0.1:9', exec: {argv!r}}}\n")
+    return cfg, evil, argv
+
+
 @needs_root
 @pytest.mark.parametrize(
     "argv",
@@ -222,12 +237,7 @@ def test_the_script_an_interpreter_runs_as_root_is_checked_like_the_program(
 ) -> None:
     """Another user's script handed to a root-owned interpreter ran as root (--check ok, the
     service printed uid 0), while `exec: [SCRIPT]` was refused (issue 24.9)."""
-    if not os.path.exists(argv[0]):
-        pytest.skip(f"no {argv[0]}")
-    evil = _evil_script(local_user, "evil", "#!/bin/sh\nid -u\n")
-    argv = [str(evil) if a == "SCRIPT" else a for a in argv]
-    cfg = tmp_path / "inetd.yaml"
-    cfg.write_text(f"services:\n  s: {{listen: '127.0.0.1:9', exec: {argv!r}}}\n")
+    cfg, evil, _ = _runs_a_script(tmp_path, local_user, argv, "#!/bin/sh\nid -u\n")
     r = check(cfg)
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"{cfg}:2:" in r.stderr, r.stderr  # file:line:col, as every error
@@ -329,12 +339,7 @@ def test_what_env_and_a_shebang_run_as_root_is_checked_like_the_program(
 def test_a_command_with_no_script_file_is_not_refused(
     tmp_path: Path, local_user: LocalUser, argv: list[str]
 ) -> None:
-    if not os.path.exists(argv[0]):
-        pytest.skip(f"no {argv[0]}")
-    evil = _evil_script(local_user, "evil", "id\n")
-    argv = [str(evil) if a == "SCRIPT" else a for a in argv]
-    cfg = tmp_path / "inetd.yaml"
-    cfg.write_text(f"services:\n  s: {{listen: '127.0.0.1:9', exec: {argv!r}}}\n")
+    cfg, _, argv = _runs_a_script(tmp_path, local_user, argv, "id\n")
     assert load(cfg).services[0].exec[1:] == tuple(argv[1:])
 
 

@@ -332,7 +332,8 @@ def _build(doc: Any, path: Path, marks: dict[str, Marks], with_schema: bool) -> 
             )
             continue
         defined[name] = where
-        svc = _build_service(name, body, defaults, where, folder, errors, flags, files)
+        with types_only(not _enabled(body, defaults, folder)):
+            svc = _service(name, body, defaults, where, folder, errors, flags, files)
         if svc is not None:
             services.append(svc)
     _check_duplicates(services, label, errors)
@@ -447,7 +448,7 @@ def _check_keys(
             errors.append(f"{where}.listen: listen addresses are per service, not a default")
             continue
         if key == "listen":
-            out[key] = value  # parsed by _build_service, which knows the protocol
+            out[key] = value  # parsed by _service, which knows the protocol
             continue
         if found := flagged(key):
             errors += found
@@ -468,26 +469,16 @@ def _check_keys(
     return out
 
 
-def _build_service(
-    name: str,
-    body: Any,
-    defaults: dict[str, Any],
-    label: str,
-    base: Path,
-    errors: list[str],
-    flags: schema.Findings,
-    found: FileFindings,
-) -> Service | None:
-    """A service from its body. One with `enabled: false` is checked for its schema and types
-    only: its program, users, files, TLS files and ports are not looked at (it starts nothing
-    and binds nothing), so a converted xinetd.d whose disabled services name servers that are
-    not installed loads, as xinetd does."""
+def _enabled(body: Any, defaults: dict[str, Any], base: Path) -> bool:
+    """Whether a service is enabled. One with `enabled: false` is checked for its schema and
+    types only: its program, users, files, TLS files and ports are not looked at (it starts
+    nothing and binds nothing), so a converted xinetd.d whose disabled services name servers
+    that are not installed loads, as xinetd does."""
     enabled = defaults.get("enabled", True)
     if isinstance(body, dict) and "enabled" in body:
         with contextlib.suppress(ValueError):  # a bad value is reported where it is parsed
             enabled = SERVICE_PARSERS["enabled"](body["enabled"], base)
-    with types_only(not enabled):
-        return _service(name, body, defaults, label, base, errors, flags, found)
+    return bool(enabled)
 
 
 def _service(

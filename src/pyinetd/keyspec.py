@@ -111,4 +111,4 @@ TEXT: dict[str, Any] = {"type": "string", "errorMessage": "expected text"}
 
 
 def parse_listen_raw(value: Any, _base: Any) -> Any:
-    return value  # parsed by config._build_service, which knows the protocol
+    return value  # parsed by config._service, which knows the protocol

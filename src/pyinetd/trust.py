@@ -30,7 +30,7 @@ import pwd
 import re
 import shlex
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = [
     "MAX_FILE_SIZE",
@@ -226,8 +226,15 @@ def _shell_script(words: Sequence[str]) -> tuple[str, bool] | None:
     return (words[i], True) if i < len(words) else None
 
 
-def _perl_script(words: Sequence[str]) -> tuple[str, bool] | None:
-    """perl: none with -e/-E (code) or - (stdin); -S looks the script up on PATH."""
+# An interpreter's reading of one option word at ``i``: None when the option makes it run no
+# script file (code on the command line, help, version), else the index after the option (and
+# its separate argument) and whether the option makes it look the script up on PATH.
+_Option = Callable[[Sequence[str], int], tuple[int, bool] | None]
+
+
+def _script_after(words: Sequence[str], option: _Option) -> tuple[str, bool] | None:
+    """The script an interpreter runs: the word after ``--`` or the first that is not an
+    option; none where it reads stdin (``-``) or an option says so."""
     i, search = 0, False
     while i < len(words):
         word = words[i]
@@ -238,61 +245,68 @@ def _perl_script(words: Sequence[str]) -> tuple[str, bool] | None:
             return None
         if not word.startswith("-"):
             break
-        j, step = 1, 1
-        while j < len(word):
-            letter = word[j]
-            if letter in "eE":
-                return None
-            if letter == "S":
-                search = True
-            if letter in "0l":  # -0[octal/hex digits], -l[octal digits]
-                j += 1
-                while j < len(word) and word[j] in "0123456789abcdefABCDEFx":
-                    j += 1
-                continue
-            if letter in "CdDFiIMmxV":  # the rest of the word is the option's argument
-                if letter == "I" and j + 1 == len(word):
-                    step = 2  # -I DIR
-                break
-            j += 1
-        i += step
+        read = option(words, i)
+        if read is None:
+            return None
+        i, looked_up = read
+        search = search or looked_up
     return (words[i], search) if i < len(words) else None
+
+
+def _perl_option(words: Sequence[str], i: int) -> tuple[int, bool] | None:
+    word = words[i]
+    j, step, search = 1, 1, False
+    while j < len(word):
+        letter = word[j]
+        if letter in "eE":
+            return None
+        if letter == "S":
+            search = True
+        if letter in "0l":  # -0[octal/hex digits], -l[octal digits]
+            j += 1
+            while j < len(word) and word[j] in "0123456789abcdefABCDEFx":
+                j += 1
+            continue
+        if letter in "CdDFiIMmxV":  # the rest of the word is the option's argument
+            if letter == "I" and j + 1 == len(word):
+                step = 2  # -I DIR
+            break
+        j += 1
+    return i + step, search
+
+
+def _perl_script(words: Sequence[str]) -> tuple[str, bool] | None:
+    """perl: none with -e/-E (code) or - (stdin); -S looks the script up on PATH."""
+    return _script_after(words, _perl_option)
+
+
+def _ruby_option(words: Sequence[str], i: int) -> tuple[int, bool] | None:
+    word = words[i]
+    if word.startswith("--"):
+        if word in ("--version", "--help"):
+            return None
+        separate = ("--enable", "--disable", "--encoding", "--external-encoding",
+                    "--internal-encoding", "--dump")  # fmt: skip
+        return (_next(words, i) if word in separate else i + 1), False
+    j, step, search = 1, 1, False
+    while j < len(word):
+        letter = word[j]
+        if letter == "e":
+            return None
+        if letter == "S":
+            search = True
+        if letter in "CIrE":  # an argument, attached or the next word
+            step = 2 if j + 1 == len(word) else 1
+            break
+        if letter in "x0iWTFK":  # an optional argument, attached
+            break
+        j += 1
+    return i + step, search
 
 
 def _ruby_script(words: Sequence[str]) -> tuple[str, bool] | None:
     """ruby: none with -e (code) or - (stdin); -S looks the script up on PATH."""
-    i, search = 0, False
-    while i < len(words):
-        word = words[i]
-        if word == "--":
-            i += 1
-            break
-        if word == "-":
-            return None
-        if not word.startswith("-"):
-            break
-        if word.startswith("--"):
-            if word in ("--version", "--help"):
-                return None
-            separate = ("--enable", "--disable", "--encoding", "--external-encoding",
-                        "--internal-encoding", "--dump")  # fmt: skip
-            i = _next(words, i) if word in separate else i + 1
-            continue
-        j, step = 1, 1
-        while j < len(word):
-            letter = word[j]
-            if letter == "e":
-                return None
-            if letter == "S":
-                search = True
-            if letter in "CIrE":  # an argument, attached or the next word
-                step = 2 if j + 1 == len(word) else 1
-                break
-            if letter in "x0iWTFK":  # an optional argument, attached
-                break
-            j += 1
-        i += step
-    return (words[i], search) if i < len(words) else None
+    return _script_after(words, _ruby_option)
 
 
 _NODE_SEPARATE = frozenset(("-r", "--require", "--import", "--loader", "--experimental-loader",
@@ -300,51 +314,40 @@ _NODE_SEPARATE = frozenset(("-r", "--require", "--import", "--loader", "--experi
                             "--inspect-port", "--redirect-warnings", "--watch-path"))  # fmt: skip
 
 
+def _node_option(words: Sequence[str], i: int) -> tuple[int, bool] | None:
+    word = words[i]
+    if word in ("-e", "--eval", "-p", "--print", "-pe", "-ep", "-i"):
+        return None
+    return (_next(words, i) if word in _NODE_SEPARATE else i + 1), False
+
+
 def _node_script(words: Sequence[str]) -> tuple[str, bool] | None:
     """node: none with -e/--eval, -p/--print (code) or - (stdin)."""
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if word == "--":
-            i += 1
-            break
-        if word == "-" or word in ("-e", "--eval", "-p", "--print", "-pe", "-ep", "-i"):
+    return _script_after(words, _node_option)
+
+
+def _python_option(words: Sequence[str], i: int) -> tuple[int, bool] | None:
+    word = words[i]
+    if word.startswith("--"):
+        if word in ("--help", "--version", "--help-all", "--help-env", "--help-xoptions"):
             return None
-        if not word.startswith("-"):
+        return (_next(words, i) if word == "--check-hash-based-pycs" else i + 1), False
+    step = 1
+    for j, letter in enumerate(word[1:], 1):
+        if letter in "cm":
+            return None
+        if letter in "hV" and len(word) == 2:
+            return None
+        if letter in "WX":
+            step = 2 if j + 1 == len(word) else 1
             break
-        i = _next(words, i) if word in _NODE_SEPARATE else i + 1
-    return (words[i], False) if i < len(words) else None
+    return i + step, False
 
 
 def _python_script(words: Sequence[str]) -> tuple[str, bool] | None:
     """python: none with -c (a command), -m (a module: found on the interpreter's sys.path
     when it runs, not a file known at load; a warm service cannot run one) or - (stdin)."""
-    i = 0
-    while i < len(words):
-        word = words[i]
-        if word == "--":
-            i += 1
-            break
-        if word == "-":
-            return None
-        if not word.startswith("-"):
-            break
-        if word.startswith("--"):
-            if word in ("--help", "--version", "--help-all", "--help-env", "--help-xoptions"):
-                return None
-            i = _next(words, i) if word == "--check-hash-based-pycs" else i + 1
-            continue
-        step = 1
-        for j, letter in enumerate(word[1:], 1):
-            if letter in "cm":
-                return None
-            if letter in "hV" and len(word) == 2:
-                return None
-            if letter in "WX":
-                step = 2 if j + 1 == len(word) else 1
-                break
-        i += step
-    return (words[i], False) if i < len(words) else None
+    return _script_after(words, _python_option)
 
 
 def _interpreter(name: str) -> str:
