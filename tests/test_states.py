@@ -41,7 +41,11 @@ def _child_state(p: Pyinetd, name: str, state: str, deadline: float) -> dict[str
     seen: list[dict[str, Any]] = []
 
     def shows() -> bool:
-        seen[:] = _children(p, name)
+        try:
+            seen[:] = _children(p, name)
+        except subprocess.CalledProcessError as exc:  # a status call that failed: ask again
+            seen[:] = [{"status failed": exc.returncode, "stderr": exc.stderr}]
+            return False
         return len(seen) == 1 and seen[0]["state"] == state
 
     wait_for(shows, deadline, f"{name}'s child {state} (last seen: {seen})")
