@@ -753,11 +753,11 @@ def test_admit_checks_in_order_deny_limit_max_children_per_source_rate() -> None
     assert admit(svc, state, "10.1.2.3", False, 0.0) == ("deny", "")
     assert admit(svc, state, "192.0.2.1", True, 0.0) == ("max_children", "")
     assert admit(svc, state, "192.0.2.1", False, 0.0) == (None, "192.0.2.1")
-    state.add_source("192.0.2.1")
+    state.running, state.sources["192.0.2.1"] = 1, 1  # one running from it
     assert admit(svc, state, "192.0.2.1", False, 0.0) == ("per_source", "192.0.2.1")
     assert admit(svc, state, "192.0.2.2", False, 0.0) == ("rate", "192.0.2.2")
     assert admit(svc, state, "192.0.2.2", False, 5.0) == (None, "192.0.2.2")
-    state.add_source("192.0.2.2")
+    state.running, state.sources["192.0.2.2"] = 2, 1
     assert admit(svc, state, "192.0.2.3", False, 9.0) == ("limit", "")
 
 

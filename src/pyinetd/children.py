@@ -27,7 +27,7 @@ from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
 from pyinetd.reaper import Exited, Usage
-from pyinetd.services import Listener, Services, ServiceState, Wait
+from pyinetd.services import Listener, Services, ServiceState, Slot, SlotKind, Wait
 from pyinetd.spawn import Spawner
 from pyinetd.stages import UDPReply
 from pyinetd.stderrlog import StderrLog
@@ -73,7 +73,7 @@ class Child:
     peer: str
     started: float
     listener: Listener | None = None  # wait mode: the listener to resume when this exits
-    source: str = ""  # per_source key
+    slot: Slot | None = None  # its place under the limits, from its start (or request)
     timer: Timer | None = None  # timeout, then each step of its escalation
     lifecycle: ChildState = ChildState.RUNNING  # changed by change_state only
     why: str = ""  # what sent its SIGTERM or SIGKILL: timeout, drain, removed
@@ -245,10 +245,9 @@ class Children:
             if reply is not None:
                 reply.close()
             return 0
-        state.add_source(src)
-        child = Child(pid, state, peer, time.monotonic(), listener, src, local=local_of(svc, env))
+        child = Child(pid, state, peer, time.monotonic(), listener, local=local_of(svc, env))
         self._running(child, reply)
-        self._services.child_started(state)
+        child.slot = self._services.take_slot(state, src, SlotKind.CHILD)
         return pid
 
     def _spawn(
@@ -343,11 +342,10 @@ class Children:
             held = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
         except OSError:
             held = -1  # (out of fds: then the client is closed if the zygote fails it)
-        child = Child(0, state, peer, time.monotonic(), listener, src, lifecycle=ChildState.ASKED)
+        child = Child(0, state, peer, time.monotonic(), listener, lifecycle=ChildState.ASKED)
         child.local = local_of(state.service, env)
         self._awaiting[ticket] = Awaiting(child, held, conn_fd is not None, env, reply)
-        state.add_source(src)
-        self._services.child_started(state)
+        child.slot = self._services.take_slot(state, src, SlotKind.CHILD)
         return True
 
     def _warm_replied(self, ticket: Ticket, pid: int | None, why: str) -> None:
@@ -364,7 +362,7 @@ class Children:
         if held >= 0:
             os.close(held)
         if not pid:  # the slot taken at the request is given back, as at a child's end
-            child.state.drop_source(child.source)
+            self._services.free_slot(child.slot)
             if entry.reply is not None:
                 entry.reply.close()
             self._ended(child)
@@ -470,7 +468,7 @@ class Children:
             else:
                 child.timer.cancel()
         state = child.state
-        state.drop_source(child.source)
+        self._services.free_slot(child.slot)
         reply = self._udp_replies.pop(pid, None)
         if reply is not None and not reply.closed:
             self._loop.call_later(UDP_REPLY_GRACE, reply.finish)

@@ -31,7 +31,15 @@ from pyinetd.config import Config, Service
 from pyinetd.listeners import format_ip, peer_of, peer_text
 from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
-from pyinetd.services import WAIT_IDLE, WAIT_STARTING, Listener, Services, ServiceState
+from pyinetd.services import (
+    WAIT_IDLE,
+    WAIT_STARTING,
+    Listener,
+    Services,
+    ServiceState,
+    Slot,
+    SlotKind,
+)
 from pyinetd.stages import PendingHello, PendingProxy, PendingRelay, UDPReply
 
 ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
@@ -73,7 +81,7 @@ class Sessions:
         self._loop = loop
         self._services = services
         self._drained = drained  # a session ended while stopping
-        self.table: dict[builtins.Session, tuple[ServiceState, str, str, Timer | None]] = {}
+        self.table: dict[builtins.Session, tuple[Slot, str, Timer | None]] = {}
 
     def __len__(self) -> int:
         return len(self.table)
@@ -98,34 +106,32 @@ class Sessions:
                 peer=peer,
                 builtin=kind,
             )
-        state.add_source(src)
+        slot = self._services.take_slot(state, src, SlotKind.SESSION)
         sess = builtins.Session(kind, conn, self._loop.sel, self._closed)
         if sess.closed:  # daytime, time: the whole answer sent at once
-            state.drop_source(src)
+            self._services.free_slot(slot)
             state.bytes_out += sess.bytes_out
             log_session_end(name, peer, sess)
             return
         timer = None
         if state.service.timeout:
             timer = self._loop.call_later(state.service.timeout, sess.close)
-        self.table[sess] = (state, src, peer, timer)
-        self._services.instance_started(state)
+        self.table[sess] = (slot, peer, timer)
 
     def _closed(self, sess: builtins.Session) -> None:
         entry = self.table.pop(sess, None)
         if entry is None:
             return  # closed while starting: start drops the slot and logs the end
-        state, src, peer, timer = entry
+        slot, peer, timer = entry
+        state = slot.state
         if timer is not None:
             timer.cancel()
         log_session_end(state.service.name, peer, sess)
         state.bytes_in += sess.bytes_in
         state.bytes_out += sess.bytes_out
-        state.drop_source(src)
+        self._services.free_slot(slot)
         if self._services.stopping:
             self._drained()
-            return
-        self._services.refresh_paused(state)
 
 
 def log_session_end(name: str, peer: str, sess: builtins.Session) -> None:
@@ -169,6 +175,7 @@ class Stages:
         # Connections in a pre-service stage, each with the pool it holds a slot in; a pool
         # per service name.
         self.pending: dict[Pending, Pool] = {}
+        self.holds: dict[Pending, Slot] = {}  # the pending hellos' places (SlotKind.PENDING)
         self.pools: dict[str, Pool] = {}
         self._bounds = (config.max_pending, config.max_pending_per_source)
 
@@ -225,12 +232,9 @@ class Stages:
             return
         pool.members.pop(pend, None)
         pool.slots.release(pend.key)
-        if isinstance(pend, PendingHello):
-            # Its places under max_connections and per_source go back: to the relay
-            # (_fork_relay), or to the next connection (a queued listener may listen again).
-            state = pend.lst.state
-            state.unhold(pend.src)
-            self._services.refresh_paused(state)
+        # A hello's places under max_connections and per_source go back: to the relay
+        # (_fork_relay), or to the next connection (a queued listener may listen again).
+        self._services.free_slot(self.holds.pop(pend, None))
 
     def stage_failed(self, pend: Pending, why: str, reason: str = "") -> None:
         """No valid PROXY header or ClientHello in time, no handshake reported by its
@@ -288,8 +292,7 @@ class Stages:
         pool = self.pending.pop(hello)
         pool.members.pop(hello, None)
         # Its hold on max_connections and per_source goes to the relay (a running child).
-        state.unhold(hello.src)
-        self._services.refresh_paused(state)
+        self._services.free_slot(self.holds.pop(hello, None))
         conn.setblocking(True)
         left = max(0.0, tls.handshake_timeout - (time.monotonic() - hello.since))
         try:
@@ -312,7 +315,7 @@ class Stages:
         ours.setblocking(False)
         peer = (hello.ip, hello.port)
         relay = PendingRelay(self, lst, ours, peer, hello.key, left, pid, hello.local)
-        relay.src, relay.since = hello.src, hello.since
+        relay.since = hello.since
         self._enter(pool, relay)
 
     def wait_for_header(
@@ -359,11 +362,9 @@ class Stages:
         # The hello fits one packet: it comes at once, or after a retransmission or two.
         timeout = min(svc.tls.hello_timeout, svc.tls.handshake_timeout)
         hello = PendingHello(self, lst, conn, (ip, port), key, timeout, local)
-        hello.src = src
         self._enter(pool, hello)
         # It holds its place under max_connections (on_limit: queue) and per_source.
-        state.hold(src)
-        self._services.instance_started(state)
+        self.holds[hello] = self._services.take_slot(state, src, SlotKind.PENDING)
         hello(0)
 
 

@@ -229,7 +229,7 @@ class Server:
             self.config,
             self.services.states,
             self.children.every(),
-            (entry[0] for entry in self.sessions.table.values()),
+            (entry[0].state for entry in self.sessions.table.values()),
             self.child_metrics,
             self.pid,
             self.started,
@@ -300,7 +300,7 @@ class Server:
         if self._stopping:
             self._check_drained()
             return
-        self.services.child_ended(child.state, child.listener)
+        self.services.child_ended(child.listener)
 
     def _describe(self) -> str:
         return ", ".join(

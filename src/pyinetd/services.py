@@ -49,15 +49,15 @@ Handler = Callable[["Listener", int], None]
 class ServiceState:
     """Runtime state of a service that lives across reloads, pauses and resumes.
 
-    ``running`` and ``sources`` are kept by the children table and the built-in sessions
-    only: a slot is freed when its process is reaped or its session closes, whatever the
-    reason (exit, crash, timeout kill), and nothing else ever resets them.
+    ``running``, ``hellos`` and ``sources`` are written by Services.take_slot and free_slot
+    only: a slot is freed when its process is reaped, its session closes or its hello's
+    wait ends, whatever the reason (exit, crash, timeout kill), and nothing else resets them.
     """
 
     service: Service
     running: int = 0
     # TLS connections admitted, their ClientHello or handshake due: they hold a place under
-    # max_connections and per_source (hold / unhold)
+    # max_connections and per_source (SlotKind.PENDING)
     hellos: int = 0
     accepted: int = 0
     # Bytes pyinetd itself carried for the service's clients (built-in sessions), since start.
@@ -95,37 +95,26 @@ class ServiceState:
         """Processes of this service that could not start, whatever the reason."""
         return sum(self.spawn_failures.values())
 
-    def add_source(self, key: str) -> None:
-        """An instance started: one more running, and one more for its source."""
-        self.running += 1
-        if key:
-            self.sources[key] = self.sources.get(key, 0) + 1
 
-    def hold(self, key: str) -> None:
-        """A TLS connection waits for its ClientHello or handshake: it holds a place under
-        max_connections, and one under per_source for its source ``key`` (else one
-        address holds 4 of 5 places with per_source: 2 while its hellos are due)."""
-        self.hellos += 1
-        if key:
-            self.sources[key] = self.sources.get(key, 0) + 1
+class SlotKind(enum.Enum):
+    """What holds a slot: what it counts in its service's state."""
 
-    def unhold(self, key: str) -> None:
-        """That wait is over (its relay starts, or it was refused): the places are free."""
-        self.hellos = max(0, self.hellos - 1)
-        self._drop(key)
+    CHILD = "child"  # a process (or one asked of a zygote): running, and max_children
+    SESSION = "session"  # a built-in session in the loop: running
+    PENDING = "pending"  # a TLS connection whose ClientHello or handshake is due: hellos
 
-    def _drop(self, key: str) -> None:
-        if key:
-            n = self.sources.get(key, 0) - 1
-            if n > 0:
-                self.sources[key] = n
-            else:
-                self.sources.pop(key, None)
 
-    def drop_source(self, key: str) -> None:
-        """An instance ended (reaped, or its session closed): its slot is free."""
-        self.running -= 1
-        self._drop(key)
+@dataclass(eq=False)
+class Slot:
+    """A place a connection holds under its service's max_connections, and under per_source
+    for its source ``key`` ("" where per_source does not apply). Made by Services.take_slot
+    and given back by Services.free_slot, which are the only writers of the counts: a slot
+    is freed once, whatever path ends its holder (a second free is a no-op)."""
+
+    state: ServiceState
+    key: str
+    kind: SlotKind
+    freed: bool = False
 
 
 class WaitState(enum.Enum):
@@ -479,14 +468,17 @@ class Services:
         return not self.worker or worker_serves(svc, key)
 
     # ------------------------------------------------------------ by limits
-    def child_started(self, state: ServiceState) -> None:
-        """A child started: at the global max_children, exec listeners pause."""
-        if self.config.max_children is not None and not self.full:
-            self.full = self.at_max_children()
-        self.instance_started(state)
-
-    def instance_started(self, state: ServiceState) -> None:
-        """A child or session started: at a limit, stop accepting (queue) until one ends."""
+    def take_slot(self, state: ServiceState, key: str, kind: SlotKind) -> Slot:
+        """A child, session or pending hello of ``state`` starts: counted under its limits
+        (and its source ``key``), and at a limit its listeners stop accepting (queue)."""
+        if kind is SlotKind.PENDING:
+            state.hellos += 1
+        else:
+            state.running += 1
+        if key:
+            state.sources[key] = state.sources.get(key, 0) + 1
+        if kind is SlotKind.CHILD and self.config.max_children is not None and not self.full:
+            self.full = self.at_max_children()  # exec listeners pause at max_children
         if self.full:
             for lst in self.listeners.values():
                 self.refresh(lst)
@@ -495,6 +487,33 @@ class Services:
             and state.running + state.hellos >= state.service.max_connections
         ):
             for lst in state.listeners:
+                self.refresh(lst)
+        return Slot(state, key, kind)
+
+    def free_slot(self, slot: Slot | None) -> None:
+        """``slot``'s holder ended: its places are free, and below the limits the paused
+        listeners listen again. Freeing a slot twice (or None) changes nothing."""
+        if slot is None or slot.freed:
+            return
+        slot.freed = True
+        state, key = slot.state, slot.key
+        if slot.kind is SlotKind.PENDING:
+            state.hellos -= 1
+        else:
+            state.running -= 1
+        if key:
+            n = state.sources.get(key, 0) - 1
+            if n > 0:
+                state.sources[key] = n
+            else:
+                state.sources.pop(key, None)
+        if slot.kind is SlotKind.CHILD and self.full and not self.at_max_children():
+            self.full = False
+            for lst in self.listeners.values():
+                self.refresh(lst)
+            return
+        for lst in state.listeners:
+            if not lst.registered:
                 self.refresh(lst)
 
     def rate_pause(self, state: ServiceState) -> None:
@@ -510,24 +529,13 @@ class Services:
         for lst in state.listeners:
             self.pause_for(lst, svc.rate_pause)
 
-    def child_ended(self, state: ServiceState, listener: Listener | None) -> None:
-        """A child was reaped: its wait-mode listener is free again; below the limits, the
-        paused listeners listen again."""
+    def child_ended(self, listener: Listener | None) -> None:
+        """A child was reaped (its slot freed): its wait-mode listener is free again."""
         if listener is not None:
             lst = listener
             lst.change_wait(WAIT_IDLE)
             if self.listeners.get(lst.key) is lst:
                 lst.sock.setblocking(False)
-        if self.full and not self.at_max_children():
-            self.full = False
-            for lst in self.listeners.values():
-                self.refresh(lst)
-        else:
-            self.refresh_paused(state)
-
-    def refresh_paused(self, state: ServiceState) -> None:
-        """An instance of ``state`` ended: its queued listeners may listen again."""
-        for lst in state.listeners:
             if not lst.registered:
                 self.refresh(lst)
 

@@ -52,12 +52,7 @@ class Gate(Protocol):
 
 
 class _Pending(Generic[L]):
-    """A connection at the door of ``lst``'s service: its peer, its slot key, its deadline.
-
-    ``src`` is the service's own per_source key of the connection, where it is counted while
-    it waits (connections.Stages sets it)."""
-
-    src = ""
+    """A connection at the door of ``lst``'s service: its peer, its slot key, its deadline."""
 
     def __init__(
         self,
