@@ -26,6 +26,7 @@ from conftest import (
     status_of,
     tcp_talk,
     wait_for,
+    write_pki,
 )
 
 from pyinetd.loop import Timer
@@ -149,14 +150,7 @@ def test_proxy_protocol_without_proxy_from_warns_at_load(inetd: Start) -> None:
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> Path:
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    server = ca.issue_cert("localhost", "127.0.0.1")
-    server.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
-    server.private_key_pem.write_to_path(tmp_path / "key.pem")
-    (tmp_path / "key.pem").chmod(0o600)  # as root, a key others may read is refused
-    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
-    return tmp_path
+    return write_pki(tmp_path)
 
 
 def test_half_open_tls_connections_fork_nothing_and_stall_nothing(

@@ -119,21 +119,8 @@ def test_sessions_closed_while_starting_give_their_slot_back(
     assert status_of(p)["d"]["refused"] == {}
 
 
-@pytest.fixture
-def tls_dir(tmp_path: Path) -> Path:
-    """The service's certificate and key (cert.pem, key.pem) and their CA (ca.pem)."""
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    server = ca.issue_cert("localhost", "127.0.0.1")
-    server.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
-    server.private_key_pem.write_to_path(tmp_path / "key.pem")
-    (tmp_path / "key.pem").chmod(0o600)  # as root, a key others may read is refused
-    ca.cert_pem.write_to_path(tmp_path / "ca.pem")
-    return tmp_path
-
-
 def test_a_tls_relay_killed_at_its_deadline_gives_its_places_back(
-    inetd: Callable[..., Pyinetd], tls_dir: Path
+    inetd: Callable[..., Pyinetd], pki: Path
 ) -> None:
     """A pending hello's place goes to its relay, a child: killed at the handshake's
     deadline, the relay's slot is freed at its reaping and the next clients are served."""
@@ -147,7 +134,7 @@ def test_a_tls_relay_killed_at_its_deadline_gives_its_places_back(
         p.wait_log(rf"t: pid {relay} ended \(signal SIGKILL\)")
     wait_for(lambda: status_of(p)["t"]["running"] == 0, what="the relay's slot free")
     for _ in range(2):
-        assert tls_echo(port, tls_dir) == b"127.0.0.1\n"
+        assert tls_echo(port, pki) == b"127.0.0.1\n"
     wait_for(lambda: status_of(p)["t"]["running"] == 0, what="every slot free")
     assert status_of(p)["t"]["refused"] == {"tls": 1}
 
