@@ -15,6 +15,14 @@ from pyinetd.parsers import _parse_env, _parse_nice, _parse_rlimits, _parse_sand
 
 __all__ = ["PROCESS_KEY_LIST"]
 
+# The schema of sandbox.read and sandbox.write: one path or a list of them.
+_PATH_LIST = {
+    "type": ["array", "string"],
+    "items": {"type": "string", "minLength": 1},
+    "minLength": 1,
+    "errorMessage": "expected a list of paths",
+}
+
 PROCESS_KEY_LIST: tuple[Key, ...] = (
     Key(
         "env",
@@ -120,10 +128,7 @@ PROCESS_KEY_LIST: tuple[Key, ...] = (
             "type": "object",
             "properties": {
                 "read": {
-                    "type": ["array", "string"],
-                    "items": {"type": "string", "minLength": 1},
-                    "minLength": 1,
-                    "errorMessage": "expected a list of paths",
+                    **_PATH_LIST,
                     "description": (
                         "Landlock: the only paths it may read and execute (the program, its "
                         "interpreter and the loader must be under one). Absent: reads are not "
@@ -131,10 +136,7 @@ PROCESS_KEY_LIST: tuple[Key, ...] = (
                     ),
                 },
                 "write": {
-                    "type": ["array", "string"],
-                    "items": {"type": "string", "minLength": 1},
-                    "minLength": 1,
-                    "errorMessage": "expected a list of paths",
+                    **_PATH_LIST,
                     "description": (
                         "Landlock: the only paths it may write (and read). Absent: writes are not"
                         " restricted."
