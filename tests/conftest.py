@@ -25,19 +25,31 @@ REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 10.0
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port gave in this test process
+
+
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    """A port that is free for both TCP and UDP on ``host`` right now."""
+    """A port that is free for both TCP and UDP on ``host`` and on every address (tests that
+    `listen: PORT` bind them all) right now, and not handed out before in this process: the
+    kernel may give the same port to two bind(0) calls in a row, and a test taking two ports
+    then got one twice (its reload failed with "Address already in use", held by itself)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     while True:
         with socket.socket(family, kind) as s:
             s.bind((host, 0))
             port = int(s.getsockname()[1])
-        other = socket.SOCK_DGRAM if kind == socket.SOCK_STREAM else socket.SOCK_STREAM
+        if port in _HANDED_OUT:
+            continue
         try:
-            with socket.socket(family, other) as s:
-                s.bind((host, port))
+            for k in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                for where in {host, "::" if family == socket.AF_INET6 else "0.0.0.0"}:
+                    if k == kind and where == host:
+                        continue  # the bind above
+                    with socket.socket(family, k) as s:
+                        s.bind((where, port))
         except OSError:
             continue
+        _HANDED_OUT.add(port)
         return port
 
 
