@@ -18,7 +18,7 @@ import stat
 import time
 from typing import TYPE_CHECKING
 
-from pyinetd import log, procsettings, systemd
+from pyinetd import frontpath, log, procsettings, systemd
 from pyinetd.children import KILL_GRACE, Child, Children
 from pyinetd.config import Config, ConfigError, load
 from pyinetd.connections import Connections, Sessions
@@ -59,14 +59,20 @@ class Server:
             throttled,
             table,
             self._child_ended,
-            lambda pid, status: self._workers.exited(pid, status),
-            lambda: self._workers.table,
+            lambda pid, status: (
+                self._workers.exited(pid, status) or self.fronts.on_exit(pid, status)
+            ),
+            lambda: [*self._workers.table, *self.fronts.pids()],
         )
         self._workers = Workers(loop, self.services, self.children.track, self._check_drained)
         self.sessions = Sessions(loop, self.services, self._check_drained)
         self.connections = Connections(
             config, loop, self.services, self.children, self.sessions, throttled
         )
+        self.front_path = frontpath.build(
+            loop, self.spawner, self.services, self.children, self.connections
+        )
+        self.connections.front_path, self.fronts = self.front_path, self.front_path.fronts
         self.ops = Operations(self.snapshot, self.reload, self._begin_stop)
         self._drain_timer: Timer | None = None
         self._pid_file: str | None = None
@@ -235,6 +241,7 @@ class Server:
             self.started,
             self._workers.table,
             self.children.zygotes.describe,
+            self.fronts.describe,
         )
 
     def _status_line(self) -> str:
@@ -261,6 +268,7 @@ class Server:
         systemd.notify("STOPPING=1")
         self.services.close_all()
         self.children.zygotes.stop()
+        self.fronts.stop()
         self._workers.signal(signal.SIGTERM)  # each stops (leave or drain) as we do
         running = len(self.children) + len(self.sessions)
         if self.config.shutdown != "drain" or not (running or self._workers.table):
@@ -297,6 +305,7 @@ class Server:
 
     def _child_ended(self, child: Child) -> None:
         """A child's end is accounted for: the drain may be over, or a listener resumes."""
+        self.front_path.program_ended(child.pid, child.exit_status)
         if self._stopping:
             self._check_drained()
             return
@@ -363,6 +372,7 @@ class Server:
         """A zygote for each warm service this process listens for (warm.py)."""
         served = {lst.service.name: lst.service for lst in self.services.listeners.values()}
         self.children.zygotes.sync(served.values())
+        self.fronts.sync(self.config, served.values())
 
     def _shutdown(self) -> None:
         if not self._stopping:
@@ -375,6 +385,7 @@ class Server:
                 state.stderr_log.close()
                 state.stderr_log = None
         self.children.close()
+        self.fronts.kill_all()
         self._remove_pid_file()
         self.spawner.close()
         if self.children:
