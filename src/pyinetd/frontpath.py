@@ -113,17 +113,25 @@ class PendingFront:
         self._path.path.leave_stage(self)
 
     def _expired(self) -> None:
+        """The parent's deadline, a grace after the front's own: a front that has not
+        answered by then (F at its deadline) has stopped making progress: it is replaced,
+        and this connection ends."""
         self._timer = None
-        if self.link is not None:
-            self.link.abort()
+        link, self.link = self.link, None
         self._path.fail(self, "TLS handshake not complete in time")
+        if link is not None:
+            link.abort()
+            link.front.distrust(f"no answer for id {link.id} by its deadline")
 
     # --- what the front says (frontproc.Owner)
     def hello(self, link: Link, env: dict[str, str]) -> None:
         self._path.hello(self, link, env)
 
     def failed(self, link: Link, reason: str) -> None:
-        self._path.fail(self, f"TLS handshake failed in front {link.front.pid}: {reason}")
+        peer = peer_text(self.ip, self.port)
+        self._path.fail(
+            self, f"TLS handshake with {peer} failed in front {link.front.pid}: {reason}"
+        )
 
     def ended(self, link: Link, bytes_in: int, bytes_out: int) -> None:
         self._path.ended(self.lst.state, peer_text(self.ip, self.port), self, bytes_in, bytes_out)

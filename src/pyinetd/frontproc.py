@@ -299,8 +299,8 @@ class Front:
         self.sock.close()
         while self._queue:
             _close_all(self._queue.popleft()[1])
+        self._dead(self, why)  # (its connections still counted, for the log line)
         links, self.links = self.links, {}
-        self._dead(self, why)
         for link in links.values():
             link.owner.lost(link, why)
 
@@ -358,6 +358,9 @@ def start_front(
     front.run. The parent's loop goes on at once (fork: no exec to wait for)."""
     # Imported here, as root, before the uid change (the front uid may not read the venv).
     front = importlib.import_module("pyinetd.front")
+    # (socket.create_connection encodes host names with the idna codec, imported on first
+    # use: by then the front uid may not read the standard library.)
+    importlib.import_module("encodings.idna")
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 

@@ -88,6 +88,8 @@ def snapshot(
                 "listen": [str(a) for a in svc.listen],
                 "state": status,
                 "running": state.running if state else 0,
+                # TLS connections admitted whose ClientHello or handshake is still due
+                "pending": state.hellos if state else 0,
                 "children": kids,
                 # `wait: true`: who holds each socket (services.WaitState): idle (pyinetd,
                 # watching it), starting, waiting (the child pid); null for nowait services
