@@ -33,6 +33,7 @@ from conftest import (
     write_pki,
 )
 from test_pre_service import canned_client_hello, echo_service, relays_of, tls_echo, tls_service
+from test_sandbox_loopback import Netns, netns  # noqa: F401  (a fixture)
 
 from pyinetd import frontchan
 
@@ -459,3 +460,63 @@ def test_fronts_n_spreads_connections_round_robin(inetd: Start, tls_files: Path)
             s.sendall(b"x")
             assert s.recv(1) == b"x"
         assert sorted(f["connections"] for f in fronts_of(p, "t")) == [2, 2]
+
+
+# ---------------------------------------------------------------- redirect under loopback
+
+JOIN_AND_CONNECT = r"""
+import errno, os, socket, sys
+procs, ip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if procs:
+    with open(procs, "w") as f:
+        f.write(str(os.getpid()))
+try:
+    socket.create_connection((ip, port), timeout=2).close()
+    print("connected")
+except TimeoutError:
+    print("timeout")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, e.errno))
+"""
+
+
+def test_a_redirects_front_lives_in_the_services_loopback_cgroup(
+    inetd: Start,
+    netns: Netns,  # noqa: F811
+) -> None:
+    """`sandbox: {network: loopback}` governs redirect's outbound connections, made by its
+    front: the front is in the service's cgroup, where a connection to an address off
+    loopback is refused (EPERM), while the same connection from outside it is made."""
+    from pyinetd import cgroupnet
+
+    own = cgroupnet.own_cgroup()
+    if own is None:
+        pytest.skip("no cgroup v2 hierarchy holding this process")
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        port = free_port()
+        svc = {"listen": f"127.0.0.1:{port}", "redirect": f"127.0.0.1:{upstream.getsockname()[1]}",
+               "sandbox": {"network": "loopback"}}  # fmt: skip
+        p = inetd({"services": {"r": svc}})
+        front = front_pid(p, "r")
+        lines = Path(f"/proc/{front}/cgroup").read_text().splitlines()
+        line = next(ln for ln in lines if ln.startswith("0::"))  # (cgroup v2's)
+        made = line.rsplit("/", 1)[1]
+        assert made.startswith(f"pyinetd-{p.pid}-"), line
+        procs = str(Path(own, made, "cgroup.procs"))
+
+        def attempt(where: str) -> str:
+            out = subprocess.run(
+                [sys.executable, "-c", JOIN_AND_CONNECT, where, netns.ns_ip, str(netns.ns_port)],
+                capture_output=True, text=True, timeout=DEADLINE,
+            )  # fmt: skip
+            return out.stdout.strip() + out.stderr.strip()
+
+        assert attempt("") == "connected"
+        assert attempt(procs) == "EPERM"
+        with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
+            upstream.settimeout(DEADLINE)
+            conn, _ = upstream.accept()
+            with conn:
+                conn.sendall(b"pong\n")
+                client.settimeout(DEADLINE)
+                assert client.recv(100) == b"pong\n"
