@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 from collections.abc import Iterator
@@ -197,7 +198,7 @@ def test_too_many_fds_are_all_closed(pair: tuple[socket.socket, socket.socket]) 
     fds = [os.open("/dev/null", os.O_RDONLY) for _ in range(40)]  # more than recv has room for
     _raw(a, frontchan.encode("K", {"id": 1}), fds)
     frontchan.close_fds(fds)
-    with pytest.raises(ChannelError):
+    with pytest.raises(frontchan.FdsLost):
         frontchan.recv(b, PARENT_TO_FRONT)
     assert _open_fds() == before
     with pytest.raises(ChannelError):
@@ -222,3 +223,31 @@ def test_send_on_full_socket_would_block(pair: tuple[socket.socket, socket.socke
         assert msg is not None and msg.kind == "K"
         got += 1
     assert got == sent
+
+
+def test_fds_lost_at_the_fd_limit_keep_the_message(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """EMFILE in the receiver: the kernel drops the fd and sets MSG_CTRUNC; the front learns
+    which connection it was (to answer F) instead of dying on a ChannelError."""
+    import resource
+
+    a, b = pair
+    fd = os.open("/dev/null", os.O_RDONLY)
+    _raw(a, frontchan.encode("C", C_FIELDS), [fd])
+    os.close(fd)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(_open_fds()) + 8, hard))
+        with contextlib.suppress(OSError):
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        with pytest.raises(frontchan.FdsLost) as lost:
+            frontchan.recv(b, PARENT_TO_FRONT)
+    finally:
+        frontchan.close_fds(held)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert lost.value.message.kind == "C"
+    assert lost.value.message.fields["id"] == 7
+    assert lost.value.message.fds == ()

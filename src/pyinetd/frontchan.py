@@ -36,6 +36,7 @@ __all__ = [
     "PARENT_TO_FRONT",
     "TLS_ENV",
     "ChannelError",
+    "FdsLost",
     "Message",
     "close_fds",
     "decode",
@@ -85,6 +86,17 @@ _BODY_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]"
 
 class ChannelError(ValueError):
     """A record that breaks the channel's protocol: the peer is no longer trusted."""
+
+
+class FdsLost(ChannelError):
+    """A well-formed record whose fds the kernel could not hand over (MSG_CTRUNC: the
+    receiver is at its RLIMIT_NOFILE, EMFILE; or more fds than the room given). ``message``
+    has ``fds=()``; a front answers its ``C`` or ``S`` with ``F`` instead of trusting less.
+    A parent, which is never sent fds, treats it as any ChannelError."""
+
+    def __init__(self, why: str, message: Message) -> None:
+        super().__init__(why)
+        self.message = message
 
 
 class Message(NamedTuple):
@@ -307,8 +319,8 @@ _ANC_FDS = 16
 def recv(sock: socket.socket, expected: Iterable[str]) -> Message | None:
     """Read one record and decode it (``decode``); None at EOF (the peer closed or exited).
     An empty socket raises BlockingIOError (non-blocking) as recvmsg does. A record longer
-    than MAX_MESSAGE (MSG_TRUNC), with its ancillary data cut (MSG_CTRUNC), or carrying
-    anything but SCM_RIGHTS is a ChannelError; the fds it brought are closed."""
+    than MAX_MESSAGE (MSG_TRUNC) or carrying anything but SCM_RIGHTS is a ChannelError; one
+    whose fds the kernel dropped (MSG_CTRUNC) is ``FdsLost``; the fds it brought are closed."""
     # MSG_CMSG_CLOEXEC: a received fd must not leak into any process started later.
     data, anc, flags, _ = sock.recvmsg(
         MAX_MESSAGE, socket.CMSG_SPACE(_ANC_FDS * 4), socket.MSG_CMSG_CLOEXEC
@@ -322,11 +334,20 @@ def recv(sock: socket.socket, expected: Iterable[str]) -> Message | None:
             fds.extend(got)
         else:
             odd = True
-    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC) or odd:
+    if flags & socket.MSG_TRUNC or odd:
         close_fds(fds)
-        if flags & socket.MSG_TRUNC:
-            raise ChannelError(f"a record longer than {MAX_MESSAGE} bytes")
-        raise ChannelError("a record with its fds cut off or foreign ancillary data")
+        if odd:
+            raise ChannelError("a record with ancillary data other than SCM_RIGHTS")
+        raise ChannelError(f"a record longer than {MAX_MESSAGE} bytes")
+    if flags & socket.MSG_CTRUNC:
+        # Linux drops the fds it cannot install (scm_detach_fds): EMFILE here, or a sender
+        # that sent more than _ANC_FDS. The record itself must still be well-formed.
+        close_fds(fds)
+        kind = data[:1].decode("ascii", errors="replace")
+        fields = _check(kind, data, len(data)) if kind in expected else {}
+        if kind not in expected:
+            raise ChannelError(f"unexpected message kind {kind!a}")
+        raise FdsLost(f"{kind}: its fds were lost (MSG_CTRUNC)", Message(kind, fields, ()))
     if not data and not fds:
         return None
     return decode(expected, data, fds)
