@@ -32,8 +32,9 @@ from pyinetd.services import Listener, Services, ServiceState, Slot, SlotKind
 
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import Iterable
 
-    from pyinetd.config import Service
+    from pyinetd.config import Config, Service
     from pyinetd.loop import Loop
     from pyinetd.sandbox import Prepared
 
@@ -330,6 +331,25 @@ class FrontPath:
             bytes_out=bytes_out,
         )
 
+    # What the server calls, at a (re)load, a stop, at exit, per reaped pid, for `status`.
+    def sync(self, config: Config, served: Iterable[Service]) -> None:
+        self.fronts.sync(config, served)
+
+    def stop(self) -> None:
+        self.fronts.stop()
+
+    def kill_all(self) -> None:
+        self.fronts.kill_all()
+
+    def on_exit(self, pid: int, status: int) -> bool:
+        return self.fronts.on_exit(pid, status)
+
+    def pids(self) -> list[int]:
+        return self.fronts.pids()
+
+    def describe(self, name: str) -> list[dict[str, object]] | None:
+        return self.fronts.describe(name)
+
     def front_lost(self, front: Front, why: str) -> None:
         """A front ended: its programs' ids are gone with it (their X goes nowhere)."""
         for pid in [p for p, link in self._programs.items() if link.front is front]:
@@ -357,11 +377,33 @@ class _Spawner(Protocol):
     def prepare(self, service: Service) -> Prepared | None: ...
 
 
-def build(
-    loop: Loop, spawner: _Spawner, services: Services, children: _Children, path: Path
-) -> FrontPath:
+class _Connections(Path, Protocol):
+    front_path: FrontPath | None
+
+
+class _Parts(Protocol):
+    """The parts of the server a front needs (server.Server)."""
+
+    @property
+    def loop(self) -> Loop: ...
+
+    @property
+    def spawner(self) -> _Spawner: ...
+
+    @property
+    def services(self) -> Services: ...
+
+    @property
+    def children(self) -> _Children: ...
+
+    @property
+    def connections(self) -> _Connections: ...
+
+
+def build(parts: _Parts) -> FrontPath:
     """The fronts of this process and the path through them, wired to the parts the server
-    built (the connection path ``path`` gets it as its ``front_path``)."""
+    built (its connection path gets it as its ``front_path``)."""
+    loop, spawner, services, children = parts.loop, parts.spawner, parts.services, parts.children
 
     def box_for(svc: Service) -> Prepared | None:
         try:
@@ -382,6 +424,7 @@ def build(
         context_for,
         lambda: [st.tls_context for st in services.states.values() if st.tls_context],
     )
-    front_path = FrontPath(loop, services, fronts, path)
+    front_path = FrontPath(loop, services, fronts, parts.connections)
     fronts.lost = front_path.front_lost
+    parts.connections.front_path = front_path
     return front_path

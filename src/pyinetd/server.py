@@ -59,9 +59,7 @@ class Server:
             throttled,
             table,
             self._child_ended,
-            lambda pid, status: (
-                self._workers.exited(pid, status) or self.fronts.on_exit(pid, status)
-            ),
+            lambda pid, st: self._workers.exited(pid, st) or self.fronts.on_exit(pid, st),
             lambda: [*self._workers.table, *self.fronts.pids()],
         )
         self._workers = Workers(loop, self.services, self.children.track, self._check_drained)
@@ -69,10 +67,7 @@ class Server:
         self.connections = Connections(
             config, loop, self.services, self.children, self.sessions, throttled
         )
-        self.front_path = frontpath.build(
-            loop, self.spawner, self.services, self.children, self.connections
-        )
-        self.connections.front_path, self.fronts = self.front_path, self.front_path.fronts
+        self.fronts = frontpath.build(self)  # the tls and redirect services' fronts
         self.ops = Operations(self.snapshot, self.reload, self._begin_stop)
         self._drain_timer: Timer | None = None
         self._pid_file: str | None = None
@@ -94,10 +89,7 @@ class Server:
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
-        """Bind every enabled service's listeners; ListenError (nothing left bound) on failure.
-
-        Sockets handed over by systemd socket activation are adopted instead of bound.
-        """
+        """Bind (or adopt, from systemd) every enabled service's listeners; ListenError."""
         self.services.bind(self.config)
 
     def _install_signals(self) -> None:
@@ -305,7 +297,7 @@ class Server:
 
     def _child_ended(self, child: Child) -> None:
         """A child's end is accounted for: the drain may be over, or a listener resumes."""
-        self.front_path.program_ended(child.pid, child.exit_status)
+        self.fronts.program_ended(child.pid, child.exit_status)
         if self._stopping:
             self._check_drained()
             return
@@ -318,10 +310,7 @@ class Server:
         )
 
     def reload(self) -> list[str]:
-        """Re-read the configuration file; on any error keep everything as it is.
-
-        Returns the errors (empty on success).
-        """
+        """Re-read the configuration file; on any error keep everything as it is (the errors)."""
         systemd.reloading()
         try:
             new = load(self.config.path)
@@ -369,7 +358,7 @@ class Server:
         self._sync_zygotes()
 
     def _sync_zygotes(self) -> None:
-        """A zygote for each warm service this process listens for (warm.py)."""
+        """A zygote for each warm service, fronts for each tls or redirect one, it serves."""
         served = {lst.service.name: lst.service for lst in self.services.listeners.values()}
         self.children.zygotes.sync(served.values())
         self.fronts.sync(self.config, served.values())
