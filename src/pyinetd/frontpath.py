@@ -43,6 +43,7 @@ __all__ = ["FRONT_GRACE", "FrontPath", "PendingFront", "build"]
 # The parent's deadline for a handshake is this much after the front's: the front's is the
 # one that holds (it answers F), the parent's ends a front that never answers (K).
 FRONT_GRACE = 2.0
+REDIRECT_CONNECT = 10.0  # seconds a redirect's front has to connect to the target
 
 
 class _Timer(Protocol):
@@ -235,7 +236,7 @@ class FrontPath:
                 front=front.pid,
             )
         conn.setblocking(True)
-        front.hand(sess, _payload(ip, port, local, 3600.0), conn)
+        front.hand(sess, _payload(ip, port, local, REDIRECT_CONNECT), conn)
         return True
 
     # --- TLS, what its front says

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pyinetd import frontchan, procsettings, spawn
+from pyinetd.log import LOG
 from pyinetd.signals import HANDLED_SIGNALS
 
 if TYPE_CHECKING:
@@ -150,9 +151,7 @@ class Front:
         link = Link(self, self._next_id, owner)
         self.links[link.id] = link
         self.served += 1
-        fd = os.dup(conn.fileno())
-        conn.close()
-        link.send("C", payload, [fd])
+        link.send("C", payload, [conn.detach()])
         return link
 
     def forget(self, ident: int) -> None:
@@ -222,10 +221,16 @@ class Front:
 
     # ------------------------------------------------------------ reading
     def _on_event(self, mask: int) -> None:
-        if mask & _WRITE:
-            self._flush()
-        if mask & _READ and not self.over:
-            self._read()
+        try:
+            if mask & _WRITE:
+                self._flush()
+            if mask & _READ and not self.over:
+                self._read()
+        except Exception as exc:
+            # A bug of ours, not the front's word: logged with its traceback, and the front
+            # replaced, so that a readable channel cannot make the loop raise again and again.
+            LOG.exception("internal error handling front %d", self.pid)
+            self.distrust(f"internal error: {exc!r}")
 
     def _read(self) -> None:
         for _ in range(READ_BATCH):
