@@ -137,7 +137,7 @@ def test_the_expected_messages_of_an_id_are_taken(rig: Rig) -> None:
 def test_a_message_its_id_does_not_expect_is_distrust(
     rig: Rig, script: list[tuple[str, dict[str, Any]]]
 ) -> None:
-    link, owner = rig.hand()
+    link, _owner = rig.hand()
     for kind, fields in script:
         rig.say(kind, {"id": link.id, **fields})
     assert rig.distrusted()
