@@ -63,6 +63,7 @@ from pyinetd.parsers import (
     _parse_text,
     _parse_tls,
     _parse_user,
+    _parse_workers,
     _wrap,
 )
 from pyinetd.process_keys import PROCESS_KEY_LIST
@@ -541,13 +542,19 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
     ),
     Key(
         "fronts",
-        _parse_count,
+        _parse_workers,  # (the same bound: 1 to 64 processes)
         (
             "tls or redirect: the front processes that carry the service's connections (the "
             "handshakes, the relay, redirect's outbound connections), started with the service; "
             "new connections are spread over them in turn."
         ),
-        {**COUNT, "default": 1, "maximum": 64, "examples": [2]},
+        {
+            **COUNT,
+            "default": 1,
+            "maximum": 64,
+            "examples": [2],
+            "errorMessage": "expected a whole number from 1 to 64",
+        },
     ),
     Key(
         "front_user",
