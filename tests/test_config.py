@@ -200,7 +200,8 @@ def test_a_redirect_loop_through_two_services_is_a_config_error(tmp_path: Path) 
 
 
 def test_redirects_elsewhere_load_and_are_bounded_by_default(tmp_path: Path) -> None:
-    """Each relay is a forked pyinetd (~7.5 MiB): max_connections 64 unless set."""
+    """A redirect's connections are its front's: max_connections 1000 unless set; nodelay
+    defaults to true for a front's service (tls, redirect), false for the others."""
     cfg = load(
         write(
             tmp_path,
@@ -211,7 +212,8 @@ def test_redirects_elsewhere_load_and_are_bounded_by_default(tmp_path: Path) -> 
         )
     )
     limits = {s.name: s.max_connections for s in cfg.services}
-    assert limits == {"a": 64, "b": 3, "c": None}
+    assert limits == {"a": 1000, "b": 3, "c": None}
+    assert {s.name: s.nodelay for s in cfg.services} == {"a": True, "b": True, "c": False}
 
 
 @pytest.mark.parametrize(

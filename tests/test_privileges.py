@@ -178,11 +178,13 @@ def test_every_path_that_starts_a_service_applies_the_same_settings(
     assert all(sid != ours for _, sid in got.values()), got  # not pyinetd's session
 
 
-def test_a_redirect_relay_runs_as_the_service_user(
+def test_a_redirects_front_runs_as_its_front_uid_without_privileges(
     inetd: Start, tmp_path: Path, world: Path
 ) -> None:
-    """The redirect relay (a forked pyinetd) drops to the service's settings before it
-    touches the client: it ran as root with every capability (issue 14.1)."""
+    """The redirect's outbound connection comes from the service's front, which drops to its
+    front uid (not root, not the service's user), no capability, no_new_privs, not dumpable
+    and a session of its own before it touches a client: a redirect relay once ran as root
+    with every capability (issue 14.1)."""
     target = socket.create_server(("127.0.0.1", 0))
     port = free_port()
     p = inetd(
@@ -206,7 +208,11 @@ def test_a_redirect_relay_runs_as_the_service_user(
             kids = children_of(p.pid)
             assert len(kids) == 1, kids
             relay = kids[0][0]
-            assert proc_facts(relay) == WANT
+            facts = proc_facts(relay)
+            uid = int(facts.split()[0].split("=")[1].split(",")[0])
+            assert 61184 <= uid <= 65519, facts  # a front uid: no passwd entry, no program's
+            assert f"uid={uid},{uid} gid={uid},{uid} groups=[]" in facts
+            assert "nnp=1 caps=0000000000000000" in facts
             assert os.getsid(relay) == relay  # a session of its own
             # Not dumpable (its /proc entries stay root's): no other process of the user may
             # ptrace it or read its memory, where a TLS relay holds the key.

@@ -122,17 +122,17 @@ def test_sessions_closed_while_starting_give_their_slot_back(
 def test_a_tls_relay_killed_at_its_deadline_gives_its_places_back(
     inetd: Callable[..., Pyinetd], pki: Path
 ) -> None:
-    """A pending hello's place goes to its relay, a child: killed at the handshake's
-    deadline, the relay's slot is freed at its reaping and the next clients are served."""
+    """A pending handshake holds its places until its front says how it ended: at the
+    handshake's deadline they are given back and the next clients are served."""
     port = free_port()
     service = {**tls_service(port, handshake_timeout=2), "busy_message": "x", **LIMITS}
     p = inetd({"services": {"t": service}})
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
         s.sendall(canned_client_hello())
-        wait_for(lambda: relays_of(p.pid), what="the relay forked for the handshake")
-        (relay,) = relays_of(p.pid)
-        p.wait_log(rf"t: pid {relay} ended \(signal SIGKILL\)")
-    wait_for(lambda: status_of(p)["t"]["running"] == 0, what="the relay's slot free")
+        wait_for(lambda: status_of(p)["t"]["pending"] == 1, what="the handshake pending")
+        assert relays_of(p.pid) == []
+        p.wait_log(r"t: refused 127\.0\.0\.1:\d+: tls \(TLS handshake with")
+    wait_for(lambda: status_of(p)["t"]["pending"] == 0, what="the handshake's places free")
     for _ in range(2):
         assert tls_echo(port, pki) == b"127.0.0.1\n"
     wait_for(lambda: status_of(p)["t"]["running"] == 0, what="every slot free")

@@ -78,6 +78,7 @@ class Child:
     lifecycle: ChildState = ChildState.RUNNING  # changed by change_state only
     why: str = ""  # what sent its SIGTERM or SIGKILL: timeout, drain, removed
     local: str = ""  # the address it was accepted on, where the service listens on several
+    exit_status: int | None = None  # its wait status, once reaped
 
     def change_state(self, new: ChildState, why: str = "") -> None:
         """The one place a child's lifecycle state changes. A move outside _MOVES is a bug,
@@ -231,6 +232,7 @@ class Children:
         src: str = "",
         reply: UDPReply | None = None,
         report: tuple[int, float] | None = None,
+        fronted: bool = False,
     ) -> int:
         """Spawn the service's program: its pid; PENDING when the service's zygote was asked
         for it (its pid comes with the answer, ``_warm_replied``; the slot is held from now);
@@ -238,9 +240,13 @@ class Children:
         the child's end (at once when there is no child). ``report``: a TLS relay's (relay.py)."""
         svc = state.service
         conn_fd = conn.fileno() if conn is not None else None
-        if svc.warm and self._ask_zygote(state, stdin, conn_fd, env, peer, listener, src, reply):
+        if (
+            svc.warm
+            and not fronted
+            and self._ask_zygote(state, stdin, conn_fd, env, peer, listener, src, reply)
+        ):
             return PENDING
-        pid = self._spawn(state, stdin, stdout, conn_fd, env, peer, report)
+        pid = self._spawn(state, stdin, stdout, conn_fd, env, peer, report, fronted)
         if not pid:
             if reply is not None:
                 reply.close()
@@ -259,8 +265,10 @@ class Children:
         env: list[bytes],
         peer: str,
         report: tuple[int, float] | None = None,
+        fronted: bool = False,
     ) -> int:
-        """Start the program (by exec, or the relay); its pid, or 0 (said and counted)."""
+        """Start the program (by exec, or the relay; ``fronted``: by exec, its front
+        relays); its pid, or 0 (said and counted)."""
         svc = state.service
         try:
             err_fd, owned = self._stderr.fd(state, conn_fd)
@@ -269,7 +277,7 @@ class Children:
             self.spawn_error(svc, peer, f"stderr {svc.stderr}: {exc.strerror or exc}")
             return 0
         try:
-            if svc.needs_relay:
+            if svc.needs_relay and not fronted:
                 full_env = {**self._spawner.base_environ(svc), **env_dict(env)}
                 ctx = state.tls_context
                 return self._spawner.relay(svc, stdin, err_fd, full_env, ctx, peer, report)
@@ -310,6 +318,10 @@ class Children:
                 pid=pid,
                 **where,
             )
+
+    def stderr_of(self, state: ServiceState) -> tuple[int, bool]:
+        """The stderr a long-lived process of the service gets (a zygote, a front)."""
+        return self._stderr.fd(state, None)
 
     # ------------------------------------------------------------ warm: the zygote's answers
     def _ask_zygote(
@@ -468,6 +480,7 @@ class Children:
             else:
                 child.timer.cancel()
         state = child.state
+        child.exit_status = status
         self._services.free_slot(child.slot)
         reply = self._udp_replies.pop(pid, None)
         if reply is not None and not reply.closed:

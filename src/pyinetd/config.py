@@ -70,9 +70,10 @@ __all__ = [
 # Limits that count across a service's connections; a service with one is served by the first
 # process only when there are workers, so that the count is exact.
 COUNTED_LIMITS = ("max_connections", "per_source", "rate")
-# max_connections of a redirect service that sets none: each relay is a forked pyinetd of
-# ~7.5 MiB private memory; 100 clients to a target that never reads held 749 MiB (18.10).
-REDIRECT_MAX_CONNECTIONS = 64
+# max_connections of a redirect service that sets none. Its connections are carried by its
+# front (no process each): what bounds them is the front's memory per connection (README,
+# Performance) and the fds (two per connection in the front).
+REDIRECT_MAX_CONNECTIONS = 1000
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,8 @@ class Service:
     proxy_from: AccessList | None = None
     proxy_timeout: float = declared("proxy_timeout")
     redirect: tuple[str, int] | None = None
+    fronts: int = declared("fronts")  # tls or redirect: the service's front processes
+    front_user: tuple[str, int, int] | None = None  # None: a dynamic uid (fronts.pick_uids)
     # a unix socket file's mode and owner (None: pyinetd's umask, and pyinetd)
     socket_mode: int | None = None
     socket_user: tuple[str, int, int] | None = None
@@ -338,6 +341,7 @@ def _build(doc: Any, path: Path, marks: dict[str, Marks], with_schema: bool) -> 
             services.append(svc)
     _check_duplicates(services, label, errors)
     _check_redirect_loops(services, errors)
+    _check_front_users(services, errors)
     errors += check_workers(top.get("workers", 1), top.get("max_children"), label)
     errors += flags.rest()
     errors = [e for e in errors if e not in files.claimed - files.kept]
@@ -594,8 +598,12 @@ def _service(
                 if values.get(key) is None and not chosen:
                     values[key] = default
     if "redirect" in body and values.get("max_connections") is None:
-        # Each relay is a forked pyinetd (~7.5 MiB private): bounded unless said otherwise.
+        # Each connection costs its front a socket pair and two bounded buffers.
         values["max_connections"] = REDIRECT_MAX_CONNECTIONS
+    if ("tls" in values or "redirect" in body) and "nodelay" not in values:
+        # A front writes what it has as one record: Nagle's wait for the client's delayed
+        # ACK only holds the reply back (43 ms for the first after the handshake).
+        values["nodelay"] = True
     if protocol == "udp" and not values.get("wait") and values.get("rate") is None:
         # Set before _combine, so that `burst:` alone shapes this default (service_keys).
         values["rate"] = parse_rate(UDP_RATE)
@@ -701,6 +709,18 @@ def _combine(values: dict[str, Any], where: str, errors: list[str], found: FileF
     for key in ("busy_message", "deny_message"):
         if values.get(key) and not values[key].endswith("\n"):
             values[key] += "\r\n"
+
+
+def _check_front_users(services: list[Service], errors: list[str]) -> None:
+    """A service whose `user:` is a front's uid (`front_user:`) could signal and trace that
+    front, which holds its service's key and every client's connection: refused."""
+    fronts = {s.front_user[1]: s.name for s in services if s.front_user and s.needs_relay}
+    for svc in services:
+        if svc.user is not None and svc.user[1] in fronts:
+            errors.append(
+                f"{svc.source}: services.{svc.name}.user: {svc.user[0]!r} is the front_user of "
+                f"service {fronts[svc.user[1]]}: a program must not run as a front's uid"
+            )
 
 
 def _check_redirect_loops(services: list[Service], errors: list[str]) -> None:

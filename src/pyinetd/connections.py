@@ -28,6 +28,7 @@ from pyinetd import builtins, control, proxyproto
 from pyinetd.admission import StageSlots, admit, source_key
 from pyinetd.children import Children, errno_name
 from pyinetd.config import Config, Service
+from pyinetd.frontpath import FrontPath, PendingFront
 from pyinetd.listeners import format_ip, peer_of, peer_text
 from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
@@ -48,7 +49,7 @@ EMFILE_PAUSE = 0.5  # seconds a listener rests after accept() ran out of fds
 # parent's is the one that holds; the relay's is the backstop should the parent's be missed.
 RELAY_DEADLINE_GRACE = 2.0
 
-Pending = PendingProxy[Listener] | PendingHello[Listener] | PendingRelay[Listener]
+Pending = PendingProxy[Listener] | PendingHello[Listener] | PendingRelay[Listener] | PendingFront
 
 
 class Pool:
@@ -68,7 +69,7 @@ class Pool:
         to have stalled)."""
         first = None
         for pend in self.members:
-            if not isinstance(pend, PendingRelay):
+            if not isinstance(pend, PendingRelay | PendingFront):
                 return pend
             first = first or pend
         return first
@@ -221,6 +222,15 @@ class Stages:
             return None
         return pool
 
+    def enter_stage(self, pend: Pending, hello: Pending) -> None:
+        """``pend`` takes ``hello``'s place in its pool, and its hold under the limits."""
+        pool = self.pending.pop(hello)
+        pool.members.pop(hello, None)
+        self._enter(pool, pend)
+        hold = self.holds.pop(hello, None)
+        if hold is not None:
+            self.holds[pend] = hold
+
     def _enter(self, pool: Pool, pend: Pending) -> None:
         self.pending[pend] = pool
         pool.members[pend] = None
@@ -242,6 +252,11 @@ class Stages:
         self.leave_stage(pend)
         reason = reason or ("proxy" if isinstance(pend, PendingProxy) else "tls")
         state = pend.lst.state
+        if isinstance(pend, PendingFront):
+            if pend.link is not None:
+                pend.link.abort()  # K: the front drops it
+            self._path.refuse(state, None, pend.ip, pend.port, reason, detail=why)
+            return
         if isinstance(pend, PendingRelay):
             # Still our child (Children.kill checks): the relay has not reported, so it has
             # not started the service's program; the client's connection is the relay's.
@@ -257,16 +272,20 @@ class Stages:
         ClientHello has arrived (admitted, a rate token taken: the relay is forked for the
         handshake), or a relay has reported its handshake complete (its slot is free)."""
         lst, conn = pend.lst, pend.conn
-        if isinstance(pend, PendingRelay):
+        if isinstance(pend, PendingRelay | PendingFront):
             self.leave_stage(pend)
-            conn.close()
+            if conn is not None:
+                conn.close()
             return
+        assert conn is not None  # (only a PendingFront has none)
         if self._services.listeners.get(lst.key) is not lst:
             self.leave_stage(pend)
             conn.close()  # removed by a reload meanwhile
             return
         if isinstance(pend, PendingHello):
-            self._fork_relay(pend)
+            fronts = self._path.front_path
+            if fronts is None or not fronts.hand_hello(pend):
+                self._fork_relay(pend)
             return
         self.leave_stage(pend)
         conn.setblocking(True)
@@ -390,6 +409,9 @@ class Connections:
         self._throttled = throttled
         self._emfile_logged = False
         self.stages = Stages(config, loop, services, self, children.kill)
+        self.front_path: FrontPath | None = None  # the TLS and redirect fronts (fronts.py)
+        self.leave_stage = self.stages.leave_stage
+        self.enter_stage = self.stages.enter_stage
         self.pending = self.stages.pending
         self.pools = self.stages.pools
         self.configure = self.stages.configure
@@ -533,6 +555,9 @@ class Connections:
             conn.setblocking(False)
             self.sessions.start(state, conn, svc.builtin, src, peer_text(ip, port))
             return 0
+        fronts = self.front_path if svc.redirect is not None and report is None else None
+        if fronts is not None and fronts.hand_redirect(state, conn, ip, port, local, src):
+            return 0
         try:
             if local is not None:
                 env = ip_env(b"TCP", ip, port, *local)
@@ -550,6 +575,22 @@ class Connections:
             )
         finally:
             conn.close()
+
+    def environ(
+        self, lst: Listener, ip: str, port: int, local: tuple[str, int] | None
+    ) -> list[bytes]:
+        """A front's connection's UCSPI variables (its socket is the front's)."""
+        if local is None:
+            local = (lst.local_ip, lst.local_port)
+        return ip_env(b"TCP", ip, port, *local)
+
+    def start_program(
+        self, state: ServiceState, stdin: int, stdout: int, env: list[bytes], peer: str, src: str
+    ) -> int:
+        """A front's connection's program, on its pipes, as an exec service's child."""
+        return self._children.start(state, stdin, stdout, None, env, peer, src=src, fronted=True)
+
+    conditions = staticmethod(lambda svc: conditions(svc))
 
     def _start_wait_child(self, lst: Listener) -> None:
         """inetd wait mode: the child gets the listening socket itself; we stop watching it."""

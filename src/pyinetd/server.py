@@ -18,7 +18,7 @@ import stat
 import time
 from typing import TYPE_CHECKING
 
-from pyinetd import log, procsettings, systemd
+from pyinetd import frontpath, log, procsettings, systemd
 from pyinetd.children import KILL_GRACE, Child, Children
 from pyinetd.config import Config, ConfigError, load
 from pyinetd.connections import Connections, Sessions
@@ -59,14 +59,15 @@ class Server:
             throttled,
             table,
             self._child_ended,
-            lambda pid, status: self._workers.exited(pid, status),
-            lambda: self._workers.table,
+            lambda pid, st: self._workers.exited(pid, st) or self.fronts.on_exit(pid, st),
+            lambda: [*self._workers.table, *self.fronts.pids()],
         )
         self._workers = Workers(loop, self.services, self.children.track, self._check_drained)
         self.sessions = Sessions(loop, self.services, self._check_drained)
         self.connections = Connections(
             config, loop, self.services, self.children, self.sessions, throttled
         )
+        self.fronts = frontpath.build(self)  # the tls and redirect services' fronts
         self.ops = Operations(self.snapshot, self.reload, self._begin_stop)
         self._drain_timer: Timer | None = None
         self._pid_file: str | None = None
@@ -88,10 +89,7 @@ class Server:
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
-        """Bind every enabled service's listeners; ListenError (nothing left bound) on failure.
-
-        Sockets handed over by systemd socket activation are adopted instead of bound.
-        """
+        """Bind (or adopt, from systemd) every enabled service's listeners; ListenError."""
         self.services.bind(self.config)
 
     def _install_signals(self) -> None:
@@ -235,6 +233,7 @@ class Server:
             self.started,
             self._workers.table,
             self.children.zygotes.describe,
+            self.fronts.describe,
         )
 
     def _status_line(self) -> str:
@@ -261,6 +260,7 @@ class Server:
         systemd.notify("STOPPING=1")
         self.services.close_all()
         self.children.zygotes.stop()
+        self.fronts.stop()
         self._workers.signal(signal.SIGTERM)  # each stops (leave or drain) as we do
         running = len(self.children) + len(self.sessions)
         if self.config.shutdown != "drain" or not (running or self._workers.table):
@@ -297,6 +297,7 @@ class Server:
 
     def _child_ended(self, child: Child) -> None:
         """A child's end is accounted for: the drain may be over, or a listener resumes."""
+        self.fronts.program_ended(child.pid, child.exit_status)
         if self._stopping:
             self._check_drained()
             return
@@ -309,10 +310,7 @@ class Server:
         )
 
     def reload(self) -> list[str]:
-        """Re-read the configuration file; on any error keep everything as it is.
-
-        Returns the errors (empty on success).
-        """
+        """Re-read the configuration file; on any error keep everything as it is (the errors)."""
         systemd.reloading()
         try:
             new = load(self.config.path)
@@ -360,9 +358,10 @@ class Server:
         self._sync_zygotes()
 
     def _sync_zygotes(self) -> None:
-        """A zygote for each warm service this process listens for (warm.py)."""
+        """A zygote for each warm service, fronts for each tls or redirect one, it serves."""
         served = {lst.service.name: lst.service for lst in self.services.listeners.values()}
         self.children.zygotes.sync(served.values())
+        self.fronts.sync(self.config, served.values())
 
     def _shutdown(self) -> None:
         if not self._stopping:
@@ -375,6 +374,7 @@ class Server:
                 state.stderr_log.close()
                 state.stderr_log = None
         self.children.close()
+        self.fronts.kill_all()
         self._remove_pid_file()
         self.spawner.close()
         if self.children:

@@ -63,6 +63,7 @@ from pyinetd.parsers import (
     _parse_text,
     _parse_tls,
     _parse_user,
+    _parse_workers,
     _wrap,
 )
 from pyinetd.process_keys import PROCESS_KEY_LIST
@@ -540,6 +541,39 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
         out=_tls_out,
     ),
     Key(
+        "fronts",
+        _parse_workers,  # (the same bound: 1 to 64 processes)
+        (
+            "tls or redirect: the front processes that carry the service's connections (the "
+            "handshakes, the relay, redirect's outbound connections), started with the service; "
+            "new connections are spread over them in turn."
+        ),
+        {
+            **COUNT,
+            "default": 1,
+            "maximum": 64,
+            "examples": [2],
+            "errorMessage": "expected a whole number from 1 to 64",
+        },
+    ),
+    Key(
+        "front_user",
+        _parse_user,
+        (
+            "tls or redirect: the user the service's fronts run as. It must be none of the "
+            "programs' users (they could then signal or trace their front). Default: a uid "
+            "no one uses, picked from 61184-65519 as systemd's DynamicUser."
+        ),
+        {
+            "type": ["string", "integer"],
+            "minLength": 1,
+            "minimum": 1,
+            "examples": ["pyinetd-front"],
+            "errorMessage": "expected a user name or number",
+        },
+        out=_name_out,
+    ),
+    Key(
         "proxy_protocol",
         _parse_choice("v1", "v2", "any"),
         (
@@ -662,7 +696,8 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
         _parse_bool,
         (
             "Send small writes at once (TCP_NODELAY, no Nagle delay; xinetd's flags = NODELAY). "
-            "A TLS or redirect relay sets it on its sockets whatever this says."
+            "Default: true for a tls or redirect service (its front's client socket and "
+            "redirect's outbound one), false otherwise."
         ),
         {**BOOLEAN, "default": False},
     ),

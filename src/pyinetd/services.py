@@ -102,6 +102,7 @@ class SlotKind(enum.Enum):
     CHILD = "child"  # a process (or one asked of a zygote): running, and max_children
     SESSION = "session"  # a built-in session in the loop: running
     PENDING = "pending"  # a TLS connection whose ClientHello or handshake is due: hellos
+    FRONT = "front"  # a redirect's connection carried by its front: running
 
 
 @dataclass(eq=False)
@@ -562,7 +563,12 @@ def worker_serves(svc: Service, key: ListenKey) -> bool:
     """Workers leave unix sockets, wait-mode services and services with a counted limit to
     the first process (a wait service's socket belongs to one child at a time; a unix path
     to one binder; max_connections, per_source and rate are counted in one place)."""
-    return key.protocol != "unix" and not svc.wait and not svc.counts_connections
+    return (
+        key.protocol != "unix"
+        and not svc.wait
+        and not svc.counts_connections
+        and not svc.needs_relay  # a front's services: their fronts are the first process's
+    )
 
 
 def worker_fds() -> list[tuple[socket.socket, str]]:

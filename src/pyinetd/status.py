@@ -37,6 +37,7 @@ def snapshot(
     started: float,
     workers: Iterable[int],
     zygote_of: Callable[[str], dict[str, object] | None] = lambda name: None,
+    fronts_of: Callable[[str], list[dict[str, object]] | None] = lambda name: None,
 ) -> dict[str, Any]:
     """The state of every configured service and of its children, as plain data: from the
     service states, the children, the state of each built-in session and the ended
@@ -87,6 +88,8 @@ def snapshot(
                 "listen": [str(a) for a in svc.listen],
                 "state": status,
                 "running": state.running if state else 0,
+                # TLS connections admitted whose ClientHello or handshake is still due
+                "pending": state.hellos if state else 0,
                 "children": kids,
                 # `wait: true`: who holds each socket (services.WaitState): idle (pyinetd,
                 # watching it), starting, waiting (the child pid); null for nowait services
@@ -121,6 +124,8 @@ def snapshot(
                 },
                 # `warm: true`: the zygote (pid, RSS, forks served, state)
                 "zygote": zygote_of(svc.name),
+                # tls or redirect: its fronts (pid, generation, connections, restarts)
+                "fronts": fronts_of(svc.name),
                 # failed at load by a file its user can change: 'key: why'
                 "failed": config.failed.get(svc.name) if svc.enabled else None,
                 # served without such a file (banner, stderr): 'key: why: what instead'
@@ -183,6 +188,11 @@ def render_table(snap: dict[str, Any]) -> str:
             lines.append(
                 f"  {s['name']}: stderr over stderr_rate: {dropped['lines']} lines, "
                 f"{dropped['bytes']} bytes dropped"
+            )
+        for f in s.get("fronts") or ():
+            lines.append(
+                f"  {s['name']}: front pid {f['pid']} generation {f['generation']} {f['state']}, "
+                f"{f['connections']} connections, {f['served']} served, {f['restarts']} restarts"
             )
         z = s.get("zygote")
         if z:
@@ -325,7 +335,21 @@ def render_prometheus(snap: dict[str, Any]) -> str:
         family("pyinetd_zygote_rss_bytes", "gauge", "Resident memory of a warm service's zygote.")
         for name, z in warm:
             out.append(f'pyinetd_zygote_rss_bytes{{service="{name}"}} {(z["rss_kib"] or 0) * 1024}')
+    fronted = [(_label(s["name"]), f) for s in snap["services"] for f in s.get("fronts") or ()]
+    for metric, key, kind, text in _FRONT_METRICS:
+        if fronted:
+            family(metric, kind, text)
+        for name, f in fronted:
+            labels = f'service="{name}",pid="{f["pid"]}",generation="{f["generation"]}"'
+            out.append(f"{metric}{{{labels}}} {f[key]}")
     return "\n".join(out) + "\n"
+
+
+_FRONT_METRICS = (
+    ("pyinetd_front_connections", "connections", "gauge", "Connections a front carries now."),
+    ("pyinetd_front_served_total", "served", "counter", "Connections handed to a front."),
+    ("pyinetd_front_restarts_total", "restarts", "counter", "Fronts of the service restarted."),
+)
 
 
 # ---------------------------------------------------------------- control socket and metrics

@@ -55,14 +55,32 @@ def _open(path: Path, what: str, marker: str, secret: bool = False) -> int:
     except ValueError as e:
         raise ValueError(f"tls.{what}: {e}") from None
     try:
-        text = trust.read_fd(fd, str(path)).decode("ascii", errors="replace")
-        if marker not in text:
+        if not _holds(fd, str(path), marker.encode(), secret):
             kind = "private key" if secret else "certificate"
             raise ValueError(f"tls.{what}: {str(path)!r}: no PEM {kind} in the file")
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _holds(fd: int, name: str, marker: bytes, secret: bool) -> bool:
+    """Whether the file holds ``marker``. A key is read into one buffer that is zeroed
+    after the look: freed memory is not cleared (glibc's tcache keeps small chunks as they
+    were), and every process forked later (a service's front) would inherit every other
+    service's key text in it. OpenSSL reads the file again, by its own path (_fd_path: a
+    new open of the same file, from its start)."""
+    if not secret:
+        return marker in trust.read_fd(fd, name)
+    size = os.fstat(fd).st_size
+    if size > trust.MAX_FILE_SIZE:
+        raise ValueError(f"{name}: larger than {trust.MAX_FILE_SIZE // 1024} KiB")
+    buf = bytearray(size)
+    try:
+        got = os.readv(fd, [buf])
+        return buf.find(marker, 0, got) >= 0
+    finally:
+        buf[:] = bytes(len(buf))
 
 
 def _fd_path(fd: int, path: Path) -> str:
@@ -129,6 +147,7 @@ def build_contexts(
     'file: services.NAME.tls.KEY: why' lines. A (re)load applies only when there are none."""
     contexts: dict[str, ssl.SSLContext] = {}
     errors: list[str] = []
+    _secure_heap()
     for name, source, settings in services:
         if settings is None:
             continue
@@ -141,6 +160,33 @@ def build_contexts(
                 key, why = "tls", str(e)
             errors.append(f"{source}: services.{name}.{key}: {why}")
     return contexts, errors
+
+
+SECURE_HEAP = 1 << 20  # bytes of OpenSSL's secure heap: a few KiB per key
+
+
+def _secure_heap() -> None:
+    """OpenSSL's secure heap, once per process, before the first key is loaded: its
+    decoders keep a private key's numbers and the DER they come from there (BN_secure_new,
+    PEM_FLAG_SECURE), in a mapping of its own that is cleared as it is freed. In the
+    ordinary heap, the freed temporaries of one service's key (an RSA key's d) stayed in
+    memory that every process forked later (another service's front) inherits. Without
+    libcrypto's symbol (another build), nothing changes."""
+    global _SECURE_HEAP_DONE
+    if _SECURE_HEAP_DONE:
+        return
+    _SECURE_HEAP_DONE = True
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL("libcrypto.so.3")
+        if not lib.CRYPTO_secure_malloc_initialized():
+            lib.CRYPTO_secure_malloc_init(ctypes.c_size_t(SECURE_HEAP), ctypes.c_size_t(16))
+    except (OSError, AttributeError):
+        pass
+
+
+_SECURE_HEAP_DONE = False
 
 
 def _remember_sni(conn: object, server_name: str | None, ctx: ssl.SSLContext) -> None:
