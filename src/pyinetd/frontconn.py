@@ -23,7 +23,7 @@ import ssl
 import time
 from typing import Any, Protocol
 
-from pyinetd import tlsconf
+from pyinetd import frontchan, tlsconf
 
 __all__ = ["TLS_RECORD", "Conn", "Hub"]
 
@@ -88,6 +88,7 @@ class Conn:
         "outg",
         "peer",
         "phase",
+        "quiet",
         "raw",
         "redirect",
         "sent_ab",
@@ -130,6 +131,7 @@ class Conn:
         self.notified = False  # TLS: our close_notify made
         self.env: dict[str, str] = {}
         self._dead = False  # the client is gone (reset, protocol error)
+        self.quiet = False  # F told: the end needs no E
         self.last = time.monotonic()
         self.when = 0.0
         self.tls: ssl.SSLObject | None = None
@@ -350,8 +352,9 @@ class Conn:
         progress = False
         if self.tls is not None:
             assert self.outg is not None
-            # Plaintext into records only while the ciphertext for the socket is small.
-            while self.ba and len(self.raw) < self.bufsize:
+            # Plaintext into records only once the handshake is done (a banner waits in ba),
+            # and while the ciphertext for the socket is small.
+            while self.ba and len(self.raw) < self.bufsize and self.phase != HANDSHAKE:
                 n = min(len(self.ba), TLS_RECORD)
                 try:
                     self.tls.write(self.ba[:n])
@@ -432,7 +435,13 @@ class Conn:
                 self.inc.write(raw)
             except (ssl.SSLError, ValueError) as exc:
                 reason = getattr(exc, "reason", None) or str(exc)
-                self._fail(f"TLS handshake failed: {reason}")
+                # The alert OpenSSL made (certificate_required, handshake_failure...) goes out
+                # before the close, as it would from a socket BIO: the client learns why.
+                self.raw += self.outg.read()
+                with contextlib.suppress(OSError):
+                    self.sock.send(self.raw, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+                    self.sock.shutdown(socket.SHUT_WR)
+                self._fail(f"TLS handshake failed: {reason}", linger=True)
                 return
         # TLS 1.3 session tickets leave now, in the handshake's last flight (the client
         # socket has TCP_NODELAY, so the first reply never waits for their ACK).
@@ -449,9 +458,18 @@ class Conn:
         self.hub.log(f"TLS from {self.peer}: {msg}")
 
     def _handshake_done(self) -> None:
+        fields = {"id": self.id, "env": self.env}
+        try:
+            frontchan.encode("H", fields)
+        except frontchan.ChannelError as exc:
+            # A client certificate's names too long for the channel (values <= 4096 characters,
+            # one record <= 8192 bytes): fail closed rather than start the program without
+            # SSL_CLIENT_S_DN, which it may authorize by.
+            self._fail(f"TLS facts too large to pass on: {exc}")
+            return
         self.phase = WAITING
         self.when = 0.0  # the deadline is the parent's from here on
-        self.hub.tell("H", {"id": self.id, "env": self.env})
+        self.hub.tell("H", fields)
 
     def _linger_read(self) -> None:
         while self.c_r:
@@ -595,11 +613,23 @@ class Conn:
         self.when = when
         self.hub.arm(self, when)
 
-    def _fail(self, reason: str) -> None:
-        """Before ``H``: ``F`` and close."""
+    def _fail(self, reason: str, linger: bool = False) -> None:
+        """Before ``H``: ``F`` and close; ``linger``: after the client's unread bytes are read
+        and dropped a while (a close with them unread is a RST, which can destroy the alert
+        just sent before the client reads it)."""
+        if linger and self.linger > 0 and not self._dead:
+            self.quiet = True  # the id is over for the parent: no E at the end
+            self._close_service()
+            self.phase = LINGER
+            self.c_r = True
+            self._arm(time.monotonic() + min(self.linger, 1.0))
+            self._interest()
+            self.hub.tell("F", {"id": self.id, "reason": _printable(reason)})
+            self._linger_read()
+            return
         self._close_all()
         self.phase = CLOSED
-        self.hub.tell("F", {"id": self.id, "reason": reason[:200]})
+        self.hub.tell("F", {"id": self.id, "reason": _printable(reason)})
         self.hub.ended(self)
 
     def _finish(self, told: bool = False) -> None:
@@ -614,7 +644,9 @@ class Conn:
             return
         self._close_all()
         self.phase = CLOSED
-        self.hub.tell("E", {"id": self.id, "bytes_in": self.sent_ab, "bytes_out": self.sent_ba})
+        if not self.quiet:
+            fields = {"id": self.id, "bytes_in": self.sent_ab, "bytes_out": self.sent_ba}
+            self.hub.tell("E", fields)
         self.hub.ended(self)
 
     def _close_fd(self, fd: int) -> None:
@@ -644,3 +676,8 @@ class Conn:
         self.sock.close()
         self.tls = None
         self.inc = self.outg = None
+
+
+def _printable(reason: str) -> str:
+    """Printable ASCII, 200 characters at most: an OpenSSL reason or strerror never needs more."""
+    return "".join(c if " " <= c <= "~" else "?" for c in reason[:200])
