@@ -58,9 +58,9 @@ class Hub(Protocol):
         """One line to the front's log."""
 
 
-class Conn:
-    """One connection: created on ``C``; ``on_event`` for readiness, ``attach`` on ``S``,
-    ``refuse`` on ``N``, ``abort`` on ``K``, ``on_timer`` at its deadline."""
+class _Streams:
+    """A connection's state and its byte moves: the client socket (plain, or TLS through the
+    memory BIOs) and the service's pipes or socket, each step non-blocking and bounded."""
 
     __slots__ = (
         "_dead",
@@ -142,155 +142,10 @@ class Conn:
             self.phase = HANDSHAKE
         else:
             self.phase = CONNECTING if redirect is not None else WAITING
-        hub.arm(self, self.last + deadline)
-        self.when = self.last + deadline
-
-    # --- entry points from the loop --------------------------------------------------------
-
-    def start(self) -> None:
-        """First steps: the ClientHello is usually there already (the parent awaited it)."""
-        if self.phase == CONNECTING:
-            self._connect()
-        elif self.phase == WAITING:
-            self._handshake_done()
-        self.pump()
-
-    def on_event(self, fd: int, readable: bool, writable: bool) -> None:
-        if fd == self.fd:
-            self.c_r |= readable
-            self.c_w |= writable
-        elif self.target is not None and fd == self.target.fileno():
-            if self.phase == CONNECTING:
-                self._connected()
-            self.out_r |= readable
-            self.in_w |= writable
-        elif fd == self.in_fd:
-            if readable:
-                # A pipe's write end is readable only with POLLERR: the program closed its
-                # stdin or exited, even while we have nothing to write.
-                self._kill_ab()
-            self.in_w |= writable
-        elif fd == self.out_fd:
-            self.out_r |= readable
-        self.pump()
-
-    def on_timer(self, now: float) -> None:
-        if self.phase == HANDSHAKE:
-            self._fail("TLS handshake not completed in time")
-        elif self.phase == CONNECTING:
-            self._fail("redirect: connect timed out")
-        elif self.phase == LINGER:
-            self._finish()
-        elif self.phase == RELAY and self.idle is not None:
-            if now - self.last >= self.idle:
-                self._finish()
-            else:
-                self._arm(self.last + self.idle)
-
-    def attach(self, stdin: int, stdout: int) -> None:
-        """``S``: the program's pipes; relay from now on."""
-        if self.phase != WAITING:
-            os.close(stdin)
-            os.close(stdout)
-            return
-        os.set_blocking(stdin, False)
-        os.set_blocking(stdout, False)
-        self.in_fd, self.out_fd = stdin, stdout
-        self.in_w, self.out_r = True, True
-        self.phase = RELAY
-        if self._dead:
-            self._finish(told=True)
-            return
-        self.pump()
-
-    def refuse(self) -> None:
-        """``N`` (or ``S`` whose fds were lost): no program; close_notify, close, ``E``."""
-        if self.phase not in (WAITING, RELAY):
-            return
-        if self.tls is not None and not self.notified and not self._dead:
-            self.ba.clear()
-            self._close_notify()
-            with contextlib.suppress(OSError):
-                self.sock.send(self.raw, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
-        self._finish(told=True)
-
-    def abort(self) -> None:
-        """``K``: end now, telling the parent nothing more."""
-        self._close_all()
-        self.phase = CLOSED
-        self.hub.ended(self)
-
-    # --- the pump ----------------------------------------------------------------------------
-
-    def pump(self) -> None:
-        """Take every step possible without waiting, then say what to wait for."""
-        if self.phase == CLOSED:
-            return
-        if self.phase == LINGER:
-            self._linger_read()
-        elif self.phase == HANDSHAKE:
-            self._handshake()
-        else:
-            progress = True
-            while progress and self.phase != CLOSED and not self._dead:
-                progress = self._read_client()
-                if self.phase in (RELAY,):
-                    progress |= self._write_service()
-                    progress |= self._read_service()
-                progress |= self._write_client()
-                if self.phase == RELAY:
-                    progress |= self._advance()
-            if self._dead and self.phase == CONNECTING:
-                self._fail("the client went away before the redirect connected")
-            elif self._dead and self.phase in (RELAY, WAITING):
-                self._finish()
-            elif self.phase == RELAY and self._over():
-                return
-        if self.phase != CLOSED:
-            self._interest()
-
-    def _over(self) -> bool:
-        if self.ba_state != _DONE or self.ab_state not in (_DONE, _DEAD):
-            return False
-        if self.ab_state == _DEAD and self.linger > 0:
-            # The client may still be sending what the program will never read: read and
-            # drop it a while, so that our close does not send RST over the reply.
-            self._close_service()
-            self.phase = LINGER
-            self._arm(time.monotonic() + self.linger)
-            self._interest()
-            self._linger_read()
-            return self.phase == CLOSED
-        self._finish()
-        return True
-
-    def _interest(self) -> None:
-        tls_out = self.raw if self.tls is not None else self.ba
-        if self.phase == LINGER:
-            self._want(self.fd, True, False)
-            return
-        want_r = self._wants_client_input() or self.phase == HANDSHAKE
-        self._want(self.fd, want_r, bool(tls_out) and not self._dead)
-        if self.target is not None:
-            connecting = self.phase == CONNECTING
-            r = self.ba_state == _OPEN and len(self.ba) < self.bufsize and not connecting
-            self._want(
-                self.target.fileno(), r, connecting or (bool(self.ab) and self.ab_state != _DEAD)
-            )
-        if self.in_fd >= 0:
-            self._want(self.in_fd, self.ab_state == _OPEN and not self.ab, bool(self.ab))
-        if self.out_fd >= 0:
-            self._want(self.out_fd, self.ba_state == _OPEN and len(self.ba) < self.bufsize, False)
-
-    def _want(self, fd: int, read: bool, write: bool) -> None:
-        if self.masks.get(fd, (False, False)) != (read, write):
-            self.masks[fd] = (read, write)
-            self.hub.watch(fd, read, write, self)
+        self.when = self.last + deadline  # armed by Conn.start
 
     def _wants_client_input(self) -> bool:
         return self.ab_state == _OPEN and len(self.ab) < self.bufsize and not self._dead
-
-    # --- client side -------------------------------------------------------------------------
 
     def _recv_raw(self) -> bytes | None:
         """Bytes from the client socket; b"" at EOF; None when none wait (or it failed)."""
@@ -410,6 +265,245 @@ class Conn:
                 self.ab_state = _EOF  # both close_notify are through
         self.raw += self.outg.read()
 
+    def _write_service(self) -> bool:
+        if not self.ab or not self.in_w or self.ab_state == _DEAD:
+            return False
+        try:
+            if self.target is not None:
+                sent = self.target.send(self.ab, socket.MSG_NOSIGNAL)
+            else:
+                sent = os.write(self.in_fd, self.ab)
+        except _AGAIN:
+            self.in_w = False
+            return False
+        except OSError:
+            self._kill_ab()  # EPIPE: the program closed its stdin or exited
+            return True
+        if sent < len(self.ab):
+            self.in_w = False
+        del self.ab[:sent]
+        self.sent_ab += sent
+        if not self.ab:
+            self.ab = bytearray()
+        self.last = time.monotonic()
+        return sent > 0
+
+    def _read_service(self) -> bool:
+        if self.ba_state != _OPEN or not self.out_r or len(self.ba) >= self.bufsize:
+            return False
+        room = self.bufsize - len(self.ba)
+        try:
+            if self.target is not None:
+                data = self.target.recv(min(room, _RECV))
+            else:
+                data = os.read(self.out_fd, min(room, _RECV))
+        except _AGAIN:
+            self.out_r = False
+            return False
+        except OSError:
+            # ECONNRESET from a redirect target: deliver what it sent, take no more input.
+            self.ba_state = _EOF
+            self._kill_ab()
+            return True
+        if not data:
+            self.ba_state = _EOF
+            return True
+        if len(data) < min(room, _RECV):
+            self.out_r = False
+        self.ba += data
+        self.last = time.monotonic()
+        return True
+
+    def _end_input(self) -> None:
+        """No more input for the service: close the stdin pipe, or shutdown(SHUT_WR)."""
+        if self.target is not None:
+            with contextlib.suppress(OSError):
+                self.target.shutdown(socket.SHUT_WR)
+        elif self.in_fd >= 0:
+            self._close_fd(self.in_fd)
+            self.in_fd = -1
+
+    def _kill_ab(self) -> None:
+        if self.ab_state in (_DONE, _DEAD):
+            return
+        self.ab_state = _DEAD
+        self.ab = bytearray()
+        self._end_input()
+
+    def _close_fd(self, fd: int) -> None:
+        if fd in self.masks:
+            del self.masks[fd]
+            self.hub.watch(fd, False, False, None)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def _close_service(self) -> None:
+        if self.target is not None:
+            if self.target.fileno() in self.masks:
+                del self.masks[self.target.fileno()]
+                self.hub.watch(self.target.fileno(), False, False, None)
+            self.target.close()
+            self.target = None
+        for fd in (self.in_fd, self.out_fd):
+            if fd >= 0:
+                self._close_fd(fd)
+        self.in_fd = self.out_fd = -1
+
+    def _close_all(self) -> None:
+        self._close_service()
+        if self.fd in self.masks:
+            del self.masks[self.fd]
+            self.hub.watch(self.fd, False, False, None)
+        self.sock.close()
+        self.tls = None
+        self.inc = self.outg = None
+
+
+class Conn(_Streams):
+    """One connection: created on ``C``; ``on_event`` for readiness, ``attach`` on ``S``,
+    ``refuse`` on ``N``, ``abort`` on ``K``, ``on_timer`` at its deadline."""
+
+    __slots__ = ()
+
+    def start(self) -> None:
+        """First steps: the ClientHello is usually there already (the parent awaited it)."""
+        self.hub.arm(self, self.when)
+        if self.phase == CONNECTING:
+            self._connect()
+        elif self.phase == WAITING:
+            self._handshake_done()
+        self.pump()
+
+    def _want(self, fd: int, read: bool, write: bool) -> None:
+        if self.masks.get(fd, (False, False)) != (read, write):
+            self.masks[fd] = (read, write)
+            self.hub.watch(fd, read, write, self)
+
+    def on_event(self, fd: int, readable: bool, writable: bool) -> None:
+        if fd == self.fd:
+            self.c_r |= readable
+            self.c_w |= writable
+        elif self.target is not None and fd == self.target.fileno():
+            if self.phase == CONNECTING:
+                self._connected()
+            self.out_r |= readable
+            self.in_w |= writable
+        elif fd == self.in_fd:
+            if readable:
+                # A pipe's write end is readable only with POLLERR: the program closed its
+                # stdin or exited, even while we have nothing to write.
+                self._kill_ab()
+            self.in_w |= writable
+        elif fd == self.out_fd:
+            self.out_r |= readable
+        self.pump()
+
+    def on_timer(self, now: float) -> None:
+        if self.phase == HANDSHAKE:
+            self._fail("TLS handshake not completed in time")
+        elif self.phase == CONNECTING:
+            self._fail("redirect: connect timed out")
+        elif self.phase == LINGER:
+            self._finish()
+        elif self.phase == RELAY and self.idle is not None:
+            if now - self.last >= self.idle:
+                self._finish()
+            else:
+                self._arm(self.last + self.idle)
+
+    def attach(self, stdin: int, stdout: int) -> None:
+        """``S``: the program's pipes; relay from now on."""
+        if self.phase != WAITING:
+            os.close(stdin)
+            os.close(stdout)
+            return
+        os.set_blocking(stdin, False)
+        os.set_blocking(stdout, False)
+        self.in_fd, self.out_fd = stdin, stdout
+        self.in_w, self.out_r = True, True
+        self.phase = RELAY
+        if self._dead:
+            self._finish(told=True)
+            return
+        self.pump()
+
+    def refuse(self) -> None:
+        """``N`` (or ``S`` whose fds were lost): no program; close_notify, close, ``E``."""
+        if self.phase not in (WAITING, RELAY):
+            return
+        if self.tls is not None and not self.notified and not self._dead:
+            self.ba.clear()
+            self._close_notify()
+            with contextlib.suppress(OSError):
+                self.sock.send(self.raw, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+        self._finish(told=True)
+
+    def abort(self) -> None:
+        """``K``: end now, telling the parent nothing more."""
+        self._close_all()
+        self.phase = CLOSED
+        self.hub.ended(self)
+
+    def pump(self) -> None:
+        """Take every step possible without waiting, then say what to wait for."""
+        if self.phase == CLOSED:
+            return
+        if self.phase == LINGER:
+            self._linger_read()
+        elif self.phase == HANDSHAKE:
+            self._handshake()
+        else:
+            progress = True
+            while progress and self.phase != CLOSED and not self._dead:
+                progress = self._read_client()
+                if self.phase in (RELAY,):
+                    progress |= self._write_service()
+                    progress |= self._read_service()
+                progress |= self._write_client()
+                if self.phase == RELAY:
+                    progress |= self._advance()
+            if self._dead and self.phase == CONNECTING:
+                self._fail("the client went away before the redirect connected")
+            elif self._dead and self.phase in (RELAY, WAITING):
+                self._finish()
+            elif self.phase == RELAY and self._over():
+                return
+        if self.phase != CLOSED:
+            self._interest()
+
+    def _over(self) -> bool:
+        if self.ba_state != _DONE or self.ab_state not in (_DONE, _DEAD):
+            return False
+        if self.ab_state == _DEAD and self.linger > 0:
+            # The client may still be sending what the program will never read: read and
+            # drop it a while, so that our close does not send RST over the reply.
+            self._close_service()
+            self.phase = LINGER
+            self._arm(time.monotonic() + self.linger)
+            self._interest()
+            self._linger_read()
+            return self.phase == CLOSED
+        self._finish()
+        return True
+
+    def _interest(self) -> None:
+        tls_out = self.raw if self.tls is not None else self.ba
+        if self.phase == LINGER:
+            self._want(self.fd, True, False)
+            return
+        want_r = self._wants_client_input() or self.phase == HANDSHAKE
+        self._want(self.fd, want_r, bool(tls_out) and not self._dead)
+        if self.target is not None:
+            connecting = self.phase == CONNECTING
+            r = self.ba_state == _OPEN and len(self.ba) < self.bufsize and not connecting
+            self._want(
+                self.target.fileno(), r, connecting or (bool(self.ab) and self.ab_state != _DEAD)
+            )
+        if self.in_fd >= 0:
+            self._want(self.in_fd, self.ab_state == _OPEN and not self.ab, bool(self.ab))
+        if self.out_fd >= 0:
+            self._want(self.out_fd, self.ba_state == _OPEN and len(self.ba) < self.bufsize, False)
+
     def _handshake(self) -> None:
         assert self.tls is not None and self.inc is not None and self.outg is not None
         while True:
@@ -480,8 +574,6 @@ class Conn:
                 self._finish()
                 return
 
-    # --- service side ------------------------------------------------------------------------
-
     def _connect(self) -> None:
         assert self.redirect is not None
         family, addr = self.redirect
@@ -517,55 +609,6 @@ class Conn:
         if self.idle is not None:
             self._arm(time.monotonic() + self.idle)
 
-    def _write_service(self) -> bool:
-        if not self.ab or not self.in_w or self.ab_state == _DEAD:
-            return False
-        try:
-            if self.target is not None:
-                sent = self.target.send(self.ab, socket.MSG_NOSIGNAL)
-            else:
-                sent = os.write(self.in_fd, self.ab)
-        except _AGAIN:
-            self.in_w = False
-            return False
-        except OSError:
-            self._kill_ab()  # EPIPE: the program closed its stdin or exited
-            return True
-        if sent < len(self.ab):
-            self.in_w = False
-        del self.ab[:sent]
-        self.sent_ab += sent
-        if not self.ab:
-            self.ab = bytearray()
-        self.last = time.monotonic()
-        return sent > 0
-
-    def _read_service(self) -> bool:
-        if self.ba_state != _OPEN or not self.out_r or len(self.ba) >= self.bufsize:
-            return False
-        room = self.bufsize - len(self.ba)
-        try:
-            if self.target is not None:
-                data = self.target.recv(min(room, _RECV))
-            else:
-                data = os.read(self.out_fd, min(room, _RECV))
-        except _AGAIN:
-            self.out_r = False
-            return False
-        except OSError:
-            # ECONNRESET from a redirect target: deliver what it sent, take no more input.
-            self.ba_state = _EOF
-            self._kill_ab()
-            return True
-        if not data:
-            self.ba_state = _EOF
-            return True
-        if len(data) < min(room, _RECV):
-            self.out_r = False
-        self.ba += data
-        self.last = time.monotonic()
-        return True
-
     def _advance(self) -> bool:
         """Pass an EOF on once its buffer is empty."""
         progress = False
@@ -590,24 +633,6 @@ class Conn:
             self.ba_state = _DONE
             progress = True
         return progress
-
-    def _end_input(self) -> None:
-        """No more input for the service: close the stdin pipe, or shutdown(SHUT_WR)."""
-        if self.target is not None:
-            with contextlib.suppress(OSError):
-                self.target.shutdown(socket.SHUT_WR)
-        elif self.in_fd >= 0:
-            self._close_fd(self.in_fd)
-            self.in_fd = -1
-
-    def _kill_ab(self) -> None:
-        if self.ab_state in (_DONE, _DEAD):
-            return
-        self.ab_state = _DEAD
-        self.ab = bytearray()
-        self._end_input()
-
-    # --- the end -----------------------------------------------------------------------------
 
     def _arm(self, when: float) -> None:
         self.when = when
@@ -648,34 +673,6 @@ class Conn:
             fields = {"id": self.id, "bytes_in": self.sent_ab, "bytes_out": self.sent_ba}
             self.hub.tell("E", fields)
         self.hub.ended(self)
-
-    def _close_fd(self, fd: int) -> None:
-        if fd in self.masks:
-            del self.masks[fd]
-            self.hub.watch(fd, False, False, None)
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-    def _close_service(self) -> None:
-        if self.target is not None:
-            if self.target.fileno() in self.masks:
-                del self.masks[self.target.fileno()]
-                self.hub.watch(self.target.fileno(), False, False, None)
-            self.target.close()
-            self.target = None
-        for fd in (self.in_fd, self.out_fd):
-            if fd >= 0:
-                self._close_fd(fd)
-        self.in_fd = self.out_fd = -1
-
-    def _close_all(self) -> None:
-        self._close_service()
-        if self.fd in self.masks:
-            del self.masks[self.fd]
-            self.hub.watch(self.fd, False, False, None)
-        self.sock.close()
-        self.tls = None
-        self.inc = self.outg = None
 
 
 def _printable(reason: str) -> str:
