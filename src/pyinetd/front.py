@@ -146,7 +146,10 @@ class Front:
             self.ep.modify(fd, events)
 
     def tell(self, kind: str, fields: dict[str, Any]) -> None:
-        self.out.append(frontchan.encode(kind, fields))
+        self.tell_encoded(frontchan.encode(kind, fields))
+
+    def tell_encoded(self, record: bytes) -> None:
+        self.out.append(record)
         self._flush()
 
     def arm(self, conn: Conn, when: float) -> None:

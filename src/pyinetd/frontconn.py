@@ -48,6 +48,9 @@ class Hub(Protocol):
     def tell(self, kind: str, fields: dict[str, Any]) -> None:
         """Queue one message to the parent."""
 
+    def tell_encoded(self, record: bytes) -> None:
+        """Queue one record made by frontchan.encode."""
+
     def arm(self, conn: Conn, when: float) -> None:
         """Call ``conn.on_timer()`` at ``when`` (time.monotonic), unless it re-arms."""
 
@@ -552,9 +555,8 @@ class Conn(_Streams):
         self.hub.log(f"TLS from {self.peer}: {msg}")
 
     def _handshake_done(self) -> None:
-        fields = {"id": self.id, "env": self.env}
         try:
-            frontchan.encode("H", fields)
+            record = frontchan.encode("H", {"id": self.id, "env": self.env})
         except frontchan.ChannelError as exc:
             # A client certificate's names too long for the channel (values <= 4096 characters,
             # one record <= 8192 bytes): fail closed rather than start the program without
@@ -563,7 +565,7 @@ class Conn(_Streams):
             return
         self.phase = WAITING
         self.when = 0.0  # the deadline is the parent's from here on
-        self.hub.tell("H", fields)
+        self.hub.tell_encoded(record)
 
     def _linger_read(self) -> None:
         while self.c_r:
