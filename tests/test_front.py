@@ -10,6 +10,7 @@ import resource
 import socket
 import ssl
 import subprocess
+import select
 import sys
 import time
 from collections.abc import Iterator
@@ -86,9 +87,13 @@ def test_client_tcp_eof_reaches_the_program_and_its_reply_still_arrives(
 
 
 def _bio_client(
-    ctx: ssl.SSLContext, port: int
+    ctx: ssl.SSLContext, port: int, rcvbuf: int = 0
 ) -> tuple[socket.socket, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock = socket.socket()
+    sock.settimeout(10)
+    if rcvbuf:  # a small window: the server's replies wait in its kernel's send queue
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
     inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
     obj = ctx.wrap_bio(inc, out, server_hostname="localhost")
     while True:
@@ -178,6 +183,56 @@ def test_program_stdout_eof_sends_close_notify_while_client_input_goes_on(
             rig.message("E", 1)
             assert rig.children[0].wait(10) == 0  # cat read to its EOF
         assert kept.read_bytes() == b"after close_notify\n"
+
+
+def test_unread_client_data_is_drained_so_no_reset_destroys_the_reply(
+    tmp_path: Path, pki: Path, client_ctx: ssl.SSLContext
+) -> None:
+    """The program writes 4 MB and exits without reading its input while the client is
+    still sending: the front reads and drops the client's bytes (linger) instead of closing
+    with them unread, which sends RST (RFC 1122 4.2.2.13) and drops the reply still queued
+    in the kernel."""
+    prog = ["/bin/sh", "-c", "head -c 4000000 /dev/zero"]
+    with FrontRig(tmp_path, cert=pki / "cert.pem", key=pki / "key.pem", program=prog) as rig:
+        for _ in range(2):
+            sock, obj, inc, out = _bio_client(client_ctx, rig.port, rcvbuf=4096)
+            with sock:
+                assert _send_while_reading(sock, obj, inc, out, 16_000_000) == 4_000_000
+
+
+def _send_while_reading(
+    sock: socket.socket, obj: ssl.SSLObject, inc: ssl.MemoryBIO, out: ssl.MemoryBIO, n: int
+) -> int:
+    """Send n bytes while reading everything until close_notify; the bytes read (one
+    thread: an SSL object may not be read and written at once from two)."""
+    sock.setblocking(False)
+    pending, got, end = b"", 0, time.monotonic() + 20
+    while time.monotonic() < end:
+        if not pending and n > 0:
+            obj.write(b"x" * 16384)
+            n -= 16384
+            pending = out.read()
+        r, w, _ = select.select([sock], [sock] if pending else [], [], 1)
+        if w:
+            with contextlib.suppress(BlockingIOError):
+                pending = pending[sock.send(pending) :]
+        if r:
+            try:
+                raw = sock.recv(65536)
+            except BlockingIOError:
+                continue
+            if not raw:
+                return got  # (no close_notify: the test's assertion on the count fails)
+            inc.write(raw)
+            while True:
+                try:
+                    chunk = obj.read(65536)
+                except ssl.SSLWantReadError:
+                    break
+                if not chunk:
+                    return got  # close_notify
+                got += len(chunk)
+    raise AssertionError(f"no end after {got} bytes")
 
 
 def test_handshake_deadline_is_f(tmp_path: Path, pki: Path) -> None:
