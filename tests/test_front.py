@@ -7,10 +7,10 @@ import asyncio
 import contextlib
 import os
 import resource
+import select
 import socket
 import ssl
 import subprocess
-import select
 import sys
 import time
 from collections.abc import Iterator
