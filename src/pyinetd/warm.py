@@ -14,7 +14,7 @@ import logging
 import os
 import selectors
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pyinetd import environ, log, spawn
 from pyinetd.config import Service
@@ -29,6 +29,9 @@ from pyinetd.zygote import (
     is_child,
     script_id,
 )
+
+if TYPE_CHECKING:
+    from pyinetd.arrival import Arrival
 
 RETIRE_DEADLINE = 2.0  # seconds a replaced zygote has to exit before it is killed
 
@@ -214,16 +217,17 @@ class Zygotes:
         return True
 
     # ------------------------------------------------------------------ per connection
-    def ask(self, svc: Service, env: list[bytes], fds: tuple[int, int, int]) -> Ticket | None:
-        """Ask the service's zygote for the connection's process, without waiting: its pid
-        comes to ``replied`` with the returned ticket (or None there: serve it cold then).
-        None here when no zygote is ready (serve it cold now: one log line per outage,
-        never a refusal)."""
+    def ask(self, arrival: Arrival, stderr: int) -> Ticket | None:
+        """Ask the arrival's service's zygote for its process (the arrival's fd on its stdin
+        and stdout, ``stderr`` on its stderr), without waiting: its pid comes to ``replied``
+        with the returned ticket (or None there: serve it cold then). None here when no
+        zygote is ready (serve it cold now: one log line per outage, never a refusal)."""
+        svc = arrival.state.service
         z = self._by_name.get(svc.name)
         if z is None:
             return None
         try:
-            number = z.send(env, fds)
+            number = z.send(arrival.env, (arrival.fd, arrival.fd, stderr))
         except ZygoteUnavailable as exc:
             self.note_cold(z, str(exc))
             return None
