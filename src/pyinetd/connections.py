@@ -390,8 +390,6 @@ class Connections:
         self._throttled = throttled
         self._emfile_logged = False
         self.stages = Stages(config, loop, services, self, children.kill)
-        self.pending = self.stages.pending
-        self.pools = self.stages.pools
         self.configure = self.stages.configure
         self.close_pending = self.stages.close_pending
         services.on_accept = self.on_accept

@@ -71,20 +71,6 @@ class Server:
         self._drain_timer: Timer | None = None
         self._pid_file: str | None = None
         self._pid_entry: tuple[int, str, int, int] | None = None  # folder fd, name, dev, inode
-        # The parts' tables and handlers under the names tests and tools look for.
-        self.sel = loop.sel
-        self.states = self.services.states
-        self.listeners = self.services.listeners
-        self.workers = self._workers.table
-        self.pending = self.connections.pending
-        self._pools = self.connections.pools
-        self._serve_stream = self.connections.serve_stream
-        self._contain = self.connections.contain
-        self._wake_r, self._wake_w = loop._wake_r, loop._wake_w
-
-    @property
-    def _stopping(self) -> bool:
-        return self.services.stopping
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
@@ -164,7 +150,7 @@ class Server:
         return STOP
 
     def _on_sighup(self, sig: int) -> object:
-        if not self._stopping:
+        if not self.services.stopping:
             self.reload()
         return None
 
@@ -253,7 +239,7 @@ class Server:
 
     def _begin_stop(self, why: str) -> None:
         """Stop listening; then leave at once, or drain the children first."""
-        if self._stopping:
+        if self.services.stopping:
             event(logging.INFO, f"{why} again: stopping now", event="stop_now")
             self._workers.signal(signal.SIGTERM)
             self.loop.exit = True
@@ -290,14 +276,15 @@ class Server:
         self.loop.exit = True
 
     def _check_drained(self) -> None:
-        if self._stopping and not self.children and not self.sessions and not self._workers.table:
+        idle = not (self.children or self.sessions or self._workers.table)
+        if self.services.stopping and idle:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
             self.loop.exit = True
 
     def _child_ended(self, child: Child) -> None:
         """A child's end is accounted for: the drain may be over, or a listener resumes."""
-        if self._stopping:
+        if self.services.stopping:
             self._check_drained()
             return
         self.services.child_ended(child.listener)
@@ -365,7 +352,7 @@ class Server:
         self.children.zygotes.sync(served.values())
 
     def _shutdown(self) -> None:
-        if not self._stopping:
+        if not self.services.stopping:
             self._begin_stop("exit")
         self.ops.close()
         self.sessions.close_all()
@@ -387,7 +374,7 @@ class Server:
         self.loop.close()
 
     def __repr__(self) -> str:
-        return f"<Server {len(self.listeners)} listeners, {len(self.children)} children>"
+        return f"<Server {len(self.services.listeners)} listeners, {len(self.children)} children>"
 
 
 STOP = object()  # a signal's action returns it: the others of this wake-up are not looked at
