@@ -119,7 +119,7 @@ class Awaiting:
 class ChildStderr:
     """What a child gets as its stderr, by its service's `stderr:`; the fds made once."""
 
-    def __init__(self, loop: Loop) -> None:
+    def __init__(self, *, loop: Loop) -> None:
         self._loop = loop
         self._devnull = -1  # `stderr: null`, opened once
 
@@ -161,6 +161,7 @@ class Children:
 
     def __init__(
         self,
+        *,
         loop: Loop,
         spawner: Spawner,
         services: Services,
@@ -181,29 +182,29 @@ class Children:
         self._other_pids = other_pids  # pids the exit watcher must watch too (workers)
         self.table = table  # shared with Services, which counts it for max_children
         self._udp_replies: dict[int, UDPReply] = {}  # pid of a UDP nowait child -> its reply
-        self._stderr = ChildStderr(loop)  # the fds children get as their stderr
+        self._stderr = ChildStderr(loop=loop)  # the fds children get as their stderr
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
         self._reaping = reaper.Reaping(
-            loop.sel,
-            loop.call_later,
-            self.on_reaped,
-            lambda: (*self.table, *self._other_pids(), *self.zygotes.pids()),
-            lambda: len(self.table),
-            lambda level, msg, pid: event(
+            sel=loop.sel,
+            call_later=loop.call_later,
+            handle=self.on_reaped,
+            pids=lambda: (*self.table, *self._other_pids(), *self.zygotes.pids()),
+            count=lambda: len(self.table),
+            say=lambda level, msg, pid: event(
                 level, msg, event="watcher", **({"pid": pid} if pid else {})
             ),
         )
         # `warm: true` services' zygotes (warm.py): they fork children of ours
         self.zygotes = Zygotes(
-            spawner,
-            lambda svc: self._stderr.fd(services.states[svc.name], None),
-            loop.sel,
-            loop.call_later,
-            self.track,
+            spawner=spawner,
+            stderr_for=lambda svc: self._stderr.fd(services.states[svc.name], None),
+            sel=loop.sel,
+            call_later=loop.call_later,
+            track=self.track,
+            replied=self._warm_replied,
+            is_ours=self._is_reaped_child,
+            is_tracked=self.table.__contains__,
         )
-        self.zygotes.replied = self._warm_replied
-        self.zygotes.is_ours = self._is_reaped_child
-        self.zygotes.is_tracked = self.table.__contains__
         self._awaiting: dict[Ticket, Awaiting] = {}  # asked of a zygote, no pid yet
         # pid -> (status, usage): reaped before its pid came
         self._reaped_early: dict[int, tuple[int, Usage]] = {}

@@ -79,7 +79,7 @@ class Pool:
 class Sessions:
     """The built-in sessions (echo, chargen...) running in the loop, with their slot and timer."""
 
-    def __init__(self, loop: Loop, services: Services, drained: Callable[[], None]) -> None:
+    def __init__(self, *, loop: Loop, services: Services, drained: Callable[[], None]) -> None:
         self._loop = loop
         self._services = services
         self._drained = drained  # a session ended while stopping
@@ -163,6 +163,7 @@ class Stages:
 
     def __init__(
         self,
+        *,
         config: Config,
         loop: Loop,
         services: Services,
@@ -374,6 +375,7 @@ class Connections:
 
     def __init__(
         self,
+        *,
         config: Config,
         loop: Loop,
         services: Services,
@@ -389,11 +391,11 @@ class Connections:
         self.sessions = sessions
         self._throttled = throttled
         self._emfile_logged = False
-        self.stages = Stages(config, loop, services, self, children.kill)
+        self.stages = Stages(
+            config=config, loop=loop, services=services, path=self, kill=children.kill
+        )
         self.configure = self.stages.configure
         self.close_pending = self.stages.close_pending
-        services.on_accept = self.on_accept
-        services.on_datagram = self.on_datagram
 
     def refuse(
         self,

@@ -50,34 +50,49 @@ class Server:
         self.child_metrics = Metrics()  # durations and exit classes, by service name
         throttled = ThrottledLog()
         table: dict[int, Child] = {}  # the children, by pid
-        self.services = Services(config, loop, self.spawner, worker, table)
+        # Who calls whom: a listener's arrivals go to the connections (built below: the
+        # lambdas); a child's, a session's and a worker's end come back here (the drain).
+        self.services = services = Services(
+            config=config,
+            loop=loop,
+            spawner=self.spawner,
+            worker=worker,
+            children=table,
+            on_accept=lambda lst, mask: self.connections.on_accept(lst, mask),
+            on_datagram=lambda lst, mask: self.connections.on_datagram(lst, mask),
+        )
         self.children = Children(
-            loop,
-            self.spawner,
-            self.services,
-            self.child_metrics,
-            throttled,
-            table,
-            self._child_ended,
-            lambda pid, status: self._workers.exited(pid, status),
-            lambda: self._workers.table,
+            loop=loop,
+            spawner=self.spawner,
+            services=services,
+            metrics=self.child_metrics,
+            throttled=throttled,
+            table=table,
+            ended=self._child_ended,
+            other_exited=lambda pid, status: self._workers.exited(pid, status),
+            other_pids=lambda: self._workers.table,
         )
-        self._workers = Workers(loop, self.services, self.children.track, self._check_drained)
-        self.sessions = Sessions(loop, self.services, self._check_drained)
+        self._workers = Workers(
+            loop=loop, services=services, track=self.children.track, drained=self._check_drained
+        )
+        self.sessions = Sessions(loop=loop, services=services, drained=self._check_drained)
         self.connections = Connections(
-            config, loop, self.services, self.children, self.sessions, throttled
+            config=config,
+            loop=loop,
+            services=services,
+            children=self.children,
+            sessions=self.sessions,
+            throttled=throttled,
         )
-        self.ops = Operations(self.snapshot, self.reload, self._begin_stop)
+        self.ops = Operations(snapshot=self.snapshot, reload=self.reload, stop=self._begin_stop)
         self._drain_timer: Timer | None = None
         self._pid_file: str | None = None
         self._pid_entry: tuple[int, str, int, int] | None = None  # folder fd, name, dev, inode
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
-        """Bind every enabled service's listeners; ListenError (nothing left bound) on failure.
-
-        Sockets handed over by systemd socket activation are adopted instead of bound.
-        """
+        """Bind every enabled service's listeners (adopt those systemd socket activation
+        handed over); ListenError (nothing left bound) on failure."""
         self.services.bind(self.config)
 
     def _install_signals(self) -> None:
@@ -162,10 +177,9 @@ class Server:
     def _write_pid_file(self, path: str) -> None:
         """Write the pid file atomically, from an fd on its folder, under a name no one can guess.
 
-        The temporary name was PATH.PID.tmp, opened following symlinks: a local user who
-        planted symlinks for the next pids had root overwrite a file of their choosing (issue
-        14.4). A folder others may write (unless sticky) or another user owns is refused: they
-        could swap the file under us, and its removal at stop.
+        A guessable name opened following symlinks lets a local user who plants symlinks for
+        the next pids have root overwrite a file of their choosing. A folder others may write
+        (unless sticky) or another user owns is refused: they could swap the file under us.
         """
         folder, name = os.path.split(os.path.abspath(path))
         dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -327,8 +341,7 @@ class Server:
         return errors
 
     def _log_file_warnings(self) -> None:
-        """Each service failed, or served without a file, by a file its user can change
-        (config.Config.warnings): a warning at each (re)load, not an error."""
+        """Config.warnings (a file its user can change failed a service): warned at each load."""
         for line in self.config.warnings:
             event(logging.WARNING, line, event="service_file")
 

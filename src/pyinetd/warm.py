@@ -48,11 +48,15 @@ class Zygotes:
 
     def __init__(
         self,
+        *,
         spawner: spawn.Spawner,
         stderr_for: Callable[[Service], tuple[int, bool]],
         sel: selectors.BaseSelector,
         call_later: Callable[[float, Callable[[], None]], _Timer],
         track: Callable[[int], None],
+        replied: Callable[[Ticket, int | None, str], None],
+        is_ours: Callable[[int], bool],
+        is_tracked: Callable[[int], bool],
     ) -> None:
         self._spawner = spawner
         self._stderr_for = stderr_for
@@ -68,11 +72,11 @@ class Zygotes:
         self._timers: dict[Zygote, _Timer] = {}
         self._expiry: dict[Zygote, _Timer] = {}  # zygotes with requests not answered yet
         # where the answers to ``ask`` go: (ticket, pid or None: serve it cold, why)
-        self.replied: Callable[[Ticket, int | None, str], None] = lambda t, pid, why: None
+        self._replied = replied
         # whether a pid is pyinetd's child (the children table knows those reaped early)
-        self.is_ours: Callable[[int], bool] = lambda pid: False
+        self._is_ours = is_ours
         # whether a pid has a slot already (the children table's running processes)
-        self.is_tracked: Callable[[int], bool] = lambda pid: False
+        self._is_tracked = is_tracked
 
     # ------------------------------------------------------------------ lifecycle
     def sync(self, services: Iterable[Service]) -> None:
@@ -109,13 +113,19 @@ class Zygotes:
             self._say(logging.WARNING, f"{svc.name}: zygote: stderr: {exc}; serving cold")
             return
         try:
-            z = Zygote(svc, env, err, say=self._say, start_process=self._spawner.zygote)
+            z = Zygote(
+                svc,
+                env,
+                err,
+                say=self._say,
+                start_process=self._spawner.zygote,
+                replied=lambda n, pid, why: self._replied((z, n), pid, why),
+                is_ours=lambda pid: self._is_ours(pid) or is_child(pid),
+                is_tracked=lambda pid: pid in self._by_pid or self._is_tracked(pid),
+            )
         except (ValueError, OSError) as exc:  # the script changed since the load
             self._say(logging.WARNING, f"{svc.name}: zygote: {exc}; serving cold")
             return
-        z.replied = lambda n, pid, why: self.replied((z, n), pid, why)
-        z.is_ours = lambda pid: self.is_ours(pid) or is_child(pid)
-        z.is_tracked = lambda pid: pid in self._by_pid or self.is_tracked(pid)
         (self._successors if successor else self._by_name)[svc.name] = z
         try:
             z.start()
