@@ -5,8 +5,8 @@ A connection may first wait in a pre-service stage (stages.py: its PROXY header,
 ClientHello), in its service's pool (Pool); then admission.admit() decides, and the connection
 goes to the children table (children.py, which starts the program through spawn.py) or to a
 built-in session (builtins.py). A TLS connection's relay does the handshake, and the
-connection stays in the pool until the relay reports it complete. The connection environment
-(UCSPI variables) is made here.
+connection stays in the pool until the relay reports it complete. Each connection that goes to
+a process is one arrival.Arrival, built here with its environment (environ.py's UCSPI entries).
 """
 
 from __future__ import annotations
