@@ -24,7 +24,6 @@ from conftest import (
     closed_by_server,
     free_port,
     idle_connections,
-    port_open,
     status_of,
     tcp_listening,
     tcp_talk,
@@ -215,7 +214,7 @@ def test_second_sigterm_in_agent_drain_time_closes_at_once(inetd: Start) -> None
     )
     p.signal(signal.SIGTERM)
     p.wait_log(r"answering drain to the agent for 600s")
-    assert port_open(port)
+    assert tcp_listening(port)
     p.signal(signal.SIGTERM)
     assert p.proc.wait(DEADLINE) == 0
     p.wait_log(r"SIGTERM: stopping")
