@@ -235,3 +235,55 @@ def test_stop_closes_at_once_without_the_agent_wait(inetd: Start, extra: dict[st
     p.signal(signal.SIGTERM)
     assert p.proc.wait(DEADLINE) == 0
     assert "answering drain" not in p.log()
+
+
+def test_a_connection_awaiting_its_proxy_header_holds_a_max_connections_place(
+    inetd: Start,
+) -> None:
+    # max_connections: 1, on_limit: queue, behind a PROXY balancer. A connects and its header
+    # is late; B comes complete. A holds the one place while its header is due, so B waits in
+    # the backlog; without that hold B was served first and A, its header in, was refused
+    # (closed with no answer: what HAProxy told `maxconn:` max_connections saw).
+    port = free_port()
+    p = inetd(
+        {
+            "services": {
+                "p": {
+                    "listen": f"127.0.0.1:{port}",
+                    "exec": "/bin/cat",
+                    "proxy_protocol": "v1",
+                    "proxy_from": ["127.0.0.1"],
+                    "max_connections": 1,
+                    "on_limit": "queue",
+                }
+            }
+        }
+    )
+    header = b"PROXY TCP4 192.0.2.7 192.0.2.1 4000 80\r\n"
+    a = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    wait_for(lambda: backlog(port) == 0, what="pyinetd to accept A")
+    assert _resting(p), status_of(p)["p"]  # A, its header due, holds the one place
+    b = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
+    b.sendall(header + b"b\n")
+    a.sendall(header + b"a\n")
+    assert a.recv(10) == b"a\n"
+    a.close()
+    assert b.recv(10) == b"b\n"  # its turn once A's program has ended
+    b.close()
+    assert status_of(p)["p"]["refused"] == {}
+
+
+def backlog(port: int) -> int:
+    """Connections in the accept queue of the IPv4 listener on ``port`` (/proc/net/tcp: a
+    listening socket's rx_queue is its accept queue)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def _resting(p: Pyinetd) -> bool:
+    """No child runs, yet the listener rests at max_connections: a header holds the place."""
+    st = status_of(p)["p"]
+    return bool(st["running"] == 0 and st["state"] == "at limit (queueing)")
