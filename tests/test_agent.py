@@ -146,6 +146,27 @@ def test_agent_says_down_for_a_service_failed_at_load(inetd: Start, folder: Path
     assert ask(ag, b"prog\n") == "down#failed at load: cwd"
 
 
+def test_agent_says_down_while_a_warm_services_zygote_has_failed(
+    inetd: Start, folder: Path
+) -> None:
+    script = folder / "svc.py"
+    script.write_text("#!/usr/bin/env python3\nprint('hi')\n")
+    script.chmod(0o755)
+    port, ag = free_port(), free_port()
+    svc = {"listen": f"127.0.0.1:{port}", "exec": [str(script)], "warm": True}
+    p = inetd(
+        {
+            "agent": f"127.0.0.1:{ag}",
+            "services": {"svc": {**svc, "preload": ["no_such_module_anywhere"]}},
+        }
+    )
+    p.wait_log(r"svc: zygote: preload 'no_such_module_anywhere': ModuleNotFoundError")
+    wait_for(lambda: ask(ag, b"svc\n").startswith("down#"), what="the agent to say down")
+    answer = ask(ag, b"svc\n")
+    assert answer.startswith("down#zygote failed: preload 'no_such_module_anywhere'"), answer
+    assert "\n" not in answer and len(answer) <= 5 + 120, answer
+
+
 def test_agent_port_is_bounded_per_source_in_line_length_and_time(inetd: Start) -> None:
     svc, ag = free_port(), free_port()
     inetd(
