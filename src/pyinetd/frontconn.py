@@ -23,7 +23,7 @@ import ssl
 import time
 from typing import Any, Protocol
 
-from pyinetd import tlsconf
+from pyinetd import frontchan, tlsconf
 
 __all__ = ["TLS_RECORD", "Conn", "Hub"]
 
@@ -58,9 +58,9 @@ class Hub(Protocol):
         """One line to the front's log."""
 
 
-class Conn:
-    """One connection: created on ``C``; ``on_event`` for readiness, ``attach`` on ``S``,
-    ``refuse`` on ``N``, ``abort`` on ``K``, ``on_timer`` at its deadline."""
+class _Streams:
+    """A connection's state and its byte moves: the client socket (plain, or TLS through the
+    memory BIOs) and the service's pipes or socket, each step non-blocking and bounded."""
 
     __slots__ = (
         "_dead",
@@ -88,6 +88,7 @@ class Conn:
         "outg",
         "peer",
         "phase",
+        "quiet",
         "raw",
         "redirect",
         "sent_ab",
@@ -130,6 +131,7 @@ class Conn:
         self.notified = False  # TLS: our close_notify made
         self.env: dict[str, str] = {}
         self._dead = False  # the client is gone (reset, protocol error)
+        self.quiet = False  # F told: the end needs no E
         self.last = time.monotonic()
         self.when = 0.0
         self.tls: ssl.SSLObject | None = None
@@ -140,18 +142,242 @@ class Conn:
             self.phase = HANDSHAKE
         else:
             self.phase = CONNECTING if redirect is not None else WAITING
-        hub.arm(self, self.last + deadline)
-        self.when = self.last + deadline
+        self.when = self.last + deadline  # armed by Conn.start
 
-    # --- entry points from the loop --------------------------------------------------------
+    def _wants_client_input(self) -> bool:
+        return self.ab_state == _OPEN and len(self.ab) < self.bufsize and not self._dead
+
+    def _recv_raw(self) -> bytes | None:
+        """Bytes from the client socket; b"" at EOF; None when none wait (or it failed)."""
+        try:
+            data = self.sock.recv(_RECV)
+        except _AGAIN:
+            self.c_r = False
+            return None
+        except OSError:
+            self._dead = True  # ECONNRESET, ETIMEDOUT
+            return None
+        self.last = time.monotonic()
+        return data
+
+    def _read_client(self) -> bool:
+        if not self._wants_client_input():
+            return False
+        if self.tls is None:
+            if not self.c_r:
+                return False
+            data = self._recv_raw()
+            if data is None:
+                return False
+            if not data:
+                self.ab_state = _EOF
+            self.ab += data
+            return True
+        assert self.inc is not None
+        progress = False
+        while self._wants_client_input():
+            try:
+                data = self.tls.read(self.bufsize - len(self.ab))
+            except ssl.SSLWantReadError:
+                if not self.c_r or self.inc.eof:
+                    break
+                raw = self._recv_raw()
+                if raw is None:
+                    break
+                if raw:
+                    self.inc.write(raw)
+                else:
+                    self.inc.write_eof()
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                data = b""  # close_notify, or a TCP EOF without it: no more input either way
+            except (ssl.SSLError, ValueError):
+                self._dead = True  # a TLS protocol error: the stream is over
+                break
+            progress = True
+            if not data:
+                self.ab_state = _EOF
+                break
+            self.ab += data
+        return progress
+
+    def _write_client(self) -> bool:
+        if self._dead:
+            return False
+        progress = False
+        if self.tls is not None:
+            assert self.outg is not None
+            # Plaintext into records only once the handshake is done (a banner waits in ba),
+            # and while the ciphertext for the socket is small.
+            while self.ba and len(self.raw) < self.bufsize and self.phase != HANDSHAKE:
+                n = min(len(self.ba), TLS_RECORD)
+                try:
+                    self.tls.write(self.ba[:n])
+                except (ssl.SSLError, ValueError):
+                    self._dead = True
+                    return True
+                del self.ba[:n]
+                self.sent_ba += n
+                progress = True
+            if self.outg.pending:
+                self.raw += self.outg.read()
+            out = self.raw
+        else:
+            out = self.ba
+        if out and self.c_w:
+            try:
+                sent = self.sock.send(out, socket.MSG_NOSIGNAL)
+            except _AGAIN:
+                self.c_w = False
+                return progress
+            except OSError:
+                self._dead = True  # EPIPE, ECONNRESET
+                return True
+            if self.tls is None:
+                self.sent_ba += sent
+            if sent < len(out):
+                self.c_w = False
+            del out[:sent]
+            if not out:
+                # Give an idle connection's buffer back (a bytearray keeps its capacity).
+                if self.tls is not None:
+                    self.raw = bytearray()
+                else:
+                    self.ba = bytearray()
+            self.last = time.monotonic()
+            progress = progress or sent > 0
+        return progress
+
+    def _close_notify(self) -> None:
+        """Our close_notify into ``raw``. SSL_shutdown's second step reads the client's alert
+        from the incoming BIO and drops any application data it meets there
+        (APPLICATION_DATA_AFTER_CLOSE_NOTIFY); the caller makes sure none is buffered."""
+        assert self.tls is not None and self.outg is not None
+        self.notified = True
+        try:
+            self.tls.unwrap()
+        except ssl.SSLWantReadError:
+            pass  # sent; the client's close_notify not seen yet: it may still send (6.1)
+        except (ssl.SSLError, ValueError):
+            pass  # the session had already failed: there is no alert to send
+        else:
+            if self.ab_state == _OPEN:
+                self.ab_state = _EOF  # both close_notify are through
+        self.raw += self.outg.read()
+
+    def _write_service(self) -> bool:
+        if not self.ab or not self.in_w or self.ab_state == _DEAD:
+            return False
+        try:
+            if self.target is not None:
+                sent = self.target.send(self.ab, socket.MSG_NOSIGNAL)
+            else:
+                sent = os.write(self.in_fd, self.ab)
+        except _AGAIN:
+            self.in_w = False
+            return False
+        except OSError:
+            self._kill_ab()  # EPIPE: the program closed its stdin or exited
+            return True
+        if sent < len(self.ab):
+            self.in_w = False
+        del self.ab[:sent]
+        self.sent_ab += sent
+        if not self.ab:
+            self.ab = bytearray()
+        self.last = time.monotonic()
+        return sent > 0
+
+    def _read_service(self) -> bool:
+        if self.ba_state != _OPEN or not self.out_r or len(self.ba) >= self.bufsize:
+            return False
+        room = self.bufsize - len(self.ba)
+        try:
+            if self.target is not None:
+                data = self.target.recv(min(room, _RECV))
+            else:
+                data = os.read(self.out_fd, min(room, _RECV))
+        except _AGAIN:
+            self.out_r = False
+            return False
+        except OSError:
+            # ECONNRESET from a redirect target: deliver what it sent, take no more input.
+            self.ba_state = _EOF
+            self._kill_ab()
+            return True
+        if not data:
+            self.ba_state = _EOF
+            return True
+        if len(data) < min(room, _RECV):
+            self.out_r = False
+        self.ba += data
+        self.last = time.monotonic()
+        return True
+
+    def _end_input(self) -> None:
+        """No more input for the service: close the stdin pipe, or shutdown(SHUT_WR)."""
+        if self.target is not None:
+            with contextlib.suppress(OSError):
+                self.target.shutdown(socket.SHUT_WR)
+        elif self.in_fd >= 0:
+            self._close_fd(self.in_fd)
+            self.in_fd = -1
+
+    def _kill_ab(self) -> None:
+        if self.ab_state in (_DONE, _DEAD):
+            return
+        self.ab_state = _DEAD
+        self.ab = bytearray()
+        self._end_input()
+
+    def _close_fd(self, fd: int) -> None:
+        if fd in self.masks:
+            del self.masks[fd]
+            self.hub.watch(fd, False, False, None)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def _close_service(self) -> None:
+        if self.target is not None:
+            if self.target.fileno() in self.masks:
+                del self.masks[self.target.fileno()]
+                self.hub.watch(self.target.fileno(), False, False, None)
+            self.target.close()
+            self.target = None
+        for fd in (self.in_fd, self.out_fd):
+            if fd >= 0:
+                self._close_fd(fd)
+        self.in_fd = self.out_fd = -1
+
+    def _close_all(self) -> None:
+        self._close_service()
+        if self.fd in self.masks:
+            del self.masks[self.fd]
+            self.hub.watch(self.fd, False, False, None)
+        self.sock.close()
+        self.tls = None
+        self.inc = self.outg = None
+
+
+class Conn(_Streams):
+    """One connection: created on ``C``; ``on_event`` for readiness, ``attach`` on ``S``,
+    ``refuse`` on ``N``, ``abort`` on ``K``, ``on_timer`` at its deadline."""
+
+    __slots__ = ()
 
     def start(self) -> None:
         """First steps: the ClientHello is usually there already (the parent awaited it)."""
+        self.hub.arm(self, self.when)
         if self.phase == CONNECTING:
             self._connect()
         elif self.phase == WAITING:
             self._handshake_done()
         self.pump()
+
+    def _want(self, fd: int, read: bool, write: bool) -> None:
+        if self.masks.get(fd, (False, False)) != (read, write):
+            self.masks[fd] = (read, write)
+            self.hub.watch(fd, read, write, self)
 
     def on_event(self, fd: int, readable: bool, writable: bool) -> None:
         if fd == self.fd:
@@ -218,8 +444,6 @@ class Conn:
         self.phase = CLOSED
         self.hub.ended(self)
 
-    # --- the pump ----------------------------------------------------------------------------
-
     def pump(self) -> None:
         """Take every step possible without waiting, then say what to wait for."""
         if self.phase == CLOSED:
@@ -280,133 +504,6 @@ class Conn:
         if self.out_fd >= 0:
             self._want(self.out_fd, self.ba_state == _OPEN and len(self.ba) < self.bufsize, False)
 
-    def _want(self, fd: int, read: bool, write: bool) -> None:
-        if self.masks.get(fd, (False, False)) != (read, write):
-            self.masks[fd] = (read, write)
-            self.hub.watch(fd, read, write, self)
-
-    def _wants_client_input(self) -> bool:
-        return self.ab_state == _OPEN and len(self.ab) < self.bufsize and not self._dead
-
-    # --- client side -------------------------------------------------------------------------
-
-    def _recv_raw(self) -> bytes | None:
-        """Bytes from the client socket; b"" at EOF; None when none wait (or it failed)."""
-        try:
-            data = self.sock.recv(_RECV)
-        except _AGAIN:
-            self.c_r = False
-            return None
-        except OSError:
-            self._dead = True  # ECONNRESET, ETIMEDOUT
-            return None
-        self.last = time.monotonic()
-        return data
-
-    def _read_client(self) -> bool:
-        if not self._wants_client_input():
-            return False
-        if self.tls is None:
-            if not self.c_r:
-                return False
-            data = self._recv_raw()
-            if data is None:
-                return False
-            if not data:
-                self.ab_state = _EOF
-            self.ab += data
-            return True
-        assert self.inc is not None
-        progress = False
-        while self._wants_client_input():
-            try:
-                data = self.tls.read(self.bufsize - len(self.ab))
-            except ssl.SSLWantReadError:
-                if not self.c_r or self.inc.eof:
-                    break
-                raw = self._recv_raw()
-                if raw is None:
-                    break
-                if raw:
-                    self.inc.write(raw)
-                else:
-                    self.inc.write_eof()
-                continue
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                data = b""  # close_notify, or a TCP EOF without it: no more input either way
-            except (ssl.SSLError, ValueError):
-                self._dead = True  # a TLS protocol error: the stream is over
-                break
-            progress = True
-            if not data:
-                self.ab_state = _EOF
-                break
-            self.ab += data
-        return progress
-
-    def _write_client(self) -> bool:
-        if self._dead:
-            return False
-        progress = False
-        if self.tls is not None:
-            assert self.outg is not None
-            # Plaintext into records only while the ciphertext for the socket is small.
-            while self.ba and len(self.raw) < self.bufsize:
-                n = min(len(self.ba), TLS_RECORD)
-                try:
-                    self.tls.write(self.ba[:n])
-                except (ssl.SSLError, ValueError):
-                    self._dead = True
-                    return True
-                del self.ba[:n]
-                self.sent_ba += n
-                progress = True
-            if self.outg.pending:
-                self.raw += self.outg.read()
-            out = self.raw
-        else:
-            out = self.ba
-        if out and self.c_w:
-            try:
-                sent = self.sock.send(out, socket.MSG_NOSIGNAL)
-            except _AGAIN:
-                self.c_w = False
-                return progress
-            except OSError:
-                self._dead = True  # EPIPE, ECONNRESET
-                return True
-            if self.tls is None:
-                self.sent_ba += sent
-            if sent < len(out):
-                self.c_w = False
-            del out[:sent]
-            if not out:
-                # Give an idle connection's buffer back (a bytearray keeps its capacity).
-                if self.tls is not None:
-                    self.raw = bytearray()
-                else:
-                    self.ba = bytearray()
-            self.last = time.monotonic()
-            progress = progress or sent > 0
-        return progress
-
-    def _close_notify(self) -> None:
-        """Our close_notify into ``raw``. SSL_shutdown's second step reads the client's alert
-        from the incoming BIO and drops any application data it meets there
-        (APPLICATION_DATA_AFTER_CLOSE_NOTIFY); the caller makes sure none is buffered."""
-        assert self.tls is not None and self.outg is not None
-        self.notified = True
-        try:
-            self.tls.unwrap()
-        except ssl.SSLWantReadError:
-            pass  # sent; the client's close_notify not seen yet: it may still send (6.1)
-        except (ssl.SSLError, ValueError):
-            pass  # the session had already failed: there is no alert to send
-        else:
-            if self.ab_state == _OPEN:
-                self.ab_state = _EOF  # both close_notify are through
-        self.raw += self.outg.read()
-
     def _handshake(self) -> None:
         assert self.tls is not None and self.inc is not None and self.outg is not None
         while True:
@@ -432,7 +529,13 @@ class Conn:
                 self.inc.write(raw)
             except (ssl.SSLError, ValueError) as exc:
                 reason = getattr(exc, "reason", None) or str(exc)
-                self._fail(f"TLS handshake failed: {reason}")
+                # The alert OpenSSL made (certificate_required, handshake_failure...) goes out
+                # before the close, as it would from a socket BIO: the client learns why.
+                self.raw += self.outg.read()
+                with contextlib.suppress(OSError):
+                    self.sock.send(self.raw, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+                    self.sock.shutdown(socket.SHUT_WR)
+                self._fail(f"TLS handshake failed: {reason}", linger=True)
                 return
         # TLS 1.3 session tickets leave now, in the handshake's last flight (the client
         # socket has TCP_NODELAY, so the first reply never waits for their ACK).
@@ -449,9 +552,18 @@ class Conn:
         self.hub.log(f"TLS from {self.peer}: {msg}")
 
     def _handshake_done(self) -> None:
+        fields = {"id": self.id, "env": self.env}
+        try:
+            frontchan.encode("H", fields)
+        except frontchan.ChannelError as exc:
+            # A client certificate's names too long for the channel (values <= 4096 characters,
+            # one record <= 8192 bytes): fail closed rather than start the program without
+            # SSL_CLIENT_S_DN, which it may authorize by.
+            self._fail(f"TLS facts too large to pass on: {exc}")
+            return
         self.phase = WAITING
         self.when = 0.0  # the deadline is the parent's from here on
-        self.hub.tell("H", {"id": self.id, "env": self.env})
+        self.hub.tell("H", fields)
 
     def _linger_read(self) -> None:
         while self.c_r:
@@ -461,8 +573,6 @@ class Conn:
             if not raw:
                 self._finish()
                 return
-
-    # --- service side ------------------------------------------------------------------------
 
     def _connect(self) -> None:
         assert self.redirect is not None
@@ -499,55 +609,6 @@ class Conn:
         if self.idle is not None:
             self._arm(time.monotonic() + self.idle)
 
-    def _write_service(self) -> bool:
-        if not self.ab or not self.in_w or self.ab_state == _DEAD:
-            return False
-        try:
-            if self.target is not None:
-                sent = self.target.send(self.ab, socket.MSG_NOSIGNAL)
-            else:
-                sent = os.write(self.in_fd, self.ab)
-        except _AGAIN:
-            self.in_w = False
-            return False
-        except OSError:
-            self._kill_ab()  # EPIPE: the program closed its stdin or exited
-            return True
-        if sent < len(self.ab):
-            self.in_w = False
-        del self.ab[:sent]
-        self.sent_ab += sent
-        if not self.ab:
-            self.ab = bytearray()
-        self.last = time.monotonic()
-        return sent > 0
-
-    def _read_service(self) -> bool:
-        if self.ba_state != _OPEN or not self.out_r or len(self.ba) >= self.bufsize:
-            return False
-        room = self.bufsize - len(self.ba)
-        try:
-            if self.target is not None:
-                data = self.target.recv(min(room, _RECV))
-            else:
-                data = os.read(self.out_fd, min(room, _RECV))
-        except _AGAIN:
-            self.out_r = False
-            return False
-        except OSError:
-            # ECONNRESET from a redirect target: deliver what it sent, take no more input.
-            self.ba_state = _EOF
-            self._kill_ab()
-            return True
-        if not data:
-            self.ba_state = _EOF
-            return True
-        if len(data) < min(room, _RECV):
-            self.out_r = False
-        self.ba += data
-        self.last = time.monotonic()
-        return True
-
     def _advance(self) -> bool:
         """Pass an EOF on once its buffer is empty."""
         progress = False
@@ -573,33 +634,27 @@ class Conn:
             progress = True
         return progress
 
-    def _end_input(self) -> None:
-        """No more input for the service: close the stdin pipe, or shutdown(SHUT_WR)."""
-        if self.target is not None:
-            with contextlib.suppress(OSError):
-                self.target.shutdown(socket.SHUT_WR)
-        elif self.in_fd >= 0:
-            self._close_fd(self.in_fd)
-            self.in_fd = -1
-
-    def _kill_ab(self) -> None:
-        if self.ab_state in (_DONE, _DEAD):
-            return
-        self.ab_state = _DEAD
-        self.ab = bytearray()
-        self._end_input()
-
-    # --- the end -----------------------------------------------------------------------------
-
     def _arm(self, when: float) -> None:
         self.when = when
         self.hub.arm(self, when)
 
-    def _fail(self, reason: str) -> None:
-        """Before ``H``: ``F`` and close."""
+    def _fail(self, reason: str, linger: bool = False) -> None:
+        """Before ``H``: ``F`` and close; ``linger``: after the client's unread bytes are read
+        and dropped a while (a close with them unread is a RST, which can destroy the alert
+        just sent before the client reads it)."""
+        if linger and self.linger > 0 and not self._dead:
+            self.quiet = True  # the id is over for the parent: no E at the end
+            self._close_service()
+            self.phase = LINGER
+            self.c_r = True
+            self._arm(time.monotonic() + min(self.linger, 1.0))
+            self._interest()
+            self.hub.tell("F", {"id": self.id, "reason": _printable(reason)})
+            self._linger_read()
+            return
         self._close_all()
         self.phase = CLOSED
-        self.hub.tell("F", {"id": self.id, "reason": reason[:200]})
+        self.hub.tell("F", {"id": self.id, "reason": _printable(reason)})
         self.hub.ended(self)
 
     def _finish(self, told: bool = False) -> None:
@@ -614,33 +669,12 @@ class Conn:
             return
         self._close_all()
         self.phase = CLOSED
-        self.hub.tell("E", {"id": self.id, "bytes_in": self.sent_ab, "bytes_out": self.sent_ba})
+        if not self.quiet:
+            fields = {"id": self.id, "bytes_in": self.sent_ab, "bytes_out": self.sent_ba}
+            self.hub.tell("E", fields)
         self.hub.ended(self)
 
-    def _close_fd(self, fd: int) -> None:
-        if fd in self.masks:
-            del self.masks[fd]
-            self.hub.watch(fd, False, False, None)
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
-    def _close_service(self) -> None:
-        if self.target is not None:
-            if self.target.fileno() in self.masks:
-                del self.masks[self.target.fileno()]
-                self.hub.watch(self.target.fileno(), False, False, None)
-            self.target.close()
-            self.target = None
-        for fd in (self.in_fd, self.out_fd):
-            if fd >= 0:
-                self._close_fd(fd)
-        self.in_fd = self.out_fd = -1
-
-    def _close_all(self) -> None:
-        self._close_service()
-        if self.fd in self.masks:
-            del self.masks[self.fd]
-            self.hub.watch(self.fd, False, False, None)
-        self.sock.close()
-        self.tls = None
-        self.inc = self.outg = None
+def _printable(reason: str) -> str:
+    """Printable ASCII, 200 characters at most: an OpenSSL reason or strerror never needs more."""
+    return "".join(c if " " <= c <= "~" else "?" for c in reason[:200])
