@@ -22,7 +22,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pyinetd.admission import admit
+from pyinetd.admission import Known, admit
 from pyinetd.frontproc import Front, Link
 from pyinetd.fronts import Fronts
 from pyinetd.listeners import peer_text
@@ -63,19 +63,17 @@ class Path(Protocol):
         detail: str = "",
     ) -> None: ...
 
-    def environ(
-        self, lst: Listener, ip: str, port: int, local: tuple[str, int] | None
-    ) -> list[bytes]: ...
-
     def start_program(
-        self, state: ServiceState, stdin: int, stdout: int, env: list[bytes], peer: str, src: str
+        self, state: ServiceState, pipes: tuple[int, int], env: list[bytes], pend: PendingFront
     ) -> int: ...
+
+    def known(self, svc: Service, ip: str, full: bool, now: float) -> Known: ...
+
+    def local_address(self, lst: Listener, conn: socket.socket) -> tuple[str, int]: ...
 
     def leave_stage(self, pend: Any) -> None: ...
 
     def enter_stage(self, pend: Any, hello: Any) -> None: ...
-
-    def conditions(self, svc: Any) -> dict[str, Any]: ...
 
 
 class PendingFront:
@@ -206,6 +204,8 @@ class FrontPath:
         )  # fmt: skip
         self.path.enter_stage(pend, hello)
         conn = hello.conn
+        if pend.local is None:  # (where the listener is on a wildcard address)
+            pend.local = self.path.local_address(lst, conn)
         conn.setblocking(True)
         pend.link = front.hand(pend, _payload(hello.ip, hello.port, hello.local, left), conn)
         return True
@@ -256,9 +256,8 @@ class FrontPath:
         if self.services.listeners.get(lst.key) is not lst:
             link.send("N", {"reason": "the service was removed"})
             return
-        reason, src = admit(
-            svc, state, pend.ip, self.services.full, time.monotonic(), **self.path.conditions(svc)
-        )
+        now = time.monotonic()
+        reason, src = admit(svc, state, self.path.known(svc, pend.ip, self.services.full, now))
         if reason is not None:
             self.path.refuse(state, None, pend.ip, pend.port, reason)
             if reason == "rate":
@@ -266,10 +265,10 @@ class FrontPath:
             link.send("N", {"reason": reason})
             return
         state.accepted += 1
-        # The connection's variables, then the handshake's SSL_* (frontproc checked the
+        # The handshake's SSL_* after the connection's variables (frontproc checked the
         # names against frontchan.TLS_ENV and frontchan the values: bounded, no NUL).
-        entries = self.path.environ(lst, pend.ip, pend.port, pend.local)
-        entries += [f"{k}={v}".encode() for k, v in sorted(env.items())]
+        pend.src = src
+        entries = [f"{k}={v}".encode() for k, v in sorted(env.items())]
         try:
             in_r, in_w = os.pipe()
         except OSError as exc:
@@ -284,9 +283,8 @@ class FrontPath:
             self.path.refuse(state, None, pend.ip, pend.port, "tls", detail=f"pipe: {exc}")
             link.send("N", {"reason": "out of fds"})
             return
-        peer = peer_text(pend.ip, pend.port)
         try:
-            pid = self.path.start_program(state, in_r, out_w, entries, peer, src)
+            pid = self.path.start_program(state, (in_r, out_w), entries, pend)
         finally:
             os.close(in_r)
             os.close(out_w)

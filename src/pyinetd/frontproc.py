@@ -406,7 +406,7 @@ def start_front(
                 procsettings.prctl(_PR_SET_NO_NEW_PRIVS, 1)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             sock = socket.socket(fileno=chan)
-            front.run(sock, front.FrontSettings.from_service(service, ctx))
+            code = front.run(sock, front.FrontSettings.from_service(service, ctx))
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.write(2, f"front of {service.name}: {exc!r}\n".encode(errors="replace"))

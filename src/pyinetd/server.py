@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pyinetd import frontpath, log, procsettings, systemd
+from pyinetd.agent import Agent
 from pyinetd.children import KILL_GRACE, Child, Children
 from pyinetd.config import Config, ConfigError, load
 from pyinetd.connections import Connections, Sessions
@@ -50,46 +51,54 @@ class Server:
         self.child_metrics = Metrics()  # durations and exit classes, by service name
         throttled = ThrottledLog()
         table: dict[int, Child] = {}  # the children, by pid
-        self.services = Services(config, loop, self.spawner, worker, table)
-        self.children = Children(
-            loop,
-            self.spawner,
-            self.services,
-            self.child_metrics,
-            throttled,
-            table,
-            self._child_ended,
-            lambda pid, st: self._workers.exited(pid, st) or self.fronts.on_exit(pid, st),
-            lambda: [*self._workers.table, *self.fronts.pids()],
+        # Who calls whom: a listener's arrivals go to the connections (built below: the
+        # lambdas); a child's, a session's and a worker's end come back here (the drain).
+        self.services = services = Services(
+            config=config,
+            loop=loop,
+            spawner=self.spawner,
+            worker=worker,
+            children=table,
+            on_accept=lambda lst, mask: self.connections.on_accept(lst, mask),
+            on_datagram=lambda lst, mask: self.connections.on_datagram(lst, mask),
         )
-        self._workers = Workers(loop, self.services, self.children.track, self._check_drained)
-        self.sessions = Sessions(loop, self.services, self._check_drained)
+        self.children = Children(
+            loop=loop,
+            spawner=self.spawner,
+            services=services,
+            metrics=self.child_metrics,
+            throttled=throttled,
+            table=table,
+            ended=self._child_ended,
+            other_exited=lambda pid, st: (
+                self._workers.exited(pid, st) or self.fronts.on_exit(pid, st)
+            ),
+            other_pids=lambda: [*self._workers.table, *self.fronts.pids()],
+        )
+        self._workers = Workers(
+            loop=loop, services=services, track=self.children.track, drained=self._check_drained
+        )
+        self.sessions = Sessions(loop=loop, services=services, drained=self._check_drained)
         self.connections = Connections(
-            config, loop, self.services, self.children, self.sessions, throttled
+            config=config,
+            loop=loop,
+            services=services,
+            children=self.children,
+            sessions=self.sessions,
+            throttled=throttled,
         )
         self.fronts = frontpath.build(self)  # the tls and redirect services' fronts
-        self.ops = Operations(self.snapshot, self.reload, self._begin_stop)
+        self.agent = Agent(services=services, zygote_of=self.children.zygotes.describe)
+        self.ops = Operations(
+            snapshot=self.snapshot, reload=self.reload, stop=self._begin_stop, agent=self.agent
+        )
         self._drain_timer: Timer | None = None
-        self._pid_file: str | None = None
         self._pid_entry: tuple[int, str, int, int] | None = None  # folder fd, name, dev, inode
-        # The parts' tables and handlers under the names tests and tools look for.
-        self.sel = loop.sel
-        self.states = self.services.states
-        self.listeners = self.services.listeners
-        self.workers = self._workers.table
-        self.pending = self.connections.pending
-        self._pools = self.connections.pools
-        self._serve_stream = self.connections.serve_stream
-        self._contain = self.connections.contain
-        self._wake_r, self._wake_w = loop._wake_r, loop._wake_w
-
-    @property
-    def _stopping(self) -> bool:
-        return self.services.stopping
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
-        """Bind (or adopt, from systemd) every enabled service's listeners; ListenError."""
+        """Bind every enabled service's listeners (adopt those systemd socket activation
+        handed over); ListenError (nothing left bound) on failure."""
         self.services.bind(self.config)
 
     def _install_signals(self) -> None:
@@ -113,10 +122,8 @@ class Server:
 
     # ------------------------------------------------------------ the loop
     def run(self, pid_file: str | None = None, control_path: str | None = None) -> int:
-        """Serve until SIGTERM/SIGINT; returns the exit code.
-
-        ``control_path``: the control socket (`--control`), before the config's `control_socket`.
-        """
+        """Serve until SIGTERM/SIGINT; the exit code. ``control_path``: `--control`'s socket,
+        before the config's `control_socket`."""
         procsettings.raise_nofile()  # before the first process starts (it gets the limit given)
         self._install_signals()
         self.children.reap()  # children left from before exec (e.g. by a wrapper script)
@@ -158,11 +165,11 @@ class Server:
                 return
 
     def _on_stop_signal(self, sig: int) -> object:
-        self._begin_stop(signal.Signals(sig).name)
+        self.ops.stop(signal.Signals(sig).name)  # after agent_drain_time with an agent
         return STOP
 
     def _on_sighup(self, sig: int) -> object:
-        if not self._stopping:
+        if not self.services.stopping:
             self.reload()
         return None
 
@@ -172,13 +179,10 @@ class Server:
 
     # ------------------------------------------------------------ operations
     def _write_pid_file(self, path: str) -> None:
-        """Write the pid file atomically, from an fd on its folder, under a name no one can guess.
-
-        The temporary name was PATH.PID.tmp, opened following symlinks: a local user who
-        planted symlinks for the next pids had root overwrite a file of their choosing (issue
-        14.4). A folder others may write (unless sticky) or another user owns is refused: they
-        could swap the file under us, and its removal at stop.
-        """
+        """Write the pid file atomically, from an fd on its folder, under a name no one can guess
+        (a guessable one followed symlinks a local user planted for the next pids: root wrote
+        a file of their choosing); a folder others may write (unless sticky) or another user
+        owns is refused (they could swap the file under us)."""
         folder, name = os.path.split(os.path.abspath(path))
         dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -206,7 +210,6 @@ class Server:
         except BaseException:
             os.close(dfd)
             raise
-        self._pid_file = path
         self._pid_entry = (dfd, name, written.st_dev, written.st_ino)
 
     def _remove_pid_file(self) -> None:
@@ -252,7 +255,7 @@ class Server:
 
     def _begin_stop(self, why: str) -> None:
         """Stop listening; then leave at once, or drain the children first."""
-        if self._stopping:
+        if self.services.stopping:
             event(logging.INFO, f"{why} again: stopping now", event="stop_now")
             self._workers.signal(signal.SIGTERM)
             self.loop.exit = True
@@ -290,7 +293,8 @@ class Server:
         self.loop.exit = True
 
     def _check_drained(self) -> None:
-        if self._stopping and not self.children and not self.sessions and not self._workers.table:
+        idle = not (self.children or self.sessions or self._workers.table)
+        if self.services.stopping and idle:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
             self.loop.exit = True
@@ -298,7 +302,7 @@ class Server:
     def _child_ended(self, child: Child) -> None:
         """A child's end is accounted for: the drain may be over, or a listener resumes."""
         self.fronts.program_ended(child.pid, child.exit_status)
-        if self._stopping:
+        if self.services.stopping:
             self._check_drained()
             return
         self.services.child_ended(child.listener)
@@ -338,8 +342,7 @@ class Server:
         return errors
 
     def _log_file_warnings(self) -> None:
-        """Each service failed, or served without a file, by a file its user can change
-        (config.Config.warnings): a warning at each (re)load, not an error."""
+        """Config.warnings (a file its user can change failed a service): warned at each load."""
         for line in self.config.warnings:
             event(logging.WARNING, line, event="service_file")
 
@@ -358,13 +361,13 @@ class Server:
         self._sync_zygotes()
 
     def _sync_zygotes(self) -> None:
-        """A zygote for each warm service, fronts for each tls or redirect one, it serves."""
+        """A zygote for each warm service this process listens for (warm.py)."""
         served = {lst.service.name: lst.service for lst in self.services.listeners.values()}
         self.children.zygotes.sync(served.values())
         self.fronts.sync(self.config, served.values())
 
     def _shutdown(self) -> None:
-        if not self._stopping:
+        if not self.services.stopping:
             self._begin_stop("exit")
         self.ops.close()
         self.sessions.close_all()
@@ -385,9 +388,6 @@ class Server:
                 children=len(self.children),
             )
         self.loop.close()
-
-    def __repr__(self) -> str:
-        return f"<Server {len(self.listeners)} listeners, {len(self.children)} children>"
 
 
 STOP = object()  # a signal's action returns it: the others of this wake-up are not looked at
