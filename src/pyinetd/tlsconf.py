@@ -10,7 +10,7 @@ import socket
 import ssl
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -148,18 +148,59 @@ def build_contexts(
     contexts: dict[str, ssl.SSLContext] = {}
     errors: list[str] = []
     _secure_heap()
-    for name, source, settings in services:
-        if settings is None:
-            continue
-        try:
-            contexts[name] = make_context(settings)
-        except ValueError as e:
-            # make_context names the key (tls.cert: ..., or tls: for the pair): one key path.
-            key, sep, why = str(e).partition(": ")
-            if not (sep and key.startswith("tls")):
-                key, why = "tls", str(e)
-            errors.append(f"{source}: services.{name}.{key}: {why}")
+    with _scrubbed_frees():
+        for name, source, settings in services:
+            if settings is None:
+                continue
+            try:
+                contexts[name] = make_context(settings)
+            except ValueError as e:
+                # make_context names the key (tls.cert: ..., or tls: for the pair): one key path.
+                key, sep, why = str(e).partition(": ")
+                if not (sep and key.startswith("tls")):
+                    key, why = "tls", str(e)
+                errors.append(f"{source}: services.{name}.{key}: {why}")
     return contexts, errors
+
+
+_M_PERTURB = -6  # glibc's mallopt(3): fill what free(3) frees
+
+
+@contextlib.contextmanager
+def _scrubbed_frees() -> Iterator[None]:
+    """While the contexts are built, glibc overwrites the chunks it frees: OpenSSL's PEM
+    decoder leaves a key's DER (an RSA key's d in it) in ordinary freed heap, which every
+    process forked later (another service's front) would inherit. glibc does not fill what
+    goes to its per-thread cache (chunks up to 1032 bytes, 7 per size): those are taken
+    back afterwards, zeroed and freed again. Elsewhere than glibc: nothing changes."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt, malloc, free = libc.mallopt, libc.malloc, libc.free
+    except (OSError, AttributeError):
+        yield
+        return
+    malloc.restype = ctypes.c_void_p
+    free.argtypes = [ctypes.c_void_p]
+    mallopt(_M_PERTURB, 0x5A)
+    try:
+        yield
+    finally:
+        taken = []
+        for size in range(8, _TCACHE_MAX + 1, 16):  # one request per size class
+            for _ in range(_TCACHE_COUNT):
+                ptr = malloc(ctypes.c_size_t(size))
+                if ptr:
+                    ctypes.memset(ptr, 0, size)
+                    taken.append(ptr)
+        for ptr in taken:
+            free(ptr)
+        mallopt(_M_PERTURB, 0)
+
+
+_TCACHE_MAX = 1032  # glibc's largest request the per-thread cache keeps (tcache_max_bytes)
+_TCACHE_COUNT = 7  # chunks it keeps per size (tcache_count)
 
 
 SECURE_HEAP = 1 << 20  # bytes of OpenSSL's secure heap: a few KiB per key
