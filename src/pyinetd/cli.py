@@ -84,6 +84,15 @@ COMMANDS = (
     ),
     Command("stop", "", "Stop the running instance, as SIGTERM does.", ("config", "control")),
     Command(
+        "upgrade",
+        "",
+        "Replace the running instance by the pyinetd now installed, as SIGUSR2 does: the "
+        "same pid, the same listening sockets, its children still counted and their ends "
+        "logged. The new program is probed first (it imports, loads and checks the "
+        f"configuration); if that fails the running one keeps serving (exit {EXIT_RUNTIME}).",
+        ("config", "control"),
+    ),
+    Command(
         "convert",
         "FILE",
         "Print an inetd.conf(5) or xinetd.conf(5) file (following includedir) as "
@@ -133,6 +142,8 @@ _OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         {"action": "store_true", "help": "log to the local syslog socket"},
     ),
     "version": (("--version",), {"action": "version", "version": f"pyinetd {__version__}"}),
+    # What a running pyinetd runs before `upgrade` execs the program installed (upgrade.py).
+    "probe": (("--probe",), {"action": "store_true", "help": argparse.SUPPRESS}),
     "schema": (
         ("--schema",),
         {"action": "store_true", "help": "print the configuration's JSON Schema, exit"},
@@ -164,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="run",
         choices=[c.name for c in COMMANDS],
-        help="run (default): serve; status/reload/stop: talk to the running instance "
+        help="run (default): serve; status/reload/stop/upgrade: talk to the running instance "
         "through its control socket; convert FILE: translate inetd.conf or xinetd.conf; "
         "security: what contains each service, and its exposure; "
         "`pyinetd COMMAND --help` describes one",
@@ -228,7 +239,11 @@ def _main(argv: Sequence[str] | None) -> int:
         return _print_schema() if args.schema else _print_config(args.config, args.format)
     if args.command == "convert":
         return _convert(args)
-    if args.command in ("status", "reload", "stop"):
+    if args.command == "upgrade" and args.probe:
+        from pyinetd.upgrade import probe
+
+        return probe(args.config)
+    if args.command in ("status", "reload", "stop", "upgrade"):
         return _control(args)
     try:
         config = load(args.config)
@@ -329,7 +344,8 @@ def _control(args: argparse.Namespace) -> int:
             path = None  # a broken file still names the instance running it
         path = path or control.default_control_path(args.config)
     try:
-        answer = control.request(path, args.command)
+        # An upgrade's answer comes from the next image, after the probe and the exec.
+        answer = control.request(path, args.command, 120.0 if args.command == "upgrade" else 30.0)
     except (OSError, ValueError) as exc:
         print(f"pyinetd {args.command}: cannot reach pyinetd at {path}: {exc}", file=sys.stderr)
         if args.control is None:
@@ -353,7 +369,15 @@ def _control(args: argparse.Namespace) -> int:
     if not answer.get("ok"):
         if args.command == "reload":
             print("pyinetd reload: failed, the running configuration is unchanged", file=sys.stderr)
+        if args.command == "upgrade":
+            print("pyinetd upgrade: failed, the running program keeps serving", file=sys.stderr)
         return EXIT_CONFIG if args.command == "reload" else EXIT_RUNTIME
+    if args.command == "upgrade":
+        print(
+            f"pyinetd upgrade: ok, pyinetd {answer.get('version')} serving as pid "
+            f"{answer.get('pid')}; accepting paused {answer.get('pause_ms')} ms"
+        )
+        return EXIT_OK
     print(f"pyinetd {args.command}: ok")
     return EXIT_OK
 

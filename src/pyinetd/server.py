@@ -9,12 +9,9 @@ signal numbers from its wake-up fd and ``_on_signals`` dispatches them through S
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import os
 import signal
-import stat
 import time
 from typing import TYPE_CHECKING
 
@@ -26,10 +23,12 @@ from pyinetd.listeners import ListenError, ListenKey
 from pyinetd.log import ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
+from pyinetd.pidfile import PidFile
 from pyinetd.services import Services
 from pyinetd.signals import HANDLED_SIGNALS, PYTHON_IGNORED, ignored_signals
 from pyinetd.spawn import C_MODULE_BUILT, Spawner
 from pyinetd.status import Operations, render_table, snapshot
+from pyinetd.upgrade import Upgrade
 from pyinetd.workers import Workers
 
 if TYPE_CHECKING:
@@ -59,7 +58,7 @@ class Server:
             throttled,
             table,
             self._child_ended,
-            lambda pid, status: self._workers.exited(pid, status),
+            lambda pid, st: self._workers.exited(pid, st) or self.upgrade.exited(pid, st),
             lambda: self._workers.table,
         )
         self._workers = Workers(loop, self.services, self.children.track, self._check_drained)
@@ -69,8 +68,21 @@ class Server:
         )
         self.ops = Operations(self.snapshot, self.reload, self._begin_stop)
         self._drain_timer: Timer | None = None
-        self._pid_file: str | None = None
-        self._pid_entry: tuple[int, str, int, int] | None = None  # folder fd, name, dev, inode
+        self._pid = PidFile()
+        self.upgrade = Upgrade(
+            loop=loop,
+            spawner=self.spawner,
+            services=self.services,
+            children=self.children,
+            sessions=self.sessions,
+            metrics=self.child_metrics,
+            workers=self._workers,
+            ops_servers=lambda: self.ops.servers,
+            pidfile=self._pid,
+            config=lambda: self.config,
+            resume=self._sync_zygotes,
+        )
+        self.ops.upgrade = self.upgrade.begin
         # The parts' tables and handlers under the names tests and tools look for.
         self.sel = loop.sel
         self.states = self.services.states
@@ -92,7 +104,7 @@ class Server:
 
         Sockets handed over by systemd socket activation are adopted instead of bound.
         """
-        self.services.bind(self.config)
+        self.services.bind(self.config, self.upgrade.listeners())
 
     def _install_signals(self) -> None:
         # Signals we were started with ignored (`pyinetd &` in a script ignores SIGINT and
@@ -121,6 +133,7 @@ class Server:
         """
         procsettings.raise_nofile()  # before the first process starts (it gets the limit given)
         self._install_signals()
+        self.started = self.upgrade.adopt(self.started)  # before the first reap (upgrade.py)
         self.children.reap()  # children left from before exec (e.g. by a wrapper script)
         self._sync_zygotes()
         if self.worker:
@@ -130,7 +143,7 @@ class Server:
             pid_file = pid_file or self.config.pid_file  # `pid_file:` was read, never used
             if pid_file:
                 try:
-                    self._write_pid_file(pid_file)
+                    self._pid.write(pid_file, self.pid)
                 except OSError as exc:
                     reason = exc.strerror or str(exc)
                     event(logging.ERROR, f"pid file {pid_file}: {reason}", event="pid_file")
@@ -141,6 +154,7 @@ class Server:
             event(logging.INFO, f"listening: {self._describe()}", event="ready")
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
             systemd.start_watchdog(self.loop.call_later)
+            self.upgrade.finish()
         log.batching(True)
         try:
             self.loop.run(self.children.flush, self.connections.contain)
@@ -172,57 +186,11 @@ class Server:
         self.dump_status()
         return None
 
+    def _on_sigusr2(self, sig: int) -> object:
+        self.upgrade.begin()  # upgrade.py: the program installed replaces this one, same pid
+        return None
+
     # ------------------------------------------------------------ operations
-    def _write_pid_file(self, path: str) -> None:
-        """Write the pid file atomically, from an fd on its folder, under a name no one can guess.
-
-        The temporary name was PATH.PID.tmp, opened following symlinks: a local user who
-        planted symlinks for the next pids had root overwrite a file of their choosing (issue
-        14.4). A folder others may write (unless sticky) or another user owns is refused: they
-        could swap the file under us, and its removal at stop.
-        """
-        folder, name = os.path.split(os.path.abspath(path))
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            st = os.fstat(dfd)
-            if st.st_uid not in (os.geteuid(), 0):
-                raise OSError(
-                    errno.EPERM, f"folder {folder} is owned by uid {st.st_uid}; refusing it"
-                )
-            if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-                mode = f"{stat.S_IMODE(st.st_mode):04o}"
-                raise OSError(
-                    errno.EPERM, f"folder {folder} is writable by others (mode {mode}); refusing it"
-                )
-            # os.urandom, not secrets/tempfile: those load hashlib (libcrypto, 3.5 MiB).
-            tmp = f".{name}.{os.urandom(8).hex()}"
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
-            try:
-                os.write(fd, f"{self.pid}\n".encode())
-                written = os.fstat(fd)
-            finally:
-                os.close(fd)
-            # atomic: a reader never sees a half-written file
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            os.close(dfd)
-            raise
-        self._pid_file = path
-        self._pid_entry = (dfd, name, written.st_dev, written.st_ino)
-
-    def _remove_pid_file(self) -> None:
-        """Unlink the pid file, in the folder it was written to, only if it is still ours."""
-        if self._pid_entry is None:
-            return
-        dfd, name, dev, ino = self._pid_entry
-        self._pid_entry = None
-        with contextlib.suppress(OSError):
-            st = os.lstat(name, dir_fd=dfd)
-            if (st.st_dev, st.st_ino) == (dev, ino):
-                os.unlink(name, dir_fd=dfd)
-        os.close(dfd)
-
     def snapshot(self) -> dict[str, object]:
         """The status, as plain data (status.py renders it)."""
         return snapshot(
@@ -375,7 +343,7 @@ class Server:
                 state.stderr_log.close()
                 state.stderr_log = None
         self.children.close()
-        self._remove_pid_file()
+        self._pid.remove()
         self.spawner.close()
         if self.children:
             event(
@@ -397,4 +365,5 @@ SIGNALS = (
     (signal.SIGINT, Server._on_stop_signal),
     (signal.SIGHUP, Server._on_sighup),
     (signal.SIGUSR1, Server._on_sigusr1),
+    (signal.SIGUSR2, Server._on_sigusr2),
 )

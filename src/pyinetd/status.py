@@ -345,6 +345,8 @@ class Operations:
         # An fd the control socket may give up at the fd limit (control.FdReserve): `status`
         # and `stop` answer while clients hold every other fd.
         self._reserve: control.FdReserve | None = None
+        # `pyinetd upgrade` (upgrade.Upgrade.begin), answered later: set by the server
+        self.upgrade: Callable[[control.Later | None], None] | None = None
 
     def start(
         self,
@@ -393,8 +395,8 @@ class Operations:
             self._reserve.close()
             self._reserve = None
 
-    def on_control(self, request: bytes) -> bytes:
-        """Answer one control request (status, reload, stop) as a JSON line."""
+    def on_control(self, request: bytes) -> bytes | control.Later:
+        """Answer one control request (status, reload, stop, upgrade) as a JSON line."""
         words = request.decode("utf-8", "replace").split()
         cmd = words[0] if words else ""
         answer: dict[str, object]
@@ -406,6 +408,10 @@ class Operations:
         elif cmd == "stop":
             self._stop("control socket")
             answer = {"ok": True}
+        elif cmd == "upgrade" and self.upgrade is not None:
+            later = control.Later()
+            self.upgrade(later)
+            return later
         else:
             answer = {"ok": False, "errors": [f"unknown command {cmd!r}"]}
         return json.dumps(answer).encode() + b"\n"
