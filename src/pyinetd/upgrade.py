@@ -86,12 +86,12 @@ def _unkey(facts: list[Any]) -> ListenKey:
 
 
 def _program() -> list[str]:
-    """The command line this image was started with, less its arguments: the interpreter,
-    its options and the script (or `-m pyinetd`), run again from the same paths, which now
-    hold the program installed."""
+    """The command line this image was started with: the interpreter, its options and the
+    script (or `-m pyinetd`), run again from the same paths (which now hold the program
+    installed), and pyinetd's own arguments."""
     args = len(sys.argv) - 1
     words = sys.orig_argv[: len(sys.orig_argv) - args] if args else list(sys.orig_argv)
-    return [sys.executable, *words[1:]]
+    return [sys.executable, *words[1:], *sys.argv[1:]]
 
 
 class _Probe:
