@@ -283,3 +283,54 @@ def test_workers_are_replaced_by_the_new_program(inetd: Start) -> None:
     )
     for i in range(20):
         assert tcp_talk(port, b"%d\n" % i) == b"%d\n" % i
+
+
+def test_a_built_in_session_goes_on_across_the_upgrade(inetd: Start) -> None:
+    port = free_port()
+    p = inetd({"services": {"echo": {"listen": f"127.0.0.1:{port}", "builtin": "echo"}}})
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+        s.sendall(b"before\n")
+        assert s.recv(100) == b"before\n"
+        out = upgrade(p)
+        assert out.returncode == 0, out.stderr
+        upgraded(p)
+        s.sendall(b"after\n")
+        assert s.recv(100) == b"after\n"
+    line = p.wait_log(r"echo: built-in echo for .* ended")[0]
+    assert "13 bytes in, 13 out" in line  # what it carried in both images
+
+
+def test_a_connection_waiting_for_its_proxy_header_is_not_cut(inetd: Start) -> None:
+    port = free_port()
+    svc = {
+        "listen": f"127.0.0.1:{port}",
+        "exec": ["/bin/sh", "-c", 'echo "$REMOTE_ADDR"; cat'],
+        "proxy_protocol": "v1",
+        "proxy_from": ["127.0.0.1"],
+        "proxy_timeout": 30,
+    }
+    p = inetd({"services": {"p": svc}})
+    header = b"PROXY TCP4 192.0.2.1 192.0.2.2 5555 80\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+        s.sendall(header[:10])
+        asker = subprocess.Popen(
+            [sys.executable, "-m", "pyinetd", "upgrade", "-c", str(p.path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            p.wait_log(r"the probe of pyinetd .* passed; waiting for 1 connections")
+            assert "upgrade: exec" not in p.log()
+            s.sendall(header[10:] + b"hi\n")
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := s.recv(100):
+                got += chunk
+            assert got == b"192.0.2.1\nhi\n"
+            _stdout, stderr = asker.communicate(timeout=60)
+            assert asker.returncode == 0, stderr
+        finally:
+            asker.kill()
+            asker.wait()
+    upgraded(p)

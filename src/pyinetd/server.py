@@ -75,6 +75,7 @@ class Server:
             services=self.services,
             children=self.children,
             sessions=self.sessions,
+            pending=self.connections.pending,
             metrics=self.child_metrics,
             workers=self._workers,
             ops_servers=lambda: self.ops.servers,

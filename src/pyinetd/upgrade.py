@@ -36,7 +36,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import asdict
 from typing import Any, Protocol
 
@@ -61,6 +61,7 @@ READS = (STATE_VERSION,)
 PROBE_OK = "pyinetd-probe-ok"  # the probe's last line: PROBE_OK VERSION STATE_VERSIONS
 PROBE_TIMEOUT = 60.0  # seconds the probe may take (a cold page cache, a slow disk)
 PROBE_OUTPUT_MAX = 65536
+PENDING_WAIT = 5.0  # seconds the exec waits for a moment with no pre-service stage pending
 
 
 class Carrier(Protocol):
@@ -165,6 +166,7 @@ class Upgrade:
         services: Services,
         children: Children,
         sessions: Sessions,
+        pending: Sized,
         metrics: Metrics,
         workers: Workers,
         ops_servers: Callable[[], list[control.RequestServer]],
@@ -174,10 +176,12 @@ class Upgrade:
     ) -> None:
         self._loop, self._spawner, self._services = loop, spawner, services
         self._children, self._sessions, self._metrics = children, sessions, metrics
+        self._pending = pending  # connections in a pre-service stage (connections.Stages)
         self._workers, self._ops_servers, self._pidfile = workers, ops_servers, pidfile
         self._config, self._resume = config, resume
         self.carriers: list[Carrier] = []
         self._probe: _Probe | None = None
+        self._busy = False  # from the probe's start to the exec, or the failure
         self._asked: list[control.Later] = []  # `pyinetd upgrade` clients waiting
         self._quiet: dict[int, str] = {}  # pids of the images before: what each was
         self.state: dict[str, Any] | None = read_state()
@@ -188,13 +192,14 @@ class Upgrade:
         with the outcome, by the next image when it succeeds."""
         if later is not None:
             self._asked.append(later)
-        if self._probe is not None:
+        if self._busy:
             return  # one at a time: this client waits for the one running
         if self._services.stopping:
             self._fail("pyinetd is stopping")
             return
         if self._services.worker:
             return  # the first process upgrades, and starts its workers anew
+        self._busy = True
         systemd.reloading()
         event(logging.INFO, "upgrade: probing the program installed", event="upgrade")
         try:
@@ -211,12 +216,37 @@ class Upgrade:
         if len(last) == 3 and last[0] == PROBE_OK:
             versions = {int(v) for v in last[2].split(",") if v.isdigit()}
             if STATE_VERSION in versions:
-                self._exec(last[1])
+                if self._pending:
+                    event(
+                        logging.INFO,
+                        f"upgrade: the probe of pyinetd {last[1]} passed; waiting for "
+                        f"{len(self._pending)} connections in a pre-service stage",
+                        event="upgrade_wait",
+                    )
+                self._when_none_pending(last[1], time.monotonic() + PENDING_WAIT)
                 return
             why = f"pyinetd {last[1]} reads state versions {last[2]}, not {STATE_VERSION}"
             self._fail(why)
             return
         self._fail("; ".join(lines[-3:]) or "the probe said nothing")
+
+    def _when_none_pending(self, version: str, deadline: float) -> None:
+        """Exec at the first moment no connection is in a pre-service stage (a PROXY header,
+        a ClientHello or a relay's handshake due: each lives in this image's memory and
+        ends in a few milliseconds), accepting meanwhile; at ``deadline`` those left are
+        closed by the exec, and said."""
+        left = len(self._pending)
+        if left and time.monotonic() < deadline:
+            self._loop.call_later(0.005, lambda: self._when_none_pending(version, deadline))
+            return
+        if left:
+            event(
+                logging.WARNING,
+                f"upgrade: {left} connections still in a pre-service stage after "
+                f"{PENDING_WAIT:g}s; the exec closes them",
+                event="upgrade_pending",
+            )
+        self._exec(version)
 
     def _fail(self, why: str) -> None:
         event(
@@ -225,6 +255,7 @@ class Upgrade:
             event="upgrade_failed",
             error=why,
         )
+        self._busy = False
         systemd.notify("READY=1", f"STATUS=upgrade failed: {why}")
         answer = json.dumps({"ok": False, "errors": [why]}).encode() + b"\n"
         for later in self._asked:
@@ -313,6 +344,11 @@ class Upgrade:
                 "stderr_log": logfds,
                 "partial": {str(pid): text.hex() for pid, text in partial.items()},
             }
+        sessions = []
+        for sess, (slot, peer, _timer) in self._sessions.table.items():
+            fds.append(sess.sock.fileno())
+            facts = {"fd": sess.sock.fileno(), "service": slot.state.service.name}
+            sessions.append({**facts, "src": slot.key, "peer": peer, **sess.carry()})
         controls = []
         for server in self._ops_servers():
             if server.sock.family == socket.AF_UNIX:
@@ -334,6 +370,7 @@ class Upgrade:
             "fds": fds,
             "listeners": listeners,
             "children": kids,
+            "sessions": sessions,
             "states": states,
             "metrics": asdict(self._metrics),
             "control": controls,
@@ -406,6 +443,13 @@ class Upgrade:
             )
         for facts in state["children"]:
             self._adopt_child(facts, now)
+        for facts in state["sessions"]:
+            conn = socket.socket(fileno=facts["fd"])
+            st = services.states.get(facts["service"])
+            if st is None:
+                conn.close()  # its service left the file
+            else:
+                self._sessions.resume(st, conn, facts, facts["src"], facts["peer"])
         for path, fd in state["control"]:
             control.CARRIED[path] = socket.socket(fileno=fd)
         self._pidfile.adopt(state["pidfile"])
