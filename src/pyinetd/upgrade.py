@@ -278,10 +278,11 @@ class Upgrade:
         argv = _program()
         env = {**os.environ, **systemd.taken_environ(), STATE_ENV: str(memfd)}
         keep = [*fds, memfd]
+        ready_ms = (time.monotonic() - t0) * 1000
         event(
             logging.INFO,
             f"upgrade: exec of pyinetd {version}: {len(self._services.listeners)} listeners, "
-            f"{len(facts['children'])} children handed over",
+            f"{len(facts['children'])} children handed over (state ready in {ready_ms:.1f} ms)",
             event="upgrade_exec",
         )
         log.batching(False)  # every line written before the image goes
