@@ -240,9 +240,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "convert":
         return _convert(args)
     if args.command == "upgrade" and args.probe:
-        from pyinetd.upgrade import probe
-
-        return probe(args.config)
+        return _probe(args.config)
     if args.command in ("status", "reload", "stop", "upgrade"):
         return _control(args)
     try:
@@ -292,6 +290,20 @@ def _main(argv: Sequence[str] | None) -> int:
         print(config.located([f"{exc.source or args.config}: {exc}"])[0], file=sys.stderr)
         return EXIT_RUNTIME
     return server.run(pid_file=None if worker else args.pid_file, control_path=args.control)
+
+
+def _probe(path: str) -> int:
+    """`pyinetd upgrade --probe -c FILE`, run by a pyinetd about to exec this program: what
+    the next image imports can be imported and the configuration loads; the last line says
+    so (upgrade.PROBE_OK), with the state versions this program reads."""
+    from pyinetd import reaper, server, zygote  # noqa: F401  (what the runtime imports)
+    from pyinetd.upgrade import PROBE_OK, READS
+
+    code = _main(["--check", "-c", path])
+    if code != EXIT_OK:
+        return code
+    print(f"{PROBE_OK} {__version__} {','.join(map(str, READS))}", flush=True)
+    return EXIT_OK
 
 
 def _security(config: Config) -> int:

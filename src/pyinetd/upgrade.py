@@ -552,15 +552,3 @@ def read_state() -> dict[str, Any] | None:
         with contextlib.suppress(OSError):
             os.set_inheritable(kept, False)
     return state
-
-
-def probe(path: str) -> int:
-    """`pyinetd upgrade --probe -c FILE`: what the next image needs can be imported and the
-    configuration loads; the last line says so (PROBE_OK), with the state versions read."""
-    from pyinetd import cli, reaper, server, zygote  # noqa: F401  (what the runtime imports)
-
-    code = cli.main(["--check", "-c", path])
-    if code != cli.EXIT_OK:
-        return code
-    print(f"{PROBE_OK} {__version__} {','.join(map(str, READS))}", flush=True)
-    return 0
