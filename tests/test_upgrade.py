@@ -334,3 +334,36 @@ def test_a_connection_waiting_for_its_proxy_header_is_not_cut(inetd: Start) -> N
             asker.kill()
             asker.wait()
     upgraded(p)
+
+
+def test_the_program_installed_is_probed_then_run(inetd: Start, tmp_path: Path) -> None:
+    """pyinetd runs from a copy of the package; a copy broken after the start fails the probe
+    (the old image serves on); mended, with a new version, the upgrade runs the new one."""
+    import shutil
+
+    site = tmp_path / "site"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "src" / "pyinetd", site / "pyinetd")
+    port = free_port()
+    conf = {"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/cat"]}}}
+    p = inetd(conf, env={"PYTHONPATH": str(site)})
+    children_py = site / "pyinetd" / "children.py"
+    good = children_py.read_text()
+    children_py.write_text(good + '\nraise ImportError("a broken install")\n')
+    out = upgrade(p)
+    assert out.returncode == 1
+    assert "ImportError: a broken install" in out.stderr, out.stderr
+    assert tcp_talk(port, b"old\n") == b"old\n"
+    children_py.write_text(good)
+    init = site / "pyinetd" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "9.9.9+'))
+    out = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "upgrade", "-c", str(p.path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "pyinetd 9.9.9+" in out.stdout and f"pid {p.pid}" in out.stdout
+    p.wait_log(r"upgraded in \d+ ms: pyinetd 9\.9\.9\+")
+    assert tcp_talk(port, b"new\n") == b"new\n"

@@ -82,6 +82,7 @@ class Server:
             pidfile=self._pid,
             config=lambda: self.config,
             resume=self._sync_zygotes,
+            started=self.started,
         )
         self.ops.upgrade = self.upgrade.begin
         # The parts' tables and handlers under the names tests and tools look for.

@@ -173,12 +173,14 @@ class Upgrade:
         pidfile: PidFile,
         config: Callable[[], Config],
         resume: Callable[[], None],
+        started: float,
     ) -> None:
         self._loop, self._spawner, self._services = loop, spawner, services
         self._children, self._sessions, self._metrics = children, sessions, metrics
         self._pending = pending  # connections in a pre-service stage (connections.Stages)
         self._workers, self._ops_servers, self._pidfile = workers, ops_servers, pidfile
         self._config, self._resume = config, resume
+        self.started = started  # the first image's start (monotonic), for `status`
         self.carriers: list[Carrier] = []
         self._probe: _Probe | None = None
         self._busy = False  # from the probe's start to the exec, or the failure
@@ -384,8 +386,6 @@ class Upgrade:
         }
         return facts, fds
 
-    started = 0.0  # the first image's start (monotonic), for `status`: set by the server
-
     # ------------------------------------------------------------ the next image
     def listeners(self) -> dict[ListenKey, socket.socket]:
         """The listening sockets of the image before, by key (for Services.bind)."""
@@ -459,7 +459,8 @@ class Upgrade:
         carried = state["carried"]
         for part in self.carriers:
             part.adopt(carried.get(part.name))
-        return float(state["started"]) or started
+        self.started = float(state["started"]) or started
+        return self.started
 
     def _adopt_child(self, facts: dict[str, Any], now: float) -> None:
         pid = facts["pid"]
