@@ -367,3 +367,26 @@ def test_the_program_installed_is_probed_then_run(inetd: Start, tmp_path: Path) 
     assert "pyinetd 9.9.9+" in out.stdout and f"pid {p.pid}" in out.stdout
     p.wait_log(r"upgraded in \d+ ms: pyinetd 9\.9\.9\+")
     assert tcp_talk(port, b"new\n") == b"new\n"
+
+
+def test_a_udp_child_s_reply_reaches_its_client_after_the_upgrade(
+    inetd: Start, tmp_path: Path
+) -> None:
+    port = free_port(socket.SOCK_DGRAM)
+    flag = tmp_path / "go"
+    body = f'#!/bin/sh\nread x\nwhile [ ! -e {flag} ]; do sleep 0.01; done\necho "got $x"\n'
+    svc = {
+        "listen": f"127.0.0.1:{port}",
+        "protocol": "udp",
+        "exec": [script(tmp_path, "u.sh", body)],
+    }
+    p = inetd({"services": {"u": svc}})
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(DEADLINE)
+        s.sendto(b"ping\n", ("127.0.0.1", port))
+        p.wait_log(r"u: .* -> pid \d+")
+        out = upgrade(p)
+        assert out.returncode == 0, out.stderr
+        upgraded(p)
+        flag.touch()
+        assert s.recv(100) == b"got ping\n"

@@ -52,6 +52,7 @@ from pyinetd.pidfile import PidFile
 from pyinetd.services import Services, SlotKind, Wait
 from pyinetd.signals import HANDLED_SIGNALS, ignored_signals
 from pyinetd.spawn import Spawner, start_python
+from pyinetd.stages import UDPReply
 from pyinetd.stderrlog import StderrLog
 from pyinetd.workers import Workers
 
@@ -347,6 +348,13 @@ class Upgrade:
                 "stderr_log": logfds,
                 "partial": {str(pid): text.hex() for pid, text in partial.items()},
             }
+        keys = {lst.sock.fileno(): key for key, lst in self._services.listeners.items()}
+        replies = []
+        for pid, reply in self._children.udp_replies().items():
+            fd, lfd, to, written = reply.carry()
+            if not reply.closed and lfd in keys and isinstance(to, tuple):
+                fds.append(fd)
+                replies.append([pid, fd, _key(keys[lfd]), list(to), written.hex()])
         sessions = []
         for sess, (slot, peer, _timer) in self._sessions.table.items():
             fds.append(sess.sock.fileno())
@@ -374,6 +382,7 @@ class Upgrade:
             "listeners": listeners,
             "children": kids,
             "sessions": sessions,
+            "udp_replies": replies,
             "states": states,
             "metrics": asdict(self._metrics),
             "control": controls,
@@ -444,6 +453,13 @@ class Upgrade:
             )
         for facts in state["children"]:
             self._adopt_child(facts, now)
+        for pid, fd, key, to, written in state["udp_replies"]:
+            conn, lst = socket.socket(fileno=fd), services.listeners.get(_unkey(key))
+            if lst is None or pid not in self._children.table:
+                conn.close()
+                continue
+            reply = UDPReply(conn, lst.sock, tuple(to), self._loop.sel, bytes.fromhex(written))
+            self._children.udp_replies()[pid] = reply
         for facts in state["sessions"]:
             conn = socket.socket(fileno=facts["fd"])
             st = services.states.get(facts["service"])
