@@ -390,3 +390,25 @@ def test_a_udp_child_s_reply_reaches_its_client_after_the_upgrade(
         upgraded(p)
         flag.touch()
         assert s.recv(100) == b"got ping\n"
+
+
+def test_a_new_address_in_use_fails_the_upgrade_not_the_next_image(inetd: Start) -> None:
+    port, taken = free_port(), free_port()
+    conf = {"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/cat"]}}}
+    p = inetd(conf)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", taken))
+        holder.listen()
+        more = {"listen": f"127.0.0.1:{taken}", "exec": ["/bin/cat"]}
+        p.path.write_text(json.dumps({"services": {**conf["services"], "more": more}}))
+        out = upgrade(p)
+        assert out.returncode == 1
+        assert f"127.0.0.1:{taken}" in out.stderr and "in use" in out.stderr, out.stderr
+        assert "upgrade: exec" not in p.log()
+        assert tcp_talk(port, b"old\n") == b"old\n"
+    # once the address is free, the next image gets it bound by this one: both serve
+    out = upgrade(p)
+    assert out.returncode == 0, out.stderr
+    upgraded(p)
+    assert tcp_talk(taken, b"more\n") == b"more\n"
+    assert tcp_talk(port, b"cat\n") == b"cat\n"

@@ -381,7 +381,13 @@ def _control(args: argparse.Namespace) -> int:
     if not answer.get("ok"):
         if args.command == "reload":
             print("pyinetd reload: failed, the running configuration is unchanged", file=sys.stderr)
-        if args.command == "upgrade":
+        if args.command == "upgrade" and "ok" not in answer:
+            # The connection closed unanswered: the new image did not start (its log says why).
+            print(
+                "pyinetd upgrade: no answer from the new program; see pyinetd's log",
+                file=sys.stderr,
+            )
+        elif args.command == "upgrade":
             print("pyinetd upgrade: failed, the running program keeps serving", file=sys.stderr)
         return EXIT_CONFIG if args.command == "reload" else EXIT_RUNTIME
     if args.command == "upgrade":

@@ -42,9 +42,9 @@ from typing import Any, Protocol
 
 from pyinetd import __version__, control, log, systemd
 from pyinetd.children import Child, Children, ChildState
-from pyinetd.config import Config, ListenAddress
+from pyinetd.config import Config, ConfigError, ListenAddress, load
 from pyinetd.connections import Sessions
-from pyinetd.listeners import ListenKey, adopt_unix_file, unix_file_of
+from pyinetd.listeners import ListenError, ListenKey, adopt_unix_file, close_listener, unix_file_of
 from pyinetd.log import event
 from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Histogram, Metrics, ServiceMetrics
@@ -184,6 +184,7 @@ class Upgrade:
         self.started = started  # the first image's start (monotonic), for `status`
         self.carriers: list[Carrier] = []
         self._probe: _Probe | None = None
+        self._fresh: dict[ListenKey, socket.socket] = {}  # bound for the next image (_bind_new)
         self._busy = False  # from the probe's start to the exec, or the failure
         self._asked: list[control.Later] = []  # `pyinetd upgrade` clients waiting
         self._quiet: dict[int, str] = {}  # pids of the images before: what each was
@@ -219,6 +220,10 @@ class Upgrade:
         if len(last) == 3 and last[0] == PROBE_OK:
             versions = {int(v) for v in last[2].split(",") if v.isdigit()}
             if STATE_VERSION in versions:
+                why = self._bind_new()
+                if why:
+                    self._fail(why)
+                    return
                 if self._pending:
                     event(
                         logging.INFO,
@@ -232,6 +237,21 @@ class Upgrade:
             self._fail(why)
             return
         self._fail("; ".join(lines[-3:]) or "the probe said nothing")
+
+    def _bind_new(self) -> str:
+        """Bind here what the file now asks for beyond the listeners this image holds (it is
+        read again by the next image), to hand over with them: an address that cannot be bound
+        fails the upgrade now, while this image can still serve, and not the next image at
+        its start. A file this image cannot read (keys of the new program) binds nothing here:
+        the probe of the new program read it."""
+        try:
+            new = load(self._config().path)
+            self._fresh = self._services.bind_new(new, self._services.listeners)
+        except ConfigError:
+            return ""
+        except ListenError as exc:
+            return str(exc)
+        return ""
 
     def _when_none_pending(self, version: str, deadline: float) -> None:
         """Exec at the first moment no connection is in a pre-service stage (a PROXY header,
@@ -298,6 +318,9 @@ class Upgrade:
             os.execve(argv[0], argv, env)
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            for sock in self._fresh.values():
+                close_listener(sock)
+            self._fresh = {}
             for fd in keep:
                 with contextlib.suppress(OSError):
                     os.set_inheritable(fd, False)
@@ -318,6 +341,12 @@ class Upgrade:
             held = lst.waiting.pid if lst.waiting.held else 0
             until = lst.paused_until
             listeners.append([lst.sock.fileno(), _key(key), held, until, unix])
+        for key, sock in self._fresh.items():
+            fds.append(sock.fileno())
+            unix = unix_file_of(sock)
+            if unix is not None:
+                fds.append(unix[0])
+            listeners.append([sock.fileno(), _key(key), 0, 0.0, unix])
         kids = []
         for pid, child in self._children.table.items():
             slot = child.slot
