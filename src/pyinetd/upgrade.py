@@ -156,8 +156,9 @@ class _Probe:
         self._done(output)
 
 
-class Upgrade:
-    """One image's side of an upgrade: the old image probes and execs, the next one adopts."""
+class Handover:
+    """What one image hands to the next: ``capture`` in the old one (facts and fds), then
+    ``listeners`` and ``adopt`` in the next one."""
 
     def __init__(
         self,
@@ -189,145 +190,6 @@ class Upgrade:
         self._asked: list[control.Later] = []  # `pyinetd upgrade` clients waiting
         self._quiet: dict[int, str] = {}  # pids of the images before: what each was
         self.state: dict[str, Any] | None = read_state()
-
-    # ------------------------------------------------------------ the old image
-    def begin(self, later: control.Later | None = None) -> None:
-        """Upgrade now (SIGUSR2, `pyinetd upgrade`): the probe first; ``later`` is answered
-        with the outcome, by the next image when it succeeds."""
-        if later is not None:
-            self._asked.append(later)
-        if self._busy:
-            return  # one at a time: this client waits for the one running
-        if self._services.stopping:
-            self._fail("pyinetd is stopping")
-            return
-        if self._services.worker:
-            return  # the first process upgrades, and starts its workers anew
-        self._busy = True
-        systemd.reloading()
-        event(logging.INFO, "upgrade: probing the program installed", event="upgrade")
-        try:
-            self._probe = _Probe(self._config(), self._loop, self._probed)
-        except OSError as exc:
-            self._fail(f"cannot start the probe: {exc.strerror or exc}")
-            return
-        self._quiet[self._probe.pid] = "probe"
-
-    def _probed(self, output: str) -> None:
-        self._probe = None
-        lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
-        last = lines[-1].split() if lines else []
-        if len(last) == 3 and last[0] == PROBE_OK:
-            versions = {int(v) for v in last[2].split(",") if v.isdigit()}
-            if STATE_VERSION in versions:
-                why = self._bind_new()
-                if why:
-                    self._fail(why)
-                    return
-                if self._pending:
-                    event(
-                        logging.INFO,
-                        f"upgrade: the probe of pyinetd {last[1]} passed; waiting for "
-                        f"{len(self._pending)} connections in a pre-service stage",
-                        event="upgrade_wait",
-                    )
-                self._when_none_pending(last[1], time.monotonic() + PENDING_WAIT)
-                return
-            why = f"pyinetd {last[1]} reads state versions {last[2]}, not {STATE_VERSION}"
-            self._fail(why)
-            return
-        self._fail("; ".join(lines[-3:]) or "the probe said nothing")
-
-    def _bind_new(self) -> str:
-        """Bind here what the file now asks for beyond the listeners this image holds (it is
-        read again by the next image), to hand over with them: an address that cannot be bound
-        fails the upgrade now, while this image can still serve, and not the next image at
-        its start. A file this image cannot read (keys of the new program) binds nothing here:
-        the probe of the new program read it."""
-        try:
-            new = load(self._config().path)
-            self._fresh = self._services.bind_new(new, self._services.listeners)
-        except ConfigError:
-            return ""
-        except ListenError as exc:
-            return str(exc)
-        return ""
-
-    def _when_none_pending(self, version: str, deadline: float) -> None:
-        """Exec at the first moment no connection is in a pre-service stage (a PROXY header,
-        a ClientHello or a relay's handshake due: each lives in this image's memory and
-        ends in a few milliseconds), accepting meanwhile; at ``deadline`` those left are
-        closed by the exec, and said."""
-        left = len(self._pending)
-        if left and time.monotonic() < deadline:
-            self._loop.call_later(0.005, lambda: self._when_none_pending(version, deadline))
-            return
-        if left:
-            event(
-                logging.WARNING,
-                f"upgrade: {left} connections still in a pre-service stage after "
-                f"{PENDING_WAIT:g}s; the exec closes them",
-                event="upgrade_pending",
-            )
-        self._exec(version)
-
-    def _fail(self, why: str) -> None:
-        event(
-            logging.ERROR,
-            f"upgrade failed, the running program keeps serving: {why}",
-            event="upgrade_failed",
-            error=why,
-        )
-        self._busy = False
-        systemd.notify("READY=1", f"STATUS=upgrade failed: {why}")
-        answer = json.dumps({"ok": False, "errors": [why]}).encode() + b"\n"
-        for later in self._asked:
-            later.answer(answer)
-        self._asked.clear()
-
-    def _exec(self, version: str) -> None:
-        """Hand everything over and exec the program installed (which the probe ran)."""
-        t0 = time.monotonic()
-        self._children.zygotes.stop()  # their answers read first: no request left open
-        self._children.close()  # the exit watcher exits at its pipe's end
-        self._spawner.settle()  # no clone child still shares this image's memory
-        facts, fds = self.capture()
-        facts["t0"] = t0
-        memfd = os.memfd_create("pyinetd-upgrade", 0)
-        data = json.dumps(facts, separators=(",", ":")).encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(memfd, view) :]
-        argv = _program()
-        env = {**os.environ, **systemd.taken_environ(), STATE_ENV: str(memfd)}
-        keep = [*fds, memfd]
-        ready_ms = (time.monotonic() - t0) * 1000
-        event(
-            logging.INFO,
-            f"upgrade: exec of pyinetd {version}: {len(self._services.listeners)} listeners, "
-            f"{len(facts['children'])} children handed over (state ready in {ready_ms:.1f} ms)",
-            event="upgrade_exec",
-        )
-        log.batching(False)  # every line written before the image goes
-        # Blocked across the exec (a mask survives it, a handler does not): a SIGHUP or
-        # SIGTERM before the next image catches them would kill it (their default).
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
-        try:
-            for fd in keep:
-                os.set_inheritable(fd, True)
-            os.execve(argv[0], argv, env)
-        except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-            for sock in self._fresh.values():
-                close_listener(sock)
-            self._fresh = {}
-            for fd in keep:
-                with contextlib.suppress(OSError):
-                    os.set_inheritable(fd, False)
-            os.close(memfd)
-            log.batching(True)
-            self._resume()  # the zygotes again
-            self._fail(f"exec {argv[0]}: {exc.strerror or exc}")
 
     def capture(self) -> tuple[dict[str, Any], list[int]]:
         """The state as JSON-able facts, and every fd it names."""
@@ -533,6 +395,150 @@ class Upgrade:
             child.timer = self._loop.call_later(due, lambda: children.on_timeout(pid))
         children.table[pid] = child
         children.track(pid)
+
+
+class Upgrade(Handover):
+    """One image's side of an upgrade: the old image probes and execs, the next one adopts
+    (Handover) and then says so."""
+
+    # ------------------------------------------------------------ the old image
+    def begin(self, later: control.Later | None = None) -> None:
+        """Upgrade now (SIGUSR2, `pyinetd upgrade`): the probe first; ``later`` is answered
+        with the outcome, by the next image when it succeeds."""
+        if later is not None:
+            self._asked.append(later)
+        if self._busy:
+            return  # one at a time: this client waits for the one running
+        if self._services.stopping:
+            self._fail("pyinetd is stopping")
+            return
+        if self._services.worker:
+            return  # the first process upgrades, and starts its workers anew
+        self._busy = True
+        systemd.reloading()
+        event(logging.INFO, "upgrade: probing the program installed", event="upgrade")
+        try:
+            self._probe = _Probe(self._config(), self._loop, self._probed)
+        except OSError as exc:
+            self._fail(f"cannot start the probe: {exc.strerror or exc}")
+            return
+        self._quiet[self._probe.pid] = "probe"
+
+    def _probed(self, output: str) -> None:
+        self._probe = None
+        lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+        last = lines[-1].split() if lines else []
+        if len(last) == 3 and last[0] == PROBE_OK:
+            versions = {int(v) for v in last[2].split(",") if v.isdigit()}
+            if STATE_VERSION in versions:
+                why = self._bind_new()
+                if why:
+                    self._fail(why)
+                    return
+                if self._pending:
+                    event(
+                        logging.INFO,
+                        f"upgrade: the probe of pyinetd {last[1]} passed; waiting for "
+                        f"{len(self._pending)} connections in a pre-service stage",
+                        event="upgrade_wait",
+                    )
+                self._when_none_pending(last[1], time.monotonic() + PENDING_WAIT)
+                return
+            why = f"pyinetd {last[1]} reads state versions {last[2]}, not {STATE_VERSION}"
+            self._fail(why)
+            return
+        self._fail("; ".join(lines[-3:]) or "the probe said nothing")
+
+    def _bind_new(self) -> str:
+        """Bind here what the file now asks for beyond the listeners this image holds (it is
+        read again by the next image), to hand over with them: an address that cannot be bound
+        fails the upgrade now, while this image can still serve, and not the next image at
+        its start. A file this image cannot read (keys of the new program) binds nothing here:
+        the probe of the new program read it."""
+        try:
+            new = load(self._config().path)
+            self._fresh = self._services.bind_new(new, self._services.listeners)
+        except ConfigError:
+            return ""
+        except ListenError as exc:
+            return str(exc)
+        return ""
+
+    def _when_none_pending(self, version: str, deadline: float) -> None:
+        """Exec at the first moment no connection is in a pre-service stage (a PROXY header,
+        a ClientHello or a relay's handshake due: each lives in this image's memory and
+        ends in a few milliseconds), accepting meanwhile; at ``deadline`` those left are
+        closed by the exec, and said."""
+        left = len(self._pending)
+        if left and time.monotonic() < deadline:
+            self._loop.call_later(0.005, lambda: self._when_none_pending(version, deadline))
+            return
+        if left:
+            event(
+                logging.WARNING,
+                f"upgrade: {left} connections still in a pre-service stage after "
+                f"{PENDING_WAIT:g}s; the exec closes them",
+                event="upgrade_pending",
+            )
+        self._exec(version)
+
+    def _fail(self, why: str) -> None:
+        event(
+            logging.ERROR,
+            f"upgrade failed, the running program keeps serving: {why}",
+            event="upgrade_failed",
+            error=why,
+        )
+        self._busy = False
+        systemd.notify("READY=1", f"STATUS=upgrade failed: {why}")
+        answer = json.dumps({"ok": False, "errors": [why]}).encode() + b"\n"
+        for later in self._asked:
+            later.answer(answer)
+        self._asked.clear()
+
+    def _exec(self, version: str) -> None:
+        """Hand everything over and exec the program installed (which the probe ran)."""
+        t0 = time.monotonic()
+        self._children.zygotes.stop()  # their answers read first: no request left open
+        self._children.close()  # the exit watcher exits at its pipe's end
+        self._spawner.settle()  # no clone child still shares this image's memory
+        facts, fds = self.capture()
+        facts["t0"] = t0
+        memfd = os.memfd_create("pyinetd-upgrade", 0)
+        data = json.dumps(facts, separators=(",", ":")).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(memfd, view) :]
+        argv = _program()
+        env = {**os.environ, **systemd.taken_environ(), STATE_ENV: str(memfd)}
+        keep = [*fds, memfd]
+        ready_ms = (time.monotonic() - t0) * 1000
+        event(
+            logging.INFO,
+            f"upgrade: exec of pyinetd {version}: {len(self._services.listeners)} listeners, "
+            f"{len(facts['children'])} children handed over (state ready in {ready_ms:.1f} ms)",
+            event="upgrade_exec",
+        )
+        log.batching(False)  # every line written before the image goes
+        # Blocked across the exec (a mask survives it, a handler does not): a SIGHUP or
+        # SIGTERM before the next image catches them would kill it (their default).
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            for fd in keep:
+                os.set_inheritable(fd, True)
+            os.execve(argv[0], argv, env)
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            for sock in self._fresh.values():
+                close_listener(sock)
+            self._fresh = {}
+            for fd in keep:
+                with contextlib.suppress(OSError):
+                    os.set_inheritable(fd, False)
+            os.close(memfd)
+            log.batching(True)
+            self._resume()  # the zygotes again
+            self._fail(f"exec {argv[0]}: {exc.strerror or exc}")
 
     def finish(self) -> None:
         """Just before the first accept: say how long nothing was accepted, answer the
