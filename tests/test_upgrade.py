@@ -412,3 +412,37 @@ def test_a_new_address_in_use_fails_the_upgrade_not_the_next_image(inetd: Start)
     upgraded(p)
     assert tcp_talk(taken, b"more\n") == b"more\n"
     assert tcp_talk(port, b"cat\n") == b"cat\n"
+
+
+def test_per_source_counts_and_max_children_hold_across_the_upgrade(inetd: Start) -> None:
+    port = free_port(host="0.0.0.0")
+    svc = {
+        "listen": f"{port}",
+        "exec": ["/bin/cat"],
+        "per_source": 1,
+        "on_limit": "reject",
+        "busy_message": "busy",
+    }
+    p = inetd({"max_children": 2, "services": {"cat": svc}})
+    first = hold(port)  # 127.0.0.1: its one place under per_source
+    out = upgrade(p)
+    assert out.returncode == 0, out.stderr
+    upgraded(p)
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+        assert b"busy" in s.recv(100)  # the source's count came across
+    p.wait_log(r"refused 127\.0\.0\.1:\d+: per_source")
+    with socket.socket() as s:  # another source has its own place
+        s.bind(("127.0.0.2", 0))
+        s.settimeout(DEADLINE)
+        s.connect(("127.0.0.1", port))
+        s.sendall(b"y\n")
+        assert s.recv(10) == b"y\n"
+        # max_children: 2 is reached (the child from before and this one): a third source
+        # is refused
+        with socket.socket() as t:
+            t.bind(("127.0.0.3", 0))
+            t.settimeout(DEADLINE)
+            t.connect(("127.0.0.1", port))
+            assert b"busy" in t.recv(100)
+        p.wait_log(r"cat: refused 127\.0\.0\.3:\d+: max_children")
+    first.close()
