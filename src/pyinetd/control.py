@@ -202,6 +202,7 @@ class RequestServer:
 
     def __init__(
         self,
+        *,
         sock: socket.socket,
         selector: selectors.BaseSelector,
         handle: Handler,
@@ -254,12 +255,12 @@ class RequestServer:
                 continue
             conn.setblocking(False)
             ex = Exchange(
-                conn,
-                self._sel,
-                self._handle,
-                self._term,
-                self._call_later,
-                functools.partial(self._closed, key),
+                conn=conn,
+                sel=self._sel,
+                handle=self._handle,
+                term=self._term,
+                call_later=self._call_later,
+                on_close=functools.partial(self._closed, key),
             )
             if ex.closed:
                 self._slots.release(key)
@@ -357,6 +358,7 @@ class Exchange:
 
     def __init__(
         self,
+        *,
         conn: socket.socket,
         sel: selectors.BaseSelector,
         handle: Handler,

@@ -21,10 +21,9 @@ class PidFile:
         guess; a file this process already wrote there (kept across `pyinetd upgrade`, same
         pid) is left as it is.
 
-        The temporary name was PATH.PID.tmp, opened following symlinks: a local user who
-        planted symlinks for the next pids had root overwrite a file of their choosing (issue
-        14.4). A folder others may write (unless sticky) or another user owns is refused: they
-        could swap the file under us, and its removal at stop.
+        A guessable name opened following symlinks lets a local user who plants symlinks for
+        the next pids have root overwrite a file of their choosing. A folder others may write
+        (unless sticky) or another user owns is refused: they could swap the file under us.
         """
         if self._entry is not None and self.path == path:
             return

@@ -49,33 +49,52 @@ class Server:
         self.child_metrics = Metrics()  # durations and exit classes, by service name
         throttled = ThrottledLog()
         table: dict[int, Child] = {}  # the children, by pid
-        self.services = Services(config, loop, self.spawner, worker, table)
+        # Who calls whom: a listener's arrivals go to the connections (built below: the
+        # lambdas); a child's, a session's and a worker's end come back here (the drain).
+        self.services = services = Services(
+            config=config,
+            loop=loop,
+            spawner=self.spawner,
+            worker=worker,
+            children=table,
+            on_accept=lambda lst, mask: self.connections.on_accept(lst, mask),
+            on_datagram=lambda lst, mask: self.connections.on_datagram(lst, mask),
+        )
         self.children = Children(
-            loop,
-            self.spawner,
-            self.services,
-            self.child_metrics,
-            throttled,
-            table,
-            self._child_ended,
-            lambda pid, st: self._workers.exited(pid, st) or self.upgrade.exited(pid, st),
-            lambda: self._workers.table,
+            loop=loop,
+            spawner=self.spawner,
+            services=services,
+            metrics=self.child_metrics,
+            throttled=throttled,
+            table=table,
+            ended=self._child_ended,
+            other_exited=lambda pid, st: (
+                self._workers.exited(pid, st) or self.upgrade.exited(pid, st)
+            ),
+            other_pids=lambda: self._workers.table,
         )
-        self._workers = Workers(loop, self.services, self.children.track, self._check_drained)
-        self.sessions = Sessions(loop, self.services, self._check_drained)
+        self._workers = Workers(
+            loop=loop, services=services, track=self.children.track, drained=self._check_drained
+        )
+        self.sessions = Sessions(loop=loop, services=services, drained=self._check_drained)
         self.connections = Connections(
-            config, loop, self.services, self.children, self.sessions, throttled
+            config=config,
+            loop=loop,
+            services=services,
+            children=self.children,
+            sessions=self.sessions,
+            throttled=throttled,
         )
-        self.ops = Operations(self.snapshot, self.reload, self._begin_stop)
+        self.ops = Operations(snapshot=self.snapshot, reload=self.reload, stop=self._begin_stop)
         self._drain_timer: Timer | None = None
         self._pid = PidFile()
         self.upgrade = Upgrade(
             loop=loop,
             spawner=self.spawner,
-            services=self.services,
+            services=services,
             children=self.children,
             sessions=self.sessions,
-            pending=self.connections.pending,
+            pending=self.connections.stages.pending,
             metrics=self.child_metrics,
             workers=self._workers,
             ops_servers=lambda: self.ops.servers,
@@ -85,27 +104,11 @@ class Server:
             started=self.started,
         )
         self.ops.upgrade = self.upgrade.begin
-        # The parts' tables and handlers under the names tests and tools look for.
-        self.sel = loop.sel
-        self.states = self.services.states
-        self.listeners = self.services.listeners
-        self.workers = self._workers.table
-        self.pending = self.connections.pending
-        self._pools = self.connections.pools
-        self._serve_stream = self.connections.serve_stream
-        self._contain = self.connections.contain
-        self._wake_r, self._wake_w = loop._wake_r, loop._wake_w
-
-    @property
-    def _stopping(self) -> bool:
-        return self.services.stopping
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
-        """Bind every enabled service's listeners; ListenError (nothing left bound) on failure.
-
-        Sockets handed over by systemd socket activation are adopted instead of bound.
-        """
+        """Bind every enabled service's listeners (adopt those systemd socket activation
+        handed over, and an upgrade's: upgrade.py); ListenError (nothing left bound) on failure."""
         self.services.bind(self.config, self.upgrade.listeners())
 
     def _install_signals(self) -> None:
@@ -180,7 +183,7 @@ class Server:
         return STOP
 
     def _on_sighup(self, sig: int) -> object:
-        if not self._stopping:
+        if not self.services.stopping:
             self.reload()
         return None
 
@@ -223,7 +226,7 @@ class Server:
 
     def _begin_stop(self, why: str) -> None:
         """Stop listening; then leave at once, or drain the children first."""
-        if self._stopping:
+        if self.services.stopping:
             event(logging.INFO, f"{why} again: stopping now", event="stop_now")
             self._workers.signal(signal.SIGTERM)
             self.loop.exit = True
@@ -260,14 +263,15 @@ class Server:
         self.loop.exit = True
 
     def _check_drained(self) -> None:
-        if self._stopping and not self.children and not self.sessions and not self._workers.table:
+        idle = not (self.children or self.sessions or self._workers.table)
+        if self.services.stopping and idle:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
             self.loop.exit = True
 
     def _child_ended(self, child: Child) -> None:
         """A child's end is accounted for: the drain may be over, or a listener resumes."""
-        if self._stopping:
+        if self.services.stopping:
             self._check_drained()
             return
         self.services.child_ended(child.listener)
@@ -310,8 +314,7 @@ class Server:
         return errors
 
     def _log_file_warnings(self) -> None:
-        """Each service failed, or served without a file, by a file its user can change
-        (config.Config.warnings): a warning at each (re)load, not an error."""
+        """Config.warnings (a file its user can change failed a service): warned at each load."""
         for line in self.config.warnings:
             event(logging.WARNING, line, event="service_file")
 
@@ -335,7 +338,7 @@ class Server:
         self.children.zygotes.sync(served.values())
 
     def _shutdown(self) -> None:
-        if not self._stopping:
+        if not self.services.stopping:
             self._begin_stop("exit")
         self.ops.close()
         self.sessions.close_all()
@@ -357,7 +360,7 @@ class Server:
         self.loop.close()
 
     def __repr__(self) -> str:
-        return f"<Server {len(self.listeners)} listeners, {len(self.children)} children>"
+        return f"<Server {len(self.services.listeners)} listeners, {len(self.children)} children>"
 
 
 STOP = object()  # a signal's action returns it: the others of this wake-up are not looked at

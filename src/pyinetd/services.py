@@ -193,7 +193,17 @@ class Listener:
 class Services:
     """Every service's state and listeners, and whether each listener is watched."""
 
-    def __init__(self, config: Config, loop: Loop, spawner: Spawner, worker: int, children: Sized):
+    def __init__(
+        self,
+        *,
+        config: Config,
+        loop: Loop,
+        spawner: Spawner,
+        worker: int,
+        children: Sized,
+        on_accept: Handler,
+        on_datagram: Handler,
+    ) -> None:
         self.config = config
         self._loop = loop
         self._spawner = spawner
@@ -207,8 +217,10 @@ class Services:
         self.stopping = False  # no listener is watched any more
         self.full = False  # at the global max_children: exec listeners are paused
         self.loop_ports: frozenset[int] = frozenset()  # ports of our UDP listeners
-        self.on_accept: Handler = _unset
-        self.on_datagram: Handler = _unset
+        # A listener's arrival handlers (Connections.on_accept, on_datagram): an accept or
+        # wait-mode start for a stream listener, the datagrams of a UDP one.
+        self.on_accept = on_accept
+        self.on_datagram = on_datagram
 
     # ------------------------------------------------------------ bind, adopt, apply
     def bind(self, config: Config, carried: dict[ListenKey, socket.socket] | None = None) -> None:
@@ -556,10 +568,6 @@ class Services:
                 close_listener(lst.sock)
         self.listeners.clear()
         self._spawner.settle()  # the ports are free for a new pyinetd once this one stops
-
-
-def _unset(lst: Listener, mask: int) -> None:
-    raise RuntimeError("Services: no arrival handler set")
 
 
 def worker_serves(svc: Service, key: ListenKey) -> bool:

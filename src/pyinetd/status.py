@@ -336,6 +336,7 @@ class Operations:
 
     def __init__(
         self,
+        *,
         snapshot: Callable[[], dict[str, Any]],
         reload: Callable[[], list[str]],
         stop: Callable[[str], None],
@@ -370,7 +371,12 @@ class Operations:
             self._reserve = control.FdReserve()
             self.servers.append(
                 control.RequestServer(
-                    sock, sel, self.on_control, b"\n", call_later, reserve=self._reserve
+                    sock=sock,
+                    selector=sel,
+                    handle=self.on_control,
+                    terminator=b"\n",
+                    call_later=call_later,
+                    reserve=self._reserve,
                 )
             )
         if config.metrics:
@@ -383,7 +389,13 @@ class Operations:
                 )
             else:
                 self.servers.append(
-                    control.RequestServer(msock, sel, self.on_metrics, b"\r\n\r\n", call_later)
+                    control.RequestServer(
+                        sock=msock,
+                        selector=sel,
+                        handle=self.on_metrics,
+                        terminator=b"\r\n\r\n",
+                        call_later=call_later,
+                    )
                 )
 
     def close(self) -> None:
