@@ -446,3 +446,25 @@ def test_per_source_counts_and_max_children_hold_across_the_upgrade(inetd: Start
             assert b"busy" in t.recv(100)
         p.wait_log(r"cat: refused 127\.0\.0\.3:\d+: max_children")
     first.close()
+
+
+def test_a_drained_service_stays_drained_for_the_agent(inetd: Start) -> None:
+    port, agent = free_port(), free_port()
+    conf = {
+        "agent": f"127.0.0.1:{agent}",
+        "services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/cat"]}},
+    }
+    p = inetd(conf)
+    drained = subprocess.run(
+        [sys.executable, "-m", "pyinetd", "drain", "cat", "-c", str(p.path)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    assert drained.returncode == 0, drained.stderr
+    assert tcp_talk(agent, b"cat\n", shut=False) == b"drain\n"
+    out = upgrade(p)
+    assert out.returncode == 0, out.stderr
+    upgraded(p)
+    assert tcp_talk(agent, b"cat\n", shut=False) == b"drain\n"
+    assert tcp_talk(port, b"still served\n") == b"still served\n"

@@ -191,7 +191,8 @@ class Stages:
         # Connections in a pre-service stage, each with the pool it holds a slot in; a pool
         # per service name.
         self.pending: dict[Pending, Pool] = {}
-        self.holds: dict[Pending, Slot] = {}  # the pending hellos' places (SlotKind.PENDING)
+        # The places of the connections whose PROXY header or hello is due (SlotKind.PENDING)
+        self.holds: dict[Pending, Slot] = {}
         self.pools: dict[str, Pool] = {}
         self._bounds = (config.max_pending, config.max_pending_per_source)
 
@@ -337,9 +338,18 @@ class Stages:
     def wait_for_header(
         self, lst: Listener, conn: socket.socket, ip: str, port: int, key: str
     ) -> None:
-        """A PROXY header is due: in the service's pool, read in the loop with a deadline."""
-        svc = lst.state.service
-        pool = self._take_slot(lst.state, conn, ip, port, key)
+        """A PROXY header is due: in the service's pool, read in the loop with a deadline,
+        holding a place under max_connections meanwhile as a TLS hello does: a balancer told
+        `maxconn:` max_connections (agent.py) may have that many connections at pyinetd, and
+        each must find its place when its header is in (on_limit: queue waits in the backlog,
+        it is not accepted and then refused). Per source it is counted after the header, by
+        the client it names."""
+        state = lst.state
+        svc = state.service
+        if svc.max_connections and state.running + state.hellos >= svc.max_connections:
+            self._path.refuse(state, conn, ip, port, "limit")  # (on_limit: reject)
+            return
+        pool = self._take_slot(state, conn, ip, port, key)
         if pool is None:
             return
         conn.setblocking(False)
@@ -347,6 +357,7 @@ class Stages:
         assert accept is not None
         pend = PendingProxy(self, lst, conn, (ip, port), key, svc.proxy_timeout, accept)
         self._enter(pool, pend)
+        self.holds[pend] = self._services.take_slot(state, "", SlotKind.PENDING)
         pend(0)  # the header usually came with the connection: no wait, no slot held
 
     def wait_for_hello(

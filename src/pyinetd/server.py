@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pyinetd import log, procsettings, systemd
+from pyinetd.agent import Agent
 from pyinetd.children import KILL_GRACE, Child, Children
 from pyinetd.config import Config, ConfigError, load
 from pyinetd.connections import Connections, Sessions
@@ -85,7 +86,10 @@ class Server:
             sessions=self.sessions,
             throttled=throttled,
         )
-        self.ops = Operations(snapshot=self.snapshot, reload=self.reload, stop=self._begin_stop)
+        self.agent = Agent(services=services, zygote_of=self.children.zygotes.describe)
+        self.ops = Operations(
+            snapshot=self.snapshot, reload=self.reload, stop=self._begin_stop, agent=self.agent
+        )
         self._drain_timer: Timer | None = None
         self._pid = PidFile()
         self.upgrade = Upgrade(
@@ -179,7 +183,7 @@ class Server:
                 return
 
     def _on_stop_signal(self, sig: int) -> object:
-        self._begin_stop(signal.Signals(sig).name)
+        self.ops.stop(signal.Signals(sig).name)  # after agent_drain_time with an agent
         return STOP
 
     def _on_sighup(self, sig: int) -> object:
@@ -358,9 +362,6 @@ class Server:
                 children=len(self.children),
             )
         self.loop.close()
-
-    def __repr__(self) -> str:
-        return f"<Server {len(self.services.listeners)} listeners, {len(self.children)} children>"
 
 
 STOP = object()  # a signal's action returns it: the others of this wake-up are not looked at

@@ -56,8 +56,8 @@ class ServiceState:
 
     service: Service
     running: int = 0
-    # TLS connections admitted, their ClientHello or handshake due: they hold a place under
-    # max_connections and per_source (SlotKind.PENDING)
+    # Connections whose PROXY header, or whose TLS ClientHello or handshake, is due: they
+    # hold a place under max_connections (and a hello under per_source) (SlotKind.PENDING)
     hellos: int = 0
     accepted: int = 0
     # Bytes pyinetd itself carried for the service's clients (built-in sessions), since start.
@@ -70,6 +70,8 @@ class ServiceState:
     listeners: list[Listener] = field(default_factory=list)
     tls_context: ssl.SSLContext | None = None
     stderr_log: StderrLog | None = None  # made at the first child with `stderr: log`
+    # `pyinetd drain` (or a stop's agent_drain_time): still served, the agent answers drain
+    drained: bool = False
 
     def set_service(self, service: Service, tls_context: ssl.SSLContext | None = None) -> None:
         """Apply a (re)loaded definition with its TLS context, built by Services.prepare before
@@ -101,7 +103,7 @@ class SlotKind(enum.Enum):
 
     CHILD = "child"  # a process (or one asked of a zygote): running, and max_children
     SESSION = "session"  # a built-in session in the loop: running
-    PENDING = "pending"  # a TLS connection whose ClientHello or handshake is due: hellos
+    PENDING = "pending"  # a PROXY header, TLS ClientHello or handshake due: hellos
 
 
 @dataclass(eq=False)

@@ -236,6 +236,7 @@ class Handover:
                 "bytes": [st.bytes_in, st.bytes_out],
                 "spawn_failures": st.spawn_failures,
                 "refused": st.refused,
+                "drained": st.drained,  # `pyinetd drain`: the agent still answers drain
                 "stderr_log": logfds,
                 "partial": {str(pid): text.hex() for pid, text in partial.items()},
             }
@@ -330,6 +331,7 @@ class Handover:
             st.bytes_in, st.bytes_out = facts["bytes"]
             st.spawn_failures.update(facts["spawn_failures"])
             st.refused.update(facts["refused"])
+            st.drained = facts["drained"]
             if logfds:
                 svc = st.service
                 st.stderr_log = StderrLog(
