@@ -95,6 +95,12 @@ SIGNALS = [
         "their sockets, so no connection is refused during a reload.",
     ),
     ("SIGUSR1", "Write the status table (as `pyinetd status`) to the log."),
+    (
+        "SIGUSR2",
+        "Upgrade, as `pyinetd upgrade`: probe the pyinetd now installed, then exec it in "
+        "place (the same pid and listening sockets, the running children kept and counted); "
+        "a failed probe is logged and the running program keeps serving.",
+    ),
     ("SIGCHLD", "Handled: service processes are reaped as they exit."),
 ]
 

@@ -14,6 +14,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 CHUNK = 65536
 # RFC 868: seconds between 1900-01-01 and the Unix epoch.
@@ -90,7 +91,10 @@ class Session:
         sock: socket.socket,
         selector: selectors.BaseSelector,
         on_close: Callable[[Session], None],
+        carried: dict[str, Any] | None = None,
     ) -> None:
+        """``carried``: where the session of the image before this one was (``carry``, for
+        `pyinetd upgrade`): its greeting was sent then."""
         self.kind = kind
         self._does = REGISTRY[kind]
         self.sock = sock
@@ -105,6 +109,13 @@ class Session:
         # What the session carried, for its end line (as xinetd's and systemd's accounting).
         self.bytes_in = 0
         self.bytes_out = 0
+        if carried is not None:
+            self.started = carried["started"]
+            self._out = bytearray.fromhex(carried["out"])
+            self._offset, self._eof = carried["offset"], carried["eof"]
+            self.bytes_in, self.bytes_out = carried["bytes"]
+            self._update()
+            return
         if self._does.greeting is not None:
             self._out += self._does.greeting()
             self._eof = True
@@ -117,6 +128,17 @@ class Session:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def carry(self) -> dict[str, Any]:
+        """Where the session is, for the next image (`pyinetd upgrade`); its socket apart."""
+        return {
+            "kind": self.kind,
+            "started": self.started,
+            "out": bytes(self._out).hex(),
+            "offset": self._offset,
+            "eof": self._eof,
+            "bytes": [self.bytes_in, self.bytes_out],
+        }
 
     def _want(self) -> int:
         events = 0

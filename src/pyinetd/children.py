@@ -218,6 +218,10 @@ class Children:
         """Every child holding a slot, in any state: the table's, then those ASKED."""
         return [*self.table.values(), *(entry.child for entry in self._awaiting.values())]
 
+    def udp_replies(self) -> dict[int, UDPReply]:
+        """The replies of UDP nowait children, by pid (what `pyinetd upgrade` hands over)."""
+        return self._udp_replies
+
     # ------------------------------------------------------------ start
     def start(self, arrival: Arrival) -> int:
         """Spawn the service's program for ``arrival``: its pid; PENDING when the service's

@@ -106,6 +106,15 @@ COMMANDS = (
         ("config", "control"),
     ),
     Command(
+        "upgrade",
+        "",
+        "Replace the running instance by the pyinetd now installed, as SIGUSR2 does: the "
+        "same pid, the same listening sockets, its children still counted and their ends "
+        "logged. The new program is probed first (it imports, loads and checks the "
+        f"configuration); if that fails the running one keeps serving (exit {EXIT_RUNTIME}).",
+        ("config", "control"),
+    ),
+    Command(
         "convert",
         "FILE",
         "Print an inetd.conf(5) or xinetd.conf(5) file (following includedir) as "
@@ -155,6 +164,8 @@ _OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         {"action": "store_true", "help": "log to the local syslog socket"},
     ),
     "version": (("--version",), {"action": "version", "version": f"pyinetd {__version__}"}),
+    # What a running pyinetd runs before `upgrade` execs the program installed (upgrade.py).
+    "probe": (("--probe",), {"action": "store_true", "help": argparse.SUPPRESS}),
     "schema": (
         ("--schema",),
         {"action": "store_true", "help": "print the configuration's JSON Schema, exit"},
@@ -186,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="run",
         choices=[c.name for c in COMMANDS],
-        help="run (default): serve; status/reload/stop/drain/undrain: talk to the running "
-        "instance through its control socket; convert FILE: translate inetd.conf or xinetd.conf; "
+        help="run (default): serve; status/reload/stop/drain/undrain/upgrade: talk to the "
+        "running instance through its control socket; convert FILE: translate inetd.conf or "
+        "xinetd.conf; "
         "security: what contains each service, and its exposure; "
         "`pyinetd COMMAND --help` describes one",
     )
@@ -254,7 +266,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return _print_schema() if args.schema else _print_config(args.config, args.format)
     if args.command == "convert":
         return _convert(args)
-    if args.command in ("status", "reload", "stop", "drain", "undrain"):
+    if args.command == "upgrade" and args.probe:
+        return _probe(args.config)
+    if args.command in ("status", "reload", "stop", "drain", "undrain", "upgrade"):
         return _control(args)
     try:
         config = load(args.config)
@@ -303,6 +317,20 @@ def _main(argv: Sequence[str] | None) -> int:
         print(config.located([f"{exc.source or args.config}: {exc}"])[0], file=sys.stderr)
         return EXIT_RUNTIME
     return server.run(pid_file=None if worker else args.pid_file, control_path=args.control)
+
+
+def _probe(path: str) -> int:
+    """`pyinetd upgrade --probe -c FILE`, run by a pyinetd about to exec this program: what
+    the next image imports can be imported and the configuration loads; the last line says
+    so (upgrade.PROBE_OK), with the state versions this program reads."""
+    from pyinetd import reaper, server, zygote  # noqa: F401  (what the runtime imports)
+    from pyinetd.upgrade import PROBE_OK, READS
+
+    code = _main(["--check", "-c", path])
+    if code != EXIT_OK:
+        return code
+    print(f"{PROBE_OK} {__version__} {','.join(map(str, READS))}", flush=True)
+    return EXIT_OK
 
 
 def _security(config: Config) -> int:
@@ -358,7 +386,8 @@ def _control(args: argparse.Namespace) -> int:
     if args.command in ("drain", "undrain") and args.file:
         request = f"{args.command} {args.file}"
     try:
-        answer = control.request(path, request)
+        # An upgrade's answer comes from the next image, after the probe and the exec.
+        answer = control.request(path, request, 120.0 if args.command == "upgrade" else 30.0)
     except (OSError, ValueError) as exc:
         print(f"pyinetd {args.command}: cannot reach pyinetd at {path}: {exc}", file=sys.stderr)
         if args.control is None:
@@ -382,7 +411,21 @@ def _control(args: argparse.Namespace) -> int:
     if not answer.get("ok"):
         if args.command == "reload":
             print("pyinetd reload: failed, the running configuration is unchanged", file=sys.stderr)
+        if args.command == "upgrade" and "ok" not in answer:
+            # The connection closed unanswered: the new image did not start (its log says why).
+            print(
+                "pyinetd upgrade: no answer from the new program; see pyinetd's log",
+                file=sys.stderr,
+            )
+        elif args.command == "upgrade":
+            print("pyinetd upgrade: failed, the running program keeps serving", file=sys.stderr)
         return EXIT_CONFIG if args.command == "reload" else EXIT_RUNTIME
+    if args.command == "upgrade":
+        print(
+            f"pyinetd upgrade: ok, pyinetd {answer.get('version')} serving as pid "
+            f"{answer.get('pid')}; accepting paused {answer.get('pause_ms')} ms"
+        )
+        return EXIT_OK
     what = f" {args.file}" if args.command in ("drain", "undrain") and args.file else ""
     print(f"pyinetd {args.command}{what}: ok")
     return EXIT_OK

@@ -22,7 +22,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from pyinetd import builtins, control, environ, proxyproto
 from pyinetd.admission import Known, StageSlots, admit, source_key
@@ -119,6 +119,19 @@ class Sessions:
         timer = None
         if state.service.timeout:
             timer = self._loop.call_later(state.service.timeout, sess.close)
+        self.table[sess] = (slot, peer, timer)
+
+    def resume(
+        self, state: ServiceState, conn: socket.socket, facts: dict[str, Any], src: str, peer: str
+    ) -> None:
+        """A session of the image before this one (builtins.Session.carry, `pyinetd
+        upgrade`) goes on here, its slot taken again and its timeout from its start."""
+        slot = self._services.take_slot(state, src, SlotKind.SESSION)
+        sess = builtins.Session(facts["kind"], conn, self._loop.sel, self._closed, facts)
+        timer = None
+        if state.service.timeout:
+            due = max(0.0, sess.started + state.service.timeout - time.monotonic())
+            timer = self._loop.call_later(due, sess.close)
         self.table[sess] = (slot, peer, timer)
 
     def _closed(self, sess: builtins.Session) -> None:

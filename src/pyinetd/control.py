@@ -107,6 +107,9 @@ def check_control_socket(path: str) -> None:
 
 def bind_control(path: str) -> socket.socket:
     """Bind the control socket with mode 0600 (no moment where others could connect)."""
+    carried = CARRIED.pop(path, None)
+    if carried is not None:
+        return carried
     folder = os.path.dirname(path)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     check_control_folder(path)
@@ -124,7 +127,31 @@ def bind_control(path: str) -> socket.socket:
     return sock
 
 
-Handler = Callable[[bytes], bytes]
+class Later:
+    """An answer a handler gives later (`pyinetd upgrade`: after its probe, from the next
+    image): the exchange stops reading and drops its deadline until ``answer`` is called."""
+
+    def __init__(self) -> None:
+        self.exchange: Exchange | None = None
+        self._early: bytes | None = None  # answered before the exchange took it
+
+    def bind(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        if self._early is not None:
+            exchange.reply(self._early)
+
+    def answer(self, data: bytes) -> None:
+        """Send ``data`` to the client that asked, then close."""
+        if self.exchange is None:
+            self._early = data
+        else:
+            self.exchange.reply(data)
+
+
+Handler = Callable[[bytes], "bytes | Later"]
+# Control sockets handed over by the image before this one (`pyinetd upgrade`), by path:
+# bind_control takes one from here instead of binding, so `pyinetd status` never misses.
+CARRIED: dict[str, socket.socket] = {}
 
 
 class FdReserve:
@@ -382,9 +409,29 @@ class Exchange:
             if data:
                 self._in += data
             if self._term in self._in or not data or len(self._in) > self._max:
-                self._out = self._handle(self._in[: self._max])
+                out = self._handle(self._in[: self._max])
+                if isinstance(out, Later):
+                    self._timer.cancel()  # the answer's time is the handler's
+                    self._sel.unregister(self.conn)
+                    out.bind(self)
+                    return
+                self.reply(out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+
+    def reply(self, data: bytes) -> None:
+        """Write the answer ``data``, then close."""
+        if self._done:
+            return
+        self._out = data or b"\n"
+        try:
+            if self.conn.fileno() not in self._sel.get_map():
+                self._sel.register(self.conn, selectors.EVENT_WRITE, self)
+            else:
                 self._sel.modify(self.conn, selectors.EVENT_WRITE, self)
-                self._write()
+            self._write()
         except (BlockingIOError, InterruptedError):
             return
         except OSError:

@@ -96,6 +96,19 @@ def _unlink_if_same(dir_fd: int, name: str, dev: int, ino: int) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
+def unix_file_of(sock: socket.socket) -> tuple[int, str, int, int] | None:
+    """The unix socket file pyinetd made for ``sock``: its folder's fd, name, device, inode."""
+    made = _UNIX_FILES.get(sock)
+    return None if made is None else (made.dir_fd, made.name, made.dev, made.ino)
+
+
+def adopt_unix_file(sock: socket.socket, dir_fd: int, name: str, dev: int, ino: int) -> None:
+    """``sock``'s file, made by the image before this one (`pyinetd upgrade`): removed at
+    close_listener as if this process had bound it, through the same folder fd."""
+    close_dir = weakref.finalize(sock, os.close, dir_fd)
+    _UNIX_FILES[sock] = _UnixFile(dir_fd, name, dev, ino, close_dir)
+
+
 def set_socket_options(sock: socket.socket, service: Service) -> None:
     """The service's interface and socket options on its listening socket; the connections
     accepted from it inherit them (Linux copies them to the new socket). Set before bind, so

@@ -9,12 +9,9 @@ signal numbers from its wake-up fd and ``_on_signals`` dispatches them through S
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import os
 import signal
-import stat
 import time
 from typing import TYPE_CHECKING
 
@@ -27,10 +24,12 @@ from pyinetd.listeners import ListenError, ListenKey
 from pyinetd.log import ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
+from pyinetd.pidfile import PidFile
 from pyinetd.services import Services
 from pyinetd.signals import HANDLED_SIGNALS, PYTHON_IGNORED, ignored_signals
 from pyinetd.spawn import C_MODULE_BUILT, Spawner
 from pyinetd.status import Operations, render_table, snapshot
+from pyinetd.upgrade import Upgrade
 from pyinetd.workers import Workers
 
 if TYPE_CHECKING:
@@ -71,7 +70,9 @@ class Server:
             table=table,
             ended=self._child_ended,
             other_exited=lambda pid, st: (
-                self._workers.exited(pid, st) or self.fronts.on_exit(pid, st)
+                self._workers.exited(pid, st)
+                or self.fronts.on_exit(pid, st)
+                or self.upgrade.exited(pid, st)
             ),
             other_pids=lambda: [*self._workers.table, *self.fronts.pids()],
         )
@@ -93,13 +94,29 @@ class Server:
             snapshot=self.snapshot, reload=self.reload, stop=self._begin_stop, agent=self.agent
         )
         self._drain_timer: Timer | None = None
-        self._pid_entry: tuple[int, str, int, int] | None = None  # folder fd, name, dev, inode
+        self._pid = PidFile()
+        self.upgrade = Upgrade(
+            loop=loop,
+            spawner=self.spawner,
+            services=services,
+            children=self.children,
+            sessions=self.sessions,
+            pending=self.connections.stages.pending,
+            metrics=self.child_metrics,
+            workers=self._workers,
+            ops_servers=lambda: self.ops.servers,
+            pidfile=self._pid,
+            config=lambda: self.config,
+            resume=self._sync_zygotes,
+            started=self.started,
+        )
+        self.ops.upgrade = self.upgrade.begin
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
         """Bind every enabled service's listeners (adopt those systemd socket activation
-        handed over); ListenError (nothing left bound) on failure."""
-        self.services.bind(self.config)
+        handed over, and an upgrade's: upgrade.py); ListenError (nothing left bound) on failure."""
+        self.services.bind(self.config, self.upgrade.listeners())
 
     def _install_signals(self) -> None:
         # Signals we were started with ignored (`pyinetd &` in a script ignores SIGINT and
@@ -126,6 +143,7 @@ class Server:
         before the config's `control_socket`."""
         procsettings.raise_nofile()  # before the first process starts (it gets the limit given)
         self._install_signals()
+        self.started = self.upgrade.adopt(self.started)  # before the first reap (upgrade.py)
         self.children.reap()  # children left from before exec (e.g. by a wrapper script)
         self._sync_zygotes()
         if self.worker:
@@ -135,7 +153,7 @@ class Server:
             pid_file = pid_file or self.config.pid_file  # `pid_file:` was read, never used
             if pid_file:
                 try:
-                    self._write_pid_file(pid_file)
+                    self._pid.write(pid_file, self.pid)
                 except OSError as exc:
                     reason = exc.strerror or str(exc)
                     event(logging.ERROR, f"pid file {pid_file}: {reason}", event="pid_file")
@@ -146,6 +164,7 @@ class Server:
             event(logging.INFO, f"listening: {self._describe()}", event="ready")
             systemd.notify("READY=1", f"STATUS={self._status_line()}")
             systemd.start_watchdog(self.loop.call_later)
+            self.upgrade.finish()
         log.batching(True)
         try:
             self.loop.run(self.children.flush, self.connections.contain)
@@ -177,53 +196,11 @@ class Server:
         self.dump_status()
         return None
 
+    def _on_sigusr2(self, sig: int) -> object:
+        self.upgrade.begin()  # upgrade.py: the program installed replaces this one, same pid
+        return None
+
     # ------------------------------------------------------------ operations
-    def _write_pid_file(self, path: str) -> None:
-        """Write the pid file atomically, from an fd on its folder, under a name no one can guess
-        (a guessable one followed symlinks a local user planted for the next pids: root wrote
-        a file of their choosing); a folder others may write (unless sticky) or another user
-        owns is refused (they could swap the file under us)."""
-        folder, name = os.path.split(os.path.abspath(path))
-        dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            st = os.fstat(dfd)
-            if st.st_uid not in (os.geteuid(), 0):
-                raise OSError(
-                    errno.EPERM, f"folder {folder} is owned by uid {st.st_uid}; refusing it"
-                )
-            if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-                mode = f"{stat.S_IMODE(st.st_mode):04o}"
-                raise OSError(
-                    errno.EPERM, f"folder {folder} is writable by others (mode {mode}); refusing it"
-                )
-            # os.urandom, not secrets/tempfile: those load hashlib (libcrypto, 3.5 MiB).
-            tmp = f".{name}.{os.urandom(8).hex()}"
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
-            try:
-                os.write(fd, f"{self.pid}\n".encode())
-                written = os.fstat(fd)
-            finally:
-                os.close(fd)
-            # atomic: a reader never sees a half-written file
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        except BaseException:
-            os.close(dfd)
-            raise
-        self._pid_entry = (dfd, name, written.st_dev, written.st_ino)
-
-    def _remove_pid_file(self) -> None:
-        """Unlink the pid file, in the folder it was written to, only if it is still ours."""
-        if self._pid_entry is None:
-            return
-        dfd, name, dev, ino = self._pid_entry
-        self._pid_entry = None
-        with contextlib.suppress(OSError):
-            st = os.lstat(name, dir_fd=dfd)
-            if (st.st_dev, st.st_ino) == (dev, ino):
-                os.unlink(name, dir_fd=dfd)
-        os.close(dfd)
-
     def snapshot(self) -> dict[str, object]:
         """The status, as plain data (status.py renders it)."""
         return snapshot(
@@ -378,7 +355,7 @@ class Server:
                 state.stderr_log = None
         self.children.close()
         self.fronts.kill_all()
-        self._remove_pid_file()
+        self._pid.remove()
         self.spawner.close()
         if self.children:
             event(
@@ -397,4 +374,5 @@ SIGNALS = (
     (signal.SIGINT, Server._on_stop_signal),
     (signal.SIGHUP, Server._on_sighup),
     (signal.SIGUSR1, Server._on_sigusr1),
+    (signal.SIGUSR2, Server._on_sigusr2),
 )

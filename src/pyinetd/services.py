@@ -216,6 +216,7 @@ class Services:
         self.states: dict[str, ServiceState] = {}
         self.listeners: dict[ListenKey, Listener] = {}
         self._activated: dict[ListenKey, socket.socket] = {}
+        self._quiet: set[ListenKey] = set()  # carried across an upgrade: adopted unsaid
         self.stopping = False  # no listener is watched any more
         self.full = False  # at the global max_children: exec listeners are paused
         self.loop_ports: frozenset[int] = frozenset()  # ports of our UDP listeners
@@ -225,11 +226,14 @@ class Services:
         self.on_datagram = on_datagram
 
     # ------------------------------------------------------------ bind, adopt, apply
-    def bind(self, config: Config) -> None:
+    def bind(self, config: Config, carried: dict[ListenKey, socket.socket] | None = None) -> None:
         """Bind every enabled service's listeners; ListenError (nothing left bound) on failure.
 
-        Sockets handed over by systemd socket activation are adopted instead of bound.
+        Sockets handed over by systemd socket activation are adopted instead of bound, as are
+        ``carried``: the sockets of the image before this one (`pyinetd upgrade`).
         """
+        self._activated.update(carried or {})
+        self._quiet = set(carried or ())
         inherited = worker_fds() if self.worker else systemd.listen_fds()
         for sock, _name in inherited:
             key = systemd.key_of(sock)
@@ -258,7 +262,7 @@ class Services:
                 sock = self._activated.pop(alt, None)
                 if sock is not None:
                     break
-        if sock is not None and not self.worker:
+        if sock is not None and not self.worker and key not in self._quiet:
             event(
                 logging.INFO,
                 f"socket activation: adopted {key.protocol} {key.address}",

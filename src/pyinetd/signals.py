@@ -14,6 +14,7 @@ HANDLED_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
     signal.SIGUSR1,
+    signal.SIGUSR2,
 )
 # What CPython ignores at start-up: every process pyinetd starts gets them back at their
 # default (spawn.py), or ``yes | head`` in a shell service would spin on EPIPE instead of dying.

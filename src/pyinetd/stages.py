@@ -281,12 +281,14 @@ class UDPReply:
         listener: socket.socket,
         peer: object,
         sel: selectors.BaseSelector,
+        buffered: bytes = b"",
     ) -> None:
+        """``buffered``: what the child wrote before, read by the image before this one."""
         self.sock = sock
         self._listener = listener
         self._peer = peer
         self._sel = sel
-        self._buf = bytearray()
+        self._buf = bytearray(buffered)
         self.closed = False
         sock.setblocking(False)
         sel.register(sock, selectors.EVENT_READ, self)
@@ -304,6 +306,10 @@ class UDPReply:
             del self._buf[: self.MAX]
         if not data:
             self.close()
+
+    def carry(self) -> tuple[int, int, object, bytes]:
+        """For `pyinetd upgrade`: its socket's fd, its listener's, the peer, what it holds."""
+        return self.sock.fileno(), self._listener.fileno(), self._peer, bytes(self._buf)
 
     def finish(self) -> None:
         """The child is gone (plus a grace): send what it wrote and close, even if a process

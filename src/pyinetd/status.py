@@ -386,6 +386,8 @@ class Operations:
         # An fd the control socket may give up at the fd limit (control.FdReserve): `status`
         # and `stop` answer while clients hold every other fd.
         self._reserve: control.FdReserve | None = None
+        # `pyinetd upgrade` (upgrade.Upgrade.begin), answered later: set by the server
+        self.upgrade: Callable[[control.Later | None], None] | None = None
 
     def start(
         self,
@@ -453,9 +455,9 @@ class Operations:
         if not self.agent.hold_stop(why, self._stop):
             self._stop(why)
 
-    def on_control(self, request: bytes) -> bytes:
-        """Answer one control request (status, reload, stop, drain [NAME], undrain [NAME]) as
-        a JSON line."""
+    def on_control(self, request: bytes) -> bytes | control.Later:
+        """Answer one control request (status, reload, stop, drain [NAME], undrain [NAME],
+        upgrade) as a JSON line."""
         line = request.decode("utf-8", "replace").split("\n", 1)[0]
         words = line.split(None, 1)
         cmd = words[0] if words else ""
@@ -472,6 +474,10 @@ class Operations:
             # The rest of the line is the name (a service's name may hold spaces).
             errors = self.agent.drain(words[1].strip() if len(words) > 1 else "", cmd == "drain")
             answer = {"ok": not errors, "errors": errors}
+        elif cmd == "upgrade" and self.upgrade is not None:
+            later = control.Later()
+            self.upgrade(later)
+            return later
         else:
             answer = {"ok": False, "errors": [f"unknown command {cmd!r}"]}
         return json.dumps(answer).encode() + b"\n"

@@ -43,7 +43,10 @@ class StderrLog:
         selector: selectors.BaseSelector,
         rate: tuple[float, float],
         call_later: Callable[[float, Callable[[], None]], Timer],
+        fds: tuple[int, int] | None = None,
     ) -> None:
+        """``fds``: the read and write ends the image before this one made (`pyinetd
+        upgrade`): its children still write to them."""
         self.tag = service
         self._sel = selector
         self._call_later = call_later
@@ -54,10 +57,13 @@ class StderrLog:
         self._warned = -60.0
         self._partial: dict[int, bytes] = {}
         self._cmsg = socket.CMSG_SPACE(12)  # struct ucred
-        self._open()
+        self._open(fds)
 
-    def _open(self) -> None:
-        self._r, self._w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _open(self, fds: tuple[int, int] | None = None) -> None:
+        if fds is None:
+            self._r, self._w = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            self._r, self._w = (socket.socket(fileno=fd) for fd in fds)
         self._r.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self._r.setblocking(False)
         self._sel.register(self._r, selectors.EVENT_READ, self)
@@ -65,6 +71,14 @@ class StderrLog:
     def fileno(self) -> int:
         """The write end: what a child gets on fd 2."""
         return self._w.fileno()
+
+    def carry(self) -> tuple[tuple[int, int], dict[int, bytes]]:
+        """For `pyinetd upgrade`: the read and write ends, and the lines not finished yet."""
+        return (self._r.fileno(), self._w.fileno()), dict(self._partial)
+
+    def adopt_partial(self, partial: dict[int, bytes]) -> None:
+        """The unfinished lines the image before this one had read (``carry``)."""
+        self._partial.update(partial)
 
     def __call__(self, mask: int) -> None:
         self.drain()

@@ -21,6 +21,14 @@ SD_LISTEN_FDS_START = 3
 # one client held its sockets. Close-on-exec (PEP 446): no service inherits it.
 _notify_sock: socket.socket | None = None
 _GONE = (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTCONN)
+# What watchdog_interval took from the environment: `pyinetd upgrade` puts it back for the
+# next image (same pid), which would otherwise never pet the watchdog.
+_taken: dict[str, str] = {}
+
+
+def taken_environ() -> dict[str, str]:
+    """The variables systemd gave this process that it removed from its environment."""
+    return dict(_taken)
 
 
 def _notify_path() -> str | None:
@@ -86,6 +94,8 @@ def watchdog_interval() -> float | None:
     """
     usec_text = os.environ.pop("WATCHDOG_USEC", "")
     pid_text = os.environ.pop("WATCHDOG_PID", "")
+    if usec_text:
+        _taken.update(WATCHDOG_USEC=usec_text, WATCHDOG_PID=pid_text or str(os.getpid()))
     try:
         usec = int(usec_text)
         if pid_text and int(pid_text) != os.getpid():
