@@ -3,15 +3,20 @@ warning, the load check without wsproto, and what a WebSocket program's environm
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import Pyinetd, free_port, script
 
+from pyinetd import environ
 from pyinetd.config import ConfigError, load
 from pyinetd.wsconf import WebSocketSettings
 
+Start = Callable[..., Pyinetd]
 SERVICE = "services:\n  chat:\n    listen: 127.0.0.1:18080\n    exec: /bin/cat\n"
 
 
@@ -146,3 +151,59 @@ def test_print_config_writes_the_websocket_block_back(tmp_path: Path) -> None:
     again = tmp_path / "again.yaml"
     again.write_text(out)
     assert load(again).services[0].websocket == load(path).services[0].websocket
+
+
+# ---------------------------------------------------------------- stdout buffering
+
+
+def test_a_websocket_service_gets_pythonunbuffered_unless_its_env_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # (pyinetd's own: not the test's)
+    path = tmp_path / "inetd.yaml"
+    path.write_text(
+        SERVICE + "    websocket: {origins: any}\n"
+        "  own:\n    listen: 127.0.0.1:18081\n    exec: /bin/cat\n"
+        "    websocket: {origins: any}\n    env: {PYTHONUNBUFFERED: ''}\n"
+        "  tcp:\n    listen: 127.0.0.1:18082\n    exec: /bin/cat\n"
+    )
+    chat, own, tcp = load(path).services
+    assert environ.service_environ(chat)[b"PYTHONUNBUFFERED"] == b"1"
+    assert environ.service_environ(own)[b"PYTHONUNBUFFERED"] == b""
+    assert b"PYTHONUNBUFFERED" not in environ.service_environ(tcp)
+
+
+def test_a_warm_websocket_services_child_writes_stdout_unbuffered(
+    inetd: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # pyinetd starts without it
+    # The script prints without flushing and waits for input: a buffered stdout would hold
+    # the line until the script's exit, and the client would read nothing first.
+    prog = script(
+        tmp_path,
+        "hello.py",
+        f"#!{sys.executable}\nimport sys\nprint('ready', sys.stdout.write_through)\n"
+        "sys.stdin.readline()\n",
+    )
+    port = free_port()
+    p = inetd(
+        {
+            "services": {
+                "w": {
+                    "listen": f"127.0.0.1:{port}",
+                    "exec": [prog],
+                    "warm": True,
+                    "websocket": {"origins": "any"},
+                }
+            }
+        }
+    )
+    p.wait_log(r"zygote \d+ ready")
+    # (served over plain TCP until the front carries websocket: services)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        got = b""
+        while not got.endswith(b"\n"):
+            chunk = s.recv(100)
+            assert chunk, got
+            got += chunk
+    assert got == b"ready True\n"
