@@ -192,11 +192,13 @@ def environment(
     tls: bool,
     path: str | None,
     dropped: list[str],
+    extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """websocketd's CGI variables for ``req`` (RFC 3875 names), then HTTP_* for its headers
     (several of one name joined by ', '). A header whose value has a control or non-ASCII
     character or is too long, or that would take the environment past its bounds, is left
-    out: its name goes to ``dropped``, for the log."""
+    out: its name goes to ``dropped``, for the log. ``extra`` (the TLS front's SSL_*) comes
+    first and counts toward the bounds."""
     host = req.host
     name, port = host, ""
     if host.startswith("["):
@@ -207,6 +209,7 @@ def environment(
     if not port.isdigit():
         port = str(local[1]) if local else ("443" if tls else "80")
     env = {
+        **(extra or {}),
         "GATEWAY_INTERFACE": "websocketd-CGI/0.1",
         "SERVER_SOFTWARE": f"pyinetd/{__version__}",
         "REMOTE_ADDR": peer[0],
@@ -419,8 +422,9 @@ class Session:
             times.append(self._exit_at + EXIT_FLUSH)
         return min(times, default=None)
 
-    def environment(self) -> dict[str, str]:
-        """The program's WebSocket variables (see ``environment``); in phase UPGRADE."""
+    def environment(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The program's WebSocket variables (see ``environment``), after ``extra`` (the
+        TLS front's SSL_*), within wsconf's bounds; in phase UPGRADE."""
         assert self.upgrade is not None
         dropped: list[str] = []
         env = environment(
@@ -430,6 +434,7 @@ class Session:
             tls=self.tls,
             path=self.settings.path,
             dropped=dropped,
+            extra=extra,
         )
         if dropped:
             self._log.append(f"request headers not passed to the program: {', '.join(dropped)}")

@@ -234,9 +234,11 @@ SKIPPED_HEADERS = frozenset(
         "proxy",
     }
 )
-MAX_ENV_NAMES = 96
+# The bounds of frontchan's `H` record (8192 bytes, 64 variables, values of 4096 characters):
+# the whole environment (SSL_* under TLS included) fits in one record with its framing.
+MAX_ENV_NAMES = 64
 MAX_ENV_VALUE = 4096  # characters of one value
-MAX_ENV_JSON = 24 * 1024  # the whole environment, as the channel's JSON carries it
+MAX_ENV_JSON = 7 * 1024  # the whole environment, as the channel's JSON carries it
 ENV_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 _PRINTABLE = re.compile(r"[ -~]*")
 
