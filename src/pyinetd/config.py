@@ -52,6 +52,7 @@ from pyinetd.sandbox import SandboxSettings
 from pyinetd.service_keys import BUILTIN_STREAM_DEFAULTS, UDP_RATE
 from pyinetd.units import parse_rate
 from pyinetd.wsconf import WebSocketSettings
+from pyinetd.wsconf import check_service as check_websocket
 
 __all__ = [
     "BUILTINS",
@@ -570,7 +571,9 @@ def _service(
             values.pop(key, None)  # from defaults: meant for the unix services among them
     if values.get("wait") and ("tls" in values or "redirect" in body or "proxy_protocol" in values):
         errors.append(f"{where}.wait: not with tls, redirect or proxy_protocol")
-    _check_websocket(body, values, protocol, where, errors, found)
+    ws_errors, ws_warnings = check_websocket(body, values, protocol, where)
+    errors += ws_errors
+    found.warnings += ws_warnings
     if len(errors) > n_before:
         return None
     values.pop("listen", None)
@@ -650,46 +653,6 @@ def _service(
     if len(errors) > n_before:
         return None
     return Service(name=name, listen=tuple(listen), source=label, **values)
-
-
-def _check_websocket(
-    body: Mapping[str, Any],
-    values: dict[str, Any],
-    protocol: str,
-    where: str,
-    errors: list[str],
-    found: FileFindings,
-) -> None:
-    """`websocket:` needs a program of its own per connection on TCP: not a built-in, a
-    redirect or wait mode. Without `origins`, any web page may open a connection with its
-    visitor's cookies (cross-site WebSocket hijacking): loaded, with a warning."""
-    ws = values.get("websocket")
-    if ws is None:
-        return
-    given = "websocket" in body
-    for key, bad in (
-        ("redirect", "redirect" in body),
-        ("builtin", "builtin" in body or ("exec" not in values and "redirect" not in body)),
-        ("wait", bool(values.get("wait"))),
-        ("protocol", protocol != "tcp"),
-    ):
-        if bad and given:
-            what = "a built-in" if key == "builtin" else key
-            errors.append(
-                f"{where}.websocket: not with {what} (each connection starts its own program)"
-                if key != "protocol"
-                else f"{where}.websocket: only for protocol tcp"
-            )
-            return
-        if bad:
-            values.pop("websocket")  # from defaults:, meant for the programs among them
-            return
-    if ws.origins is None and values.get("enabled", True):
-        found.warnings.append(
-            f"{where}.websocket: no origins: any web page may open a connection with its "
-            "visitor's cookies and credentials (cross-site WebSocket hijacking); list the "
-            "origins allowed, or say origins: any"
-        )
 
 
 def _settle_unusable(

@@ -15,7 +15,6 @@ from pyinetd.access import AccessList
 from pyinetd.parsers import RLIMITS, Out, TLSSettings
 from pyinetd.sandbox import SandboxSettings
 from pyinetd.units import format_duration, format_rate
-from pyinetd.wsconf import WebSocketSettings
 
 
 def number(value: float) -> int | float:
@@ -94,23 +93,6 @@ def _tls_out(name: str, value: TLSSettings) -> dict[str, Any]:
             continue
         if isinstance(v, Path):
             out[f.name] = str(v)
-        elif isinstance(v, float):
-            out.update(_duration_out(f.name, v))
-        else:
-            out[f.name] = v
-    return {name: out}
-
-
-def _websocket_out(name: str, value: WebSocketSettings) -> dict[str, Any]:
-    """The websocket: mapping, what is at its default left out; sizes and durations as
-    numbers (bytes, seconds), origins as a list or any."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(value):
-        v = getattr(value, f.name)
-        if v == f.default:
-            continue
-        if isinstance(v, tuple):
-            out[f.name] = list(v)
         elif isinstance(v, float):
             out.update(_duration_out(f.name, v))
         else:

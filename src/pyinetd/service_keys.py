@@ -20,7 +20,6 @@ from pyinetd.inputform import (
     _rate_out,
     _stderr_rate_out,
     _tls_out,
-    _websocket_out,
 )
 from pyinetd.keyspec import (
     ADDRESSES,
@@ -71,7 +70,7 @@ from pyinetd.units import (
     parse_duration,
     parse_rate,
 )
-from pyinetd.wsconf import MAX_SIZE, MODES, parse_websocket
+from pyinetd.wsconf import WEBSOCKET_KEY
 
 __all__ = ["BUILTIN_STREAM_DEFAULTS", "SERVICE_KEY_LIST", "UDP_RATE"]
 
@@ -91,20 +90,6 @@ UDP_RATE = "100/s"
 # is xinetd's usual `defaults` (Red Hat's and Debian's xinetd.conf); 300 seconds is longer than
 # any echo/chargen test needs.
 BUILTIN_STREAM_DEFAULTS: dict[str, int | float] = {"per_source": 10, "timeout": 300.0}
-
-# A size from 1 byte to 1 GiB: a WebSocket message or line.
-_WS_SIZE = {
-    "type": ["integer", "string"],
-    "minimum": 1,
-    "maximum": MAX_SIZE,
-    "pattern": BUFFER_PATTERN,
-    "errorMessage": "expected a size from 1 to 1G such as 65536 or '1M'",
-}
-_WS_NAMES = {
-    "type": "array",
-    "minItems": 1,
-    "items": {"type": "string", "minLength": 1},
-}
 
 _BUFFER = {
     "type": ["integer", "string"],
@@ -555,111 +540,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
         },
         out=_tls_out,
     ),
-    Key(
-        "websocket",
-        _wrap(parse_websocket),
-        (
-            "Serve the program over WebSocket (RFC 6455): the service's front reads the HTTP "
-            "upgrade request with no process, answers refusals in HTTP, and carries messages "
-            "between the client and the program's stdin and stdout. With tls: it is wss://. "
-            "Only with exec (not wait, redirect or a built-in). Python programs get "
-            "PYTHONUNBUFFERED=1 (stdout buffering would hold their messages back)."
-        ),
-        {
-            "type": ["object", "null"],
-            "properties": {
-                "path": {
-                    "description": "The URL path served (default: any); another path gets 404.",
-                    "type": "string",
-                    "pattern": "^/[!-~]*$",
-                    "examples": ["/chat"],
-                    "errorMessage": "expected a URL path such as /chat",
-                },
-                "mode": {
-                    "description": (
-                        "lines (default): each text message is a line on stdin, each stdout "
-                        "line a text message; binary: stdin and stdout are byte streams, each "
-                        "read of stdout (at most 64 KiB) one binary message; frames: each "
-                        "message a record 'text N' or 'binary N' (a line) and N bytes, both ways."
-                    ),
-                    "enum": list(MODES),
-                    "default": "lines",
-                    "errorMessage": f"expected one of {', '.join(MODES)}",
-                },
-                "origins": {
-                    "description": (
-                        "The page origins a browser may connect from (Origin header, as "
-                        "https://app.example.com), or any; others get 403. Without it every "
-                        "origin may (a load warning: cross-site WebSocket hijacking)."
-                    ),
-                    "anyOf": [
-                        {"type": "string", "pattern": "^\\s*[aA][nN][yY]\\s*$"},
-                        {**_WS_NAMES, "items": {"type": "string", "minLength": 1}},
-                    ],
-                    "examples": [["https://app.example.com"], "any"],
-                    "errorMessage": (
-                        "expected a list of origins such as https://app.example.com, or any"
-                    ),
-                },
-                "same_origin": {
-                    **BOOLEAN,
-                    "description": (
-                        "Also allow an Origin whose host and port are the request's Host."
-                    ),
-                    "default": False,
-                },
-                "max_message": {
-                    **_WS_SIZE,
-                    "description": (
-                        "The largest message from the client (default 1M); a larger one closes "
-                        "with 1009."
-                    ),
-                    "default": "1M",
-                },
-                "max_line": {
-                    **_WS_SIZE,
-                    "description": (
-                        "lines: the longest stdout line sent as one message (default 64k); a "
-                        "longer one is sent in pieces of this size."
-                    ),
-                    "default": "64k",
-                },
-                "ping_interval": {
-                    **DURATION,
-                    "description": "Send a ping this often (default 30 seconds); 0: never.",
-                    "default": 30,
-                },
-                "ping_timeout": {
-                    **DURATION,
-                    "exclusiveMinimum": 0,
-                    "errorMessage": "expected a duration > 0 such as 10, '10s' or '500ms'",
-                    "description": (
-                        "Close the connection and end the program when a ping is not answered "
-                        "within this time (default 10 seconds)."
-                    ),
-                    "default": 10,
-                },
-                "subprotocols": {
-                    **_WS_NAMES,
-                    "description": (
-                        "Subprotocols offered, in order of preference; the one chosen is in "
-                        "WEBSOCKET_SUBPROTOCOL."
-                    ),
-                    "items": {
-                        "type": "string",
-                        "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
-                        "errorMessage": "expected a subprotocol name (a token) such as chat.v1",
-                    },
-                    "examples": [["chat.v1"]],
-                    "errorMessage": "expected a list of subprotocol names",
-                },
-            },
-            "additionalProperties": False,
-            "examples": [{"path": "/chat", "origins": ["https://app.example.com"]}],
-            "errorMessage": "expected a mapping such as {path: /chat, mode: lines}",
-        },
-        out=_websocket_out,
-    ),
+    WEBSOCKET_KEY,
     Key(
         "proxy_protocol",
         _parse_choice("v1", "v2", "any"),

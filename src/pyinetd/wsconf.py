@@ -1,8 +1,9 @@
-"""`websocket:`: a service's WebSocket settings, parsed at load, and the bounds on the environment
-an upgrade request gives its program, checked by the parent on the front's `H` message.
+"""`websocket:`: the key's declaration (placed in service_keys.SERVICE_KEY_LIST), a service's
+WebSocket settings as the load parses them, and the bounds on the environment an upgrade request
+gives its program, which the parent checks on the front's `H` message.
 
-Pure module, standard library only: the parent and the load check import it, never wsproto
-(only the front does, through websocket.py).
+Pure module: the parent and the load check import it, never wsproto (only the front does,
+through websocket.py).
 """
 
 from __future__ import annotations
@@ -10,17 +11,22 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from pyinetd.inputform import _duration_out
+from pyinetd.keyspec import BOOLEAN, BUFFER_PATTERN, DURATION, Key
+from pyinetd.parsers import _wrap
 from pyinetd.suggest import unknown_key
 from pyinetd.units import parse_duration, parse_size
 
 __all__ = [
     "CGI_NAMES",
     "MODES",
+    "WEBSOCKET_KEY",
     "WebSocketSettings",
     "check_environment",
+    "check_service",
     "parse_websocket",
 ]
 
@@ -189,6 +195,42 @@ def parse_websocket(value: Any, _base: Any = None) -> WebSocketSettings:
     return WebSocketSettings(**out)
 
 
+def check_service(
+    body: Mapping[str, Any], values: dict[str, Any], protocol: str, where: str
+) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of a service's `websocket:` (config.py's ``values``, ``body`` what its
+    own mapping says): it needs a program of its own per connection on TCP, not a built-in, a
+    redirect or wait mode; one from `defaults:` is dropped from a service it does not fit.
+    Without `origins`, any web page may open a connection with its visitor's cookies
+    (cross-site WebSocket hijacking): loaded, with a warning."""
+    ws = values.get("websocket")
+    if ws is None:
+        return [], []
+    builtin = "builtin" in body or ("exec" not in values and "redirect" not in body)
+    for what, bad in (
+        ("redirect", "redirect" in body),
+        ("a built-in", builtin),
+        ("wait", bool(values.get("wait"))),
+        ("udp", protocol != "tcp"),
+    ):
+        if bad and "websocket" not in body:
+            values.pop("websocket")  # from defaults:, meant for the programs among them
+            return [], []
+        if bad and what == "udp":
+            return [f"{where}.websocket: only for protocol tcp"], []
+        if bad:
+            return [
+                f"{where}.websocket: not with {what} (each connection starts its own program)"
+            ], []
+    if ws.origins is None and values.get("enabled", True):
+        return [], [
+            f"{where}.websocket: no origins: any web page may open a connection with its "
+            "visitor's cookies and credentials (cross-site WebSocket hijacking); list the "
+            "origins allowed, or say origins: any"
+        ]
+    return [], []
+
+
 # ---------------------------------------------------------------- the program's environment
 
 # websocketd's CGI variables (RFC 3875 names), so that its scripts run unchanged, and the
@@ -294,3 +336,142 @@ def check_environment(env: object) -> list[str]:
     if not problems and env_size(env) > MAX_ENV_JSON:
         problems.append(f"larger than {MAX_ENV_JSON} bytes")
     return problems
+
+
+# ---------------------------------------------------------------- the key
+
+
+def _websocket_out(name: str, value: WebSocketSettings) -> dict[str, Any]:
+    """The websocket: mapping, what is at its default left out; sizes and durations as
+    numbers (bytes, seconds), origins as a list or any."""
+    out: dict[str, Any] = {}
+    for f in fields(value):
+        v = getattr(value, f.name)
+        if v == f.default:
+            continue
+        if isinstance(v, tuple):
+            out[f.name] = list(v)
+        elif isinstance(v, float):
+            out.update(_duration_out(f.name, v))
+        else:
+            out[f.name] = v
+    return {name: out}
+
+
+# A size from 1 byte to 1 GiB: a WebSocket message or line.
+_SIZE = {
+    "type": ["integer", "string"],
+    "minimum": 1,
+    "maximum": MAX_SIZE,
+    "pattern": BUFFER_PATTERN,
+    "errorMessage": "expected a size from 1 to 1G such as 65536 or '1M'",
+}
+_NAMES = {
+    "type": "array",
+    "minItems": 1,
+    "items": {"type": "string", "minLength": 1},
+}
+
+WEBSOCKET_KEY = Key(
+    "websocket",
+    _wrap(parse_websocket),
+    (
+        "Serve the program over WebSocket (RFC 6455): the service's front reads the HTTP "
+        "upgrade request with no process, answers refusals in HTTP, and carries messages "
+        "between the client and the program's stdin and stdout. With tls: it is wss://. "
+        "Only with exec (not wait, redirect or a built-in). Python programs get "
+        "PYTHONUNBUFFERED=1 (stdout buffering would hold their messages back)."
+    ),
+    {
+        "type": ["object", "null"],
+        "properties": {
+            "path": {
+                "description": "The URL path served (default: any); another path gets 404.",
+                "type": "string",
+                "pattern": "^/[!-~]*$",
+                "examples": ["/chat"],
+                "errorMessage": "expected a URL path such as /chat",
+            },
+            "mode": {
+                "description": (
+                    "lines (default): each text message is a line on stdin, each stdout "
+                    "line a text message; binary: stdin and stdout are byte streams, each "
+                    "read of stdout (at most 64 KiB) one binary message; frames: each "
+                    "message a record 'text N' or 'binary N' (a line) and N bytes, both ways."
+                ),
+                "enum": list(MODES),
+                "default": "lines",
+                "errorMessage": f"expected one of {', '.join(MODES)}",
+            },
+            "origins": {
+                "description": (
+                    "The page origins a browser may connect from (Origin header, as "
+                    "https://app.example.com), or any; others get 403. Without it every "
+                    "origin may (a load warning: cross-site WebSocket hijacking)."
+                ),
+                "anyOf": [
+                    {"type": "string", "pattern": "^\\s*[aA][nN][yY]\\s*$"},
+                    {**_NAMES, "items": {"type": "string", "minLength": 1}},
+                ],
+                "examples": [["https://app.example.com"], "any"],
+                "errorMessage": (
+                    "expected a list of origins such as https://app.example.com, or any"
+                ),
+            },
+            "same_origin": {
+                **BOOLEAN,
+                "description": ("Also allow an Origin whose host and port are the request's Host."),
+                "default": False,
+            },
+            "max_message": {
+                **_SIZE,
+                "description": (
+                    "The largest message from the client (default 1M); a larger one closes "
+                    "with 1009."
+                ),
+                "default": "1M",
+            },
+            "max_line": {
+                **_SIZE,
+                "description": (
+                    "lines: the longest stdout line sent as one message (default 64k); a "
+                    "longer one is sent in pieces of this size."
+                ),
+                "default": "64k",
+            },
+            "ping_interval": {
+                **DURATION,
+                "description": "Send a ping this often (default 30 seconds); 0: never.",
+                "default": 30,
+            },
+            "ping_timeout": {
+                **DURATION,
+                "exclusiveMinimum": 0,
+                "errorMessage": "expected a duration > 0 such as 10, '10s' or '500ms'",
+                "description": (
+                    "Close the connection and end the program when a ping is not answered "
+                    "within this time (default 10 seconds)."
+                ),
+                "default": 10,
+            },
+            "subprotocols": {
+                **_NAMES,
+                "description": (
+                    "Subprotocols offered, in order of preference; the one chosen is in "
+                    "WEBSOCKET_SUBPROTOCOL."
+                ),
+                "items": {
+                    "type": "string",
+                    "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
+                    "errorMessage": "expected a subprotocol name (a token) such as chat.v1",
+                },
+                "examples": [["chat.v1"]],
+                "errorMessage": "expected a list of subprotocol names",
+            },
+        },
+        "additionalProperties": False,
+        "examples": [{"path": "/chat", "origins": ["https://app.example.com"]}],
+        "errorMessage": "expected a mapping such as {path: /chat, mode: lines}",
+    },
+    out=_websocket_out,
+)
