@@ -463,3 +463,15 @@ def test_headers_past_the_channels_bounds_are_left_out_and_the_rest_passes() -> 
         assert wsconf.env_size(env) <= wsconf.MAX_ENV_JSON
     assert with_tls["SSL_PROTOCOL"] == "TLSv1.3"
     assert any("HTTP_X_H44" in line for line in one.log)
+
+
+def test_the_shipped_example_greets_and_answers_each_message() -> None:
+    example = Path(__file__).resolve().parent.parent / "services" / "wsroom.py"
+    settings = WebSocketSettings(path="/room", origins=("http://localhost:8080",))
+    with (
+        serving(settings, [sys.executable, str(example)]) as srv,
+        connect(ws_url(srv, "/room?name=ada"), origin="http://localhost:8080") as ws,  # type: ignore[arg-type]
+    ):
+        assert ws.recv(timeout=5) == "hello 127.0.0.1 (name=ada)"
+        ws.send("abc")
+        assert ws.recv(timeout=5) == "3 ABC"

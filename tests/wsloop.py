@@ -126,7 +126,8 @@ class Server:
             if s.phase is Phase.UPGRADE and one.proc is None and self.start_program:
                 one.env = s.environment()
                 one.log += s.take_log()
-                env = {**os.environ, **one.env}
+                # (the parent's service_environ sets PYTHONUNBUFFERED for websocket: services)
+                env = {**os.environ, "PYTHONUNBUFFERED": "1", **one.env}
                 one.proc = subprocess.Popen(
                     self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
                 )
