@@ -503,6 +503,7 @@ class Session:
             return
         self.upgrade = found
         self.phase = Phase.UPGRADE
+        self._deadline = None  # the program's start is the parent's to time (its K)
         self._early += rest
 
     def _refuse_with(self, answer: _Http) -> None:
