@@ -207,3 +207,24 @@ def test_a_warm_websocket_services_child_writes_stdout_unbuffered(
             assert chunk, got
             got += chunk
     assert got == b"ready True\n"
+
+
+def test_each_admission_refusal_has_its_http_answer() -> None:
+    from pyinetd import admission, wsconf
+
+    got = {
+        r.value: wsconf.refusal(r.value, "not you\r\n", "")
+        for r in admission.Refusal
+        if wsconf.refusal(r.value, "not you\r\n", "") is not None
+    }
+    assert {k: v["status"] for k, v in got.items()} == {
+        "deny": 403,
+        "access_times": 403,
+        "limit": 503,
+        "max_children": 503,
+        "max_load": 503,
+        "per_source": 429,
+        "rate": 429,
+    }
+    assert got["deny"]["body"] == "not you\r\n" and got["rate"]["body"] == "too many requests\n"
+    assert wsconf.refusal("proxy", "", "") is None

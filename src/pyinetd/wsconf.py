@@ -28,6 +28,7 @@ __all__ = [
     "check_environment",
     "check_service",
     "parse_websocket",
+    "refusal",
 ]
 
 MODES = ("lines", "binary", "frames")
@@ -229,6 +230,32 @@ def check_service(
             "origins allowed, or say origins: any"
         ]
     return [], []
+
+
+# The HTTP answer to each admission refusal (admission.Refusal's values), as the front gives it
+# in place of the upgrade (issue 28): who may not connect 403 with deny_message; the service
+# or the machine full 503, this client over its share 429, with busy_message. Others (a bad
+# PROXY header, a full pending pool) are closed without an answer.
+REFUSAL_STATUS = {
+    "deny": 403,
+    "access_times": 403,
+    "limit": 503,
+    "max_children": 503,
+    "max_load": 503,
+    "per_source": 429,
+    "rate": 429,
+}
+_DEFAULT_BODIES = {403: "forbidden\n", 503: "busy, try again later\n", 429: "too many requests\n"}
+
+
+def refusal(reason: str, deny_message: str, busy_message: str) -> dict[str, Any] | None:
+    """``C``'s ``refuse`` for an admission refusal of a WebSocket service: {status, reason,
+    body}, or None where the refusal gets no HTTP answer."""
+    status = REFUSAL_STATUS.get(reason)
+    if status is None:
+        return None
+    body = deny_message if status == 403 else busy_message
+    return {"status": status, "reason": reason, "body": (body or _DEFAULT_BODIES[status])[:4096]}
 
 
 # ---------------------------------------------------------------- the program's environment
