@@ -475,3 +475,17 @@ def test_the_shipped_example_greets_and_answers_each_message() -> None:
         assert ws.recv(timeout=5) == "hello 127.0.0.1 (name=ada)"
         ws.send("abc")
         assert ws.recv(timeout=5) == "3 ABC"
+
+
+def test_bytes_after_the_closing_handshake_in_the_same_read_are_dropped() -> None:
+    # A Close and then 100 KiB more handed over in one call (a front reading more than 64 KiB
+    # at once): the rest must not reach wsproto after the close (it raises there).
+    from pyinetd.websocket import Session
+
+    s = Session(ANY, peer=("127.0.0.1", 1), now=0.0, deadline=10.0)
+    s.receive_client(upgrade_request())
+    assert s.phase is Phase.UPGRADE
+    s.accept()
+    s.receive_client(frame(0x8, struct.pack("!H", 1000)) + frame(0x1, b"x" * 100_000))
+    assert s.phase is Phase.CLOSED and s.close_code == 1000
+    assert s.to_client().endswith(b"\x88\x02\x03\xe8")  # our Close, code 1000

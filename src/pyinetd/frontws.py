@@ -299,6 +299,7 @@ class WSConn:
             assert self.client.tls is not None
             self.tls_env = tlsconf.tls_environ(self.client.tls, self._warn)  # type: ignore[arg-type]
         s = self.session
+        s.tick(time.monotonic())  # the session's clock: its Close and ping deadlines count from now
         progress = True
         while progress and not self.closed:
             progress = self._read_client()

@@ -481,6 +481,8 @@ class Session:
             self._early += data
         elif self.phase in (Phase.OPEN, Phase.CLOSING) and self._ws is not None:
             for i in range(0, len(data), READ_SIZE):
+                if self.phase is Phase.CLOSED:
+                    return  # bytes after the closing handshake: dropped (wsproto refuses them)
                 self._feed(data[i : i + READ_SIZE])
 
     def _read_head(self) -> None:
