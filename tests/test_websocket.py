@@ -16,6 +16,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
@@ -489,3 +491,45 @@ def test_bytes_after_the_closing_handshake_in_the_same_read_are_dropped() -> Non
     s.receive_client(frame(0x8, struct.pack("!H", 1000)) + frame(0x1, b"x" * 100_000))
     assert s.phase is Phase.CLOSED and s.close_code == 1000
     assert s.to_client().endswith(b"\x88\x02\x03\xe8")  # our Close, code 1000
+
+
+# ---------------------------------------------------------------- nothing a peer sends raises
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    mode=st.sampled_from(["lines", "binary", "frames"]),
+    head=st.booleans(),
+    chunks=st.lists(st.binary(max_size=300), max_size=8),
+    program=st.lists(st.binary(max_size=200), max_size=6),
+    ends=st.permutations(["client_eof", "program_eof", "exit", "tick"]),
+)
+def test_no_bytes_from_the_client_or_the_program_make_the_session_raise(
+    mode: str, head: bool, chunks: list[bytes], program: list[bytes], ends: list[str]
+) -> None:
+    # One front carries every connection of its service: an exception here would end them all.
+    from pyinetd.websocket import Session
+
+    ws = WebSocketSettings(origins="any", mode=mode, max_message=64, max_line=16)
+    s = Session(ws, peer=("127.0.0.1", 1), now=0.0, deadline=10.0)
+    if head:
+        s.receive_client(upgrade_request())
+        s.accept()
+    masked = [frame(c[0] & 0x0F, c[1:], fin=bool(c[0] & 0x80)) if c else b"" for c in chunks]
+    for i, data in enumerate(masked + chunks):
+        s.receive_client(data)
+        if i < len(program):
+            s.receive_program(program[i])
+        s.to_client(), s.to_program()
+    for end in ends:
+        if end == "client_eof":
+            s.client_eof()
+        elif end == "program_eof":
+            s.program_eof()
+        elif end == "exit":
+            s.program_exit(0, None)
+        else:
+            s.tick(100.0)
+        s.to_client(), s.to_program()
+    s.tick(200.0)
+    assert s.phase is Phase.CLOSED
