@@ -33,10 +33,11 @@ class Hub:
         ctx: ssl.SSLContext | None = None,
         refuse: dict[str, Any] | None = None,
         start_program: bool = True,
+        n_reason: str | None = None,
         port: int = 0,
     ) -> None:
         self.settings, self.argv, self.ctx, self.refuse = settings, argv, ctx, refuse
-        self.start_program = start_program
+        self.start_program, self.n_reason = start_program, n_reason
         self.lsock = socket.create_server(("127.0.0.1", port))
         self.lsock.setblocking(False)
         self.port = int(self.lsock.getsockname()[1])
@@ -48,7 +49,8 @@ class Hub:
         self.seq = itertools.count()
         self.ids = itertools.count(1)
         self.conns: dict[int, WSConn] = {}
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}  # attached: their exit is told
+        self.spawned: list[subprocess.Popen[bytes]] = []
         self.told: list[tuple[str, dict[str, Any]]] = []
         self.logs: list[str] = []
         self.later: list[Any] = []
@@ -82,14 +84,20 @@ class Hub:
                 self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
             )
             assert proc.stdin is not None and proc.stdout is not None
-            self.procs[fields["id"]] = proc
+            self.spawned.append(proc)
             stdin, stdout = os.dup(proc.stdin.fileno()), os.dup(proc.stdout.fileno())
             proc.stdin.close()
             proc.stdout.close()
-            self.later.append(lambda: conn.attach(stdin, stdout))  # S comes in a later wake-up
+            cid = fields["id"]
+
+            def attach() -> None:  # S comes in a later wake-up, and always before X
+                conn.attach(stdin, stdout)
+                self.procs[cid] = proc
+
+            self.later.append(attach)
         elif kind == "H":
             conn = self.conns[fields["id"]]
-            self.later.append(conn.refuse)
+            self.later.append(lambda: conn.refuse(self.n_reason))
 
     def arm(self, conn: Any, when: float) -> None:
         heapq.heappush(self.timers, (when, next(self.seq), conn))
@@ -157,6 +165,7 @@ class Hub:
             local=sock.getsockname(),
             deadline=5.0,
             refuse=self.refuse,
+            messages=("not from there\r\n", "full, come back later\r\n"),
         )
         self.conns[cid] = conn
         conn.start()
@@ -166,8 +175,9 @@ class Hub:
         self.thread.join(10)
         for conn in list(self.conns.values()):
             conn.abort()
-        for proc in self.procs.values():
-            proc.kill()
+        for proc in self.spawned:
+            if proc.poll() is None:
+                proc.kill()
             proc.wait()
         self.lsock.close()
         self.ep.close()

@@ -90,7 +90,7 @@ def test_a_refused_request_is_answered_and_failed_before_any_program(hubs: list[
     assert http(hub.port, upgrade_request("/other"))[0] == 404
     (f,) = hub.wait_told("F")
     assert f["reason"] == "websocket: answered 404"
-    assert not hub.messages("H") and not hub.procs
+    assert not hub.messages("H") and not hub.spawned
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl")
@@ -114,6 +114,17 @@ def test_no_program_after_h_is_answered_503_then_e(hubs: list[Hub]) -> None:
     assert status == 503
     hub.wait_told("E")
     assert [k for k, _ in hub.told] == ["H", "E"]
+
+
+@pytest.mark.parametrize(
+    ("reason", "status", "body"),
+    [("rate", 429, b"full, come back later\r\n"), ("deny", 403, b"not from there\r\n")],
+)
+def test_a_refusal_at_h_is_answered_with_its_status_and_message(
+    hubs: list[Hub], reason: str, status: int, body: bytes
+) -> None:
+    hub = start(hubs, ANY, ["/bin/cat"], start_program=False, n_reason=reason)
+    assert http(hub.port, upgrade_request()) == (status, body)
 
 
 def test_a_client_gone_before_its_request_is_complete_is_failed(hubs: list[Hub]) -> None:

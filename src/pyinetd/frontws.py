@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from pyinetd import tlsconf
 from pyinetd.websocket import Phase, Session
-from pyinetd.wsconf import WebSocketSettings
+from pyinetd.wsconf import WebSocketSettings, refusal
 
 __all__ = ["WSConn"]
 
@@ -182,11 +182,13 @@ class WSConn:
         local: tuple[str, int] | None,
         deadline: float,
         refuse: dict[str, Any] | None = None,
+        messages: tuple[str, str] = ("", ""),
         bufsize: int = 65536,
         linger: float = 2.0,
     ) -> None:
         self.hub, self.id, self.fd = hub, cid, sock.fileno()
         self.bufsize, self.linger = bufsize, linger
+        self.messages = messages  # the service's deny_message and busy_message, for N
         self.peer = f"{peer[0]}:{peer[1]}"
         now = time.monotonic()
         answer = (int(refuse["status"]), str(refuse["body"])) if refuse else None
@@ -260,10 +262,16 @@ class WSConn:
         self.session.accept()
         self.pump()
 
-    def refuse(self) -> None:
-        """``N`` (or an ``S`` whose fds were lost): no program: 503, close, ``E``."""
+    def refuse(self, reason: str | None = None) -> None:
+        """``N`` (or an ``S`` whose fds were lost): no program. Refused by the parent's
+        admission at ``H`` (``reason`` one of admission.Refusal's): its HTTP answer
+        (wsconf.refusal); otherwise 503. Then close, ``E``."""
         self.answered = True
-        self.session.refuse(*NO_PROGRAM)
+        answer = refusal(reason or "", *self.messages)
+        if answer is not None:
+            self.session.refuse(answer["status"], answer["body"])
+        else:
+            self.session.refuse(*NO_PROGRAM)
         if self.ending and not self.lingering:
             self._finish()
         self.pump()

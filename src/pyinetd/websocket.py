@@ -481,9 +481,8 @@ class Session:
             self._early += data
         elif self.phase in (Phase.OPEN, Phase.CLOSING) and self._ws is not None:
             for i in range(0, len(data), READ_SIZE):
-                if self.phase is Phase.CLOSED:
+                if not self._feed(data[i : i + READ_SIZE]):
                     return  # bytes after the closing handshake: dropped (wsproto refuses them)
-                self._feed(data[i : i + READ_SIZE])
 
     def _read_head(self) -> None:
         end = self._head.find(b"\r\n\r\n")
@@ -519,7 +518,8 @@ class Session:
 
     # ---------------------------------------------------------------- the client's frames
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes) -> bool:
+        """Frames from the client; False once the connection is closed."""
         ws = self._ws
         assert ws is not None
         ws.receive_data(data)
@@ -535,7 +535,8 @@ class Session:
             elif isinstance(event, CloseConnection):
                 self._client_close(event)
             if self.phase is Phase.CLOSED:
-                return
+                return False
+        return True
 
     def _client_close(self, event: CloseConnection) -> None:
         ws = self._ws
