@@ -49,9 +49,11 @@ class Server:
         deadline: float = 5.0,
         start_program: bool = True,
         port: int = 0,
+        tls_env: dict[str, str] | None = None,
     ) -> None:
         self.settings, self.argv, self.refuse = settings, argv, refuse
         self.deadline, self.start_program = deadline, start_program
+        self.tls_env = tls_env  # what a TLS front's handshake would add (SSL_*)
         self.sock = socket.create_server(("127.0.0.1", port))
         self.port = int(self.sock.getsockname()[1])
         self.served: list[Served] = []
@@ -124,7 +126,7 @@ class Server:
         while True:
             one.log += s.take_log()
             if s.phase is Phase.UPGRADE and one.proc is None and self.start_program:
-                one.env = s.environment()
+                one.env = s.environment(self.tls_env)
                 one.log += s.take_log()
                 # (the parent's service_environ sets PYTHONUNBUFFERED for websocket: services)
                 env = {**os.environ, "PYTHONUNBUFFERED": "1", **one.env}

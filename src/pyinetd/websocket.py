@@ -20,7 +20,7 @@ import enum
 import hashlib
 import re
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
@@ -459,6 +459,8 @@ class Session:
         self._client += ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
         self.phase = Phase.OPEN
         self._deadline = None
+        # The headers served the environment (H): an idle connection keeps none of them.
+        self.upgrade = replace(self.upgrade, headers=(), key=b"")
         self._ws = Connection(ConnectionType.SERVER)
         if self.settings.ping_interval > 0:
             self._ping_at = self._now + self.settings.ping_interval
