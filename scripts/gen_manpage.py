@@ -83,7 +83,9 @@ SIGNALS = [
         "Stop listening, then exit 0: at once (shutdown: leave, the default, "
         "which lets running service processes finish on their own) or once the running "
         "connections are over (shutdown: drain, at most drain_timeout; then they get SIGTERM, "
-        "and SIGKILL soon after). The same signal a second time stops at once.",
+        "and SIGKILL soon after). With agent: and shutdown: drain, the agent first answers "
+        "drain for agent_drain_time while pyinetd still accepts. The same signal a second "
+        "time stops at once.",
     ),
     (
         "SIGHUP",

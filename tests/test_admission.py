@@ -736,7 +736,7 @@ def _state(svc: dict[str, object]) -> object:
 
 
 def test_admit_checks_in_order_deny_limit_max_children_per_source_rate() -> None:
-    from pyinetd.admission import admit
+    from pyinetd.admission import Known, admit
     from pyinetd.services import ServiceState
 
     state = _state(
@@ -750,46 +750,61 @@ def test_admit_checks_in_order_deny_limit_max_children_per_source_rate() -> None
     )
     assert isinstance(state, ServiceState)
     svc = state.service
-    assert admit(svc, state, "10.1.2.3", False, 0.0) == ("deny", "")
-    assert admit(svc, state, "192.0.2.1", True, 0.0) == ("max_children", "")
-    assert admit(svc, state, "192.0.2.1", False, 0.0) == (None, "192.0.2.1")
+    assert admit(svc, state, Known("10.1.2.3", 0.0)) == ("deny", "")
+    assert admit(svc, state, Known("192.0.2.1", 0.0, full=True)) == ("max_children", "")
+    assert admit(svc, state, Known("192.0.2.1", 0.0)) == (None, "192.0.2.1")
     state.running, state.sources["192.0.2.1"] = 1, 1  # one running from it
-    assert admit(svc, state, "192.0.2.1", False, 0.0) == ("per_source", "192.0.2.1")
-    assert admit(svc, state, "192.0.2.2", False, 0.0) == ("rate", "192.0.2.2")
-    assert admit(svc, state, "192.0.2.2", False, 5.0) == (None, "192.0.2.2")
+    assert admit(svc, state, Known("192.0.2.1", 0.0)) == ("per_source", "192.0.2.1")
+    assert admit(svc, state, Known("192.0.2.2", 0.0)) == ("rate", "192.0.2.2")
+    assert admit(svc, state, Known("192.0.2.2", 5.0)) == (None, "192.0.2.2")
     state.running, state.sources["192.0.2.2"] = 2, 1
-    assert admit(svc, state, "192.0.2.3", False, 9.0) == ("limit", "")
+    assert admit(svc, state, Known("192.0.2.3", 9.0)) == ("limit", "")
 
 
 def test_admit_without_a_token_leaves_the_bucket_alone() -> None:
     """A TLS connection is checked before its ClientHello without taking a rate token (the
     hello may never come), then admitted with one at the fork."""
-    from pyinetd.admission import admit
+    from pyinetd.admission import Known, admit
     from pyinetd.services import ServiceState
 
     state = _state({"exec": "/bin/cat", "rate": "1/s"})
     assert isinstance(state, ServiceState)
     for _ in range(3):
-        assert admit(state.service, state, "192.0.2.1", False, 0.0, take_token=False)[0] is None
-    assert admit(state.service, state, "192.0.2.1", False, 0.0)[0] is None
-    assert admit(state.service, state, "192.0.2.1", False, 0.0)[0] == "rate"
+        assert admit(state.service, state, Known("192.0.2.1", 0.0, take_token=False))[0] is None
+    assert admit(state.service, state, Known("192.0.2.1", 0.0))[0] is None
+    assert admit(state.service, state, Known("192.0.2.1", 0.0))[0] == "rate"
 
 
 def test_admit_refuses_datagrams_that_would_loop() -> None:
     """From one of our UDP built-ins' ports (issue 18.1), or from a privileged port to a
     built-in (CERT CA-1996-01); an exec service may answer a privileged port."""
-    from pyinetd.admission import admit
+    from pyinetd.admission import Known, admit
     from pyinetd.services import ServiceState
 
     echo = _state({"protocol": "udp", "builtin": "echo"})
     cat = _state({"protocol": "udp", "exec": "/bin/cat"})
     assert isinstance(echo, ServiceState) and isinstance(cat, ServiceState)
     ours = frozenset({7007})
-    assert admit(echo.service, echo, "127.0.0.1", False, 0.0, True, 7007, ours)[0] == "loop"
-    assert admit(cat.service, cat, "127.0.0.1", False, 0.0, True, 7007, ours)[0] == "loop"
-    assert admit(echo.service, echo, "127.0.0.1", False, 0.0, True, 19, ours)[0] == "loop"
-    assert admit(cat.service, cat, "127.0.0.1", False, 0.0, True, 19, ours)[0] is None
-    assert admit(echo.service, echo, "127.0.0.1", False, 0.0, True, 40000, ours)[0] is None
+    assert (
+        admit(echo.service, echo, Known("127.0.0.1", 0.0, datagram_port=7007, loop_ports=ours))[0]
+        == "loop"
+    )
+    assert (
+        admit(cat.service, cat, Known("127.0.0.1", 0.0, datagram_port=7007, loop_ports=ours))[0]
+        == "loop"
+    )
+    assert (
+        admit(echo.service, echo, Known("127.0.0.1", 0.0, datagram_port=19, loop_ports=ours))[0]
+        == "loop"
+    )
+    assert (
+        admit(cat.service, cat, Known("127.0.0.1", 0.0, datagram_port=19, loop_ports=ours))[0]
+        is None
+    )
+    assert (
+        admit(echo.service, echo, Known("127.0.0.1", 0.0, datagram_port=40000, loop_ports=ours))[0]
+        is None
+    )
 
 
 # ---------------------------------------------------------------- access_times, max_load

@@ -106,7 +106,12 @@ def test_the_watcher_strategy_reaps_exactly_the_pids_it_reports(loop: Loop) -> N
     reaped: reaper.Exited = []
     pids = _exits(3)
     strategy = reaper.WatcherReaping(
-        loop.sel, loop.call_later, reaped.extend, pids, lambda: None, lambda: None
+        sel=loop.sel,
+        call_later=loop.call_later,
+        handle=reaped.extend,
+        pids=pids,
+        after=lambda: None,
+        gone=lambda: None,
     )
     try:
         assert strategy.flush()

@@ -253,33 +253,33 @@ def test_a_handler_that_raises_gets_its_connection_closed(
     svc = {"listen": f"127.0.0.1:{port}", "exec": "/bin/cat", "proxy_protocol": "v1"}
     server = Server(build({"services": {"p": svc}}, tmp_path / "inetd.yaml"))
     server.bind()
+    connections, sel = server.connections, server.loop.sel
+    pools = connections.stages.pools
     try:
-        (lst,) = server.listeners.values()
+        (lst,) = server.services.listeners.values()
         with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as client:
             conn, addr = lst.sock.accept()
-            server._serve_stream(lst, conn, addr)
-            assert server._pools["p"].slots.used == 1
+            connections.serve_stream(lst, conn, addr)
+            assert pools["p"].slots.used == 1
 
             def broken(*args: object, **kw: object) -> None:
                 raise ValueError("a bug in the parser")
 
             monkeypatch.setattr(proxyproto, "parse", broken)
             client.sendall(b"PROXY ")
-            key = server.sel.get_key(conn)
+            key = sel.get_key(conn)
             with pytest.raises(ValueError):
                 key.data(selectors.EVENT_READ)
-            server._contain(key)
+            connections.contain(key)
             assert conn.fileno() == -1
-            assert conn not in {k.fileobj for k in server.sel.get_map().values()}
-            assert not server.pending and server._pools["p"].slots.used == 0
+            assert conn not in {k.fileobj for k in sel.get_map().values()}
+            assert not connections.stages.pending and pools["p"].slots.used == 0
             with contextlib.suppress(ConnectionResetError):  # closed with "PROXY " unread
                 assert client.recv(10) == b""
     finally:
-        for lst in server.listeners.values():
+        for lst in server.services.listeners.values():
             lst.sock.close()
-        server.sel.close()
-        server._wake_r.close()
-        server._wake_w.close()
+        server.loop.close()
         server.spawner.close()
 
 

@@ -43,7 +43,19 @@ def real() -> Iterator[tuple[Services, ServiceState, list[int]]]:
     config = build(doc, Path("/x/inetd.yaml"))
     loop = Loop()
     children: list[int] = []
-    services = Services(config, loop, Spawner(), 0, children)
+
+    def unused(lst: object, mask: int) -> None:
+        raise AssertionError("no arrival is served here")
+
+    services = Services(
+        config=config,
+        loop=loop,
+        spawner=Spawner(),
+        worker=0,
+        children=children,
+        on_accept=unused,
+        on_datagram=unused,
+    )
     services.bind(config)
     for lst in services.listeners.values():
         services.refresh(lst)

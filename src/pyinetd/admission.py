@@ -12,13 +12,14 @@ from __future__ import annotations
 import ipaddress
 import math
 from enum import StrEnum
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from pyinetd.access import AccessList, Network, parse_access_entry, parse_peer
 from pyinetd.builtins import udp_source_is_unsafe
 
 __all__ = [
     "AccessList",
+    "Known",
     "Network",
     "StageSlots",
     "TokenBucket",
@@ -187,31 +188,37 @@ def in_access_times(times: tuple[tuple[int, int], ...], minute: int) -> bool:
     return any(a <= minute <= b if a <= b else minute >= a or minute <= b for a, b in times)
 
 
-def admit(
-    svc: Admitted,
-    counts: Counts,
-    ip: str,
-    full: bool,
-    now: float,
-    take_token: bool = True,
-    datagram_port: int | None = None,
-    loop_ports: frozenset[int] = frozenset(),
-    minute: int = -1,
-    load: float = 0.0,
-) -> tuple[Refusal | None, str]:
-    """(refusal reason or None, per_source key) for a new connection from ``ip``.
+class Known(NamedTuple):
+    """What is known of an arrival when admit() is asked: its peer's address, the time, and
+    what the caller read for it (one value per connection, built by connections.py). A named
+    tuple, immutable as a frozen dataclass is and built in a quarter of its time: every
+    connection, built-ins included, makes one."""
+
+    ip: str  # the peer's address ("" for a unix socket)
+    now: float  # time.monotonic(), for the rate bucket
+    full: bool = False  # every service's children at the global max_children
+    take_token: bool = True  # False before a TLS ClientHello: the hello may never come
+    datagram_port: int | None = None  # a datagram's source port
+    loop_ports: frozenset[int] = frozenset()  # the ports of our own UDP listeners
+    minute: int = -1  # local minute of the day, read only for a service with access_times
+    load: float = 0.0  # 1-minute load average, read only for a service with max_load
+
+
+def admit(svc: Admitted, counts: Counts, known: Known) -> tuple[Refusal | None, str]:
+    """(refusal reason or None, per_source key) for a new connection from ``known.ip``.
 
     Every path asks here: TCP, unix, after a PROXY header, before (``take_token`` False: the
     hello may never come) and after a TLS ClientHello, each UDP datagram (built-in or not).
-    ``full``: at the global max_children. A datagram (``datagram_port``, its source port) from
+    ``known.full``: at the global max_children. A datagram (``datagram_port``, its source port) from
     the port of any of our UDP listeners, built-in or exec (``loop_ports``), is refused (FreeBSD
     inetd's check_loop, there for built-ins only: one spoofed datagram from 127.0.0.1:27007
     to the echo on 127.0.0.1:27007 would echo itself forever, and two replying exec services
     would fork ~950 processes a second), and a built-in never answers a
     privileged port (CERT CA-1996-01: echo <-> chargen).
     """
+    ip, datagram_port = known.ip, known.datagram_port
     if datagram_port is not None and (
-        datagram_port in loop_ports
+        datagram_port in known.loop_ports
         or (svc.builtin is not None and udp_source_is_unsafe(datagram_port))
     ):
         return Refusal.LOOP, ""
@@ -219,17 +226,17 @@ def admit(
         return Refusal.DENY, ""
     # ``minute`` (local minute of the day) and ``load`` (1-minute load average): read by the
     # caller, only for a service with these keys (connections.conditions).
-    if svc.access_times and not in_access_times(svc.access_times, minute):
+    if svc.access_times and not in_access_times(svc.access_times, known.minute):
         return Refusal.ACCESS_TIMES, ""
-    if svc.max_load is not None and load > svc.max_load:
+    if svc.max_load is not None and known.load > svc.max_load:
         return Refusal.MAX_LOAD, ""
     if svc.max_connections and counts.running + counts.hellos >= svc.max_connections:
         return Refusal.LIMIT, ""
-    if full and not svc.is_builtin:
+    if known.full and not svc.is_builtin:
         return Refusal.MAX_CHILDREN, ""
     key = source_key(ip, svc.per_source_prefix) if svc.per_source and ip else ""
     if key and svc.per_source and counts.sources.get(key, 0) >= svc.per_source:
         return Refusal.PER_SOURCE, key
-    if take_token and counts.bucket is not None and not counts.bucket.take(now):
+    if known.take_token and counts.bucket is not None and not counts.bucket.take(known.now):
         return Refusal.RATE, key
     return None, key

@@ -15,12 +15,12 @@ import fcntl
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pyinetd import cgroupnet, fsuser, reaper
+from pyinetd.arrival import Arrival
 from pyinetd.config import Service
 from pyinetd.environ import UserGone, env_dict
 from pyinetd.log import LOG, ThrottledLog, event
@@ -113,15 +113,13 @@ class Awaiting:
 
     child: Child  # ASKED (pid 0) until then
     held: int  # our copy of the connection's fd (its stdin and stdout), for a cold start
-    conn: bool  # it is a connection (stderr: socket writes to it)
-    env: list[bytes]
-    reply: UDPReply | None
+    arrival: Arrival
 
 
 class ChildStderr:
     """What a child gets as its stderr, by its service's `stderr:`; the fds made once."""
 
-    def __init__(self, loop: Loop) -> None:
+    def __init__(self, *, loop: Loop) -> None:
         self._loop = loop
         self._devnull = -1  # `stderr: null`, opened once
 
@@ -163,6 +161,7 @@ class Children:
 
     def __init__(
         self,
+        *,
         loop: Loop,
         spawner: Spawner,
         services: Services,
@@ -183,29 +182,29 @@ class Children:
         self._other_pids = other_pids  # pids the exit watcher must watch too (workers)
         self.table = table  # shared with Services, which counts it for max_children
         self._udp_replies: dict[int, UDPReply] = {}  # pid of a UDP nowait child -> its reply
-        self._stderr = ChildStderr(loop)  # the fds children get as their stderr
+        self._stderr = ChildStderr(loop=loop)  # the fds children get as their stderr
         self._orphan_groups: set[int] = set()  # reaped leaders whose group outlives them
         self._reaping = reaper.Reaping(
-            loop.sel,
-            loop.call_later,
-            self.on_reaped,
-            lambda: (*self.table, *self._other_pids(), *self.zygotes.pids()),
-            lambda: len(self.table),
-            lambda level, msg, pid: event(
+            sel=loop.sel,
+            call_later=loop.call_later,
+            handle=self.on_reaped,
+            pids=lambda: (*self.table, *self._other_pids(), *self.zygotes.pids()),
+            count=lambda: len(self.table),
+            say=lambda level, msg, pid: event(
                 level, msg, event="watcher", **({"pid": pid} if pid else {})
             ),
         )
         # `warm: true` services' zygotes (warm.py): they fork children of ours
         self.zygotes = Zygotes(
-            spawner,
-            lambda svc: self._stderr.fd(services.states[svc.name], None),
-            loop.sel,
-            loop.call_later,
-            self.track,
+            spawner=spawner,
+            stderr_for=lambda svc: self._stderr.fd(services.states[svc.name], None),
+            sel=loop.sel,
+            call_later=loop.call_later,
+            track=self.track,
+            replied=self._warm_replied,
+            is_ours=self._is_reaped_child,
+            is_tracked=self.table.__contains__,
         )
-        self.zygotes.replied = self._warm_replied
-        self.zygotes.is_ours = self._is_reaped_child
-        self.zygotes.is_tracked = self.table.__contains__
         self._awaiting: dict[Ticket, Awaiting] = {}  # asked of a zygote, no pid yet
         # pid -> (status, usage): reaped before its pid came
         self._reaped_early: dict[int, tuple[int, Usage]] = {}
@@ -219,49 +218,32 @@ class Children:
         return [*self.table.values(), *(entry.child for entry in self._awaiting.values())]
 
     # ------------------------------------------------------------ start
-    def start(
-        self,
-        state: ServiceState,
-        stdin: int,
-        stdout: int,
-        conn: socket.socket | None,
-        env: list[bytes],
-        peer: str,
-        listener: Listener | None = None,
-        src: str = "",
-        reply: UDPReply | None = None,
-        report: tuple[int, float] | None = None,
-    ) -> int:
-        """Spawn the service's program: its pid; PENDING when the service's zygote was asked
-        for it (its pid comes with the answer, ``_warm_replied``; the slot is held from now);
-        0 when it could not start. ``reply``: a UDP nowait child's reply, closed soon after
-        the child's end (at once when there is no child). ``report``: a TLS relay's (relay.py)."""
-        svc = state.service
-        conn_fd = conn.fileno() if conn is not None else None
-        if svc.warm and self._ask_zygote(state, stdin, conn_fd, env, peer, listener, src, reply):
+    def start(self, arrival: Arrival) -> int:
+        """Spawn the service's program for ``arrival``: its pid; PENDING when the service's
+        zygote was asked for it (its pid comes with the answer, ``_warm_replied``; the slot is
+        held from now); 0 when it could not start. A UDP nowait child's reply is closed soon
+        after the child's end (at once when there is no child)."""
+        state = arrival.state
+        if state.service.warm and self._ask_zygote(arrival):
             return PENDING
-        pid = self._spawn(state, stdin, stdout, conn_fd, env, peer, report)
+        pid = self._spawn(arrival, arrival.fd)
         if not pid:
-            if reply is not None:
-                reply.close()
+            if arrival.reply is not None:
+                arrival.reply.close()
             return 0
-        child = Child(pid, state, peer, time.monotonic(), listener, local=local_of(svc, env))
-        self._running(child, reply)
-        child.slot = self._services.take_slot(state, src, SlotKind.CHILD)
+        child = Child(pid, state, arrival.peer, time.monotonic(), arrival.listener)
+        child.local = local_of(state.service, arrival.local)
+        self._running(child, arrival.reply)
+        child.slot = self._services.take_slot(state, arrival.src, SlotKind.CHILD)
         return pid
 
-    def _spawn(
-        self,
-        state: ServiceState,
-        stdin: int,
-        stdout: int,
-        conn_fd: int | None,
-        env: list[bytes],
-        peer: str,
-        report: tuple[int, float] | None = None,
-    ) -> int:
-        """Start the program (by exec, or the relay); its pid, or 0 (said and counted)."""
+    def _spawn(self, arrival: Arrival, fd: int) -> int:
+        """Start the program (by exec, or the relay) with ``fd`` on its stdin and stdout (the
+        arrival's, or our copy of it after a zygote failed it); its pid, or 0 (said and
+        counted)."""
+        state, peer = arrival.state, arrival.peer
         svc = state.service
+        conn_fd = fd if arrival.conn is not None else None
         try:
             err_fd, owned = self._stderr.fd(state, conn_fd)
         except OSError as exc:
@@ -270,10 +252,11 @@ class Children:
             return 0
         try:
             if svc.needs_relay:
-                full_env = {**self._spawner.base_environ(svc), **env_dict(env)}
+                full_env = {**self._spawner.base_environ(svc), **env_dict(arrival.env)}
                 ctx = state.tls_context
-                return self._spawner.relay(svc, stdin, err_fd, full_env, ctx, peer, report)
-            return self._spawner.spawn(svc, stdin, stdout, err_fd, env)
+                report = arrival.report
+                return self._spawner.relay(svc, fd, err_fd, full_env, ctx, peer, report)
+            return self._spawner.spawn(svc, fd, fd, err_fd, arrival.env)
         except UserGone as exc:
             # Deleted after load: one line a minute, not a traceback per connection (18.16).
             state.spawn_failed("user_gone")
@@ -312,26 +295,16 @@ class Children:
             )
 
     # ------------------------------------------------------------ warm: the zygote's answers
-    def _ask_zygote(
-        self,
-        state: ServiceState,
-        fd: int,
-        conn_fd: int | None,
-        env: list[bytes],
-        peer: str,
-        listener: Listener | None,
-        src: str,
-        reply: UDPReply | None,
-    ) -> bool:
-        """Ask the service's zygote for the connection's process (``fd`` on its stdin and
-        stdout) and hold its slot until the answer; False when there is no zygote ready
-        (start it cold now)."""
+    def _ask_zygote(self, arrival: Arrival) -> bool:
+        """Ask the service's zygote for the arrival's process and hold its slot until the
+        answer; False when there is no zygote ready (start it cold now)."""
+        state, fd = arrival.state, arrival.fd
         try:
-            err_fd, owned = self._stderr.fd(state, conn_fd)
+            err_fd, owned = self._stderr.fd(state, fd if arrival.conn is not None else None)
         except OSError:
             return False  # the cold start meets the same error, and says it
         try:
-            ticket = self.zygotes.ask(state.service, env, (fd, fd, err_fd))
+            ticket = self.zygotes.ask(arrival, err_fd)
         finally:
             if owned:
                 os.close(err_fd)
@@ -342,10 +315,12 @@ class Children:
             held = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
         except OSError:
             held = -1  # (out of fds: then the client is closed if the zygote fails it)
-        child = Child(0, state, peer, time.monotonic(), listener, lifecycle=ChildState.ASKED)
-        child.local = local_of(state.service, env)
-        self._awaiting[ticket] = Awaiting(child, held, conn_fd is not None, env, reply)
-        child.slot = self._services.take_slot(state, src, SlotKind.CHILD)
+        child = Child(
+            0, state, arrival.peer, time.monotonic(), arrival.listener, lifecycle=ChildState.ASKED
+        )
+        child.local = local_of(state.service, arrival.local)
+        self._awaiting[ticket] = Awaiting(child, held, arrival)
+        child.slot = self._services.take_slot(state, arrival.src, SlotKind.CHILD)
         return True
 
     def _warm_replied(self, ticket: Ticket, pid: int | None, why: str) -> None:
@@ -353,23 +328,22 @@ class Children:
         entry = self._awaiting.pop(ticket, None)
         if entry is None:
             return
-        child, held = entry.child, entry.held
+        child, held, reply = entry.child, entry.held, entry.arrival.reply
         if pid is None:
             self.zygotes.note_cold(ticket[0], why)
             if held >= 0:
-                conn_fd = held if entry.conn else None
-                pid = self._spawn(child.state, held, held, conn_fd, entry.env, child.peer)
+                pid = self._spawn(entry.arrival, held)
         if held >= 0:
             os.close(held)
         if not pid:  # the slot taken at the request is given back, as at a child's end
             self._services.free_slot(child.slot)
-            if entry.reply is not None:
-                entry.reply.close()
+            if reply is not None:
+                reply.close()
             self._ended(child)
             return
         child.pid = pid
         child.change_state(ChildState.RUNNING)
-        self._running(child, entry.reply)
+        self._running(child, reply)
         early = self._reaped_early.pop(pid, None)
         if early is not None:  # it ended before its pid was read
             self.on_reaped([(pid, *early)])
@@ -587,18 +561,13 @@ def log_exec_error(svc: Service, why: str, peer: str) -> None:
     )
 
 
-def local_of(svc: Service, env: list[bytes]) -> str:
-    """Where a connection came in (the UCSPI LOCALIP/LOCALPORT it was given), for the start
-    line of a service that listens on several addresses; "" when it listens on one."""
-    if len(svc.listen) < 2:
+def local_of(svc: Service, local: tuple[str, int] | None) -> str:
+    """Where a connection came in (its arrival's local address), for the start line of a
+    service that listens on several addresses; "" when it listens on one."""
+    if len(svc.listen) < 2 or local is None or not local[0]:
         return ""
-    found = dict(e.split(b"=", 1) for e in env if b"LOCAL" in e.partition(b"=")[0])
-    ip = found.get(b"TCPLOCALIP") or found.get(b"UDPLOCALIP") or b""
-    port = found.get(b"TCPLOCALPORT") or found.get(b"UDPLOCALPORT") or b""
-    if not ip:
-        return ""
-    host = ip.decode(errors="replace")
-    return (f"[{host}]" if ":" in host else host) + (f":{port.decode()}" if port else "")
+    host, port = local
+    return (f"[{host}]" if ":" in host else host) + f":{port}"
 
 
 def log_end(child: Child, pid: int, status: int, usage: Usage) -> None:

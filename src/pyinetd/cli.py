@@ -82,7 +82,29 @@ COMMANDS = (
         f"the errors of a bad file (exit {EXIT_CONFIG}); a bad file changes nothing.",
         ("config", "control"),
     ),
-    Command("stop", "", "Stop the running instance, as SIGTERM does.", ("config", "control")),
+    Command(
+        "stop",
+        "",
+        "Stop the running instance, as SIGTERM does (with agent: and shutdown: drain, the "
+        "agent answers drain for agent_drain_time before the listeners close).",
+        ("config", "control"),
+    ),
+    Command(
+        "drain",
+        "[SERVICE]",
+        "Drain SERVICE (every service without one): the agent-check (agent:) answers drain, "
+        "so that HAProxy sends it no new connection, while pyinetd still serves the "
+        "accepted connections, the running children and the new connections that come; "
+        "status and /metrics show it. It lasts until undrain or the instance stops (then "
+        "shutdown: drain waits up to drain_timeout for what runs).",
+        ("config", "control"),
+    ),
+    Command(
+        "undrain",
+        "[SERVICE]",
+        "End a drain of SERVICE (every service without one): the agent answers up again.",
+        ("config", "control"),
+    ),
     Command(
         "convert",
         "FILE",
@@ -164,12 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="run",
         choices=[c.name for c in COMMANDS],
-        help="run (default): serve; status/reload/stop: talk to the running instance "
-        "through its control socket; convert FILE: translate inetd.conf or xinetd.conf; "
+        help="run (default): serve; status/reload/stop/drain/undrain: talk to the running "
+        "instance through its control socket; convert FILE: translate inetd.conf or xinetd.conf; "
         "security: what contains each service, and its exposure; "
         "`pyinetd COMMAND --help` describes one",
     )
-    parser.add_argument("file", nargs="?", help="for convert: the inetd.conf or xinetd.conf")
+    parser.add_argument(
+        "file",
+        nargs="?",
+        help="for convert: the inetd.conf or xinetd.conf; for drain and undrain: the service",
+    )
     for flags, kwargs in _OPTIONS.values():
         parser.add_argument(*flags, **kwargs)
     return parser
@@ -228,7 +254,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return _print_schema() if args.schema else _print_config(args.config, args.format)
     if args.command == "convert":
         return _convert(args)
-    if args.command in ("status", "reload", "stop"):
+    if args.command in ("status", "reload", "stop", "drain", "undrain"):
         return _control(args)
     try:
         config = load(args.config)
@@ -328,8 +354,11 @@ def _control(args: argparse.Namespace) -> int:
         except ConfigError:
             path = None  # a broken file still names the instance running it
         path = path or control.default_control_path(args.config)
+    request = args.command
+    if args.command in ("drain", "undrain") and args.file:
+        request = f"{args.command} {args.file}"
     try:
-        answer = control.request(path, args.command)
+        answer = control.request(path, request)
     except (OSError, ValueError) as exc:
         print(f"pyinetd {args.command}: cannot reach pyinetd at {path}: {exc}", file=sys.stderr)
         if args.control is None:
@@ -354,7 +383,8 @@ def _control(args: argparse.Namespace) -> int:
         if args.command == "reload":
             print("pyinetd reload: failed, the running configuration is unchanged", file=sys.stderr)
         return EXIT_CONFIG if args.command == "reload" else EXIT_RUNTIME
-    print(f"pyinetd {args.command}: ok")
+    what = f" {args.file}" if args.command in ("drain", "undrain") and args.file else ""
+    print(f"pyinetd {args.command}{what}: ok")
     return EXIT_OK
 
 

@@ -201,6 +201,8 @@ class Config:
     drain_timeout: float = declared("drain_timeout")
     reload_kills_removed: bool = declared("reload_kills_removed")
     metrics: str | None = None
+    agent: tuple[str, ...] = ()  # HAProxy agent-check addresses (agent.py)
+    agent_drain_time: float = declared("agent_drain_time")
     # Connections before their service starts (PROXY header or TLS ClientHello due): an fd
     # each and nothing proven yet, so bounded: idle connections must not hold every fd.
     max_pending: int = declared("max_pending")

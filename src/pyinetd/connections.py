@@ -5,8 +5,8 @@ A connection may first wait in a pre-service stage (stages.py: its PROXY header,
 ClientHello), in its service's pool (Pool); then admission.admit() decides, and the connection
 goes to the children table (children.py, which starts the program through spawn.py) or to a
 built-in session (builtins.py). A TLS connection's relay does the handshake, and the
-connection stays in the pool until the relay reports it complete. The connection environment
-(UCSPI variables) is made here.
+connection stays in the pool until the relay reports it complete. Each connection that goes to
+a process is one arrival.Arrival, built here with its environment (environ.py's UCSPI entries).
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
-from pyinetd import builtins, control, proxyproto
-from pyinetd.admission import StageSlots, admit, source_key
+from pyinetd import builtins, control, environ, proxyproto
+from pyinetd.admission import Known, StageSlots, admit, source_key
+from pyinetd.arrival import Arrival
 from pyinetd.children import Children, errno_name
 from pyinetd.config import Config, Service
+from pyinetd.environ import EnvEntries
 from pyinetd.listeners import format_ip, peer_of, peer_text
 from pyinetd.log import LOG, ThrottledLog, event
 from pyinetd.loop import Loop, Timer
@@ -77,7 +79,7 @@ class Pool:
 class Sessions:
     """The built-in sessions (echo, chargen...) running in the loop, with their slot and timer."""
 
-    def __init__(self, loop: Loop, services: Services, drained: Callable[[], None]) -> None:
+    def __init__(self, *, loop: Loop, services: Services, drained: Callable[[], None]) -> None:
         self._loop = loop
         self._services = services
         self._drained = drained  # a session ended while stopping
@@ -161,6 +163,7 @@ class Stages:
 
     def __init__(
         self,
+        *,
         config: Config,
         loop: Loop,
         services: Services,
@@ -175,7 +178,8 @@ class Stages:
         # Connections in a pre-service stage, each with the pool it holds a slot in; a pool
         # per service name.
         self.pending: dict[Pending, Pool] = {}
-        self.holds: dict[Pending, Slot] = {}  # the pending hellos' places (SlotKind.PENDING)
+        # The places of the connections whose PROXY header or hello is due (SlotKind.PENDING)
+        self.holds: dict[Pending, Slot] = {}
         self.pools: dict[str, Pool] = {}
         self._bounds = (config.max_pending, config.max_pending_per_source)
 
@@ -321,9 +325,18 @@ class Stages:
     def wait_for_header(
         self, lst: Listener, conn: socket.socket, ip: str, port: int, key: str
     ) -> None:
-        """A PROXY header is due: in the service's pool, read in the loop with a deadline."""
-        svc = lst.state.service
-        pool = self._take_slot(lst.state, conn, ip, port, key)
+        """A PROXY header is due: in the service's pool, read in the loop with a deadline,
+        holding a place under max_connections meanwhile as a TLS hello does: a balancer told
+        `maxconn:` max_connections (agent.py) may have that many connections at pyinetd, and
+        each must find its place when its header is in (on_limit: queue waits in the backlog,
+        it is not accepted and then refused). Per source it is counted after the header, by
+        the client it names."""
+        state = lst.state
+        svc = state.service
+        if svc.max_connections and state.running + state.hellos >= svc.max_connections:
+            self._path.refuse(state, conn, ip, port, "limit")  # (on_limit: reject)
+            return
+        pool = self._take_slot(state, conn, ip, port, key)
         if pool is None:
             return
         conn.setblocking(False)
@@ -331,6 +344,7 @@ class Stages:
         assert accept is not None
         pend = PendingProxy(self, lst, conn, (ip, port), key, svc.proxy_timeout, accept)
         self._enter(pool, pend)
+        self.holds[pend] = self._services.take_slot(state, "", SlotKind.PENDING)
         pend(0)  # the header usually came with the connection: no wait, no slot held
 
     def wait_for_hello(
@@ -348,9 +362,7 @@ class Stages:
         assert svc.tls is not None
         # Access and limits before any handshake or fork. They are checked
         # now, and again, with a rate token, when the hello is in, before the fork.
-        reason, src = admit(
-            svc, state, ip, self._services.full, 0.0, take_token=False, **conditions(svc)
-        )
+        reason, src = admit(svc, state, known(svc, ip, self._services.full, 0.0, False))
         if reason is not None:
             self._path.refuse(state, conn, ip, port, reason)
             return
@@ -374,6 +386,7 @@ class Connections:
 
     def __init__(
         self,
+        *,
         config: Config,
         loop: Loop,
         services: Services,
@@ -389,13 +402,11 @@ class Connections:
         self.sessions = sessions
         self._throttled = throttled
         self._emfile_logged = False
-        self.stages = Stages(config, loop, services, self, children.kill)
-        self.pending = self.stages.pending
-        self.pools = self.stages.pools
+        self.stages = Stages(
+            config=config, loop=loop, services=services, path=self, kill=children.kill
+        )
         self.configure = self.stages.configure
         self.close_pending = self.stages.close_pending
-        services.on_accept = self.on_accept
-        services.on_datagram = self.on_datagram
 
     def refuse(
         self,
@@ -517,9 +528,7 @@ class Connections:
         fd and its own handshake deadline (Stages._fork_relay)."""
         state = lst.state
         svc = state.service
-        reason, src = admit(
-            svc, state, ip, self._services.full, time.monotonic(), **conditions(svc)
-        )
+        reason, src = admit(svc, state, known(svc, ip, self._services.full, time.monotonic()))
         if reason is not None:
             self.refuse(state, conn, ip, port, reason)
             if reason == "rate":
@@ -534,20 +543,15 @@ class Connections:
             self.sessions.start(state, conn, svc.builtin, src, peer_text(ip, port))
             return 0
         try:
-            if local is not None:
-                env = ip_env(b"TCP", ip, port, *local)
+            if local is None and lst.key.protocol == "unix":
+                env = unix_env(lst, conn)
             else:
-                env = connection_env(lst, conn, ip, port)
-            return self._children.start(
-                state,
-                conn.fileno(),
-                conn.fileno(),
-                conn,
-                env,
-                peer_text(ip, port),
-                src=src,
-                report=report,
-            )
+                local = local or local_address(lst, conn)
+                env = environ.ip_env(environ.TCP, ip, port, *local)
+            fd = conn.fileno()
+            peer = peer_text(ip, port)
+            arrival = Arrival(state, fd, conn, env, peer, ip, port, local, src, report=report)
+            return self._children.start(arrival)
         finally:
             conn.close()
 
@@ -556,17 +560,16 @@ class Connections:
         self._services.pause(lst)
         fd = lst.sock.fileno()
         lst.sock.setblocking(True)  # the service expects a blocking socket, as from inetd
-        proto = b"UDP" if lst.key.protocol == "udp" else b"TCP"
-        env = [b"PROTO=" + proto]
-        if lst.local_ip:
-            env.append(proto + b"LOCALIP=" + lst.local_ip.encode())
-            env.append(proto + b"LOCALPORT=%d" % lst.local_port)
+        proto = environ.UDP if lst.key.protocol == "udp" else environ.TCP
+        local = (lst.local_ip, lst.local_port) if lst.local_ip else None
+        env = environ.wait_env(proto, local)
         lst.state.accepted += 1
         # Before spawning: Services.refresh must not re-register it meanwhile. The children
         # table makes it WAITING once the child's pid is known (at once, or at the zygote's
         # answer).
         lst.change_wait(WAIT_STARTING)
-        pid = self._children.start(lst.state, fd, fd, None, env, "wait", listener=lst)
+        arrival = Arrival(lst.state, fd, None, env, "wait", local=local, listener=lst)
+        pid = self._children.start(arrival)
         if not pid:
             lst.change_wait(WAIT_IDLE)
             lst.sock.setblocking(False)
@@ -589,17 +592,8 @@ class Connections:
                 return
             ip, port = peer_of(lst.sock.family, addr)
             services = self._services
-            reason, src = admit(
-                svc,
-                lst.state,
-                ip,
-                services.full,
-                time.monotonic(),
-                True,
-                port,
-                services.loop_ports,
-                **conditions(svc),
-            )
+            seen = known(svc, ip, services.full, time.monotonic(), True, port, services.loop_ports)
+            reason, src = admit(svc, lst.state, seen)
             if reason is not None:
                 self.refuse(lst.state, None, ip, port, reason)
                 if reason == "rate":
@@ -635,12 +629,13 @@ class Connections:
             lip, lport = lst.local_ip, lst.local_port
             if not lip:
                 lip, lport = peer_of(lst.sock.family, lst.sock.getsockname())
-            env = ip_env(b"UDP", ip, port, lip, lport)
-            fd = theirs.fileno()
+            env = environ.ip_env(environ.UDP, ip, port, lip, lport)
             reply = UDPReply(ours, lst.sock, addr, self.sel)  # (closed if no child comes)
-            self._children.start(
-                lst.state, fd, fd, None, env, peer_text(ip, port), src=src, reply=reply
-            )
+            peer = peer_text(ip, port)
+            fd = theirs.fileno()
+            local = (lip, lport)
+            arrival = Arrival(lst.state, fd, None, env, peer, ip, port, local, src, reply=reply)
+            self._children.start(arrival)
         finally:
             theirs.close()
 
@@ -679,47 +674,42 @@ _CONNECTIONS = (
 )
 
 
-def conditions(svc: Service) -> dict[str, Any]:
-    """What admit() needs beyond counts for a service with access_times or max_load: the
-    local minute of the day and the 1-minute load average (nothing read for the others)."""
-    out: dict[str, Any] = {}
+def known(
+    svc: Service,
+    ip: str,
+    full: bool,
+    now: float,
+    take_token: bool = True,
+    datagram_port: int | None = None,
+    loop_ports: frozenset[int] = frozenset(),
+) -> Known:
+    """What admit() is told of an arrival from ``ip``; for a service with access_times or
+    max_load also the local minute of the day and the 1-minute load average (nothing read for
+    the others)."""
+    minute, load = -1, 0.0
     if svc.access_times:
-        now = time.localtime()
-        out["minute"] = now.tm_hour * 60 + now.tm_min
+        t = time.localtime()
+        minute = t.tm_hour * 60 + t.tm_min
     if svc.max_load is not None:
-        out["load"] = os.getloadavg()[0]
-    return out
+        load = os.getloadavg()[0]
+    return Known(ip, now, full, take_token, datagram_port, loop_ports, minute, load)
 
 
-def connection_env(lst: Listener, conn: socket.socket, ip: str, port: int) -> list[bytes]:
-    """The UCSPI variables of a stream connection (TCP, or IPC for a unix socket)."""
-    if lst.key.protocol == "unix":
-        env = [b"PROTO=IPC", b"IPCLOCALPATH=" + os.fsencode(str(lst.key.address))]
-        with contextlib.suppress(OSError):
-            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            pid, uid, gid = struct.unpack("3i", creds)
-            env += [b"IPCREMOTEPID=%d" % pid, b"IPCREMOTEEUID=%d" % uid]
-            env.append(b"IPCREMOTEEGID=%d" % gid)
-        return env
+def unix_env(lst: Listener, conn: socket.socket) -> EnvEntries:
+    """The UCSPI variables of a unix socket connection: its path, the client's credentials."""
+    creds = None
+    with contextlib.suppress(OSError):
+        raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        creds = cast(tuple[int, int, int], struct.unpack("3i", raw))
+    return environ.ipc_env(os.fsencode(str(lst.key.address)), creds)
+
+
+def local_address(lst: Listener, conn: socket.socket) -> tuple[str, int]:
+    """The address a TCP connection came in on: its listener's, or the socket's own for a
+    listener on a wildcard address (("", 0) if the kernel will not say)."""
     if lst.local_ip:
-        lip, lport = lst.local_ip, lst.local_port
-    else:
-        try:
-            lip, lport = peer_of(lst.family, conn.getsockname())
-        except OSError:
-            lip, lport = "", 0
-    return ip_env(b"TCP", ip, port, lip, lport)
-
-
-def ip_env(proto: bytes, ip: str, port: int, lip: str, lport: int) -> list[bytes]:
-    """The UCSPI variables and REMOTE_ADDR/REMOTE_PORT, as KEY=value entries."""
-    bip, sport = ip.encode(), b"%d" % port
-    return [
-        b"PROTO=" + proto,
-        b"REMOTE_ADDR=" + bip,
-        b"REMOTE_PORT=" + sport,
-        proto + b"REMOTEIP=" + bip,
-        proto + b"REMOTEPORT=" + sport,
-        proto + b"LOCALIP=" + lip.encode(),
-        proto + b"LOCALPORT=%d" % lport,
-    ]
+        return lst.local_ip, lst.local_port
+    try:
+        return peer_of(lst.family, conn.getsockname())
+    except OSError:
+        return "", 0

@@ -164,7 +164,8 @@ class FdReserve:
 class RequestServer:
     """Accepts connections on ``sock``; each sends one request, gets one response, closes.
 
-    At most ``max_clients`` clients at once, ``max_per_source`` from one address. When those
+    At most ``max_clients`` clients at once, ``max_per_source`` from one address, each with
+    ``deadline`` seconds to send a request of at most ``request_max`` bytes. When those
     are taken, the oldest client that has not sent its whole request yet (of the same address,
     when its address is the one at its bound) is closed for the new one: idle clients cannot
     lock a scraper out for their whole deadline; a client that has sent its
@@ -175,6 +176,7 @@ class RequestServer:
 
     def __init__(
         self,
+        *,
         sock: socket.socket,
         selector: selectors.BaseSelector,
         handle: Handler,
@@ -183,12 +185,15 @@ class RequestServer:
         max_clients: int = MAX_CLIENTS,
         max_per_source: int = MAX_CLIENTS_PER_SOURCE,
         reserve: FdReserve | None = None,
+        deadline: float = CLIENT_DEADLINE,
+        request_max: int = REQUEST_MAX,
     ) -> None:
         self.sock = sock
         self._sel = selector
         self._handle = handle
         self._term = terminator
         self._call_later = call_later
+        self._limits = (deadline, request_max)
         self._slots = StageSlots(max_clients, max_per_source)
         self._clients: dict[Exchange, str] = {}  # by age, oldest first: client -> its key
         self._reserve = reserve
@@ -227,12 +232,14 @@ class RequestServer:
                 continue
             conn.setblocking(False)
             ex = Exchange(
-                conn,
-                self._sel,
-                self._handle,
-                self._term,
-                self._call_later,
-                functools.partial(self._closed, key),
+                conn=conn,
+                sel=self._sel,
+                handle=self._handle,
+                term=self._term,
+                call_later=self._call_later,
+                on_close=functools.partial(self._closed, key),
+                deadline=self._limits[0],
+                request_max=self._limits[1],
             )
             if ex.closed:
                 self._slots.release(key)
@@ -330,14 +337,18 @@ class Exchange:
 
     def __init__(
         self,
+        *,
         conn: socket.socket,
         sel: selectors.BaseSelector,
         handle: Handler,
         term: bytes,
         call_later: Callable[[float, Callable[[], None]], Any],
         on_close: Callable[[Exchange], None] = lambda _ex: None,
+        deadline: float = CLIENT_DEADLINE,
+        request_max: int = REQUEST_MAX,
     ) -> None:
         self.conn = conn
+        self._max = request_max
         self._on_close = on_close
         self._sel = sel
         self._handle = handle
@@ -351,7 +362,7 @@ class Exchange:
         except (OSError, ValueError):  # (epoll_ctl: ENOMEM, ENOSPC)
             self.close()
             return
-        self._timer = call_later(CLIENT_DEADLINE, self.close)
+        self._timer = call_later(deadline, self.close)
 
     @property
     def closed(self) -> bool:
@@ -370,8 +381,8 @@ class Exchange:
             data = self.conn.recv(4096)
             if data:
                 self._in += data
-            if self._term in self._in or not data or len(self._in) > REQUEST_MAX:
-                self._out = self._handle(self._in[:REQUEST_MAX])
+            if self._term in self._in or not data or len(self._in) > self._max:
+                self._out = self._handle(self._in[: self._max])
                 self._sel.modify(self.conn, selectors.EVENT_WRITE, self)
                 self._write()
         except (BlockingIOError, InterruptedError):

@@ -25,14 +25,60 @@ def env_dict(entries: EnvEntries) -> Environ:
     return {k: v for k, _, v in (e.partition(b"=") for e in entries)}
 
 
-# Variables set per connection. They are left out of the cached base list: a stale copy
-# from pyinetd's own environment must never sit next to the connection's value.
+# The variables set per connection, named here only: UCSPI's (PROTO, then TCPREMOTEIP,
+# TCPREMOTEPORT, TCPLOCALIP, TCPLOCALPORT, the same with UDP for a datagram, IPC* for a
+# unix socket, after tcpserver/ucspi-unix) and systemd's REMOTE_ADDR, REMOTE_PORT.
+TCP, UDP, IPC = b"TCP", b"UDP", b"IPC"
+PROTO = b"PROTO"
+REMOTE_ADDR, REMOTE_PORT = b"REMOTE_ADDR", b"REMOTE_PORT"
+_IP_SUFFIXES = (b"REMOTEIP", b"REMOTEPORT", b"LOCALIP", b"LOCALPORT")
+_IPC_NAMES = (b"IPCLOCALPATH", b"IPCREMOTEPID", b"IPCREMOTEEUID", b"IPCREMOTEEGID")
+# Per protocol: the "NAME=" prefixes of PROTO and its four UCSPI variables, made once (the
+# entries are built per connection).
+_PREFIXES = {
+    proto: (PROTO + b"=" + proto, *(proto + s + b"=" for s in _IP_SUFFIXES)) for proto in (TCP, UDP)
+}
+
+# They are left out of the cached base list: a stale copy from pyinetd's own environment must
+# never sit next to the connection's value.
 CONNECTION_KEYS = frozenset(
-    {b"PROTO", b"REMOTE_ADDR", b"REMOTE_PORT", b"IPCLOCALPATH"}
-    | {p + k for p in (b"TCP", b"UDP") for k in (b"REMOTEIP", b"REMOTEPORT", b"LOCALIP")}
-    | {p + b"LOCALPORT" for p in (b"TCP", b"UDP")}
-    | {b"IPCREMOTE" + k for k in (b"PID", b"EUID", b"EGID")}
+    {PROTO, REMOTE_ADDR, REMOTE_PORT, *_IPC_NAMES}
+    | {proto + s for proto in (TCP, UDP) for s in _IP_SUFFIXES}
 )
+
+
+def ip_env(proto: bytes, ip: str, port: int, local_ip: str, local_port: int) -> EnvEntries:
+    """A TCP or UDP connection's variables: PROTO, REMOTE_ADDR/REMOTE_PORT and the UCSPI four."""
+    p_proto, p_rip, p_rport, p_lip, p_lport = _PREFIXES[proto]
+    bip, sport = ip.encode(), b"%d" % port
+    return [
+        p_proto,
+        b"REMOTE_ADDR=" + bip,
+        b"REMOTE_PORT=" + sport,
+        p_rip + bip,
+        p_rport + sport,
+        p_lip + local_ip.encode(),
+        p_lport + b"%d" % local_port,
+    ]
+
+
+def ipc_env(path: bytes, creds: tuple[int, int, int] | None) -> EnvEntries:
+    """A unix socket connection's variables: its path and the client's (pid, uid, gid) as
+    SO_PEERCRED gave them, when it did."""
+    local, pid, uid, gid = _IPC_NAMES
+    env = [PROTO + b"=" + IPC, local + b"=" + path]
+    if creds is not None:
+        env += [b"%s=%d" % (name, v) for name, v in zip((pid, uid, gid), creds, strict=True)]
+    return env
+
+
+def wait_env(proto: bytes, local: tuple[str, int] | None) -> EnvEntries:
+    """A wait-mode child's variables (it accepts or reads itself): PROTO, and the listener's
+    own address when it is bound to one."""
+    p_proto, _, _, p_lip, p_lport = _PREFIXES[proto]
+    if local is None:
+        return [p_proto]
+    return [p_proto, p_lip + local[0].encode(), p_lport + b"%d" % local[1]]
 
 
 # pyinetd's own variables, and those its service manager gave it, never reach a service:

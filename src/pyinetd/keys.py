@@ -20,6 +20,7 @@ from pyinetd.parsers import (
     _parse_choice,
     _parse_count,
     _parse_endpoint,
+    _parse_endpoints,
     _parse_includes,
     _parse_path,
     _parse_workers,
@@ -136,6 +137,48 @@ TOP_KEY_LIST: tuple[Key, ...] = (
             "errorMessage": "expected HOST:PORT, [IPV6]:PORT or PORT (port 1-65535)",
         },
         top=True,
+    ),
+    Key(
+        "agent",
+        _parse_endpoints,
+        (
+            "Answer HAProxy's agent-check on these TCP addresses (HOST:PORT, [IPV6]:PORT, PORT, "
+            "or a list of them): HAProxy connects, sends a service's name and a newline "
+            '(agent-send "NAME\\n") and reads one line: up ready maxconn:N (N: the '
+            "service's max_connections), drain (pyinetd drain, or a stop with shutdown: drain), "
+            "maint (enabled: false) or down#why (failed at load, not listening, its zygote "
+            "failed). Read at start."
+        ),
+        {
+            "type": ["string", "integer", "array"],
+            "minLength": 1,
+            "minimum": 1,
+            "maximum": 65535,
+            "items": {
+                "type": ["string", "integer"],
+                "minLength": 1,
+                "minimum": 1,
+                "maximum": 65535,
+                "errorMessage": "expected HOST:PORT, [IPV6]:PORT or PORT (port 1-65535)",
+            },
+            "examples": ["127.0.0.1:9700"],
+            "errorMessage": "expected HOST:PORT, [IPV6]:PORT or PORT (port 1-65535), or a list",
+        },
+        top=True,
+    ),
+    Key(
+        "agent_drain_time",
+        _wrap(parse_duration),
+        (
+            "With agent: and shutdown: drain, how long a stop (SIGTERM, pyinetd stop) answers "
+            "drain to the agent and still accepts before it closes the listening sockets, so "
+            "that the balancer moves away before a connection is refused (default 3 seconds: "
+            "HAProxy's default agent-inter of 2 seconds and a margin; set it above your "
+            "agent-inter). Without agent: or with shutdown: leave the listeners close at once."
+        ),
+        {**DURATION, "default": 3},
+        top=True,
+        out=_duration_out,
     ),
     Key(
         "max_pending",

@@ -694,6 +694,14 @@ def _parse_endpoint(value: Any, base: Path) -> str:
     return str(addr)
 
 
+def _parse_endpoints(value: Any, base: Path) -> tuple[str, ...]:
+    """A TCP address or a list of them, as a service's listen: (HOST:PORT, [V6]:PORT, PORT)."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise _KeyError("empty list: expected HOST:PORT, [IPV6]:PORT or PORT, or a list")
+    return tuple(_parse_endpoint(item, base) for item in items)
+
+
 def _parse_includes(value: Any, _base: Path) -> tuple[str, ...]:
     items = value if isinstance(value, list) else [value]
     if not all(isinstance(i, str) and i for i in items):

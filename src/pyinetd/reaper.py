@@ -229,6 +229,7 @@ class WatcherReaping:
 
     def __init__(
         self,
+        *,
         sel: selectors.BaseSelector,
         call_later: Callable[[float, Callable[[], None]], Timer],
         handle: Callable[[Exited], None],
@@ -301,6 +302,7 @@ class Reaping:
 
     def __init__(
         self,
+        *,
         sel: selectors.BaseSelector,
         call_later: Callable[[float, Callable[[], None]], Timer],
         handle: Callable[[Exited], None],
@@ -332,7 +334,12 @@ class Reaping:
     def _start(self) -> None:
         try:
             watcher = WatcherReaping(
-                self._sel, self._call_later, self._handle, self._pids(), self._fewer, self._gone
+                sel=self._sel,
+                call_later=self._call_later,
+                handle=self._handle,
+                pids=self._pids(),
+                after=self._fewer,
+                gone=self._gone,
             )
         except OSError as exc:
             self._retry = time.monotonic() + 60.0

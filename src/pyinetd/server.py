@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pyinetd import log, procsettings, systemd
+from pyinetd.agent import Agent
 from pyinetd.children import KILL_GRACE, Child, Children
 from pyinetd.config import Config, ConfigError, load
 from pyinetd.connections import Connections, Sessions
@@ -50,48 +51,51 @@ class Server:
         self.child_metrics = Metrics()  # durations and exit classes, by service name
         throttled = ThrottledLog()
         table: dict[int, Child] = {}  # the children, by pid
-        self.services = Services(config, loop, self.spawner, worker, table)
+        # Who calls whom: a listener's arrivals go to the connections (built below: the
+        # lambdas); a child's, a session's and a worker's end come back here (the drain).
+        self.services = services = Services(
+            config=config,
+            loop=loop,
+            spawner=self.spawner,
+            worker=worker,
+            children=table,
+            on_accept=lambda lst, mask: self.connections.on_accept(lst, mask),
+            on_datagram=lambda lst, mask: self.connections.on_datagram(lst, mask),
+        )
         self.children = Children(
-            loop,
-            self.spawner,
-            self.services,
-            self.child_metrics,
-            throttled,
-            table,
-            self._child_ended,
-            lambda pid, status: self._workers.exited(pid, status),
-            lambda: self._workers.table,
+            loop=loop,
+            spawner=self.spawner,
+            services=services,
+            metrics=self.child_metrics,
+            throttled=throttled,
+            table=table,
+            ended=self._child_ended,
+            other_exited=lambda pid, status: self._workers.exited(pid, status),
+            other_pids=lambda: self._workers.table,
         )
-        self._workers = Workers(loop, self.services, self.children.track, self._check_drained)
-        self.sessions = Sessions(loop, self.services, self._check_drained)
+        self._workers = Workers(
+            loop=loop, services=services, track=self.children.track, drained=self._check_drained
+        )
+        self.sessions = Sessions(loop=loop, services=services, drained=self._check_drained)
         self.connections = Connections(
-            config, loop, self.services, self.children, self.sessions, throttled
+            config=config,
+            loop=loop,
+            services=services,
+            children=self.children,
+            sessions=self.sessions,
+            throttled=throttled,
         )
-        self.ops = Operations(self.snapshot, self.reload, self._begin_stop)
+        self.agent = Agent(services=services, zygote_of=self.children.zygotes.describe)
+        self.ops = Operations(
+            snapshot=self.snapshot, reload=self.reload, stop=self._begin_stop, agent=self.agent
+        )
         self._drain_timer: Timer | None = None
-        self._pid_file: str | None = None
         self._pid_entry: tuple[int, str, int, int] | None = None  # folder fd, name, dev, inode
-        # The parts' tables and handlers under the names tests and tools look for.
-        self.sel = loop.sel
-        self.states = self.services.states
-        self.listeners = self.services.listeners
-        self.workers = self._workers.table
-        self.pending = self.connections.pending
-        self._pools = self.connections.pools
-        self._serve_stream = self.connections.serve_stream
-        self._contain = self.connections.contain
-        self._wake_r, self._wake_w = loop._wake_r, loop._wake_w
-
-    @property
-    def _stopping(self) -> bool:
-        return self.services.stopping
 
     # ------------------------------------------------------------ start-up
     def bind(self) -> None:
-        """Bind every enabled service's listeners; ListenError (nothing left bound) on failure.
-
-        Sockets handed over by systemd socket activation are adopted instead of bound.
-        """
+        """Bind every enabled service's listeners (adopt those systemd socket activation
+        handed over); ListenError (nothing left bound) on failure."""
         self.services.bind(self.config)
 
     def _install_signals(self) -> None:
@@ -160,11 +164,11 @@ class Server:
                 return
 
     def _on_stop_signal(self, sig: int) -> object:
-        self._begin_stop(signal.Signals(sig).name)
+        self.ops.stop(signal.Signals(sig).name)  # after agent_drain_time with an agent
         return STOP
 
     def _on_sighup(self, sig: int) -> object:
-        if not self._stopping:
+        if not self.services.stopping:
             self.reload()
         return None
 
@@ -176,10 +180,9 @@ class Server:
     def _write_pid_file(self, path: str) -> None:
         """Write the pid file atomically, from an fd on its folder, under a name no one can guess.
 
-        The temporary name was PATH.PID.tmp, opened following symlinks: a local user who
-        planted symlinks for the next pids had root overwrite a file of their choosing (issue
-        14.4). A folder others may write (unless sticky) or another user owns is refused: they
-        could swap the file under us, and its removal at stop.
+        A guessable name opened following symlinks lets a local user who plants symlinks for
+        the next pids have root overwrite a file of their choosing. A folder others may write
+        (unless sticky) or another user owns is refused: they could swap the file under us.
         """
         folder, name = os.path.split(os.path.abspath(path))
         dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -208,7 +211,6 @@ class Server:
         except BaseException:
             os.close(dfd)
             raise
-        self._pid_file = path
         self._pid_entry = (dfd, name, written.st_dev, written.st_ino)
 
     def _remove_pid_file(self) -> None:
@@ -253,7 +255,7 @@ class Server:
 
     def _begin_stop(self, why: str) -> None:
         """Stop listening; then leave at once, or drain the children first."""
-        if self._stopping:
+        if self.services.stopping:
             event(logging.INFO, f"{why} again: stopping now", event="stop_now")
             self._workers.signal(signal.SIGTERM)
             self.loop.exit = True
@@ -290,14 +292,15 @@ class Server:
         self.loop.exit = True
 
     def _check_drained(self) -> None:
-        if self._stopping and not self.children and not self.sessions and not self._workers.table:
+        idle = not (self.children or self.sessions or self._workers.table)
+        if self.services.stopping and idle:
             if self._drain_timer is not None:
                 self._drain_timer.cancel()
             self.loop.exit = True
 
     def _child_ended(self, child: Child) -> None:
         """A child's end is accounted for: the drain may be over, or a listener resumes."""
-        if self._stopping:
+        if self.services.stopping:
             self._check_drained()
             return
         self.services.child_ended(child.listener)
@@ -340,8 +343,7 @@ class Server:
         return errors
 
     def _log_file_warnings(self) -> None:
-        """Each service failed, or served without a file, by a file its user can change
-        (config.Config.warnings): a warning at each (re)load, not an error."""
+        """Config.warnings (a file its user can change failed a service): warned at each load."""
         for line in self.config.warnings:
             event(logging.WARNING, line, event="service_file")
 
@@ -365,7 +367,7 @@ class Server:
         self.children.zygotes.sync(served.values())
 
     def _shutdown(self) -> None:
-        if not self._stopping:
+        if not self.services.stopping:
             self._begin_stop("exit")
         self.ops.close()
         self.sessions.close_all()
@@ -385,9 +387,6 @@ class Server:
                 children=len(self.children),
             )
         self.loop.close()
-
-    def __repr__(self) -> str:
-        return f"<Server {len(self.listeners)} listeners, {len(self.children)} children>"
 
 
 STOP = object()  # a signal's action returns it: the others of this wake-up are not looked at

@@ -56,8 +56,8 @@ class ServiceState:
 
     service: Service
     running: int = 0
-    # TLS connections admitted, their ClientHello or handshake due: they hold a place under
-    # max_connections and per_source (SlotKind.PENDING)
+    # Connections whose PROXY header, or whose TLS ClientHello or handshake, is due: they
+    # hold a place under max_connections (and a hello under per_source) (SlotKind.PENDING)
     hellos: int = 0
     accepted: int = 0
     # Bytes pyinetd itself carried for the service's clients (built-in sessions), since start.
@@ -70,6 +70,8 @@ class ServiceState:
     listeners: list[Listener] = field(default_factory=list)
     tls_context: ssl.SSLContext | None = None
     stderr_log: StderrLog | None = None  # made at the first child with `stderr: log`
+    # `pyinetd drain` (or a stop's agent_drain_time): still served, the agent answers drain
+    drained: bool = False
 
     def set_service(self, service: Service, tls_context: ssl.SSLContext | None = None) -> None:
         """Apply a (re)loaded definition with its TLS context, built by Services.prepare before
@@ -101,7 +103,7 @@ class SlotKind(enum.Enum):
 
     CHILD = "child"  # a process (or one asked of a zygote): running, and max_children
     SESSION = "session"  # a built-in session in the loop: running
-    PENDING = "pending"  # a TLS connection whose ClientHello or handshake is due: hellos
+    PENDING = "pending"  # a PROXY header, TLS ClientHello or handshake due: hellos
 
 
 @dataclass(eq=False)
@@ -193,7 +195,17 @@ class Listener:
 class Services:
     """Every service's state and listeners, and whether each listener is watched."""
 
-    def __init__(self, config: Config, loop: Loop, spawner: Spawner, worker: int, children: Sized):
+    def __init__(
+        self,
+        *,
+        config: Config,
+        loop: Loop,
+        spawner: Spawner,
+        worker: int,
+        children: Sized,
+        on_accept: Handler,
+        on_datagram: Handler,
+    ) -> None:
         self.config = config
         self._loop = loop
         self._spawner = spawner
@@ -206,8 +218,10 @@ class Services:
         self.stopping = False  # no listener is watched any more
         self.full = False  # at the global max_children: exec listeners are paused
         self.loop_ports: frozenset[int] = frozenset()  # ports of our UDP listeners
-        self.on_accept: Handler = _unset
-        self.on_datagram: Handler = _unset
+        # A listener's arrival handlers (Connections.on_accept, on_datagram): an accept or
+        # wait-mode start for a stream listener, the datagrams of a UDP one.
+        self.on_accept = on_accept
+        self.on_datagram = on_datagram
 
     # ------------------------------------------------------------ bind, adopt, apply
     def bind(self, config: Config) -> None:
@@ -552,10 +566,6 @@ class Services:
                 close_listener(lst.sock)
         self.listeners.clear()
         self._spawner.settle()  # the ports are free for a new pyinetd once this one stops
-
-
-def _unset(lst: Listener, mask: int) -> None:
-    raise RuntimeError("Services: no arrival handler set")
 
 
 def worker_serves(svc: Service, key: ListenKey) -> bool:

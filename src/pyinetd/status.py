@@ -18,6 +18,7 @@ from pyinetd.log import event
 from pyinetd.services import WaitState
 
 if TYPE_CHECKING:
+    from pyinetd.agent import Agent
     from pyinetd.children import Child
     from pyinetd.config import Config
     from pyinetd.loop import Timer
@@ -65,6 +66,9 @@ def snapshot(
             status = "listening"
         if svc.enabled and svc.name in config.failed:
             status = "failed"  # by a file its user can change (config.Config.failed): unbound
+        drained = bool(state and state.drained and svc.enabled)
+        if drained:  # `pyinetd drain` or a stop's agent_drain_time: served, the agent says drain
+            status = "draining" if status == "listening" else f"{status}, draining"
         kids = [
             {
                 "pid": c.pid or None,  # none yet while the zygote is asked
@@ -86,6 +90,7 @@ def snapshot(
                 "protocol": svc.protocol,
                 "listen": [str(a) for a in svc.listen],
                 "state": status,
+                "draining": drained,
                 "running": state.running if state else 0,
                 "children": kids,
                 # `wait: true`: who holds each socket (services.WaitState): idle (pyinetd,
@@ -243,6 +248,14 @@ def render_prometheus(snap: dict[str, Any]) -> str:
         out.append(
             f'pyinetd_service_failed{{service="{_label(s["name"])}"}} {int(bool(s.get("failed")))}'
         )
+    family(
+        "pyinetd_service_draining",
+        "gauge",
+        "1 while the service drains (pyinetd drain, or a stop): the agent-check answers drain.",
+    )
+    for s in snap["services"]:
+        draining = int(bool(s.get("draining")))
+        out.append(f'pyinetd_service_draining{{service="{_label(s["name"])}"}} {draining}')
     family("pyinetd_connections_accepted_total", "counter", "Connections admitted.")
     for s in snap["services"]:
         out.append(
@@ -332,15 +345,19 @@ def render_prometheus(snap: dict[str, Any]) -> str:
 
 
 class Operations:
-    """The control socket's commands and the metrics page, over the callables handed in."""
+    """The control socket's commands, the metrics page and the agent-check port (``agent``),
+    over the callables handed in."""
 
     def __init__(
         self,
+        *,
         snapshot: Callable[[], dict[str, Any]],
         reload: Callable[[], list[str]],
         stop: Callable[[str], None],
+        agent: Agent,
     ) -> None:
         self._snapshot, self._reload, self._stop = snapshot, reload, stop
+        self.agent = agent
         self.servers: list[control.RequestServer] = []
         # An fd the control socket may give up at the fd limit (control.FdReserve): `status`
         # and `stop` answer while clients hold every other fd.
@@ -368,7 +385,12 @@ class Operations:
             self._reserve = control.FdReserve()
             self.servers.append(
                 control.RequestServer(
-                    sock, sel, self.on_control, b"\n", call_later, reserve=self._reserve
+                    sock=sock,
+                    selector=sel,
+                    handle=self.on_control,
+                    terminator=b"\n",
+                    call_later=call_later,
+                    reserve=self._reserve,
                 )
             )
         if config.metrics:
@@ -381,11 +403,19 @@ class Operations:
                 )
             else:
                 self.servers.append(
-                    control.RequestServer(msock, sel, self.on_metrics, b"\r\n\r\n", call_later)
+                    control.RequestServer(
+                        sock=msock,
+                        selector=sel,
+                        handle=self.on_metrics,
+                        terminator=b"\r\n\r\n",
+                        call_later=call_later,
+                    )
                 )
+        self.agent.start(config, sel, call_later)
 
     def close(self) -> None:
-        """Close the control socket and the metrics port."""
+        """Close the control socket, the metrics port and the agent's."""
+        self.agent.close()
         for server in self.servers:
             server.close()
         self.servers.clear()
@@ -393,9 +423,17 @@ class Operations:
             self._reserve.close()
             self._reserve = None
 
+    def stop(self, why: str) -> None:
+        """SIGTERM or `pyinetd stop`: with an agent port and `shutdown: drain`, the agent says
+        drain for agent_drain_time before the stop closes the listeners (Agent.hold_stop)."""
+        if not self.agent.hold_stop(why, self._stop):
+            self._stop(why)
+
     def on_control(self, request: bytes) -> bytes:
-        """Answer one control request (status, reload, stop) as a JSON line."""
-        words = request.decode("utf-8", "replace").split()
+        """Answer one control request (status, reload, stop, drain [NAME], undrain [NAME]) as
+        a JSON line."""
+        line = request.decode("utf-8", "replace").split("\n", 1)[0]
+        words = line.split(None, 1)
         cmd = words[0] if words else ""
         answer: dict[str, object]
         if cmd == "status":
@@ -404,8 +442,12 @@ class Operations:
             errors = self._reload()
             answer = {"ok": not errors, "errors": errors}
         elif cmd == "stop":
-            self._stop("control socket")
+            self.stop("control socket")
             answer = {"ok": True}
+        elif cmd in ("drain", "undrain"):
+            # The rest of the line is the name (a service's name may hold spaces).
+            errors = self.agent.drain(words[1].strip() if len(words) > 1 else "", cmd == "drain")
+            answer = {"ok": not errors, "errors": errors}
         else:
             answer = {"ok": False, "errors": [f"unknown command {cmd!r}"]}
         return json.dumps(answer).encode() + b"\n"

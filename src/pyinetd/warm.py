@@ -14,7 +14,7 @@ import logging
 import os
 import selectors
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pyinetd import environ, log, spawn
 from pyinetd.config import Service
@@ -29,6 +29,9 @@ from pyinetd.zygote import (
     is_child,
     script_id,
 )
+
+if TYPE_CHECKING:
+    from pyinetd.arrival import Arrival
 
 RETIRE_DEADLINE = 2.0  # seconds a replaced zygote has to exit before it is killed
 
@@ -45,11 +48,15 @@ class Zygotes:
 
     def __init__(
         self,
+        *,
         spawner: spawn.Spawner,
         stderr_for: Callable[[Service], tuple[int, bool]],
         sel: selectors.BaseSelector,
         call_later: Callable[[float, Callable[[], None]], _Timer],
         track: Callable[[int], None],
+        replied: Callable[[Ticket, int | None, str], None],
+        is_ours: Callable[[int], bool],
+        is_tracked: Callable[[int], bool],
     ) -> None:
         self._spawner = spawner
         self._stderr_for = stderr_for
@@ -65,11 +72,11 @@ class Zygotes:
         self._timers: dict[Zygote, _Timer] = {}
         self._expiry: dict[Zygote, _Timer] = {}  # zygotes with requests not answered yet
         # where the answers to ``ask`` go: (ticket, pid or None: serve it cold, why)
-        self.replied: Callable[[Ticket, int | None, str], None] = lambda t, pid, why: None
+        self._replied = replied
         # whether a pid is pyinetd's child (the children table knows those reaped early)
-        self.is_ours: Callable[[int], bool] = lambda pid: False
+        self._is_ours = is_ours
         # whether a pid has a slot already (the children table's running processes)
-        self.is_tracked: Callable[[int], bool] = lambda pid: False
+        self._is_tracked = is_tracked
 
     # ------------------------------------------------------------------ lifecycle
     def sync(self, services: Iterable[Service]) -> None:
@@ -106,13 +113,19 @@ class Zygotes:
             self._say(logging.WARNING, f"{svc.name}: zygote: stderr: {exc}; serving cold")
             return
         try:
-            z = Zygote(svc, env, err, say=self._say, start_process=self._spawner.zygote)
+            z = Zygote(
+                svc,
+                env,
+                err,
+                say=self._say,
+                start_process=self._spawner.zygote,
+                replied=lambda n, pid, why: self._replied((z, n), pid, why),
+                is_ours=lambda pid: self._is_ours(pid) or is_child(pid),
+                is_tracked=lambda pid: pid in self._by_pid or self._is_tracked(pid),
+            )
         except (ValueError, OSError) as exc:  # the script changed since the load
             self._say(logging.WARNING, f"{svc.name}: zygote: {exc}; serving cold")
             return
-        z.replied = lambda n, pid, why: self.replied((z, n), pid, why)
-        z.is_ours = lambda pid: self.is_ours(pid) or is_child(pid)
-        z.is_tracked = lambda pid: pid in self._by_pid or self.is_tracked(pid)
         (self._successors if successor else self._by_name)[svc.name] = z
         try:
             z.start()
@@ -214,16 +227,17 @@ class Zygotes:
         return True
 
     # ------------------------------------------------------------------ per connection
-    def ask(self, svc: Service, env: list[bytes], fds: tuple[int, int, int]) -> Ticket | None:
-        """Ask the service's zygote for the connection's process, without waiting: its pid
-        comes to ``replied`` with the returned ticket (or None there: serve it cold then).
-        None here when no zygote is ready (serve it cold now: one log line per outage,
-        never a refusal)."""
+    def ask(self, arrival: Arrival, stderr: int) -> Ticket | None:
+        """Ask the arrival's service's zygote for its process (the arrival's fd on its stdin
+        and stdout, ``stderr`` on its stderr), without waiting: its pid comes to ``replied``
+        with the returned ticket (or None there: serve it cold then). None here when no
+        zygote is ready (serve it cold now: one log line per outage, never a refusal)."""
+        svc = arrival.state.service
         z = self._by_name.get(svc.name)
         if z is None:
             return None
         try:
-            number = z.send(env, fds)
+            number = z.send(arrival.env, (arrival.fd, arrival.fd, stderr))
         except ZygoteUnavailable as exc:
             self.note_cold(z, str(exc))
             return None

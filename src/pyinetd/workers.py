@@ -26,6 +26,7 @@ class Workers:
 
     def __init__(
         self,
+        *,
         loop: Loop,
         services: Services,
         track: Callable[[int], None],

@@ -107,6 +107,9 @@ class Zygote:
         start_process: Callable[
             [Service, list[str], environ.Environ, int, int], int
         ] = spawn.spawn_zygote,
+        replied: Callable[[int, int | None, str], None] = lambda n, pid, why: None,
+        is_ours: Callable[[int], bool] | None = None,
+        is_tracked: Callable[[int], bool] = lambda pid: False,
     ) -> None:
         self.service = service
         # As a cold start: `exec: [python, ...]` runs the interpreter with argv[0] as written
@@ -136,12 +139,10 @@ class Zygote:
         self._ended = ""  # how the process ended, once reaped
         self._pending: set[int] = set()  # numbers of the requests not answered yet
         self._heard_at = 0.0  # when the zygote last answered, or was asked with none open
-        # where answers go: (request number, pid or None, why not)
-        self.replied: Callable[[int, int | None, str], None] = lambda n, pid, why: None
-        # whether a pid is a child of pyinetd's (one reaped before its b"P" was read is)
-        self.is_ours: Callable[[int], bool] = is_child
-        # whether a pid is pyinetd's already: a connection's process (it has a slot), a zygote
-        self.is_tracked: Callable[[int], bool] = lambda pid: False
+        # Where answers go: (request number, pid or None, why not); whether a pid is a child
+        # of pyinetd's (one reaped before its b"P" was read is); whether a pid is pyinetd's
+        # already: a connection's process (it has a slot), a zygote.
+        self.replied, self.is_ours, self.is_tracked = replied, is_ours or is_child, is_tracked
         self._cold_noted = False
 
     # ------------------------------------------------------------------ lifecycle
