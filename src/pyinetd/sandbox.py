@@ -343,6 +343,14 @@ _DENIED: dict[str, tuple[int | None, int | None]] = {  # name: (x86_64, aarch64)
     "_sysctl": (156, None), "create_module": (174, None), "get_kernel_syms": (177, None),
     "query_module": (178, None), "nfsservctl": (180, None),
 }  # fmt: skip
+# What a front process (front.py: it handshakes and relays, and never starts a program) is
+# denied on top of _DENIED: a parser holding a service's key that a client's bytes take over
+# must not become a shell (execve), a second process (fork, clone without CLONE_THREAD), or a
+# debugger of its neighbours (ptrace, process_vm_*: already in _DENIED).
+_FRONT_DENIED: dict[str, tuple[int | None, int | None]] = {
+    "execve": (59, 221), "execveat": (322, 281), "fork": (57, None), "vfork": (58, None),
+}  # fmt: skip
+_CLONE_THREAD = 0x00010000
 _CLONE = {"x86_64": 56, "aarch64": 220}
 _CLONE3 = 435
 _PERSONALITY = {"x86_64": 135, "aarch64": 92}
@@ -364,11 +372,13 @@ def _arch() -> str | None:
     return machine if machine in _AUDIT_ARCH else None
 
 
-def seccomp_filter(arch: str | None = None) -> bytes:
-    """The compiled ``syscalls: default`` filter (struct sock_filter[]) for this machine."""
+def seccomp_filter(arch: str | None = None, front: bool = False) -> bytes:
+    """The compiled ``syscalls: default`` filter (struct sock_filter[]) for this machine;
+    ``front``: a front process's, which also denies execve, execveat, fork, vfork and
+    clone() other than a thread's."""
     arch = arch or _arch()
     assert arch is not None
-    return _seccomp_filter(arch)
+    return _seccomp_filter(arch, front)
 
 
 # What a filter costs is paid when it is attached, at every spawn (Linux 5.11+,
@@ -386,9 +396,10 @@ _NR_WEIGHTED = 512  # numbers the cache emulates: the kernel's table (about 470 
 
 
 @functools.cache
-def _seccomp_filter(arch: str) -> bytes:
+def _seccomp_filter(arch: str, front: bool = False) -> bytes:
     col = 0 if arch == "x86_64" else 1
-    action = {n: "deny" for n in (nr[col] for nr in _DENIED.values()) if n is not None}
+    denied = {**_DENIED, **_FRONT_DENIED} if front else _DENIED
+    action = {n: "deny" for n in (nr[col] for nr in denied.values()) if n is not None}
     # clone3 passes its flags in memory a filter cannot read: ENOSYS makes glibc fall back
     # to clone(), whose flags it can (as Docker and systemd do).
     action.update({_CLONE[arch]: "clone", _CLONE3: "enosys", _PERSONALITY[arch]: "personality"})
@@ -413,7 +424,11 @@ def _seccomp_filter(arch: str) -> bytes:
         ("label", "clone"),
         ("ld", 16),  # args[0], low 32 bits (little-endian)
         # clone() with a CLONE_NEW* flag is unshare() by another name.
-        ("jset", _CLONE_NEW_FLAGS, "deny", "allow"),
+        *(
+            [("jset", _CLONE_NEW_FLAGS, "deny", None), ("jset", _CLONE_THREAD, "allow", "deny")]
+            if front
+            else [("jset", _CLONE_NEW_FLAGS, "deny", "allow")]
+        ),
         ("label", "personality"),
         ("ld", 16),
         # _PERSONALITY_OK in two tests: the query, then the values with no bit outside
@@ -692,10 +707,17 @@ class Prepared:
         ):
             raise OSError(ctypes.get_errno(), "landlock_restrict_self")
         if self.filter:
-            buf = ctypes.create_string_buffer(self.filter, len(self.filter))
-            prog = _SockFprog(len(self.filter) // 8, ctypes.cast(buf, ctypes.c_void_p))
-            if libc.syscall(_SYS_SECCOMP[os.uname().machine], 1, 0, ctypes.byref(prog)) < 0:
-                raise OSError(ctypes.get_errno(), "seccomp")
+            attach_filter(self.filter)
+
+
+def attach_filter(program: bytes) -> None:
+    """seccomp(SECCOMP_SET_MODE_FILTER) with ``program`` (struct sock_filter[]) on this
+    thread; no_new_privs (or CAP_SYS_ADMIN) must already be set. Raises OSError."""
+    libc = cgroupnet.libc()
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    if libc.syscall(_SYS_SECCOMP[os.uname().machine], 1, 0, ctypes.byref(prog)) < 0:
+        raise OSError(ctypes.get_errno(), "seccomp")
 
 
 _PR_SET_NO_NEW_PRIVS = 38

@@ -193,7 +193,9 @@ def host_name(name: str) -> str | None:
     return name if all(_LABEL.fullmatch(label) for label in name.split(".")) else None
 
 
-def tls_environ(s: ssl.SSLSocket, warn: Callable[[str], None] | None = None) -> dict[str, str]:
+def tls_environ(
+    s: ssl.SSLSocket | ssl.SSLObject, warn: Callable[[str], None] | None = None
+) -> dict[str, str]:
     """mod_ssl-style variables describing an established TLS connection.
 
     An SNI name that is not a valid host name is left out, and ``warn`` told why.
