@@ -1,6 +1,8 @@
-"""frontws.WSConn, a front's WebSocket connection, carried by tests/fronthub.py (front.py's
-loop with the parent's part in-process): ws:// and wss://, the channel's messages (H, F, E),
-refusals before any program, and the Autobahn|Testsuite against a frames-mode /bin/cat."""
+"""frontws.WSConn, a front's WebSocket connection: carried by tests/fronthub.py (front.py's
+loop with the parent's part in-process) for ws:// and wss://, the channel's messages (H, F, E)
+and refusals before any program; and by a real front process (front.run, hardened) over the
+real channel (tests/wsrig.py), through which the Autobahn|Testsuite runs against a frames-mode
+/bin/cat."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import REPO, free_port, write_pki
 from fronthub import Hub
 from test_websocket import http, recv_until_closed, upgrade_request
+from wsrig import WSRig
 
 from pyinetd.wsconf import WebSocketSettings
 
@@ -135,6 +138,73 @@ def test_a_client_gone_before_its_request_is_complete_is_failed(hubs: list[Hub])
     assert f["reason"] == "websocket: no complete upgrade request"
 
 
+@pytest.fixture
+def rigs() -> Iterator[list[WSRig]]:
+    made: list[WSRig] = []
+    yield made
+    for rig in made:
+        rig.close()
+
+
+def test_a_real_front_carries_ws_and_tells_x_as_the_close_code(
+    rigs: list[WSRig], tmp_path: Path
+) -> None:
+    rig = WSRig(tmp_path, {"origins": "any"}, ["/bin/sh", "-c", "read x; echo got $x; exit 3"])
+    rigs.append(rig)
+    with connect(f"ws://127.0.0.1:{rig.port}/") as ws:
+        ws.send("hi")
+        assert recv_until_closed(ws) == ["got hi"]
+        assert ws.protocol.close_rcvd is not None
+        assert (ws.protocol.close_rcvd.code, ws.protocol.close_rcvd.reason) == (
+            1011,
+            "program exit 3",
+        )
+    rig.told("E")
+    assert rig.kinds() == ["H", "E"]
+
+
+def test_a_real_front_carries_wss(rigs: list[WSRig], tmp_path: Path) -> None:
+    pki = write_pki(tmp_path)
+    rig = WSRig(
+        tmp_path, {"mode": "frames", "origins": "any"}, ["/bin/cat"],
+        cert=pki / "cert.pem", key=pki / "key.pem",
+    )  # fmt: skip
+    rigs.append(rig)
+    client = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    with connect(f"wss://localhost:{rig.port}/", ssl=client) as ws:
+        ws.send(b"\x00\x01")
+        assert ws.recv(timeout=5) == b"\x00\x01"
+    (h,) = rig.told("H")
+    assert h["env"]["HTTPS"] == "on" and h["env"]["SSL_PROTOCOL"].startswith("TLSv1")
+
+
+@pytest.mark.parametrize(
+    ("refuse", "answer", "status", "body"),
+    [
+        ({"status": 403, "reason": "deny", "body": "go away\n"}, "S", 403, b"go away\n"),
+        (None, "rate", 429, b"busy\r\n"),
+        (None, "deny", 403, b"not from there\r\n"),
+    ],
+)
+def test_a_real_front_answers_refusals_in_http(
+    rigs: list[WSRig],
+    tmp_path: Path,
+    refuse: dict[str, Any] | None,
+    answer: str,
+    status: int,
+    body: bytes,
+) -> None:
+    rig = WSRig(tmp_path, {"origins": "any"}, ["/bin/cat"], refuse=refuse, answer=answer)
+    rigs.append(rig)
+    assert http(rig.port, upgrade_request()) == (status, body)
+    if refuse is not None:
+        (f,) = rig.told("F")
+        assert f["reason"] == "refused: deny" and "H" not in rig.kinds()
+    else:
+        rig.told("E")
+        assert rig.kinds() == ["H", "E"] and not rig.children
+
+
 def _python27() -> bool:
     for c in ("python2.7", "/root/.pyenv/versions/2.7.18/bin/python"):
         try:
@@ -150,9 +220,12 @@ def _python27() -> bool:
     not (SHARED / "ws/autobahn.sh").exists() or not _python27(),
     reason="the Autobahn kit (../shared/ws/autobahn.sh) and python2.7",
 )
-def test_autobahn_sections_1_to_7_and_10_pass_through_a_frames_cat(hubs: list[Hub]) -> None:
+def test_autobahn_sections_1_to_7_and_10_pass_through_a_frames_cat(
+    rigs: list[WSRig], tmp_path: Path
+) -> None:
+    # The real front (hardened) over the real channel, /bin/cat on pipes.
     port = free_port()
-    start(hubs, WebSocketSettings(origins="any", mode="frames"), ["/bin/cat"], port=port)
+    rigs.append(WSRig(tmp_path, {"mode": "frames", "origins": "any"}, ["/bin/cat"], port=port))
     r = subprocess.run(
         ["bash", str(SHARED / "ws/autobahn.sh"), str(port), "1,2,3,4,5,6,7,10"],
         capture_output=True,

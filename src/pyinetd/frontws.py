@@ -305,7 +305,7 @@ class WSConn:
                 self._interest()
                 return
             assert self.client.tls is not None
-            self.tls_env = tlsconf.tls_environ(self.client.tls, self._warn)  # type: ignore[arg-type]
+            self.tls_env = tlsconf.tls_environ(self.client.tls, self._warn)
         s = self.session
         s.tick(time.monotonic())  # the session's clock: its Close and ping deadlines count from now
         progress = True
