@@ -51,6 +51,8 @@ from pyinetd.parsers import (
 from pyinetd.sandbox import SandboxSettings
 from pyinetd.service_keys import BUILTIN_STREAM_DEFAULTS, UDP_RATE
 from pyinetd.units import parse_rate
+from pyinetd.wsconf import WebSocketSettings
+from pyinetd.wsconf import check_service as check_websocket
 
 __all__ = [
     "BUILTINS",
@@ -135,6 +137,7 @@ class Service:
     redirect: tuple[str, int] | None = None
     fronts: int = declared("fronts")  # tls or redirect: the service's front processes
     front_user: tuple[str, int, int] | None = None  # None: a dynamic uid (fronts.pick_uids)
+    websocket: WebSocketSettings | None = None  # served over WebSocket by the service's front
     # a unix socket file's mode and owner (None: pyinetd's umask, and pyinetd)
     socket_mode: int | None = None
     socket_user: tuple[str, int, int] | None = None
@@ -574,6 +577,9 @@ def _service(
             values.pop(key, None)  # from defaults: meant for the unix services among them
     if values.get("wait") and ("tls" in values or "redirect" in body or "proxy_protocol" in values):
         errors.append(f"{where}.wait: not with tls, redirect or proxy_protocol")
+    ws_errors, ws_warnings = check_websocket(body, values, protocol, where)
+    errors += ws_errors
+    found.warnings += ws_warnings
     if len(errors) > n_before:
         return None
     values.pop("listen", None)

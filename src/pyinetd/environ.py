@@ -122,7 +122,8 @@ def service_environ(service: Service) -> Environ:
     Without ``env_clear``: pyinetd's environment without pyinetd's own variables
     (PRIVATE_KEYS, PYINETD_*), as xinetd passes its own environment on; for a service
     with ``user:`` only PATH, the locale and TZ of it, and the user's HOME, USER and
-    LOGNAME. Then the service's ``env:``, then PYINETD_SERVICE. Raises UserGone.
+    LOGNAME. PYTHONUNBUFFERED=1 for a WebSocket service. Then the service's ``env:``, then
+    PYINETD_SERVICE. Raises UserGone.
     """
     env = _inherited(service)
     if service.user:
@@ -132,6 +133,12 @@ def service_environ(service: Service) -> Environ:
         except KeyError:  # a user deleted after the configuration was loaded
             raise UserGone(errno.ENOENT, f"user {name!r} no longer exists") from None
         env.update({b"USER": name.encode(), b"LOGNAME": name.encode(), b"HOME": os.fsencode(home)})
+    if service.websocket is not None:
+        # A message is sent when the program writes it: Python's stdout on a pipe is block
+        # buffered, and a script's replies would wait in it until 8 KiB or its exit. A warm
+        # service's zygote starts with it too, and makes its children's stdout unbuffered
+        # (zygote_main._make_stdio). The service's env: may say otherwise.
+        env[b"PYTHONUNBUFFERED"] = b"1"
     for key, value in service.env:
         env[os.fsencode(key)] = os.fsencode(value)
     env[b"PYINETD_SERVICE"] = service.name.encode()

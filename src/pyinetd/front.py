@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 from pyinetd import frontchan, sandbox
 from pyinetd.frontchan import ChannelError, FdsLost
 from pyinetd.frontconn import Conn
+from pyinetd.frontws import WSConn
 from pyinetd.procsettings import PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, prctl
+from pyinetd.wsconf import WebSocketSettings
 
 if TYPE_CHECKING:
     from pyinetd.config import Service
@@ -48,6 +50,7 @@ _LOG_EVERY = 10.0  # seconds between two "no fd" lines
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
 _BAD = select.EPOLLERR | select.EPOLLHUP
+AnyConn = Conn | WSConn  # a TLS or redirect connection, or a WebSocket one
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class FrontSettings:
     nodelay: bool = True  # TCP_NODELAY on the client socket (and always on the outbound one)
     linger: float = LINGER
     bufsize: int = BUFSIZE
+    websocket: WebSocketSettings | None = None  # a WebSocket service: frontws.WSConn
+    messages: tuple[str, str] = ("", "")  # WebSocket: deny_message, busy_message (for N)
 
     @classmethod
     def from_service(cls, service: Service, ctx: ssl.SSLContext | None) -> FrontSettings:
@@ -72,6 +77,8 @@ class FrontSettings:
             idle_timeout=service.timeout if service.redirect is not None else None,
             banner=service.banner if service.tls is not None else b"",
             nodelay=service.nodelay,
+            websocket=service.websocket,
+            messages=(service.deny_message, service.busy_message),
         )
 
 
@@ -113,11 +120,11 @@ class Front:
         chan.setblocking(False)
         self.s = settings
         self.ep = select.epoll()
-        self.owner: dict[int, Conn] = {}  # fd -> its connection
+        self.owner: dict[int, AnyConn] = {}  # fd -> its connection
         self.masks: dict[int, int] = {}  # fd -> the events registered
-        self.conns: dict[int, Conn] = {}  # id -> connection
+        self.conns: dict[int, AnyConn] = {}  # id -> connection
         self.out: collections.deque[bytes] = collections.deque()
-        self.timers: list[tuple[float, int, Conn]] = []
+        self.timers: list[tuple[float, int, AnyConn]] = []
         self.seq = itertools.count()
         self.draining = False
         self.target: tuple[Any, ...] | None = None
@@ -128,7 +135,7 @@ class Front:
 
     # --- the Hub the connections use ----------------------------------------------------------
 
-    def watch(self, fd: int, read: bool, write: bool, conn: Conn | None) -> None:
+    def watch(self, fd: int, read: bool, write: bool, conn: AnyConn | None) -> None:
         events = (_IN if read else 0) | (_OUT if write else 0)
         old = self.masks.get(fd)
         if conn is None or not events:
@@ -152,10 +159,10 @@ class Front:
         self.out.append(record)
         self._flush()
 
-    def arm(self, conn: Conn, when: float) -> None:
+    def arm(self, conn: AnyConn, when: float) -> None:
         heapq.heappush(self.timers, (when, next(self.seq), conn))
 
-    def ended(self, conn: Conn) -> None:
+    def ended(self, conn: AnyConn) -> None:
         self.conns.pop(conn.id, None)
 
     def log(self, line: str) -> None:
@@ -257,10 +264,14 @@ class Front:
                 conn.attach(msg.fds[0], msg.fds[1])
         elif conn is None:
             return  # X after E, K or N for an id that just ended: a race, not an error
+        elif kind == "N" and isinstance(conn, WSConn):
+            conn.refuse(f["reason"])  # an admission refusal at H: its HTTP answer
         elif kind == "N":
             conn.refuse()
         elif kind == "K":
             conn.abort()
+        elif kind == "X" and isinstance(conn, WSConn):
+            conn.exited(f["code"], f["signal"])  # the Close code follows from it
         # X: the program's exit status; the pipes already tell the relay all it needs.
 
     def _new(self, f: dict[str, Any], fd: int) -> None:
@@ -287,6 +298,23 @@ class Front:
                 sock.close()
                 self.tell("F", {"id": cid, "reason": "redirect: cannot resolve the target"})
                 return
+        if self.s.websocket is not None:
+            self.conns[cid] = ws = WSConn(
+                self,
+                cid,
+                sock,
+                self.s.ctx,
+                settings=self.s.websocket,
+                peer=(f["peer"][0], f["peer"][1]),
+                local=(f["local"][0], f["local"][1]) if f["local"] else None,
+                deadline=f["deadline"],
+                refuse=f["refuse"],
+                messages=self.s.messages,
+                bufsize=self.s.bufsize,
+                linger=self.s.linger,
+            )
+            ws.start()
+            return
         peer = f"{f['peer'][0]}:{f['peer'][1]}"
         conn = Conn(
             self,

@@ -71,6 +71,7 @@ from pyinetd.units import (
     parse_duration,
     parse_rate,
 )
+from pyinetd.wsconf import WEBSOCKET_KEY
 
 __all__ = ["BUILTIN_STREAM_DEFAULTS", "SERVICE_KEY_LIST", "UDP_RATE"]
 
@@ -540,6 +541,7 @@ SERVICE_KEY_LIST: tuple[Key, ...] = (
         },
         out=_tls_out,
     ),
+    WEBSOCKET_KEY,
     Key(
         "fronts",
         _parse_workers,  # (the same bound: 1 to 64 processes)
