@@ -3,7 +3,6 @@ warning, the load check without wsproto, and what a WebSocket program's environm
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -199,14 +198,11 @@ def test_a_warm_websocket_services_child_writes_stdout_unbuffered(
         }
     )
     p.wait_log(r"zygote \d+ ready")
-    # (served over plain TCP until the front carries websocket: services)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        got = b""
-        while not got.endswith(b"\n"):
-            chunk = s.recv(100)
-            assert chunk, got
-            got += chunk
-    assert got == b"ready True\n"
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{port}/", open_timeout=10) as ws:
+        # the line comes before the script reads: nothing held it in a buffer
+        assert ws.recv(timeout=10) == "ready True"
 
 
 def test_each_admission_refusal_has_its_http_answer() -> None:

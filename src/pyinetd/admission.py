@@ -46,6 +46,7 @@ class Refusal(StrEnum):
     PROXY = "proxy"  # a bad or missing PROXY header
     PROXY_FROM = "proxy_from"  # a PROXY header from a peer not in proxy_from
     TLS = "tls"  # no ClientHello, or not one
+    WEBSOCKET = "websocket"  # no complete WebSocket upgrade request, or one answered 4xx
     PENDING = "pending"  # the service's pre-service pool is full
     PENDING_PER_SOURCE = "pending_per_source"
     LOOP = "loop"  # a datagram from one of our own UDP ports, or a built-in's to a low port

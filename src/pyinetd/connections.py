@@ -22,9 +22,9 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
-from pyinetd import builtins, control, environ, proxyproto
+from pyinetd import builtins, control, environ, proxyproto, wsconf
 from pyinetd.admission import Known, StageSlots, admit, source_key
 from pyinetd.arrival import Arrival
 from pyinetd.children import Children, errno_name
@@ -33,7 +33,7 @@ from pyinetd.environ import EnvEntries
 from pyinetd.frontpath import FrontPath, PendingFront
 from pyinetd.listeners import format_ip, peer_of, peer_text
 from pyinetd.log import LOG, ThrottledLog, event
-from pyinetd.loop import Loop, Timer
+from pyinetd.loop import Loop
 from pyinetd.services import (
     WAIT_IDLE,
     WAIT_STARTING,
@@ -43,6 +43,7 @@ from pyinetd.services import (
     Slot,
     SlotKind,
 )
+from pyinetd.sessions import Sessions
 from pyinetd.stages import PendingHello, PendingProxy, PendingRelay, UDPReply
 
 ACCEPT_BATCH = 64  # connections accepted per readiness event before looking at other fds
@@ -75,98 +76,6 @@ class Pool:
                 return pend
             first = first or pend
         return first
-
-
-class Sessions:
-    """The built-in sessions (echo, chargen...) running in the loop, with their slot and timer."""
-
-    def __init__(self, *, loop: Loop, services: Services, drained: Callable[[], None]) -> None:
-        self._loop = loop
-        self._services = services
-        self._drained = drained  # a session ended while stopping
-        self.table: dict[builtins.Session, tuple[Slot, str, Timer | None]] = {}
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def close_all(self) -> None:
-        """Close every session (drain timeout, exit)."""
-        for sess in list(self.table):
-            sess.close()
-
-    def start(
-        self, state: ServiceState, conn: socket.socket, kind: str, src: str, peer: str
-    ) -> None:
-        """Run built-in ``kind`` on ``conn`` in the loop; it holds a slot until it closes.
-        Its start and end are logged as a program's are, the end with the bytes carried."""
-        name = state.service.name
-        if LOG.isEnabledFor(logging.INFO):
-            event(
-                logging.INFO,
-                f"{name}: {peer} -> built-in {kind}",
-                event="start",
-                service=name,
-                peer=peer,
-                builtin=kind,
-            )
-        slot = self._services.take_slot(state, src, SlotKind.SESSION)
-        sess = builtins.Session(kind, conn, self._loop.sel, self._closed)
-        if sess.closed:  # daytime, time: the whole answer sent at once
-            self._services.free_slot(slot)
-            state.bytes_out += sess.bytes_out
-            log_session_end(name, peer, sess)
-            return
-        timer = None
-        if state.service.timeout:
-            timer = self._loop.call_later(state.service.timeout, sess.close)
-        self.table[sess] = (slot, peer, timer)
-
-    def resume(
-        self, state: ServiceState, conn: socket.socket, facts: dict[str, Any], src: str, peer: str
-    ) -> None:
-        """A session of the image before this one (builtins.Session.carry, `pyinetd
-        upgrade`) goes on here, its slot taken again and its timeout from its start."""
-        slot = self._services.take_slot(state, src, SlotKind.SESSION)
-        sess = builtins.Session(facts["kind"], conn, self._loop.sel, self._closed, facts)
-        timer = None
-        if state.service.timeout:
-            due = max(0.0, sess.started + state.service.timeout - time.monotonic())
-            timer = self._loop.call_later(due, sess.close)
-        self.table[sess] = (slot, peer, timer)
-
-    def _closed(self, sess: builtins.Session) -> None:
-        entry = self.table.pop(sess, None)
-        if entry is None:
-            return  # closed while starting: start drops the slot and logs the end
-        slot, peer, timer = entry
-        state = slot.state
-        if timer is not None:
-            timer.cancel()
-        log_session_end(state.service.name, peer, sess)
-        state.bytes_in += sess.bytes_in
-        state.bytes_out += sess.bytes_out
-        self._services.free_slot(slot)
-        if self._services.stopping:
-            self._drained()
-
-
-def log_session_end(name: str, peer: str, sess: builtins.Session) -> None:
-    """A built-in session's end: after how long, and the bytes it read and wrote."""
-    if not LOG.isEnabledFor(logging.INFO):
-        return
-    duration = time.monotonic() - sess.started
-    event(
-        logging.INFO,
-        f"{name}: built-in {sess.kind} for {peer} ended after {duration:.3f}s, "
-        f"{sess.bytes_in} bytes in, {sess.bytes_out} out",
-        event="end",
-        service=name,
-        peer=peer,
-        builtin=sess.kind,
-        duration=round(duration, 6),
-        bytes_in=sess.bytes_in,
-        bytes_out=sess.bytes_out,
-    )
 
 
 class Stages:
@@ -411,6 +320,45 @@ class Stages:
         self.holds[hello] = self._services.take_slot(state, src, SlotKind.PENDING)
         hello(0)
 
+    def wait_for_upgrade(
+        self,
+        lst: Listener,
+        conn: socket.socket,
+        ip: str,
+        port: int,
+        local: tuple[str, int] | None,
+    ) -> bool:
+        """A WebSocket connection (no TLS): to its front at once, in the service's pool until
+        H or F. One refused by access or limits goes too, with its HTTP answer (C's refuse:
+        403, 503 or 429 with the service's message), holding no place under the limits.
+        False: no front serves now."""
+        state = lst.state
+        svc = state.service
+        reason, src = admit(svc, state, known(svc, ip, self._services.full, 0.0, False))
+        refuse = None
+        if reason is not None:
+            refuse = wsconf.refusal(reason, svc.deny_message, svc.busy_message)
+            if refuse is None:
+                self._path.refuse(state, conn, ip, port, reason)
+                return True
+        key = source_key(ip) if ip else ""
+        pool = self._take_slot(state, conn, ip, port, key)
+        if pool is None:
+            return True
+        fronts = self._path.front_path
+        assert fronts is not None
+        pend = fronts.hand_upgrade(lst, conn, (ip, port), key, local, refuse)
+        if pend is None:
+            pool.slots.release(key)
+            return False
+        self._enter(pool, pend)
+        if reason is None:
+            self.holds[pend] = self._services.take_slot(state, src, SlotKind.PENDING)
+        else:
+            pend.refused = True  # counted here; its F is not counted again
+            self._path.refuse(state, None, ip, port, reason, detail="answered in HTTP")
+        return True
+
 
 class Connections:
     """The arrival handlers of every listener; the connections in a pre-service stage are
@@ -544,7 +492,11 @@ class Connections:
         """The client's address is known: a TLS service waits (in the parent, bounded) for
         the ClientHello before a relay is forked for the handshake; anything else is admitted
         now."""
-        if lst.state.service.tls is None:
+        svc = lst.state.service
+        ws = svc.websocket is not None and svc.tls is None and self.front_path is not None
+        if ws and self.stages.wait_for_upgrade(lst, conn, ip, port, local):
+            return
+        if svc.tls is None:
             self.serve_admitted(lst, conn, ip, port, local)
             return
         self.stages.wait_for_hello(lst, conn, ip, port, local)

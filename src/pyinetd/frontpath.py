@@ -22,6 +22,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pyinetd import environ
 from pyinetd.admission import Known, admit
 from pyinetd.frontproc import Front, Link
 from pyinetd.fronts import Fronts
@@ -44,6 +45,8 @@ __all__ = ["FRONT_GRACE", "FrontPath", "PendingFront", "build"]
 # one that holds (it answers F), the parent's ends a front that never answers (K).
 FRONT_GRACE = 2.0
 REDIRECT_CONNECT = 10.0  # seconds a redirect's front has to connect to the target
+# A WebSocket upgrade request (without TLS) is complete within this much of its arrival.
+WS_DEADLINE = 10.0
 
 
 class _Timer(Protocol):
@@ -97,6 +100,7 @@ class PendingFront:
         self.link: Link | None = None
         self.started = 0.0  # when the program started (at H)
         self.src = ""
+        self.refused = False  # handed with C's refuse: counted at the hand-over, not at F
         self._timer: _Timer | None = path.call_later(deadline, self._expired)
 
     def detach(self) -> None:
@@ -129,9 +133,8 @@ class PendingFront:
 
     def failed(self, link: Link, reason: str) -> None:
         peer = peer_text(self.ip, self.port)
-        self._path.fail(
-            self, f"TLS handshake with {peer} failed in front {link.front.pid}: {reason}"
-        )
+        what = "WebSocket upgrade" if self.lst.state.service.websocket else "TLS handshake"
+        self._path.fail(self, f"{what} with {peer} failed in front {link.front.pid}: {reason}")
 
     def ended(self, link: Link, bytes_in: int, bytes_out: int) -> None:
         self._path.ended(self.lst.state, peer_text(self.ip, self.port), self, bytes_in, bytes_out)
@@ -210,6 +213,31 @@ class FrontPath:
         pend.link = front.hand(pend, _payload(hello.ip, hello.port, hello.local, left), conn)
         return True
 
+    def hand_upgrade(
+        self,
+        lst: Listener,
+        conn: socket.socket,
+        peer: tuple[str, int],
+        key: str,
+        local: tuple[str, int] | None,
+        refuse: dict[str, object] | None,
+    ) -> PendingFront | None:
+        """A WebSocket connection without TLS: to a front at once, which reads its upgrade
+        request (None: no front serves now)."""
+        front = self.fronts.pick(lst.state.service.name)
+        if front is None:
+            return None
+        pend = PendingFront(
+            self, lst, peer, key, local, time.monotonic(), WS_DEADLINE + FRONT_GRACE
+        )
+        if pend.local is None:  # (where the listener is on a wildcard address)
+            pend.local = self.path.local_address(lst, conn)
+        conn.setblocking(True)
+        fields = _payload(peer[0], peer[1], local, WS_DEADLINE)
+        fields["refuse"] = refuse
+        pend.link = front.hand(pend, fields, conn)
+        return pend
+
     def hand_redirect(
         self,
         state: ServiceState,
@@ -241,10 +269,15 @@ class FrontPath:
 
     # --- TLS, what its front says
     def fail(self, pend: PendingFront, why: str) -> None:
-        """No handshake: refused as a bad hello is (counted under tls, logged)."""
+        """No handshake: refused as a bad hello is (counted under tls, or websocket for a
+        WebSocket service's upgrade, logged); one the parent refused was counted already."""
         pend.detach()
         self.path.leave_stage(pend)
-        self.path.refuse(pend.lst.state, None, pend.ip, pend.port, "tls", detail=why)
+        if pend.refused:
+            return
+        svc = pend.lst.state.service
+        reason = "websocket" if svc.websocket is not None and "TLS" not in why else "tls"
+        self.path.refuse(pend.lst.state, None, pend.ip, pend.port, reason, detail=why)
 
     def hello(self, pend: PendingFront, link: Link, env: dict[str, str]) -> None:
         """Handshake done: admitted (a rate token taken), its program started on two pipes
@@ -268,7 +301,8 @@ class FrontPath:
         # The handshake's SSL_* after the connection's variables (frontproc checked the
         # names against frontchan.TLS_ENV and frontchan the values: bounded, no NUL).
         pend.src = src
-        entries = [f"{k}={v}".encode() for k, v in sorted(env.items())]
+        ours = environ.CONNECTION_KEYS  # the parent's (a PROXY header's) facts win
+        entries = [f"{k}={v}".encode() for k, v in sorted(env.items()) if k.encode() not in ours]
         try:
             in_r, in_w = os.pipe()
         except OSError as exc:

@@ -1,4 +1,4 @@
-"""pyinetd's side of one front process (issue 27): its process, its channel, its ids.
+"""pyinetd's side of one front process: its process, its channel, its ids.
 
 A front carries the connections of one TLS or redirect service (front.py is its body): the
 parent hands it each client socket (``C``) and, once it says the handshake is done (``H``),
@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pyinetd import frontchan, procsettings, spawn
+from pyinetd import frontchan, procsettings, spawn, wsconf
 from pyinetd.log import LOG
 from pyinetd.signals import HANDLED_SIGNALS
 
@@ -266,9 +266,14 @@ class Front:
         if kind == "H" and link.state == WAITING:
             env = msg.get("env", {})
             allowed = frontchan.TLS_ENV if self.service.tls is not None else frozenset()
-            if not isinstance(env, dict) or not set(env) <= allowed:
-                # A TLS front says only today's SSL_* names; a redirect's says none: any other
-                # name would reach the program's environment (LD_PRELOAD, PATH).
+            if self.service.websocket is not None:
+                bad = not isinstance(env, dict) or bool(wsconf.check_environment(env))
+            else:
+                bad = not isinstance(env, dict) or not set(env) <= allowed
+            if bad:
+                # A TLS front says only today's SSL_* names; a redirect's says none; a
+                # WebSocket front the CGI names and HTTP_* (wsconf): any other name would
+                # reach the program's environment (LD_PRELOAD, PATH).
                 self.distrust(f"H for id {link.id} with variables {sorted(env)[:4]!a}")
                 return
             link.state = HELLO

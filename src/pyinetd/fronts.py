@@ -1,4 +1,4 @@
-"""The fronts of this process's TLS and redirect services (issue 27): started with their
+"""The fronts of this process's TLS, redirect and WebSocket services: started with their
 service, restarted when one dies, replaced by a new generation when a reload changes what
 they hold, stopped with it; per connection, the next live front of the service's current
 generation (round-robin).
@@ -48,8 +48,10 @@ class _Timer(Protocol):
 
 
 def fronted(svc: Service) -> bool:
-    """Whether the service's connections go through a front: TLS or redirect."""
-    return svc.enabled and (svc.tls is not None or svc.redirect is not None)
+    """Whether the service's connections go through a front: TLS, redirect or WebSocket."""
+    return svc.enabled and (
+        svc.tls is not None or svc.redirect is not None or svc.websocket is not None
+    )
 
 
 def _files_id(svc: Service) -> tuple[object, ...]:

@@ -19,13 +19,14 @@ from pyinetd import frontpath, log, procsettings, systemd
 from pyinetd.agent import Agent
 from pyinetd.children import KILL_GRACE, Child, Children
 from pyinetd.config import Config, ConfigError, load
-from pyinetd.connections import Connections, Sessions
+from pyinetd.connections import Connections
 from pyinetd.listeners import ListenError, ListenKey
 from pyinetd.log import ThrottledLog, event
 from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Metrics
 from pyinetd.pidfile import PidFile
 from pyinetd.services import Services
+from pyinetd.sessions import Sessions
 from pyinetd.signals import HANDLED_SIGNALS, PYTHON_IGNORED, ignored_signals
 from pyinetd.spawn import C_MODULE_BUILT, Spawner
 from pyinetd.status import Operations, render_table, snapshot

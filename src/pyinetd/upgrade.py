@@ -43,13 +43,13 @@ from typing import Any, Protocol
 from pyinetd import __version__, control, log, systemd
 from pyinetd.children import Child, Children, ChildState
 from pyinetd.config import Config, ConfigError, ListenAddress, load
-from pyinetd.connections import Sessions
 from pyinetd.listeners import ListenError, ListenKey, adopt_unix_file, close_listener, unix_file_of
 from pyinetd.log import event
 from pyinetd.loop import Loop, Timer
 from pyinetd.metrics import Histogram, Metrics, ServiceMetrics
 from pyinetd.pidfile import PidFile
 from pyinetd.services import Services, SlotKind, Wait
+from pyinetd.sessions import Sessions
 from pyinetd.signals import HANDLED_SIGNALS, ignored_signals
 from pyinetd.spawn import Spawner, start_python
 from pyinetd.stages import UDPReply

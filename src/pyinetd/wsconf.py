@@ -233,7 +233,7 @@ def check_service(
 
 
 # The HTTP answer to each admission refusal (admission.Refusal's values), as the front gives it
-# in place of the upgrade (issue 28): who may not connect 403 with deny_message; the service
+# in place of the upgrade: who may not connect 403 with deny_message; the service
 # or the machine full 503, this client over its share 429, with busy_message. Others (a bad
 # PROXY header, a full pending pool) are closed without an answer.
 REFUSAL_STATUS = {
