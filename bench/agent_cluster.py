@@ -352,7 +352,7 @@ services:
 
     def control(self, command: str) -> None:
         """A command on the node's control socket, as the `pyinetd` command line sends it."""
-        from pyinetd import control
+        from pyinetd.runtime import control
 
         answer = control.request(control.default_control_path(self.conf), command, timeout=10)
         if not answer.get("ok"):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A TLS front (pyinetd.front) against stunnel4, before the parent side is wired in.
+"""A TLS front (pyinetd.protocols.front) against stunnel4, before the parent side is wired in.
 
 ``serve PORT CERT KEY``: a minimal stand-in for pyinetd's parent (one process, one selector):
 it listens, hands each connection to one front process as ``C``, posix_spawns /bin/cat on two
@@ -30,13 +30,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from pyinetd import frontchan  # noqa: E402
+from pyinetd.protocols import frontchan  # noqa: E402
 
 BOOT = """
 import socket, sys
 from pathlib import Path
 from pyinetd import front, tlsconf
-from pyinetd.parsers import TLSSettings
+from pyinetd.config.parsers import TLSSettings
 ctx = tlsconf.make_context(TLSSettings(Path(sys.argv[1]), Path(sys.argv[2])))
 run = lambda: front.run(socket.socket(fileno=int(sys.argv[3])), front.FrontSettings(name="b", ctx=ctx))
 if len(sys.argv) > 4:  # a profile of the front's loop, written when the parent goes

@@ -6,7 +6,7 @@
 pyinetd(8) comes from the argparse parser (options, arguments, exit codes) plus the sections a
 daemon's page needs (commands, signals, files, environment); pyinetd.yaml(5) comes from the JSON
 Schema (src/pyinetd/schema.json), the one list of every configuration key with its description,
-default, accepted values and examples, built from the key declarations (src/pyinetd/keys.py).
+default, accepted values and examples, built from the key declarations (src/pyinetd/config/keys.py).
 tests/test_packaging.py checks both are current.
 
 Own generator rather than argparse-manpage: that one reflows the YAML example of the description
@@ -25,7 +25,7 @@ from typing import Any
 
 from pyinetd import __version__
 from pyinetd.cli import COMMANDS, EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, build_parser
-from pyinetd.schema import build_schema
+from pyinetd.config.schema import build_schema
 from pyinetd.spawn import PRIMITIVES
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"

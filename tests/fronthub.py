@@ -20,8 +20,8 @@ import threading
 import time
 from typing import Any
 
-from pyinetd.frontws import WSConn
-from pyinetd.wsconf import WebSocketSettings
+from pyinetd.config.wsconf import WebSocketSettings
+from pyinetd.protocols.frontws import WSConn
 
 
 class Hub:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pyinetd import frontchan
+from pyinetd.protocols import frontchan
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ _BOOT = """
 import os, socket, sys
 from pathlib import Path
 from pyinetd import front, tlsconf
-from pyinetd.parsers import TLSSettings
+from pyinetd.config.parsers import TLSSettings
 cert, key, target, linger, hardened, fd = sys.argv[1:7]
 ctx = tlsconf.make_context(TLSSettings(Path(cert), Path(key))) if cert else None
 redirect = None

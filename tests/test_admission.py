@@ -1,4 +1,4 @@
-"""Tests for pyinetd.admission: access lists, per-source keys, rate limiting, log throttling."""
+"""pyinetd.runtime.admission: access lists, per-source keys, rate limiting, log throttling."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pyinetd.admission import (
+from pyinetd.config.units import parse_duration, parse_rate, parse_size
+from pyinetd.log import LogLimiter
+from pyinetd.runtime.admission import (
     AccessList,
     Network,
     TokenBucket,
@@ -20,8 +22,6 @@ from pyinetd.admission import (
     parse_access_entry,
     source_key,
 )
-from pyinetd.log import LogLimiter
-from pyinetd.units import parse_duration, parse_rate, parse_size
 
 # ---------------------------------------------------------------- AccessList: parsing
 
@@ -727,7 +727,7 @@ def _state(svc: dict[str, object]) -> object:
     from pathlib import Path
 
     from pyinetd.config import build
-    from pyinetd.services import ServiceState
+    from pyinetd.runtime.services import ServiceState
 
     config = build({"services": {"s": {"listen": "127.0.0.1:7", **svc}}}, Path("/x/inetd.yaml"))
     state = ServiceState(config.services[0])
@@ -736,8 +736,8 @@ def _state(svc: dict[str, object]) -> object:
 
 
 def test_admit_checks_in_order_deny_limit_max_children_per_source_rate() -> None:
-    from pyinetd.admission import Known, admit
-    from pyinetd.services import ServiceState
+    from pyinetd.runtime.admission import Known, admit
+    from pyinetd.runtime.services import ServiceState
 
     state = _state(
         {
@@ -764,8 +764,8 @@ def test_admit_checks_in_order_deny_limit_max_children_per_source_rate() -> None
 def test_admit_without_a_token_leaves_the_bucket_alone() -> None:
     """A TLS connection is checked before its ClientHello without taking a rate token (the
     hello may never come), then admitted with one at the fork."""
-    from pyinetd.admission import Known, admit
-    from pyinetd.services import ServiceState
+    from pyinetd.runtime.admission import Known, admit
+    from pyinetd.runtime.services import ServiceState
 
     state = _state({"exec": "/bin/cat", "rate": "1/s"})
     assert isinstance(state, ServiceState)
@@ -778,8 +778,8 @@ def test_admit_without_a_token_leaves_the_bucket_alone() -> None:
 def test_admit_refuses_datagrams_that_would_loop() -> None:
     """From one of our UDP built-ins' ports (issue 18.1), or from a privileged port to a
     built-in (CERT CA-1996-01); an exec service may answer a privileged port."""
-    from pyinetd.admission import Known, admit
-    from pyinetd.services import ServiceState
+    from pyinetd.runtime.admission import Known, admit
+    from pyinetd.runtime.services import ServiceState
 
     echo = _state({"protocol": "udp", "builtin": "echo"})
     cat = _state({"protocol": "udp", "exec": "/bin/cat"})

@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyinetd.config import load
+from pyinetd.config.keys import SERVICE_KEYS as DECLARED_SERVICE_KEYS
+from pyinetd.config.parsers import BUILTINS as BUILTIN_NAMES
 from pyinetd.convert import (
     Conversion,
     ConvertWarning,
@@ -27,8 +29,6 @@ from pyinetd.convert import (
     convert_xinetd_conf,
     dump,
 )
-from pyinetd.keys import SERVICE_KEYS as DECLARED_SERVICE_KEYS
-from pyinetd.parsers import BUILTINS as BUILTIN_NAMES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SERVICES = FIXTURES / "services"

@@ -25,8 +25,8 @@ from conftest import (
     wait_for,
 )
 
-from pyinetd import control, systemd
 from pyinetd.config import build
+from pyinetd.runtime import control, systemd
 
 Start = Callable[..., Pyinetd]
 NOFILE = 256  # the attack's soft limit (systemd's default is 1024)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from frontrig import FrontRig
 
-from pyinetd import frontchan
+from pyinetd.protocols import frontchan
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pyinetd import frontchan
-from pyinetd.frontchan import FRONT_TO_PARENT, PARENT_TO_FRONT, ChannelError
+from pyinetd.protocols import frontchan
+from pyinetd.protocols.frontchan import FRONT_TO_PARENT, PARENT_TO_FRONT, ChannelError
 
 
 @pytest.fixture

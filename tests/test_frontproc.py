@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from pyinetd import frontchan
 from pyinetd.config import Service
-from pyinetd.frontproc import QUEUE_MAX, READ_BATCH, Front, Link
-from pyinetd.parsers import TLSSettings
+from pyinetd.config.parsers import TLSSettings
+from pyinetd.protocols import frontchan
+from pyinetd.runtime.frontproc import QUEUE_MAX, READ_BATCH, Front, Link
 
 
 @dataclass

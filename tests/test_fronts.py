@@ -35,7 +35,7 @@ from conftest import (
 from test_pre_service import canned_client_hello, echo_service, relays_of, tls_echo, tls_service
 from test_sandbox_loopback import Netns, netns  # noqa: F401  (a fixture)
 
-from pyinetd import frontchan
+from pyinetd.protocols import frontchan
 
 Start = Callable[..., Pyinetd]
 
@@ -487,7 +487,7 @@ def test_a_redirects_front_lives_in_the_services_loopback_cgroup(
     """`sandbox: {network: loopback}` governs redirect's outbound connections, made by its
     front: the front is in the service's cgroup, where a connection to an address off
     loopback is refused (EPERM), while the same connection from outside it is made."""
-    from pyinetd import cgroupnet
+    from pyinetd.sandbox import cgroupnet
 
     own = cgroupnet.own_cgroup()
     if own is None:

@@ -25,7 +25,7 @@ from fronthub import Hub
 from test_websocket import http, recv_until_closed, upgrade_request
 from wsrig import WSRig
 
-from pyinetd.wsconf import WebSocketSettings
+from pyinetd.config.wsconf import WebSocketSettings
 
 SHARED = Path(os.environ.get("SHARED", REPO.parent / "shared"))
 # The Autobahn|Testsuite runner: the shared kit's when it is beside the checkout, else the copy

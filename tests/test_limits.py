@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import DEADLINE, Pyinetd, free_port, pid_gone, script, tcp_talk
 
-from pyinetd.listeners import has_ipv6
+from pyinetd.runtime.listeners import has_ipv6
 
 Start = Callable[..., Pyinetd]
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch users")

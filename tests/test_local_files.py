@@ -154,7 +154,7 @@ def test_control_folder_made_first_by_another_user_is_refused(
         [
             sys.executable,
             "-c",
-            f"import pyinetd.control as c; print(c.default_control_path({str(conf)!r}))",
+            f"import pyinetd.runtime.control as c; print(c.default_control_path({str(conf)!r}))",
         ]
     )
     path = where.stdout.decode().strip()

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 from conftest import DEADLINE, wait_for
 
-from pyinetd import reaper
-from pyinetd.loop import Loop
+from pyinetd.runtime import reaper
+from pyinetd.runtime.loop import Loop
 from pyinetd.signals import HANDLED_SIGNALS
 
 

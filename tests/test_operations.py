@@ -682,7 +682,7 @@ def test_every_refusal_reason_reaches_metrics_and_status(inetd: Start) -> None:
     """access_times and max_load refusals were counted in `status` but missing from /metrics
     (its list of reasons was written by hand). Every reason of admission.Refusal has a series,
     and a live access_times refusal shows in both with the same count."""
-    from pyinetd.admission import Refusal
+    from pyinetd.runtime.admission import Refusal
 
     now = time.localtime()
     later = (now.tm_hour + 6) % 24

@@ -33,7 +33,7 @@ def test_man_pages_are_current() -> None:
 
 
 def test_every_configuration_key_is_in_pyinetd_yaml_5() -> None:
-    from pyinetd.schema import load_schema
+    from pyinetd.config.schema import load_schema
 
     schema = load_schema()
     page = (CONTRIB / "pyinetd.yaml.5").read_text()

@@ -29,7 +29,7 @@ from conftest import (
     write_pki,
 )
 
-from pyinetd.loop import Timer
+from pyinetd.runtime.loop import Timer
 
 Start = Callable[..., Pyinetd]
 PER_SOURCE = 16  # max_pending_per_source's default
@@ -245,8 +245,8 @@ def test_a_handler_that_raises_gets_its_connection_closed(
     whose handler raised was left registered, and raised again 22,004 times)."""
     import selectors
 
-    from pyinetd import proxyproto
     from pyinetd.config import build
+    from pyinetd.protocols import proxyproto
     from pyinetd.server import Server
 
     port = free_port()
@@ -644,7 +644,7 @@ def test_a_relays_report_is_one_byte_read_once(
     """The parent reads at most one byte of what a relay (the service's user) writes on
     its report socket: the report ends the stage once, anything else ends it as "ended";
     nothing a relay writes can make the stage report twice or fail it."""
-    from pyinetd.stages import PendingRelay
+    from pyinetd.runtime.stages import PendingRelay
 
     gate = _Gate()
     ours, theirs = socket.socketpair()

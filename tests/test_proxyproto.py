@@ -1,4 +1,4 @@
-"""Tests for pyinetd.proxyproto: the spec's edge cases, properties, and a real HAProxy sender."""
+"""pyinetd.protocols.proxyproto: the spec's edge cases, properties, and a real HAProxy sender."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyinetd.proxyproto import MAX_HEADER, MAX_V1, ProxyError, ProxyHeader, crc32c, parse
+from pyinetd.protocols.proxyproto import MAX_HEADER, MAX_V1, ProxyError, ProxyHeader, crc32c, parse
 
 # --- an independent encoder (written from the spec, not from the parser) ----------------------
 

@@ -1,4 +1,4 @@
-"""Tests for pyinetd.relay with real sockets, pipes and service processes, plain and TLS."""
+"""Tests for pyinetd.spawn.relay with real sockets, pipes and service processes, plain and TLS."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import pytest
 import trustme
 
-from pyinetd import relay as relay_mod
-from pyinetd.relay import relay
+from pyinetd.spawn import relay as relay_mod
+from pyinetd.spawn.relay import relay
 
 MB = 1 << 20
 DEADLINE = 20.0

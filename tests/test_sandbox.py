@@ -23,10 +23,10 @@ import pytest
 import yaml
 from conftest import DEADLINE
 
-from pyinetd import cgroupnet, sandbox
+from pyinetd import sandbox
 from pyinetd.cli import main
 from pyinetd.config import ConfigError, Service, load
-from pyinetd.sandbox import SandboxSettings
+from pyinetd.sandbox import SandboxSettings, cgroupnet
 from pyinetd.spawn import Spawner
 
 pytestmark = [
@@ -604,7 +604,7 @@ def test_check_says_when_the_program_interpreter_or_loader_is_not_under_read(
 
 def test_print_config_round_trips_the_sandbox(tmp_path: Path) -> None:
     from pyinetd.config import build
-    from pyinetd.printconfig import to_dict
+    from pyinetd.config.printconfig import to_dict
 
     path = write_config(tmp_path, {"read": list(SYSTEM), "network": "none", "private_tmp": True})
     cfg = load(path)

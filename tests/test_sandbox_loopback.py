@@ -25,10 +25,9 @@ import pytest
 import yaml
 from conftest import DEADLINE, Pyinetd, free_port, wait_for
 
-from pyinetd import cgroupnet
 from pyinetd.cli import main
 from pyinetd.config import ConfigError, load
-from pyinetd.sandbox import Prepared, SandboxSettings
+from pyinetd.sandbox import Prepared, SandboxSettings, cgroupnet
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network: loopback tests run as root"),

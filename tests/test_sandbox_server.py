@@ -334,7 +334,7 @@ def test_a_sandboxed_service_cannot_signal_or_reach_ipc_of_its_user_outside(
     if landlock_abi() < 6:
         pytest.skip("Landlock scopes need ABI 6 (Linux 6.12)")
     if network == "loopback":
-        from pyinetd import cgroupnet
+        from pyinetd.sandbox import cgroupnet
 
         if cgroupnet.missing():
             pytest.skip(f"network: loopback needs {cgroupnet.missing()}")

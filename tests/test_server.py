@@ -28,8 +28,8 @@ from conftest import (
     wait_for,
 )
 
-from pyinetd.builtins import CHARGEN_BLOCK, REGISTRY, RFC868_OFFSET
-from pyinetd.listeners import has_ipv6
+from pyinetd.protocols.builtins import CHARGEN_BLOCK, REGISTRY, RFC868_OFFSET
+from pyinetd.runtime.listeners import has_ipv6
 
 Start = Callable[..., Pyinetd]
 needs_v6 = pytest.mark.skipif(not has_ipv6(), reason="no ::1 on this host")
@@ -615,7 +615,7 @@ def test_every_builtin_the_config_accepts_is_in_the_registry() -> None:
     # One list of names (parsers.BUILTINS, which config and convert use), one registry of what
     # each does (builtins.REGISTRY): a name in one and not the other is a service that passes
     # --check and then fails at its first connection.
-    from pyinetd.parsers import BUILTINS
+    from pyinetd.config.parsers import BUILTINS
 
     assert set(REGISTRY) == set(BUILTINS)
 

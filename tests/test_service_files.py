@@ -28,7 +28,8 @@ import pytest
 import yaml
 from conftest import DEADLINE, Pyinetd, free_port, status_of, tcp_talk, wait_for
 
-from pyinetd import checks, config
+from pyinetd import config
+from pyinetd.config import checks
 
 Start = Callable[..., Pyinetd]
 

@@ -16,8 +16,8 @@ from conftest import DEADLINE, Pyinetd, free_port, status_of, tcp_talk, wait_for
 from test_pre_service import canned_client_hello, relays_of, tls_echo, tls_service
 
 from pyinetd.config import build
-from pyinetd.loop import Loop
-from pyinetd.services import Services, ServiceState, SlotKind
+from pyinetd.runtime.loop import Loop
+from pyinetd.runtime.services import Services, ServiceState, SlotKind
 from pyinetd.spawn import Spawner
 
 SRC = "192.0.2.7"

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from conftest import DEADLINE, Pyinetd, free_port, status_json, status_of, wait_for
 
-from pyinetd.children import Child, ChildState
 from pyinetd.config import load
-from pyinetd.listeners import ListenKey
 from pyinetd.log import LOG
-from pyinetd.services import WAIT_IDLE, WAIT_STARTING, Listener, ServiceState, Wait
+from pyinetd.runtime.children import Child, ChildState
+from pyinetd.runtime.listeners import ListenKey
+from pyinetd.runtime.services import WAIT_IDLE, WAIT_STARTING, Listener, ServiceState, Wait
 
 Start = Callable[..., Pyinetd]
 

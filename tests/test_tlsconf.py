@@ -1,4 +1,4 @@
-"""Tests for pyinetd.tlsconf: contexts, handshake deadlines, variables, openssl s_client."""
+"""pyinetd.protocols.tlsconf: contexts, handshake deadlines, variables, openssl s_client."""
 
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from typing import Any
 import pytest
 import trustme
 
-from pyinetd.relay import relay
-from pyinetd.tlsconf import (
+from pyinetd.protocols.tlsconf import (
     TLSSettings,
     format_dn,
     handshake,
@@ -30,6 +29,7 @@ from pyinetd.tlsconf import (
     make_context,
     tls_environ,
 )
+from pyinetd.spawn.relay import relay
 
 OPENSSL = shutil.which("openssl")
 

@@ -14,7 +14,7 @@ from conftest import DEADLINE, LocalUser, Pyinetd, free_port, tcp_talk
 
 from pyinetd import trust
 from pyinetd.config import ConfigError, load
-from pyinetd.document import MAX_NODES
+from pyinetd.config.document import MAX_NODES
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="StrictModes apply as root only")
 

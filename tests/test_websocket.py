@@ -24,9 +24,9 @@ from websockets.sync.client import ClientConnection, connect
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wsloop import Server, serving
 
-from pyinetd import wsconf
-from pyinetd.websocket import Phase
-from pyinetd.wsconf import WebSocketSettings
+from pyinetd.config import wsconf
+from pyinetd.config.wsconf import WebSocketSettings
+from pyinetd.protocols.websocket import Phase
 
 ANY = WebSocketSettings(origins="any")
 CAT = ["/bin/cat"]
@@ -481,7 +481,7 @@ def test_the_shipped_example_greets_and_answers_each_message() -> None:
 def test_bytes_after_the_closing_handshake_in_the_same_read_are_dropped() -> None:
     # A Close and then 100 KiB more handed over in one call (a front reading more than 64 KiB
     # at once): the rest must not reach wsproto after the close (it raises there).
-    from pyinetd.websocket import Session
+    from pyinetd.protocols.websocket import Session
 
     s = Session(ANY, peer=("127.0.0.1", 1), now=0.0, deadline=10.0)
     s.receive_client(upgrade_request())
@@ -507,7 +507,7 @@ def test_no_bytes_from_the_client_or_the_program_make_the_session_raise(
     mode: str, head: bool, chunks: list[bytes], program: list[bytes], ends: list[str]
 ) -> None:
     # One front carries every connection of its service: an exception here would end them all.
-    from pyinetd.websocket import Session
+    from pyinetd.protocols.websocket import Session
 
     ws = WebSocketSettings(origins="any", mode=mode, max_message=64, max_line=16)
     s = Session(ws, peer=("127.0.0.1", 1), now=0.0, deadline=10.0)

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import Pyinetd, free_port, script
 
-from pyinetd import environ
 from pyinetd.config import ConfigError, load
-from pyinetd.wsconf import WebSocketSettings
+from pyinetd.config.wsconf import WebSocketSettings
+from pyinetd.spawn import environ
 
 Start = Callable[..., Pyinetd]
 SERVICE = "services:\n  chat:\n    listen: 127.0.0.1:18080\n    exec: /bin/cat\n"
@@ -206,7 +206,8 @@ def test_a_warm_websocket_services_child_writes_stdout_unbuffered(
 
 
 def test_each_admission_refusal_has_its_http_answer() -> None:
-    from pyinetd import admission, wsconf
+    from pyinetd.config import wsconf
+    from pyinetd.runtime import admission
 
     got = {
         r.value: wsconf.refusal(r.value, "not you\r\n", "")

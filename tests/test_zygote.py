@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pyinetd import config, environ, spawn, warmcmd, zygote
-from pyinetd.config import Service
+from pyinetd import config, spawn, zygote
+from pyinetd.config import Service, warmcmd
+from pyinetd.spawn import environ
 
 PYTHON = sys.executable
 MODES = ("cold", "warm")

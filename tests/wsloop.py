@@ -20,8 +20,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pyinetd.websocket import Phase, Session
-from pyinetd.wsconf import WebSocketSettings
+from pyinetd.config.wsconf import WebSocketSettings
+from pyinetd.protocols.websocket import Phase, Session
 
 # Between the session's end and the program's SIGTERM, as the parent's ladder gives it.
 GRACE = 1.0

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyinetd import frontchan
+from pyinetd.protocols import frontchan
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -30,8 +30,8 @@ _BOOT = """
 import json, socket, sys
 from pathlib import Path
 from pyinetd import front, tlsconf
-from pyinetd.parsers import TLSSettings
-from pyinetd.wsconf import parse_websocket
+from pyinetd.config.parsers import TLSSettings
+from pyinetd.config.wsconf import parse_websocket
 cert, key, ws, fd = sys.argv[1:5]
 ctx = tlsconf.make_context(TLSSettings(Path(cert), Path(key))) if cert else None
 settings = front.FrontSettings(name="ws", ctx=ctx, websocket=parse_websocket(json.loads(ws)),

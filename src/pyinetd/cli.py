@@ -14,8 +14,8 @@ from typing import Any
 
 from pyinetd import __version__
 from pyinetd.config import Config, ConfigError, load
-from pyinetd.listeners import ListenError
 from pyinetd.log import SYSLOG_SOCKET, setup_logging
+from pyinetd.runtime.listeners import ListenError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_CONFIG = 0, 1, 2
 
@@ -273,7 +273,9 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         config = load(args.config)
         if args.check and any(svc.tls for svc in config.enabled_services):
-            from pyinetd.tlsconf import build_contexts  # as a (re)load will: read the files
+            from pyinetd.protocols.tlsconf import (
+                build_contexts,  # as a (re)load will: read the files
+            )
 
             errors = build_contexts((s.name, s.source, s.tls) for s in config.enabled_services)[1]
             if errors:
@@ -323,8 +325,9 @@ def _probe(path: str) -> int:
     """`pyinetd upgrade --probe -c FILE`, run by a pyinetd about to exec this program: what
     the next image imports can be imported and the configuration loads; the last line says
     so (upgrade.PROBE_OK), with the state versions this program reads."""
-    from pyinetd import reaper, server, zygote  # noqa: F401  (what the runtime imports)
-    from pyinetd.upgrade import PROBE_OK, READS
+    from pyinetd import server, zygote  # noqa: F401  (what the runtime imports)
+    from pyinetd.runtime import reaper  # noqa: F401  (what the runtime imports)
+    from pyinetd.runtime.upgrade import PROBE_OK, READS
 
     code = _main(["--check", "-c", path])
     if code != EXIT_OK:
@@ -373,7 +376,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _control(args: argparse.Namespace) -> int:
-    from pyinetd import control, status
+    from pyinetd import status
+    from pyinetd.runtime import control
 
     path = args.control
     if path is None:
@@ -432,15 +436,15 @@ def _control(args: argparse.Namespace) -> int:
 
 
 def _print_schema() -> int:
-    from pyinetd.schema import load_schema
+    from pyinetd.config.schema import load_schema
 
     print(json.dumps(load_schema(), indent=2, ensure_ascii=False))
     return EXIT_OK
 
 
 def _print_config(path: str, fmt: str) -> int:
-    from pyinetd.printconfig import to_dict
-    from pyinetd.writer import write
+    from pyinetd.config.printconfig import to_dict
+    from pyinetd.config.writer import write
 
     try:
         resolved = to_dict(load(path))

@@ -15,23 +15,24 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from pyinetd import frontpath, log, procsettings, systemd
-from pyinetd.agent import Agent
-from pyinetd.children import KILL_GRACE, Child, Children
+from pyinetd import log, procsettings
 from pyinetd.config import Config, ConfigError, load
-from pyinetd.connections import Connections
-from pyinetd.listeners import ListenError, ListenKey
 from pyinetd.log import ThrottledLog, event
-from pyinetd.loop import Loop, Timer
-from pyinetd.metrics import Metrics
-from pyinetd.pidfile import PidFile
-from pyinetd.services import Services
-from pyinetd.sessions import Sessions
+from pyinetd.runtime import frontpath, systemd
+from pyinetd.runtime.agent import Agent
+from pyinetd.runtime.children import KILL_GRACE, Child, Children
+from pyinetd.runtime.connections import Connections
+from pyinetd.runtime.listeners import ListenError, ListenKey
+from pyinetd.runtime.loop import Loop, Timer
+from pyinetd.runtime.metrics import Metrics
+from pyinetd.runtime.pidfile import PidFile
+from pyinetd.runtime.services import Services
+from pyinetd.runtime.sessions import Sessions
+from pyinetd.runtime.upgrade import Upgrade
+from pyinetd.runtime.workers import Workers
 from pyinetd.signals import HANDLED_SIGNALS, PYTHON_IGNORED, ignored_signals
 from pyinetd.spawn import C_MODULE_BUILT, Spawner
 from pyinetd.status import Operations, render_table, snapshot
-from pyinetd.upgrade import Upgrade
-from pyinetd.workers import Workers
 
 if TYPE_CHECKING:
     import socket

@@ -10,20 +10,20 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pyinetd import control
-from pyinetd.admission import Refusal
 from pyinetd.config import parse_listen_item
-from pyinetd.listeners import bind_listener
 from pyinetd.log import event
-from pyinetd.services import WaitState
+from pyinetd.runtime import control
+from pyinetd.runtime.admission import Refusal
+from pyinetd.runtime.listeners import bind_listener
+from pyinetd.runtime.services import WaitState
 
 if TYPE_CHECKING:
-    from pyinetd.agent import Agent
-    from pyinetd.children import Child
     from pyinetd.config import Config
-    from pyinetd.loop import Timer
-    from pyinetd.metrics import Metrics
-    from pyinetd.services import ServiceState
+    from pyinetd.runtime.agent import Agent
+    from pyinetd.runtime.children import Child
+    from pyinetd.runtime.loop import Timer
+    from pyinetd.runtime.metrics import Metrics
+    from pyinetd.runtime.services import ServiceState
 
 REASONS = tuple(Refusal)  # every one, 0 or not, so that a rate() of each is defined
 

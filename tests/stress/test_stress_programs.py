@@ -15,7 +15,7 @@ import pytest
 from conftest import DEADLINE, Pyinetd, children_of, free_port, wait_for
 from stresslib import public_dir, scaled
 
-from pyinetd.builtins import RFC868_OFFSET
+from pyinetd.protocols.builtins import RFC868_OFFSET
 
 Start = Callable[..., Pyinetd]
 
