@@ -468,3 +468,41 @@ def test_a_drained_service_stays_drained_for_the_agent(inetd: Start) -> None:
     upgraded(p)
     assert tcp_talk(agent, b"cat\n", shut=False) == b"drain\n"
     assert tcp_talk(port, b"still served\n") == b"still served\n"
+
+
+def test_a_tls_connection_held_across_an_upgrade_goes_on(inetd: Start, tmp_path: Path) -> None:
+    # The old front is told D before the exec and finishes its connections alone; the next
+    # image starts its own front for new connections and reaps the old one quietly.
+    import ssl
+
+    from conftest import write_pki
+
+    pki = write_pki(tmp_path)
+    port = free_port()
+    tls = {"cert": str(pki / "cert.pem"), "key": str(pki / "key.pem")}
+    p = inetd(
+        {"services": {"t": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/cat"], "tls": tls}}}
+    )
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+
+    def talk(s: ssl.SSLSocket, line: bytes) -> bytes:
+        s.sendall(line)
+        got = b""
+        while not got.endswith(b"\n"):
+            chunk = s.recv(100)
+            assert chunk, got
+            got += chunk
+        return got
+
+    held = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=DEADLINE),
+                           server_hostname="localhost")  # fmt: skip
+    with held:
+        assert talk(held, b"before\n") == b"before\n"
+        r = upgrade(p)
+        assert r.returncode == 0, r.stdout + r.stderr
+        upgraded(p)
+        assert talk(held, b"after\n") == b"after\n"  # the same connection, the old front
+        fresh = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=DEADLINE),
+                                server_hostname="localhost")  # fmt: skip
+        with fresh:
+            assert talk(fresh, b"new\n") == b"new\n"

@@ -112,6 +112,7 @@ class Server:
             resume=self._sync_zygotes,
             started=self.started,
         )
+        self.upgrade.carriers.append(self.fronts.carrier)
         self.ops.upgrade = self.upgrade.begin
 
     # ------------------------------------------------------------ start-up

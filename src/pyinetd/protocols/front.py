@@ -128,6 +128,7 @@ class Front:
         self.timers: list[tuple[float, int, AnyConn]] = []
         self.seq = itertools.count()
         self.draining = False
+        self.orphan = False  # the parent is gone after D: no more messages
         self.target: tuple[Any, ...] | None = None
         self.last_nofd = 0.0
         self.nofd_quiet = 0
@@ -192,7 +193,9 @@ class Front:
                         if ev & _OUT:
                             self._flush()
                         if ev & (_IN | _BAD) and self._read_channel() is not None:
-                            return 1  # the parent is gone
+                            if not self.draining:
+                                return 1  # the parent is gone
+                            self._orphaned()  # after D (an upgrade's exec): finish alone
                         continue
                     conn = self.owner.get(fd)
                     if conn is not None:
@@ -215,7 +218,18 @@ class Front:
             if conn.id in self.conns and self.conns[conn.id] is conn and conn.when == when:
                 conn.on_timer(now)
 
+    def _orphaned(self) -> None:
+        """The parent said D, then its side closed (`pyinetd upgrade` execs in place): the
+        open connections go on, all relaying, and nothing more is said to anyone."""
+        with contextlib.suppress(OSError, ValueError):
+            self.ep.unregister(self.chan.fileno())
+        self.orphan = True
+        self.out.clear()
+
     def _flush(self) -> None:
+        if self.orphan:
+            self.out.clear()
+            return
         while self.out:
             try:
                 frontchan.send(self.chan, self.out[0])

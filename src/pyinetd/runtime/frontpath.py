@@ -380,6 +380,11 @@ class FrontPath:
     def pids(self) -> list[int]:
         return self.fronts.pids()
 
+    @property
+    def carrier(self) -> Fronts:
+        """What `pyinetd upgrade` hands over of the fronts (upgrade.Carrier)."""
+        return self.fronts
+
     def describe(self, name: str) -> list[dict[str, object]] | None:
         return self.fronts.describe(name)
 

@@ -186,6 +186,24 @@ class Front:
         if len(self._queue) == 1:
             self._flush()
 
+    def flush_now(self) -> None:
+        """What is queued, sent now, waiting up to a second for room (before an exec)."""
+        if self.over or not self._queue:
+            return
+        self.sock.settimeout(1.0)
+        try:
+            while self._queue and not self.over:
+                data, fds = self._queue.popleft()
+                try:
+                    frontchan.send(self.sock, data, fds)
+                except OSError:
+                    _close_all(fds)
+                    return
+                _close_all(fds)
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.setblocking(False)
+
     def _flush(self) -> None:
         while self._queue:
             data, fds = self._queue[0]

@@ -23,7 +23,7 @@ import pwd
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pyinetd import log
 from pyinetd.config import Config, Service
@@ -163,6 +163,7 @@ class Fronts:
         self.uids: dict[str, tuple[int, int]] = {}
         self._by_pid: dict[int, Front] = {}  # every front not reaped yet
         self._draining: dict[Front, _Timer] = {}
+        self._before: set[int] = set()  # fronts of the image before an upgrade, finishing
         self._drain_timeout = 30.0
         self.stopping = False
         # a connection's front ended (its links were told); for the log's one line
@@ -308,7 +309,10 @@ class Fronts:
         group.timer = self._call_later(delay, restart)
 
     def on_exit(self, pid: int, status: int) -> bool:
-        """A reaped pid: True if it was a front's."""
+        """A reaped pid: True if it was a front's (this image's or one before)."""
+        if pid in self._before:
+            self._before.discard(pid)
+            return True
         front = self._by_pid.pop(pid, None)
         if front is None:
             return False
@@ -319,7 +323,28 @@ class Fronts:
         return True
 
     def pids(self) -> list[int]:
-        return list(self._by_pid)
+        return [*self._by_pid, *self._before]
+
+    # ----------------------------------------------------- `pyinetd upgrade` (upgrade.Carrier)
+    name = "fronts"
+
+    def carry(self) -> tuple[Any, list[int]]:
+        """Just before the exec: every front is told ``D`` (sent now, not queued), so at its
+        channel's end (the exec closes the parent's side) it finishes its open connections
+        on its own and exits; the next image starts its own fronts and reaps these. Their
+        connections are all relaying by then: the exec waits for no pending stage."""
+        pids = []
+        for front in list(self._by_pid.values()):
+            front.drain()
+            front.flush_now()
+            pids.append(front.pid)
+        return {"pids": [*pids, *self._before]}, []
+
+    def adopt(self, facts: Any) -> None:
+        """The next image: the fronts of the images before, reaped quietly as they end."""
+        for pid in (facts or {}).get("pids", []):
+            self._before.add(int(pid))
+            self._track(int(pid))
 
     # ------------------------------------------------------------------ per connection
     def pick(self, name: str) -> Front | None:
