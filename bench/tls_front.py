@@ -35,7 +35,7 @@ from pyinetd.protocols import frontchan  # noqa: E402
 BOOT = """
 import socket, sys
 from pathlib import Path
-from pyinetd import front, tlsconf
+from pyinetd.protocols import front, tlsconf
 from pyinetd.config.parsers import TLSSettings
 ctx = tlsconf.make_context(TLSSettings(Path(sys.argv[1]), Path(sys.argv[2])))
 run = lambda: front.run(socket.socket(fileno=int(sys.argv[3])), front.FrontSettings(name="b", ctx=ctx))

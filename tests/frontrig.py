@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 _BOOT = """
 import os, socket, sys
 from pathlib import Path
-from pyinetd import front, tlsconf
+from pyinetd.protocols import front, tlsconf
 from pyinetd.config.parsers import TLSSettings
 cert, key, target, linger, hardened, fd = sys.argv[1:7]
 ctx = tlsconf.make_context(TLSSettings(Path(cert), Path(key))) if cert else None

@@ -122,7 +122,7 @@ def test_the_load_check_does_not_import_wsproto(tmp_path: Path) -> None:
     path = tmp_path / "inetd.yaml"
     path.write_text(SERVICE + "    websocket: {mode: frames, origins: any}\n")
     code = (
-        "import sys; from pyinetd.config import load; from pyinetd import environ, wsconf; "
+        "import sys; from pyinetd.config import load, wsconf; from pyinetd.spawn import environ; "
         f"c = load({str(path)!r}); assert c.services[0].websocket.mode == 'frames'; "
         "assert not [m for m in sys.modules if m.startswith(('wsproto', 'h11'))], sys.modules"
     )

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 _BOOT = """
 import json, socket, sys
 from pathlib import Path
-from pyinetd import front, tlsconf
+from pyinetd.protocols import front, tlsconf
 from pyinetd.config.parsers import TLSSettings
 from pyinetd.config.wsconf import parse_websocket
 cert, key, ws, fd = sys.argv[1:5]
