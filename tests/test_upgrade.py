@@ -346,7 +346,7 @@ def test_the_program_installed_is_probed_then_run(inetd: Start, tmp_path: Path) 
     port = free_port()
     conf = {"services": {"cat": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/cat"]}}}
     p = inetd(conf, env={"PYTHONPATH": str(site)})
-    children_py = site / "pyinetd" / "children.py"
+    children_py = site / "pyinetd" / "runtime" / "children.py"
     good = children_py.read_text()
     children_py.write_text(good + '\nraise ImportError("a broken install")\n')
     out = upgrade(p)
