@@ -132,9 +132,12 @@ class PendingFront:
         self._path.hello(self, link, env)
 
     def failed(self, link: Link, reason: str) -> None:
-        peer = peer_text(self.ip, self.port)
-        what = "WebSocket upgrade" if self.lst.state.service.websocket else "TLS handshake"
-        self._path.fail(self, f"{what} with {peer} failed in front {link.front.pid}: {reason}")
+        # A WebSocket service's front fails its TLS (wss://) as a TLS front does, and its
+        # upgrade with reasons of its own (frontws: "websocket: ...", "refused: ...").
+        tls = self.lst.state.service.websocket is None or "TLS" in reason
+        what = "TLS handshake" if tls else "WebSocket upgrade"
+        why = f"{what} with {peer_text(self.ip, self.port)} failed in front {link.front.pid}"
+        self._path.fail(self, f"{why}: {reason}", "tls" if tls else "websocket")
 
     def ended(self, link: Link, bytes_in: int, bytes_out: int) -> None:
         self._path.ended(self.lst.state, peer_text(self.ip, self.port), self, bytes_in, bytes_out)
@@ -268,15 +271,14 @@ class FrontPath:
         return True
 
     # --- TLS, what its front says
-    def fail(self, pend: PendingFront, why: str) -> None:
-        """No handshake: refused as a bad hello is (counted under tls, or websocket for a
-        WebSocket service's upgrade, logged); one the parent refused was counted already."""
+    def fail(self, pend: PendingFront, why: str, reason: str = "tls") -> None:
+        """No handshake: refused as a bad hello is (counted under ``reason``: tls, or
+        websocket for a WebSocket upgrade; logged); one the parent refused was counted
+        already."""
         pend.detach()
         self.path.leave_stage(pend)
         if pend.refused:
             return
-        svc = pend.lst.state.service
-        reason = "websocket" if svc.websocket is not None and "TLS" not in why else "tls"
         self.path.refuse(pend.lst.state, None, pend.ip, pend.port, reason, detail=why)
 
     def hello(self, pend: PendingFront, link: Link, env: dict[str, str]) -> None:
