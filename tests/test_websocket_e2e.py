@@ -133,3 +133,30 @@ def test_a_websocket_connection_waits_for_its_upgrade_with_no_process(inetd: Sta
     finally:
         for s in idle:
             s.close()
+
+
+def test_stalled_upgrade_heads_from_one_address_are_bounded_by_max_pending_per_source(
+    inetd: Start,
+) -> None:
+    # One client opens connections that send half a request head and stall: each costs an fd
+    # in the front and no process; past max_pending_per_source the next is refused at once.
+    port = free_port()
+    p = inetd({"max_pending_per_source": 4,
+               "services": {"w": {"listen": f"127.0.0.1:{port}", "exec": ["/bin/cat"],
+                                  "websocket": {"origins": "any"}}}})  # fmt: skip
+    stalled = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+    try:
+        for s in stalled:
+            s.sendall(b"GET / HTTP/1.1\r\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+            extra.sendall(b"GET / HTTP/1.1\r\n")
+            try:
+                got = extra.recv(100)
+            except ConnectionResetError:  # closed with our bytes unread: RST
+                got = b""
+            assert got == b""  # refused: pending_per_source
+        p.wait_log(r"w: refused 127\.0\.0\.1:\d+: pending_per_source")
+        assert len(_children_of(p.proc.pid)) == 1  # the front alone
+    finally:
+        for s in stalled:
+            s.close()
